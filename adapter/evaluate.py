@@ -1,0 +1,127 @@
+"""The one judge: exact FAISS inner-product search and sentence-transformers' IR metrics, at every Matryoshka dim.
+
+It is fed arrays (query vectors, corpus vectors, qrels), never text, and imports neither the trainer nor the
+fine-tuner, so every system (base, adapter, fine-tuned, any other model) is scored the same way. Metric names and
+definitions follow sentence-transformers' InformationRetrievalEvaluator: ``accuracy@k``, ``precision@k``,
+``recall@k`` for k in 1/3/5/10, ``ndcg@10``, ``mrr@10``, ``map@100``; only queries with a positive judgement count.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import faiss
+import numpy as np
+
+from adapter.config import AdapterError
+from adapter.data import Qrels, relevant
+from adapter.encoder import truncate
+
+logger = logging.getLogger(__name__)
+
+AT_K = (1, 3, 5, 10)  # cut-offs for accuracy, precision and recall
+MRR_K, NDCG_K, MAP_K = 10, 10, 100
+PRIMARY_METRIC = "ndcg@10"
+METRICS = (*(f"{m}@{k}" for m in ("accuracy", "precision", "recall") for k in AT_K),
+           f"ndcg@{NDCG_K}", f"mrr@{MRR_K}", f"map@{MAP_K}")
+TOP_K = max(*AT_K, MRR_K, NDCG_K, MAP_K)  # how deep every query is searched
+
+Results = dict[int, dict[str, float]]  # dim -> metric -> value
+
+
+def search(queries: np.ndarray, corpus: np.ndarray, k: int, *, dim: int | None = None,
+           tie_rank: np.ndarray | None = None, corpus_block: int = 65536,
+           query_block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by inner product; the project's one ranking function.
+
+    Both sides are truncated to ``dim`` and renormalised block by block, so memory stays flat however large the
+    corpus. Equal scores are ordered by ``tie_rank`` of the corpus row (default: row number), lowest first.
+    Returns (scores, rows), each (n_queries, min(k, n_corpus)).
+    """
+    n_corpus = corpus.shape[0]
+    dim = dim or corpus.shape[1]
+    k = min(k, n_corpus)
+    if tie_rank is None:
+        tie_rank = np.arange(n_corpus)
+    q_all = truncate(queries, dim)
+    out_scores = np.empty((len(q_all), k), dtype=np.float32)
+    out_rows = np.empty((len(q_all), k), dtype=np.int64)
+    for qs in range(0, len(q_all), query_block):
+        q = q_all[qs:qs + query_block]  # (Bq, dim)
+        best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+        best_r = np.empty((len(q), 0), dtype=np.int64)
+        for cs in range(0, n_corpus, corpus_block):
+            block = truncate(corpus[cs:cs + corpus_block], dim)  # (Bc, dim)
+            fetch = min(k + 8, len(block))  # a little extra so ties at the cut-off are kept for the tie-break
+            s, r = faiss.knn(q, block, fetch, metric=faiss.METRIC_INNER_PRODUCT)
+            s = np.concatenate([best_s, s], axis=1)
+            r = np.concatenate([best_r, r + cs], axis=1)
+            order = np.lexsort((tie_rank[r], -s), axis=1)[:, :k + 8]
+            best_s, best_r = np.take_along_axis(s, order, 1), np.take_along_axis(r, order, 1)
+        out_scores[qs:qs + query_block], out_rows[qs:qs + query_block] = best_s[:, :k], best_r[:, :k]
+    return out_scores, out_rows
+
+
+def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray) -> dict[str, float]:
+    """IR metrics from a (n_queries, depth) boolean matrix of ranked hits and each query's count of relevant docs."""
+    depth = hits.shape[1]
+    if depth < TOP_K:  # a corpus smaller than the search depth: pad with misses
+        hits = np.pad(hits, ((0, 0), (0, TOP_K - depth)))
+    h = hits.astype(np.float64)
+    out: dict[str, float] = {}
+    for k in AT_K:
+        n_hit = h[:, :k].sum(1)
+        out[f"accuracy@{k}"] = float((n_hit > 0).mean())
+        out[f"precision@{k}"] = float((n_hit / k).mean())
+        out[f"recall@{k}"] = float((n_hit / n_relevant).mean())
+    discounts = 1.0 / np.log2(np.arange(2, NDCG_K + 2))  # (NDCG_K,)
+    dcg = h[:, :NDCG_K] @ discounts
+    ideal = np.cumsum(discounts)[np.minimum(n_relevant, NDCG_K) - 1]
+    out[f"ndcg@{NDCG_K}"] = float((dcg / ideal).mean())
+    first = np.where(hits[:, :MRR_K].any(1), hits[:, :MRR_K].argmax(1), -1)
+    out[f"mrr@{MRR_K}"] = float(np.where(first >= 0, 1.0 / (np.maximum(first, 0) + 1), 0.0).mean())
+    precision_at = np.cumsum(h[:, :MAP_K], 1) / np.arange(1, MAP_K + 1)
+    out[f"map@{MAP_K}"] = float(((precision_at * h[:, :MAP_K]).sum(1) / np.minimum(MAP_K, n_relevant)).mean())
+    return {m: out[m] for m in METRICS}
+
+
+def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels, query_ids: Sequence[str],
+             corpus_ids: Sequence[str], dims: Sequence[int] | None = None) -> Results:
+    """Score one system: its query and corpus vectors (rows in the order of the ids) against ``qrels``.
+
+    Returns ``{dim: {metric: value}}`` for each dimension in ``dims`` (default: the full dimension). Ties are broken
+    by corpus id, as in sentence-transformers.
+    """
+    full = corpus_vectors.shape[1]
+    if query_vectors.shape[1] != full:
+        raise AdapterError(f"query vectors have dimension {query_vectors.shape[1]}, corpus vectors {full}")
+    if len(query_vectors) != len(query_ids) or len(corpus_vectors) != len(corpus_ids):
+        raise AdapterError("vector counts do not match id counts")
+    dims = list(dims or [full])
+    for d in dims:
+        if not 0 < d <= full:
+            raise AdapterError(f"dimension {d} is outside 1..{full} (the vectors' dimension)")
+    qrels = relevant(qrels)
+    q_row = {q: i for i, q in enumerate(query_ids)}
+    c_row = {c: i for i, c in enumerate(corpus_ids)}
+    scored = [q for q in query_ids if q in qrels]
+    if not scored:
+        raise AdapterError("no query has a relevant document in the qrels")
+    missing = next((c for q in scored for c in qrels[q] if c not in c_row), None)
+    if missing is not None:
+        raise AdapterError(f"qrels name corpus id {missing!r} that is not in the corpus")
+    queries = query_vectors[[q_row[q] for q in scored]]
+    # relevant (query, corpus row) pairs as single integers, for a vectorised membership test
+    n = len(corpus_ids)
+    pairs = np.array([i * n + c_row[c] for i, q in enumerate(scored) for c in qrels[q]], dtype=np.int64)
+    n_relevant = np.array([len(qrels[q]) for q in scored])
+    tie_rank = np.empty(n, dtype=np.int64)
+    tie_rank[np.argsort(np.asarray(corpus_ids, dtype=object), kind="stable")] = np.arange(n)
+    results: Results = {}
+    for d in dims:
+        _, rows = search(queries, corpus_vectors, TOP_K, dim=d, tie_rank=tie_rank)
+        hits = np.isin(np.arange(len(scored))[:, None] * n + rows, pairs)
+        results[d] = metrics_from_hits(hits, n_relevant)
+        logger.info("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, results[d][PRIMARY_METRIC], len(scored))
+    return results
