@@ -35,6 +35,26 @@ class Config:
     # evaluate
     split: str = "test"  # the qrels split evaluate scores
     dims: tuple[int, ...] | None = None  # None -> the model's dimension and each of 512/256/128/64 below it
+    # train (the adapter)
+    train_split: str = "train"  # qrels split the adapter learns from
+    loss: str = "triplet"  # nn.TripletMarginLoss, as the seeds and Chroma's adapter report; or "infonce"
+    negatives: str = "random"  # "random" corpus chunks never relevant to the query; or "hard" (mined once, FAISS)
+    margin: float = 0.1  # the seed used 1.0; between unit vectors 0.1 measured far better (BENCHMARKS.md)
+    negatives_per_query: int = 4  # triplets per (query, positive) pair in a step, each with its own negative
+    temperature: float = 0.05  # infonce softmax temperature: sharp, as in MultipleNegativesRankingLoss (scale 20)
+    infonce_candidates: str = "batch"  # "batch": other in-batch positives; "corpus": every chunk
+    hard_pool: int = 30  # hard negatives: sample from each query's top-30 non-relevant chunks under the base model
+    epochs: int = 30  # the seed's 30; selection keeps the best epoch, so extra epochs cost time, not quality
+    lr: float = 3e-3  # the seed's AdamW learning rate
+    batch_size: int = 32  # the seed's
+    weight_decay: float = 0.0  # AdamW decay pulls toward zero, not identity; identity_penalty is the right prior
+    warmup_fraction: float = 0.1  # linear warmup over the first 10% of steps, then linear decay to zero
+    grad_clip: float = 1.0  # max gradient norm
+    identity_penalty: float | str = 0.0  # λ·‖W − I‖²_F (low rank: λ·‖UV‖²_F); "auto" picks it on held-out chunks
+    rank: int | None = None  # None: full d×d matrix; r: residual x + (xU)V of rank r
+    bias: bool = False  # a bias shifts every query alike; rarely helps cosine retrieval
+    val_fraction: float = 0.1  # without a dev split, this share of train (queries, or chunks) validates each epoch
+    dtype: str = "float32"  # tensors' dtype in the saved file; float16 halves it
     # chunk
     chunk_size: int = 800  # the seed's 800 tokens per chunk, as OpenAI's file search uses
     chunk_overlap: int = 400  # the seed's 400: half a chunk, so every passage sits whole in some chunk
@@ -45,11 +65,11 @@ class Config:
     api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable only, never a flag or a file
     questions_per_chunk: int = 20  # the seed asked twenty per chunk
     concurrency: int = 8  # requests in flight; modest for local servers, raise it for hosted APIs
-    requests_per_minute: int = 300  # under OpenAI's lowest paid tier for gpt-4o-mini (500); 429s are retried
-    temperature: float = 1.0  # the seed's: varied wording from one question to the next
+    requests_per_minute: int = 300  # below OpenAI's lowest paid tier for gpt-4o-mini; a 429 beyond it is retried
+    llm_temperature: float = 1.0  # the seed's: varied wording from one question to the next
     prompt: str | None = None  # None -> adapter.generate.PROMPT; else a text file holding {chunk} and {n}
     request_timeout: float = 120.0  # seconds per request; twenty questions from a slow local model can take a minute
-    max_retries: int = 6  # re-asks per chunk after the first; backoff 1, 2, 4 ... 32 s waits about a minute in all
+    max_retries: int = 6  # re-asks per chunk after the first; backoff 1, 2, 4 ... 32 s (jittered) waits 0.5-1 min
     retry_base_delay: float = 1.0  # seconds before the first re-ask, doubled each time, with jitter
     retry_max_delay: float = 60.0  # cap on one wait, Retry-After included
     dedup_threshold: float = 0.95  # cosine above which a question is dropped as a near-duplicate of an earlier one

@@ -470,6 +470,33 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str | None =
 # ---------------------------------------------------------------------------------------------------------- splits
 
 
+def partition_qrels(qrels: Qrels, *, by: str, test_fraction: float, dev_fraction: float = 0.0,
+                    seed: int = 0) -> tuple[dict[str, Qrels], int]:
+    """Deal queries into train/dev/test, by random query or by whole chunk; returns the parts and the number of
+    queries dropped because their relevant chunks fell on both sides (``by="chunk"`` only)."""
+    if by not in ("query", "chunk"):
+        raise AdapterError(f"--by must be 'query' or 'chunk', not {by!r}")
+    rng = np.random.default_rng(seed)
+    units = sorted(qrels) if by == "query" else sorted({c for r in qrels.values() for c in r})
+    order = [units[i] for i in rng.permutation(len(units))]
+    n_test = max(1, round(test_fraction * len(units)))  # a positive fraction always holds out at least one
+    n_dev = max(1, round(dev_fraction * len(units))) if dev_fraction > 0 else 0
+    if n_test + n_dev >= len(units):
+        plural = {"query": "queries", "chunk": "chunks"}[by]
+        raise AdapterError(f"too few {plural} ({len(units)}) to hold out {test_fraction:g} (+{dev_fraction:g})")
+    side = {u: "test" for u in order[:n_test]}
+    side.update({u: "dev" for u in order[n_test:n_test + n_dev]})
+    parts: dict[str, Qrels] = {s: {} for s in SPLITS}
+    dropped = 0
+    for qid, rels in qrels.items():
+        sides = {side.get(qid, "train")} if by == "query" else {side.get(c, "train") for c in rels}
+        if len(sides) > 1:
+            dropped += 1
+            continue
+        parts[sides.pop()][qid] = rels
+    return parts, dropped
+
+
 def split_dataset(path: str | os.PathLike, *, by: str = "query", test_fraction: float = 0.2,
                   dev_fraction: float = 0.0, seed: int = 0) -> dict[str, Any]:
     """Split ``qrels/all.tsv`` into train/test (and dev) qrels files; same seed, same split.
@@ -486,23 +513,11 @@ def split_dataset(path: str | os.PathLike, *, by: str = "query", test_fraction: 
         raise AdapterError(f"--dev-fraction must be >= 0 with test + dev below 1, got {dev_fraction}")
     path = Path(path)
     ds = load_dataset(path)
-    all_qrels = ds.split("all")
-    rng = np.random.default_rng(seed)
-    units = sorted(all_qrels) if by == "query" else sorted({c for r in all_qrels.values() for c in r})
-    order = [units[i] for i in rng.permutation(len(units))]
-    n_test, n_dev = round(test_fraction * len(units)), round(dev_fraction * len(units))
-    if n_test == 0 or n_test + n_dev >= len(units):
-        raise AdapterError(f"{path}: too few {by}s ({len(units)}) for these fractions")
-    side = {u: "test" for u in order[:n_test]}
-    side.update({u: "dev" for u in order[n_test:n_test + n_dev]})
-    parts: dict[str, Qrels] = {s: {} for s in SPLITS}
-    dropped = 0
-    for qid, rels in all_qrels.items():
-        sides = {side.get(qid, "train")} if by == "query" else {side.get(c, "train") for c in rels}
-        if len(sides) > 1:
-            dropped += 1
-            continue
-        parts[sides.pop()][qid] = rels
+    try:
+        parts, dropped = partition_qrels(ds.split("all"), by=by, test_fraction=test_fraction,
+                                         dev_fraction=dev_fraction, seed=seed)
+    except AdapterError as e:
+        raise AdapterError(f"{path}: {e}") from None
     qdir = path / "qrels"
     for name in SPLITS:
         if parts[name]:
@@ -517,3 +532,12 @@ def split_dataset(path: str | os.PathLike, *, by: str = "query", test_fraction: 
     if dropped:
         logger.info("dropped %d queries whose relevant chunks fall on both sides of the split", dropped)
     return summary
+
+
+def split_kind(dataset: Dataset) -> str:
+    """How the dataset was split ("query" or "chunk", from split.json); "query" when unknown."""
+    info = dataset.path / "split.json" if dataset.path else None
+    if info is not None and info.is_file():
+        with contextlib.suppress(json.JSONDecodeError, OSError, AttributeError):
+            return json.loads(info.read_text()).get("by", "query")
+    return "query"

@@ -37,7 +37,7 @@ def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
     """First ``dim`` components of each row, renormalised to unit length (a Matryoshka dimension)."""
     if dim > vectors.shape[1]:
         raise AdapterError(f"dimension {dim} is above the vectors' dimension {vectors.shape[1]}")
-    out = np.ascontiguousarray(vectors[:, :dim], dtype=np.float32)
+    out = np.array(vectors[:, :dim], dtype=np.float32, order="C", copy=True)  # never a view: callers' arrays stay
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     np.divide(out, np.maximum(norms, 1e-12), out=out)
     return out

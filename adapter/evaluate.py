@@ -31,7 +31,7 @@ Results = dict[int, dict[str, float]]  # dim -> metric -> value
 
 
 def search(queries: np.ndarray, corpus: np.ndarray, k: int, *, dim: int | None = None,
-           tie_rank: np.ndarray | None = None, corpus_block: int = 65536,
+           tie_rank: np.ndarray | None = None, corpus_block: int = 32768,
            query_block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product; the project's one ranking function.
 
@@ -104,10 +104,11 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
             raise AdapterError(f"dimension {d} is outside 1..{full} (the vectors' dimension)")
     qrels = relevant(qrels)
     q_row = {q: i for i, q in enumerate(query_ids)}
-    c_row = {c: i for i, c in enumerate(corpus_ids)}
     scored = [q for q in query_ids if q in qrels]
     if not scored:
         raise AdapterError("no query has a relevant document in the qrels")
+    needed = {c for q in scored for c in qrels[q]}  # rows of judged chunks only: no million-entry dict
+    c_row = {c: i for i, c in enumerate(corpus_ids) if c in needed}
     missing = next((c for q in scored for c in qrels[q] if c not in c_row), None)
     if missing is not None:
         raise AdapterError(f"qrels name corpus id {missing!r} that is not in the corpus")
@@ -123,5 +124,5 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
         _, rows = search(queries, corpus_vectors, TOP_K, dim=d, tie_rank=tie_rank)
         hits = np.isin(np.arange(len(scored))[:, None] * n + rows, pairs)
         results[d] = metrics_from_hits(hits, n_relevant)
-        logger.info("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, results[d][PRIMARY_METRIC], len(scored))
+        logger.debug("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, results[d][PRIMARY_METRIC], len(scored))
     return results

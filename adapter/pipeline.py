@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ from adapter.config import AdapterError, default_dims
 from adapter.data import Dataset, atomic_write, relevant
 from adapter.encoder import Encoder
 from adapter.evaluate import Results, evaluate
+from adapter.model import LinearAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -44,14 +45,38 @@ def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] |
     return queries, corpus
 
 
-def evaluate_dataset(dataset: Dataset, encoder: Encoder, *, split: str = "test",
-                     dims: Sequence[int] | None = None) -> SystemResults:
-    """Score the base model on one split of a dataset at each dim; returns ``{"base": {dim: metrics}}``."""
+def evaluate_dataset(dataset: Dataset, encoder: Encoder, *, split: str = "test", dims: Sequence[int] | None = None,
+                     adapters: Mapping[str, LinearAdapter] | None = None) -> SystemResults:
+    """Score the base model and each adapter on one split of a dataset at each dim.
+
+    Returns ``{"base": {dim: metrics}, "<adapter name>": {...}, ...}``. Adapters change query vectors only, so every
+    system searches the same cached corpus vectors.
+    """
     dims = resolve_dims(dims, encoder.dim)
     qrels = relevant(dataset.split(split))
     qids = list(qrels)
     queries, corpus = embed_dataset(dataset, encoder, qids)
-    return {"base": evaluate(queries, corpus, qrels, qids, list(dataset.corpus), dims)}
+    cids = list(dataset.corpus)
+    results = {"base": evaluate(queries, corpus, qrels, qids, cids, dims)}
+    for name, adapter in (adapters or {}).items():
+        results[name] = evaluate(adapter.apply(queries), corpus, qrels, qids, cids, dims)
+    return results
+
+
+def load_adapters(paths: Sequence[str | os.PathLike], encoder: Encoder, *,
+                  allow_other_model: bool = False) -> dict[str, LinearAdapter]:
+    """Load adapter files as named systems (each named after its file's stem), checked against the encoder."""
+    out: dict[str, LinearAdapter] = {}
+    for p in paths:
+        adapter = LinearAdapter.load(p)
+        adapter.check_base_model(encoder.identity, allow_other_model=allow_other_model, source=str(p))
+        if adapter.dim != encoder.dim:
+            raise AdapterError(f"{p}: adapter is {adapter.dim}-dimensional, the model {encoder.dim}")
+        name = Path(p).stem
+        if name in out or name == "base":
+            raise AdapterError(f"{p}: another system is already named {name!r}; rename the file")
+        out[name] = adapter
+    return out
 
 
 def results_to_json(results: SystemResults) -> dict:

@@ -70,9 +70,13 @@ def test_many_shards_are_merged(minilm, tmp_path, monkeypatch):
     assert fresh.texts_encoded == 0
 
 
-def test_truncate_renormalises():
+def test_truncate_renormalises_without_touching_its_input():
     v = np.array([[3.0, 4.0, 12.0]], dtype=np.float32) / 13
     np.testing.assert_allclose(truncate(v, 2), [[0.6, 0.8]], rtol=1e-6)
+    x = np.random.default_rng(0).normal(size=(50, 8)).astype(np.float32) * 3  # not unit length
+    before = x.copy()
+    truncate(x, 8)  # full dimension: once a view that was renormalised in place
+    np.testing.assert_array_equal(x, before)
     with pytest.raises(AdapterError, match="above"):
         truncate(v, 4)
 

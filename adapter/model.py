@@ -1,0 +1,154 @@
+"""The query adapter and its one-file safetensors format.
+
+A full adapter maps a query vector ``x`` (row, unit length) to ``normalise(x @ W + b)``; the low-rank form to
+``normalise(x + (x @ U) @ V + b)``. Untrained, both are exactly the identity. The file holds those tensors and one JSON
+metadata entry (format version, base model, dimension, form, rank, training config, data fingerprint, validation
+metrics). Loading and applying need numpy and safetensors only, never torch, so the file bolts onto any stack.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save as save_tensors
+
+from adapter.config import AdapterError
+from adapter.data import atomic_write
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+METADATA_KEY = "adapter"
+DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class LinearAdapter:
+    """A d×d query transform (or its rank-r residual form) with the metadata that travels in its file."""
+
+    dim: int
+    base_model: str  # the encoder identity it was trained on, "name@fingerprint"
+    weight: np.ndarray | None = None  # (d, d), full form
+    U: np.ndarray | None = None  # (d, r), low-rank form
+    V: np.ndarray | None = None  # (r, d), low-rank form
+    bias: np.ndarray | None = None  # (d,)
+    metadata: dict[str, Any] = field(default_factory=dict)  # config, data fingerprint, metrics, best epoch
+
+    @classmethod
+    def identity(cls, dim: int, base_model: str, *, rank: int | None = None, bias: bool = False,
+                 seed: int = 0) -> LinearAdapter:
+        """The untrained adapter, exactly the identity map. Low-rank: U small random (seeded), V zero, so
+        ``x + (x U) V = x`` while both factors still receive gradients."""
+        b = np.zeros(dim, np.float32) if bias else None
+        if rank is None:
+            return cls(dim, base_model, weight=np.eye(dim, dtype=np.float32), bias=b)
+        if not 0 < rank < dim:
+            raise AdapterError(f"--rank must be between 1 and {dim - 1}, got {rank}")
+        u = np.random.default_rng(seed).normal(0.0, dim ** -0.5, size=(dim, rank)).astype(np.float32)
+        return cls(dim, base_model, U=u, V=np.zeros((rank, dim), np.float32), bias=b)
+
+    @property
+    def form(self) -> str:
+        return "full" if self.weight is not None else "lowrank"
+
+    @property
+    def rank(self) -> int | None:
+        return None if self.U is None else self.U.shape[1]
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        names = {"weight": self.weight, "U": self.U, "V": self.V, "bias": self.bias}
+        return {k: v for k, v in names.items() if v is not None}
+
+    def check_base_model(self, identity: str, *, allow_other_model: bool = False, source: str = "adapter") -> None:
+        """Refuse an encoder other than the one this adapter was trained on (unless explicitly allowed)."""
+        if identity.split("@")[-1] != self.base_model.split("@")[-1]:  # same weights under any name or path
+            if not allow_other_model:
+                raise AdapterError(f"{source}: trained on {self.base_model}, not {identity}; pass "
+                                   "--allow-other-model to apply it anyway")
+            logger.warning("%s: trained on %s, applied to %s", source, self.base_model, identity)
+
+    def apply(self, vectors: np.ndarray) -> np.ndarray:
+        """Adapted, L2-normalised query vectors (n, d) float32; refuses vectors of another dimension."""
+        x = np.asarray(vectors, dtype=np.float32)
+        if x.ndim == 1:
+            return self.apply(x[None, :])[0]
+        if x.shape[1] != self.dim:
+            raise AdapterError(f"adapter expects {self.dim}-dimensional vectors, got {x.shape[1]}")
+        if self.weight is not None:
+            y = x @ self.weight.astype(np.float32, copy=False)
+        else:
+            y = x + (x @ self.U.astype(np.float32, copy=False)) @ self.V.astype(np.float32, copy=False)
+        if self.bias is not None:
+            y += self.bias.astype(np.float32, copy=False)
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        return y
+
+    def save(self, path: str | os.PathLike, *, dtype: str = "float32") -> Path:
+        """Write the adapter as one .safetensors file (atomically), tensors in ``dtype``."""
+        if dtype not in DTYPES:
+            raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        path = Path(path)
+        if not path.parent.is_dir():
+            raise AdapterError(f"{path.parent}: folder does not exist")
+        header = {"format_version": FORMAT_VERSION, "base_model": self.base_model, "dim": self.dim,
+                  "form": self.form, "rank": self.rank, "bias": self.bias is not None, "normalize": True,
+                  "dtype": dtype, **self.metadata}
+        tensors = {k: np.ascontiguousarray(v, dtype=DTYPES[dtype]) for k, v in self.tensors().items()}
+        data = save_tensors(tensors, metadata={METADATA_KEY: json.dumps(header)})
+        with atomic_write(path, "wb") as f:
+            f.write(data)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> LinearAdapter:
+        """Read and check an adapter file: format version, expected keys, shapes, dtype and finite values."""
+        path = Path(path)
+        if not path.is_file():
+            raise AdapterError(f"{path}: file not found")
+        try:
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+        if METADATA_KEY not in meta:
+            raise AdapterError(f"{path}: not an adapter file (no {METADATA_KEY!r} metadata)")
+        try:
+            header = json.loads(meta[METADATA_KEY])
+            version, dim, form = header["format_version"], int(header["dim"]), header["form"]
+            base_model, rank, has_bias = header["base_model"], header["rank"], bool(header["bias"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise AdapterError(f"{path}: adapter metadata is damaged ({type(e).__name__}: {e})") from None
+        if version != FORMAT_VERSION:
+            raise AdapterError(f"{path}: adapter format version {version} is not supported (expected "
+                               f"{FORMAT_VERSION})")
+        if form == "full":
+            shapes = {"weight": (dim, dim)}
+        elif form == "lowrank" and isinstance(rank, int) and rank > 0:
+            shapes = {"U": (dim, rank), "V": (rank, dim)}
+        else:
+            raise AdapterError(f"{path}: unknown adapter form {form!r} (rank {rank!r})")
+        if has_bias:
+            shapes["bias"] = (dim,)
+        if set(tensors) != set(shapes):
+            extra, missing = sorted(set(tensors) - set(shapes)), sorted(set(shapes) - set(tensors))
+            raise AdapterError(f"{path}: unexpected tensors {extra} / missing {missing} for a {form} adapter")
+        for name, want in shapes.items():
+            t = tensors[name]
+            if t.shape != want:
+                raise AdapterError(f"{path}: tensor {name!r} has shape {t.shape}, metadata says {want}")
+            if t.dtype not in (np.float32, np.float16):
+                raise AdapterError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected float32 or float16")
+            if not np.isfinite(t).all():
+                raise AdapterError(f"{path}: tensor {name!r} holds NaN or Inf values")
+        extra_meta = {k: v for k, v in header.items() if k not in ("format_version", "base_model", "dim", "form",
+                                                                   "rank", "bias", "normalize", "dtype")}
+        return cls(dim, base_model, weight=tensors.get("weight"), U=tensors.get("U"), V=tensors.get("V"),
+                   bias=tensors.get("bias"), metadata=extra_meta)

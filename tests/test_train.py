@@ -1,0 +1,229 @@
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from adapter.config import AdapterError, Config
+from adapter.evaluate import evaluate
+from adapter.model import LinearAdapter
+from adapter.train import Split, _random_negatives, fit, mine_hard_negatives
+from cli import main
+from tests.conftest import write_dataset
+
+BASE = "synthetic@000000000000"
+
+
+def synthetic(d: int = 16, n_chunks: int = 40, train_per: int = 5, val_per: int = 3, seed: int = 0,
+              shuffled_train: bool = False, rotate: bool = True):
+    """Queries are their chunk's vector seen through a random rotation plus noise: the base ranks poorly and a
+    linear map (the inverse rotation) can fix it. ``shuffled_train`` gives training queries random chunks;
+    ``rotate=False`` leaves queries beside their chunks, where the base is already good."""
+    rng = np.random.default_rng(seed)
+    corpus = rng.normal(size=(n_chunks, d)).astype(np.float32)
+    corpus /= np.linalg.norm(corpus, axis=1, keepdims=True)
+    rot = np.linalg.qr(rng.normal(size=(d, d)))[0] if rotate else np.eye(d)
+    cids = [f"c{i:02d}" for i in range(n_chunks)]
+
+    def make(per: int, tag: str, shuffle: bool) -> Split:
+        rows = np.repeat(np.arange(n_chunks), per)
+        q = corpus[rows] @ rot.T.astype(np.float32) + 0.25 * rng.normal(size=(len(rows), d)).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        labels = rng.permutation(rows) if shuffle else rows
+        ids = [f"{tag}{i}" for i in range(len(rows))]
+        return Split(q.astype(np.float32), ids, {qid: {cids[c]: 1} for qid, c in zip(ids, labels, strict=True)})
+
+    return make(train_per, "t", shuffled_train), make(val_per, "v", False), corpus, cids
+
+
+def quick(**over) -> Config:
+    return Config().replace(epochs=8, batch_size=16, **over)
+
+
+@pytest.mark.parametrize("over", [{}, {"loss": "infonce"}, {"loss": "infonce", "infonce_candidates": "corpus"},
+                                  {"negatives": "hard"}, {"rank": 8}, {"identity_penalty": 0.01}])
+def test_training_learns_a_learnable_map(over):
+    train, val, corpus, cids = synthetic()
+    r = fit(train, val, corpus, cids, BASE, quick(**over), progress=False)
+    assert r.best_epoch > 0
+    assert r.best_val["ndcg@10"] > r.base_val["ndcg@10"] + 0.05, (r.base_val["ndcg@10"], r.best_val["ndcg@10"])
+    # the returned adapter is the one that was scored
+    again = evaluate(r.adapter.apply(val.vectors), corpus, val.qrels, val.ids, cids)[corpus.shape[1]]
+    assert again["ndcg@10"] == pytest.approx(r.best_val["ndcg@10"], abs=1e-6)
+
+
+def test_identity_wins_when_training_only_hurts():
+    train, val, corpus, cids = synthetic(shuffled_train=True, rotate=False)  # noise labels, a good base
+    r = fit(train, val, corpus, cids, BASE, quick(lr=0.05, warmup_fraction=0.0), progress=False)
+    assert r.best_epoch == 0
+    np.testing.assert_array_equal(r.adapter.weight, np.eye(16))
+    assert r.best_val == r.base_val
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_shipped_adapter_never_loses_to_base_on_validation(seed):
+    train, val, corpus, cids = synthetic(seed=seed, shuffled_train=seed % 2 == 1)
+    r = fit(train, val, corpus, cids, BASE, quick(seed=seed), progress=False)
+    shipped = evaluate(r.adapter.apply(val.vectors), corpus, val.qrels, val.ids, cids)[16]["ndcg@10"]
+    base = evaluate(val.vectors, corpus, val.qrels, val.ids, cids)[16]["ndcg@10"]
+    assert shipped >= base
+
+
+def test_same_seed_is_bit_identical():
+    train, val, corpus, cids = synthetic()
+    a = fit(train, val, corpus, cids, BASE, quick(seed=5), progress=False).adapter
+    b = fit(train, val, corpus, cids, BASE, quick(seed=5), progress=False).adapter
+    c = fit(train, val, corpus, cids, BASE, quick(seed=6), progress=False).adapter
+    assert a.weight.tobytes() == b.weight.tobytes()
+    assert a.weight.tobytes() != c.weight.tobytes()
+
+
+def test_negatives_are_never_relevant():
+    rng = np.random.default_rng(0)
+    n = 5
+    q_rows = np.repeat(np.arange(4), 50)
+    rel = np.unique(np.array([q * n + c for q in range(4) for c in range(4)]))  # each query: chunks 0-3 relevant
+    neg = _random_negatives(q_rows, n, rel, rng)
+    assert (neg == 4).all()  # the only chunk left
+    train, _, corpus, _ = synthetic()
+    codes = np.unique([i * len(corpus) + int(next(iter(r)).lstrip("c")) for i, r in enumerate(train.qrels.values())])
+    hard = mine_hard_negatives(train.vectors, corpus, codes, pool=5)
+    assert hard.shape == (len(train.ids), 5)
+    assert not np.isin(np.arange(len(hard))[:, None] * len(corpus) + hard, codes).any()
+
+
+def test_bad_training_options():
+    train, val, corpus, cids = synthetic()
+    with pytest.raises(AdapterError, match="--loss"):
+        fit(train, val, corpus, cids, BASE, quick(loss="mse"), progress=False)
+    with pytest.raises(AdapterError, match="--rank"):
+        fit(train, val, corpus, cids, BASE, quick(rank=16), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def trained(tmp_path_factory):
+    """The tiny dataset split by query, and an adapter trained on it through the CLI."""
+    folder = write_dataset(tmp_path_factory.mktemp("t") / "ds")
+    from adapter.data import split_dataset
+
+    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    out = folder.parent / "tiny-adapter.safetensors"
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--epochs", "3", "--batch-size", "2"])
+    assert r.exit_code == 0, r.output
+    return folder, out, r.output
+
+
+def test_train_cli_writes_a_complete_file(trained):
+    folder, out, output = trained
+    assert "validation ndcg@10: base" in output and "won" in output and "wrote" in output
+    a = LinearAdapter.load(out)
+    assert a.dim == 384 and a.base_model.startswith("all-MiniLM-L6-v2@")
+    meta = a.metadata
+    assert meta["config"]["epochs"] == 3 and meta["config"]["lr"] == Config.lr  # resolved config travels along
+    assert len(meta["data_fingerprint"]) == 16 and meta["trained_on"] == "train"
+    assert "ndcg@10" in meta["val_base"] and len(meta["history"]) == 4
+    assert meta["validation"].endswith("by query")
+    assert 500_000 < out.stat().st_size <= 600_000  # 384 x 384 float32 and a small header
+
+
+def test_evaluate_scores_adapters_beside_base(trained, tmp_path):
+    folder, out, _ = trained
+    twin = tmp_path / "twin.safetensors"
+    twin.write_bytes(out.read_bytes())
+    js = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(out), "--adapter", str(twin),
+                                  "--dims", "384,64", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    results = json.loads(js.read_text())
+    assert list(results) == ["base", "tiny-adapter", "twin"] and list(results["twin"]) == ["384", "64"]
+    assert results["twin"] == results["tiny-adapter"]
+    assert "Δ tiny-adapter" in r.output
+
+
+def test_train_refuses_bad_input(trained, tmp_path):
+    folder, out, _ = trained
+    before = out.read_bytes()
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out)])
+    assert r.exit_code == 1 and "already exists" in r.output and out.read_bytes() == before
+    (folder / "qrels" / "empty.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--split", "empty"])
+    assert r.exit_code == 1 and "split has no queries" in r.output and r.output.count("\n") == 1
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--split", "nope"])
+    assert r.exit_code == 1 and "no qrels/nope.tsv" in r.output
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_validation_is_carved_like_the_split(tmp_path, minilm):
+    from adapter.data import load_dataset, split_dataset
+    from adapter.encoder import Encoder
+    from adapter.train import train_adapter
+
+    folder = write_dataset(tmp_path / "ds")
+    enc = Encoder(minilm, show_progress=False)
+    split_dataset(folder, by="chunk", test_fraction=0.2, seed=0)
+    r = train_adapter(load_dataset(folder), enc, Config().replace(epochs=1, val_fraction=0.3), progress=False)
+    assert r.adapter.metadata["validation"] == "0.3 of train by chunk"
+    split_dataset(folder, by="query", test_fraction=0.2, dev_fraction=0.2, seed=0)
+    r = train_adapter(load_dataset(folder), enc, Config().replace(epochs=1), progress=False)
+    assert r.adapter.metadata["validation"] == "the dev split"
+
+
+def test_auto_identity_penalty_is_chosen_and_recorded(tmp_path, monkeypatch):
+    import adapter.train as train_mod
+
+    train, val, corpus, cids = synthetic(n_chunks=30)
+    lam, trials = train_mod.choose_identity_penalty(train, corpus, cids, BASE, quick(), grid=(0.0, 0.1))
+    assert lam in (0.0, 0.1) and [t["identity_penalty"] for t in trials] == [0.0, 0.1]
+    assert all({"seen_ndcg@10", "unseen_ndcg@10"} <= t.keys() for t in trials)
+
+
+# ---------------------------------------------------------------------------------------------------------- search
+
+
+def test_search_matches_brute_force(trained, tmp_path, minilm):
+    from adapter.encoder import Encoder
+    from adapter.index import AdaptedEncoder
+
+    folder, out, _ = trained
+    idx = tmp_path / "base.faiss"
+    r = CliRunner().invoke(main, ["index", "build", str(folder), "--out", str(idx)])
+    assert r.exit_code == 0, r.output
+    query = "who fixes a broken pipe in the street"
+    r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "-k", "4", "--json", query])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output.strip().splitlines()[-1])
+    adapted = AdaptedEncoder(out, minilm)
+    corpus = Encoder(minilm, show_progress=False).encode_documents(
+        [json.loads(line)["text"] for line in (folder / "corpus.jsonl").read_text().splitlines()])
+    np.testing.assert_allclose(adapted.encode_document(["x"]), minilm.encode_document(["x"], normalize_embeddings=True))
+    scores = corpus @ adapted.encode_query([query])[0]
+    assert got["ids"] == list(np.argsort(-scores, kind="stable")[:4])
+    np.testing.assert_allclose(got["scores"], np.sort(scores)[::-1][:4], rtol=1e-5)
+    r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "--data", str(folder), query])
+    assert r.exit_code == 0 and "  1. id " in r.output and "sluice valves" in r.output
+
+
+def test_search_keeps_the_index_own_ids(tmp_path, trained, minilm):
+    from adapter.index import AdaptedEncoder, read_index, search_index, write_index
+
+    _, out, _ = trained
+    vecs = minilm.encode_document(["burst main", "hydrant flushing", "lead pipes"], normalize_embeddings=True)
+    write_index(vecs, tmp_path / "ids.faiss", ids=np.array([1001, 2002, 3003]))
+    scores, ids = search_index(read_index(tmp_path / "ids.faiss"), AdaptedEncoder(out, minilm).encode_query(
+        ["the main burst"]), k=3)
+    assert set(ids[0]) == {1001, 2002, 3003} and ids[0][0] == 1001
+
+
+def test_search_bad_input(tmp_path, trained):
+    _, out, _ = trained
+    from adapter.index import write_index
+
+    write_index(np.eye(8, dtype=np.float32), tmp_path / "small.faiss")
+    (tmp_path / "junk.faiss").write_text("junk")
+    for idx, words in ((tmp_path / "small.faiss", "index holds 8-dimensional vectors, queries have 384"),
+                       (tmp_path / "junk.faiss", "not a readable FAISS index")):
+        r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "hello"])
+        assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output
