@@ -40,7 +40,7 @@ def main(verbose: bool, quiet: bool) -> None:
     """Make retrieval better on your own data without rebuilding your vector index."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    for noisy in ("sentence_transformers", "transformers", "httpx", "faiss", "huggingface_hub"):
+    for noisy in ("sentence_transformers", "transformers", "httpx", "httpx2", "openai", "faiss", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -283,7 +283,7 @@ def chunk(docs: tuple[str, ...], out: str, size: int | None, overlap: int | None
     cfg = Config().replace(chunk_size=size, chunk_overlap=overlap, chunk_unit=unit, model=model)
     chunks = run(docs, out, cfg, force=force)
     n_docs = len({c.source for c in chunks})
-    click.echo(f"wrote {out}/corpus.jsonl: {len(chunks)} chunks from {n_docs} documents "
+    click.echo(f"wrote {out}/corpus.jsonl: {len(chunks)} chunks from {n_docs} document{'s' * (n_docs != 1)} "
                f"({cfg.chunk_size} {cfg.chunk_unit}, overlap {cfg.chunk_overlap})")
 
 

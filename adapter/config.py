@@ -40,13 +40,13 @@ class Config:
     loss: str = "triplet"  # nn.TripletMarginLoss, as the seeds and Chroma's adapter report; or "infonce"
     negatives: str = "random"  # "random" corpus chunks never relevant to the query; or "hard" (mined once, FAISS)
     margin: float = 0.1  # the seed used 1.0; between unit vectors 0.1 measured far better (BENCHMARKS.md)
-    negatives_per_query: int = 4  # triplets per (query, positive) pair in a step, each with its own negative
+    negatives_per_query: int = 2  # triplets per (query, positive) pair, each with its own negative: 2 beat 1 and 4
     temperature: float = 0.05  # infonce softmax temperature: sharp, as in MultipleNegativesRankingLoss (scale 20)
     infonce_candidates: str = "batch"  # "batch": other in-batch positives; "corpus": every chunk
     hard_pool: int = 30  # hard negatives: sample from each query's top-30 non-relevant chunks under the base model
     epochs: int = 30  # the seed's 30; selection keeps the best epoch, so extra epochs cost time, not quality
     lr: float = 3e-3  # the seed's AdamW learning rate
-    batch_size: int = 32  # the seed's
+    batch_size: int = 128  # the seed used 32; 128 scored as well in a quarter of the steps (30 epochs in ~2 s)
     weight_decay: float = 0.0  # AdamW decay pulls toward zero, not identity; identity_penalty is the right prior
     warmup_fraction: float = 0.1  # linear warmup over the first 10% of steps, then linear decay to zero
     grad_clip: float = 1.0  # max gradient norm

@@ -141,7 +141,7 @@ def fingerprint(dataset: Dataset, split: str) -> str:
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
-def _read_jsonl(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
+def read_jsonl(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
     """Read corpus.jsonl or queries.jsonl into (id -> text, id -> title), validating every line."""
     if not path.is_file():
         raise AdapterError(f"{path}: file not found")
@@ -216,8 +216,8 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     path = Path(path)
     if not path.is_dir():
         raise AdapterError(f"{path}: not a dataset folder")
-    corpus, titles = _read_jsonl(path / "corpus.jsonl", "corpus")
-    queries, _ = _read_jsonl(path / "queries.jsonl", "queries")
+    corpus, titles = read_jsonl(path / "corpus.jsonl", "corpus")
+    queries, _ = read_jsonl(path / "queries.jsonl", "queries")
     qdir = path / "qrels"
     if not qdir.is_dir() or not any(qdir.glob("*.tsv")):
         raise AdapterError(f"{qdir}: no qrels files (expected qrels/all.tsv)")

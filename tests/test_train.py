@@ -41,7 +41,7 @@ def quick(**over) -> Config:
 
 
 @pytest.mark.parametrize("over", [{}, {"loss": "infonce"}, {"loss": "infonce", "infonce_candidates": "corpus"},
-                                  {"negatives": "hard"}, {"rank": 8}, {"identity_penalty": 0.01}])
+                                  {"negatives": "hard"}, {"rank": 12}, {"identity_penalty": 0.01}])
 def test_training_learns_a_learnable_map(over):
     train, val, corpus, cids = synthetic()
     r = fit(train, val, corpus, cids, BASE, quick(**over), progress=False)

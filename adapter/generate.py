@@ -1,0 +1,533 @@
+"""Chunks -> synthetic questions through any OpenAI-compatible chat server, surviving faults and kills.
+
+For each chunk of ``DIR/corpus.jsonl`` an LLM writes N questions a user might ask that the chunk answers. Requests go
+out from a bounded thread pool under a requests-per-minute limit. A 429, a 5xx, a timeout, a dropped connection, or an
+answer that is empty, cannot be parsed or holds too few questions is asked again after an exponential backoff with
+jitter (at least the server's Retry-After; a 429 also pauses the whole pool that long). Any other HTTP error (a bad key,
+an unknown model) stops the run at once: no retry would fix it.
+
+Each finished chunk is appended to ``DIR/generation.jsonl`` and fsynced as it arrives, so a killed run loses at most
+the requests in flight, and the same command resumes, skipping every chunk the journal holds (an entry counts only
+while its chunk's text is unchanged). When no chunk is left to ask, ``queries.jsonl`` and ``qrels/all.tsv`` are rebuilt
+from the journal in corpus order, so a resumed run and a run in one go write the same bytes: query ids are
+``<chunk id>_q<j>``, and a question whose cosine under the frozen encoder with an earlier kept question exceeds the
+threshold is dropped and counted. Chunks that still fail after every retry are listed in the summary, never skipped
+silently; running the command again asks them again.
+
+The API key is read from an environment variable only, and is never logged or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from adapter.config import AdapterError, Config
+from adapter.data import SPLITS, atomic_write, ensure_dir, read_jsonl, write_qrels
+
+logger = logging.getLogger(__name__)
+
+JOURNAL = "generation.jsonl"  # one line per finished chunk: {"_id", "sha", "questions"}
+RETRY_STATUSES = (408, 409, 429)  # and every 5xx: busy or broken for now, likely fine on a later try
+DEDUP_BLOCK = 1024  # questions compared per matrix product when dropping near-duplicates
+
+PROMPT = """\
+You write search queries for testing a retrieval system. Here is a passage from a document:
+
+\"\"\"
+{chunk}
+\"\"\"
+
+Write {n} different questions that a real user might type when looking for the information in this passage, so that
+this passage is the answer.
+- Use the user's own words, not the passage's: paraphrase, never copy phrases from it.
+- Mix styles as people really type: some precise, some vague, some short and colloquial, a few with typos.
+- Each question must make sense on its own: never mention "the passage", "the text" or "the document".
+- Keep to the passage's main facts and topics.
+
+Answer with JSON only, in this shape:
+{"questions": ["first question", "second question", ...]}
+"""
+
+
+class QueryEncoder(Protocol):
+    """What near-duplicate dropping needs from an encoder: unit vectors for queries (adapter.encoder.Encoder)."""
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+@dataclass
+class Summary:
+    """What a run did; ``failed`` maps each chunk that failed every retry to its last error."""
+
+    chunks: int  # in the corpus
+    already_done: int  # finished by an earlier run, found in the journal
+    done: int  # finished in all, earlier runs included
+    failed: dict[str, str]
+    requests: int  # HTTP requests sent by this run
+    retries: int  # requests that were re-asks
+    retry_reasons: dict[str, int]  # why re-asks were needed
+    questions: int  # written to queries.jsonl
+    near_duplicates: int  # dropped before writing
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------------------- answers
+
+
+class ParseError(ValueError):
+    """An answer with no usable list of questions; ``kind`` names the fault, the message gives detail."""
+
+    def __init__(self, kind: str, detail: str = ""):
+        super().__init__(f"{kind} ({detail})" if detail else kind)
+        self.kind = kind
+
+
+_FENCE = re.compile(r"```[A-Za-z]*[^\S\n]*\n?(.*?)```", re.S)
+_NUMBERING = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022])\s+")
+
+
+def _json_values(content: str) -> Iterator[Any]:
+    """JSON values found in an answer: the whole of it, then each code fence, then each value embedded in prose."""
+    decoder = json.JSONDecoder()
+    texts = [content.strip(), *(m.group(1).strip() for m in _FENCE.finditer(content))]
+    for text in texts:
+        with contextlib.suppress(ValueError):
+            yield json.loads(text)
+    for m in re.finditer(r"[{\[]", content):
+        with contextlib.suppress(ValueError):
+            yield decoder.raw_decode(content, m.start())[0]
+
+
+def _question_list(value: Any) -> list[str] | None:
+    """The questions in one JSON value: a list, {"questions": ...} or {"question_1": ..., ...}; None when none."""
+    if isinstance(value, dict):
+        for key in ("questions", "queries"):
+            if key in value:
+                return _question_list(value[key])
+        items = list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    items = [i.get("question") if isinstance(i, dict) else i for i in items]
+    found = [_NUMBERING.sub("", i).strip() for i in items if isinstance(i, str)]
+    found = [q for q in found if q]
+    return found or None
+
+
+def parse_questions(content: str | None, n: int) -> list[str]:
+    """The first ``n`` distinct questions in an LLM answer; ParseError when it is empty, unreadable or short."""
+    if content is None or not content.strip():
+        raise ParseError("empty answer")
+    questions = next((q for q in map(_question_list, _json_values(content)) if q), None)
+    if questions is None:
+        raise ParseError("no questions found", f"answer starts {content.strip()[:60]!r}")
+    seen: set[str] = set()
+    unique = []
+    for q in questions:
+        key = " ".join(q.split()).casefold()
+        if key not in seen:
+            seen.add(key)
+            unique.append(q)
+    if len(unique) < n:
+        raise ParseError("too few questions", f"{len(unique)} of {n}")
+    return unique[:n]
+
+
+# ---------------------------------------------------------------------------------------------------------- pacing
+
+
+class RateLimiter:
+    """Spaces request starts at least 60/rpm seconds apart across threads; ``pause`` holds every thread back."""
+
+    def __init__(self, per_minute: float):
+        self.interval = 60.0 / per_minute
+        self._next = 0.0  # monotonic time of the next free slot
+        self._lock = threading.Lock()
+
+    def wait(self, stop: threading.Event) -> None:
+        """Block until this caller's slot comes (or ``stop`` is set)."""
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            stop.wait(slot - now)
+
+    def pause(self, seconds: float) -> None:
+        """No slot before ``seconds`` from now: the server asked everyone to wait."""
+        with self._lock:
+            self._next = max(self._next, time.monotonic() + seconds)
+
+
+def backoff_delay(retry: int, base: float, cap: float, retry_after: float | None = None) -> float:
+    """Seconds before re-ask number ``retry`` (1, 2, ...): base * 2**(retry-1), jittered to half-to-full, at least
+    the server's Retry-After, at most ``cap``."""
+    ceiling = min(cap, base * 2 ** (retry - 1))
+    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
+    return min(cap, max(delay, retry_after or 0.0))
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """The wait a response asks for: ``retry-after-ms``, else ``Retry-After`` in seconds or as an HTTP date."""
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, float(headers.get("retry-after-ms")) / 1000)
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    with contextlib.suppress(ValueError):
+        return max(0.0, float(value))
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------- journal
+
+
+def text_hash(text: str) -> str:
+    """Short hash of a chunk's text: a journal entry counts only while its chunk is unchanged."""
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Journal:
+    """Append-only record of finished chunks, one JSON line each, flushed and fsynced as it is written."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._file: Any = None
+
+    def load(self, hashes: Mapping[str, str]) -> dict[str, list[str]]:
+        """Questions of every chunk the journal finished whose text still matches ``hashes`` (id -> text hash).
+
+        A torn last line (a run killed mid-write) is cut off so the next append starts on a fresh line.
+        """
+        if not self.path.is_file():
+            return {}
+        raw = self.path.read_bytes()
+        if raw and not raw.endswith(b"\n"):
+            keep = raw.rfind(b"\n") + 1
+            with open(self.path, "r+b") as f:
+                f.truncate(keep)
+            logger.warning("%s: dropped a torn last line (a run was stopped mid-write)", self.path)
+            raw = raw[:keep]
+        finished: dict[str, list[str]] = {}
+        stale = 0
+        for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                cid, sha, questions = str(entry["_id"]), entry["sha"], entry["questions"]
+            except (ValueError, KeyError, TypeError):
+                raise AdapterError(f"{self.path}:{n}: not a journal entry; delete the line (or the file to start "
+                                   "over)") from None
+            if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+                raise AdapterError(f"{self.path}:{n}: 'questions' must be a list of strings")
+            if hashes.get(cid) != sha:
+                stale += 1
+            elif cid not in finished:
+                finished[cid] = questions
+        if stale:
+            logger.info("%s: %d entries are for chunks no longer in the corpus or since changed; ignored",
+                        self.path, stale)
+        return finished
+
+    def append(self, cid: str, sha: str, questions: list[str]) -> None:
+        """Write one finished chunk and force it to disk before returning."""
+        try:
+            if self._file is None:
+                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- held open for the run
+            self._file.write(json.dumps({"_id": cid, "sha": sha, "questions": questions}, ensure_ascii=False) + "\n")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:
+            raise AdapterError(f"{self.path}: cannot write ({e.strerror})") from None
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+# ---------------------------------------------------------------------------------------------------------- asking
+
+
+class _ChunkFailed(Exception):
+    """A chunk that failed every retry; the message is its last error."""
+
+
+class _Stopped(Exception):
+    """The run is stopping (another chunk hit a fatal error, or the user interrupted)."""
+
+
+class _Tally:
+    """Counts shared by the workers, shown on the progress bar."""
+
+    def __init__(self, total: int, done: int, show: bool):
+        from tqdm.auto import tqdm
+
+        self.lock = threading.Lock()
+        self.done, self.failed, self.retrying = done, 0, 0
+        self.requests, self.retries = 0, 0
+        self.reasons: Counter[str] = Counter()
+        self.bar = tqdm(total=total, initial=done, unit="chunk", desc="generate", disable=not show)
+        self._show()
+
+    def _show(self) -> None:
+        self.bar.set_postfix(done=self.done, failed=self.failed, retrying=self.retrying, refresh=True)
+
+    def update(self, *, requests: int = 0, retry: str | None = None, waiting: int = 0, done: int = 0,
+               failed: int = 0) -> None:
+        with self.lock:
+            self.requests += requests
+            if retry is not None:
+                self.retries += 1
+                self.reasons[retry] += 1
+            self.retrying += waiting
+            self.done += done
+            self.failed += failed
+            self.bar.update(done + failed)
+            self._show()
+
+
+class _Asker:
+    """Asks the server for one chunk's questions until an answer parses or the retries run out."""
+
+    def __init__(self, client: Any, cfg: Config, template: str, tally: _Tally, stop: threading.Event):
+        self.client, self.cfg, self.template, self.tally, self.stop = client, cfg, template, tally, stop
+        self.limiter = RateLimiter(cfg.requests_per_minute)
+
+    def ask(self, cid: str, text: str) -> list[str]:
+        import openai
+
+        cfg = self.cfg
+        prompt = self.template.replace("{n}", str(cfg.questions_per_chunk)).replace("{chunk}", text)
+        detail, retry_after = "", None
+        for attempt in range(cfg.max_retries + 1):
+            if attempt:
+                self.tally.update(waiting=1)
+                self.stop.wait(backoff_delay(attempt, cfg.retry_base_delay, cfg.retry_max_delay, retry_after))
+                self.tally.update(waiting=-1)
+            self.limiter.wait(self.stop)
+            if self.stop.is_set():
+                raise _Stopped
+            self.tally.update(requests=1)
+            retry_after = None
+            try:
+                answer = self.client.chat.completions.create(model=cfg.llm_model, temperature=cfg.llm_temperature,
+                                                             messages=[{"role": "user", "content": prompt}])
+                return parse_questions(answer.choices[0].message.content if answer.choices else None,
+                                       cfg.questions_per_chunk)
+            except ParseError as e:
+                reason, detail = e.kind, str(e)
+            except openai.APIStatusError as e:
+                if e.status_code not in RETRY_STATUSES and e.status_code < 500:
+                    body = e.body.get("message") if isinstance(e.body, dict) else None
+                    message = str(body or e.message or "").strip().splitlines()[0][:200]
+                    self.stop.set()  # before this worker can take another chunk
+                    raise AdapterError(f"{str(self.client.base_url).rstrip('/')}: HTTP {e.status_code} asking for "
+                                       f"chunk {cid!r} ({message})") from None
+                reason = detail = f"HTTP {e.status_code}"
+                retry_after = retry_after_seconds(e.response.headers)
+                if e.status_code == 429 and retry_after:
+                    self.limiter.pause(min(retry_after, cfg.retry_max_delay))
+            except openai.APITimeoutError:
+                reason = detail = "timeout"
+            except openai.APIConnectionError:
+                reason = detail = "connection error"
+            except ValueError:  # a 200 whose body is not JSON: the client's own decoding fails
+                reason = detail = "unreadable response"
+            if attempt < cfg.max_retries:
+                self.tally.update(retry=reason)
+                logger.debug("%s: %s; asking again (retry %d of %d)", cid, detail, attempt + 1, cfg.max_retries)
+        raise _ChunkFailed(detail)
+
+
+def _client(cfg: Config) -> Any:
+    """An OpenAI client without retries of its own (ours are counted); the key comes from the environment only."""
+    import openai
+
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        if cfg.base_url is None and not os.environ.get("OPENAI_BASE_URL"):
+            raise AdapterError(f"${cfg.api_key_env} is not set: export the API key there, or name another variable "
+                               "with --api-key-env")
+        key = "none"  # local servers (vLLM, Ollama) accept any key
+    return openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.request_timeout, max_retries=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- output
+
+
+def drop_near_duplicates(vectors: np.ndarray, threshold: float) -> np.ndarray:
+    """Keep-mask over unit vectors (n, d) in order: a row goes when its cosine with an earlier kept row is above
+    ``threshold``. Compared a block at a time, so memory stays (block, kept) rather than (n, n)."""
+    keep = np.zeros(len(vectors), dtype=bool)
+    kept = np.empty((0, vectors.shape[1]), dtype=vectors.dtype)
+    for lo in range(0, len(vectors), DEDUP_BLOCK):
+        block = vectors[lo:lo + DEDUP_BLOCK]  # (B, d)
+        near_kept = (block @ kept.T > threshold).any(axis=1)  # (B,)
+        within = block @ block.T > threshold  # (B, B)
+        chosen: list[int] = []
+        for i in range(len(block)):
+            if not near_kept[i] and not within[i, chosen].any():
+                chosen.append(i)
+        keep[lo + np.asarray(chosen, dtype=int)] = True
+        kept = np.concatenate([kept, block[chosen]])
+    return keep
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def write_queries(directory: Path, chunk_ids: Sequence[str], finished: Mapping[str, list[str]],
+                  encoder: QueryEncoder, threshold: float) -> tuple[int, int]:
+    """Write queries.jsonl and qrels/all.tsv from finished chunks in ``chunk_ids`` order, near-duplicates dropped;
+    returns (questions written, near-duplicates dropped). Splits of older questions are removed."""
+    pairs = [(f"{cid}_q{j}", q, cid) for cid in chunk_ids for j, q in enumerate(finished.get(cid, ()))]
+    keep = drop_near_duplicates(encoder.encode_queries([q for _, q, _ in pairs]), threshold)
+    kept = [p for p, k in zip(pairs, keep, strict=True) if k]
+    qdir = ensure_dir(directory / "qrels")
+    before = (_read_bytes(directory / "queries.jsonl"), _read_bytes(qdir / "all.tsv"))
+    with atomic_write(directory / "queries.jsonl") as f:
+        for qid, text, _ in kept:
+            f.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
+    write_qrels(qdir / "all.tsv", {qid: {cid: 1} for qid, _, cid in kept})
+    if before != (_read_bytes(directory / "queries.jsonl"), _read_bytes(qdir / "all.tsv")):
+        stale = [qdir / f"{s}.tsv" for s in SPLITS if (qdir / f"{s}.tsv").exists()]
+        for path in stale:
+            path.unlink()
+        if stale:
+            logger.warning("removed %s: split from older questions; run `adapter split %s` again",
+                           ", ".join(p.name for p in stale), directory)
+    return len(kept), len(pairs) - len(kept)
+
+
+# ---------------------------------------------------------------------------------------------------------- the run
+
+
+def load_prompt(path: str | os.PathLike | None) -> str:
+    """The prompt template: the built-in PROMPT, or a UTF-8 file holding ``{chunk}`` (and, usually, ``{n}``)."""
+    if path is None:
+        return PROMPT
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path}: cannot read prompt ({getattr(e, 'strerror', None) or e})") from None
+    if "{chunk}" not in template:
+        raise AdapterError(f"{path}: no {{chunk}} placeholder where the chunk's text should go")
+    return template
+
+
+def _check(cfg: Config) -> None:
+    checks = [
+        (cfg.questions_per_chunk >= 1, "--questions-per-chunk must be at least 1", cfg.questions_per_chunk),
+        (cfg.concurrency >= 1, "--concurrency must be at least 1", cfg.concurrency),
+        (cfg.requests_per_minute > 0, "--requests-per-minute must be positive", cfg.requests_per_minute),
+        (cfg.request_timeout > 0, "--timeout must be positive", cfg.request_timeout),
+        (cfg.max_retries >= 0, "--max-retries must be at least 0", cfg.max_retries),
+        (cfg.llm_temperature >= 0, "--temperature must be at least 0", cfg.llm_temperature),
+        (0 < cfg.dedup_threshold <= 1, "--dedup-threshold must be above 0 and at most 1", cfg.dedup_threshold),
+        (cfg.retry_base_delay >= 0 and cfg.retry_max_delay >= 0, "retry delays must be at least 0",
+         cfg.retry_base_delay),
+    ]
+    for ok, message, value in checks:
+        if not ok:
+            raise AdapterError(f"{message}, got {value}")
+
+
+def read_chunks(directory: str | os.PathLike) -> dict[str, str]:
+    """Chunk id -> the text the LLM sees (title, blank line, text) from ``directory/corpus.jsonl``."""
+    texts, titles = read_jsonl(Path(directory) / "corpus.jsonl", "corpus")
+    return {cid: f"{titles[cid]}\n\n{text}" if cid in titles else text for cid, text in texts.items()}
+
+
+def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder: QueryEncoder | None = None,
+             show_progress: bool = True) -> Summary:
+    """Ask for questions for every chunk not yet in the journal, then write queries.jsonl and qrels/all.tsv.
+
+    ``encoder`` drops near-duplicates (default: the frozen ``cfg.model``, loaded only once there is something to
+    write). Writes ``generate.json`` beside the output: this summary and the resolved config.
+    """
+    cfg = cfg or Config()
+    _check(cfg)
+    started = time.monotonic()
+    directory = Path(directory)
+    chunks = read_chunks(directory)
+    template = load_prompt(cfg.prompt)
+    hashes = {cid: text_hash(text) for cid, text in chunks.items()}
+    journal = Journal(directory / JOURNAL)
+    finished = journal.load(hashes)
+    todo = [cid for cid in chunks if cid not in finished]
+    logger.info("%s: %d chunks, %d already done, %d to ask %s", directory, len(chunks), len(finished), len(todo),
+                cfg.llm_model)
+    tally = _Tally(len(chunks), len(finished), show_progress and bool(todo))
+    failed: dict[str, str] = {}
+    if todo:
+        asker = _Asker(_client(cfg), cfg, template, tally, threading.Event())
+        try:
+            with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="generate") as pool:
+                futures = {pool.submit(asker.ask, cid, chunks[cid]): cid for cid in todo}
+                try:
+                    for future in as_completed(futures):
+                        cid = futures[future]
+                        try:
+                            questions = future.result()
+                        except _ChunkFailed as e:
+                            failed[cid] = str(e)
+                            tally.update(failed=1)
+                            logger.warning("%s: failed after %d retries (%s)", cid, cfg.max_retries, e)
+                            continue
+                        except _Stopped:  # the error that stopped the run surfaces from its own future
+                            continue
+                        journal.append(cid, hashes[cid], questions)
+                        finished[cid] = questions
+                        tally.update(done=1)
+                except BaseException:
+                    asker.stop.set()
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:
+            journal.close()
+            tally.bar.close()
+    written = dropped = 0
+    if finished:
+        if encoder is None:
+            from adapter.encoder import Encoder
+
+            encoder = Encoder(cfg.model, cache_dir=cfg.cache_dir, batch_size=cfg.encode_batch_size,
+                              show_progress=show_progress)
+        written, dropped = write_queries(directory, list(chunks), finished, encoder, cfg.dedup_threshold)
+    else:
+        logger.warning("%s: no chunk has questions yet; nothing written", directory)
+    summary = Summary(chunks=len(chunks), already_done=len(chunks) - len(todo), done=len(finished),
+                      failed={cid: failed[cid] for cid in chunks if cid in failed}, requests=tally.requests,
+                      retries=tally.retries, retry_reasons=dict(sorted(tally.reasons.items())), questions=written,
+                      near_duplicates=dropped, seconds=round(time.monotonic() - started, 2))
+    with atomic_write(directory / "generate.json") as f:
+        json.dump({**asdict(summary), "config": cfg.to_dict()}, f, indent=2)
+    return summary

@@ -1,0 +1,256 @@
+"""A fake OpenAI-compatible chat server on 127.0.0.1 that injects faults on demand, for tests and the benchmark.
+
+``POST /v1/chat/completions`` answers with questions that are a function of the chunk alone (the text between the
+prompt's triple quotes, else the whole prompt), in one of five shapes a parser must handle: a dict of ``question_k``,
+a list, ``{"questions": [...]}``, JSON in a code fence, JSON inside prose. Faults come from a queue (``push``) first,
+then at ``fault_rate`` from a seeded function of (chunk, attempt), so the same run meets the same faults again:
+
+    500        HTTP 500
+    429        HTTP 429 with Retry-After
+    slow       the answer comes after ``slow_seconds`` (longer than the client's timeout)
+    malformed  the answer's JSON cut in half
+    empty      an empty answer
+    few        half the questions asked for
+    drop       the connection closed without a response
+    401        HTTP 401, a bad key (never drawn at random: only ``push`` serves it)
+
+Serve by hand: ``python tests/fake_llm.py --port 8000 --fault-rate 0.2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FAULTS = ("500", "429", "slow", "malformed", "empty", "few", "drop")
+TEMPLATES = (
+    "What does it say about {a} and {b}?",
+    "how is {a} related to {b}",
+    "Can you explain the {a} part, especially the {b}?",
+    "why would {a} matter for {b}??",
+    "Is there any info on {a} when it comes to {b}?",
+    "{a} vs {b} - what's the difference",
+    "What happens to the {b} if the {a} changes?",
+    "quick question: {a} {b}?",
+    "How do I find out about {a} regarding {b}?",
+    "whats the deal with {a} and {b}",
+    "Which {b} depends on the {a}?",
+    "Tell me how the {a} affects {b}.",
+)
+
+
+def chunk_of(prompt: str) -> str:
+    """The chunk inside a prompt: the text between the first and last triple quotes, else the whole prompt."""
+    parts = prompt.split('"""')
+    return '"""'.join(parts[1:-1]).strip() if len(parts) >= 3 else prompt
+
+
+def questions_for(chunk: str, n: int, *, near_duplicates: bool = False) -> list[str]:
+    """``n`` distinct questions made of the chunk's own words, the same every time for the same chunk.
+
+    With ``near_duplicates``, one chunk in four gets its first question again as its last, lower-cased and with its
+    question mark dropped (or added): a near-duplicate an encoder should catch but an exact match would not.
+    """
+    rng = random.Random(hashlib.sha256(chunk.encode()).hexdigest())
+    words = list(dict.fromkeys(w.lower() for w in re.findall(r"[A-Za-z]{4,}", chunk))) or ["thing", "stuff"]
+    words = words if len(words) > 1 else [*words, "stuff"]
+    out: list[str] = []
+    while len(out) < n:
+        a, b = rng.sample(words, 2)
+        q = rng.choice(TEMPLATES).format(a=a, b=b)
+        if q not in out:
+            out.append(q)
+        if len(out) == len(TEMPLATES) * len(words) * (len(words) - 1):
+            break
+    if near_duplicates and n > 1 and rng.random() < 0.25:
+        first = out[0].lower()
+        out[-1] = first.rstrip("?") if first.endswith("?") else first + "?"
+    return out
+
+
+def render(questions: list[str], shape: int) -> str:
+    """Questions as an LLM might write them, in shape 0-4."""
+    numbered = {f"question_{k}": q for k, q in enumerate(questions, 1)}
+    if shape == 0:
+        return json.dumps(numbered, indent=2)
+    if shape == 1:
+        return json.dumps(questions)
+    if shape == 2:
+        return json.dumps({"questions": questions})
+    if shape == 3:
+        return f"```json\n{json.dumps(numbered, indent=2)}\n```"
+    return f"Sure! Here are the questions:\n\n{json.dumps({'questions': questions})}\n\nWant more?"
+
+
+@dataclass
+class Request:
+    """One request the server saw."""
+
+    key: str  # hash of the chunk
+    attempt: int  # 0 for the chunk's first request
+    fault: str | None
+    start: float  # time.monotonic()
+    end: float
+    auth: str
+    model: str
+    temperature: float | None
+
+
+class FakeLLM:
+    """The server; use as a context manager. ``url`` is the base URL to give the client."""
+
+    def __init__(self, *, questions: int = 20, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
+                 seed: int = 0, delay: float = 0.0, slow_seconds: float = 2.0, retry_after: str = "1",
+                 near_duplicates: bool = False, max_faults: int | None = None, port: int = 0):
+        self.questions, self.fault_rate, self.faults, self.seed = questions, fault_rate, faults, seed
+        self.delay, self.slow_seconds, self.retry_after = delay, slow_seconds, retry_after
+        self.near_duplicates = near_duplicates
+        self.max_faults = max_faults  # random faults strike only a chunk's first this many attempts (None: any)
+        self.requests: list[Request] = []
+        self.inflight = self.max_inflight = 0
+        self._queue: deque[str | None] = deque()
+        self._attempts: Counter[str] = Counter()
+        self._faults: Counter[str] = Counter()  # counted when served, before a slow answer ends
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self))
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/v1"
+
+    def __enter__(self) -> FakeLLM:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def push(self, *faults: str | None) -> None:
+        """Serve these faults (None: a good answer) to the next requests, in order, before any random ones."""
+        with self._lock:
+            self._queue.extend(faults)
+
+    def answer(self, chunk: str) -> list[str]:
+        """The questions the server gives for a chunk when no fault strikes."""
+        return questions_for(chunk, self.questions, near_duplicates=self.near_duplicates)
+
+    def faults_seen(self) -> Counter[str]:
+        """How many times each fault has been served so far."""
+        with self._lock:
+            return Counter(self._faults)
+
+    def _begin(self, key: str) -> tuple[int, str | None]:
+        with self._lock:
+            attempt = self._attempts[key]
+            self._attempts[key] += 1
+            self.inflight += 1
+            self.max_inflight = max(self.max_inflight, self.inflight)
+            if self._queue:
+                fault = self._queue.popleft()
+            else:
+                rng = random.Random(f"{self.seed}:{key}:{attempt}")
+                strikes = rng.random() < self.fault_rate and (self.max_faults is None or attempt < self.max_faults)
+                fault = rng.choice(self.faults) if strikes else None
+            if fault:
+                self._faults[fault] += 1
+            return attempt, fault
+
+    def _end(self, request: Request) -> None:
+        with self._lock:
+            self.inflight -= 1
+            self.requests.append(request)
+
+
+def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go out as two writes; without this each waits ~40 ms
+
+        def log_message(self, format: str, *args: object) -> None:  # quiet
+            pass
+
+        def _send(self, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:  # noqa: N802 -- the http.server hook's name
+            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            if not self.path.rstrip("/").endswith("/chat/completions"):
+                self._send(404, {"error": {"message": f"no route {self.path}"}})
+                return
+            prompt = "".join(str(m.get("content", "")) for m in body.get("messages", []))
+            chunk = chunk_of(prompt)
+            key = hashlib.sha256(chunk.encode()).hexdigest()[:16]
+            start = time.monotonic()
+            attempt, fault = fake._begin(key)
+            try:
+                self._reply(body, chunk, key, fault)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout) first
+                pass
+            finally:
+                fake._end(Request(key, attempt, fault, start, time.monotonic(), self.headers.get("Authorization", ""),
+                                  body.get("model", ""), body.get("temperature")))
+
+        def _reply(self, body: dict, chunk: str, key: str, fault: str | None) -> None:
+            time.sleep(fake.slow_seconds if fault == "slow" else fake.delay)
+            if fault == "drop":
+                self.close_connection = True
+                self.connection.close()
+                return
+            if fault == "500":
+                self._send(500, {"error": {"message": "internal server error", "type": "server_error"}})
+                return
+            if fault == "401":
+                self._send(401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}})
+                return
+            if fault == "429":
+                self._send(429, {"error": {"message": "rate limit reached", "type": "requests"}},
+                           {"Retry-After": fake.retry_after})
+                return
+            questions = fake.answer(chunk)
+            shape = int(key, 16) % 5
+            content = render(questions, shape)
+            if fault == "malformed":
+                content = content[: len(content) // 2]
+            elif fault == "empty":
+                content = ""
+            elif fault == "few":
+                content = render(questions[: len(questions) // 2], shape)
+            self._send(200, {"id": f"fake-{key}", "object": "chat.completion", "created": 0,
+                             "model": body.get("model", "fake"),
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": content}}]})
+
+    return Handler
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--questions", type=int, default=20)
+    parser.add_argument("--fault-rate", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slow-seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    fake = FakeLLM(questions=args.questions, fault_rate=args.fault_rate, seed=args.seed,
+                   slow_seconds=args.slow_seconds, port=args.port)
+    with fake:
+        print(f"serving {fake.url}", flush=True)  # noqa: T201
+        fake._thread.join()
