@@ -449,7 +449,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str | None =
     src = Path(src)
     if fmt is None:
         fmt = detect_format(src)
-        logger.info("detected format: %s", fmt)
+        logger.debug("detected format: %s", fmt)
     if fmt not in _CONVERTERS:
         raise AdapterError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not src.exists():

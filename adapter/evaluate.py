@@ -31,7 +31,7 @@ Results = dict[int, dict[str, float]]  # dim -> metric -> value
 
 
 def search(queries: np.ndarray, corpus: np.ndarray, k: int, *, dim: int | None = None,
-           tie_rank: np.ndarray | None = None, corpus_block: int = 32768,
+           tie_rank: np.ndarray | None = None, corpus_block: int = 16384,
            query_block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product; the project's one ranking function.
 
@@ -63,8 +63,12 @@ def search(queries: np.ndarray, corpus: np.ndarray, k: int, *, dim: int | None =
     return out_scores, out_rows
 
 
-def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray) -> dict[str, float]:
-    """IR metrics from a (n_queries, depth) boolean matrix of ranked hits and each query's count of relevant docs."""
+def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray, *, per_query: bool = False) -> dict[str, float]:
+    """IR metrics from a (n_queries, depth) boolean matrix of ranked hits and each query's count of relevant docs.
+
+    ``per_query=True`` returns each metric's (n_queries,) float64 values instead of their mean (for paired tests).
+    """
+    agg = (lambda v: np.asarray(v, dtype=np.float64)) if per_query else (lambda v: float(v.mean()))  # noqa: E731
     depth = hits.shape[1]
     if depth < TOP_K:  # a corpus smaller than the search depth: pad with misses
         hits = np.pad(hits, ((0, 0), (0, TOP_K - depth)))
@@ -72,26 +76,27 @@ def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray) -> dict[str, flo
     out: dict[str, float] = {}
     for k in AT_K:
         n_hit = h[:, :k].sum(1)
-        out[f"accuracy@{k}"] = float((n_hit > 0).mean())
-        out[f"precision@{k}"] = float((n_hit / k).mean())
-        out[f"recall@{k}"] = float((n_hit / n_relevant).mean())
+        out[f"accuracy@{k}"] = agg(n_hit > 0)
+        out[f"precision@{k}"] = agg(n_hit / k)
+        out[f"recall@{k}"] = agg(n_hit / n_relevant)
     discounts = 1.0 / np.log2(np.arange(2, NDCG_K + 2))  # (NDCG_K,)
     dcg = h[:, :NDCG_K] @ discounts
     ideal = np.cumsum(discounts)[np.minimum(n_relevant, NDCG_K) - 1]
-    out[f"ndcg@{NDCG_K}"] = float((dcg / ideal).mean())
+    out[f"ndcg@{NDCG_K}"] = agg(dcg / ideal)
     first = np.where(hits[:, :MRR_K].any(1), hits[:, :MRR_K].argmax(1), -1)
-    out[f"mrr@{MRR_K}"] = float(np.where(first >= 0, 1.0 / (np.maximum(first, 0) + 1), 0.0).mean())
+    out[f"mrr@{MRR_K}"] = agg(np.where(first >= 0, 1.0 / (np.maximum(first, 0) + 1), 0.0))
     precision_at = np.cumsum(h[:, :MAP_K], 1) / np.arange(1, MAP_K + 1)
-    out[f"map@{MAP_K}"] = float(((precision_at * h[:, :MAP_K]).sum(1) / np.minimum(MAP_K, n_relevant)).mean())
+    out[f"map@{MAP_K}"] = agg((precision_at * h[:, :MAP_K]).sum(1) / np.minimum(MAP_K, n_relevant))
     return {m: out[m] for m in METRICS}
 
 
 def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels, query_ids: Sequence[str],
-             corpus_ids: Sequence[str], dims: Sequence[int] | None = None) -> Results:
+             corpus_ids: Sequence[str], dims: Sequence[int] | None = None, *, per_query: bool = False) -> Results:
     """Score one system: its query and corpus vectors (rows in the order of the ids) against ``qrels``.
 
     Returns ``{dim: {metric: value}}`` for each dimension in ``dims`` (default: the full dimension). Ties are broken
-    by corpus id, as in sentence-transformers.
+    by corpus id, as in sentence-transformers. ``per_query=True``: each value is instead an (n,) array over the scored
+    queries (those of ``query_ids`` with a positive judgement, in that order), whose mean is the metric.
     """
     full = corpus_vectors.shape[1]
     if query_vectors.shape[1] != full:
@@ -123,6 +128,7 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
     for d in dims:
         _, rows = search(queries, corpus_vectors, TOP_K, dim=d, tie_rank=tie_rank)
         hits = np.isin(np.arange(len(scored))[:, None] * n + rows, pairs)
-        results[d] = metrics_from_hits(hits, n_relevant)
-        logger.debug("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, results[d][PRIMARY_METRIC], len(scored))
+        results[d] = metrics_from_hits(hits, n_relevant, per_query=per_query)
+        logger.debug("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, np.mean(results[d][PRIMARY_METRIC]),
+                     len(scored))
     return results

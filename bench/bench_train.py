@@ -131,7 +131,7 @@ def speed(folders: dict[str, Path], model, encoder) -> None:
     out = cache / "a.safetensors"
     t = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "cli.py"), "-q", "train", str(folders["query"]), "--out", str(out),
-                    "--epochs", "30", "--cache-dir", str(cache)], check=True, cwd=ROOT)
+                    "--epochs", "30", "--cache-dir", str(cache)], check=True, cwd=ROOT, capture_output=True)
     cold = time.perf_counter() - t
     loops = [train_adapter(ds, encoder, Config(), progress=False).seconds for _ in range(3)]
     shutil.rmtree(cache)

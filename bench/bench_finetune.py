@@ -1,0 +1,90 @@
+"""Benchmark for issue #4: the query adapter beside a full Matryoshka fine-tune on AppleQA with the bundled MiniLM,
+through the real CLI: convert, split by query (seed 0), train the adapter (defaults), fine-tune (sized for a CPU:
+one epoch at 128 tokens unless told otherwise), then `adapter compare` for the side-by-side report.
+
+    python bench/bench_finetune.py [--shared ../shared] [--work DIR] [--epochs 1] [--max-seq-length 128]
+                                   [--grad-accum N]
+
+Prints Markdown on stdout (bench/finetune.md quotes it); the report folder is left in WORK/report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args: list[str], log: list[tuple[str, float, str]]) -> str:
+    """Run `adapter ARGS` (this checkout's cli.py), time it end to end, keep its output."""
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - t
+    if r.returncode:
+        sys.exit(f"failed: adapter {shlex.join(args)}\n{r.stdout}\n{r.stderr}")
+    log.append(("adapter " + shlex.join(args), seconds, r.stdout.strip()))
+    return r.stdout
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    p.add_argument("--work", type=Path, default=None, help="Folder for the dataset, models and report [default: a "
+                   "new temporary folder].")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--grad-accum", type=int, default=None, help="[default: the project's default]")
+    a = p.parse_args()
+    work = a.work or Path(tempfile.mkdtemp(prefix="bench-finetune-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data, cache = work / "appleqa", work / "cache"
+    adapter, ft, report = data / "adapter.safetensors", work / "minilm-appleqa-ft", work / "report"
+    log: list[tuple[str, float, str]] = []
+
+    run(["-q", "convert", str(a.shared / "data" / "appleqa" / "apple_QA_dataset.json"), "--out", str(data),
+         "--force"], log)
+    run(["-q", "split", str(data), "--by", "query", "--seed", "0"], log)
+    run(["-q", "train", str(data), "--out", str(adapter), "--force", "--cache-dir", str(cache)], log)
+    extra = ["--grad-accum", str(a.grad_accum)] if a.grad_accum else []
+    run(["-q", "finetune", str(data), "--out", str(ft), "--epochs", str(a.epochs), "--max-seq-length",
+         str(a.max_seq_length), *extra], log)
+    run(["-q", "compare", str(data), "--adapter", str(adapter), "--finetuned", str(ft), "--out", str(report),
+         "--cache-dir", str(cache)], log)
+
+    results = json.loads((report / "results.json").read_text())
+    summary = json.loads((report / "summary.json").read_text())
+    systems = summary["systems"]
+    names = list(results)
+    base, adp, fin = names[0], names[1], names[2]
+    print(f"AppleQA (`{a.shared / 'data/appleqa'}`), all-MiniLM-L6-v2, split by query with seed 0: "
+          f"{summary['queries']} test queries, {summary['chunks']} chunks. Machine: {os.cpu_count()} CPU cores, "
+          f"no GPU, Python {platform.python_version()}.\n")
+    print("Commands, in order, with their end-to-end wall time (process start, model load and embedding included):\n")
+    for cmd, seconds, _ in log:
+        print(f"- `{cmd}`: {seconds:.1f} s")
+    print()
+    print((report / "report.md").read_text().split("## Plots")[0].split("\n", 2)[2])
+    print("### What the adapter buys against the fine-tune\n")
+    print("| dim | base | adapter | fine-tune | share of the fine-tune's ndcg@10 gain the adapter recovers |")
+    print("|---:|---:|---:|---:|---:|")
+    for d in results[base]:
+        b, x, f = (results[s][d]["ndcg@10"] for s in (base, adp, fin))
+        share = f"{(x - b) / (f - b):.0%}" if f != b else "n/a"
+        print(f"| {d} | {b:.4f} | {x:.4f} | {f:.4f} | {share} |")
+    ta, tf = systems[adp]["train_seconds"], systems[fin]["train_seconds"]
+    print(f"\nTraining wall time: adapter {ta:.1f} s, fine-tune {tf:.1f} s: the adapter takes {ta / tf:.1%} of the "
+          f"fine-tune's training time ({tf / ta:.0f}x less).")
+
+
+if __name__ == "__main__":
+    main()

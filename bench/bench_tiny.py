@@ -1,0 +1,77 @@
+"""Tiny adapters (issue #7): file size against test ndcg@10 on AppleQA's query split (seed 0) with the bundled
+MiniLM. Every row trains with the defaults, changing only --rank and --dtype, exactly as
+`adapter train DIR --out FILE [--rank R] [--dtype float16]` does, then loads the file back and scores it.
+
+    python bench/bench_tiny.py [--shared ../shared] [--seeds 0,1,2,3,4]
+
+Prints Markdown on stdout (BENCHMARKS.md quotes it). --seeds repeats the rank-16 float16 row with other training
+seeds (the split stays seed 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = [("full 384×384", None), ("rank 64", 64), ("rank 32", 32), ("rank 16", 16), ("rank 8", 8)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
+    p.add_argument("--seeds", default="0", help="training seeds for the rank-16 float16 row")
+    a = p.parse_args()
+
+    from adapter.config import Config
+    from adapter.data import convert, load_dataset, split_dataset
+    from adapter.encoder import Encoder
+    from adapter.model import LinearAdapter
+    from adapter.pipeline import evaluate_dataset
+    from adapter.train import train_adapter
+
+    work = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
+    folder = work / "appleqa-query"
+    convert(a.shared / "data" / "appleqa" / "apple_QA_dataset.json", folder)
+    split_dataset(folder, by="query", test_fraction=0.2, seed=0)
+    ds = load_dataset(folder)
+    encoder = Encoder("sentence-transformers/all-MiniLM-L6-v2", cache_dir=work / "cache", show_progress=False)
+
+    def score(path: Path) -> float:
+        r = evaluate_dataset(ds, encoder, split="test", dims=[384], adapters={"a": LinearAdapter.load(path)})
+        return r["base"][384]["ndcg@10"], r["a"][384]["ndcg@10"]
+
+    def run(rank: int | None, dtype: str, seed: int = 0) -> tuple[int, float, float, int]:
+        cfg = Config().replace(rank=rank, dtype=dtype, seed=seed)
+        result = train_adapter(ds, encoder, cfg, progress=False)
+        path = result.adapter.save(work / f"r{rank}-{dtype}-{seed}.safetensors", dtype=cfg.dtype)
+        base, adapted = score(path)
+        return path.stat().st_size, base, adapted, result.best_epoch
+
+    print("AppleQA (query split, seed 0, 860 test queries), all-MiniLM-L6-v2, defaults except rank and dtype.\n")
+    print("| adapter | dtype | file size | test ndcg@10 | gain over base | share of the full float32 gain | "
+          "epoch won |")
+    print("|---|---|---|---|---|---|---|")
+    full_gain = None
+    for name, rank in ROWS:
+        for dtype in ("float32", "float16"):
+            size, base, adapted, epoch = run(rank, dtype)
+            full_gain = full_gain if full_gain is not None else adapted - base
+            print(f"| {name} | {dtype} | {size / 1000:.1f} KB ({size:,} bytes) | {adapted:.4f} | "
+                  f"{adapted - base:+.4f} | {(adapted - base) / full_gain:.0%} | {epoch} |")
+    print(f"\nBase (no adapter): test ndcg@10 {base:.4f}.\n")
+    seeds = [int(s) for s in a.seeds.split(",")]
+    if seeds != [0]:
+        print("Rank 16, float16, other training seeds (same split):\n")
+        print("| seed | file size | test ndcg@10 | share of the full float32 gain (seed 0) |")
+        print("|---|---|---|---|")
+        for seed in seeds:
+            size, base, adapted, _ = run(16, "float16", seed)
+            print(f"| {seed} | {size:,} bytes | {adapted:.4f} | {(adapted - base) / full_gain:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
