@@ -141,13 +141,8 @@ def fingerprint(dataset: Dataset, split: str) -> str:
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
-def read_jsonl(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Read corpus.jsonl or queries.jsonl into (id -> text, id -> title), validating every line."""
-    if not path.is_file():
-        raise AdapterError(f"{path}: file not found")
-    texts: dict[str, str] = {}
-    titles: dict[str, str] = {}
-    first_line: dict[str, int] = {}
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file; one-line errors for bad lines."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -158,26 +153,37 @@ def read_jsonl(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
                 raise AdapterError(f"{path}:{n}: malformed JSON ({e.msg})") from None
             if not isinstance(obj, dict):
                 raise AdapterError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            for key in ("_id", "text"):
-                if key not in obj:
-                    raise AdapterError(f"{path}:{n}: missing {key!r}")
-            if not isinstance(obj["_id"], (str, int)) or isinstance(obj["_id"], bool):
-                raise AdapterError(f"{path}:{n}: '_id' must be a string")
-            _id = str(obj["_id"])
-            if not _id:
-                raise AdapterError(f"{path}:{n}: empty '_id'")
-            if _id in texts:
-                raise AdapterError(f"{path}:{n}: duplicate id {_id!r} (first on line {first_line[_id]})")
-            text = obj["text"]
-            if not isinstance(text, str) or not text.strip():
-                raise AdapterError(f"{path}:{n}: empty text for id {_id!r}")
-            title = obj.get("title") if kind == "corpus" else None
-            if title is not None and not isinstance(title, str):
-                raise AdapterError(f"{path}:{n}: 'title' must be a string")
-            texts[_id] = text
-            first_line[_id] = n
-            if title:
-                titles[_id] = title
+            yield n, obj
+
+
+def read_jsonl(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
+    """Read corpus.jsonl or queries.jsonl into (id -> text, id -> title), validating every line."""
+    if not path.is_file():
+        raise AdapterError(f"{path}: file not found")
+    texts: dict[str, str] = {}
+    titles: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    for n, obj in iter_jsonl(path):
+        for key in ("_id", "text"):
+            if key not in obj:
+                raise AdapterError(f"{path}:{n}: missing {key!r}")
+        if not isinstance(obj["_id"], (str, int)) or isinstance(obj["_id"], bool):
+            raise AdapterError(f"{path}:{n}: '_id' must be a string")
+        _id = str(obj["_id"])
+        if not _id:
+            raise AdapterError(f"{path}:{n}: empty '_id'")
+        if _id in texts:
+            raise AdapterError(f"{path}:{n}: duplicate id {_id!r} (first on line {first_line[_id]})")
+        text = obj["text"]
+        if not isinstance(text, str) or not text.strip():
+            raise AdapterError(f"{path}:{n}: empty text for id {_id!r}")
+        title = obj.get("title") if kind == "corpus" else None
+        if title is not None and not isinstance(title, str):
+            raise AdapterError(f"{path}:{n}: 'title' must be a string")
+        texts[_id] = text
+        first_line[_id] = n
+        if title:
+            titles[_id] = title
     if not texts:
         raise AdapterError(f"{path}: no {kind} entries")
     return texts, titles
@@ -375,17 +381,8 @@ def _pair_rows(path: Path) -> Iterator[tuple[str, dict]]:
                     raise AdapterError(f"{path}:{n}: more columns than the header")
                 yield f"{path}:{n}", row
         return
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AdapterError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise AdapterError(f"{path}:{n}: expected a JSON object")
-            yield f"{path}:{n}", row
+    for n, row in iter_jsonl(path):
+        yield f"{path}:{n}", row
 
 
 def _from_pairs(path: Path) -> Dataset:
