@@ -137,10 +137,14 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert path.read_bytes() == before and not list(tmp_path.glob(".*.tmp"))
 
 
-@pytest.mark.parametrize("case", ["truncated", "other-format", "nan"])
+@pytest.mark.parametrize("case", ["truncated", "other-format", "nan", "other-model", "wrong-dim"])
 def test_cli_refuses_bad_adapter_in_one_line(tiny_dataset, tmp_path, case):
     path = tmp_path / "a.safetensors"
-    if case == "truncated":
+    if case == "other-model":
+        LinearAdapter.identity(384, "another-model@0123456789ab").save(path)
+    elif case == "wrong-dim":
+        LinearAdapter.identity(256, BASE).save(path)
+    elif case == "truncated":
         LinearAdapter.identity(384, BASE).save(path)
         path.write_bytes(path.read_bytes()[:1000])
     elif case == "other-format":
@@ -153,3 +157,7 @@ def test_cli_refuses_bad_adapter_in_one_line(tiny_dataset, tmp_path, case):
     r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), "--adapter", str(path), "--json", str(out)])
     assert r.exit_code == 1 and r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
     assert not out.exists()
+    if case == "other-model":
+        assert "trained on another-model@0123456789ab" in r.output and "--allow-other-model" in r.output
+    if case == "wrong-dim":
+        assert "256-dimensional, the model 384" in r.output
