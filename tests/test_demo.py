@@ -15,7 +15,7 @@ def test_bundled_dataset_is_valid_and_big_enough():
     ds = load_dataset(BUNDLED_DATA)
     assert len(ds.corpus) >= 150 and len(ds.queries) >= 8 * len(ds.corpus)
     words = [len(t.split()) for t in ds.corpus.values()]
-    assert 80 <= min(words) and max(words) <= 250
+    assert min(words) >= 80 and max(words) <= 250
     per_chunk = {}
     for rels in ds.qrels["all"].values():
         for c in rels:
