@@ -50,13 +50,38 @@ cache_option = click.option("--cache-dir", default=None, help="Embedding cache f
                             "~/.cache/adapter].")
 
 
-def _encoder(cfg: Config):
+def _quiet_hf() -> None:
+    """Hide transformers' weight-loading bar: noise on every command that loads a model."""
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+
+
+def _encoder(cfg: Config):
     from adapter.encoder import Encoder
 
-    hf_logging.disable_progress_bar()  # the weight-loading bar is noise on every command
+    _quiet_hf()
     return Encoder(cfg.model, cache_dir=cfg.cache_dir, batch_size=cfg.encode_batch_size)
+
+
+@main.command()
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the split data, the adapter and the report (a previous demo's is replaced).")
+@click.option("--with-finetune", is_flag=True, help="Also fine-tune the encoder (one short CPU epoch) and compare.")
+@model_option
+@cache_option
+def demo(out: str, with_finetune: bool, model: str | None, cache_dir: str | None) -> None:
+    """The whole story on the bundled water-utility handbook: base against adapter (and fine-tune), every dim."""
+    from adapter.demo import run_demo
+    from adapter.report import format_table
+
+    _quiet_hf()
+    r = run_demo(out, Config().replace(model=model, cache_dir=cache_dir), with_finetune=with_finetune)
+    click.echo(format_table(r.comparison.results, metrics=("ndcg@10", "accuracy@1", "accuracy@10")))
+    click.echo(f"adapter: {r.adapter} ({r.adapter.stat().st_size / 1024:.0f} KiB); apply it to query vectors only")
+    if r.finetuned:
+        click.echo(f"fine-tuned model: {r.finetuned}")
+    click.echo(f"report: {r.report} (with plots and results.json beside it); took {r.seconds:.0f} s")
 
 
 @main.command()
@@ -113,6 +138,23 @@ def embed(directory: str, model: str | None, cache_dir: str | None) -> None:
     click.echo(f"{enc.identity}: {enc.texts_encoded} texts embedded, {total - enc.texts_encoded} already cached")
 
 
+def store_options(f):
+    """--index / --qdrant / --chroma with --collection and --id-field: where the existing index lives."""
+    for option in reversed([
+        click.option("--index", "index_path", type=click.Path(dir_okay=False), default=None,
+                     help="FAISS index file (flat, IVF or HNSW; ids as stored, or row i = line i of corpus.jsonl)."),
+        click.option("--qdrant", default=None, metavar="PATH_OR_URL",
+                     help="Qdrant local folder or server URL (key in $QDRANT_API_KEY); needs adapter[qdrant]."),
+        click.option("--chroma", default=None, metavar="PATH_OR_URL",
+                     help="Chroma folder (embedded) or server URL; needs adapter[chroma]."),
+        click.option("--collection", default=None, metavar="NAME", help="Collection name, with --qdrant or --chroma."),
+        click.option("--id-field", default=None, metavar="FIELD",
+                     help="Qdrant payload / Chroma metadata field holding corpus ids [default: the point ids]."),
+    ]):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @model_option
@@ -124,19 +166,29 @@ def embed(directory: str, model: str | None, cache_dir: str | None) -> None:
 @click.option("--allow-other-model", is_flag=True, help="Apply adapters trained on another base model anyway.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write results JSON here.")
 @cache_option
+@store_options
 def evaluate(directory: str, model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
-             adapters: tuple[str, ...], allow_other_model: bool, json_out: str | None, cache_dir: str | None) -> None:
-    """Score retrieval on DIRECTORY's split at each dim, base beside each adapter, and print the table."""
+             adapters: tuple[str, ...], allow_other_model: bool, json_out: str | None, cache_dir: str | None,
+             index_path: str | None, qdrant: str | None, chroma: str | None, collection: str | None,
+             id_field: str | None) -> None:
+    """Score retrieval on DIRECTORY's split at each dim, base beside each adapter, and print the table.
+
+    With --index, --qdrant or --chroma the corpus vectors are read from that existing index instead of embedded."""
     from adapter.data import load_dataset
     from adapter.pipeline import evaluate_dataset, load_adapters, write_results
     from adapter.report import format_table
+    from adapter.stores import corpus_from_store, open_store
 
-    cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir)
+    cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir, id_field=id_field)
     ds = load_dataset(directory)
     ds.split(cfg.split)  # fail on a missing split before loading a model
+    corpus = None
+    if index_path or qdrant or chroma or collection:
+        with open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) as store:
+            corpus = corpus_from_store(store, ds, cfg.split, id_field=cfg.id_field)
     encoder = _encoder(cfg)
     systems = load_adapters(adapters, encoder, allow_other_model=allow_other_model)
-    results = evaluate_dataset(ds, encoder, split=cfg.split, dims=cfg.dims, adapters=systems)
+    results = evaluate_dataset(ds, encoder, split=cfg.split, dims=cfg.dims, adapters=systems, corpus=corpus)
     click.echo(format_table(results))
     if json_out:
         write_results(results, json_out)
@@ -203,44 +255,40 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
 
 @main.command()
 @click.argument("query")
-@click.option("--index", "index_path", required=True, type=click.Path(dir_okay=False),
-              help="FAISS index built from base corpus vectors.")
+@store_options
 @click.option("--adapter", "adapter_path", required=True, type=click.Path(dir_okay=False), help="Adapter file.")
 @model_option
-@click.option("-k", "k", type=int, default=10, show_default=True, help="How many results.")
+@click.option("-k", "k", type=int, default=None, help=f"How many results [default: {Config.search_k}].")
+@click.option("--nprobe", type=int, default=None, help=f"FAISS IVF lists probed [default: {Config.nprobe}].")
+@click.option("--ef-search", type=int, default=None, help=f"HNSW candidate list: FAISS, Qdrant server, Chroma "
+              f"[default: {Config.ef_search}].")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "scores": [...]}.')
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), default=None,
-              help="Dataset folder whose corpus the index holds, to show texts.")
+              help="Dataset folder whose corpus the store holds, to show texts.")
 @click.option("--allow-other-model", is_flag=True, help="Apply an adapter trained on another base model anyway.")
-def search(query: str, index_path: str, adapter_path: str, model: str | None, k: int, as_json: bool,
-           data_dir: str | None, allow_other_model: bool) -> None:
-    """Search an existing FAISS index with QUERY through the adapter; only the query is embedded."""
+def search(query: str, index_path: str | None, qdrant: str | None, chroma: str | None, collection: str | None,
+           id_field: str | None, adapter_path: str, model: str | None, k: int | None, nprobe: int | None,
+           ef_search: int | None, as_json: bool, data_dir: str | None, allow_other_model: bool) -> None:
+    """Search an existing index (FAISS file, Qdrant or Chroma collection) with QUERY through the adapter; only the
+    query is embedded, and the store's own ids come back."""
     import json
 
-    from transformers.utils import logging as hf_logging
-
-    from adapter.index import AdaptedEncoder, read_index, search_index
-
-    hf_logging.disable_progress_bar()
-    cfg = Config().replace(model=model)
-    index = read_index(index_path)
-    encoder = AdaptedEncoder(adapter_path, cfg.model, allow_other_model=allow_other_model)
-    scores, ids = search_index(index, encoder.encode_query([query]), k)
-    hits = [(int(i), float(s)) for i, s in zip(ids[0], scores[0], strict=True) if i >= 0]
-    if as_json:
-        click.echo(json.dumps({"ids": [i for i, _ in hits], "scores": [s for _, s in hits]}))
-        return
-    texts = _corpus_by_index_id(data_dir) if data_dir else {}
-    for rank, (i, s) in enumerate(hits, 1):
-        text = texts.get(i, "")
-        click.echo(f"{rank:>3}. id {i}  score {s:.4f}" + (f"  {text[:100]}" if text else ""))
-
-
-def _corpus_by_index_id(data_dir: str) -> dict[int, str]:
     from adapter.data import load_dataset
+    from adapter.index import AdaptedEncoder
+    from adapter.stores import hit_texts, open_store
 
-    ds = load_dataset(data_dir)
-    return {i: ds.corpus[c] for i, c in enumerate(ds.corpus)}
+    _quiet_hf()
+    cfg = Config().replace(model=model, search_k=k, nprobe=nprobe, ef_search=ef_search, id_field=id_field)
+    ds = load_dataset(data_dir) if data_dir else None
+    with open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) as store:
+        encoder = AdaptedEncoder(adapter_path, cfg.model, allow_other_model=allow_other_model)
+        hits = store.search(encoder.encode_query([query]), cfg.search_k, id_field=cfg.id_field)[0]
+        texts = hit_texts(store, ds, hits) if ds else [""] * len(hits.ids)
+    if as_json:
+        click.echo(json.dumps({"ids": hits.ids, "scores": hits.scores}))
+        return
+    for rank, (i, s, text) in enumerate(zip(hits.ids, hits.scores, texts, strict=True), 1):
+        click.echo(f"{rank:>3}. id {i}  score {s:.4f}" + (f"  {' '.join(text.split())[:100]}" if text else ""))
 
 
 @main.group()
@@ -264,6 +312,29 @@ def index_build(directory: str, out: str, model: str | None, cache_dir: str | No
     _, corpus = embed_dataset(ds, _encoder(cfg), query_ids=[])
     write_index(corpus, out)
     click.echo(f"wrote {out}: {len(corpus)} vectors of dimension {corpus.shape[1]}")
+
+
+@main.command()
+@click.argument("adapter_path", metavar="FILE.safetensors", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model folder to write.")
+@model_option
+@click.option("--allow-other-model", is_flag=True, help="Export an adapter trained on another base model anyway.")
+@click.option("--force", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="REPO",
+              help="Then upload the folder to this Hugging Face Hub model repo (token: $HF_TOKEN or `hf auth login`).")
+def export(adapter_path: str, out: str, model: str | None, allow_other_model: bool, force: bool,
+           repo_id: str | None) -> None:
+    """Write a sentence-transformers model folder whose encode_query applies the adapter in FILE.safetensors and
+    whose encode_document is the untouched base model."""
+    from adapter.hub import push_to_hub
+    from adapter.index import export as run
+
+    _quiet_hf()
+    cfg = Config().replace(model=model)
+    path = run(adapter_path, out, model=cfg.model, allow_other_model=allow_other_model, force=force)
+    click.echo(f"wrote {path}: SentenceTransformer({str(path)!r}).encode_query applies the adapter")
+    if repo_id:
+        click.echo(f"pushed {path} to {push_to_hub(path, repo_id)}")
 
 
 @main.command()
@@ -331,6 +402,96 @@ def generate(directory: str, llm_model: str | None, base_url: str | None, api_ke
         for cid, reason in s.failed.items():
             click.echo(f"  {cid}: {reason}")
         sys.exit(1)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Model folder to write: new or empty, or holding the checkpoints of this same run (resumes).")
+@model_option
+@click.option("--dims", callback=_dims, default=None, help="Matryoshka dims to train, descending [default: the "
+              "model's dimension and 512/256/128/64 below it].")
+@click.option("--select-dim", type=int, default=None, help="Dim whose validation ndcg@10 picks the kept epoch "
+              "[default: 128 when trained, else the model's dimension].")
+@click.option("--epochs", type=int, default=None, help=f"[default: {Config.finetune_epochs}]")
+@click.option("--batch-size", type=int, default=None, help=f"Pairs per batch per process: the in-batch negatives "
+              f"[default: {Config.finetune_batch_size}].")
+@click.option("--grad-accum", type=int, default=None,
+              help=f"Batches per optimizer step [default: {Config.grad_accum}].")
+@click.option("--lr", type=float, default=None, help=f"[default: {Config.finetune_lr}]")
+@click.option("--max-seq-length", type=int, default=None, help="Truncate texts to N tokens while training "
+              "[default: the model's own]; the saved model keeps the model's own length.")
+@click.option("--split", "train_split", default=None, help=f"Qrels split to train on [default: {Config.train_split}].")
+@click.option("--seed", type=int, default=None, help=f"[default: {Config.seed}]")
+def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] | None, select_dim: int | None,
+             epochs: int | None, batch_size: int | None, grad_accum: int | None, lr: float | None,
+             max_seq_length: int | None, train_split: str | None, seed: int | None) -> None:
+    """Fine-tune the whole encoder on DIRECTORY with MatryoshkaLoss(MultipleNegativesRankingLoss); write the best
+    epoch to --out as a sentence-transformers model folder with a model card.
+
+    Run the same command again after a crash to resume from the last finished epoch. Several processes or GPUs:
+    `torchrun --nproc_per_node N -m cli finetune ...` or `accelerate launch --multi_gpu --num_processes N -m cli
+    finetune ...` (on CPU too: gloo).
+    """
+    from transformers.utils import logging as hf_logging
+
+    from adapter.data import load_dataset
+    from adapter.finetune import finetune as run
+
+    hf_logging.disable_progress_bar()
+    cfg = Config().replace(model=model, dims=dims, select_dim=select_dim, finetune_epochs=epochs,
+                           finetune_batch_size=batch_size, grad_accum=grad_accum, finetune_lr=lr,
+                           max_seq_length=max_seq_length, train_split=train_split, seed=seed)
+    ds = load_dataset(directory)
+    ds.split(cfg.train_split)
+    r = run(ds, out, cfg)
+    if not r.main_process:  # ranks > 0 of a multi-process run: rank 0 reports
+        return
+    b, f = r.base_val[r.select_dim]["ndcg@10"], r.best_val[r.select_dim]["ndcg@10"]
+    click.echo(f"validation ndcg@10 at dim {r.select_dim}: base {b:.4f} -> fine-tuned {f:.4f} ({(f - b) / b:+.1%}); "
+               f"epoch {r.best_epoch:g} kept")
+    resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""
+    click.echo(f"trained in {r.seconds:.1f} s on {r.world_size} process{'es' * (r.world_size > 1)}{resumed}; "
+               f"wrote {r.path}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(dir_okay=False),
+              help="Adapter file (repeatable); the system is named after the file's stem.")
+@click.option("--finetuned", multiple=True, type=click.Path(file_okay=False),
+              help="Fine-tuned model folder (repeatable); the system is named after the folder.")
+@click.option("--model", "models", multiple=True, help="Any other pre-trained model, by name or path (repeatable).")
+@click.option("--base-model", default=None, help="The model the index was built with and the adapters trained on "
+              f"[default: {Config.model}].")
+@click.option("--split", "split_name", default=None, help=f"Qrels split to score [default: {Config.split}].")
+@click.option("--dims", callback=_dims, default=None, help="Comma-separated dims [default: each model's dimension "
+              "and 512/256/128/64 below it].")
+@click.option("--bootstrap", "bootstrap_samples", type=int, default=None,
+              help=f"Paired bootstrap resamples for the 95% intervals [default: {Config.bootstrap_samples}].")
+@click.option("--allow-other-model", is_flag=True, help="Apply adapters trained on another base model anyway.")
+@cache_option
+def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tuple[str, ...], models: tuple[str, ...],
+            base_model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
+            bootstrap_samples: int | None, allow_other_model: bool, cache_dir: str | None) -> None:
+    """Score base, adapters, fine-tuned and other models side by side on DIRECTORY's split, with costs and paired
+    bootstrap intervals; write report.md, results.json, summary.json and PNG plots to --out."""
+    from transformers.utils import logging as hf_logging
+
+    from adapter.data import load_dataset
+    from adapter.report import compare as run
+    from adapter.report import cost_table, primary_table
+
+    hf_logging.disable_progress_bar()
+    cfg = Config().replace(model=base_model, split=split_name, dims=dims, bootstrap_samples=bootstrap_samples,
+                           cache_dir=cache_dir)
+    ds = load_dataset(directory)
+    ds.split(cfg.split)  # fail on a missing split before loading a model
+    c = run(ds, out, cfg, adapters=adapters, finetuned=finetuned, models=models, allow_other_model=allow_other_model)
+    click.echo(primary_table(c))
+    click.echo(cost_table(c, len(ds.corpus)))
+    click.echo(f"wrote {', '.join(str(p) for p in c.files)}")
 
 
 if __name__ == "__main__":

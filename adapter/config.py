@@ -37,7 +37,7 @@ class Config:
     dims: tuple[int, ...] | None = None  # None -> the model's dimension and each of 512/256/128/64 below it
     # train (the adapter)
     train_split: str = "train"  # qrels split the adapter learns from
-    loss: str = "triplet"  # nn.TripletMarginLoss, as the seeds and Chroma's adapter report; or "infonce"
+    loss: str = "auto"  # "auto": "triplet" (nn.TripletMarginLoss, as the seeds) full, "infonce" low rank (bench_tiny)
     negatives: str = "random"  # "random" corpus chunks never relevant to the query; or "hard" (mined once, FAISS)
     margin: float = 0.1  # the seed used 1.0; between unit vectors 0.1 measured far better (BENCHMARKS.md)
     negatives_per_query: int = 2  # triplets per (query, positive) pair, each with its own negative: 2 beat 1 and 4
@@ -55,6 +55,22 @@ class Config:
     bias: bool = False  # a bias shifts every query alike; rarely helps cosine retrieval
     val_fraction: float = 0.1  # without a dev split, this share of train (queries, or chunks) validates each epoch
     dtype: str = "float32"  # tensors' dtype in the saved file; float16 halves it
+    # stores / export
+    search_k: int = 10  # results `adapter search` returns
+    nprobe: int = 64  # IVF lists probed (at most all); 32 left a query at recall@10 0.9 on AppleQA (bench/stores.md)
+    ef_search: int = 256  # HNSW candidate list (FAISS, Qdrant, Chroma; at least k); 16, FAISS's own, lost neighbours
+    id_field: str | None = None  # None: a store's own point ids are corpus ids; else this Qdrant/Chroma payload field
+    store_batch: int = 1000  # points per request when a collection is read out for evaluation
+    # finetune (the full Matryoshka fine-tune, and `compare`)
+    finetune_epochs: int = 4  # the seed's 4; the best epoch is kept, so extra epochs cost time, not quality
+    finetune_batch_size: int = 32  # the seed's per-device batch: 31 in-batch negatives per question (per rank)
+    grad_accum: int = 1  # the seed's 16 left 7 steps in an AppleQA epoch and under a third of the gain (bench)
+    finetune_lr: float = 2e-5  # the seed's: a full fine-tune moves every weight, so small steps
+    finetune_warmup: float = 0.1  # the seed's warmup ratio: linear warmup over 10% of steps, then cosine decay
+    max_seq_length: int | None = None  # None: the model's own; shorter trains faster, the saved model keeps its own
+    select_dim: int | None = None  # None: 128 when trained (the seed's eval_dim_128 choice), else the full dim
+    bootstrap_samples: int = 1000  # paired bootstrap resamples of the test queries behind each 95% interval
+    latency_queries: int = 20  # single-query encodes timed by `compare`; the median is reported
     # chunk
     chunk_size: int = 800  # the seed's 800 tokens per chunk, as OpenAI's file search uses
     chunk_overlap: int = 400  # the seed's 400: half a chunk, so every passage sits whole in some chunk

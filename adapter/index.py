@@ -1,9 +1,15 @@
-"""Bolt an adapter onto an existing vector index: queries go through the adapter, documents and the index do not."""
+"""Bolt an adapter onto an existing vector index: queries go through the adapter, documents and the index do not.
+
+Also the export: one sentence-transformers model folder whose ``encode_query`` applies the adapter and whose
+``encode_document`` is the untouched base, for serving code that expects a sentence-transformers model.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,3 +90,93 @@ def search_index(index: faiss.Index, queries: np.ndarray, k: int = 10) -> tuple[
         raise AdapterError(f"index holds {index.d}-dimensional vectors, queries have {q.shape[1]}")
     scores, ids = index.search(q, k)
     return scores, ids
+
+
+# ---------------------------------------------------------------------------------------------------------- export
+
+CARD_METRICS = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "accuracy@10", "recall@10")  # rows of the model card
+
+
+def adapted_model(adapter: LinearAdapter, base: SentenceTransformer) -> SentenceTransformer:
+    """One sentence-transformers model with a Router: the query route is the base, normalised, then the adapter as a
+    stock ``Dense`` layer (weight W, or I + UV for the low-rank form) and a ``Normalize``; the document route is the
+    base's own modules, untouched. Both routes share the base modules, so the encoder is stored once."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Normalize, Router
+
+    modules = list(base)
+    weight = adapter.weight if adapter.weight is not None else np.eye(adapter.dim) + adapter.U.astype(
+        np.float64) @ adapter.V.astype(np.float64)  # x + (xU)V = x (I + UV)
+    dense = Dense(adapter.dim, adapter.dim, bias=adapter.bias is not None, activation_function=torch.nn.Identity(),
+                  init_weight=torch.tensor(np.asarray(weight, np.float32).T.copy()),  # nn.Linear computes x Wᵀ
+                  init_bias=None if adapter.bias is None else torch.tensor(adapter.bias, dtype=torch.float32))
+    unit = [] if isinstance(modules[-1], Normalize) else [Normalize()]  # the adapter was trained on unit vectors
+    router = Router.for_query_document(query_modules=[*modules, *unit, dense, Normalize()], document_modules=modules)
+    return SentenceTransformer(modules=[router], prompts=dict(base.prompts),
+                               default_prompt_name=base.default_prompt_name,
+                               similarity_fn_name=base.similarity_fn_name, device=str(base.device))
+
+
+def model_card(adapter: LinearAdapter, base_name: str) -> str:
+    """A README.md for the exported folder: usage, the adapter's form and its validation metrics against base."""
+    meta = adapter.metadata
+    hub_id = base_name if not Path(base_name).exists() and "/" in base_name else None
+    form = f"rank {adapter.rank} (x + xUV)" if adapter.rank else f"full {adapter.dim}×{adapter.dim}"
+    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
+             "tags:", "- sentence-transformers", "- query-adapter", *([f"base_model: {hub_id}"] if hub_id else []),
+             "---", "", f"# {base_name} with a query-only linear adapter", "",
+             f"Queries pass through `{base_name}`, then a {form} linear adapter, then L2 normalisation. Documents "
+             "pass through the untouched base model, so vectors already in an index built with the base stay valid: "
+             "nothing is re-embedded.", "", "```python", "from sentence_transformers import SentenceTransformer", "",
+             "model = SentenceTransformer(\"PATH_OR_REPO\")", "queries = model.encode_query([\"...\"])      "
+             "# adapted", "documents = model.encode_document([\"...\"])  # the base model's own vectors", "```", "",
+             f"Adapter trained on {meta.get('trained_on', 'unknown')} queries (data fingerprint "
+             f"`{meta.get('data_fingerprint', 'unknown')}`), base encoder `{adapter.base_model}`."]
+    base_val, adapted_val = meta.get("val_base"), meta.get("val_adapter")
+    if base_val and adapted_val:
+        lines += ["", f"## Validation metrics ({meta.get('validation', 'held-out queries')}, epoch "
+                      f"{meta.get('best_epoch', '?')} kept)", "", "| metric | base | adapter | change |",
+                  "|---|---|---|---|"]
+        for m in CARD_METRICS:
+            if m in base_val and m in adapted_val:
+                b, a = base_val[m], adapted_val[m]
+                change = f"{(a - b) / b:+.1%}" if b else "n/a"
+                lines.append(f"| {m} | {b:.4f} | {a:.4f} | {change} |")
+    config = meta.get("config") or {}
+    keys = ("loss", "negatives", "epochs", "lr", "batch_size", "margin", "rank", "identity_penalty", "seed")
+    if config:
+        lines += ["", "## Training", "", ", ".join(f"{k} {config[k]}" for k in keys if config.get(k) is not None)
+                  + "."]
+    return "\n".join(lines) + "\n"
+
+
+def export(adapter_path: str | os.PathLike, out: str | os.PathLike, *, model: str = DEFAULT_MODEL,
+           allow_other_model: bool = False, force: bool = False) -> Path:
+    """Write a sentence-transformers model folder (``adapted_model``) with a model card and the adapter file itself;
+    built in a temporary folder beside ``out`` and renamed into place."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise AdapterError(f"{out}: already exists; pass --force to replace it")
+    if not out.parent.is_dir():
+        raise AdapterError(f"{out.parent}: folder does not exist")
+    encoder = AdaptedEncoder(adapter_path, model, allow_other_model=allow_other_model)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would follow the folder into place
+        adapted_model(encoder.adapter, encoder.model).save(str(tmp), create_model_card=False)
+        with atomic_write(tmp / "README.md") as f:
+            f.write(model_card(encoder.adapter, encoder.adapter.metadata.get("base_model_name") or model))
+        shutil.copyfile(adapter_path, tmp / "adapter.safetensors")
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("exported %s with %s to %s", adapter_path, model, out)
+    return out

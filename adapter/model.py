@@ -101,7 +101,7 @@ class LinearAdapter:
                   "form": self.form, "rank": self.rank, "bias": self.bias is not None, "normalize": True,
                   "dtype": dtype, **self.metadata}
         tensors = {k: np.ascontiguousarray(v, dtype=DTYPES[dtype]) for k, v in self.tensors().items()}
-        data = save_tensors(tensors, metadata={METADATA_KEY: json.dumps(header)})
+        data = save_tensors(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})  # compact
         with atomic_write(path, "wb") as f:
             f.write(data)
         return path

@@ -46,20 +46,29 @@ def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] |
 
 
 def evaluate_dataset(dataset: Dataset, encoder: Encoder, *, split: str = "test", dims: Sequence[int] | None = None,
-                     adapters: Mapping[str, LinearAdapter] | None = None) -> SystemResults:
+                     adapters: Mapping[str, LinearAdapter] | None = None,
+                     corpus: tuple[Sequence[str], np.ndarray] | None = None) -> SystemResults:
     """Score the base model and each adapter on one split of a dataset at each dim.
 
     Returns ``{"base": {dim: metrics}, "<adapter name>": {...}, ...}``. Adapters change query vectors only, so every
-    system searches the same cached corpus vectors.
+    system searches the same cached corpus vectors, or, given ``corpus`` as (corpus ids, vectors) read from an
+    existing index (``adapter.stores.corpus_from_store``), those vectors: the index is scored as it stands.
     """
     dims = resolve_dims(dims, encoder.dim)
     qrels = relevant(dataset.split(split))
     qids = list(qrels)
-    queries, corpus = embed_dataset(dataset, encoder, qids)
-    cids = list(dataset.corpus)
-    results = {"base": evaluate(queries, corpus, qrels, qids, cids, dims)}
+    if corpus is None:
+        queries, vectors = embed_dataset(dataset, encoder, qids)
+        cids = list(dataset.corpus)
+    else:
+        cids, vectors = list(corpus[0]), corpus[1]
+        if vectors.shape[1] != encoder.dim:
+            raise AdapterError(f"the index holds {vectors.shape[1]}-dimensional vectors, {encoder.identity} makes "
+                               f"{encoder.dim}")
+        queries = encoder.encode_queries([dataset.queries[q] for q in qids])
+    results = {"base": evaluate(queries, vectors, qrels, qids, cids, dims)}
     for name, adapter in (adapters or {}).items():
-        results[name] = evaluate(adapter.apply(queries), corpus, qrels, qids, cids, dims)
+        results[name] = evaluate(adapter.apply(queries), vectors, qrels, qids, cids, dims)
     return results
 
 
@@ -77,6 +86,38 @@ def load_adapters(paths: Sequence[str | os.PathLike], encoder: Encoder, *,
             raise AdapterError(f"{p}: another system is already named {name!r}; rename the file")
         out[name] = adapter
     return out
+
+
+def evaluate_systems(dataset: Dataset, systems: Mapping[str, tuple[Encoder, LinearAdapter | None]], *,
+                     split: str = "test", dims: Sequence[int] | None = None,
+                     per_query: bool = False) -> SystemResults:
+    """Score named systems that each bring their own encoder: base, adapters on it, fine-tuned or other models.
+
+    A system is (encoder, adapter or None): it searches its encoder's cached corpus vectors with that encoder's query
+    vectors, adapted when it has an adapter. Each is scored at the ``dims`` up to its encoder's dimension (none fit:
+    its full dimension; default: its encoder's default dims). ``per_query=True`` gives per-query arrays, aligned
+    across systems (see ``adapter.evaluate.evaluate``); ``mean_results`` turns them into the usual metrics.
+    """
+    qrels = relevant(dataset.split(split))
+    qids, cids = list(qrels), list(dataset.corpus)
+    results: SystemResults = {}
+    for name, (encoder, adapter) in systems.items():
+        queries, corpus = embed_dataset(dataset, encoder, qids)
+        if adapter is not None:
+            queries = adapter.apply(queries)
+        fit = [d for d in dims if d <= encoder.dim] if dims else None
+        if dims and len(fit) < len(dims):
+            logger.info("%s: %d-dimensional, scored at %s only", name, encoder.dim, ",".join(map(str, fit)) or
+                        encoder.dim)
+        use = resolve_dims(fit or ([encoder.dim] if dims else None), encoder.dim)
+        results[name] = evaluate(queries, corpus, qrels, qids, cids, use, per_query=per_query)
+    return results
+
+
+def mean_results(results: SystemResults) -> SystemResults:
+    """Per-query results (``per_query=True``) averaged into the usual metrics."""
+    return {s: {d: {m: float(np.mean(v)) for m, v in by_m.items()} for d, by_m in by_dim.items()}
+            for s, by_dim in results.items()}
 
 
 def results_to_json(results: SystemResults) -> dict:

@@ -1,0 +1,445 @@
+"""The full Matryoshka fine-tune: every weight of the encoder, through the sentence-transformers trainer.
+
+Stock parts only: ``MatryoshkaLoss`` around ``MultipleNegativesRankingLoss`` over (question, chunk) pairs,
+``BatchSamplers.NO_DUPLICATES`` so no chunk is its own in-batch negative, warmup then cosine decay, fused AdamW where
+torch has it, bf16 and tf32 on GPUs that support them. After every epoch the project's own judge scores the validation
+queries at every dim (wrapped as a sentence-transformers evaluator) and the best epoch by ndcg@10 at one dim is kept.
+
+It runs unchanged under ``torchrun --nproc_per_node N`` and ``accelerate launch --multi_gpu --num_processes N`` (GPUs,
+or CPU processes over gloo): the trainer wraps the model in DDP, in-batch negatives are gathered across ranks, rank 0
+writes. Checkpoints live in ``OUT/checkpoints`` until the model
+is installed in ``OUT``, so running the same command again after a crash resumes from the last complete one.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sentence_transformers.base.evaluation import BaseEvaluator
+
+from adapter.config import AdapterError, Config, default_dims
+from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, fingerprint, partition_qrels, relevant, split_kind
+from adapter.encoder import load_model
+from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "finetune.json"  # training wall time, data, dims, validation curves: what `compare` reads
+CHECKPOINTS = "checkpoints"  # the trainer's checkpoints, removed once the model is installed
+RUN_FILE = "run.json"  # in CHECKPOINTS: what the checkpoints were trained for; a resume must match it
+BASE_FILE = "base.json"  # in CHECKPOINTS: the base model's validation metrics, measured once
+CLOCK_FILE = "wall_seconds.json"  # in each checkpoint, written last: marks it complete and carries the wall time
+SEED_DIM = 128  # the seed selected its checkpoint by ndcg@10 at dim 128
+
+
+@dataclass
+class FinetuneResult:
+    """Where the model went and how the kept epoch scored on validation (every dim)."""
+
+    path: Path
+    best_epoch: float
+    select_dim: int
+    base_val: Results  # the base model's validation metrics by dim
+    best_val: Results  # the kept epoch's validation metrics by dim
+    seconds: float  # training wall time, resumed runs included (the base model's evaluation excluded)
+    world_size: int
+    resumed_from: str | None
+    main_process: bool  # False on the ranks > 0 of a multi-process run, which write nothing
+
+
+class RetrievalEvaluator(BaseEvaluator):
+    """The project's judge as a sentence-transformers evaluator: the model being trained embeds the validation
+    queries and the whole corpus (no cache: its weights change every epoch), ``evaluate`` scores every dim.
+
+    Returns ``{"dim_{d}_{metric}": value}``; the primary metric is ndcg@10 at ``primary_dim``.
+    """
+
+    def __init__(self, dataset: Dataset, qrels: Qrels, dims: Sequence[int], primary_dim: int, batch_size: int = 64):
+        super().__init__()
+        self.qrels = relevant(qrels)
+        self.query_ids = list(self.qrels)
+        self.corpus_ids = list(dataset.corpus)
+        self.queries = [dataset.queries[q] for q in self.query_ids]
+        self.documents = [dataset.doc_text(c) for c in self.corpus_ids]
+        self.dims = list(dims)
+        self.batch_size = batch_size
+        self.primary_metric = f"dim_{primary_dim}_{PRIMARY_METRIC}"
+
+    def __call__(self, model: SentenceTransformer, output_path: str | None = None, epoch: float = -1,
+                 steps: int = -1) -> dict[str, float]:
+        kw = {"batch_size": self.batch_size, "normalize_embeddings": True, "convert_to_numpy": True,
+              "show_progress_bar": False}
+        queries = model.encode_query(self.queries, **kw)  # (n_queries, d)
+        corpus = model.encode_document(self.documents, **kw)  # (n_chunks, d)
+        results = evaluate(queries, corpus, self.qrels, self.query_ids, self.corpus_ids, self.dims)
+        logger.info("validation %s at epoch %g: %s", PRIMARY_METRIC, max(epoch, 0),
+                    ", ".join(f"dim {d} {r[PRIMARY_METRIC]:.4f}" for d, r in results.items()))
+        return {f"dim_{d}_{m}": v for d, r in results.items() for m, v in r.items()}
+
+
+def matryoshka_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
+    """The dims to train: strictly descending, none above the model's dimension, the full dimension first (added
+    when missing); default the full dimension and each standard one below it."""
+    if not dims:
+        return list(default_dims(full_dim))
+    dims = list(dims)
+    shown = ",".join(map(str, dims))
+    if any(d <= 0 for d in dims):
+        raise AdapterError(f"--dims {shown}: every dimension must be positive")
+    if any(a <= b for a, b in zip(dims, dims[1:], strict=False)):
+        raise AdapterError(f"--dims {shown}: dimensions must be strictly descending, like 384,256,128,64")
+    if dims[0] > full_dim:
+        raise AdapterError(f"--dims {shown}: {dims[0]} is above the model's dimension {full_dim}")
+    if dims[0] != full_dim:
+        logger.info("training the model's full dimension %d as well", full_dim)
+        dims.insert(0, full_dim)
+    return dims
+
+
+def select_dim(requested: int | None, dims: Sequence[int]) -> int:
+    """The dim whose ndcg@10 picks the kept epoch: as requested, else 128 when trained, else the full dim."""
+    if requested is None:
+        return SEED_DIM if SEED_DIM in dims else dims[0]
+    if requested not in dims:
+        raise AdapterError(f"--select-dim {requested} is not one of the trained dims {','.join(map(str, dims))}")
+    return requested
+
+
+def train_val_qrels(dataset: Dataset, cfg: Config) -> tuple[Qrels, Qrels, str]:
+    """Training and validation queries, carved exactly as ``adapter train`` carves them (the ``dev`` split if present,
+    else a seeded ``val_fraction`` of train cut the way the dataset was split), so both paths see the same data."""
+    train = relevant(dataset.split(cfg.train_split))
+    if "dev" in dataset.qrels and cfg.train_split != "dev":
+        return train, relevant(dataset.split("dev")), "the dev split"
+    by = split_kind(dataset)
+    try:
+        parts, _ = partition_qrels(train, by=by, test_fraction=cfg.val_fraction, seed=cfg.seed)
+    except AdapterError as e:
+        raise AdapterError(f"{dataset.path}: cannot carve validation from {cfg.train_split}: {e}") from None
+    if not parts["train"] or not parts["test"]:
+        raise AdapterError(f"{dataset.path}: too few training queries to train and validate")
+    return parts["train"], parts["test"], f"{cfg.val_fraction:g} of {cfg.train_split} by {by}"
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: unreadable ({type(e).__name__}); delete it to start afresh") from None
+
+
+def _complete_checkpoints(folder: Path) -> list[Path]:
+    """Checkpoints whose clock file was written (the last thing saved), oldest first."""
+    found = [p for p in folder.glob("checkpoint-*") if (p / CLOCK_FILE).is_file() and p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def prepare_out(out: Path, run: dict[str, Any], *, main: bool) -> Path | None:
+    """Check ``out`` and return the checkpoint to resume from (None: start afresh).
+
+    Accepted: a missing or empty folder, or one holding checkpoints of this same run (same base model, data and
+    settings). Refused, with nothing touched: a folder holding a model, checkpoints of another run, or anything else.
+    Rank 0 (``main``) records the run; other ranks only read.
+    """
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out}: exists and is not a folder")
+    ckpt = out / CHECKPOINTS
+    if (out / "modules.json").is_file():
+        raise AdapterError(f"{out}: already holds a model; choose another --out folder")
+    if ckpt.is_dir() and (ckpt / RUN_FILE).is_file():
+        before = _read_json(ckpt / RUN_FILE)
+        if before != run:
+            changed = sorted(k for k in {*before, *run} if before.get(k) != run.get(k))
+            raise AdapterError(f"{out}: holds checkpoints of another fine-tune (different {', '.join(changed)}); "
+                               "choose another --out folder")
+        done = _complete_checkpoints(ckpt)
+        if done:
+            logger.info("resuming from %s", done[-1])
+        return done[-1] if done else None
+    if out.is_dir() and any(out.iterdir()):
+        raise AdapterError(f"{out}: folder is not empty and holds no checkpoints of a fine-tune; choose an empty "
+                           "or new --out folder")
+    if main:
+        ensure_dir(ckpt)
+        with atomic_write(ckpt / RUN_FILE) as f:
+            json.dump(run, f, indent=2)
+    return None
+
+
+def _clock_callback(before: float):
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        """Training wall time across resumes, written into every checkpoint once it is complete."""
+
+        def __init__(self) -> None:
+            self.start = time.perf_counter()
+
+        def seconds(self) -> float:
+            return before + time.perf_counter() - self.start
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                with atomic_write(folder / CLOCK_FILE) as f:
+                    json.dump({"seconds": self.seconds()}, f)
+
+    return Clock()
+
+
+def _quiet_progress_callback():
+    from transformers.trainer_callback import ProgressCallback
+
+    class Bar(ProgressCallback):
+        """The trainer's bar without its dump of every logged metric; the evaluator logs one line per epoch."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+    return Bar
+
+
+def _by_dim(metrics: dict[str, float], dims: Sequence[int], prefix: str = "eval_") -> Results:
+    """``{"eval_dim_128_ndcg@10": v, ...}`` -> ``{128: {"ndcg@10": v, ...}}``."""
+    return {d: {m: float(metrics[f"{prefix}dim_{d}_{m}"]) for m in METRICS} for d in dims}
+
+
+def _training_args(cfg: Config, out: Path, select: int, model: SentenceTransformer, progress: bool):
+    import torch
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
+
+    cuda = torch.cuda.is_available()
+    cpu_ranks = not cuda and _world_size() > 1  # several CPU processes: accelerate wants to be told, and gloo
+    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
+    names = {"query": ("query",), "document": ("document", "passage", "corpus")}
+    prompt = {role: next((model.prompts[n] for n in ns if n in model.prompts), None) for role, ns in names.items()}
+    prompts = {"anchor": prompt["query"], "positive": prompt["document"]}
+    router = any(type(m).__name__ == "Router" for m in model)
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(out / CHECKPOINTS),
+        num_train_epochs=cfg.finetune_epochs,
+        per_device_train_batch_size=cfg.finetune_batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.finetune_lr,
+        warmup_steps=cfg.finetune_warmup,  # a float below 1 is a share of the steps
+        lr_scheduler_type="cosine",
+        optim="adamw_torch_fused" if fused else "adamw_torch",
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        tf32=True if cuda and torch.cuda.get_device_capability()[0] >= 8 else None,
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        use_cpu=cpu_ranks,
+        ddp_backend="gloo" if cpu_ranks else None,
+        dataloader_pin_memory=cuda,
+        dataloader_drop_last=_world_size() > 1,  # gathering across ranks needs equal batches on every rank
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,  # the best and the last
+        load_best_model_at_end=True,
+        metric_for_best_model=f"eval_dim_{select}_{PRIMARY_METRIC}",
+        greater_is_better=True,
+        logging_steps=0.02,  # at most ~50 points on the loss curve
+        report_to="none",
+        disable_tqdm=not progress,
+        seed=cfg.seed,
+        prompts={k: v for k, v in prompts.items() if v} or None,
+        router_mapping={"anchor": "query", "positive": "document"} if router else None,
+    )
+
+
+def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *,
+             progress: bool = True) -> FinetuneResult:
+    """Fine-tune ``cfg.model`` on a dataset split with MatryoshkaLoss(MultipleNegativesRankingLoss) and install the
+    best epoch as a sentence-transformers model folder in ``out``, with a model card and ``finetune.json``."""
+    try:
+        import accelerate  # noqa: F401  (the trainer's own requirement, checked here for a one-line message)
+        from datasets import Dataset as HFDataset
+    except ImportError as e:
+        raise AdapterError(f"fine-tuning needs the {e.name!r} package: pip install 'adapter[train]'") from None
+    from sentence_transformers import SentenceTransformerTrainer
+    from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss, MultipleNegativesRankingLoss
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    cfg = cfg or Config()
+    out = Path(out)
+    if cfg.finetune_epochs < 1 or cfg.finetune_batch_size < 2 or cfg.grad_accum < 1 or cfg.finetune_lr <= 0:
+        raise AdapterError("--epochs must be >= 1, --batch-size >= 2 (in-batch negatives), --grad-accum >= 1 and "
+                           "--lr > 0")
+    if cfg.max_seq_length is not None and cfg.max_seq_length < 8:
+        raise AdapterError(f"--max-seq-length must be at least 8, got {cfg.max_seq_length}")
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out}: exists and is not a folder")
+    if (out / "modules.json").is_file():  # before loading anything: a model here is never overwritten
+        raise AdapterError(f"{out}: already holds a model; choose another --out folder")
+    train_qrels, val_qrels, how = train_val_qrels(dataset, cfg)
+    model = load_model(cfg.model)
+    full = int(model.get_embedding_dimension())
+    dims = matryoshka_dims(cfg.dims, full)
+    select = select_dim(cfg.select_dim, dims)
+    base_length = model.max_seq_length
+    if cfg.max_seq_length is not None:
+        model.max_seq_length = cfg.max_seq_length  # training only: the saved model keeps base_length
+
+    pairs = [(dataset.queries[q], dataset.doc_text(c)) for q, rels in train_qrels.items() for c in rels]
+    train_data = HFDataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
+    run = {"base_model": cfg.model, "data_fingerprint": fingerprint(dataset, cfg.train_split), "validation": how,
+           "train_queries": len(train_qrels), "dims": dims, "select_dim": select,
+           **{k: getattr(cfg, k) for k in ("finetune_epochs", "finetune_batch_size", "grad_accum", "finetune_lr",
+                                           "finetune_warmup", "max_seq_length", "seed")}}
+
+    args = _training_args(cfg, out, select, model, progress)  # under torchrun this joins the process group
+    main = args.process_index == 0
+    with args.main_process_first(desc="checking the output folder"):
+        resume = prepare_out(out, run, main=main)
+    world = args.world_size
+    mnrl = MultipleNegativesRankingLoss(model, gather_across_devices=world > 1)  # negatives from every rank
+    loss = MatryoshkaLoss(model, mnrl, matryoshka_dims=dims)
+    evaluator = RetrievalEvaluator(dataset, val_qrels, dims, select, batch_size=cfg.encode_batch_size)
+    before = _read_json(resume / CLOCK_FILE)["seconds"] if resume else 0.0
+    clock = _clock_callback(before)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_data, loss=loss,
+                                         evaluator=evaluator, callbacks=[clock])
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_quiet_progress_callback())
+    logger.info("fine-tuning %s on %d pairs (%d queries), validating on %d queries (%s); dims %s, %d rank%s",
+                cfg.model, len(pairs), len(train_qrels), len(val_qrels), how, ",".join(map(str, dims)), world,
+                "s" * (world > 1))
+
+    base_file = out / CHECKPOINTS / BASE_FILE
+    if base_file.is_file():
+        base_val = {int(d): m for d, m in _read_json(base_file).items()}
+    else:
+        base_val = _by_dim(trainer.evaluate(), dims)
+        if main:
+            with atomic_write(base_file) as f:
+                json.dump(base_val, f)
+    clock.start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    seconds = clock.seconds()
+
+    state = trainer.state
+    evals = [e for e in state.log_history if f"eval_dim_{select}_{PRIMARY_METRIC}" in e]
+    best = max(evals, key=lambda e: e[f"eval_dim_{select}_{PRIMARY_METRIC}"])  # first of equals, as the trainer
+    best_val = _by_dim(best, dims)
+    result = FinetuneResult(out, float(best["epoch"]), select, base_val, best_val, seconds, world,
+                            str(resume) if resume else None, main)
+    if not main:
+        return result
+    model.max_seq_length = base_length
+    meta = {"format_version": FORMAT_VERSION, **run, "dataset": str(dataset.path), "trained_on": cfg.train_split,
+            "pairs": len(pairs), "val_queries": len(val_qrels), "chunks": len(dataset.corpus),
+            "max_seq_length_trained": cfg.max_seq_length or base_length, "world_size": world,
+            "train_seconds": seconds, "resumed": resume is not None, "best_epoch": best["epoch"],
+            "best_step": best["step"], "val_base": base_val, "val_best": best_val,
+            "history": _history(state.log_history, base_val, dims), "config": cfg.to_dict()}
+    _install(model, out, {"README.md": model_card(meta, out.name), META_FILE: json.dumps(meta, indent=2)})
+    logger.info("kept epoch %g: validation %s at dim %d %.4f (base %.4f); %.0f s", result.best_epoch,
+                PRIMARY_METRIC, select, best_val[select][PRIMARY_METRIC], base_val[select][PRIMARY_METRIC], seconds)
+    return result
+
+
+def _history(log: list[dict[str, Any]], base_val: Results, dims: Sequence[int]) -> dict[str, list[dict[str, Any]]]:
+    """Training curves from the trainer's log: the loss at each logged step, validation ndcg@10 at each dim by epoch
+    (epoch 0 is the base model)."""
+    key = f"eval_dim_{{}}_{PRIMARY_METRIC}"
+    return {"loss": [{"epoch": e["epoch"], "step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
+                     for e in log if "loss" in e],
+            "val": [{"epoch": 0.0, "step": 0, PRIMARY_METRIC: {d: base_val[d][PRIMARY_METRIC] for d in dims}}]
+            + [{"epoch": e["epoch"], "step": e["step"], PRIMARY_METRIC: {d: e[key.format(d)] for d in dims}}
+               for e in log if key.format(dims[0]) in e]}
+
+
+def _install(model: SentenceTransformer, out: Path, files: dict[str, str]) -> None:
+    """Save the model beside ``out``'s checkpoints, move it in file by file (``modules.json`` last: it is what makes
+    the folder a model), then drop the checkpoints."""
+    tmp = out / ".model.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # left by an interrupted install of this same run
+    model.save(str(tmp), create_model_card=False)
+    for name, text in files.items():
+        (tmp / name).write_text(text, encoding="utf-8")
+    last = ("config.json", "modules.json")
+    for entry in sorted(tmp.iterdir(), key=lambda p: last.index(p.name) + 1 if p.name in last else 0):
+        target = out / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    tmp.rmdir()
+    shutil.rmtree(out / CHECKPOINTS)
+
+
+def model_card(meta: dict[str, Any], name: str) -> str:
+    """A short README.md: base model, data, dims, the validation table and how it was trained."""
+    dims = meta["dims"]
+    rows = []
+    for d in dims:
+        b, f = meta["val_base"][d][PRIMARY_METRIC], meta["val_best"][d][PRIMARY_METRIC]
+        change = f"{(f - b) / b:+.1%}" if b else "n/a"
+        rows.append(f"| {d} | {b:.4f} | {f:.4f} | {f - b:+.4f} ({change}) |")
+    return "\n".join([
+        "---",
+        "library_name: sentence-transformers",
+        f"base_model: {meta['base_model']}",
+        "pipeline_tag: sentence-similarity",
+        "tags: [sentence-transformers, matryoshka, retrieval]",
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"A Matryoshka fine-tune of `{meta['base_model']}` for retrieval, made by `adapter finetune`: "
+        f"MatryoshkaLoss around MultipleNegativesRankingLoss at dims {', '.join(map(str, dims))}.",
+        "",
+        "## Data",
+        "",
+        f"{meta['pairs']:,} (question, chunk) pairs from {meta['train_queries']:,} questions of the "
+        f"`{meta['trained_on']}` split of `{meta['dataset']}` (fingerprint `{meta['data_fingerprint']}`, "
+        f"{meta['chunks']:,} chunks in the corpus). Validation: {meta['val_queries']:,} questions "
+        f"({meta['validation']}).",
+        "",
+        f"## Validation {PRIMARY_METRIC}",
+        "",
+        f"Epoch {meta['best_epoch']:g} was kept (best {PRIMARY_METRIC} at dim {meta['select_dim']}).",
+        "",
+        "| dim | base | fine-tuned | change |",
+        "| ---: | ---: | ---: | ---: |",
+        *rows,
+        "",
+        "## Training",
+        "",
+        f"{meta['finetune_epochs']} epoch{'s' * (meta['finetune_epochs'] != 1)}, batch "
+        f"{meta['finetune_batch_size']} per rank x {meta['world_size']} rank(s), gradient accumulation "
+        f"{meta['grad_accum']}, learning rate {meta['finetune_lr']:g} with {meta['finetune_warmup']:g} warmup then "
+        f"cosine decay, texts truncated to {meta['max_seq_length_trained']} tokens in training and validation, seed "
+        f"{meta['seed']}; {meta['train_seconds']:.0f} s of training wall time.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        f'model = SentenceTransformer("path/to/{name}", truncate_dim={meta["select_dim"]})',
+        "```",
+        "",
+        "Its vectors differ from the base model's: the whole corpus must be embedded again with it.",
+        "",
+    ])

@@ -1,0 +1,412 @@
+"""Where a team's vectors already live: a FAISS file, a Qdrant collection or a Chroma collection, behind one interface.
+
+Nothing here embeds text. ``search`` sends (already adapted) query vectors to the store and returns the store's own
+ids; ``vectors`` reads every stored vector back out so the judge can score the index as it is. Scores are inner
+products whatever the store's metric (the cosine, for unit vectors): an L2 distance d between unit vectors is turned
+into 1 - d²/2, a cosine or inner-product distance d into 1 - d. Qdrant and Chroma are pip extras (``adapter[qdrant]``,
+``adapter[chroma]``), imported only when such a store is opened.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import faiss
+import numpy as np
+
+from adapter.config import AdapterError, Config
+from adapter.data import Dataset
+from adapter.index import read_index, search_index
+
+logger = logging.getLogger(__name__)
+
+Id = int | str  # a store's own id: FAISS int64, Qdrant int or UUID string, Chroma string
+
+
+@dataclass
+class Hits:
+    """One query's results, best first: the store's own ids, their scores, and (with an id field) corpus ids."""
+
+    ids: list[Id]
+    scores: list[float]
+    names: list[str | None] = field(default_factory=list)  # the id field's value per hit, when one was asked for
+
+
+def _require(module: str, extra: str) -> Any:
+    """Import an optional integration or raise one line naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise AdapterError(f"{module} is not installed; pip install 'adapter[{extra}]'") from None
+
+
+def _is_url(location: str) -> bool:
+    return urlparse(location).scheme in ("http", "https")
+
+
+def _reason(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def _request(where: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """A client call whose failure (network, server, lock) is one line naming the store."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # clients raise many types
+        raise AdapterError(f"{where}: {what} failed ({_reason(e)})") from None
+
+
+class Store:
+    """A vector store searched with adapted query vectors. Subclasses set ``name`` (what messages call it), ``dim``,
+    and ``rows_are_ids`` (true for a FAISS index without an id map: its ids are insertion rows, which
+    ``adapter index build`` makes the line numbers of corpus.jsonl)."""
+
+    name: str
+    dim: int
+    rows_are_ids: bool = False
+
+    def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        """Top-``k`` hits for each query vector (n, d)."""
+        raise NotImplementedError
+
+    def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
+        """Every stored vector, (n, d) float32, with its id (or its ``id_field`` value)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release the client (a local Qdrant folder is locked while it is open)."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check(self, queries: np.ndarray, k: int) -> np.ndarray:
+        if k < 1:
+            raise AdapterError(f"-k must be at least 1, got {k}")
+        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if q.shape[1] != self.dim:
+            raise AdapterError(f"{self.name}: holds {self.dim}-dimensional vectors, queries have {q.shape[1]}")
+        return q
+
+
+# ---------------------------------------------------------------------------------------------------------- FAISS
+
+
+def _layers(index: faiss.Index) -> list[faiss.Index]:
+    """The index and every index inside it (id maps, pre-transforms, refinement, IVF coarse quantizers)."""
+    out, todo = [], [index]
+    while todo:
+        layer = faiss.downcast_index(todo.pop())
+        out.append(layer)
+        for attr in ("index", "base_index", "quantizer"):
+            inner = getattr(layer, attr, None)
+            if isinstance(inner, faiss.Index):
+                todo.append(inner)
+    return out
+
+
+class FaissStore(Store):
+    """A FAISS index file: flat, IVF or HNSW, plain or under an id map (whose int64 ids are kept)."""
+
+    def __init__(self, path: str | os.PathLike, *, nprobe: int = Config.nprobe, ef_search: int = Config.ef_search):
+        if nprobe < 1 or ef_search < 1:
+            raise AdapterError(f"--nprobe and --ef-search must be at least 1, got {nprobe} and {ef_search}")
+        self.name = str(path)
+        self.index = read_index(path)
+        self.dim = self.index.d
+        self.nprobe, self.ef_search = nprobe, ef_search
+        self.metric = self.index.metric_type
+        if self.metric not in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2):
+            raise AdapterError(f"{path}: FAISS metric {self.metric} is not supported (inner product or L2 only)")
+        self.layers = _layers(self.index)
+        self.id_map = next((x for x in self.layers if isinstance(x, faiss.IndexIDMap | faiss.IndexIDMap2)), None)
+        self.ivf = next((x for x in self.layers if isinstance(x, faiss.IndexIVF)), None)
+        self.rows_are_ids = self.id_map is None and (self.ivf is None or bool(
+            np.array_equal(np.sort(self._ivf_ids()), np.arange(self.index.ntotal))))
+
+    def _tune(self, k: int) -> None:
+        """Search settings: IVF lists probed, HNSW candidate list (at least k), wherever they sit in the index."""
+        for layer in self.layers:
+            if isinstance(layer, faiss.IndexIVF):
+                layer.nprobe = min(self.nprobe, layer.nlist)
+            hnsw = getattr(layer, "hnsw", None)
+            if hnsw is not None:
+                hnsw.efSearch = max(self.ef_search, k)
+
+    def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        if id_field:
+            raise AdapterError(f"{self.name}: --id-field applies to Qdrant and Chroma collections, not FAISS files")
+        self._tune(k)
+        scores, ids = search_index(self.index, queries, k)
+        if self.metric == faiss.METRIC_L2:  # squared L2 between unit vectors is 2 - 2 cos
+            scores = 1.0 - scores / 2.0
+        return [Hits([int(i) for i in row if i >= 0], [float(s) for s, i in zip(srow, row, strict=True) if i >= 0])
+                for srow, row in zip(scores, ids, strict=True)]
+
+    def _ivf_ids(self) -> np.ndarray:
+        """The ids stored in the IVF's inverted lists, list by list."""
+        lists = self.ivf.invlists
+        parts = [faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).copy()
+                 for i in range(self.ivf.nlist) if lists.list_size(i)]
+        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+    def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
+        if id_field:
+            raise AdapterError(f"{self.name}: --id-field applies to Qdrant and Chroma collections, not FAISS files")
+        inner = faiss.downcast_index(self.id_map.index) if self.id_map is not None else self.layers[0]
+        try:
+            if self.ivf is not None:  # rows come back list by list; a hash table finds each id's vector
+                keys = np.sort(self._ivf_ids())
+                self.ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+                vectors = inner.reconstruct_batch(keys)
+            else:
+                keys = np.arange(inner.ntotal)
+                vectors = inner.reconstruct_n(0, inner.ntotal)
+        except RuntimeError as e:
+            raise AdapterError(f"{self.name}: cannot read vectors back from this {type(inner).__name__} "
+                               f"({_reason(e)})") from None
+        ids = faiss.vector_to_array(self.id_map.id_map)[keys] if self.id_map is not None else keys
+        return [int(i) for i in ids], np.asarray(vectors, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------- Qdrant
+
+
+class QdrantStore(Store):
+    """A Qdrant collection: a local folder (``QdrantClient(path=...)``) or a server URL (key in $QDRANT_API_KEY)."""
+
+    def __init__(self, location: str, collection: str, *, ef_search: int = Config.ef_search,
+                 batch: int = Config.store_batch):
+        qdrant = _require("qdrant_client", "qdrant")
+        self.models = importlib.import_module("qdrant_client.models")
+        self.name, self.collection = f"{location}#{collection}", collection
+        self.ef_search, self.batch, self.local = ef_search, batch, not _is_url(location)
+        if self.local and not (Path(location) / "meta.json").is_file():  # QdrantClient(path=) would create one
+            raise AdapterError(f"{location}: not a local Qdrant folder (no meta.json)")
+        try:
+            if not self.local:
+                self.client = qdrant.QdrantClient(url=location, api_key=os.environ.get("QDRANT_API_KEY"))
+            else:
+                self.client = qdrant.QdrantClient(path=location)
+            if not self.client.collection_exists(collection):
+                names = sorted(c.name for c in self.client.get_collections().collections)
+                raise AdapterError(f"{location}: no Qdrant collection {collection!r} (it has: "
+                                   f"{', '.join(names) or 'none'})")
+            params = self.client.get_collection(collection).config.params.vectors
+        except AdapterError:
+            raise
+        except Exception as e:  # connection, lock and server errors come in many types
+            raise AdapterError(f"{location}: cannot open Qdrant ({_reason(e)})") from None
+        self.using: str | None = None
+        if isinstance(params, dict):
+            if len(params) != 1:
+                raise AdapterError(f"{self.name}: holds several named vectors ({', '.join(sorted(params))}); only "
+                                   "collections with one vector per point are supported")
+            self.using, params = next(iter(params.items()))
+        self.dim, self.distance = params.size, params.distance
+        if self.distance not in (self.models.Distance.COSINE, self.models.Distance.DOT, self.models.Distance.EUCLID):
+            raise AdapterError(f"{self.name}: {self.distance} distance is not supported (cosine, dot or Euclid)")
+
+    def _payload(self, point: Any, id_field: str | None) -> str | None:
+        if id_field is None:
+            return None
+        value = (point.payload or {}).get(id_field)
+        if value is None:
+            raise AdapterError(f"{self.name}: point {point.id} has no payload field {id_field!r}")
+        return str(value)
+
+    def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        q = self._check(queries, k)
+        params = None if self.local else self.models.SearchParams(hnsw_ef=max(self.ef_search, k))  # local: exact
+        out = []
+        for vector in q:
+            points = _request(self.name, "Qdrant search", self.client.query_points, self.collection,
+                              query=vector.tolist(), using=self.using, limit=k, search_params=params,
+                              with_payload=[id_field] if id_field else False).points
+            scores = [float(p.score) for p in points]
+            if self.distance == self.models.Distance.EUCLID:  # Qdrant returns the (unsquared) distance
+                scores = [1.0 - s * s / 2.0 for s in scores]
+            names = [self._payload(p, id_field) for p in points] if id_field else []
+            out.append(Hits([p.id for p in points], scores, names))
+        return out
+
+    def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
+        ids: list[Id] = []
+        rows: list[Sequence[float]] = []
+        offset = None
+        while True:
+            points, offset = _request(self.name, "Qdrant scroll", self.client.scroll, self.collection,
+                                      limit=self.batch, offset=offset, with_vectors=True,
+                                      with_payload=[id_field] if id_field else False)
+            for p in points:
+                ids.append(self._payload(p, id_field) if id_field else p.id)
+                rows.append(p.vector[self.using] if self.using else p.vector)
+            if offset is None:
+                break
+        return ids, np.asarray(rows, dtype=np.float32).reshape(len(rows), self.dim)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+# ---------------------------------------------------------------------------------------------------------- Chroma
+
+
+class ChromaStore(Store):
+    """A Chroma collection: an embedded ``PersistentClient`` folder or a server URL (``HttpClient``). Chroma fixes its
+    HNSW candidate list per collection; asking for ``ef_search`` results and keeping the top k widens it for this
+    search alone (HNSW searches with the larger of the two), leaving the collection's settings untouched."""
+
+    def __init__(self, location: str, collection: str, *, ef_search: int = Config.ef_search,
+                 batch: int = Config.store_batch):
+        chromadb = _require("chromadb", "chroma")
+        self.name, self.ef_search, self.batch = f"{location}#{collection}", ef_search, batch
+        if not _is_url(location) and not (Path(location) / "chroma.sqlite3").is_file():  # else Chroma creates one
+            raise AdapterError(f"{location}: not a Chroma folder (no chroma.sqlite3)")
+        settings = chromadb.config.Settings(anonymized_telemetry=False)
+        try:
+            if _is_url(location):
+                url = urlparse(location)
+                https = url.scheme == "https"
+                client = chromadb.HttpClient(host=url.hostname, port=url.port or (443 if https else 8000), ssl=https,
+                                             settings=settings)
+            else:
+                client = chromadb.PersistentClient(path=location, settings=settings)
+            names = sorted(c if isinstance(c, str) else c.name for c in client.list_collections())
+            if collection not in names:
+                raise AdapterError(f"{location}: no Chroma collection {collection!r} (it has: "
+                                   f"{', '.join(names) or 'none'})")
+            self.collection = client.get_collection(collection)
+            self.dim, self.count = self._dimension(), self.collection.count()
+        except AdapterError:
+            raise
+        except Exception as e:
+            raise AdapterError(f"{location}: cannot open Chroma ({_reason(e)})") from None
+        self.space = self._space()
+
+    def _space(self) -> str:
+        config = self.collection.configuration_json or {}
+        hnsw = config.get("hnsw") or config.get("spann") or {}
+        space = hnsw.get("space") or (self.collection.metadata or {}).get("hnsw:space") or "l2"
+        if space not in ("l2", "cosine", "ip"):
+            raise AdapterError(f"{self.name}: space {space!r} is not supported (l2, cosine or ip)")
+        return space
+
+    def _dimension(self) -> int:
+        first = self.collection.get(limit=1, include=["embeddings"])["embeddings"]
+        if first is None or not len(first):
+            raise AdapterError(f"{self.name}: collection is empty")
+        return len(first[0])
+
+    def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        q = self._check(queries, k)
+        include = ["distances", "metadatas"] if id_field else ["distances"]
+        res = _request(self.name, "Chroma query", self.collection.query, query_embeddings=q,
+                       n_results=min(max(k, self.ef_search), self.count), include=include)
+        out = []
+        for i, (ids, dists) in enumerate(zip(res["ids"], res["distances"], strict=True)):
+            ids, dists = ids[:k], dists[:k]
+            scores = [1.0 - d / 2.0 if self.space == "l2" else 1.0 - d for d in map(float, dists)]
+            names = [self._meta(m, pid, id_field) for pid, m in zip(ids, res["metadatas"][i][:k], strict=True)] if (
+                id_field) else []
+            out.append(Hits(list(ids), scores, names))
+        return out
+
+    def _meta(self, metadata: dict | None, pid: str, id_field: str) -> str:
+        value = (metadata or {}).get(id_field)
+        if value is None:
+            raise AdapterError(f"{self.name}: record {pid!r} has no metadata field {id_field!r}")
+        return str(value)
+
+    def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
+        ids: list[Id] = []
+        rows: list[np.ndarray] = []
+        include = ["embeddings", "metadatas"] if id_field else ["embeddings"]
+        while True:
+            got = _request(self.name, "Chroma get", self.collection.get, limit=self.batch, offset=len(ids),
+                           include=include)
+            if not got["ids"]:
+                break
+            names = ([self._meta(m, p, id_field) for p, m in zip(got["ids"], got["metadatas"], strict=True)]
+                     if id_field else got["ids"])
+            ids.extend(names)
+            rows.append(np.asarray(got["embeddings"], dtype=np.float32))
+        return ids, np.concatenate(rows) if rows else np.empty((0, self.dim), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------- opening
+
+
+def open_store(*, index: str | os.PathLike | None = None, qdrant: str | None = None, chroma: str | None = None,
+               collection: str | None = None, cfg: Config | None = None) -> Store:
+    """Open the one store given: a FAISS file (``index``), or a Qdrant or Chroma ``collection`` at a path or URL."""
+    cfg = cfg or Config()
+    given = [name for name, v in (("--index", index), ("--qdrant", qdrant), ("--chroma", chroma)) if v]
+    if len(given) != 1:
+        raise AdapterError("pass exactly one of --index FILE, --qdrant PATH_OR_URL or --chroma PATH_OR_URL"
+                           + (f" (got {' and '.join(given)})" if given else ""))
+    if index is not None:
+        if collection:
+            raise AdapterError("--collection applies to --qdrant and --chroma, not --index")
+        return FaissStore(index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+    if not collection:
+        raise AdapterError(f"{given[0]} needs --collection NAME")
+    if qdrant is not None:
+        return QdrantStore(qdrant, collection, ef_search=cfg.ef_search, batch=cfg.store_batch)
+    return ChromaStore(chroma, collection, ef_search=cfg.ef_search, batch=cfg.store_batch)
+
+
+def corpus_names(store: Store, dataset: Dataset, ids: Sequence[Id]) -> list[str]:
+    """Name each stored vector by a corpus id of ``dataset``: row i is line i of corpus.jsonl for a FAISS index
+    without an id map; otherwise the store's id (or id field) as a string. Vectors naming nothing in the corpus stay
+    in the list under their own id (they still compete in search)."""
+    if store.rows_are_ids:
+        if len(ids) != len(dataset.corpus):
+            raise AdapterError(f"{store.name}: holds {len(ids)} vectors without ids, {dataset.path} has "
+                               f"{len(dataset.corpus)} chunks; row i must be line i of corpus.jsonl")
+        cids = list(dataset.corpus)
+        return [cids[int(i)] for i in ids]
+    names = [str(i) for i in ids]
+    if len(set(names)) != len(names):
+        dup = next(n for n, count in Counter(names).items() if count > 1)
+        raise AdapterError(f"{store.name}: id {dup!r} names more than one vector")
+    return names
+
+
+def hit_texts(store: Store, dataset: Dataset, hits: Hits) -> list[str]:
+    """The corpus text of each hit ("" when its id names no chunk of ``dataset``), named as ``corpus_names`` does."""
+    if store.rows_are_ids:
+        cids = list(dataset.corpus)
+        names = [cids[i] if 0 <= i < len(cids) else "" for i in map(int, hits.ids)]
+    else:
+        names = [str(n) for n in (hits.names or hits.ids)]
+    return [dataset.corpus.get(n, "") for n in names]
+
+
+def corpus_from_store(store: Store, dataset: Dataset, split: str, *,
+                      id_field: str | None = None) -> tuple[list[str], np.ndarray]:
+    """Every vector of ``store``, named by corpus id, checked to hold each chunk the split's qrels judge: what
+    ``evaluate_dataset(corpus=...)`` scores instead of embedding the corpus."""
+    ids, vectors = store.vectors(id_field=id_field)
+    if not len(ids):
+        raise AdapterError(f"{store.name}: holds no vectors")
+    names = corpus_names(store, dataset, ids)
+    judged = {c for rels in dataset.split(split).values() for c in rels}
+    missing = sorted(judged - set(names))
+    if missing:
+        raise AdapterError(f"{store.name}: holds no vector for {len(missing)} of the {len(judged)} chunks judged in "
+                           f"{split} (first: {missing[0]!r}); its ids must be corpus ids"
+                           + ("" if id_field else " (or pass --id-field)"))
+    logger.info("read %d vectors from %s (%d judged chunks among them)", len(ids), store.name, len(judged))
+    return names, vectors

@@ -1,0 +1,52 @@
+"""One rank of a fine-tune on the tiny BERT, run by tests/test_finetune.py under ``torchrun --nproc_per_node 2``.
+
+Records what the test cannot see from outside the processes: how many rows the loss gathered across ranks for each
+local batch, and a checksum of this rank's weights after training (DDP must keep the replicas identical).
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py DATA OUT MODEL REPORT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking as mnrl
+from sentence_transformers import SentenceTransformerTrainer
+
+from adapter.config import Config
+from adapter.data import load_dataset
+from adapter.finetune import finetune
+
+
+def main() -> None:
+    data, out, model, report = sys.argv[1:5]
+    gathered: list[tuple[int, int]] = []  # (local rows, rows after gathering) per gather call
+    checksum: list[float] = []
+    real_gather, real_train = mnrl.all_gather_with_grad, SentenceTransformerTrainer.train
+
+    def spy_gather(tensor):
+        result = real_gather(tensor)
+        gathered.append((tensor.shape[0], result.shape[0]))
+        return result
+
+    def spy_train(self, *args, **kwargs):
+        output = real_train(self, *args, **kwargs)
+        checksum.append(float(sum(p.detach().double().sum() for p in self.model.parameters())))
+        return output
+
+    mnrl.all_gather_with_grad = spy_gather
+    SentenceTransformerTrainer.train = spy_train
+    cfg = Config().replace(model=model, dims=(32, 16), select_dim=16, finetune_epochs=2, finetune_batch_size=2,
+                           grad_accum=1, finetune_lr=1e-3, val_fraction=0.3)
+    result = finetune(load_dataset(data), out, cfg, progress=False)
+    rank = int(os.environ["RANK"])
+    Path(report, f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world_size": result.world_size, "main_process": result.main_process, "gathered": gathered,
+        "checksum": checksum[0]}))
+
+
+if __name__ == "__main__":
+    main()

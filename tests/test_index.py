@@ -1,0 +1,123 @@
+"""Bolting an adapter onto a FAISS index built by `adapter index build`, or the user's own: search through the CLI
+against a brute-force computation, ids as stored, one-line errors."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from adapter.model import LinearAdapter
+from cli import main
+from tests.conftest import write_dataset
+
+
+def random_adapter(dim: int, base_model: str, *, rank: int | None = None, seed: int = 0,
+                   scale: float = 0.5) -> LinearAdapter:
+    """An adapter far enough from the identity to reorder results: the identity plus seeded noise."""
+    a = LinearAdapter.identity(dim, base_model, rank=rank, bias=True, seed=seed)
+    rng = np.random.default_rng(seed + 1)
+    if rank is None:
+        a.weight += rng.normal(scale=scale * dim ** -0.5, size=a.weight.shape).astype(np.float32)
+    else:
+        a.V += rng.normal(scale=scale, size=a.V.shape).astype(np.float32)
+    a.bias += rng.normal(scale=0.05, size=dim).astype(np.float32)
+    return a
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, minilm):
+    """The tiny dataset split by query, and an adapter file for MiniLM that reorders its results."""
+    from adapter.data import split_dataset
+    from adapter.encoder import Encoder
+
+    folder = write_dataset(tmp_path_factory.mktemp("t") / "ds")
+    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    out = folder.parent / "tiny-adapter.safetensors"
+    random_adapter(384, Encoder(minilm, show_progress=False).identity).save(out)
+    return folder, out, ""
+
+
+def test_search_matches_brute_force(trained, tmp_path, minilm):
+    from adapter.encoder import Encoder
+    from adapter.index import AdaptedEncoder
+
+    folder, out, _ = trained
+    idx = tmp_path / "base.faiss"
+    r = CliRunner().invoke(main, ["index", "build", str(folder), "--out", str(idx)])
+    assert r.exit_code == 0, r.output
+    query = "who fixes a broken pipe in the street"
+    r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "-k", "4", "--json", query])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.output.strip().splitlines()[-1])
+    adapted = AdaptedEncoder(out, minilm)
+    corpus = Encoder(minilm, show_progress=False).encode_documents(
+        [json.loads(line)["text"] for line in (folder / "corpus.jsonl").read_text().splitlines()])
+    np.testing.assert_allclose(adapted.encode_document(["x"]), minilm.encode_document(["x"], normalize_embeddings=True))
+    scores = corpus @ adapted.encode_query([query])[0]
+    assert got["ids"] == list(np.argsort(-scores, kind="stable")[:4])
+    np.testing.assert_allclose(got["scores"], np.sort(scores)[::-1][:4], rtol=1e-5)
+    base_scores = corpus @ minilm.encode_query([query], normalize_embeddings=True)[0]
+    assert not np.allclose(scores, base_scores, atol=1e-3)  # the adapter really was applied
+    r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "--data", str(folder), query])
+    assert r.exit_code == 0 and "  1. id " in r.output and "sluice valves" in r.output
+
+
+def test_search_keeps_the_index_own_ids(tmp_path, trained, minilm):
+    from adapter.index import AdaptedEncoder, read_index, search_index, write_index
+
+    _, out, _ = trained
+    vecs = minilm.encode_document(["burst main", "hydrant flushing", "lead pipes"], normalize_embeddings=True)
+    write_index(vecs, tmp_path / "ids.faiss", ids=np.array([1001, 2002, 3003]))
+    scores, ids = search_index(read_index(tmp_path / "ids.faiss"), AdaptedEncoder(out, minilm).encode_query(
+        ["the main burst"]), k=3)
+    assert set(ids[0]) == {1001, 2002, 3003} and ids[0][0] == 1001
+    r = CliRunner().invoke(main, ["search", "--index", str(tmp_path / "ids.faiss"), "--adapter", str(out), "--json",
+                                  "the main burst"])
+    assert r.exit_code == 0 and json.loads(r.output)["ids"] == [int(i) for i in ids[0]]
+
+
+def test_search_bad_input(tmp_path, trained):
+    _, out, _ = trained
+    from adapter.index import write_index
+
+    write_index(np.eye(8, dtype=np.float32), tmp_path / "small.faiss")
+    (tmp_path / "junk.faiss").write_text("junk")
+    for idx, words in ((tmp_path / "small.faiss", "index holds 8-dimensional vectors, queries have 384"),
+                       (tmp_path / "junk.faiss", "not a readable FAISS index")):
+        r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "hello"])
+        assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "pass exactly one of --index FILE, --qdrant PATH_OR_URL or --chroma PATH_OR_URL"),
+    (["--index", "a.faiss", "--chroma", "db"], "(got --index and --chroma)"),
+    (["--qdrant", "db"], "--qdrant needs --collection NAME"),
+    (["--index", "a.faiss", "--collection", "c"], "--collection applies to --qdrant and --chroma"),
+])
+def test_search_needs_exactly_one_store(trained, args, words):
+    _, out, _ = trained
+    r = CliRunner().invoke(main, ["search", *args, "--adapter", str(out), "hello"])
+    assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output
+
+
+def test_evaluate_reads_the_corpus_from_an_index(trained, tmp_path):
+    """Scoring the vectors in an index built by `adapter index build` equals scoring freshly embedded ones."""
+    folder, out, _ = trained
+    idx = tmp_path / "base.faiss"
+    assert CliRunner().invoke(main, ["index", "build", str(folder), "--out", str(idx)]).exit_code == 0
+    runs = {}
+    for name, extra in (("embedded", []), ("index", ["--index", str(idx)])):
+        js = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(out), "--dims", "384,64",
+                                      "--json", str(js), *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads(js.read_text())
+    assert runs["index"] == runs["embedded"]
+    assert runs["index"]["tiny-adapter"] != runs["index"]["base"]
+    # an index of another corpus cannot be read as this one's rows
+    from adapter.index import write_index
+
+    write_index(np.eye(384, dtype=np.float32)[:5], tmp_path / "other.faiss")
+    r = CliRunner().invoke(main, ["evaluate", str(folder), "--index", str(tmp_path / "other.faiss")])
+    assert r.exit_code == 1 and "holds 5 vectors without ids" in r.output and r.output.count("\n") == 1, r.output
