@@ -423,9 +423,11 @@ def generate(directory: str, llm_model: str | None, base_url: str | None, api_ke
               "[default: the model's own]; the saved model keeps the model's own length.")
 @click.option("--split", "train_split", default=None, help=f"Qrels split to train on [default: {Config.train_split}].")
 @click.option("--seed", type=int, default=None, help=f"[default: {Config.seed}]")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="REPO",
+              help="Then upload the model folder to this Hugging Face Hub model repo (token: $HF_TOKEN).")
 def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] | None, select_dim: int | None,
              epochs: int | None, batch_size: int | None, grad_accum: int | None, lr: float | None,
-             max_seq_length: int | None, train_split: str | None, seed: int | None) -> None:
+             max_seq_length: int | None, train_split: str | None, seed: int | None, repo_id: str | None) -> None:
     """Fine-tune the whole encoder on DIRECTORY with MatryoshkaLoss(MultipleNegativesRankingLoss); write the best
     epoch to --out as a sentence-transformers model folder with a model card.
 
@@ -433,12 +435,10 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
     `torchrun --nproc_per_node N -m cli finetune ...` or `accelerate launch --multi_gpu --num_processes N -m cli
     finetune ...` (on CPU too: gloo).
     """
-    from transformers.utils import logging as hf_logging
-
     from adapter.data import load_dataset
     from adapter.finetune import finetune as run
 
-    hf_logging.disable_progress_bar()
+    _quiet_hf()
     cfg = Config().replace(model=model, dims=dims, select_dim=select_dim, finetune_epochs=epochs,
                            finetune_batch_size=batch_size, grad_accum=grad_accum, finetune_lr=lr,
                            max_seq_length=max_seq_length, train_split=train_split, seed=seed)
@@ -453,6 +453,10 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
     resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""
     click.echo(f"trained in {r.seconds:.1f} s on {r.world_size} process{'es' * (r.world_size > 1)}{resumed}; "
                f"wrote {r.path}")
+    if repo_id:
+        from adapter.hub import push_to_hub
+
+        click.echo(f"pushed {r.path} to {push_to_hub(r.path, repo_id)}")
 
 
 @main.command()
@@ -477,13 +481,11 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
             bootstrap_samples: int | None, allow_other_model: bool, cache_dir: str | None) -> None:
     """Score base, adapters, fine-tuned and other models side by side on DIRECTORY's split, with costs and paired
     bootstrap intervals; write report.md, results.json, summary.json and PNG plots to --out."""
-    from transformers.utils import logging as hf_logging
-
     from adapter.data import load_dataset
     from adapter.report import compare as run
     from adapter.report import cost_table, primary_table
 
-    hf_logging.disable_progress_bar()
+    _quiet_hf()
     cfg = Config().replace(model=base_model, split=split_name, dims=dims, bootstrap_samples=bootstrap_samples,
                            cache_dir=cache_dir)
     ds = load_dataset(directory)

@@ -57,7 +57,7 @@ class Config:
     dtype: str = "float32"  # tensors' dtype in the saved file; float16 halves it
     # stores / export
     search_k: int = 10  # results `adapter search` returns
-    nprobe: int = 64  # IVF lists probed (at most all); 32 left a query at recall@10 0.9 on AppleQA (bench/stores.md)
+    nprobe: int = 64  # IVF lists probed (at most all); 32 left a query at recall@10 0.9 on AppleQA (BENCHMARKS.md)
     ef_search: int = 256  # HNSW candidate list (FAISS, Qdrant, Chroma; at least k); 16, FAISS's own, lost neighbours
     id_field: str | None = None  # None: a store's own point ids are corpus ids; else this Qdrant/Chroma payload field
     store_batch: int = 1000  # points per request when a collection is read out for evaluation

@@ -47,6 +47,9 @@ PAIR_ID_KEYS = ("global_chunk_id", "chunk_id", "chunk_index", "corpus_id", "doc_
 
 # ---------------------------------------------------------------------------------------------------------- writing
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's umask, restored at once
+
 
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
@@ -57,6 +60,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     except OSError as e:
         raise AdapterError(f"{path.parent}: cannot write here ({e.strerror})") from None
     try:
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; a finished file gets the usual permissions
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
             yield f
         os.replace(tmp, path)
@@ -538,3 +542,21 @@ def split_kind(dataset: Dataset) -> str:
         with contextlib.suppress(json.JSONDecodeError, OSError, AttributeError):
             return json.loads(info.read_text()).get("by", "query")
     return "query"
+
+
+def train_val_qrels(dataset: Dataset, *, train_split: str = "train", val_fraction: float = 0.1,
+                    seed: int = 0) -> tuple[Qrels, Qrels, str]:
+    """Training and validation queries for any trainer: the ``dev`` split if present, else a seeded ``val_fraction``
+    of the training split carved the way the dataset was split (by query, or by whole chunk). Returns both and a
+    phrase saying how validation was chosen."""
+    train = relevant(dataset.split(train_split))
+    if "dev" in dataset.qrels and train_split != "dev":
+        return train, relevant(dataset.split("dev")), "the dev split"
+    by = split_kind(dataset)
+    try:
+        parts, _ = partition_qrels(train, by=by, test_fraction=val_fraction, seed=seed)
+    except AdapterError as e:
+        raise AdapterError(f"{dataset.path}: cannot carve validation from {train_split}: {e}") from None
+    if not parts["train"] or not parts["test"]:
+        raise AdapterError(f"{dataset.path}: too few training queries to train and validate")
+    return parts["train"], parts["test"], f"{val_fraction:g} of {train_split} by {by}"

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from sentence_transformers.base.evaluation import BaseEvaluator
 
 from adapter.config import AdapterError, Config, default_dims
-from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, fingerprint, partition_qrels, relevant, split_kind
+from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, fingerprint, relevant, train_val_qrels
 from adapter.encoder import load_model
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate
 
@@ -116,22 +116,6 @@ def select_dim(requested: int | None, dims: Sequence[int]) -> int:
     if requested not in dims:
         raise AdapterError(f"--select-dim {requested} is not one of the trained dims {','.join(map(str, dims))}")
     return requested
-
-
-def train_val_qrels(dataset: Dataset, cfg: Config) -> tuple[Qrels, Qrels, str]:
-    """Training and validation queries, carved exactly as ``adapter train`` carves them (the ``dev`` split if present,
-    else a seeded ``val_fraction`` of train cut the way the dataset was split), so both paths see the same data."""
-    train = relevant(dataset.split(cfg.train_split))
-    if "dev" in dataset.qrels and cfg.train_split != "dev":
-        return train, relevant(dataset.split("dev")), "the dev split"
-    by = split_kind(dataset)
-    try:
-        parts, _ = partition_qrels(train, by=by, test_fraction=cfg.val_fraction, seed=cfg.seed)
-    except AdapterError as e:
-        raise AdapterError(f"{dataset.path}: cannot carve validation from {cfg.train_split}: {e}") from None
-    if not parts["train"] or not parts["test"]:
-        raise AdapterError(f"{dataset.path}: too few training queries to train and validate")
-    return parts["train"], parts["test"], f"{cfg.val_fraction:g} of {cfg.train_split} by {by}"
 
 
 def _world_size() -> int:
@@ -289,7 +273,8 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
         raise AdapterError(f"{out}: exists and is not a folder")
     if (out / "modules.json").is_file():  # before loading anything: a model here is never overwritten
         raise AdapterError(f"{out}: already holds a model; choose another --out folder")
-    train_qrels, val_qrels, how = train_val_qrels(dataset, cfg)
+    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.train_split,
+                                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
     model = load_model(cfg.model)
     full = int(model.get_embedding_dimension())
     dims = matryoshka_dims(cfg.dims, full)

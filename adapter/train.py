@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapter.config import AdapterError, Config
-from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, relevant, split_kind
+from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, train_val_qrels
 from adapter.evaluate import PRIMARY_METRIC, search
 from adapter.evaluate import evaluate as judge
 from adapter.model import LinearAdapter
@@ -265,18 +265,8 @@ def train_adapter(dataset: Dataset, encoder: Encoder, cfg: Config | None = None,
     """Train an adapter on a dataset split with the encoder's cached embeddings; validation is the ``dev`` split if
     present, else a seeded slice of train carved the way the dataset was split (by query or by whole chunk)."""
     cfg = cfg or Config()
-    train_qrels = relevant(dataset.split(cfg.train_split))
-    if "dev" in dataset.qrels and cfg.train_split != "dev":
-        val_qrels, how = relevant(dataset.split("dev")), "the dev split"
-    else:
-        by = split_kind(dataset)
-        try:
-            parts, _ = partition_qrels(train_qrels, by=by, test_fraction=cfg.val_fraction, seed=cfg.seed)
-        except AdapterError as e:
-            raise AdapterError(f"{dataset.path}: cannot carve validation from {cfg.train_split}: {e}") from None
-        train_qrels, val_qrels, how = parts["train"], parts["test"], f"{cfg.val_fraction:g} of train by {by}"
-    if not train_qrels or not val_qrels:
-        raise AdapterError(f"{dataset.path}: too few training queries to train and validate")
+    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.train_split,
+                                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
     qids = [*train_qrels, *val_qrels]
     queries = encoder.encode_queries([dataset.queries[q] for q in qids])
     corpus_ids = list(dataset.corpus)

@@ -5,7 +5,7 @@ one epoch at 128 tokens unless told otherwise), then `adapter compare` for the s
     python bench/bench_finetune.py [--shared ../shared] [--work DIR] [--epochs 1] [--max-seq-length 128]
                                    [--grad-accum N]
 
-Prints Markdown on stdout (bench/finetune.md quotes it); the report folder is left in WORK/report.
+Prints Markdown on stdout (BENCHMARKS.md quotes it); the report folder is left in WORK/report.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ both folders hold the same bytes.
 
     python bench/bench_generate.py [--chunks 200] [--fault-rate 0.2] [--seed 0] [--kill-at 100]
 
-Prints a Markdown report on stdout (bench/generate.md quotes it).
+Prints a Markdown report on stdout (BENCHMARKS.md quotes it).
 """
 
 from __future__ import annotations

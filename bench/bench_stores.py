@@ -9,7 +9,7 @@ point ids, Chroma string ids). --distractors adds every training question, embed
 vectors), so approximate indexes have something to get wrong; the evaluate table is printed without it. FAISS files
 are built the way a user builds their own; Qdrant is a local folder (qdrant-client's local mode searches exactly),
 Chroma an embedded PersistentClient with its default HNSW (ef_search 100 set on the collection; asking for more
-results widens it for one search). Prints Markdown on stdout (bench/stores.md quotes it).
+results widens it for one search). Prints Markdown on stdout (BENCHMARKS.md quotes it).
 """
 
 from __future__ import annotations

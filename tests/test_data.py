@@ -251,3 +251,12 @@ def test_appleqa_converts(tmp_path):
     ds, fmt = convert(APPLEQA, tmp_path / "apple")
     assert fmt == "chunks" and len(ds.corpus) == 215
     assert sum(len(r) for r in ds.qrels["all"].values()) == 4300  # every question kept, repeats merged
+
+
+def test_written_files_get_normal_permissions(tmp_path):
+    import os
+    import stat
+
+    convert(make_source("llamaindex", tmp_path), tmp_path / "out")
+    mode = stat.S_IMODE(os.stat(tmp_path / "out" / "corpus.jsonl").st_mode)
+    assert mode & 0o044 == 0o044  # group and others may read it, as with any file written the usual way

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import adapter.finetune as ft
 from adapter.config import AdapterError, Config
-from adapter.data import load_dataset
+from adapter.data import load_dataset, train_val_qrels
 from adapter.encoder import load_model
 from cli import main
 from tests.conftest import QUESTIONS, write_dataset
@@ -66,7 +66,7 @@ def test_finetune_installs_a_model_that_scores_its_kept_epoch(train_dir, tmp_pat
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.name == "checkpoints") == []
 
     ds = load_dataset(train_dir)
-    train, val, _ = ft.train_val_qrels(ds, cfg)
+    train, val, _ = train_val_qrels(ds, train_split=cfg.train_split, val_fraction=cfg.val_fraction, seed=cfg.seed)
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["dims"] == list(DIMS) and meta["select_dim"] == 16 and meta["train_seconds"] > 0
     assert meta["pairs"] == sum(len(r) for r in train.values()) and meta["val_queries"] == len(val) == 1
