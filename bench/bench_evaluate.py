@@ -22,16 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DIMS = [384, 256, 128, 64]
 
 
-def appleqa_folder(shared: Path, work: Path) -> Path:
-    from adapter.data import convert, split_dataset
-
-    out = work / "appleqa"
-    convert(shared / "data" / "appleqa" / "apple_QA_dataset.json", out)
-    split_dataset(out, by="query", test_fraction=0.2, seed=0)
-    return out
-
-
 def agreement_and_speed(shared: Path) -> None:
+    from common import appleqa
     from sentence_transformers.sentence_transformer.evaluation import (
         InformationRetrievalEvaluator,
         SequentialEvaluator,
@@ -43,7 +35,7 @@ def agreement_and_speed(shared: Path) -> None:
     from adapter.pipeline import evaluate_dataset
 
     work = Path(tempfile.mkdtemp(prefix="bench-eval-"))
-    ds = load_dataset(appleqa_folder(shared, work))
+    ds = load_dataset(appleqa(shared, work))
     qrels = relevant(ds.split("test"))
     model = load_model()  # both sides start from a loaded model
 

@@ -56,20 +56,18 @@ def main() -> None:
     import chromadb
     import numpy as np
     import qdrant_client
+    from common import appleqa
     from qdrant_client import models
 
     from adapter.config import Config
-    from adapter.data import convert, load_dataset, relevant, split_dataset
+    from adapter.data import load_dataset, relevant
     from adapter.encoder import Encoder
     from adapter.pipeline import evaluate_dataset
     from adapter.stores import ChromaStore, FaissStore, QdrantStore, corpus_from_store
     from adapter.train import train_adapter
 
     work = Path(tempfile.mkdtemp(prefix="bench-stores-"))
-    folder = work / "appleqa-query"
-    convert(a.shared / "data" / "appleqa" / "apple_QA_dataset.json", folder)
-    split_dataset(folder, by="query", test_fraction=0.2, seed=0)
-    ds = load_dataset(folder)
+    ds = load_dataset(appleqa(a.shared, work))
     encoder = Encoder("sentence-transformers/all-MiniLM-L6-v2", cache_dir=a.cache_dir or work / "cache",
                       show_progress=False)
     adapter = train_adapter(ds, encoder, Config(), progress=False).adapter

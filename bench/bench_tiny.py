@@ -29,18 +29,17 @@ def main() -> None:
     p.add_argument("--seeds", default="0", help="training seeds for the rank-16 float16 row")
     a = p.parse_args()
 
+    from common import appleqa
+
     from adapter.config import Config
-    from adapter.data import convert, load_dataset, split_dataset
+    from adapter.data import load_dataset
     from adapter.encoder import Encoder
     from adapter.model import LinearAdapter
     from adapter.pipeline import evaluate_dataset
     from adapter.train import train_adapter
 
     work = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
-    folder = work / "appleqa-query"
-    convert(a.shared / "data" / "appleqa" / "apple_QA_dataset.json", folder)
-    split_dataset(folder, by="query", test_fraction=0.2, seed=0)
-    ds = load_dataset(folder)
+    ds = load_dataset(appleqa(a.shared, work))
     encoder = Encoder("sentence-transformers/all-MiniLM-L6-v2", cache_dir=a.cache_dir or work / "cache",
                       show_progress=False)
 

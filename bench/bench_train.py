@@ -23,18 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def prepare(shared: Path, work: Path) -> dict[str, Path]:
-    from adapter.data import convert, split_dataset
-
-    folders = {}
-    for by in ("query", "chunk"):
-        out = work / f"appleqa-{by}"
-        convert(shared / "data" / "appleqa" / "apple_QA_dataset.json", out)
-        split_dataset(out, by=by, test_fraction=0.2, seed=0)
-        folders[by] = out
-    return folders
-
-
 def test_scores(ds, encoder, adapter) -> tuple[dict, dict]:
     from adapter.pipeline import evaluate_dataset
 
@@ -194,7 +182,9 @@ def main() -> None:
     from adapter.encoder import Encoder, load_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    folders = prepare(a.shared, work)
+    from common import appleqa
+
+    folders = {by: appleqa(a.shared, work, by) for by in ("query", "chunk")}
     model = load_model()
     encoder = Encoder(model, cache_dir=work / "cache", show_progress=False)
     print(f"AppleQA ({a.shared / 'data/appleqa'}), all-MiniLM-L6-v2, seed 0, 20% held out.\n")
