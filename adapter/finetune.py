@@ -26,10 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 from sentence_transformers.base.evaluation import BaseEvaluator
 
-from adapter.config import AdapterError, Config, default_dims
+from adapter.config import AdapterError, Config
 from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, fingerprint, relevant, train_val_qrels
 from adapter.encoder import load_model
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate
+from adapter.pipeline import resolve_dims
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -93,16 +94,10 @@ class RetrievalEvaluator(BaseEvaluator):
 def matryoshka_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
     """The dims to train: strictly descending, none above the model's dimension, the full dimension first (added
     when missing); default the full dimension and each standard one below it."""
-    if not dims:
-        return list(default_dims(full_dim))
-    dims = list(dims)
-    shown = ",".join(map(str, dims))
-    if any(d <= 0 for d in dims):
-        raise AdapterError(f"--dims {shown}: every dimension must be positive")
-    if any(a <= b for a, b in zip(dims, dims[1:], strict=False)):
-        raise AdapterError(f"--dims {shown}: dimensions must be strictly descending, like 384,256,128,64")
-    if dims[0] > full_dim:
-        raise AdapterError(f"--dims {shown}: {dims[0]} is above the model's dimension {full_dim}")
+    if any(a <= b for a, b in zip(dims or [], (dims or [])[1:], strict=False)):
+        raise AdapterError(f"--dims {','.join(map(str, dims))}: dimensions must be strictly descending, like "
+                           "384,256,128,64")
+    dims = resolve_dims(dims, full_dim)  # positive and within the model, as every command checks them
     if dims[0] != full_dim:
         logger.info("training the model's full dimension %d as well", full_dim)
         dims.insert(0, full_dim)
