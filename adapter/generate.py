@@ -24,16 +24,12 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,11 +37,22 @@ import numpy as np
 
 from adapter.config import AdapterError, Config
 from adapter.data import SPLITS, atomic_write, ensure_dir, read_jsonl, write_qrels
+from adapter.resilience import (
+    FatalError,
+    Journal,
+    RateLimiter,
+    RetriesExhausted,
+    RetryPolicy,
+    Stats,
+    Stopped,
+    call,
+    endpoint_of,
+    make_client,
+)
 
 logger = logging.getLogger(__name__)
 
 JOURNAL = "generation.jsonl"  # one line per finished chunk: {"_id", "sha", "questions"}
-RETRY_STATUSES = (408, 409, 429)  # and every 5xx: busy or broken for now, likely fine on a later try
 DEDUP_BLOCK = 1024  # questions compared per matrix product when dropping near-duplicates
 
 PROMPT = """\
@@ -152,54 +159,6 @@ def parse_questions(content: str | None, n: int) -> list[str]:
     return unique[:n]
 
 
-# ---------------------------------------------------------------------------------------------------------- pacing
-
-
-class RateLimiter:
-    """Spaces request starts at least 60/rpm seconds apart across threads; ``pause`` holds every thread back."""
-
-    def __init__(self, per_minute: float):
-        self.interval = 60.0 / per_minute
-        self._next = 0.0  # monotonic time of the next free slot
-        self._lock = threading.Lock()
-
-    def wait(self, stop: threading.Event) -> None:
-        """Block until this caller's slot comes (or ``stop`` is set)."""
-        with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        if slot > now:
-            stop.wait(slot - now)
-
-    def pause(self, seconds: float) -> None:
-        """No slot before ``seconds`` from now: the server asked everyone to wait."""
-        with self._lock:
-            self._next = max(self._next, time.monotonic() + seconds)
-
-
-def backoff_delay(retry: int, base: float, cap: float, retry_after: float | None = None) -> float:
-    """Seconds before re-ask number ``retry`` (1, 2, ...): base * 2**(retry-1), jittered to half-to-full, at least
-    the server's Retry-After, at most ``cap``."""
-    ceiling = min(cap, base * 2 ** (retry - 1))
-    delay = ceiling / 2 + random.uniform(0, ceiling / 2)
-    return min(cap, max(delay, retry_after or 0.0))
-
-
-def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """The wait a response asks for: ``retry-after-ms``, else ``Retry-After`` in seconds or as an HTTP date."""
-    with contextlib.suppress(TypeError, ValueError):
-        return max(0.0, float(headers.get("retry-after-ms")) / 1000)
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    with contextlib.suppress(ValueError):
-        return max(0.0, float(value))
-    with contextlib.suppress(TypeError, ValueError):
-        return max(0.0, (parsedate_to_datetime(value) - datetime.now(timezone.utc)).total_seconds())
-    return None
-
-
 # ---------------------------------------------------------------------------------------------------------- journal
 
 
@@ -208,64 +167,26 @@ def text_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-class Journal:
-    """Append-only record of finished chunks, one JSON line each, flushed and fsynced as it is written."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._file: Any = None
-
-    def load(self, hashes: Mapping[str, str]) -> dict[str, list[str]]:
-        """Questions of every chunk the journal finished whose text still matches ``hashes`` (id -> text hash).
-
-        A torn last line (a run killed mid-write) is cut off so the next append starts on a fresh line.
-        """
-        if not self.path.is_file():
-            return {}
-        raw = self.path.read_bytes()
-        if raw and not raw.endswith(b"\n"):
-            keep = raw.rfind(b"\n") + 1
-            with open(self.path, "r+b") as f:
-                f.truncate(keep)
-            logger.warning("%s: dropped a torn last line (a run was stopped mid-write)", self.path)
-            raw = raw[:keep]
-        finished: dict[str, list[str]] = {}
-        stale = 0
-        for n, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-                cid, sha, questions = str(entry["_id"]), entry["sha"], entry["questions"]
-            except (ValueError, KeyError, TypeError):
-                raise AdapterError(f"{self.path}:{n}: not a journal entry; delete the line (or the file to start "
-                                   "over)") from None
-            if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
-                raise AdapterError(f"{self.path}:{n}: 'questions' must be a list of strings")
-            if hashes.get(cid) != sha:
-                stale += 1
-            elif cid not in finished:
-                finished[cid] = questions
-        if stale:
-            logger.info("%s: %d entries are for chunks no longer in the corpus or since changed; ignored",
-                        self.path, stale)
-        return finished
-
-    def append(self, cid: str, sha: str, questions: list[str]) -> None:
-        """Write one finished chunk and force it to disk before returning."""
+def load_finished(journal: Journal, hashes: Mapping[str, str]) -> dict[str, list[str]]:
+    """Questions of every chunk the journal finished whose text still matches ``hashes`` (id -> text hash)."""
+    finished: dict[str, list[str]] = {}
+    stale = 0
+    for n, entry in journal.entries():
         try:
-            if self._file is None:
-                self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 -- held open for the run
-            self._file.write(json.dumps({"_id": cid, "sha": sha, "questions": questions}, ensure_ascii=False) + "\n")
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        except OSError as e:
-            raise AdapterError(f"{self.path}: cannot write ({e.strerror})") from None
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+            cid, sha, questions = str(entry["_id"]), entry["sha"], entry["questions"]
+        except KeyError:
+            raise AdapterError(f"{journal.path}:{n}: not a journal entry; delete the line (or the file to start "
+                               "over)") from None
+        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+            raise AdapterError(f"{journal.path}:{n}: 'questions' must be a list of strings")
+        if hashes.get(cid) != sha:
+            stale += 1
+        elif cid not in finished:
+            finished[cid] = questions
+    if stale:
+        logger.info("%s: %d entries are for chunks no longer in the corpus or since changed; ignored",
+                    journal.path, stale)
+    return finished
 
 
 # ---------------------------------------------------------------------------------------------------------- asking
@@ -275,34 +196,22 @@ class _ChunkFailed(Exception):
     """A chunk that failed every retry; the message is its last error."""
 
 
-class _Stopped(Exception):
-    """The run is stopping (another chunk hit a fatal error, or the user interrupted)."""
-
-
 class _Tally:
-    """Counts shared by the workers, shown on the progress bar."""
+    """The run's request counts (shared with resilience.call) shown on the progress bar, plus chunks done/failed."""
 
     def __init__(self, total: int, done: int, show: bool):
         from tqdm.auto import tqdm
 
-        self.lock = threading.Lock()
-        self.done, self.failed, self.retrying = done, 0, 0
-        self.requests, self.retries = 0, 0
-        self.reasons: Counter[str] = Counter()
+        self.done, self.failed = done, 0
         self.bar = tqdm(total=total, initial=done, unit="chunk", desc="generate", disable=not show)
+        self.stats = Stats(on_change=self._show)
         self._show()
 
     def _show(self) -> None:
-        self.bar.set_postfix(done=self.done, failed=self.failed, retrying=self.retrying, refresh=True)
+        self.bar.set_postfix(done=self.done, failed=self.failed, retrying=self.stats.retrying, refresh=True)
 
-    def update(self, *, requests: int = 0, retry: str | None = None, waiting: int = 0, done: int = 0,
-               failed: int = 0) -> None:
-        with self.lock:
-            self.requests += requests
-            if retry is not None:
-                self.retries += 1
-                self.reasons[retry] += 1
-            self.retrying += waiting
+    def finish(self, *, done: int = 0, failed: int = 0) -> None:
+        with self.stats.lock:
             self.done += done
             self.failed += failed
             self.bar.update(done + failed)
@@ -315,64 +224,27 @@ class _Asker:
     def __init__(self, client: Any, cfg: Config, template: str, tally: _Tally, stop: threading.Event):
         self.client, self.cfg, self.template, self.tally, self.stop = client, cfg, template, tally, stop
         self.limiter = RateLimiter(cfg.requests_per_minute)
+        self.policy = RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay)
+        self.endpoint = endpoint_of(client)
 
     def ask(self, cid: str, text: str) -> list[str]:
-        import openai
-
         cfg = self.cfg
         prompt = self.template.replace("{n}", str(cfg.questions_per_chunk)).replace("{chunk}", text)
-        detail, retry_after = "", None
-        for attempt in range(cfg.max_retries + 1):
-            if attempt:
-                self.tally.update(waiting=1)
-                self.stop.wait(backoff_delay(attempt, cfg.retry_base_delay, cfg.retry_max_delay, retry_after))
-                self.tally.update(waiting=-1)
-            self.limiter.wait(self.stop)
-            if self.stop.is_set():
-                raise _Stopped
-            self.tally.update(requests=1)
-            retry_after = None
-            try:
-                answer = self.client.chat.completions.create(model=cfg.llm_model, temperature=cfg.llm_temperature,
-                                                             messages=[{"role": "user", "content": prompt}])
-                return parse_questions(answer.choices[0].message.content if answer.choices else None,
-                                       cfg.questions_per_chunk)
-            except ParseError as e:
-                reason, detail = e.kind, str(e)
-            except openai.APIStatusError as e:
-                if e.status_code not in RETRY_STATUSES and e.status_code < 500:
-                    body = e.body.get("message") if isinstance(e.body, dict) else None
-                    message = str(body or e.message or "").strip().splitlines()[0][:200]
-                    self.stop.set()  # before this worker can take another chunk
-                    raise AdapterError(f"{str(self.client.base_url).rstrip('/')}: HTTP {e.status_code} asking for "
-                                       f"chunk {cid!r} ({message})") from None
-                reason = detail = f"HTTP {e.status_code}"
-                retry_after = retry_after_seconds(e.response.headers)
-                if e.status_code == 429 and retry_after:
-                    self.limiter.pause(min(retry_after, cfg.retry_max_delay))
-            except openai.APITimeoutError:
-                reason = detail = "timeout"
-            except openai.APIConnectionError:
-                reason = detail = "connection error"
-            except ValueError:  # a 200 whose body is not JSON: the client's own decoding fails
-                reason = detail = "unreadable response"
-            if attempt < cfg.max_retries:
-                self.tally.update(retry=reason)
-                logger.debug("%s: %s; asking again (retry %d of %d)", cid, detail, attempt + 1, cfg.max_retries)
-        raise _ChunkFailed(detail)
 
+        def once() -> list[str]:
+            answer = self.client.chat.completions.create(model=cfg.llm_model, temperature=cfg.llm_temperature,
+                                                         messages=[{"role": "user", "content": prompt}])
+            return parse_questions(answer.choices[0].message.content if answer.choices else None,
+                                   cfg.questions_per_chunk)
 
-def _client(cfg: Config) -> Any:
-    """An OpenAI client without retries of its own (ours are counted); the key comes from the environment only."""
-    import openai
-
-    key = os.environ.get(cfg.api_key_env)
-    if not key:
-        if cfg.base_url is None and not os.environ.get("OPENAI_BASE_URL"):
-            raise AdapterError(f"${cfg.api_key_env} is not set: export the API key there, or name another variable "
-                               "with --api-key-env")
-        key = "none"  # local servers (vLLM, Ollama) accept any key
-    return openai.OpenAI(api_key=key, base_url=cfg.base_url, timeout=cfg.request_timeout, max_retries=0)
+        try:
+            return call(once, endpoint=self.endpoint, policy=self.policy, limiter=self.limiter, stop=self.stop,
+                        stats=self.tally.stats, what=f"asking for chunk {cid!r}")
+        except FatalError:
+            self.stop.set()  # before this worker can take another chunk
+            raise
+        except RetriesExhausted as e:
+            raise _ChunkFailed(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -480,14 +352,15 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
     template = load_prompt(cfg.prompt)
     hashes = {cid: text_hash(text) for cid, text in chunks.items()}
     journal = Journal(directory / JOURNAL)
-    finished = journal.load(hashes)
+    finished = load_finished(journal, hashes)
     todo = [cid for cid in chunks if cid not in finished]
     logger.info("%s: %d chunks, %d already done, %d to ask %s", directory, len(chunks), len(finished), len(todo),
                 cfg.llm_model)
     tally = _Tally(len(chunks), len(finished), show_progress and bool(todo))
     failed: dict[str, str] = {}
     if todo:
-        asker = _Asker(_client(cfg), cfg, template, tally, threading.Event())
+        client = make_client(cfg.base_url, cfg.api_key_env, cfg.request_timeout)
+        asker = _Asker(client, cfg, template, tally, threading.Event())
         try:
             with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="generate") as pool:
                 futures = {pool.submit(asker.ask, cid, chunks[cid]): cid for cid in todo}
@@ -498,14 +371,14 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
                             questions = future.result()
                         except _ChunkFailed as e:
                             failed[cid] = str(e)
-                            tally.update(failed=1)
+                            tally.finish(failed=1)
                             logger.warning("%s: failed after %d retries (%s)", cid, cfg.max_retries, e)
                             continue
-                        except _Stopped:  # the error that stopped the run surfaces from its own future
+                        except Stopped:  # the error that stopped the run surfaces from its own future
                             continue
-                        journal.append(cid, hashes[cid], questions)
+                        journal.append({"_id": cid, "sha": hashes[cid], "questions": questions})
                         finished[cid] = questions
-                        tally.update(done=1)
+                        tally.finish(done=1)
                 except BaseException:
                     asker.stop.set()
                     for future in futures:
@@ -524,9 +397,10 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
         written, dropped = write_queries(directory, list(chunks), finished, encoder, cfg.dedup_threshold)
     else:
         logger.warning("%s: no chunk has questions yet; nothing written", directory)
+    stats = tally.stats
     summary = Summary(chunks=len(chunks), already_done=len(chunks) - len(todo), done=len(finished),
-                      failed={cid: failed[cid] for cid in chunks if cid in failed}, requests=tally.requests,
-                      retries=tally.retries, retry_reasons=dict(sorted(tally.reasons.items())), questions=written,
+                      failed={cid: failed[cid] for cid in chunks if cid in failed}, requests=stats.requests,
+                      retries=stats.retries, retry_reasons=dict(sorted(stats.reasons.items())), questions=written,
                       near_duplicates=dropped, seconds=round(time.monotonic() - started, 2))
     with atomic_write(directory / "generate.json") as f:
         json.dump({**asdict(summary), "config": cfg.to_dict()}, f, indent=2)

@@ -11,8 +11,6 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
-from email.utils import format_datetime
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +20,7 @@ from fake_llm import FAULTS, FakeLLM, render
 
 from adapter.config import AdapterError, Config
 from adapter.data import load_dataset
-from adapter.generate import (
-    JOURNAL,
-    ParseError,
-    RateLimiter,
-    backoff_delay,
-    drop_near_duplicates,
-    generate,
-    parse_questions,
-    retry_after_seconds,
-)
+from adapter.generate import JOURNAL, ParseError, drop_near_duplicates, generate, parse_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 4  # questions per chunk in these tests
@@ -123,38 +112,6 @@ def test_parse_questions_rejects_what_must_be_asked_again(content: str | None, k
     with pytest.raises(ParseError) as e:
         parse_questions(content, 3)
     assert e.value.kind == kind
-
-
-# ---------------------------------------------------------------------------------------------------------- pacing
-
-
-def test_backoff_doubles_with_jitter_and_honours_retry_after():
-    random.seed(0)
-    for retry, ceiling in [(1, 1.0), (2, 2.0), (3, 4.0), (8, 10.0)]:
-        delays = [backoff_delay(retry, 1.0, 10.0) for _ in range(200)]
-        assert ceiling / 2 <= min(delays) and max(delays) <= ceiling and len(set(delays)) > 100
-    assert backoff_delay(1, 1.0, 10.0, retry_after=7.0) == 7.0
-    assert backoff_delay(1, 1.0, 10.0, retry_after=30.0) == 10.0  # the cap holds even against Retry-After
-    date = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
-    assert retry_after_seconds({"retry-after": "3"}) == 3.0
-    assert retry_after_seconds({"retry-after-ms": "250", "retry-after": "3"}) == 0.25
-    assert 25 < retry_after_seconds({"retry-after": date}) <= 30
-    assert retry_after_seconds({"retry-after": "soon"}) is None
-    assert retry_after_seconds({}) is None
-
-
-def test_rate_limiter_spaces_requests_and_pauses_everyone():
-    import threading
-
-    limiter, stop = RateLimiter(600), threading.Event()  # one slot every 0.1 s
-    t = time.monotonic()
-    for _ in range(4):
-        limiter.wait(stop)
-    assert 0.28 <= time.monotonic() - t < 0.6
-    limiter.pause(0.4)
-    t = time.monotonic()
-    limiter.wait(stop)
-    assert time.monotonic() - t >= 0.38
 
 
 def test_drop_near_duplicates_keeps_the_first_of_each_group():
