@@ -7,10 +7,12 @@ import sys
 
 import click
 
-from adapter.config import AdapterError, Config
+from adapter.config import Config
 from adapter.data import FORMATS
+from adapter.errors import AdapterError
 
 logger = logging.getLogger("adapter")
+DEFAULTS = Config()  # for the [default: ...] of each option's help; the values themselves live in adapter/config.py
 
 
 def _dims(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...] | None:
@@ -45,7 +47,7 @@ def main(verbose: bool, quiet: bool) -> None:
 
 
 model_option = click.option("--model", default=None, help="Sentence-transformers model name or path "
-                            f"[default: {Config.model}].")
+                            f"[default: {DEFAULTS.encoder.model}].")
 cache_option = click.option("--cache-dir", default=None, help="Embedding cache folder [default: $ADAPTER_CACHE or "
                             "~/.cache/adapter].")
 
@@ -61,7 +63,7 @@ def _encoder(cfg: Config):
     from adapter.encoder import Encoder
 
     _quiet_hf()
-    return Encoder(cfg.model, cache_dir=cfg.cache_dir, batch_size=cfg.encode_batch_size)
+    return Encoder.from_config(cfg)
 
 
 @main.command()
@@ -103,22 +105,22 @@ def convert(src: str, out: str, fmt: str | None, force: bool) -> None:
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--by", type=click.Choice(["query", "chunk"]), default=None,
-              help=f"Hold out random queries or whole chunks [default: {Config.split_by}].")
-@click.option("--test-fraction", type=float, default=None, help=f"[default: {Config.test_fraction}]")
-@click.option("--dev-fraction", type=float, default=None, help=f"[default: {Config.dev_fraction}]")
-@click.option("--seed", type=int, default=None, help=f"[default: {Config.seed}]")
+              help=f"Hold out random queries or whole chunks [default: {DEFAULTS.split.by}].")
+@click.option("--test-fraction", type=float, default=None, help=f"[default: {DEFAULTS.split.test_fraction}]")
+@click.option("--dev-fraction", type=float, default=None, help=f"[default: {DEFAULTS.split.dev_fraction}]")
+@click.option("--seed", type=int, default=None, help=f"[default: {DEFAULTS.seed}]")
 def split(directory: str, by: str | None, test_fraction: float | None, dev_fraction: float | None,
           seed: int | None) -> None:
     """Split DIRECTORY's qrels/all.tsv into train/test (and dev) qrels."""
     from adapter.data import split_dataset
 
     cfg = Config().replace(split_by=by, test_fraction=test_fraction, dev_fraction=dev_fraction, seed=seed)
-    s = split_dataset(directory, by=cfg.split_by, test_fraction=cfg.test_fraction, dev_fraction=cfg.dev_fraction,
-                      seed=cfg.seed)
+    s = split_dataset(directory, by=cfg.split.by, test_fraction=cfg.split.test_fraction,
+                      dev_fraction=cfg.split.dev_fraction, seed=cfg.seed)
     counts = ", ".join(f"{n} {name}" for name, n in s["queries"].items() if n)
     n_dropped = s["dropped_queries"]
     dropped = f"; {n_dropped} queries dropped (relevant chunks on both sides)" if n_dropped else ""
-    click.echo(f"split {directory} by {cfg.split_by} (seed {cfg.seed}): {counts} queries{dropped}")
+    click.echo(f"split {directory} by {cfg.split.by} (seed {cfg.seed}): {counts} queries{dropped}")
 
 
 @main.command()
@@ -158,7 +160,7 @@ def store_options(f):
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @model_option
-@click.option("--split", "split_name", default=None, help=f"Qrels split to score [default: {Config.split}].")
+@click.option("--split", "split_name", default=None, help=f"Qrels split to score [default: {DEFAULTS.evaluate.split}].")
 @click.option("--dims", callback=_dims, default=None, help="Comma-separated Matryoshka dims [default: the model's "
               "dimension and 512/256/128/64 below it].")
 @click.option("--adapter", "adapters", multiple=True, type=click.Path(dir_okay=False),
@@ -181,14 +183,15 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
 
     cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir, id_field=id_field)
     ds = load_dataset(directory)
-    ds.split(cfg.split)  # fail on a missing split before loading a model
+    ds.split(cfg.evaluate.split)  # fail on a missing split before loading a model
     corpus = None
     if index_path or qdrant or chroma or collection:
         with open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) as store:
-            corpus = corpus_from_store(store, ds, cfg.split, id_field=cfg.id_field)
+            corpus = corpus_from_store(store, ds, cfg.evaluate.split, id_field=cfg.store.id_field)
     encoder = _encoder(cfg)
     systems = load_adapters(adapters, encoder, allow_other_model=allow_other_model)
-    results = evaluate_dataset(ds, encoder, split=cfg.split, dims=cfg.dims, adapters=systems, corpus=corpus)
+    results = evaluate_dataset(ds, encoder, split=cfg.evaluate.split, dims=cfg.evaluate.dims, adapters=systems,
+                               corpus=corpus)
     click.echo(format_table(results))
     if json_out:
         write_results(results, json_out)
@@ -208,22 +211,25 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Adapter file to write (.safetensors).")
 @model_option
-@click.option("--split", "train_split", default=None, help=f"Qrels split to train on [default: {Config.train_split}].")
-@click.option("--loss", type=click.Choice(["triplet", "infonce"]), default=None, help=f"[default: {Config.loss}]")
+@click.option("--split", "train_split", default=None,
+              help=f"Qrels split to train on [default: {DEFAULTS.split.train_split}].")
+@click.option("--loss", type=click.Choice(["triplet", "infonce"]), default=None,
+              help=f"[default: {DEFAULTS.train.loss}]")
 @click.option("--negatives", type=click.Choice(["random", "hard"]), default=None,
-              help=f"[default: {Config.negatives}]")
-@click.option("--epochs", type=int, default=None, help=f"[default: {Config.epochs}]")
-@click.option("--lr", type=float, default=None, help=f"[default: {Config.lr}]")
-@click.option("--batch-size", type=int, default=None, help=f"[default: {Config.batch_size}]")
-@click.option("--margin", type=float, default=None, help=f"Triplet margin [default: {Config.margin}]")
-@click.option("--temperature", type=float, default=None, help=f"InfoNCE temperature [default: {Config.temperature}]")
+              help=f"[default: {DEFAULTS.train.negatives}]")
+@click.option("--epochs", type=int, default=None, help=f"[default: {DEFAULTS.train.epochs}]")
+@click.option("--lr", type=float, default=None, help=f"[default: {DEFAULTS.train.lr}]")
+@click.option("--batch-size", type=int, default=None, help=f"[default: {DEFAULTS.train.batch_size}]")
+@click.option("--margin", type=float, default=None, help=f"Triplet margin [default: {DEFAULTS.train.margin}]")
+@click.option("--temperature", type=float, default=None,
+              help=f"InfoNCE temperature [default: {DEFAULTS.train.temperature}]")
 @click.option("--rank", type=int, default=None, help="Low-rank residual form of this rank [default: full matrix].")
 @click.option("--identity-penalty", callback=_penalty, default=None,
               help=f"Pull toward the identity, or 'auto' to choose it on held-out chunks "
-                   f"[default: {Config.identity_penalty}].")
+                   f"[default: {DEFAULTS.train.identity_penalty}].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
-              help=f"Tensor dtype in the file [default: {Config.dtype}]")
-@click.option("--seed", type=int, default=None, help=f"[default: {Config.seed}]")
+              help=f"Tensor dtype in the file [default: {DEFAULTS.train.dtype}]")
+@click.option("--seed", type=int, default=None, help=f"[default: {DEFAULTS.seed}]")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @cache_option
 def train(directory: str, out: str, model: str | None, train_split: str | None, loss: str | None,
@@ -244,13 +250,14 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
     if not Path(out).parent.is_dir():
         raise AdapterError(f"{Path(out).parent}: folder does not exist")
     ds = load_dataset(directory)
-    ds.split(cfg.train_split)
+    ds.split(cfg.split.train_split)
     result = train_adapter(ds, _encoder(cfg), cfg)
-    path = result.adapter.save(out, dtype=cfg.dtype)
+    path = result.adapter.save(out, dtype=cfg.train.dtype)
     base, best = result.base_val["ndcg@10"], result.best_val["ndcg@10"]
     won = f"epoch {result.best_epoch} won" if result.best_epoch else "epoch 0 (the identity) won: no epoch beat base"
     click.echo(f"validation ndcg@10: base {base:.4f} -> adapter {best:.4f} ({(best - base) / base:+.1%}); {won}")
-    click.echo(f"trained {cfg.epochs} epochs in {result.seconds:.1f} s; wrote {path} ({path.stat().st_size:,} bytes)")
+    click.echo(f"trained {cfg.train.epochs} epochs in {result.seconds:.1f} s; wrote {path} "
+               f"({path.stat().st_size:,} bytes)")
 
 
 @main.command()
@@ -258,10 +265,10 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
 @store_options
 @click.option("--adapter", "adapter_path", required=True, type=click.Path(dir_okay=False), help="Adapter file.")
 @model_option
-@click.option("-k", "k", type=int, default=None, help=f"How many results [default: {Config.search_k}].")
-@click.option("--nprobe", type=int, default=None, help=f"FAISS IVF lists probed [default: {Config.nprobe}].")
+@click.option("-k", "k", type=int, default=None, help=f"How many results [default: {DEFAULTS.store.k}].")
+@click.option("--nprobe", type=int, default=None, help=f"FAISS IVF lists probed [default: {DEFAULTS.store.nprobe}].")
 @click.option("--ef-search", type=int, default=None, help=f"HNSW candidate list: FAISS, Qdrant server, Chroma "
-              f"[default: {Config.ef_search}].")
+              f"[default: {DEFAULTS.store.ef_search}].")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "scores": [...]}.')
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Dataset folder whose corpus the store holds, to show texts.")
@@ -274,15 +281,15 @@ def search(query: str, index_path: str | None, qdrant: str | None, chroma: str |
     import json
 
     from adapter.data import load_dataset
-    from adapter.index import AdaptedEncoder
+    from adapter.export import AdaptedEncoder
     from adapter.stores import hit_texts, open_store
 
     _quiet_hf()
     cfg = Config().replace(model=model, search_k=k, nprobe=nprobe, ef_search=ef_search, id_field=id_field)
     ds = load_dataset(data_dir) if data_dir else None
     with open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) as store:
-        encoder = AdaptedEncoder(adapter_path, cfg.model, allow_other_model=allow_other_model)
-        hits = store.search(encoder.encode_query([query]), cfg.search_k, id_field=cfg.id_field)[0]
+        encoder = AdaptedEncoder(adapter_path, cfg.encoder.model, allow_other_model=allow_other_model)
+        hits = store.search(encoder.encode_query([query]), cfg.store.k, id_field=cfg.store.id_field)[0]
         texts = hit_texts(store, ds, hits) if ds else [""] * len(hits.ids)
     if as_json:
         click.echo(json.dumps({"ids": hits.ids, "scores": hits.scores}))
@@ -304,8 +311,8 @@ def index() -> None:
 def index_build(directory: str, out: str, model: str | None, cache_dir: str | None) -> None:
     """Build an exact inner-product FAISS index of DIRECTORY's corpus; id i is the i-th line of corpus.jsonl."""
     from adapter.data import load_dataset
-    from adapter.index import write_index
     from adapter.pipeline import embed_dataset
+    from adapter.stores import write_index
 
     cfg = Config().replace(model=model, cache_dir=cache_dir)
     ds = load_dataset(directory)
@@ -326,12 +333,12 @@ def export(adapter_path: str, out: str, model: str | None, allow_other_model: bo
            repo_id: str | None) -> None:
     """Write a sentence-transformers model folder whose encode_query applies the adapter in FILE.safetensors and
     whose encode_document is the untouched base model."""
+    from adapter.export import export as run
     from adapter.hub import push_to_hub
-    from adapter.index import export as run
 
     _quiet_hf()
     cfg = Config().replace(model=model)
-    path = run(adapter_path, out, model=cfg.model, allow_other_model=allow_other_model, force=force)
+    path = run(adapter_path, out, model=cfg.encoder.model, allow_other_model=allow_other_model, force=force)
     click.echo(f"wrote {path}: SentenceTransformer({str(path)!r}).encode_query applies the adapter")
     if repo_id:
         click.echo(f"pushed {path} to {push_to_hub(path, repo_id)}")
@@ -340,10 +347,10 @@ def export(adapter_path: str, out: str, model: str | None, allow_other_model: bo
 @main.command()
 @click.argument("docs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write corpus.jsonl in.")
-@click.option("--size", type=int, default=None, help=f"Chunk size in --unit [default: {Config.chunk_size}].")
-@click.option("--overlap", type=int, default=None, help=f"Overlap between chunks [default: {Config.chunk_overlap}].")
+@click.option("--size", type=int, default=None, help=f"Chunk size in --unit [default: {DEFAULTS.chunk.size}].")
+@click.option("--overlap", type=int, default=None, help=f"Overlap between chunks [default: {DEFAULTS.chunk.overlap}].")
 @click.option("--unit", type=click.Choice(["tokens", "chars"]), default=None,
-              help=f"Count tokens of --model's tokenizer, or characters [default: {Config.chunk_unit}].")
+              help=f"Count tokens of --model's tokenizer, or characters [default: {DEFAULTS.chunk.unit}].")
 @model_option
 @click.option("--force", is_flag=True, help="Replace a corpus already in --out.")
 def chunk(docs: tuple[str, ...], out: str, size: int | None, overlap: int | None, unit: str | None,
@@ -355,26 +362,29 @@ def chunk(docs: tuple[str, ...], out: str, size: int | None, overlap: int | None
     chunks = run(docs, out, cfg, force=force)
     n_docs = len({c.source for c in chunks})
     click.echo(f"wrote {out}/corpus.jsonl: {len(chunks)} chunks from {n_docs} document{'s' * (n_docs != 1)} "
-               f"({cfg.chunk_size} {cfg.chunk_unit}, overlap {cfg.chunk_overlap})")
+               f"({cfg.chunk.size} {cfg.chunk.unit}, overlap {cfg.chunk.overlap})")
 
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--llm-model", default=None, help=f"Chat model that writes the questions [default: {Config.llm_model}].")
+@click.option("--llm-model", default=None,
+              help=f"Chat model that writes the questions [default: {DEFAULTS.llm.model}].")
 @click.option("--base-url", default=None, help="Any OpenAI-compatible server, e.g. http://localhost:8000/v1 (vLLM) "
               "or http://localhost:11434/v1 (Ollama) [default: $OPENAI_BASE_URL, else OpenAI].")
 @click.option("--api-key-env", default=None, help=f"Environment variable holding the API key [default: "
-              f"{Config.api_key_env}].")
-@click.option("--questions-per-chunk", type=int, default=None, help=f"[default: {Config.questions_per_chunk}]")
-@click.option("--concurrency", type=int, default=None, help=f"Requests in flight [default: {Config.concurrency}].")
-@click.option("--requests-per-minute", type=int, default=None, help=f"[default: {Config.requests_per_minute}]")
-@click.option("--temperature", type=float, default=None, help=f"[default: {Config.llm_temperature}]")
+              f"{DEFAULTS.llm.api_key_env}].")
+@click.option("--questions-per-chunk", type=int, default=None, help=f"[default: {DEFAULTS.llm.questions_per_chunk}]")
+@click.option("--concurrency", type=int, default=None,
+              help=f"Requests in flight [default: {DEFAULTS.llm.concurrency}].")
+@click.option("--requests-per-minute", type=int, default=None, help=f"[default: {DEFAULTS.llm.requests_per_minute}]")
+@click.option("--temperature", type=float, default=None, help=f"[default: {DEFAULTS.llm.temperature}]")
 @click.option("--prompt", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Prompt template file with {chunk} and {n} in it [default: the built-in prompt].")
-@click.option("--timeout", type=float, default=None, help=f"Seconds per request [default: {Config.request_timeout}].")
-@click.option("--max-retries", type=int, default=None, help=f"Re-asks per chunk [default: {Config.max_retries}].")
+@click.option("--timeout", type=float, default=None,
+              help=f"Seconds per request [default: {DEFAULTS.llm.request_timeout}].")
+@click.option("--max-retries", type=int, default=None, help=f"Re-asks per chunk [default: {DEFAULTS.llm.max_retries}].")
 @click.option("--dedup-threshold", type=float, default=None, help="Cosine above which a question is dropped as a "
-              f"near-duplicate [default: {Config.dedup_threshold}].")
+              f"near-duplicate [default: {DEFAULTS.llm.dedup_threshold}].")
 @model_option
 @cache_option
 def generate(directory: str, llm_model: str | None, base_url: str | None, api_key_env: str | None,
@@ -413,16 +423,17 @@ def generate(directory: str, llm_model: str | None, base_url: str | None, api_ke
               "model's dimension and 512/256/128/64 below it].")
 @click.option("--select-dim", type=int, default=None, help="Dim whose validation ndcg@10 picks the kept epoch "
               "[default: 128 when trained, else the model's dimension].")
-@click.option("--epochs", type=int, default=None, help=f"[default: {Config.finetune_epochs}]")
+@click.option("--epochs", type=int, default=None, help=f"[default: {DEFAULTS.finetune.epochs}]")
 @click.option("--batch-size", type=int, default=None, help=f"Pairs per batch per process: the in-batch negatives "
-              f"[default: {Config.finetune_batch_size}].")
+              f"[default: {DEFAULTS.finetune.batch_size}].")
 @click.option("--grad-accum", type=int, default=None,
-              help=f"Batches per optimizer step [default: {Config.grad_accum}].")
-@click.option("--lr", type=float, default=None, help=f"[default: {Config.finetune_lr}]")
+              help=f"Batches per optimizer step [default: {DEFAULTS.finetune.grad_accum}].")
+@click.option("--lr", type=float, default=None, help=f"[default: {DEFAULTS.finetune.lr}]")
 @click.option("--max-seq-length", type=int, default=None, help="Truncate texts to N tokens while training "
               "[default: the model's own]; the saved model keeps the model's own length.")
-@click.option("--split", "train_split", default=None, help=f"Qrels split to train on [default: {Config.train_split}].")
-@click.option("--seed", type=int, default=None, help=f"[default: {Config.seed}]")
+@click.option("--split", "train_split", default=None,
+              help=f"Qrels split to train on [default: {DEFAULTS.split.train_split}].")
+@click.option("--seed", type=int, default=None, help=f"[default: {DEFAULTS.seed}]")
 @click.option("--push-to-hub", "repo_id", default=None, metavar="REPO",
               help="Then upload the model folder to this Hugging Face Hub model repo (token: $HF_TOKEN).")
 def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] | None, select_dim: int | None,
@@ -443,7 +454,7 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
                            finetune_batch_size=batch_size, grad_accum=grad_accum, finetune_lr=lr,
                            max_seq_length=max_seq_length, train_split=train_split, seed=seed)
     ds = load_dataset(directory)
-    ds.split(cfg.train_split)
+    ds.split(cfg.split.train_split)
     r = run(ds, out, cfg)
     if not r.main_process:  # ranks > 0 of a multi-process run: rank 0 reports
         return
@@ -468,12 +479,12 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
               help="Fine-tuned model folder (repeatable); the system is named after the folder.")
 @click.option("--model", "models", multiple=True, help="Any other pre-trained model, by name or path (repeatable).")
 @click.option("--base-model", default=None, help="The model the index was built with and the adapters trained on "
-              f"[default: {Config.model}].")
-@click.option("--split", "split_name", default=None, help=f"Qrels split to score [default: {Config.split}].")
+              f"[default: {DEFAULTS.encoder.model}].")
+@click.option("--split", "split_name", default=None, help=f"Qrels split to score [default: {DEFAULTS.evaluate.split}].")
 @click.option("--dims", callback=_dims, default=None, help="Comma-separated dims [default: each model's dimension "
               "and 512/256/128/64 below it].")
 @click.option("--bootstrap", "bootstrap_samples", type=int, default=None,
-              help=f"Paired bootstrap resamples for the 95% intervals [default: {Config.bootstrap_samples}].")
+              help=f"Paired bootstrap resamples for the 95% intervals [default: {DEFAULTS.report.bootstrap_samples}].")
 @click.option("--allow-other-model", is_flag=True, help="Apply adapters trained on another base model anyway.")
 @cache_option
 def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tuple[str, ...], models: tuple[str, ...],
@@ -489,7 +500,7 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
     cfg = Config().replace(model=base_model, split=split_name, dims=dims, bootstrap_samples=bootstrap_samples,
                            cache_dir=cache_dir)
     ds = load_dataset(directory)
-    ds.split(cfg.split)  # fail on a missing split before loading a model
+    ds.split(cfg.evaluate.split)  # fail on a missing split before loading a model
     c = run(ds, out, cfg, adapters=adapters, finetuned=finetuned, models=models, allow_other_model=allow_other_model)
     click.echo(primary_table(c))
     click.echo(cost_table(c, len(ds.corpus)))

@@ -24,8 +24,9 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from adapter.config import AdapterError, Config
+from adapter.config import Config
 from adapter.data import atomic_write, ensure_dir
+from adapter.errors import AdapterError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _read_pdf(path: Path) -> str:
     try:
         pages = [page.extract_text() or "" for page in PdfReader(path).pages]
     except Exception as e:  # pypdf raises many types for damaged or encrypted files; the user needs one line
-        raise AdapterError(f"{path}: cannot read PDF ({type(e).__name__}: {str(e)[:200]})") from None
+        raise AdapterError(f"{path}: cannot read PDF ({type(e).__name__}: {one_line(e)})") from None
     return "\n\n".join(page.strip() for page in pages)
 
 
@@ -180,8 +181,7 @@ def load_tokenizer(model: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     except Exception as e:  # hub and transformers raise many types; the user needs one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{model}: cannot load tokenizer ({reason[:200]}); or pass --unit chars") from None
+        raise AdapterError(f"{model}: cannot load tokenizer ({one_line(e)}); or pass --unit chars") from None
     if not tokenizer.is_fast:
         raise AdapterError(f"{model}: tokenizer gives no character offsets (not a fast tokenizer); pass --unit chars")
     return tokenizer
@@ -210,7 +210,7 @@ def chunk_documents(paths: Sequence[str | os.PathLike], *, size: int, overlap: i
         if prefix in owners:
             raise AdapterError(f"{doc}: same name as {owners[prefix]}, so their chunk ids would clash; rename one")
         owners[prefix] = doc
-    tokenizer = load_tokenizer(model or Config.model) if unit == "tokens" else None
+    tokenizer = load_tokenizer(model or Config().encoder.model) if unit == "tokens" else None
     chunks: list[Chunk] = []
     for doc in docs:
         text = read_document(doc)
@@ -234,8 +234,8 @@ def chunk(paths: Sequence[str | os.PathLike], out: str | os.PathLike, cfg: Confi
     out = Path(out)
     if (out / "corpus.jsonl").exists() and not force:
         raise AdapterError(f"{out}: already holds a corpus; pass --force to replace it")
-    chunks = chunk_documents(paths, size=cfg.chunk_size, overlap=cfg.chunk_overlap, unit=cfg.chunk_unit,
-                             model=cfg.model)
+    chunks = chunk_documents(paths, size=cfg.chunk.size, overlap=cfg.chunk.overlap, unit=cfg.chunk.unit,
+                             model=cfg.encoder.model)
     ensure_dir(out)
     with atomic_write(out / "corpus.jsonl") as f:
         for c in chunks:
@@ -244,8 +244,8 @@ def chunk(paths: Sequence[str | os.PathLike], out: str | os.PathLike, cfg: Confi
     per_doc: dict[str, int] = {}
     for c in chunks:
         per_doc[c.source] = per_doc.get(c.source, 0) + 1
-    settings = {"size": cfg.chunk_size, "overlap": cfg.chunk_overlap, "unit": cfg.chunk_unit,
-                "model": cfg.model if cfg.chunk_unit == "tokens" else None, "chunks": len(chunks),
+    settings = {"size": cfg.chunk.size, "overlap": cfg.chunk.overlap, "unit": cfg.chunk.unit,
+                "model": cfg.encoder.model if cfg.chunk.unit == "tokens" else None, "chunks": len(chunks),
                 "documents": per_doc}
     with atomic_write(out / "chunk.json") as f:
         json.dump(settings, f, indent=2)

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError
 
 logger = logging.getLogger(__name__)
 

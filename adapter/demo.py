@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter.config import AdapterError, Config
+from adapter.config import Config
 from adapter.data import atomic_write, convert, ensure_dir, load_dataset, split_dataset
+from adapter.errors import AdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +65,13 @@ def run_demo(out: str | os.PathLike = "runs/demo", cfg: Config | None = None, *,
     with atomic_write(out / MARKER) as f:
         json.dump({"config": cfg.to_dict(), "with_finetune": with_finetune}, f, indent=2)
     convert(data, out / "data", force=True)
-    split_dataset(out / "data", by=cfg.split_by, test_fraction=cfg.test_fraction, dev_fraction=cfg.dev_fraction,
-                  seed=cfg.seed)
+    split_dataset(out / "data", by=cfg.split.by, test_fraction=cfg.split.test_fraction,
+                  dev_fraction=cfg.split.dev_fraction, seed=cfg.seed)
     ds = load_dataset(out / "data")
     logger.info("1/3 training the adapter")
-    encoder = Encoder(cfg.model, cache_dir=cfg.cache_dir, batch_size=cfg.encode_batch_size, show_progress=progress)
+    encoder = Encoder.from_config(cfg, show_progress=progress)
     adapter_path = train_adapter(ds, encoder, cfg, progress=progress).adapter.save(out / "adapter.safetensors",
-                                                                                    dtype=cfg.dtype)
+                                                                                    dtype=cfg.train.dtype)
     finetuned = None
     if with_finetune:
         from adapter.finetune import finetune
@@ -78,7 +79,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", cfg: Config | None = None, *,
         logger.info("2/3 fine-tuning the encoder (short CPU run: %s)", DEMO_FINETUNE)
         finetuned = out / "finetuned"
         finetune(ds, finetuned, cfg.replace(**DEMO_FINETUNE), progress=progress)
-    logger.info("3/3 comparing on %d test questions", len(ds.split(cfg.split)))
+    logger.info("3/3 comparing on %d test questions", len(ds.split(cfg.evaluate.split)))
     comparison = compare(ds, out / "report", cfg, adapters=[str(adapter_path)],
                          finetuned=[str(finetuned)] if finetuned else [], progress=progress)
     return DemoResult(out, adapter_path, out / "report" / "report.md", finetuned, comparison,

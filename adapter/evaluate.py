@@ -14,9 +14,9 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
-from adapter.config import AdapterError
 from adapter.data import Qrels, relevant
 from adapter.encoder import truncate
+from adapter.errors import AdapterError
 
 logger = logging.getLogger(__name__)
 

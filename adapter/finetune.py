@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from sentence_transformers.base.evaluation import BaseEvaluator
 
-from adapter.config import AdapterError, Config
+from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, fingerprint, relevant, train_val_qrels
 from adapter.encoder import load_model
+from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate
 from adapter.pipeline import resolve_dims
 
@@ -215,11 +216,11 @@ def _training_args(cfg: Config, out: Path, select: int, model: SentenceTransform
     router = any(type(m).__name__ == "Router" for m in model)
     return SentenceTransformerTrainingArguments(
         output_dir=str(out / CHECKPOINTS),
-        num_train_epochs=cfg.finetune_epochs,
-        per_device_train_batch_size=cfg.finetune_batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.finetune_lr,
-        warmup_steps=cfg.finetune_warmup,  # a float below 1 is a share of the steps
+        num_train_epochs=cfg.finetune.epochs,
+        per_device_train_batch_size=cfg.finetune.batch_size,
+        gradient_accumulation_steps=cfg.finetune.grad_accum,
+        learning_rate=cfg.finetune.lr,
+        warmup_steps=cfg.finetune.warmup,  # a float below 1 is a share of the steps
         lr_scheduler_type="cosine",
         optim="adamw_torch_fused" if fused else "adamw_torch",
         bf16=cuda and torch.cuda.is_bf16_supported(),
@@ -246,8 +247,9 @@ def _training_args(cfg: Config, out: Path, select: int, model: SentenceTransform
 
 def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *,
              progress: bool = True) -> FinetuneResult:
-    """Fine-tune ``cfg.model`` on a dataset split with MatryoshkaLoss(MultipleNegativesRankingLoss) and install the
-    best epoch as a sentence-transformers model folder in ``out``, with a model card and ``finetune.json``."""
+    """Fine-tune ``cfg.encoder.model`` on a dataset split with MatryoshkaLoss(MultipleNegativesRankingLoss) and
+    install the best epoch as a sentence-transformers model folder in ``out``, with a model card and
+    ``finetune.json``."""
     try:
         import accelerate  # noqa: F401  (the trainer's own requirement, checked here for a one-line message)
         from datasets import Dataset as HFDataset
@@ -259,31 +261,32 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
 
     cfg = cfg or Config()
     out = Path(out)
-    if cfg.finetune_epochs < 1 or cfg.finetune_batch_size < 2 or cfg.grad_accum < 1 or cfg.finetune_lr <= 0:
+    if cfg.finetune.epochs < 1 or cfg.finetune.batch_size < 2 or cfg.finetune.grad_accum < 1 or cfg.finetune.lr <= 0:
         raise AdapterError("--epochs must be >= 1, --batch-size >= 2 (in-batch negatives), --grad-accum >= 1 and "
                            "--lr > 0")
-    if cfg.max_seq_length is not None and cfg.max_seq_length < 8:
-        raise AdapterError(f"--max-seq-length must be at least 8, got {cfg.max_seq_length}")
+    if cfg.finetune.max_seq_length is not None and cfg.finetune.max_seq_length < 8:
+        raise AdapterError(f"--max-seq-length must be at least 8, got {cfg.finetune.max_seq_length}")
     if out.exists() and not out.is_dir():
         raise AdapterError(f"{out}: exists and is not a folder")
     if (out / "modules.json").is_file():  # before loading anything: a model here is never overwritten
         raise AdapterError(f"{out}: already holds a model; choose another --out folder")
-    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.train_split,
-                                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
-    model = load_model(cfg.model)
+    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.split.train_split,
+                                                  val_fraction=cfg.split.val_fraction, seed=cfg.seed)
+    model = load_model(cfg.encoder.model)
     full = int(model.get_embedding_dimension())
-    dims = matryoshka_dims(cfg.dims, full)
-    select = select_dim(cfg.select_dim, dims)
+    dims = matryoshka_dims(cfg.evaluate.dims, full)
+    select = select_dim(cfg.finetune.select_dim, dims)
     base_length = model.max_seq_length
-    if cfg.max_seq_length is not None:
-        model.max_seq_length = cfg.max_seq_length  # training only: the saved model keeps base_length
+    if cfg.finetune.max_seq_length is not None:
+        model.max_seq_length = cfg.finetune.max_seq_length  # training only: the saved model keeps base_length
 
     pairs = [(dataset.queries[q], dataset.doc_text(c)) for q, rels in train_qrels.items() for c in rels]
     train_data = HFDataset.from_dict({"anchor": [a for a, _ in pairs], "positive": [p for _, p in pairs]})
-    run = {"base_model": cfg.model, "data_fingerprint": fingerprint(dataset, cfg.train_split), "validation": how,
-           "train_queries": len(train_qrels), "dims": dims, "select_dim": select,
-           **{k: getattr(cfg, k) for k in ("finetune_epochs", "finetune_batch_size", "grad_accum", "finetune_lr",
-                                           "finetune_warmup", "max_seq_length", "seed")}}
+    run = {"base_model": cfg.encoder.model, "data_fingerprint": fingerprint(dataset, cfg.split.train_split),
+           "validation": how, "train_queries": len(train_qrels), "dims": dims, "select_dim": select,
+           "finetune_epochs": cfg.finetune.epochs, "finetune_batch_size": cfg.finetune.batch_size,
+           "grad_accum": cfg.finetune.grad_accum, "finetune_lr": cfg.finetune.lr,
+           "finetune_warmup": cfg.finetune.warmup, "max_seq_length": cfg.finetune.max_seq_length, "seed": cfg.seed}
 
     args = _training_args(cfg, out, select, model, progress)  # under torchrun this joins the process group
     main = args.process_index == 0
@@ -292,7 +295,7 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
     world = args.world_size
     mnrl = MultipleNegativesRankingLoss(model, gather_across_devices=world > 1)  # negatives from every rank
     loss = MatryoshkaLoss(model, mnrl, matryoshka_dims=dims)
-    evaluator = RetrievalEvaluator(dataset, val_qrels, dims, select, batch_size=cfg.encode_batch_size)
+    evaluator = RetrievalEvaluator(dataset, val_qrels, dims, select, batch_size=cfg.encoder.batch_size)
     before = _read_json(resume / CLOCK_FILE)["seconds"] if resume else 0.0
     clock = _clock_callback(before)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_data, loss=loss,
@@ -302,7 +305,7 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_quiet_progress_callback())
     logger.info("fine-tuning %s on %d pairs (%d queries), validating on %d queries (%s); dims %s, %d rank%s",
-                cfg.model, len(pairs), len(train_qrels), len(val_qrels), how, ",".join(map(str, dims)), world,
+                cfg.encoder.model, len(pairs), len(train_qrels), len(val_qrels), how, ",".join(map(str, dims)), world,
                 "s" * (world > 1))
 
     base_file = out / CHECKPOINTS / BASE_FILE
@@ -326,12 +329,13 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
     if not main:
         return result
     model.max_seq_length = base_length
-    meta = {"format_version": FORMAT_VERSION, **run, "dataset": str(dataset.path), "trained_on": cfg.train_split,
+    meta = {"format_version": FORMAT_VERSION, **run, "dataset": str(dataset.path), "trained_on": cfg.split.train_split,
             "pairs": len(pairs), "val_queries": len(val_qrels), "chunks": len(dataset.corpus),
-            "max_seq_length_trained": cfg.max_seq_length or base_length, "world_size": world,
+            "max_seq_length_trained": cfg.finetune.max_seq_length or base_length, "world_size": world,
             "train_seconds": seconds, "resumed": resume is not None, "best_epoch": best["epoch"],
             "best_step": best["step"], "val_base": base_val, "val_best": best_val,
-            "history": _history(state.log_history, base_val, dims), "config": cfg.to_dict()}
+            "history": _history(state.log_history, base_val, dims),
+            "config": cfg.to_dict("encoder", "split", "evaluate", "finetune")}
     _install(model, out, {"README.md": model_card(meta, out.name), META_FILE: json.dumps(meta, indent=2)})
     logger.info("kept epoch %g: validation %s at dim %d %.4f (base %.4f); %.0f s", result.best_epoch,
                 PRIMARY_METRIC, select, best_val[select][PRIMARY_METRIC], base_val[select][PRIMARY_METRIC], seconds)

@@ -35,8 +35,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adapter.config import AdapterError, Config
+from adapter.config import Config
 from adapter.data import SPLITS, atomic_write, ensure_dir, read_jsonl, write_qrels
+from adapter.errors import AdapterError
 from adapter.resilience import (
     FatalError,
     Journal,
@@ -223,19 +224,19 @@ class _Asker:
 
     def __init__(self, client: Any, cfg: Config, template: str, tally: _Tally, stop: threading.Event):
         self.client, self.cfg, self.template, self.tally, self.stop = client, cfg, template, tally, stop
-        self.limiter = RateLimiter(cfg.requests_per_minute)
-        self.policy = RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay)
+        self.limiter = RateLimiter(cfg.llm.requests_per_minute)
+        self.policy = RetryPolicy(cfg.llm.max_retries, cfg.llm.retry_base_delay, cfg.llm.retry_max_delay)
         self.endpoint = endpoint_of(client)
 
     def ask(self, cid: str, text: str) -> list[str]:
         cfg = self.cfg
-        prompt = self.template.replace("{n}", str(cfg.questions_per_chunk)).replace("{chunk}", text)
+        prompt = self.template.replace("{n}", str(cfg.llm.questions_per_chunk)).replace("{chunk}", text)
 
         def once() -> list[str]:
-            answer = self.client.chat.completions.create(model=cfg.llm_model, temperature=cfg.llm_temperature,
+            answer = self.client.chat.completions.create(model=cfg.llm.model, temperature=cfg.llm.temperature,
                                                          messages=[{"role": "user", "content": prompt}])
             return parse_questions(answer.choices[0].message.content if answer.choices else None,
-                                   cfg.questions_per_chunk)
+                                   cfg.llm.questions_per_chunk)
 
         try:
             return call(once, endpoint=self.endpoint, policy=self.policy, limiter=self.limiter, stop=self.stop,
@@ -316,15 +317,15 @@ def load_prompt(path: str | os.PathLike | None) -> str:
 
 def _check(cfg: Config) -> None:
     checks = [
-        (cfg.questions_per_chunk >= 1, "--questions-per-chunk must be at least 1", cfg.questions_per_chunk),
-        (cfg.concurrency >= 1, "--concurrency must be at least 1", cfg.concurrency),
-        (cfg.requests_per_minute > 0, "--requests-per-minute must be positive", cfg.requests_per_minute),
-        (cfg.request_timeout > 0, "--timeout must be positive", cfg.request_timeout),
-        (cfg.max_retries >= 0, "--max-retries must be at least 0", cfg.max_retries),
-        (cfg.llm_temperature >= 0, "--temperature must be at least 0", cfg.llm_temperature),
-        (0 < cfg.dedup_threshold <= 1, "--dedup-threshold must be above 0 and at most 1", cfg.dedup_threshold),
-        (cfg.retry_base_delay >= 0 and cfg.retry_max_delay >= 0, "retry delays must be at least 0",
-         cfg.retry_base_delay),
+        (cfg.llm.questions_per_chunk >= 1, "--questions-per-chunk must be at least 1", cfg.llm.questions_per_chunk),
+        (cfg.llm.concurrency >= 1, "--concurrency must be at least 1", cfg.llm.concurrency),
+        (cfg.llm.requests_per_minute > 0, "--requests-per-minute must be positive", cfg.llm.requests_per_minute),
+        (cfg.llm.request_timeout > 0, "--timeout must be positive", cfg.llm.request_timeout),
+        (cfg.llm.max_retries >= 0, "--max-retries must be at least 0", cfg.llm.max_retries),
+        (cfg.llm.temperature >= 0, "--temperature must be at least 0", cfg.llm.temperature),
+        (0 < cfg.llm.dedup_threshold <= 1, "--dedup-threshold must be above 0 and at most 1", cfg.llm.dedup_threshold),
+        (cfg.llm.retry_base_delay >= 0 and cfg.llm.retry_max_delay >= 0, "retry delays must be at least 0",
+         cfg.llm.retry_base_delay),
     ]
     for ok, message, value in checks:
         if not ok:
@@ -341,7 +342,7 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
              show_progress: bool = True) -> Summary:
     """Ask for questions for every chunk not yet in the journal, then write queries.jsonl and qrels/all.tsv.
 
-    ``encoder`` drops near-duplicates (default: the frozen ``cfg.model``, loaded only once there is something to
+    ``encoder`` drops near-duplicates (default: the frozen ``cfg.encoder.model``, loaded only once there is something to
     write). Writes ``generate.json`` beside the output: this summary and the resolved config.
     """
     cfg = cfg or Config()
@@ -349,20 +350,20 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
     started = time.monotonic()
     directory = Path(directory)
     chunks = read_chunks(directory)
-    template = load_prompt(cfg.prompt)
+    template = load_prompt(cfg.llm.prompt)
     hashes = {cid: text_hash(text) for cid, text in chunks.items()}
     journal = Journal(directory / JOURNAL)
     finished = load_finished(journal, hashes)
     todo = [cid for cid in chunks if cid not in finished]
     logger.info("%s: %d chunks, %d already done, %d to ask %s", directory, len(chunks), len(finished), len(todo),
-                cfg.llm_model)
+                cfg.llm.model)
     tally = _Tally(len(chunks), len(finished), show_progress and bool(todo))
     failed: dict[str, str] = {}
     if todo:
-        client = make_client(cfg.base_url, cfg.api_key_env, cfg.request_timeout)
+        client = make_client(cfg.llm.base_url, cfg.llm.api_key_env, cfg.llm.request_timeout)
         asker = _Asker(client, cfg, template, tally, threading.Event())
         try:
-            with ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="generate") as pool:
+            with ThreadPoolExecutor(max_workers=cfg.llm.concurrency, thread_name_prefix="generate") as pool:
                 futures = {pool.submit(asker.ask, cid, chunks[cid]): cid for cid in todo}
                 try:
                     for future in as_completed(futures):
@@ -372,7 +373,7 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
                         except _ChunkFailed as e:
                             failed[cid] = str(e)
                             tally.finish(failed=1)
-                            logger.warning("%s: failed after %d retries (%s)", cid, cfg.max_retries, e)
+                            logger.warning("%s: failed after %d retries (%s)", cid, cfg.llm.max_retries, e)
                             continue
                         except Stopped:  # the error that stopped the run surfaces from its own future
                             continue
@@ -392,9 +393,8 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
         if encoder is None:
             from adapter.encoder import Encoder
 
-            encoder = Encoder(cfg.model, cache_dir=cfg.cache_dir, batch_size=cfg.encode_batch_size,
-                              show_progress=show_progress)
-        written, dropped = write_queries(directory, list(chunks), finished, encoder, cfg.dedup_threshold)
+            encoder = Encoder.from_config(cfg, show_progress=show_progress)
+        written, dropped = write_queries(directory, list(chunks), finished, encoder, cfg.llm.dedup_threshold)
     else:
         logger.warning("%s: no chunk has questions yet; nothing written", directory)
     stats = tally.stats
@@ -403,5 +403,5 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
                       retries=stats.retries, retry_reasons=dict(sorted(stats.reasons.items())), questions=written,
                       near_duplicates=dropped, seconds=round(time.monotonic() - started, 2))
     with atomic_write(directory / "generate.json") as f:
-        json.dump({**asdict(summary), "config": cfg.to_dict()}, f, indent=2)
+        json.dump({**asdict(summary), "config": cfg.to_dict("encoder", "llm")}, f, indent=2)
     return summary

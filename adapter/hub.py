@@ -6,7 +6,7 @@ import logging
 import os
 from pathlib import Path
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +34,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, *, token: str | None = 
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message=f"Upload {folder.name} with adapter")
     except Exception as e:  # network, permission and validation errors come in many types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AdapterError(f"{repo_id}: push to the Hugging Face Hub failed ({reason[:200]})") from None
+        raise AdapterError(f"{repo_id}: push to the Hugging Face Hub failed ({one_line(e)})") from None
     logger.info("pushed %s to %s", folder, url)
     return str(url)

@@ -19,8 +19,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_tensors
 
-from adapter.config import AdapterError
 from adapter.data import atomic_write
+from adapter.errors import AdapterError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class LinearAdapter:
                 meta = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
         except (SafetensorError, OSError, ValueError) as e:
-            raise AdapterError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+            raise AdapterError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
         if METADATA_KEY not in meta:
             raise AdapterError(f"{path}: not an adapter file (no {METADATA_KEY!r} metadata)")
         try:

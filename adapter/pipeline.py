@@ -13,9 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from adapter.config import AdapterError, default_dims
+from adapter.config import default_dims
 from adapter.data import Dataset, atomic_write, relevant
 from adapter.encoder import Encoder
+from adapter.errors import AdapterError
 from adapter.evaluate import Results, evaluate
 from adapter.model import LinearAdapter
 

@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapter.config import AdapterError, Config, default_dims
+from adapter.config import Config, default_dims
 from adapter.data import Dataset, atomic_write, ensure_dir, fingerprint, relevant
+from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results
 
 if TYPE_CHECKING:
@@ -161,9 +162,9 @@ def _name(names: dict[str, Any], name: str, source: str) -> str:
 def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *, adapters: Sequence[str] = (),
             finetuned: Sequence[str] = (), models: Sequence[str] = (), allow_other_model: bool = False,
             progress: bool = True) -> Comparison:
-    """Score base (``cfg.model``), each adapter on it, each fine-tuned model folder and each other model on one split
-    at every dim; measure what each costs; write ``report.md``, ``results.json`` (the shape of `adapter evaluate
-    --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
+    """Score base (``cfg.encoder.model``), each adapter on it, each fine-tuned model folder and each other model on
+    one split at every dim; measure what each costs; write ``report.md``, ``results.json`` (the shape of `adapter
+    evaluate --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
 
     Systems are named ``base``, then after the adapter file's stem, the model folder's name or the model's name.
     """
@@ -173,18 +174,18 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
 
     cfg = cfg or Config()
     plt = _require_matplotlib()
-    qrels = relevant(dataset.split(cfg.split))
+    qrels = relevant(dataset.split(cfg.evaluate.split))
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise AdapterError(f"{out}: exists and is not a folder")
     for folder in finetuned:
         if not Path(folder).is_dir():
             raise AdapterError(f"{folder}: no such model folder")
-    enc = lambda name: Encoder(name, cache_dir=cfg.cache_dir, batch_size=cfg.encode_batch_size,  # noqa: E731
-                               show_progress=progress)
-    base = enc(cfg.model)
+    enc = lambda name: Encoder.from_config(cfg.replace(model=name), show_progress=progress)  # noqa: E731
+    base = enc(cfg.encoder.model)
     systems: dict[str, tuple[Encoder, LinearAdapter | None]] = {"base": (base, None)}
-    metas: dict[str, tuple[str, str, dict[str, Any]]] = {"base": ("base", cfg.model, {})}  # kind, source, metadata
+    # kind, source, metadata
+    metas: dict[str, tuple[str, str, dict[str, Any]]] = {"base": ("base", cfg.encoder.model, {})}
     for p in adapters:
         adapter = LinearAdapter.load(p)
         adapter.check_base_model(base.identity, allow_other_model=allow_other_model, source=str(p))
@@ -203,15 +204,15 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
     for _, source, meta in metas.values():
         _check_trained_on(dataset, meta, source)
 
-    dims = cfg.dims or sorted({d for e, _ in systems.values() for d in default_dims(e.dim)}, reverse=True)
-    per_query = evaluate_systems(dataset, systems, split=cfg.split, dims=dims, per_query=True)
+    dims = cfg.evaluate.dims or sorted({d for e, _ in systems.values() for d in default_dims(e.dim)}, reverse=True)
+    per_query = evaluate_systems(dataset, systems, split=cfg.evaluate.split, dims=dims, per_query=True)
     results = mean_results(per_query)
     intervals = {s: {d: paired_bootstrap(per_query["base"][d][PRIMARY_METRIC], per_query[s][d][PRIMARY_METRIC],
-                                         samples=cfg.bootstrap_samples, seed=cfg.seed)
+                                         samples=cfg.report.bootstrap_samples, seed=cfg.seed)
                      for d in per_query[s] if d in per_query["base"]}
                  for s in systems if s != "base"}
 
-    texts = [dataset.queries[q] for q in list(qrels)[:cfg.latency_queries]]
+    texts = [dataset.queries[q] for q in list(qrels)[:cfg.report.latency_queries]]
     timed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one timing per encoder, shared by its adapters
     infos: dict[str, SystemInfo] = {}
     for name, (encoder, adapter) in systems.items():
@@ -243,8 +244,9 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
 
 
 def _summary(dataset: Dataset, cfg: Config, c: Comparison) -> dict[str, Any]:
-    return {"dataset": str(dataset.path), "split": cfg.split, "queries": c.queries, "chunks": len(dataset.corpus),
-            "base_model": cfg.model, "bootstrap_samples": cfg.bootstrap_samples, "seed": cfg.seed, "level": LEVEL,
+    return {"dataset": str(dataset.path), "split": cfg.evaluate.split, "queries": c.queries,
+            "chunks": len(dataset.corpus), "base_model": cfg.encoder.model,
+            "bootstrap_samples": cfg.report.bootstrap_samples, "seed": cfg.seed, "level": LEVEL,
             "systems": {s: {k: v for k, v in asdict(i).items() if k != "history"} for s, i in c.systems.items()},
             "intervals": {s: {str(d): dict(zip(("change", "low", "high"), ci, strict=True)) for d, ci in by.items()}
                           for s, by in c.intervals.items()}}
@@ -302,11 +304,12 @@ def render_markdown(dataset: Dataset, cfg: Config, c: Comparison, plots: Sequenc
     """The report: the ndcg@10 table with intervals, the costs, the plots and every metric."""
     captions = {"ndcg_by_dim.png": f"{PRIMARY_METRIC} by dimension", "training_curves.png": "training curves"}
     return "\n".join([
-        f"# Retrieval on `{dataset.path}`, split `{cfg.split}`",
+        f"# Retrieval on `{dataset.path}`, split `{cfg.evaluate.split}`",
         "",
-        f"{c.queries:,} queries against {len(dataset.corpus):,} chunks; base model `{cfg.model}`. Every system is "
-        f"scored by the same judge. Intervals: {LEVEL:.0%} paired bootstrap over the queries ({cfg.bootstrap_samples:,}"
-        f" resamples, seed {cfg.seed}) of the change in {PRIMARY_METRIC} against base.",
+        f"{c.queries:,} queries against {len(dataset.corpus):,} chunks; base model `{cfg.encoder.model}`. Every system "
+        f"is scored by the same judge. Intervals: {LEVEL:.0%} paired bootstrap over the queries "
+        f"({cfg.report.bootstrap_samples:,} resamples, seed {cfg.seed}) of the change in {PRIMARY_METRIC} against "
+        "base.",
         "",
         f"## {PRIMARY_METRIC} by dimension",
         "",
@@ -315,7 +318,7 @@ def render_markdown(dataset: Dataset, cfg: Config, c: Comparison, plots: Sequenc
         "",
         "Training time is the recorded wall time of the training run (n/a when the artifact does not record it); "
         "artifact size is the adapter file or the model's weights; query latency is the median time to embed one "
-        f"query alone (and apply the adapter), over {cfg.latency_queries} queries on this machine.",
+        f"query alone (and apply the adapter), over {cfg.report.latency_queries} queries on this machine.",
         "",
         cost_table(c, len(dataset.corpus)),
         "## Plots",

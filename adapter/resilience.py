@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError
 
 logger = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ Nothing here embeds text. ``search`` sends (already adapted) query vectors to th
 ids; ``vectors`` reads every stored vector back out so the judge can score the index as it is. Scores are inner
 products whatever the store's metric (the cosine, for unit vectors): an L2 distance d between unit vectors is turned
 into 1 - d²/2, a cosine or inner-product distance d into 1 - d. Qdrant and Chroma are pip extras (``adapter[qdrant]``,
-``adapter[chroma]``), imported only when such a store is opened.
+``adapter[chroma]``), imported only when such a store is opened. The FAISS file helpers (``write_index``,
+``read_index``, ``search_index``) are here too: `adapter index build` writes with them, ``FaissStore`` reads.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from urllib.parse import urlparse
 import faiss
 import numpy as np
 
-from adapter.config import AdapterError, Config
-from adapter.data import Dataset
-from adapter.index import read_index, search_index
+from adapter.config import Config, StoreConfig
+from adapter.data import Dataset, atomic_write
+from adapter.errors import AdapterError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +53,14 @@ def _is_url(location: str) -> bool:
     return urlparse(location).scheme in ("http", "https")
 
 
-def _reason(e: Exception) -> str:
-    text = str(e).strip()
-    return (text.splitlines()[0] if text else type(e).__name__)[:200]
+def _check_queries(queries: np.ndarray, k: int, dim: int, name: str) -> np.ndarray:
+    """Query vectors as a C-contiguous (n, dim) float32 array, or one line on a bad ``k`` or dimension."""
+    if k < 1:
+        raise AdapterError(f"-k must be at least 1, got {k}")
+    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+    if q.shape[1] != dim:
+        raise AdapterError(f"{name} holds {dim}-dimensional vectors, queries have {q.shape[1]}")
+    return q
 
 
 def _request(where: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -62,7 +68,7 @@ def _request(where: str, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # clients raise many types
-        raise AdapterError(f"{where}: {what} failed ({_reason(e)})") from None
+        raise AdapterError(f"{where}: {what} failed ({one_line(e)})") from None
 
 
 class Store:
@@ -92,15 +98,41 @@ class Store:
         self.close()
 
     def _check(self, queries: np.ndarray, k: int) -> np.ndarray:
-        if k < 1:
-            raise AdapterError(f"-k must be at least 1, got {k}")
-        q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if q.shape[1] != self.dim:
-            raise AdapterError(f"{self.name}: holds {self.dim}-dimensional vectors, queries have {q.shape[1]}")
-        return q
+        return _check_queries(queries, k, self.dim, f"{self.name}:")
 
 
 # ---------------------------------------------------------------------------------------------------------- FAISS
+
+
+def write_index(vectors: np.ndarray, path: str | os.PathLike, ids: np.ndarray | None = None) -> Path:
+    """Write an exact inner-product FAISS index of (unit) vectors; ``ids`` (int64) are stored when given."""
+    index = faiss.IndexFlatIP(vectors.shape[1])
+    if ids is not None:
+        index = faiss.IndexIDMap2(index)
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+    else:
+        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    path = Path(path)
+    with atomic_write(path, "wb") as f:
+        f.write(faiss.serialize_index(index).tobytes())
+    return path
+
+
+def read_index(path: str | os.PathLike) -> faiss.Index:
+    """Read a FAISS index file with a one-line error when it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: file not found")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:
+        raise AdapterError(f"{path}: not a readable FAISS index ({one_line(e)})") from None
+
+
+def search_index(index: faiss.Index, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` (scores, ids) per query from the index, with the index's own int64 ids; -1 ids are dropped by the
+    caller. The query vectors must have the index's dimension."""
+    return index.search(_check_queries(queries, k, index.d, "index"), k)
 
 
 def _layers(index: faiss.Index) -> list[faiss.Index]:
@@ -119,7 +151,8 @@ def _layers(index: faiss.Index) -> list[faiss.Index]:
 class FaissStore(Store):
     """A FAISS index file: flat, IVF or HNSW, plain or under an id map (whose int64 ids are kept)."""
 
-    def __init__(self, path: str | os.PathLike, *, nprobe: int = Config.nprobe, ef_search: int = Config.ef_search):
+    def __init__(self, path: str | os.PathLike, *, nprobe: int = StoreConfig.nprobe,
+                 ef_search: int = StoreConfig.ef_search):
         if nprobe < 1 or ef_search < 1:
             raise AdapterError(f"--nprobe and --ef-search must be at least 1, got {nprobe} and {ef_search}")
         self.name = str(path)
@@ -175,7 +208,7 @@ class FaissStore(Store):
                 vectors = inner.reconstruct_n(0, inner.ntotal)
         except RuntimeError as e:
             raise AdapterError(f"{self.name}: cannot read vectors back from this {type(inner).__name__} "
-                               f"({_reason(e)})") from None
+                               f"({one_line(e)})") from None
         ids = faiss.vector_to_array(self.id_map.id_map)[keys] if self.id_map is not None else keys
         return [int(i) for i in ids], np.asarray(vectors, dtype=np.float32)
 
@@ -186,8 +219,8 @@ class FaissStore(Store):
 class QdrantStore(Store):
     """A Qdrant collection: a local folder (``QdrantClient(path=...)``) or a server URL (key in $QDRANT_API_KEY)."""
 
-    def __init__(self, location: str, collection: str, *, ef_search: int = Config.ef_search,
-                 batch: int = Config.store_batch):
+    def __init__(self, location: str, collection: str, *, ef_search: int = StoreConfig.ef_search,
+                 batch: int = StoreConfig.batch):
         qdrant = _require("qdrant_client", "qdrant")
         self.models = importlib.import_module("qdrant_client.models")
         self.name, self.collection = f"{location}#{collection}", collection
@@ -207,7 +240,7 @@ class QdrantStore(Store):
         except AdapterError:
             raise
         except Exception as e:  # connection, lock and server errors come in many types
-            raise AdapterError(f"{location}: cannot open Qdrant ({_reason(e)})") from None
+            raise AdapterError(f"{location}: cannot open Qdrant ({one_line(e)})") from None
         self.using: str | None = None
         if isinstance(params, dict):
             if len(params) != 1:
@@ -268,8 +301,8 @@ class ChromaStore(Store):
     HNSW candidate list per collection; asking for ``ef_search`` results and keeping the top k widens it for this
     search alone (HNSW searches with the larger of the two), leaving the collection's settings untouched."""
 
-    def __init__(self, location: str, collection: str, *, ef_search: int = Config.ef_search,
-                 batch: int = Config.store_batch):
+    def __init__(self, location: str, collection: str, *, ef_search: int = StoreConfig.ef_search,
+                 batch: int = StoreConfig.batch):
         chromadb = _require("chromadb", "chroma")
         self.name, self.ef_search, self.batch = f"{location}#{collection}", ef_search, batch
         if not _is_url(location) and not (Path(location) / "chroma.sqlite3").is_file():  # else Chroma creates one
@@ -292,7 +325,7 @@ class ChromaStore(Store):
         except AdapterError:
             raise
         except Exception as e:
-            raise AdapterError(f"{location}: cannot open Chroma ({_reason(e)})") from None
+            raise AdapterError(f"{location}: cannot open Chroma ({one_line(e)})") from None
         self.space = self._space()
 
     def _space(self) -> str:
@@ -359,12 +392,12 @@ def open_store(*, index: str | os.PathLike | None = None, qdrant: str | None = N
     if index is not None:
         if collection:
             raise AdapterError("--collection applies to --qdrant and --chroma, not --index")
-        return FaissStore(index, nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+        return FaissStore(index, nprobe=cfg.store.nprobe, ef_search=cfg.store.ef_search)
     if not collection:
         raise AdapterError(f"{given[0]} needs --collection NAME")
     if qdrant is not None:
-        return QdrantStore(qdrant, collection, ef_search=cfg.ef_search, batch=cfg.store_batch)
-    return ChromaStore(chroma, collection, ef_search=cfg.ef_search, batch=cfg.store_batch)
+        return QdrantStore(qdrant, collection, ef_search=cfg.store.ef_search, batch=cfg.store.batch)
+    return ChromaStore(chroma, collection, ef_search=cfg.store.ef_search, batch=cfg.store.batch)
 
 
 def corpus_names(store: Store, dataset: Dataset, ids: Sequence[Id]) -> list[str]:

@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from adapter.config import AdapterError, Config
+from adapter.config import Config
 from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, train_val_qrels
+from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, search
 from adapter.evaluate import evaluate as judge
 from adapter.model import LinearAdapter
@@ -142,34 +143,36 @@ def resolve_loss(cfg: Config) -> Config:
     """The "auto" loss made concrete: triplet for the full matrix (unchanged), InfoNCE for the low-rank form, which
     learns far less from triplets (rank 16 on AppleQA kept 65% of the full adapter's gain with triplet, 98% with
     InfoNCE: bench/bench_tiny.py)."""
-    return cfg.replace(loss=("triplet" if cfg.rank is None else "infonce")) if cfg.loss == "auto" else cfg
+    return cfg.replace(loss=("triplet" if cfg.train.rank is None else "infonce")) if cfg.train.loss == "auto" else cfg
 
 
 def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
          progress: bool) -> TrainResult:
     cfg = resolve_loss(cfg)
-    penalty = float(cfg.identity_penalty)
-    if cfg.loss not in ("triplet", "infonce"):
-        raise AdapterError(f"--loss must be 'triplet' or 'infonce', not {cfg.loss!r}")
-    if cfg.negatives not in ("random", "hard"):
-        raise AdapterError(f"--negatives must be 'random' or 'hard', not {cfg.negatives!r}")
-    if cfg.epochs < 0 or cfg.batch_size < 1 or cfg.lr <= 0:
+    penalty = float(cfg.train.identity_penalty)
+    if cfg.train.loss not in ("triplet", "infonce"):
+        raise AdapterError(f"--loss must be 'triplet' or 'infonce', not {cfg.train.loss!r}")
+    if cfg.train.negatives not in ("random", "hard"):
+        raise AdapterError(f"--negatives must be 'random' or 'hard', not {cfg.train.negatives!r}")
+    if cfg.train.epochs < 0 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:
         raise AdapterError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n_corpus, dim = corpus.shape
     corpus_row = {c: i for i, c in enumerate(corpus_ids)}
     pairs, rel_codes = _pairs(train, n_corpus, corpus_row)
-    hard = mine_hard_negatives(train.vectors, corpus, rel_codes, cfg.hard_pool) if cfg.negatives == "hard" else None
+    hard = (mine_hard_negatives(train.vectors, corpus, rel_codes, cfg.train.hard_pool)
+            if cfg.train.negatives == "hard" else None)
 
-    init = LinearAdapter.identity(dim, base_model, rank=cfg.rank, bias=cfg.bias, seed=cfg.seed)
+    init = LinearAdapter.identity(dim, base_model, rank=cfg.train.rank, bias=cfg.train.bias, seed=cfg.seed)
     module = _Module(init)
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters  # one kernel per step; bit-reproducible
-    opt = torch.optim.AdamW(module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused or None)
-    steps_per_epoch = -(-len(pairs) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(cfg.warmup_fraction * total))))
-    triplet = nn.TripletMarginLoss(margin=cfg.margin)
+    opt = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                            fused=fused or None)
+    steps_per_epoch = -(-len(pairs) // cfg.train.batch_size)
+    total = steps_per_epoch * cfg.train.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(cfg.train.warmup_fraction * total))))
+    triplet = nn.TripletMarginLoss(margin=cfg.train.margin)
     Q, C = torch.from_numpy(train.vectors), torch.from_numpy(corpus)  # (n_train, d), (N, d): fixed inputs
 
     def validate() -> dict[str, float]:
@@ -181,16 +184,17 @@ def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], ba
     best_epoch, best_state = 0, {k: v.clone() for k, v in module.state_dict().items()}
     history: list[dict[str, float]] = [{"epoch": 0, "loss": float("nan"), PRIMARY_METRIC: base_val[PRIMARY_METRIC]}]
     t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, cfg.train.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         order = rng.permutation(len(pairs))
         losses = []
-        for s in range(0, len(order), cfg.batch_size):
-            batch = pairs[order[s:s + cfg.batch_size]]  # (B, 2): query row, positive row
+        for s in range(0, len(order), cfg.train.batch_size):
+            batch = pairs[order[s:s + cfg.train.batch_size]]  # (B, 2): query row, positive row
             q_rows, pos = batch[:, 0], batch[:, 1]
             anchor = module(Q[q_rows])  # (B, d)
-            if cfg.loss == "triplet":
-                q_rep = np.repeat(q_rows, cfg.negatives_per_query)  # (B*k,): each query k times, one negative each
+            if cfg.train.loss == "triplet":
+                # (B*k,): each query k times, one negative each
+                q_rep = np.repeat(q_rows, cfg.train.negatives_per_query)
                 if hard is not None:
                     neg = hard[q_rep, rng.integers(0, hard.shape[1], size=len(q_rep))]
                 else:
@@ -198,10 +202,10 @@ def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], ba
                 # (B, 1, d) anchors and positives broadcast against (B, k, d) negatives
                 loss = triplet(anchor[:, None], C[pos][:, None], C[neg.reshape(len(pos), -1)])
             else:
-                cand = C if cfg.infonce_candidates == "corpus" else C[pos]  # (M, d)
-                cand_rows = np.arange(n_corpus) if cfg.infonce_candidates == "corpus" else pos
-                logits = anchor @ cand.T / cfg.temperature  # (B, M)
-                target = pos if cfg.infonce_candidates == "corpus" else np.arange(len(pos))
+                cand = C if cfg.train.infonce_candidates == "corpus" else C[pos]  # (M, d)
+                cand_rows = np.arange(n_corpus) if cfg.train.infonce_candidates == "corpus" else pos
+                logits = anchor @ cand.T / cfg.train.temperature  # (B, M)
+                target = pos if cfg.train.infonce_candidates == "corpus" else np.arange(len(pos))
                 # other chunks relevant to the same query are not negatives
                 masked = _is_relevant(q_rows[:, None] * n_corpus + cand_rows[None, :], rel_codes)
                 masked[np.arange(len(pos)), target] = False
@@ -211,7 +215,7 @@ def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], ba
                 loss = loss + penalty * module.delta().pow(2).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
+            nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
             opt.step()
             sched.step()
             losses.append(loss.detach())
@@ -236,7 +240,7 @@ def choose_identity_penalty(train: Split, corpus: np.ndarray, corpus_ids: list[s
     that do not lower ndcg@10 on the held-out chunks' queries (the identity always qualifies)."""
     parts, _ = partition_qrels(train.qrels, by="chunk", test_fraction=0.2, seed=cfg.seed)
     inner, unseen = _subset(train, parts["train"]), _subset(train, parts["test"])
-    parts, _ = partition_qrels(inner.qrels, by="query", test_fraction=cfg.val_fraction, seed=cfg.seed)
+    parts, _ = partition_qrels(inner.qrels, by="query", test_fraction=cfg.split.val_fraction, seed=cfg.seed)
     inner, seen = _subset(inner, parts["train"]), _subset(inner, parts["test"])
     base_unseen = judge(unseen.vectors, corpus, unseen.qrels, unseen.ids, corpus_ids)[corpus.shape[1]]
     trials = []
@@ -265,8 +269,8 @@ def train_adapter(dataset: Dataset, encoder: Encoder, cfg: Config | None = None,
     """Train an adapter on a dataset split with the encoder's cached embeddings; validation is the ``dev`` split if
     present, else a seeded slice of train carved the way the dataset was split (by query or by whole chunk)."""
     cfg = cfg or Config()
-    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.train_split,
-                                                  val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.split.train_split,
+                                                  val_fraction=cfg.split.val_fraction, seed=cfg.seed)
     qids = [*train_qrels, *val_qrels]
     queries = encoder.encode_queries([dataset.queries[q] for q in qids])
     corpus_ids = list(dataset.corpus)
@@ -276,14 +280,15 @@ def train_adapter(dataset: Dataset, encoder: Encoder, cfg: Config | None = None,
     logger.info("training on %d queries, validating on %d (%s)", len(train.ids), len(val.ids), how)
     trials: list[dict] = []
     cfg = resolve_loss(cfg)  # the file records the loss that ran
-    if cfg.identity_penalty == "auto":
+    if cfg.train.identity_penalty == "auto":
         lam, trials = choose_identity_penalty(train, corpus, corpus_ids, encoder.identity, cfg)
         logger.info("identity penalty chosen on held-out chunks: %g", lam)
         cfg = cfg.replace(identity_penalty=lam)
     result = fit(train, val, corpus, corpus_ids, encoder.identity, cfg, progress=progress)
     result.adapter.metadata = {
-        "base_model_name": encoder.name, "config": cfg.to_dict(), "trained_on": cfg.train_split,
-        "data_fingerprint": fingerprint(dataset, cfg.train_split), "validation": how,
+        "base_model_name": encoder.name, "config": cfg.to_dict("encoder", "split", "train"),
+        "trained_on": cfg.split.train_split,
+        "data_fingerprint": fingerprint(dataset, cfg.split.train_split), "validation": how,
         "best_epoch": result.best_epoch, "val_base": result.base_val, "val_adapter": result.best_val,
         "train_seconds": result.seconds,  # wall time of the loop, read by `adapter compare`
         "history": [{k: (None if v != v else float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in h.items()}

@@ -37,7 +37,7 @@ def write_corpus(folder: Path, n: int, seed: int) -> None:
     from adapter.config import Config
     from adapter.encoder import resolve_model
 
-    vocab_file = Path(resolve_model(Config.model)) / "vocab.txt"
+    vocab_file = Path(resolve_model(Config().encoder.model)) / "vocab.txt"
     vocab = [w for w in vocab_file.read_text().split() if re.fullmatch(r"[a-z]{5,12}", w)]
     rng = random.Random(seed)
     folder.mkdir(parents=True)

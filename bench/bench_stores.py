@@ -91,7 +91,7 @@ def main() -> None:
         knob, values = ("nprobe", (1, 8, 16, 32)) if name.startswith("IVF") else ("ef_search", (16, 32, 64, 128))
         for v in values if name != "Flat" else ():
             stores[f"FAISS {name}, {knob} {v}"] = lambda p=path, kw={knob: v}: FaissStore(p, **kw)
-        stores[f"FAISS {name}, defaults (nprobe {Config.nprobe}, ef_search {Config.ef_search})"] = (
+        stores[f"FAISS {name}, defaults (nprobe {Config().store.nprobe}, ef_search {Config().store.ef_search})"] = (
             lambda p=path: FaissStore(p))
     qc = qdrant_client.QdrantClient(path=str(work / "qdrant"))
     qc.create_collection("apple", vectors_config=models.VectorParams(size=384, distance=models.Distance.COSINE))
@@ -106,7 +106,7 @@ def main() -> None:
         col.add(ids=[str(i) for i in ids[s:s + 1000]], embeddings=vectors[s:s + 1000])
     stores["Chroma, embedded PersistentClient (cosine), ef_search 10: asks for the top 10 only"] = (
         lambda: ChromaStore(str(work / "chroma"), "apple", ef_search=K))
-    stores[f"Chroma, embedded PersistentClient (cosine), defaults: asks for {Config.ef_search}, keeps 10"] = (
+    stores[f"Chroma, embedded PersistentClient (cosine), defaults: asks for {Config().store.ef_search}, keeps 10"] = (
         lambda: ChromaStore(str(work / "chroma"), "apple"))
 
     what = f"215 chunks + {n - 215:,} training questions as distractors" if a.distractors else "the 215 chunks"

@@ -13,7 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from adapter.chunking import chunk, chunk_documents, load_tokenizer, read_document, split_text, token_starts
-from adapter.config import AdapterError, Config
+from adapter.config import Config
+from adapter.errors import AdapterError
 
 PARAGRAPHS = [
     "Mains flushing runs every spring. Crews open hydrants in sequence so that sediment leaves the pipes. "
@@ -106,7 +107,7 @@ def test_random_texts_keep_every_promise():
 
 
 def test_token_sizes_use_the_encoders_tokenizer():
-    tokenizer = load_tokenizer(Config.model)
+    tokenizer = load_tokenizer(Config().encoder.model)
     text = DOC * 3
     spans = split_text(text, 40, 20, token_starts(text, tokenizer))
     counts = [len(tokenizer(text[a:b], add_special_tokens=False)["input_ids"]) for a, b in spans]
@@ -156,7 +157,7 @@ def test_pdf_text_is_read_page_by_page(docs: list[Path]):
 
 
 def test_chunk_writes_stable_ids_sources_and_offsets(tmp_path: Path, docs: list[Path]):
-    cfg = Config(chunk_size=150, chunk_overlap=50, chunk_unit="chars")
+    cfg = Config().replace(chunk_size=150, chunk_overlap=50, chunk_unit="chars")
     out = tmp_path / "ds"
     chunks = chunk(docs, out, cfg)
     first = (out / "corpus.jsonl").read_bytes()

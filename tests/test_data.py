@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from adapter.config import AdapterError
 from adapter.data import convert, detect_format, fingerprint, load_dataset, split_dataset
+from adapter.errors import AdapterError
 from cli import main
 from tests.conftest import APPLEQA, CHUNKS, QUESTIONS, write_dataset
 

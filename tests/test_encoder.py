@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from adapter.config import AdapterError
 from adapter.encoder import Encoder, load_model, resolve_model, truncate
+from adapter.errors import AdapterError
 from cli import main
 from tests.conftest import CHUNKS
 
@@ -58,9 +58,9 @@ def test_another_model_has_its_own_cache(minilm, tiny_model_dir, tmp_path):
 
 
 def test_many_shards_are_merged(minilm, tmp_path, monkeypatch):
-    import adapter.encoder as encoder
+    import adapter.cache as cache
 
-    monkeypatch.setattr(encoder, "MAX_SHARDS", 3)
+    monkeypatch.setattr(cache, "MAX_SHARDS", 3)
     enc = Encoder(minilm, cache_dir=tmp_path, show_progress=False)
     words = [f"valve {i}" for i in range(6)]
     vecs = [enc.encode_documents([w]) for w in words]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, evaluate, search
 
 

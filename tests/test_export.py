@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError
 from adapter.model import LinearAdapter
 from cli import main
 from tests.conftest import CHUNKS, QUESTIONS
@@ -37,7 +37,7 @@ def tiny(tiny_model_dir):
 def test_export_round_trip(tmp_path, tiny, tiny_model_dir, rank):
     from sentence_transformers import SentenceTransformer
 
-    from adapter.index import export
+    from adapter.export import export
 
     enc, adapters = tiny
     path = adapters[rank].save(tmp_path / "a.safetensors")
@@ -62,7 +62,7 @@ def test_exported_model_scores_like_base_plus_adapter(tmp_path, tiny, tiny_model
     """The judge sees the same system either way: base with the adapter file, or the exported model alone."""
     from adapter.data import load_dataset
     from adapter.encoder import Encoder
-    from adapter.index import export
+    from adapter.export import export
     from adapter.pipeline import evaluate_dataset
 
     enc, adapters = tiny
@@ -126,8 +126,8 @@ def test_push_to_hub_uploads_the_exported_folder(tmp_path, tiny, tiny_model_dir,
 def test_push_to_hub_refuses_without_a_token_or_offline(tmp_path, tiny, tiny_model_dir, monkeypatch):
     import huggingface_hub
 
+    from adapter.export import export
     from adapter.hub import push_to_hub
-    from adapter.index import export
 
     enc, adapters = tiny
     out = export(adapters[None].save(tmp_path / "a.safetensors"), tmp_path / "model", model=str(tiny_model_dir))
@@ -154,15 +154,17 @@ def test_default_loss_is_triplet_for_full_and_infonce_for_low_rank(tmp_path, min
     from adapter.train import resolve_loss, train_adapter
     from tests.conftest import write_dataset
 
-    assert Config().loss == "auto"
-    assert resolve_loss(Config()).loss == "triplet" and resolve_loss(Config(rank=16)).loss == "infonce"
-    assert resolve_loss(Config(rank=16, loss="triplet")).loss == "triplet"  # a loss given by name is kept
+    assert Config().train.loss == "auto"
+    assert resolve_loss(Config()).train.loss == "triplet"
+    assert resolve_loss(Config().replace(rank=16)).train.loss == "infonce"
+    # a loss given by name is kept
+    assert resolve_loss(Config().replace(rank=16, loss="triplet")).train.loss == "triplet"
     folder = write_dataset(tmp_path / "ds")
     split_dataset(folder, by="query", test_fraction=0.3, seed=0)
     enc = Encoder(minilm, show_progress=False)
     for rank, loss in ((None, "triplet"), (16, "infonce")):
-        r = train_adapter(load_dataset(folder), enc, Config(rank=rank, epochs=1), progress=False)
-        assert r.adapter.metadata["config"]["loss"] == loss  # the file records the loss that ran
+        r = train_adapter(load_dataset(folder), enc, Config().replace(rank=rank, epochs=1), progress=False)
+        assert r.adapter.metadata["config"]["train"]["loss"] == loss  # the file records the loss that ran
 
 
 def test_rank_16_float16_file_is_at_most_30_kb(tmp_path, minilm):
@@ -175,10 +177,10 @@ def test_rank_16_float16_file_is_at_most_30_kb(tmp_path, minilm):
 
     folder = write_dataset(tmp_path / "ds")
     split_dataset(folder, by="query", test_fraction=0.3, seed=0)
-    cfg = Config(rank=16, dtype="float16")
+    cfg = Config().replace(rank=16, dtype="float16")
     r = train_adapter(load_dataset(folder), Encoder(minilm, show_progress=False), cfg, progress=False)
-    assert len(r.adapter.metadata["history"]) == cfg.epochs + 1
-    path = r.adapter.save(tmp_path / "tiny.safetensors", dtype=cfg.dtype)
+    assert len(r.adapter.metadata["history"]) == cfg.train.epochs + 1
+    path = r.adapter.save(tmp_path / "tiny.safetensors", dtype=cfg.train.dtype)
     assert path.stat().st_size <= 30_000, path.stat().st_size
     back = LinearAdapter.load(path)
-    assert back.U.dtype == np.float16 and back.rank == 16 and back.metadata["config"]["dtype"] == "float16"
+    assert back.U.dtype == np.float16 and back.rank == 16 and back.metadata["config"]["train"]["dtype"] == "float16"

@@ -16,9 +16,10 @@ import pytest
 from click.testing import CliRunner
 
 import adapter.finetune as ft
-from adapter.config import AdapterError, Config
+from adapter.config import Config
 from adapter.data import load_dataset, train_val_qrels
 from adapter.encoder import load_model
+from adapter.errors import AdapterError
 from cli import main
 from tests.conftest import QUESTIONS, write_dataset
 
@@ -56,7 +57,7 @@ def test_matryoshka_dims_are_checked_and_completed():
 
 def test_finetune_installs_a_model_that_scores_its_kept_epoch(train_dir, tmp_path, tiny_model_dir):
     out = tmp_path / "ft"
-    cfg = tiny_cfg(tiny_model_dir, val_fraction=Config.val_fraction, max_seq_length=32)  # what the command runs
+    cfg = tiny_cfg(tiny_model_dir, val_fraction=Config().split.val_fraction, max_seq_length=32)  # what the command runs
     r = CliRunner().invoke(main, ["-q", "finetune", str(train_dir), "--out", str(out), "--model", str(tiny_model_dir),
                                   "--dims", "32,16,8", "--select-dim", "16", "--epochs", "2", "--batch-size", "4",
                                   "--grad-accum", "1", "--lr", "1e-3", "--max-seq-length", "32"],
@@ -66,7 +67,8 @@ def test_finetune_installs_a_model_that_scores_its_kept_epoch(train_dir, tmp_pat
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.name == "checkpoints") == []
 
     ds = load_dataset(train_dir)
-    train, val, _ = train_val_qrels(ds, train_split=cfg.train_split, val_fraction=cfg.val_fraction, seed=cfg.seed)
+    train, val, _ = train_val_qrels(ds, train_split=cfg.split.train_split, val_fraction=cfg.split.val_fraction,
+                                    seed=cfg.seed)
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["dims"] == list(DIMS) and meta["select_dim"] == 16 and meta["train_seconds"] > 0
     assert meta["pairs"] == sum(len(r) for r in train.values()) and meta["val_queries"] == len(val) == 1

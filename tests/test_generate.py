@@ -18,8 +18,9 @@ import pytest
 from click.testing import CliRunner
 from fake_llm import FAULTS, FakeLLM, render
 
-from adapter.config import AdapterError, Config
+from adapter.config import Config
 from adapter.data import load_dataset
+from adapter.errors import AdapterError
 from adapter.generate import JOURNAL, ParseError, drop_near_duplicates, generate, parse_questions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ def config(llm: FakeLLM, **overrides) -> Config:
     """Settings for fast tests: tiny backoff, no pacing to speak of, a short timeout."""
     base = {"base_url": llm.url, "questions_per_chunk": N, "concurrency": 2, "requests_per_minute": 60_000,
             "request_timeout": 0.5, "retry_base_delay": 0.01, "retry_max_delay": 2.0}
-    return Config(**{**base, **overrides})
+    return Config().replace(**{**base, **overrides})
 
 
 def run(folder: Path, llm: FakeLLM, **overrides):
@@ -138,7 +139,7 @@ def test_generate_writes_a_dataset_folder(tmp_path: Path):
     assert (s.done, s.failed, s.requests, s.retries, s.questions, s.near_duplicates) == (6, {}, 6, 0, 24, 0)
     assert len((tmp_path / JOURNAL).read_text().splitlines()) == 6
     report = json.loads((tmp_path / "generate.json").read_text())
-    assert report["questions"] == 24 and report["config"]["questions_per_chunk"] == N
+    assert report["questions"] == 24 and report["config"]["llm"]["questions_per_chunk"] == N
 
 
 REASONS = {"500": "HTTP 500", "429": "HTTP 429", "slow": "timeout", "malformed": "no questions found",
@@ -279,7 +280,7 @@ def test_a_prompt_file_replaces_the_built_in_prompt(tmp_path: Path):
         assert queries(tmp_path) == expected(chunks, llm)  # the fake server found each chunk inside the quotes
     prompt.write_text("Questions please.")
     with pytest.raises(AdapterError, match=r"prompt\.txt: no \{chunk\} placeholder"):
-        generate(tmp_path, Config(prompt=str(prompt)), encoder=FakeEncoder(), show_progress=False)
+        generate(tmp_path, Config().replace(prompt=str(prompt)), encoder=FakeEncoder(), show_progress=False)
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
@@ -291,7 +292,7 @@ def test_a_prompt_file_replaces_the_built_in_prompt(tmp_path: Path):
 def test_bad_settings_are_one_line(tmp_path: Path, overrides: dict, message: str):
     write_corpus(tmp_path, 1)
     with pytest.raises(AdapterError, match=message):
-        generate(tmp_path, Config(**overrides), encoder=FakeEncoder(), show_progress=False)
+        generate(tmp_path, Config().replace(**overrides), encoder=FakeEncoder(), show_progress=False)
 
 
 def test_near_duplicates_are_dropped_under_the_frozen_encoder(tmp_path: Path, minilm):

@@ -40,7 +40,7 @@ def trained(tmp_path_factory, minilm):
 
 def test_search_matches_brute_force(trained, tmp_path, minilm):
     from adapter.encoder import Encoder
-    from adapter.index import AdaptedEncoder
+    from adapter.export import AdaptedEncoder
 
     folder, out, _ = trained
     idx = tmp_path / "base.faiss"
@@ -64,7 +64,8 @@ def test_search_matches_brute_force(trained, tmp_path, minilm):
 
 
 def test_search_keeps_the_index_own_ids(tmp_path, trained, minilm):
-    from adapter.index import AdaptedEncoder, read_index, search_index, write_index
+    from adapter.export import AdaptedEncoder
+    from adapter.stores import read_index, search_index, write_index
 
     _, out, _ = trained
     vecs = minilm.encode_document(["burst main", "hydrant flushing", "lead pipes"], normalize_embeddings=True)
@@ -79,7 +80,7 @@ def test_search_keeps_the_index_own_ids(tmp_path, trained, minilm):
 
 def test_search_bad_input(tmp_path, trained):
     _, out, _ = trained
-    from adapter.index import write_index
+    from adapter.stores import write_index
 
     write_index(np.eye(8, dtype=np.float32), tmp_path / "small.faiss")
     (tmp_path / "junk.faiss").write_text("junk")
@@ -116,7 +117,7 @@ def test_evaluate_reads_the_corpus_from_an_index(trained, tmp_path):
     assert runs["index"] == runs["embedded"]
     assert runs["index"]["tiny-adapter"] != runs["index"]["base"]
     # an index of another corpus cannot be read as this one's rows
-    from adapter.index import write_index
+    from adapter.stores import write_index
 
     write_index(np.eye(384, dtype=np.float32)[:5], tmp_path / "other.faiss")
     r = CliRunner().invoke(main, ["evaluate", str(folder), "--index", str(tmp_path / "other.faiss")])

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import save as save_tensors
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError
 from adapter.model import FORMAT_VERSION, LinearAdapter
 from cli import main
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, evaluate
 from adapter.model import LinearAdapter
 from adapter.report import format_table, paired_bootstrap

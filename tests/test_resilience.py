@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from fake_llm import FakeLLM
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError
 from adapter.resilience import (
     FatalError,
     Journal,

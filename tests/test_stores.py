@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from adapter.config import AdapterError
+from adapter.errors import AdapterError
 from adapter.stores import ChromaStore, FaissStore, QdrantStore, corpus_from_store, open_store
 from cli import main
 from tests.conftest import CHUNKS, write_dataset
@@ -245,7 +245,7 @@ def tiny_stores(tmp_path_factory, minilm):
 
 @pytest.mark.parametrize("store", ["qdrant", "chroma"])
 def test_search_cli_returns_the_store_ids(tiny_stores, minilm, store):
-    from adapter.index import AdaptedEncoder
+    from adapter.export import AdaptedEncoder
 
     folder, adapter, root, docs = tiny_stores
     query = "who fixes a broken pipe in the street"

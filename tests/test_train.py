@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from adapter.config import AdapterError, Config
+from adapter.config import Config
+from adapter.errors import AdapterError
 from adapter.evaluate import evaluate
 from adapter.model import LinearAdapter
 from adapter.train import Split, _random_negatives, fit, mine_hard_negatives
@@ -122,7 +123,8 @@ def test_train_cli_writes_a_complete_file(trained):
     a = LinearAdapter.load(out)
     assert a.dim == 384 and a.base_model.startswith("all-MiniLM-L6-v2@")
     meta = a.metadata
-    assert meta["config"]["epochs"] == 3 and meta["config"]["lr"] == Config.lr  # resolved config travels along
+    assert meta["config"]["train"]["epochs"] == 3
+    assert meta["config"]["train"]["lr"] == Config().train.lr  # resolved config travels along
     assert len(meta["data_fingerprint"]) == 16 and meta["trained_on"] == "train"
     assert "ndcg@10" in meta["val_base"] and len(meta["history"]) == 4
     assert meta["validation"].endswith("by query")

@@ -1,7 +1,8 @@
-"""Bolt an adapter onto an existing vector index: queries go through the adapter, documents and the index do not.
+"""Export an adapter for serving code that expects a sentence-transformers model, without touching the index.
 
-Also the export: one sentence-transformers model folder whose ``encode_query`` applies the adapter and whose
-``encode_document`` is the untouched base, for serving code that expects a sentence-transformers model.
+``AdaptedEncoder`` wraps a base model and an adapter on the query side only; ``export`` writes one
+sentence-transformers model folder whose ``encode_query`` applies the adapter and whose ``encode_document`` is the
+untouched base, so vectors already in an index stay valid.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 
-from adapter.config import DEFAULT_MODEL, AdapterError
+from adapter.config import DEFAULT_MODEL
 from adapter.data import atomic_write
 from adapter.encoder import _display_name, load_model, model_fingerprint
+from adapter.errors import AdapterError
 from adapter.model import LinearAdapter
 
 if TYPE_CHECKING:
@@ -53,46 +54,6 @@ class AdaptedEncoder:
         base = self.model.encode_query(texts, normalize_embeddings=True, convert_to_numpy=True, **kwargs)
         return self.adapter.apply(base)
 
-
-def write_index(vectors: np.ndarray, path: str | os.PathLike, ids: np.ndarray | None = None) -> Path:
-    """Write an exact inner-product FAISS index of (unit) vectors; ``ids`` (int64) are stored when given."""
-    index = faiss.IndexFlatIP(vectors.shape[1])
-    if ids is not None:
-        index = faiss.IndexIDMap2(index)
-        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-    else:
-        index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-    path = Path(path)
-    with atomic_write(path, "wb") as f:
-        f.write(faiss.serialize_index(index).tobytes())
-    return path
-
-
-def read_index(path: str | os.PathLike) -> faiss.Index:
-    """Read a FAISS index file with a one-line error when it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise AdapterError(f"{path}: file not found")
-    try:
-        return faiss.read_index(str(path))
-    except RuntimeError as e:
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else "unreadable"
-        raise AdapterError(f"{path}: not a readable FAISS index ({reason[:160]})") from None
-
-
-def search_index(index: faiss.Index, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` (scores, ids) per query from the index, with the index's own int64 ids; -1 ids are dropped by the
-    caller. The query vectors must have the index's dimension."""
-    if k < 1:
-        raise AdapterError(f"-k must be at least 1, got {k}")
-    q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-    if q.shape[1] != index.d:
-        raise AdapterError(f"index holds {index.d}-dimensional vectors, queries have {q.shape[1]}")
-    scores, ids = index.search(q, k)
-    return scores, ids
-
-
-# ---------------------------------------------------------------------------------------------------------- export
 
 CARD_METRICS = ("ndcg@10", "mrr@10", "map@100", "accuracy@1", "accuracy@10", "recall@10")  # rows of the model card
 
@@ -144,6 +105,7 @@ def model_card(adapter: LinearAdapter, base_name: str) -> str:
                 change = f"{(a - b) / b:+.1%}" if b else "n/a"
                 lines.append(f"| {m} | {b:.4f} | {a:.4f} | {change} |")
     config = meta.get("config") or {}
+    config = {**config.get("train", config), "seed": config.get("seed")}  # files before sections were flat
     keys = ("loss", "negatives", "epochs", "lr", "batch_size", "margin", "rank", "identity_penalty", "seed")
     if config:
         lines += ["", "## Training", "", ", ".join(f"{k} {config[k]}" for k in keys if config.get(k) is not None)
