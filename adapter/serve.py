@@ -1,0 +1,593 @@
+"""`adapter serve`: an OpenAI-compatible embeddings endpoint with the adapter on the query side, so bolting it on is a
+``base_url`` change.
+
+``POST /v1/embeddings`` returns adapted query vectors; ``POST /documents/v1/embeddings`` the untouched base vectors
+(what the index holds). Both take OpenAI's request (``input`` a string or a list of strings, ``model``,
+``encoding_format`` float or base64, ``dimensions`` as a Matryoshka truncation, renormalised) and answer in OpenAI's
+shape with ``usage``. Every bad request is a 4xx in OpenAI's error shape; nothing a client sends yields a traceback.
+
+A local model sees concurrent requests gathered into micro-batches (the first request of a batch waits at most
+``batch_window_ms`` for company, a batch holds at most ``max_batch`` texts; one thread runs the model). Upstream, each
+request goes through the OpenAI-compatible embedding backend (its retries and limits), and a failure past them is a 502.
+
+The adapter file is watched: a replacement is loaded and checked off the event loop, and a valid one is swapped in as
+one reference, so each reply is computed wholly by one adapter (its version is in the ``x-adapter-version`` header); an
+invalid one is refused in one log line and the old one keeps serving. Served vectors are never written to the cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from adapter.config import AdapterError
+
+try:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.exceptions import HTTPException
+except ImportError:  # pragma: no cover - the extra is missing
+    raise AdapterError("adapter serve needs FastAPI and uvicorn: pip install 'adapter[serve]'") from None
+from adapter.encoder import truncate
+from adapter.model import LinearAdapter
+
+logger = logging.getLogger(__name__)
+
+QUERY, DOCUMENT = "query", "document"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """`adapter serve`: where it listens, how it batches, what it accepts."""
+
+    host: str = "127.0.0.1"  # loopback only unless asked: the endpoint has no TLS
+    port: int = 8080
+    batch_window_ms: float = 5.0  # longest a batch's first request waits for company; ~1 query's encode on 2 cores
+    max_batch: int = 64  # texts per local model call (a request is never split); 1 turns micro-batching off
+    max_body_bytes: int = 8 * 1024 * 1024  # request bodies above this get a 413 before they are read whole
+    max_inputs: int = 2048  # inputs per request, OpenAI's own limit
+    max_input_chars: int = 100_000  # characters per input; a local model truncates to its max_seq_length anyway
+    reload_interval: float = 1.0  # seconds between looks at the adapter file's size, mtime and inode
+    upstream_concurrency: int = 16  # upstream mode: requests forwarded at once (the backend's limits apply beneath)
+    api_key_env: str | None = None  # inbound auth: a bearer token equal to this variable's value; None: open
+
+
+class Backend(Protocol):
+    """What serve needs of an embedding backend: unit vectors (n, dim) float32 for texts in a role."""
+
+    name: str
+    dim: int
+    identity: str
+
+    def embed(self, texts: Sequence[str], role: str) -> np.ndarray: ...
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
+
+
+class LocalBackend:
+    """A sentence-transformers model called directly: query and document prompts, unit vectors, no cache."""
+
+    def __init__(self, model: Any, name: str):
+        from adapter.encoder import _display_name, model_fingerprint
+
+        self.model, self.name = model, name
+        self.dim = int(model.get_embedding_dimension())
+        self.identity = f"{_display_name(name)}@{model_fingerprint(model)}"
+
+    def embed(self, texts: Sequence[str], role: str) -> np.ndarray:
+        fn = self.model.encode_query if role == QUERY else self.model.encode_document
+        out = fn(list(texts), batch_size=max(len(texts), 1), normalize_embeddings=True, convert_to_numpy=True,
+                 show_progress_bar=False)
+        return np.asarray(out, dtype=np.float32)
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text with the model's own tokenizer, truncated as the model truncates (the usage we report)."""
+        enc = self.model.tokenizer(list(texts), truncation=True, max_length=self.model.max_seq_length)
+        return [len(ids) for ids in enc["input_ids"]]
+
+
+def open_backend(model: str) -> Backend:
+    """The backend serving ``model``: a local sentence-transformers model by name or path."""
+    from adapter.encoder import load_model
+
+    return LocalBackend(load_model(model), model)
+
+
+# ----------------------------------------------------------------------------------------------- the adapter slot
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """One adapter as loaded, with a short hash of its tensors (the version replies carry)."""
+
+    adapter: LinearAdapter
+    version: str
+    loaded_at: float
+
+
+def adapter_version(adapter: LinearAdapter) -> str:
+    """A 12-hex hash of the adapter's tensors: two files with the same tensors have the same version."""
+    h = hashlib.sha256()
+    for name, t in sorted(adapter.tensors().items()):
+        h.update(name.encode() + np.ascontiguousarray(t).tobytes())
+    return h.hexdigest()[:12]
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class AdapterSlot:
+    """The adapter being served: one reference, replaced whole when a valid new file appears.
+
+    A reader takes ``slot.current`` once per request, so a reply never mixes two adapters even when a reload lands in
+    the middle of it.
+    """
+
+    def __init__(self, path: str | os.PathLike, backend: Backend, *, allow_other_model: bool = False):
+        self.path = Path(path)
+        self.backend = backend
+        self.allow_other_model = allow_other_model
+        self._signature = _signature(self.path)
+        self.current = self._load()
+        self._refused: tuple[int, int, int] | None | str = "nothing refused yet"
+        self.reloads = {"ok": 0, "refused": 0}
+
+    def _load(self) -> LoadedAdapter:
+        adapter = LinearAdapter.load(self.path)
+        if adapter.dim != self.backend.dim:
+            raise AdapterError(f"{self.path}: adapter is {adapter.dim}-dimensional, the model {self.backend.dim}")
+        adapter.check_base_model(self.backend.identity, allow_other_model=self.allow_other_model,
+                                 source=str(self.path))
+        return LoadedAdapter(adapter, adapter_version(adapter), time.time())
+
+    def poll(self) -> bool:
+        """Reload when the file changed since the last look; True when a new adapter was swapped in."""
+        sig = _signature(self.path)
+        if sig == self._signature or sig == self._refused:
+            return False
+        if sig is None:
+            logger.warning("%s: adapter file is gone; still serving version %s", self.path, self.current.version)
+            self.reloads["refused"] += 1
+            self._refused = sig
+            return False
+        try:
+            loaded = self._load()
+        except AdapterError as e:
+            if _signature(self.path) != sig:  # replaced again while we read it: look at the newer one next time
+                return False
+            logger.warning("refused the new adapter file (%s); still serving version %s", e, self.current.version)
+            self._refused = sig
+            self.reloads["refused"] += 1
+            return False
+        if _signature(self.path) != sig:
+            return False
+        self._signature = sig
+        old, self.current = self.current, loaded  # the swap: one reference assignment
+        self.reloads["ok"] += 1
+        logger.info("reloaded %s: version %s -> %s", self.path, old.version, loaded.version)
+        return True
+
+
+# --------------------------------------------------------------------------------------------------- micro-batches
+
+
+@dataclass
+class _Item:
+    texts: list[str]
+    future: asyncio.Future
+    arrived: float
+
+
+class MicroBatcher:
+    """Gathers concurrent requests of one role into model calls of at most ``max_batch`` texts.
+
+    The first request of a batch waits at most ``window`` seconds (counted from its arrival, so requests that queued
+    while the model was busy do not wait again); requests are never split, and a request larger than the cap runs alone.
+    """
+
+    def __init__(self, fn: Callable[[list[str]], tuple[np.ndarray, int]], executor: ThreadPoolExecutor, *,
+                 window: float, max_batch: int, observe: Callable[[int], None] = lambda n: None):
+        self.fn, self.executor, self.window, self.max_batch, self.observe = fn, executor, window, max_batch, observe
+        self._items: deque[_Item] = deque()
+        self._queued_texts = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for item in self._items:
+            if not item.future.done():
+                item.future.set_exception(AdapterError("server is shutting down"))
+
+    async def submit(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        """Base vectors for ``texts`` and their token count, computed in some batch."""
+        loop = asyncio.get_running_loop()
+        item = _Item(texts, loop.create_future(), loop.time())
+        self._items.append(item)
+        self._queued_texts += len(texts)
+        self._wake.set()
+        return await item.future
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._items:
+                self._wake.clear()
+                await self._wake.wait()
+            deadline = self._items[0].arrived + self.window
+            while self._queued_texts < self.max_batch and (left := deadline - loop.time()) > 0:
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except TimeoutError:
+                    break
+            batch, n = [self._items.popleft()], 0
+            n = len(batch[0].texts)
+            while self._items and n + len(self._items[0].texts) <= self.max_batch:
+                batch.append(self._items.popleft())
+                n += len(batch[-1].texts)
+            self._queued_texts -= n
+            texts = [t for item in batch for t in item.texts]
+            self.observe(len(texts))
+            try:
+                vectors, tokens = await loop.run_in_executor(self.executor, self.fn, texts)
+            except Exception as e:  # the model failed: every request of the batch hears it
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+                continue
+            start = 0
+            for item in batch:
+                stop = start + len(item.texts)
+                if not item.future.done():
+                    item.future.set_result((vectors[start:stop], tokens[start:stop]))
+                start = stop
+
+
+# -------------------------------------------------------------------------------------------------- the service
+
+
+class ApiError(Exception):
+    """A request refused with an HTTP status and OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+class UpstreamError(Exception):
+    """The upstream embeddings server failed past the backend's retries."""
+
+
+@dataclass
+class EmbeddingRequest:
+    texts: list[str]
+    encoding_format: str = "float"
+    dimensions: int | None = None
+
+
+def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> EmbeddingRequest:
+    """Check an embeddings request body against OpenAI's schema and our limits; ApiError(400) naming the problem."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        raise ApiError(400, f"request body is not valid JSON ({reason})") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, f"request body must be a JSON object, not {type(payload).__name__}")
+    if "input" not in payload:
+        raise ApiError(400, "'input' is required", param="input")
+    model = payload.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(400, "'model' must be a string", param="model")
+    raw = payload["input"]
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise ApiError(400, f"'input' must be a string or a list of strings, not {type(raw).__name__}", param="input")
+    if not items:
+        raise ApiError(400, "'input' is an empty list", param="input")
+    if len(items) > cfg.max_inputs:
+        raise ApiError(400, f"'input' holds {len(items)} items; at most {cfg.max_inputs} per request", param="input")
+    for i, text in enumerate(items):
+        where = "'input'" if isinstance(raw, str) else f"'input[{i}]'"
+        if isinstance(text, (int, list)) and not isinstance(text, bool):
+            raise ApiError(400, "token arrays are not supported; send strings", param="input")
+        if not isinstance(text, str):
+            raise ApiError(400, f"{where} must be a string, not {type(text).__name__}", param="input")
+        if not text:
+            raise ApiError(400, f"{where} is an empty string", param="input")
+        if len(text) > cfg.max_input_chars:
+            raise ApiError(400, f"{where} holds {len(text)} characters; at most {cfg.max_input_chars}", param="input")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(400, f"{where} holds a lone surrogate (not valid Unicode)", param="input") from None
+    fmt = payload.get("encoding_format")
+    fmt = "float" if fmt is None else fmt
+    if fmt not in ("float", "base64"):
+        raise ApiError(400, f"'encoding_format' must be 'float' or 'base64', not {fmt!r}"[:200],
+                       param="encoding_format")
+    dims = payload.get("dimensions")
+    if dims is not None:
+        if isinstance(dims, bool) or not isinstance(dims, int):
+            raise ApiError(400, "'dimensions' must be an integer", param="dimensions")
+        if not 1 <= dims <= dim:
+            raise ApiError(400, f"'dimensions' must be between 1 and the model's {dim}, not {dims}",
+                           param="dimensions")
+    return EmbeddingRequest(list(items), fmt, dims)
+
+
+def encode_vectors(vectors: np.ndarray, fmt: str) -> list[Any]:
+    """Each row as a list of floats, or (base64) its little-endian float32 bytes, as OpenAI sends them."""
+    if fmt == "base64":
+        v = np.ascontiguousarray(vectors, dtype="<f4")
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in v]
+    return vectors.astype(np.float32).tolist()
+
+
+class Metrics:
+    """Prometheus metrics in a registry of the app's own (several apps in one process never collide)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("adapter_serve_requests", "Requests answered, by endpoint and status code",
+                                ["endpoint", "status"], registry=self.registry)
+        self.errors = Counter("adapter_serve_errors", "Requests answered with an error, by endpoint and error type",
+                              ["endpoint", "type"], registry=self.registry)
+        self.latency = Histogram("adapter_serve_request_seconds", "Request latency, by endpoint", ["endpoint"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch = Histogram("adapter_serve_batch_texts", "Texts per model call (local) or upstream request",
+                               buckets=BATCH_BUCKETS, registry=self.registry)
+        self.reloads = Counter("adapter_serve_adapter_reloads", "Adapter file changes seen, by result",
+                               ["result"], registry=self.registry)
+
+    def render(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+class EmbeddingService:
+    """Base vectors from a backend (micro-batched when local), the current adapter applied on the query side."""
+
+    def __init__(self, backend: Backend, adapter_path: str | os.PathLike, cfg: ServeConfig | None = None, *,
+                 upstream: bool = False, allow_other_model: bool = False):
+        self.backend, self.cfg, self.upstream = backend, cfg or ServeConfig(), upstream
+        self.slot = AdapterSlot(adapter_path, backend, allow_other_model=allow_other_model)
+        self.metrics = Metrics()
+        workers = self.cfg.upstream_concurrency if upstream else 1  # one thread owns a local model
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="embed")
+        self.batchers: dict[str, MicroBatcher] = {}
+        self._watcher: asyncio.Task | None = None
+
+    def _call(self, role: str) -> Callable[[list[str]], tuple[np.ndarray, list[int]]]:
+        def run(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+            vectors = self.backend.embed(texts, role)
+            if vectors.shape != (len(texts), self.backend.dim):
+                raise UpstreamError(f"backend returned {vectors.shape} vectors for {len(texts)} texts")
+            return vectors, self.backend.count_tokens(texts)
+        return run
+
+    async def start(self) -> None:
+        if not self.upstream:
+            observe = self.metrics.batch.observe
+            window = self.cfg.batch_window_ms / 1000
+            for role in (QUERY, DOCUMENT):
+                self.batchers[role] = MicroBatcher(self._call(role), self.executor, window=window,
+                                                   max_batch=self.cfg.max_batch, observe=observe)
+                self.batchers[role].start()
+        self._watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def stop(self) -> None:
+        if self._watcher:
+            self._watcher.cancel()
+        for b in self.batchers.values():
+            await b.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.cfg.reload_interval)
+            before = dict(self.slot.reloads)
+            try:
+                await loop.run_in_executor(None, self.slot.poll)  # off the loop: a load reads the file
+            except Exception as e:  # never let the watcher die: serving goes on with the adapter it has
+                logger.warning("adapter reload failed (%s: %s)", type(e).__name__, e)
+            for result, n in self.slot.reloads.items():
+                if n > before[result]:
+                    self.metrics.reloads.labels(result).inc(n - before[result])
+
+    async def embed(self, texts: list[str], role: str) -> tuple[np.ndarray, int, LoadedAdapter | None]:
+        """Vectors for ``texts`` (adapted for queries), their total tokens, and the adapter that made them."""
+        if self.upstream:
+            self.metrics.batch.observe(len(texts))
+            try:
+                vectors, tokens = await asyncio.get_running_loop().run_in_executor(self.executor, self._call(role),
+                                                                                   texts)
+            except (AdapterError, UpstreamError) as e:
+                raise ApiError(502, f"upstream embeddings server failed: {e}", kind="upstream_error",
+                               code="upstream_failed") from None
+        else:
+            vectors, tokens = await self.batchers[role].submit(texts)
+        if role != QUERY:
+            return vectors, sum(tokens), None
+        loaded = self.slot.current  # read once: this whole reply comes from this adapter
+        return loaded.adapter.apply(vectors), sum(tokens), loaded
+
+
+# ------------------------------------------------------------------------------------------------------- the app
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with a 413 as soon as it passes ``limit`` bytes (Content-Length or streamed)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "Content-Length is not a number") from None
+        if size > limit:
+            raise ApiError(413, f"request body of {size} bytes is over the limit of {limit}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"request body is over the limit of {limit} bytes")
+    return bytes(body)
+
+
+def create_app(service: EmbeddingService, *, api_key: str | None = None) -> FastAPI:
+    """The FastAPI app: the two embeddings endpoints, models, health and metrics, with OpenAI-shaped errors."""
+    cfg, metrics, backend = service.cfg, service.metrics, service.backend
+    model_id = backend.name
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="adapter serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error(exc: ApiError, endpoint: str) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(exc.status)).inc()
+        metrics.errors.labels(endpoint, exc.kind).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    def check_auth(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
+
+    async def embeddings(request: Request, role: str, endpoint: str) -> Response:
+        start = time.perf_counter()
+        try:
+            check_auth(request)
+            req = parse_request(await read_body(request, cfg.max_body_bytes), cfg, backend.dim)
+            vectors, tokens, loaded = await service.embed(req.texts, role)
+            if req.dimensions is not None and req.dimensions < vectors.shape[1]:
+                vectors = truncate(vectors, req.dimensions)
+            data = [{"object": "embedding", "index": i, "embedding": e}
+                    for i, e in enumerate(encode_vectors(vectors, req.encoding_format))]
+            body = {"object": "list", "data": data, "model": model_id,
+                    "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            headers = {"x-adapter-version": loaded.version} if loaded else {}
+            response = Response(json.dumps(body, separators=(",", ":")), media_type="application/json",
+                                headers=headers)
+        except ApiError as e:
+            response = error(e, endpoint)
+        except Exception as e:  # a bug or a broken model: one line in the log, OpenAI's shape to the client
+            logger.error("%s failed: %s: %s", endpoint, type(e).__name__, str(e).splitlines()[0][:200] if str(e)
+                         else "")
+            response = error(ApiError(500, f"internal error ({type(e).__name__})", kind="server_error"), endpoint)
+        else:
+            metrics.requests.labels(endpoint, "200").inc()
+        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+        return response
+
+    @app.post("/v1/embeddings")
+    async def query_embeddings(request: Request) -> Response:
+        return await embeddings(request, QUERY, "/v1/embeddings")
+
+    @app.post("/documents/v1/embeddings")
+    async def document_embeddings(request: Request) -> Response:
+        return await embeddings(request, DOCUMENT, "/documents/v1/embeddings")
+
+    def models(request: Request) -> Response:
+        try:
+            check_auth(request)
+        except ApiError as e:
+            return error(e, "/v1/models")
+        created = int(service.slot.current.loaded_at)
+        return JSONResponse({"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
+                                                         "owned_by": "adapter"}]})
+
+    app.get("/v1/models")(models)
+    app.get("/documents/v1/models")(models)
+
+    @app.get("/health")
+    async def health() -> Response:
+        loaded = service.slot.current
+        return JSONResponse({"status": "ok", "model": model_id, "dim": backend.dim, "upstream": service.upstream,
+                             "adapter": {"path": str(service.slot.path), "version": loaded.version,
+                                         "loaded_at": loaded.loaded_at, "reloads": service.slot.reloads}})
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:  # unknown path, wrong method
+        kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
+        return JSONResponse(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                     kind=kind).body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return JSONResponse(ApiError(400, "invalid request").body(), status_code=400)
+
+    return app
+
+
+def serve(adapter_path: str | os.PathLike, model: str, cfg: ServeConfig | None = None, *,
+          allow_other_model: bool = False, backend: Backend | None = None, upstream: bool = False) -> None:
+    """Load the model and the adapter, then serve until interrupted (uvicorn, one process)."""
+    import uvicorn
+
+    cfg = cfg or ServeConfig()
+    api_key = None
+    if cfg.api_key_env:
+        api_key = os.environ.get(cfg.api_key_env)
+        if not api_key:
+            raise AdapterError(f"--api-key-env {cfg.api_key_env}: that environment variable is not set or empty")
+    if cfg.max_batch < 1 or cfg.batch_window_ms < 0 or not math.isfinite(cfg.batch_window_ms):
+        raise AdapterError("--max-batch must be at least 1 and --batch-window-ms at least 0")
+    backend = backend or open_backend(model)
+    service = EmbeddingService(backend, adapter_path, cfg, upstream=upstream, allow_other_model=allow_other_model)
+    logger.info("serving %s with adapter %s (version %s) on http://%s:%d: /v1 adapted queries, /documents/v1 base",
+                backend.name, adapter_path, service.slot.current.version, cfg.host, cfg.port)
+    uvicorn.run(create_app(service, api_key=api_key), host=cfg.host, port=cfg.port, log_level="warning",
+                access_log=False)
+

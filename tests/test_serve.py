@@ -1,0 +1,329 @@
+"""`adapter serve`: the OpenAI schema through the real openai client, bad requests, auth, micro-batches, hot reload,
+metrics. Servers run on 127.0.0.1 with the tiny local BERT; every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="adapter[serve] is not installed")
+pytest.importorskip("uvicorn", reason="adapter[serve] is not installed")
+
+import uvicorn  # noqa: E402
+
+from adapter.encoder import truncate  # noqa: E402
+from adapter.model import LinearAdapter  # noqa: E402
+from adapter.serve import (  # noqa: E402
+    AdapterSlot,
+    EmbeddingService,
+    LocalBackend,
+    MicroBatcher,
+    ServeConfig,
+    create_app,
+)
+
+TEXTS = ["how do you shut off a broken water pipe", "chlorine level at the reservoir", "é 😀 \u200b zero-width"]
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir: Path) -> LocalBackend:
+    from sentence_transformers import SentenceTransformer
+
+    return LocalBackend(SentenceTransformer(str(tiny_model_dir), device="cpu"), "tiny-bert")
+
+
+def make_adapter(backend: LocalBackend, path: Path, seed: int) -> LinearAdapter:
+    """A full adapter near the identity (seeded), written atomically to ``path``."""
+    rng = np.random.default_rng(seed)
+    a = LinearAdapter.identity(backend.dim, backend.identity)
+    a.weight = (np.eye(backend.dim) + 0.3 * rng.standard_normal((backend.dim, backend.dim))).astype(np.float32)
+    tmp = path.with_name(f".{path.name}.{seed}.tmp")
+    a.save(tmp)
+    os.replace(tmp, path)
+    return a
+
+
+@contextlib.contextmanager
+def running(service: EmbeddingService, api_key: str | None = None):
+    """Serve ``service`` with uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(service, api_key=api_key), host="127.0.0.1", port=port,
+                                           log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture
+def adapter_file(backend: LocalBackend, tmp_path: Path) -> Path:
+    path = tmp_path / "adapter.safetensors"
+    make_adapter(backend, path, seed=1)
+    return path
+
+
+@pytest.fixture
+def url(backend: LocalBackend, adapter_file: Path):
+    cfg = ServeConfig(max_body_bytes=64 * 1024, max_inputs=16, max_input_chars=2000, reload_interval=0.05)
+    with running(EmbeddingService(backend, adapter_file, cfg)) as u:
+        yield u
+
+
+def test_openai_client_gets_adapted_queries_and_base_documents(backend, adapter_file, url):
+    from openai import OpenAI
+
+    adapter = LinearAdapter.load(adapter_file)
+    base_q = backend.model.encode_query(TEXTS, normalize_embeddings=True)
+    base_d = backend.model.encode_document(TEXTS, normalize_embeddings=True)
+    queries = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    docs = OpenAI(base_url=f"{url}/documents/v1", api_key="unused", max_retries=0)
+    for fmt in ("float", "base64"):
+        r = queries.embeddings.create(input=TEXTS, model="tiny-bert", encoding_format=fmt)
+        got = np.array([d.embedding for d in r.data]) if fmt == "float" else np.stack(
+            [np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in r.data])
+        assert [d.index for d in r.data] == [0, 1, 2]
+        np.testing.assert_allclose(got, adapter.apply(base_q), atol=1e-6)
+        assert r.usage.prompt_tokens == r.usage.total_tokens == sum(backend.count_tokens(TEXTS))
+    default = queries.embeddings.create(input=TEXTS[0], model="tiny-bert")  # the client asks for base64 itself
+    np.testing.assert_allclose(default.data[0].embedding, adapter.apply(base_q[:1])[0], atol=1e-6)
+    r = docs.embeddings.create(input=TEXTS, model="tiny-bert", encoding_format="float")
+    np.testing.assert_allclose(np.array([d.embedding for d in r.data]), base_d, atol=1e-6)
+    assert not np.allclose(base_d, adapter.apply(base_q), atol=1e-3)  # the two endpoints really differ
+    r = queries.embeddings.create(input=TEXTS, model="tiny-bert", dimensions=8, encoding_format="float")
+    got = np.array([d.embedding for d in r.data])
+    np.testing.assert_allclose(got, truncate(adapter.apply(base_q), 8), atol=1e-6)  # adapt, then cut, renormalise
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
+    models = queries.models.list()
+    assert [m.id for m in models.data] == ["tiny-bert"]
+
+
+BAD = [  # (body bytes, expected status, a word the message must hold)
+    (b"{not json", 400, "JSON"),
+    (b"[" * 50_000, 400, "JSON"),  # nested past the parser's recursion limit
+    (b'{"input": "\\ud800"}', 400, "surrogate"),
+    (b"\xff\xfe\xfa", 400, "JSON"),
+    (b'"just a string"', 400, "object"),
+    (b"{}", 400, "required"),
+    (b'{"input": []}', 400, "empty"),
+    (b'{"input": ""}', 400, "empty"),
+    (b'{"input": ["ok", ""]}', 400, "input[1]"),
+    (b'{"input": [1, 2, 3]}', 400, "token"),
+    (b'{"input": [[1, 2], [3]]}', 400, "token"),
+    (b'{"input": {"a": 1}}', 400, "string"),
+    (b'{"input": [null]}', 400, "string"),
+    (b'{"input": ["a"], "model": 5}', 400, "model"),
+    (b'{"input": "a", "dimensions": 0}', 400, "dimensions"),
+    (b'{"input": "a", "dimensions": 33}', 400, "dimensions"),  # the tiny model is 32-dimensional
+    (b'{"input": "a", "dimensions": "8"}', 400, "dimensions"),
+    (b'{"input": "a", "dimensions": true}', 400, "dimensions"),
+    (b'{"input": "a", "encoding_format": "int8"}', 400, "encoding_format"),
+    (json.dumps({"input": ["a"] * 17}).encode(), 400, "at most 16"),
+    (json.dumps({"input": "x" * 2001}).encode(), 400, "characters"),
+    (json.dumps({"input": "x" * 70_000}).encode(), 413, "limit"),
+]
+
+
+def test_bad_requests_are_4xx_in_openai_shape_and_the_server_goes_on(url):
+    with httpx.Client(base_url=url, timeout=10) as c:
+        for body, status, word in BAD:
+            for path in ("/v1/embeddings", "/documents/v1/embeddings"):
+                r = c.post(path, content=body, headers={"content-type": "application/json"})
+                assert r.status_code == status, (body[:40], r.text)
+                err = r.json()["error"]
+                assert word in err["message"] and err["type"] == "invalid_request_error", err
+                assert "Traceback" not in r.text
+        chunked = c.post("/v1/embeddings", content=iter([b'{"input": "', b"x" * 70_000, b'"}']))  # no length
+        assert chunked.status_code == 413 and "limit" in chunked.json()["error"]["message"]
+        for method, path, status in (("GET", "/v1/embeddings", 405), ("POST", "/v2/embeddings", 404),
+                                     ("GET", "/nowhere", 404)):
+            r = c.request(method, path)
+            assert r.status_code == status and "error" in r.json()
+        assert c.post("/v1/embeddings", json={"input": "still answering"}).status_code == 200
+        metrics = c.get("/metrics").text
+    assert 'adapter_serve_requests_total{endpoint="/v1/embeddings",status="400"} 21.0' in metrics
+    assert 'adapter_serve_requests_total{endpoint="/v1/embeddings",status="413"} 2.0' in metrics
+    assert 'adapter_serve_errors_total{endpoint="/v1/embeddings",type="invalid_request_error"} 23.0' in metrics
+    assert "adapter_serve_request_seconds_bucket" in metrics and "adapter_serve_batch_texts_count" in metrics
+
+
+def test_bearer_auth_from_an_environment_variable(backend, adapter_file):
+    with running(EmbeddingService(backend, adapter_file), api_key="s3cret") as url, httpx.Client(base_url=url) as c:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"},
+                        {"authorization": "Basic s3cret"}):
+            for path in ("/v1/embeddings", "/documents/v1/embeddings"):
+                r = c.post(path, json={"input": "a"}, headers=headers)
+                assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert c.get("/v1/models", headers=headers).status_code == 401
+        ok = c.post("/v1/embeddings", json={"input": "a"}, headers={"authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert c.get("/health").status_code == 200  # probes need no key
+
+
+def test_serve_refuses_an_unset_key_variable_in_one_line(adapter_file, monkeypatch):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    monkeypatch.delenv("NO_SUCH_SERVE_KEY", raising=False)
+    r = CliRunner().invoke(main, ["serve", "--adapter", str(adapter_file), "--api-key-env", "NO_SUCH_SERVE_KEY"])
+    assert r.exit_code == 1 and r.output.strip().count("\n") == 0 and "NO_SUCH_SERVE_KEY" in r.output
+
+
+def test_a_broken_model_is_a_500_in_openai_shape_without_a_traceback(backend, adapter_file, caplog):
+    class Broken(LocalBackend):
+        def embed(self, texts, role):
+            raise RuntimeError("CUDA error: device-side assert triggered\nwith a second line")
+
+    broken = Broken(backend.model, "tiny-bert")
+    with running(EmbeddingService(broken, adapter_file)) as url, caplog.at_level(logging.ERROR, "adapter.serve"):
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": "a"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "Traceback" not in r.text and "second line" not in r.text
+    assert any("RuntimeError: CUDA error" in m for m in caplog.messages)
+
+
+# ----------------------------------------------------------------------------------------------- micro-batching
+
+
+def test_micro_batches_gather_concurrent_requests_under_the_cap():
+    calls: list[list[str]] = []
+
+    def fn(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+        calls.append(texts)
+        if "boom" in texts:
+            raise ValueError("boom")
+        return np.array([[float(t)] for t in texts]), [1] * len(texts)
+
+    async def scenario(max_batch: int, requests: list[list[str]]) -> list:
+        with ThreadPoolExecutor(1) as pool:
+            b = MicroBatcher(fn, pool, window=0.05, max_batch=max_batch)
+            b.start()
+            out = await asyncio.gather(*(b.submit(r) for r in requests), return_exceptions=True)
+            await b.stop()
+        return out
+
+    reqs = [["1"], ["2", "3"], ["4"], ["5", "6", "7"]]
+    out = asyncio.run(scenario(3, reqs))
+    assert calls == [["1", "2", "3"], ["4"], ["5", "6", "7"]]  # never split; the next request would pass the cap
+    for r, (vectors, tokens) in zip(reqs, out, strict=True):  # each request gets its own rows back
+        assert vectors[:, 0].tolist() == [float(t) for t in r] and tokens == [1] * len(r)
+    calls.clear()
+    asyncio.run(scenario(64, reqs))
+    assert calls == [["1", "2", "3", "4", "5", "6", "7"]]
+    calls.clear()
+    asyncio.run(scenario(1, reqs))
+    assert calls == reqs  # max_batch 1: one request at a time
+    calls.clear()
+    out = asyncio.run(scenario(64, [["1"], ["boom"]]))
+    assert all(isinstance(o, ValueError) for o in out)  # a failed call fails each request in it
+
+
+def test_concurrent_clients_share_model_calls(backend, adapter_file):
+    cfg = ServeConfig(batch_window_ms=200, max_batch=64)  # a wide window so the gathering is certain
+    with running(EmbeddingService(backend, adapter_file, cfg)) as url:
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda t: httpx.post(f"{url}/v1/embeddings", json={"input": t}, timeout=20),
+                                    [f"question {i}" for i in range(8)]))
+        metrics = httpx.get(f"{url}/metrics").text
+    assert all(r.status_code == 200 for r in replies)
+    calls = float(next(line.split()[-1] for line in metrics.splitlines()
+                       if line.startswith("adapter_serve_batch_texts_count")))
+    assert calls < 8  # 8 requests arrived within the window: fewer model calls than requests
+
+
+# --------------------------------------------------------------------------------------------------- hot reload
+
+
+def test_reload_swaps_a_valid_file_and_refuses_a_broken_one(backend, tmp_path, caplog):
+    path = tmp_path / "a.safetensors"
+    make_adapter(backend, path, seed=1)
+    slot = AdapterSlot(path, backend)
+    first = slot.current
+    assert not slot.poll()  # unchanged
+    new = make_adapter(backend, path, seed=2)
+    assert slot.poll() and slot.current is not first
+    np.testing.assert_array_equal(slot.current.adapter.weight, new.weight)
+    good = slot.current
+    with caplog.at_level(logging.WARNING, "adapter.serve"):
+        for broken in (b"not a safetensors file", path.read_bytes()[:100]):
+            tmp = tmp_path / "broken.tmp"
+            tmp.write_bytes(broken)
+            os.replace(tmp, path)
+            assert not slot.poll() and slot.current is good
+            assert not slot.poll()  # refused once: no log line per look
+        other = LinearAdapter.identity(16, backend.identity)  # the wrong dimension
+        other.save(tmp_path / "other.safetensors")
+        os.replace(tmp_path / "other.safetensors", path)
+        assert not slot.poll() and slot.current is good
+        path.unlink()
+        assert not slot.poll() and slot.current is good
+    refusals = [m for m in caplog.messages if "still serving" in m]
+    assert len(refusals) == 4 and all("\n" not in m for m in refusals), refusals
+    assert slot.reloads == {"ok": 1, "refused": 4}
+    make_adapter(backend, path, seed=3)
+    assert slot.poll() and slot.reloads["ok"] == 2
+
+
+def test_replies_under_reloads_come_whole_from_one_adapter(backend, adapter_file):
+    """Clients hammer the server while the file is replaced; each reply equals the adapter its header names."""
+    adapters = {1: LinearAdapter.load(adapter_file)}
+    cfg = ServeConfig(reload_interval=0.02, batch_window_ms=2)
+    from adapter.serve import adapter_version
+
+    versions = {adapter_version(adapters[1]): adapters[1]}
+    base = backend.model.encode_query(TEXTS, normalize_embeddings=True)
+    stop = threading.Event()
+    seen: list[tuple[str, np.ndarray]] = []
+    failures: list[str] = []
+
+    def client() -> None:
+        with httpx.Client(base_url=url, timeout=20) as c:
+            while not stop.is_set():
+                r = c.post("/v1/embeddings", json={"input": TEXTS, "encoding_format": "float"})
+                if r.status_code != 200:
+                    failures.append(r.text)
+                    continue
+                seen.append((r.headers["x-adapter-version"], np.array([d["embedding"] for d in r.json()["data"]])))
+
+    with running(EmbeddingService(backend, adapter_file, cfg)) as url:
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for seed in range(2, 7):
+            a = make_adapter(backend, adapter_file, seed)
+            versions[adapter_version(a)] = a
+            deadline = time.monotonic() + 10
+            while httpx.get(f"{url}/health").json()["adapter"]["version"] != adapter_version(a):
+                assert time.monotonic() < deadline, "reload not seen within 10 s"
+                time.sleep(0.02)
+        time.sleep(0.1)
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not failures
+    assert len({v for v, _ in seen}) >= 3  # the clients did see several adapters
+    for version, got in seen:
+        np.testing.assert_allclose(got, versions[version].apply(base), atol=1e-5)
