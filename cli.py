@@ -520,10 +520,11 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
 @click.option("--max-batch", type=int, default=None, help="Texts per model call; 1 turns batching off [default: 64].")
 @click.option("--max-body-bytes", type=int, default=None, help="Larger request bodies get a 413 [default: 8 MiB].")
 @click.option("--max-inputs", type=int, default=None, help="Inputs per request [default: 2048].")
+@click.option("--threads", type=int, default=None, help="Torch threads for a local model [default: one per core].")
 @click.option("--allow-other-model", is_flag=True, help="Serve an adapter trained on another base model anyway.")
 def serve(adapter_path: str, model: str | None, host: str | None, port: int | None, api_key_env: str | None,
           batch_window_ms: float | None, max_batch: int | None, max_body_bytes: int | None, max_inputs: int | None,
-          allow_other_model: bool) -> None:
+          threads: int | None, allow_other_model: bool) -> None:
     """Serve OpenAI-compatible embeddings: base_url http://HOST:PORT/v1 gets adapted query vectors,
     http://HOST:PORT/documents/v1 the untouched base vectors the index holds."""
     import dataclasses
@@ -533,7 +534,7 @@ def serve(adapter_path: str, model: str | None, host: str | None, port: int | No
 
     _quiet_hf()
     given = {"host": host, "port": port, "api_key_env": api_key_env, "batch_window_ms": batch_window_ms,
-             "max_batch": max_batch, "max_body_bytes": max_body_bytes, "max_inputs": max_inputs}
+             "max_batch": max_batch, "max_body_bytes": max_body_bytes, "max_inputs": max_inputs, "threads": threads}
     cfg = dataclasses.replace(ServeConfig(), **{k: v for k, v in given.items() if v is not None})
     run(adapter_path, Config().replace(model=model).model, cfg, allow_other_model=allow_other_model)
 
