@@ -527,17 +527,13 @@ def serve(adapter_path: str, model: str | None, host: str | None, port: int | No
           threads: int | None, allow_other_model: bool) -> None:
     """Serve OpenAI-compatible embeddings: base_url http://HOST:PORT/v1 gets adapted query vectors,
     http://HOST:PORT/documents/v1 the untouched base vectors the index holds."""
-    import dataclasses
-
-    from adapter.serve import ServeConfig
     from adapter.serve import serve as run
 
     _quiet_hf()
-    given = {"host": host, "port": port, "api_key_env": api_key_env, "batch_window_ms": batch_window_ms,
-             "max_batch": max_batch, "max_body_bytes": max_body_bytes, "max_inputs": max_inputs, "threads": threads}
-    cfg = dataclasses.replace(ServeConfig(), **{k: v for k, v in given.items() if v is not None})
-    run(adapter_path, Config().replace(model=model).model, cfg, allow_other_model=allow_other_model)
-
+    cfg = Config().replace(model=model, host=host, port=port, serve_auth_key_env=api_key_env,
+                           batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
+                           max_inputs=max_inputs, threads=threads)
+    run(adapter_path, cfg, allow_other_model=allow_other_model)
 
 if __name__ == "__main__":
     main()

@@ -1,10 +1,10 @@
 """The one defaults block, in per-stage sections.
 
 Every default lives here once. ``Config`` holds one section per stage (``cfg.encoder``, ``cfg.split``, ``cfg.evaluate``,
-``cfg.train``, ``cfg.finetune``, ``cfg.report``, ``cfg.store``, ``cfg.chunk``, ``cfg.llm``) and the one ``seed``. The
-CLI's options default to ``None`` and override only what the user gave, through ``Config.replace`` and the flat names
-of ``FLAT`` (``model``, ``epochs``, ``finetune_epochs``, ``chunk_size`` ...). Each artifact records the sections that
-made it (``Config.to_dict("encoder", "train")``).
+``cfg.train``, ``cfg.finetune``, ``cfg.report``, ``cfg.store``, ``cfg.chunk``, ``cfg.llm``, ``cfg.serve``) and the one
+``seed``. The CLI's options default to ``None`` and override only what the user gave, through ``Config.replace`` and
+the flat names of ``FLAT`` (``model``, ``epochs``, ``finetune_epochs``, ``chunk_size`` ...). Each artifact records the
+sections that made it (``Config.to_dict("encoder", "train")``).
 
 "The reference notebook" in the comments below is the notebook this project started from; ``seed`` is only ever the
 random seed.
@@ -132,9 +132,27 @@ class LLMConfig:
     dedup_threshold: float = 0.95  # cosine above which a question is dropped as a near-duplicate of an earlier one
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """`adapter serve`: where it listens, how it batches local models, what it accepts."""
+
+    host: str = "127.0.0.1"  # loopback only unless asked: the endpoint has no TLS
+    port: int = 8080
+    batch_window_ms: float = 5.0  # longest a batch's first request waits for company; ~1 query's encode on 2 cores
+    max_batch: int = 64  # texts per local model call (a request is never split); 1 turns micro-batching off
+    max_body_bytes: int = 8 * 1024 * 1024  # request bodies above this get a 413 before they are read whole
+    max_inputs: int = 2048  # inputs per request, OpenAI's own limit
+    max_input_chars: int = 100_000  # characters per input; a local model truncates to its max_seq_length anyway
+    reload_interval: float = 1.0  # seconds between looks at the adapter file's size, mtime and inode
+    upstream_concurrency: int = 16  # upstream mode: requests forwarded at once (the backend's limits apply beneath)
+    auth_key_env: str | None = None  # inbound auth (--api-key-env): a bearer token equal to this variable; None: open
+    threads: int | None = None  # torch intra-op threads; None: torch's own (one per core); 1 on a machine shared with
+    #                             other work, where spinning threads stall each other (BENCHMARKS.md, "Serving")
+
+
 SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "split": SplitConfig, "evaluate": EvaluateConfig,
                              "train": TrainConfig, "finetune": FinetuneConfig, "report": ReportConfig,
-                             "store": StoreConfig, "chunk": ChunkConfig, "llm": LLMConfig}
+                             "store": StoreConfig, "chunk": ChunkConfig, "llm": LLMConfig, "serve": ServeConfig}
 
 
 @dataclass(frozen=True)
@@ -150,6 +168,7 @@ class Config:
     store: StoreConfig = field(default_factory=StoreConfig)
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     seed: int = 0  # one random seed for splits, sampling, initialisation and the bootstrap
 
     def replace(self, **overrides: Any) -> Config:

@@ -36,7 +36,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from adapter.config import AdapterError
+from adapter.config import Config, ServeConfig
+from adapter.errors import AdapterError, one_line
 
 try:
     from fastapi import FastAPI, Request
@@ -53,24 +54,6 @@ logger = logging.getLogger(__name__)
 QUERY, DOCUMENT = "query", "document"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """`adapter serve`: where it listens, how it batches, what it accepts."""
-
-    host: str = "127.0.0.1"  # loopback only unless asked: the endpoint has no TLS
-    port: int = 8080
-    batch_window_ms: float = 5.0  # longest a batch's first request waits for company; ~1 query's encode on 2 cores
-    max_batch: int = 64  # texts per local model call (a request is never split); 1 turns micro-batching off
-    max_body_bytes: int = 8 * 1024 * 1024  # request bodies above this get a 413 before they are read whole
-    max_inputs: int = 2048  # inputs per request, OpenAI's own limit
-    max_input_chars: int = 100_000  # characters per input; a local model truncates to its max_seq_length anyway
-    reload_interval: float = 1.0  # seconds between looks at the adapter file's size, mtime and inode
-    upstream_concurrency: int = 16  # upstream mode: requests forwarded at once (the backend's limits apply beneath)
-    api_key_env: str | None = None  # inbound auth: a bearer token equal to this variable's value; None: open
-    threads: int | None = None  # torch intra-op threads; None: torch's own (one per core). On a busy machine 1 stops
-    #                             spinning threads from stalling each other (one MiniLM query: 26 ms against 1.1 s)
 
 
 class Backend(Protocol):
@@ -307,7 +290,7 @@ def parse_request(body: bytes, cfg: ServeConfig, dim: int) -> EmbeddingRequest:
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).splitlines()[0][:120]
+        reason = "nested too deeply" if isinstance(e, RecursionError) else one_line(e, 120)
         raise ApiError(400, f"request body is not valid JSON ({reason})") from None
     if not isinstance(payload, dict):
         raise ApiError(400, f"request body must be a JSON object, not {type(payload).__name__}")
@@ -519,8 +502,7 @@ def create_app(service: EmbeddingService, *, api_key: str | None = None) -> Fast
         except ApiError as e:
             response = error(e, endpoint)
         except Exception as e:  # a bug or a broken model: one line in the log, OpenAI's shape to the client
-            logger.error("%s failed: %s: %s", endpoint, type(e).__name__, str(e).splitlines()[0][:200] if str(e)
-                         else "")
+            logger.error("%s failed: %s: %s", endpoint, type(e).__name__, one_line(e))
             response = error(ApiError(500, f"internal error ({type(e).__name__})", kind="server_error"), endpoint)
         else:
             metrics.requests.labels(endpoint, "200").inc()
@@ -573,27 +555,27 @@ def create_app(service: EmbeddingService, *, api_key: str | None = None) -> Fast
     return app
 
 
-def serve(adapter_path: str | os.PathLike, model: str, cfg: ServeConfig | None = None, *,
-          allow_other_model: bool = False, backend: Backend | None = None, upstream: bool = False) -> None:
-    """Load the model and the adapter, then serve until interrupted (uvicorn, one process)."""
+def serve(adapter_path: str | os.PathLike, cfg: Config | None = None, *, allow_other_model: bool = False,
+          backend: Backend | None = None, upstream: bool = False) -> None:
+    """Load the model (``cfg.encoder.model``) and the adapter, then serve until interrupted (uvicorn, one process)."""
     import uvicorn
 
-    cfg = cfg or ServeConfig()
+    cfg = cfg or Config()
+    scfg = cfg.serve
     api_key = None
-    if cfg.api_key_env:
-        api_key = os.environ.get(cfg.api_key_env)
+    if scfg.auth_key_env:
+        api_key = os.environ.get(scfg.auth_key_env)
         if not api_key:
-            raise AdapterError(f"--api-key-env {cfg.api_key_env}: that environment variable is not set or empty")
-    if cfg.max_batch < 1 or cfg.batch_window_ms < 0 or not math.isfinite(cfg.batch_window_ms):
+            raise AdapterError(f"--api-key-env {scfg.auth_key_env}: that environment variable is not set or empty")
+    if scfg.max_batch < 1 or scfg.batch_window_ms < 0 or not math.isfinite(scfg.batch_window_ms):
         raise AdapterError("--max-batch must be at least 1 and --batch-window-ms at least 0")
-    if cfg.threads is not None:
+    if scfg.threads is not None:
         import torch
 
-        torch.set_num_threads(max(cfg.threads, 1))
-    backend = backend or open_backend(model)
-    service = EmbeddingService(backend, adapter_path, cfg, upstream=upstream, allow_other_model=allow_other_model)
+        torch.set_num_threads(max(scfg.threads, 1))
+    backend = backend or open_backend(cfg.encoder.model)
+    service = EmbeddingService(backend, adapter_path, scfg, upstream=upstream, allow_other_model=allow_other_model)
     logger.info("serving %s with adapter %s (version %s) on http://%s:%d: /v1 adapted queries, /documents/v1 base",
-                backend.name, adapter_path, service.slot.current.version, cfg.host, cfg.port)
-    uvicorn.run(create_app(service, api_key=api_key), host=cfg.host, port=cfg.port, log_level="warning",
+                backend.name, adapter_path, service.slot.current.version, scfg.host, scfg.port)
+    uvicorn.run(create_app(service, api_key=api_key), host=scfg.host, port=scfg.port, log_level="warning",
                 access_log=False)
-

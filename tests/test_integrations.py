@@ -78,7 +78,7 @@ def test_llamaindex_embedding_adapts_queries_only(tiny, tiny_model_dir, adapter_
 
 
 def test_both_refuse_an_adapter_of_another_model(tiny_model_dir, tmp_path):
-    from adapter.config import AdapterError
+    from adapter.errors import AdapterError
     from adapter.integrations.langchain import AdapterEmbeddings
     from adapter.integrations.llamaindex import AdapterEmbedding
 

@@ -24,6 +24,7 @@ pytest.importorskip("uvicorn", reason="adapter[serve] is not installed")
 
 import uvicorn  # noqa: E402
 
+from adapter.config import ServeConfig  # noqa: E402
 from adapter.encoder import truncate  # noqa: E402
 from adapter.model import LinearAdapter  # noqa: E402
 from adapter.serve import (  # noqa: E402
@@ -31,7 +32,7 @@ from adapter.serve import (  # noqa: E402
     EmbeddingService,
     LocalBackend,
     MicroBatcher,
-    ServeConfig,
+    adapter_version,
     create_app,
 )
 
@@ -291,7 +292,6 @@ def test_replies_under_reloads_come_whole_from_one_adapter(backend, adapter_file
     """Clients hammer the server while the file is replaced; each reply equals the adapter its header names."""
     adapters = {1: LinearAdapter.load(adapter_file)}
     cfg = ServeConfig(reload_interval=0.02, batch_window_ms=2)
-    from adapter.serve import adapter_version
 
     versions = {adapter_version(adapters[1]): adapters[1]}
     base = backend.model.encode_query(TEXTS, normalize_embeddings=True)

@@ -25,6 +25,6 @@ class QueryDocumentEncoder(Protocol):
 def adapted_encoder(adapter: LinearAdapter | str | os.PathLike, model: str = DEFAULT_MODEL, *,
                     allow_other_model: bool = False) -> QueryDocumentEncoder:
     """The adapter file in front of ``model`` (a sentence-transformers name or path), checked against it."""
-    from adapter.index import AdaptedEncoder
+    from adapter.export import AdaptedEncoder
 
     return AdaptedEncoder(adapter, model, allow_other_model=allow_other_model)

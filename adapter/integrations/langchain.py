@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 
-from adapter.config import DEFAULT_MODEL, AdapterError
+from adapter.config import DEFAULT_MODEL
+from adapter.errors import AdapterError
 from adapter.integrations import QueryDocumentEncoder, adapted_encoder
 from adapter.model import LinearAdapter
 

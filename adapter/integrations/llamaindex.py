@@ -11,7 +11,8 @@ import asyncio
 import os
 from typing import Any
 
-from adapter.config import DEFAULT_MODEL, AdapterError
+from adapter.config import DEFAULT_MODEL
+from adapter.errors import AdapterError
 from adapter.integrations import QueryDocumentEncoder, adapted_encoder
 from adapter.model import LinearAdapter
 
