@@ -309,16 +309,21 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
                 "s" * (world > 1))
 
     base_file = out / CHECKPOINTS / BASE_FILE
-    if base_file.is_file():
-        base_val = {int(d): m for d, m in _read_json(base_file).items()}
-    else:
-        base_val = _by_dim(trainer.evaluate(), dims)
-        if main:
-            with atomic_write(base_file) as f:
-                json.dump(base_val, f)
+    # The evaluator is called directly, never through trainer.evaluate(): that marks the model as prepared by
+    # accelerate without wrapping it, and train() then skips the DDP wrapper, so no rank averages gradients and the
+    # replicas drift apart. Rank 0 measures and writes the base scores first; the other ranks read them.
+    with args.main_process_first(desc="scoring the base model"):
+        if base_file.is_file():
+            base_val = {int(d): m for d, m in _read_json(base_file).items()}
+        else:
+            base_val = _by_dim(evaluator(model), dims, prefix="")
+            if main:
+                with atomic_write(base_file) as f:
+                    json.dump(base_val, f)
     clock.start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = clock.seconds()
+    trainer.accelerator.wait_for_everyone()  # every rank has loaded the best checkpoint before rank 0 removes it
 
     state = trainer.state
     evals = [e for e in state.log_history if f"eval_dim_{select}_{PRIMARY_METRIC}" in e]

@@ -1,7 +1,9 @@
 """One rank of a fine-tune on the tiny BERT, run by tests/test_finetune.py under ``torchrun --nproc_per_node 2``.
 
 Records what the test cannot see from outside the processes: how many rows the loss gathered across ranks for each
-local batch, and a checksum of this rank's weights after training (DDP must keep the replicas identical).
+local batch, whether the trainer wrapped the model in DDP, and a checksum of this rank's weights after every optimizer
+step and after training (DDP must keep the replicas identical at every step, not only once the best checkpoint is
+loaded back at the end).
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 tests/ddp_worker.py DATA OUT MODEL REPORT_DIR
 """
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import sentence_transformers.sentence_transformer.losses.multiple_negatives_ranking as mnrl
 from sentence_transformers import SentenceTransformerTrainer
+from torch.nn.parallel import DistributedDataParallel
+from transformers import TrainerCallback
 
 from adapter.config import Config
 from adapter.data import load_dataset
@@ -25,6 +29,8 @@ def main() -> None:
     data, out, model, report = sys.argv[1:5]
     gathered: list[tuple[int, int]] = []  # (local rows, rows after gathering) per gather call
     checksum: list[float] = []
+    steps: list[float] = []  # the weights' checksum after each optimizer step
+    wrapped: list[bool] = []
     real_gather, real_train = mnrl.all_gather_with_grad, SentenceTransformerTrainer.train
 
     def spy_gather(tensor):
@@ -32,9 +38,20 @@ def main() -> None:
         gathered.append((tensor.shape[0], result.shape[0]))
         return result
 
+    def weights(model) -> float:
+        return float(sum(p.detach().double().sum() for p in model.parameters()))
+
     def spy_train(self, *args, **kwargs):
+        trainer = self
+
+        class Steps(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                steps.append(weights(trainer.model))
+                wrapped.append(isinstance(trainer.model_wrapped, DistributedDataParallel))
+
+        self.add_callback(Steps())
         output = real_train(self, *args, **kwargs)
-        checksum.append(float(sum(p.detach().double().sum() for p in self.model.parameters())))
+        checksum.append(weights(self.model))
         return output
 
     mnrl.all_gather_with_grad = spy_gather
@@ -45,7 +62,7 @@ def main() -> None:
     rank = int(os.environ["RANK"])
     Path(report, f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "world_size": result.world_size, "main_process": result.main_process, "gathered": gathered,
-        "checksum": checksum[0]}))
+        "checksum": checksum[0], "steps": steps, "wrapped": wrapped}))
 
 
 if __name__ == "__main__":
