@@ -176,22 +176,20 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
     """Score retrieval on DIRECTORY's split at each dim, base beside each adapter, and print the table.
 
     With --index, --qdrant or --chroma the corpus vectors are read from that existing index instead of embedded."""
-    from adapter.data import load_dataset
-    from adapter.pipeline import evaluate_dataset, load_adapters, write_results
-    from adapter.report import format_table
-    from adapter.stores import corpus_from_store, open_store
+    import contextlib
 
+    from adapter.data import load_dataset
+    from adapter.pipeline import evaluate_dataset, write_results
+    from adapter.report import format_table
+    from adapter.stores import open_store
+
+    _quiet_hf()
     cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir, id_field=id_field)
     ds = load_dataset(directory)
-    ds.split(cfg.evaluate.split)  # fail on a missing split before loading a model
-    corpus = None
-    if index_path or qdrant or chroma or collection:
-        with open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) as store:
-            corpus = corpus_from_store(store, ds, cfg.evaluate.split, id_field=cfg.store.id_field)
-    encoder = _encoder(cfg)
-    systems = load_adapters(adapters, encoder, allow_other_model=allow_other_model)
-    results = evaluate_dataset(ds, encoder, split=cfg.evaluate.split, dims=cfg.evaluate.dims, adapters=systems,
-                               corpus=corpus)
+    given = index_path or qdrant or chroma or collection
+    with (open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) if given
+          else contextlib.nullcontext()) as store:
+        results = evaluate_dataset(ds, cfg, adapters=adapters, store=store, allow_other_model=allow_other_model)
     click.echo(format_table(results))
     if json_out:
         write_results(results, json_out)
@@ -253,7 +251,7 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
     ds.split(cfg.split.train_split)
     result = train_adapter(ds, _encoder(cfg), cfg)
     path = result.adapter.save(out, dtype=cfg.train.dtype)
-    base, best = result.base_val["ndcg@10"], result.best_val["ndcg@10"]
+    base, best = result.base_val[result.adapter.dim]["ndcg@10"], result.best_val[result.adapter.dim]["ndcg@10"]
     won = f"epoch {result.best_epoch} won" if result.best_epoch else "epoch 0 (the identity) won: no epoch beat base"
     click.echo(f"validation ndcg@10: base {base:.4f} -> adapter {best:.4f} ({(best - base) / base:+.1%}); {won}")
     click.echo(f"trained {cfg.train.epochs} epochs in {result.seconds:.1f} s; wrote {path} "
@@ -281,15 +279,14 @@ def search(query: str, index_path: str | None, qdrant: str | None, chroma: str |
     import json
 
     from adapter.data import load_dataset
-    from adapter.export import AdaptedEncoder
+    from adapter.pipeline import search as run
     from adapter.stores import hit_texts, open_store
 
     _quiet_hf()
     cfg = Config().replace(model=model, search_k=k, nprobe=nprobe, ef_search=ef_search, id_field=id_field)
     ds = load_dataset(data_dir) if data_dir else None
     with open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) as store:
-        encoder = AdaptedEncoder(adapter_path, cfg.encoder.model, allow_other_model=allow_other_model)
-        hits = store.search(encoder.encode_query([query]), cfg.store.k, id_field=cfg.store.id_field)[0]
+        hits = run(query, store, adapter_path, cfg, allow_other_model=allow_other_model)[0]
         texts = hit_texts(store, ds, hits) if ds else [""] * len(hits.ids)
     if as_json:
         click.echo(json.dumps({"ids": hits.ids, "scores": hits.scores}))
@@ -493,7 +490,7 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
     """Score base, adapters, fine-tuned and other models side by side on DIRECTORY's split, with costs and paired
     bootstrap intervals; write report.md, results.json, summary.json and PNG plots to --out."""
     from adapter.data import load_dataset
-    from adapter.report import compare as run
+    from adapter.pipeline import compare as run
     from adapter.report import cost_table, primary_table
 
     _quiet_hf()

@@ -91,6 +91,7 @@ class ReportConfig:
 
     bootstrap_samples: int = 1000  # paired bootstrap resamples of the test queries behind each 95% interval
     latency_queries: int = 20  # single-query encodes timed by `compare`; the median is reported
+    level: float = 0.95  # confidence level of the bootstrap intervals
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,7 @@ def _flat_names() -> dict[str, tuple[str, str]]:
 
 FLAT = _flat_names()
 
+PRIMARY_METRIC = "ndcg@10"  # the one metric that selects epochs and heads every table (sentence-transformers' own)
 MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)  # standard truncation points reported below a model's full dimension
 
 

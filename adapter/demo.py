@@ -32,7 +32,7 @@ class DemoResult:
     adapter: Path
     report: Path
     finetuned: Path | None
-    comparison: object  # adapter.report.Comparison
+    comparison: object  # adapter.pipeline.Comparison
     seconds: float
 
 
@@ -53,7 +53,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", cfg: Config | None = None, *,
     """Split the bundled dataset by query, train an adapter on the cached embeddings, fine-tune the encoder when
     asked, and write the side-by-side report; returns where everything is."""
     from adapter.encoder import Encoder
-    from adapter.report import compare
+    from adapter.pipeline import compare
     from adapter.train import train_adapter
 
     cfg = cfg or Config()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import faiss
 import numpy as np
 
+from adapter.config import PRIMARY_METRIC, default_dims
 from adapter.data import Qrels, relevant
 from adapter.encoder import truncate
 from adapter.errors import AdapterError
@@ -22,12 +23,23 @@ logger = logging.getLogger(__name__)
 
 AT_K = (1, 3, 5, 10)  # cut-offs for accuracy, precision and recall
 MRR_K, NDCG_K, MAP_K = 10, 10, 100
-PRIMARY_METRIC = "ndcg@10"
 METRICS = (*(f"{m}@{k}" for m in ("accuracy", "precision", "recall") for k in AT_K),
            f"ndcg@{NDCG_K}", f"mrr@{MRR_K}", f"map@{MAP_K}")
 TOP_K = max(*AT_K, MRR_K, NDCG_K, MAP_K)  # how deep every query is searched
 
 Results = dict[int, dict[str, float]]  # dim -> metric -> value
+
+
+def resolve_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
+    """Validate requested Matryoshka dims against the model (default: full dim and the standard ones below)."""
+    if not dims:
+        return list(default_dims(full_dim))
+    for d in dims:
+        if d <= 0:
+            raise AdapterError(f"--dims: {d} is not a positive dimension")
+        if d > full_dim:
+            raise AdapterError(f"--dims: {d} is above the model's dimension {full_dim}")
+    return list(dict.fromkeys(dims))
 
 
 def search(queries: np.ndarray, corpus: np.ndarray, k: int, *, dim: int | None = None,

@@ -94,7 +94,7 @@ def model_card(adapter: LinearAdapter, base_name: str) -> str:
              "# adapted", "documents = model.encode_document([\"...\"])  # the base model's own vectors", "```", "",
              f"Adapter trained on {meta.get('trained_on', 'unknown')} queries (data fingerprint "
              f"`{meta.get('data_fingerprint', 'unknown')}`), base encoder `{adapter.base_model}`."]
-    base_val, adapted_val = meta.get("val_base"), meta.get("val_adapter")
+    base_val, adapted_val = ((meta.get(k) or {}).get(adapter.dim) for k in ("val_base", "val_best"))
     if base_val and adapted_val:
         lines += ["", f"## Validation metrics ({meta.get('validation', 'held-out queries')}, epoch "
                       f"{meta.get('best_epoch', '?')} kept)", "", "| metric | base | adapter | change |",

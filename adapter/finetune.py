@@ -30,16 +30,17 @@ from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, fingerprint, relevant, train_val_qrels
 from adapter.encoder import load_model
 from adapter.errors import AdapterError
-from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate
-from adapter.pipeline import resolve_dims
+from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate, resolve_dims
+from adapter.model import training_meta
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-META_FILE = "finetune.json"  # training wall time, data, dims, validation curves: what `compare` reads
+FORMAT_VERSION = 2  # of META_FILE; 2: config by section; 1 is still read
+READABLE_VERSIONS = (1, 2)
+META_FILE = "finetune.json"  # the training metadata (adapter.model's schema): what `compare` reads
 CHECKPOINTS = "checkpoints"  # the trainer's checkpoints, removed once the model is installed
 RUN_FILE = "run.json"  # in CHECKPOINTS: what the checkpoints were trained for; a resume must match it
 BASE_FILE = "base.json"  # in CHECKPOINTS: the base model's validation metrics, measured once
@@ -123,6 +124,20 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise AdapterError(f"{path}: unreadable ({type(e).__name__}); delete it to start afresh") from None
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """A fine-tuned folder's training metadata (``{}`` for a model folder without one), its version checked."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        return {}
+    meta = _read_json(path)
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise AdapterError(f"{path}: format version {version!r} is not supported (this version of adapter reads "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade adapter, or delete the file to use "
+                           "the folder as a plain model")
+    return training_meta(meta)
 
 
 def _complete_checkpoints(folder: Path) -> list[Path]:

@@ -2,8 +2,14 @@
 
 A full adapter maps a query vector ``x`` (row, unit length) to ``normalise(x @ W + b)``; the low-rank form to
 ``normalise(x + (x @ U) @ V + b)``. Untrained, both are exactly the identity. The file holds those tensors and one JSON
-metadata entry (format version, base model, dimension, form, rank, training config, data fingerprint, validation
-metrics). Loading and applying need numpy and safetensors only, never torch, so the file bolts onto any stack.
+metadata entry (format version, base model, dimension, form, rank, and the training metadata below). Loading and
+applying need numpy and safetensors only, never torch, so the file bolts onto any stack.
+
+Training metadata, one schema for every trained artifact (this file's header, a fine-tuned folder's finetune.json):
+``trained_on`` (split), ``data_fingerprint``, ``validation`` (how it was chosen), ``best_epoch``, ``train_seconds``,
+``val_base`` and ``val_best`` (dim -> metric -> value: the base and the kept epoch on validation), ``history``
+(``{"loss": [{"epoch", "loss", ...}], "val": [{"epoch", "ndcg@10": {dim: value}}]}``, epoch 0 the base) and
+``config`` (the config sections that made it). Files of format version 1 are read and their metadata upgraded.
 """
 
 from __future__ import annotations
@@ -19,12 +25,14 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_tensors
 
+from adapter.config import PRIMARY_METRIC
 from adapter.data import atomic_write
 from adapter.errors import AdapterError, one_line
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: training metadata in the shared schema (dims as keys); 1 is still read
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "adapter"
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
@@ -126,9 +134,9 @@ class LinearAdapter:
             base_model, rank, has_bias = header["base_model"], header["rank"], bool(header["bias"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise AdapterError(f"{path}: adapter metadata is damaged ({type(e).__name__}: {e})") from None
-        if version != FORMAT_VERSION:
-            raise AdapterError(f"{path}: adapter format version {version} is not supported (expected "
-                               f"{FORMAT_VERSION})")
+        if version not in READABLE_VERSIONS:
+            raise AdapterError(f"{path}: adapter format version {version} is not supported (this version of adapter "
+                               f"reads {', '.join(map(str, READABLE_VERSIONS))}); upgrade adapter to read it")
         if form == "full":
             shapes = {"weight": (dim, dim)}
         elif form == "lowrank" and isinstance(rank, int) and rank > 0:
@@ -150,5 +158,38 @@ class LinearAdapter:
                 raise AdapterError(f"{path}: tensor {name!r} holds NaN or Inf values")
         extra_meta = {k: v for k, v in header.items() if k not in ("format_version", "base_model", "dim", "form",
                                                                    "rank", "bias", "normalize", "dtype")}
+        extra_meta = training_meta(_upgrade_v1(extra_meta, dim) if version == 1 else extra_meta)
         return cls(dim, base_model, weight=tensors.get("weight"), U=tensors.get("U"), V=tensors.get("V"),
                    bias=tensors.get("bias"), metadata=extra_meta)
+
+
+def _by_dim(d: dict | None) -> dict | None:
+    return None if d is None else {int(k): v for k, v in d.items()}
+
+
+def training_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """Training metadata as read from JSON, with its dims back to ints (JSON keys are strings)."""
+    out = dict(meta)
+    for key in ("val_base", "val_best"):
+        if isinstance(out.get(key), dict):
+            out[key] = _by_dim(out[key])
+    hist = out.get("history")
+    if isinstance(hist, dict) and hist.get("val"):
+        out["history"] = {**hist, "val": [{**r, PRIMARY_METRIC: _by_dim(r.get(PRIMARY_METRIC))} for r in hist["val"]]}
+    return out
+
+
+def _upgrade_v1(meta: dict[str, Any], dim: int) -> dict[str, Any]:
+    """Version-1 metadata in the shared schema: flat validation metrics become the full dim's, the list of epoch
+    rows becomes the loss and validation curves."""
+    out = {k: v for k, v in meta.items() if k not in ("val_adapter", "val_base", "history")}
+    if meta.get("val_base") is not None:
+        out["val_base"] = {dim: meta["val_base"]}
+    if meta.get("val_adapter") is not None:
+        out["val_best"] = {dim: meta["val_adapter"]}
+    rows = meta.get("history") or []
+    if rows:
+        losses = [{"epoch": r["epoch"], "loss": r["loss"]} for r in rows if r.get("loss") is not None]
+        val = [{"epoch": r["epoch"], PRIMARY_METRIC: {dim: r[PRIMARY_METRIC]}} for r in rows if PRIMARY_METRIC in r]
+        out["history"] = {"loss": losses, "val": val}
+    return out

@@ -1,6 +1,10 @@
-"""Glue from a dataset folder to the judge: embed through the cache, build each system's vectors, evaluate.
+"""The orchestration verbs: what a command does, as a library call.
 
-Kept apart from ``evaluate.py`` so the judge itself only ever sees arrays.
+``evaluate_dataset`` scores base and adapters on a split (corpus vectors from the cache, or read out of an existing
+store); ``compare`` scores base, adapters, fine-tunes and other models side by side, measures what each costs, draws
+the paired bootstrap intervals and writes the report; ``search`` sends adapted queries to an existing store. Systems
+are built by ``adapter.systems.build_systems`` and scored by ``adapter.systems.score``; rendering is
+``adapter.report``'s. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -8,33 +12,35 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapter.config import default_dims
-from adapter.data import Dataset, atomic_write, relevant
-from adapter.encoder import Encoder
+from adapter.config import Config, ReportConfig
+from adapter.data import Dataset, atomic_write, ensure_dir, fingerprint, relevant
 from adapter.errors import AdapterError
-from adapter.evaluate import Results, evaluate
+from adapter.evaluate import PRIMARY_METRIC, Results
 from adapter.model import LinearAdapter
+from adapter.systems import (
+    CorpusSource,
+    System,
+    SystemResults,
+    VectorCorpus,
+    build_systems,
+    mean_results,
+    results_to_json,
+    score,
+)
+
+if TYPE_CHECKING:
+    from adapter.encoder import Encoder
+    from adapter.stores import Hits, Store
 
 logger = logging.getLogger(__name__)
-
-SystemResults = dict[str, Results]  # system name -> dim -> metric -> value
-
-
-def resolve_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
-    """Validate requested Matryoshka dims against the model (default: full dim and the standard ones below)."""
-    if not dims:
-        return list(default_dims(full_dim))
-    for d in dims:
-        if d <= 0:
-            raise AdapterError(f"--dims: {d} is not a positive dimension")
-        if d > full_dim:
-            raise AdapterError(f"--dims: {d} is above the model's dimension {full_dim}")
-    return list(dict.fromkeys(dims))
 
 
 def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] | None = None
@@ -46,91 +52,210 @@ def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] |
     return queries, corpus
 
 
-def evaluate_dataset(dataset: Dataset, encoder: Encoder, *, split: str = "test", dims: Sequence[int] | None = None,
-                     adapters: Mapping[str, LinearAdapter] | None = None,
-                     corpus: tuple[Sequence[str], np.ndarray] | None = None) -> SystemResults:
-    """Score the base model and each adapter on one split of a dataset at each dim.
+def evaluate_dataset(dataset: Dataset, cfg: Config | None = None, *, encoder: Encoder | None = None,
+                     adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
+                     store: Store | None = None, corpus: CorpusSource | None = None,
+                     allow_other_model: bool = False) -> SystemResults:
+    """Score the base model (``encoder``, default ``cfg.encoder``) and each adapter on ``cfg.evaluate.split`` at
+    ``cfg.evaluate.dims``: ``{"base": {dim: metrics}, "<adapter name>": {...}}``.
 
-    Returns ``{"base": {dim: metrics}, "<adapter name>": {...}, ...}``. Adapters change query vectors only, so every
-    system searches the same cached corpus vectors, or, given ``corpus`` as (corpus ids, vectors) read from an
-    existing index (``adapter.stores.corpus_from_store``), those vectors: the index is scored as it stands.
+    Adapters change query vectors only, so every system searches the same corpus vectors: the cached encoding of
+    corpus.jsonl, or, given ``store``, every vector read out of that existing index (scored as it stands).
     """
-    dims = resolve_dims(dims, encoder.dim)
-    qrels = relevant(dataset.split(split))
-    qids = list(qrels)
-    if corpus is None:
-        queries, vectors = embed_dataset(dataset, encoder, qids)
-        cids = list(dataset.corpus)
-    else:
-        cids, vectors = list(corpus[0]), corpus[1]
-        if vectors.shape[1] != encoder.dim:
-            raise AdapterError(f"the index holds {vectors.shape[1]}-dimensional vectors, {encoder.identity} makes "
-                               f"{encoder.dim}")
-        queries = encoder.encode_queries([dataset.queries[q] for q in qids])
-    results = {"base": evaluate(queries, vectors, qrels, qids, cids, dims)}
-    for name, adapter in (adapters or {}).items():
-        results[name] = evaluate(adapter.apply(queries), vectors, qrels, qids, cids, dims)
-    return results
+    cfg = cfg or Config()
+    split = cfg.evaluate.split
+    dataset.split(split)  # fail on a missing split before loading a model
+    if store is not None:
+        corpus = VectorCorpus.from_store(store, dataset, split, id_field=cfg.store.id_field)
+    systems = build_systems(cfg, encoder=encoder, adapters=adapters, corpus=corpus,
+                            allow_other_model=allow_other_model)
+    return score(dataset, systems, split=split, dims=cfg.evaluate.dims)
 
 
-def load_adapters(paths: Sequence[str | os.PathLike], encoder: Encoder, *,
-                  allow_other_model: bool = False) -> dict[str, LinearAdapter]:
-    """Load adapter files as named systems (each named after its file's stem), checked against the encoder."""
-    out: dict[str, LinearAdapter] = {}
-    for p in paths:
-        adapter = LinearAdapter.load(p)
-        adapter.check_base_model(encoder.identity, allow_other_model=allow_other_model, source=str(p))
-        if adapter.dim != encoder.dim:
-            raise AdapterError(f"{p}: adapter is {adapter.dim}-dimensional, the model {encoder.dim}")
-        name = Path(p).stem
-        if name in out or name == "base":
-            raise AdapterError(f"{p}: another system is already named {name!r}; rename the file")
-        out[name] = adapter
-    return out
-
-
-def evaluate_systems(dataset: Dataset, systems: Mapping[str, tuple[Encoder, LinearAdapter | None]], *,
-                     split: str = "test", dims: Sequence[int] | None = None,
-                     per_query: bool = False) -> SystemResults:
-    """Score named systems that each bring their own encoder: base, adapters on it, fine-tuned or other models.
-
-    A system is (encoder, adapter or None): it searches its encoder's cached corpus vectors with that encoder's query
-    vectors, adapted when it has an adapter. Each is scored at the ``dims`` up to its encoder's dimension (none fit:
-    its full dimension; default: its encoder's default dims). ``per_query=True`` gives per-query arrays, aligned
-    across systems (see ``adapter.evaluate.evaluate``); ``mean_results`` turns them into the usual metrics.
-    """
-    qrels = relevant(dataset.split(split))
-    qids, cids = list(qrels), list(dataset.corpus)
-    results: SystemResults = {}
-    for name, (encoder, adapter) in systems.items():
-        queries, corpus = embed_dataset(dataset, encoder, qids)
-        if adapter is not None:
-            queries = adapter.apply(queries)
-        fit = [d for d in dims if d <= encoder.dim] if dims else None
-        if dims and len(fit) < len(dims):
-            logger.info("%s: %d-dimensional, scored at %s only", name, encoder.dim, ",".join(map(str, fit)) or
-                        encoder.dim)
-        use = resolve_dims(fit or ([encoder.dim] if dims else None), encoder.dim)
-        results[name] = evaluate(queries, corpus, qrels, qids, cids, use, per_query=per_query)
-    return results
-
-
-def mean_results(results: SystemResults) -> SystemResults:
-    """Per-query results (``per_query=True``) averaged into the usual metrics."""
-    return {s: {d: {m: float(np.mean(v)) for m, v in by_m.items()} for d, by_m in by_dim.items()}
-            for s, by_dim in results.items()}
-
-
-def results_to_json(results: SystemResults) -> dict:
-    """The JSON shape: ``{"<system>": {"<dim>": {"<metric>": value}}}``."""
-    return {system: {str(d): dict(m) for d, m in by_dim.items()} for system, by_dim in results.items()}
-
-
-def write_results(results: SystemResults, path: str | os.PathLike) -> Path:
-    """Write results as JSON, atomically."""
+def write_results(results: SystemResults, path: str | os.PathLike, *, force: bool = True) -> Path:
+    """Write results as JSON (``results_to_json``), atomically; ``force=False`` refuses to replace a file."""
     path = Path(path)
+    if path.exists() and not force:
+        raise AdapterError(f"{path}: already exists; pass --force to replace it")
     if path.parent and not path.parent.is_dir():
         raise AdapterError(f"{path.parent}: folder does not exist")
     with atomic_write(path) as f:
         json.dump(results_to_json(results), f, indent=2)
     return path
+
+
+def search(queries: str | Sequence[str], store: Store, adapter: LinearAdapter | str | os.PathLike,
+           cfg: Config | None = None, *, allow_other_model: bool = False) -> list[Hits]:
+    """Top ``cfg.store.k`` hits of an existing store for each query, through the adapter: only the queries are
+    embedded (base model ``cfg.encoder.model``), and the store's own ids come back."""
+    from adapter.export import AdaptedEncoder
+
+    cfg = cfg or Config()
+    texts = [queries] if isinstance(queries, str) else list(queries)
+    encoder = AdaptedEncoder(adapter, cfg.encoder.model, allow_other_model=allow_other_model)
+    return store.search(encoder.encode_query(texts), cfg.store.k, id_field=cfg.store.id_field)
+
+
+# ---------------------------------------------------------------------------------------------------------- compare
+
+
+def paired_bootstrap(base: np.ndarray, system: np.ndarray, *, samples: int = ReportConfig.bootstrap_samples,
+                     seed: int = 0, level: float = ReportConfig.level) -> tuple[float, float, float]:
+    """Mean per-query change (system − base) and its percentile interval: the queries are resampled with replacement
+    ``samples`` times, the same resample for both systems (paired). Returns (change, low, high)."""
+    delta = np.asarray(system, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # (n,)
+    if delta.ndim != 1 or not len(delta):
+        raise AdapterError("paired bootstrap needs two equal-length, non-empty lists of per-query values")
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for s in range(0, samples, 256):  # blocks keep memory at 256 x n indices
+        idx = rng.integers(0, len(delta), size=(min(256, samples - s), len(delta)))
+        means[s:s + len(idx)] = delta[idx].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(delta.mean()), float(low), float(high)
+
+
+@dataclass
+class SystemInfo:
+    """One compared system and what it costs."""
+
+    kind: str  # "base", "adapter", "fine-tune" or "model"
+    source: str  # the adapter file, model folder or model name
+    train_seconds: float | None  # training wall time when recorded; None for pre-trained models
+    artifact_bytes: int  # the adapter file, or the model's weights
+    reembed: bool  # whether using it means embedding the whole corpus again
+    latency_ms: float  # median time to turn one query text into its search vector (embedding + adapter), uncached
+    history: dict[str, list] | None = None  # training curves: val_epoch/val (ndcg@10 at full dim), loss_epoch/loss
+
+
+@dataclass
+class Comparison:
+    """What ``compare`` measured and wrote."""
+
+    results: dict[str, Results]  # system -> dim -> metric -> value, as `adapter evaluate --json`
+    systems: dict[str, SystemInfo]
+    intervals: dict[str, dict[int, tuple[float, float, float]]]  # system -> dim -> ndcg@10 (change, low, high)
+    queries: int
+    files: list[Path]
+
+
+def training_curves(meta: dict[str, Any]) -> dict[str, list] | None:
+    """Validation ndcg@10 at the full dim by epoch, and the training loss, from an artifact's training metadata
+    (adapter file or finetune.json, one schema: see adapter.model); None when it records none."""
+    hist = meta.get("history") or {}
+    if not hist.get("val"):
+        return None
+    full = max(hist["val"][0][PRIMARY_METRIC])
+    return {"val_epoch": [r["epoch"] for r in hist["val"]], "val": [r[PRIMARY_METRIC][full] for r in hist["val"]],
+            "loss_epoch": [r["epoch"] for r in hist.get("loss", [])], "loss": [r["loss"] for r in hist.get("loss", [])]}
+
+
+def _weights_bytes(encoder: Encoder) -> int:
+    return sum(t.numel() * t.element_size() for t in encoder.model.state_dict().values())
+
+
+def _encode_seconds(encoder: Encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-text seconds to embed one query on its own (after one warm-up), and the vectors."""
+    kw = {"normalize_embeddings": True, "convert_to_numpy": True, "show_progress_bar": False}
+    encoder.model.encode_query(list(texts[:1]), **kw)
+    seconds, vectors = [], []
+    for text in texts:
+        t = time.perf_counter()
+        vectors.append(encoder.model.encode_query([text], **kw)[0])
+        seconds.append(time.perf_counter() - t)
+    return np.array(seconds), np.array(vectors, dtype=np.float32)
+
+
+def _apply_seconds(adapter: LinearAdapter, vectors: np.ndarray) -> np.ndarray:
+    seconds = []
+    for v in vectors:
+        t = time.perf_counter()
+        adapter.apply(v[None, :])
+        seconds.append(time.perf_counter() - t)
+    return np.array(seconds)
+
+
+def _costs(systems: Mapping[str, System], texts: Sequence[str]) -> dict[str, SystemInfo]:
+    """What each system costs: training time, artifact size, re-embedding, single-query latency (uncached)."""
+    timed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one timing per encoder, shared by its adapters
+    infos: dict[str, SystemInfo] = {}
+    for name, s in systems.items():
+        if id(s.encoder) not in timed:
+            timed[id(s.encoder)] = _encode_seconds(s.encoder, texts)
+        seconds, vectors = timed[id(s.encoder)]
+        if s.transform is not None:
+            seconds = seconds + _apply_seconds(s.transform, vectors)
+            size = (Path(s.source).stat().st_size if Path(s.source).is_file()
+                    else sum(t.nbytes for t in s.transform.tensors().values()))
+        else:
+            size = _weights_bytes(s.encoder)
+        infos[name] = SystemInfo(s.kind, s.source, s.meta.get("train_seconds"), size, s.kind in ("fine-tune", "model"),
+                                 float(np.median(seconds) * 1000), training_curves(s.meta))
+    return infos
+
+
+def _check_trained_on(dataset: Dataset, meta: dict[str, Any], source: str) -> None:
+    """Warn when a system was trained on other data than this dataset's training split (its score may then be
+    inflated by test queries it saw, or simply not comparable)."""
+    split, fp = meta.get("trained_on"), meta.get("data_fingerprint")
+    if split and fp and split in dataset.qrels and fingerprint(dataset, split) != fp:
+        logger.warning("%s was trained on other data than %s's %s split", source, dataset.path, split)
+
+
+def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *,
+            adapters: Sequence[str | os.PathLike] = (), finetuned: Sequence[str | os.PathLike] = (),
+            models: Sequence[str] = (), allow_other_model: bool = False, force: bool = True,
+            progress: bool = True) -> Comparison:
+    """Score base (``cfg.encoder.model``), each adapter on it, each fine-tuned model folder and each other model on
+    ``cfg.evaluate.split`` at every dim; measure what each costs; write ``report.md``, ``results.json`` (the shape of
+    `adapter evaluate --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
+
+    Systems are named ``base``, then after the adapter file's stem, the model folder's name or the model's name.
+    ``force=False`` refuses an ``out`` that already holds a report.
+    """
+    from adapter import report
+
+    cfg = cfg or Config()
+    plt = report.require_matplotlib()
+    qrels = relevant(dataset.split(cfg.evaluate.split))
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out}: exists and is not a folder")
+    if (out / "report.md").exists() and not force:
+        raise AdapterError(f"{out}: already holds a report; pass --force to replace it")
+    systems = build_systems(cfg, adapters=adapters, finetuned=finetuned, models=models,
+                            allow_other_model=allow_other_model, progress=progress)
+    for s in systems.values():
+        _check_trained_on(dataset, s.meta, s.source)
+
+    per_query = score(dataset, systems, split=cfg.evaluate.split, dims=cfg.evaluate.dims, per_query=True)
+    results = mean_results(per_query)
+    intervals = {s: {d: paired_bootstrap(per_query["base"][d][PRIMARY_METRIC], per_query[s][d][PRIMARY_METRIC],
+                                         samples=cfg.report.bootstrap_samples, seed=cfg.seed,
+                                         level=cfg.report.level)
+                     for d in per_query[s] if d in per_query["base"]}
+                 for s in systems if s != "base"}
+    infos = _costs(systems, [dataset.queries[q] for q in list(qrels)[:cfg.report.latency_queries]])
+
+    ensure_dir(out)
+    comparison = Comparison(results, infos, intervals, len(qrels), [])
+    files = {"results.json": json.dumps(results_to_json(results), indent=2),
+             "summary.json": json.dumps(_summary(dataset, cfg, comparison), indent=2)}
+    plots = {"ndcg_by_dim.png": report.plot_dims(plt, results)}
+    if any(i.history for i in infos.values()):
+        plots["training_curves.png"] = report.plot_curves(plt, infos)
+    files["report.md"] = report.render_markdown(dataset, cfg, comparison, list(plots))
+    for name, data in {**files, **plots}.items():
+        with atomic_write(out / name, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        comparison.files.append(out / name)
+    return comparison
+
+
+def _summary(dataset: Dataset, cfg: Config, c: Comparison) -> dict[str, Any]:
+    return {"dataset": str(dataset.path), "split": cfg.evaluate.split, "queries": c.queries,
+            "chunks": len(dataset.corpus), "base_model": cfg.encoder.model,
+            "bootstrap_samples": cfg.report.bootstrap_samples, "seed": cfg.seed, "level": cfg.report.level,
+            "systems": {s: {k: v for k, v in asdict(i).items() if k != "history"} for s, i in c.systems.items()},
+            "intervals": {s: {str(d): dict(zip(("change", "low", "high"), ci, strict=True)) for d, ci in by.items()}
+                          for s, by in c.intervals.items()}}

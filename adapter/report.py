@@ -1,31 +1,21 @@
-"""Side-by-side tables of evaluation results, and ``compare``: base, adapters, fine-tunes and other models scored by
-the one judge on one split, with what each costs, paired bootstrap intervals on its change, and plots."""
+"""Pure rendering of results: plain-text and markdown tables, the compare report, its plots.
+
+Nothing here loads a model or scores anything: it is fed results (system -> dim -> metric -> value) and the
+``adapter.pipeline.Comparison`` that ``compare`` measured, and returns text or PNG bytes.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
-
-from adapter.config import Config, default_dims
-from adapter.data import Dataset, atomic_write, ensure_dir, fingerprint, relevant
+from adapter.config import Config
+from adapter.data import Dataset
 from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results
 
 if TYPE_CHECKING:
-    from adapter.encoder import Encoder
-    from adapter.model import LinearAdapter
-
-logger = logging.getLogger(__name__)
-
-LEVEL = 0.95  # confidence level of the intervals
+    from adapter.pipeline import Comparison, SystemInfo
 
 
 def format_table(results: dict[str, Results], metrics: Sequence[str] = METRICS, baseline: str = "base") -> str:
@@ -51,47 +41,8 @@ def format_table(results: dict[str, Results], metrics: Sequence[str] = METRICS, 
     return "\n".join(lines).rstrip() + "\n"
 
 
-def paired_bootstrap(base: np.ndarray, system: np.ndarray, *, samples: int = 1000, seed: int = 0,
-                     level: float = LEVEL) -> tuple[float, float, float]:
-    """Mean per-query change (system − base) and its percentile interval: the queries are resampled with replacement
-    ``samples`` times, the same resample for both systems (paired). Returns (change, low, high)."""
-    delta = np.asarray(system, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # (n,)
-    if delta.ndim != 1 or not len(delta):
-        raise AdapterError("paired bootstrap needs two equal-length, non-empty lists of per-query values")
-    rng = np.random.default_rng(seed)
-    means = np.empty(samples)
-    for s in range(0, samples, 256):  # blocks keep memory at 256 x n indices
-        idx = rng.integers(0, len(delta), size=(min(256, samples - s), len(delta)))
-        means[s:s + len(idx)] = delta[idx].mean(1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(delta.mean()), float(low), float(high)
-
-
-@dataclass
-class SystemInfo:
-    """One compared system and what it costs."""
-
-    kind: str  # "base", "adapter", "fine-tune" or "model"
-    source: str  # the adapter file, model folder or model name
-    train_seconds: float | None  # training wall time when recorded; None for pre-trained models
-    artifact_bytes: int  # the adapter file, or the model's weights
-    reembed: bool  # whether using it means embedding the whole corpus again
-    latency_ms: float  # median time to turn one query text into its search vector (embedding + adapter), uncached
-    history: dict[str, list] | None = None  # training curves: val_epoch/val (ndcg@10 at full dim), loss_epoch/loss
-
-
-@dataclass
-class Comparison:
-    """What ``compare`` measured and wrote."""
-
-    results: dict[str, Results]  # system -> dim -> metric -> value, as `adapter evaluate --json`
-    systems: dict[str, SystemInfo]
-    intervals: dict[str, dict[int, tuple[float, float, float]]]  # system -> dim -> ndcg@10 (change, low, high)
-    queries: int
-    files: list[Path]
-
-
-def _require_matplotlib():
+def require_matplotlib():
+    """matplotlib with the file-only Agg backend, or one line naming the extra to install."""
     try:
         import matplotlib
     except ImportError:
@@ -100,156 +51,6 @@ def _require_matplotlib():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _weights_bytes(encoder: Encoder) -> int:
-    return sum(t.numel() * t.element_size() for t in encoder.model.state_dict().values())
-
-
-def _encode_seconds(encoder: Encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-text seconds to embed one query on its own (after one warm-up), and the vectors."""
-    kw = {"normalize_embeddings": True, "convert_to_numpy": True, "show_progress_bar": False}
-    encoder.model.encode_query(list(texts[:1]), **kw)
-    seconds, vectors = [], []
-    for text in texts:
-        t = time.perf_counter()
-        vectors.append(encoder.model.encode_query([text], **kw)[0])
-        seconds.append(time.perf_counter() - t)
-    return np.array(seconds), np.array(vectors, dtype=np.float32)
-
-
-def _apply_seconds(adapter: LinearAdapter, vectors: np.ndarray) -> np.ndarray:
-    seconds = []
-    for v in vectors:
-        t = time.perf_counter()
-        adapter.apply(v[None, :])
-        seconds.append(time.perf_counter() - t)
-    return np.array(seconds)
-
-
-def _adapter_history(meta: dict[str, Any]) -> dict[str, list] | None:
-    rows = meta.get("history") or []
-    if not rows:
-        return None
-    losses = [r for r in rows if r.get("loss") is not None]
-    return {"val_epoch": [r["epoch"] for r in rows], "val": [r[PRIMARY_METRIC] for r in rows],
-            "loss_epoch": [r["epoch"] for r in losses], "loss": [r["loss"] for r in losses]}
-
-
-def _finetune_history(meta: dict[str, Any]) -> dict[str, list] | None:
-    hist = meta.get("history") or {}
-    if not hist.get("val"):
-        return None
-    full = str(meta["dims"][0])
-    return {"val_epoch": [r["epoch"] for r in hist["val"]], "val": [r[PRIMARY_METRIC][full] for r in hist["val"]],
-            "loss_epoch": [r["epoch"] for r in hist.get("loss", [])], "loss": [r["loss"] for r in hist.get("loss", [])]}
-
-
-def _check_trained_on(dataset: Dataset, meta: dict[str, Any], source: str) -> None:
-    """Warn when a system was trained on other data than this dataset's training split (its score may then be
-    inflated by test queries it saw, or simply not comparable)."""
-    split, fp = meta.get("trained_on"), meta.get("data_fingerprint")
-    if split and fp and split in dataset.qrels and fingerprint(dataset, split) != fp:
-        logger.warning("%s was trained on other data than %s's %s split", source, dataset.path, split)
-
-
-def _name(names: dict[str, Any], name: str, source: str) -> str:
-    if name in names:
-        raise AdapterError(f"{source}: another system is already named {name!r}; rename it")
-    return name
-
-
-def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *, adapters: Sequence[str] = (),
-            finetuned: Sequence[str] = (), models: Sequence[str] = (), allow_other_model: bool = False,
-            progress: bool = True) -> Comparison:
-    """Score base (``cfg.encoder.model``), each adapter on it, each fine-tuned model folder and each other model on
-    one split at every dim; measure what each costs; write ``report.md``, ``results.json`` (the shape of `adapter
-    evaluate --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
-
-    Systems are named ``base``, then after the adapter file's stem, the model folder's name or the model's name.
-    """
-    from adapter.encoder import Encoder
-    from adapter.model import LinearAdapter
-    from adapter.pipeline import evaluate_systems, mean_results, results_to_json
-
-    cfg = cfg or Config()
-    plt = _require_matplotlib()
-    qrels = relevant(dataset.split(cfg.evaluate.split))
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AdapterError(f"{out}: exists and is not a folder")
-    for folder in finetuned:
-        if not Path(folder).is_dir():
-            raise AdapterError(f"{folder}: no such model folder")
-    enc = lambda name: Encoder.from_config(cfg.replace(model=name), show_progress=progress)  # noqa: E731
-    base = enc(cfg.encoder.model)
-    systems: dict[str, tuple[Encoder, LinearAdapter | None]] = {"base": (base, None)}
-    # kind, source, metadata
-    metas: dict[str, tuple[str, str, dict[str, Any]]] = {"base": ("base", cfg.encoder.model, {})}
-    for p in adapters:
-        adapter = LinearAdapter.load(p)
-        adapter.check_base_model(base.identity, allow_other_model=allow_other_model, source=str(p))
-        if adapter.dim != base.dim:
-            raise AdapterError(f"{p}: adapter is {adapter.dim}-dimensional, the model {base.dim}")
-        name = _name(systems, Path(p).stem, str(p))
-        systems[name], metas[name] = (base, adapter), ("adapter", str(p), adapter.metadata)
-    for folder in finetuned:
-        meta_file = Path(folder) / "finetune.json"
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        name = _name(systems, Path(folder).resolve().name, str(folder))
-        systems[name], metas[name] = (enc(str(folder)), None), ("fine-tune", str(folder), meta)
-    for m in models:
-        name = _name(systems, m.rstrip("/").split("/")[-1], m)
-        systems[name], metas[name] = (enc(m), None), ("model", m, {})
-    for _, source, meta in metas.values():
-        _check_trained_on(dataset, meta, source)
-
-    dims = cfg.evaluate.dims or sorted({d for e, _ in systems.values() for d in default_dims(e.dim)}, reverse=True)
-    per_query = evaluate_systems(dataset, systems, split=cfg.evaluate.split, dims=dims, per_query=True)
-    results = mean_results(per_query)
-    intervals = {s: {d: paired_bootstrap(per_query["base"][d][PRIMARY_METRIC], per_query[s][d][PRIMARY_METRIC],
-                                         samples=cfg.report.bootstrap_samples, seed=cfg.seed)
-                     for d in per_query[s] if d in per_query["base"]}
-                 for s in systems if s != "base"}
-
-    texts = [dataset.queries[q] for q in list(qrels)[:cfg.report.latency_queries]]
-    timed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one timing per encoder, shared by its adapters
-    infos: dict[str, SystemInfo] = {}
-    for name, (encoder, adapter) in systems.items():
-        kind, source, meta = metas[name]
-        if id(encoder) not in timed:
-            timed[id(encoder)] = _encode_seconds(encoder, texts)
-        seconds, vectors = timed[id(encoder)]
-        if adapter is not None:
-            seconds = seconds + _apply_seconds(adapter, vectors)
-            size, history = Path(source).stat().st_size, _adapter_history(meta)
-        else:
-            size, history = _weights_bytes(encoder), _finetune_history(meta) if kind == "fine-tune" else None
-        infos[name] = SystemInfo(kind, source, meta.get("train_seconds"), size, kind in ("fine-tune", "model"),
-                                 float(np.median(seconds) * 1000), history)
-
-    ensure_dir(out)
-    comparison = Comparison(results, infos, intervals, len(qrels), [])
-    files = {"results.json": json.dumps(results_to_json(results), indent=2),
-             "summary.json": json.dumps(_summary(dataset, cfg, comparison), indent=2)}
-    plots = {"ndcg_by_dim.png": _plot_dims(plt, results)}
-    if any(i.history for i in infos.values()):
-        plots["training_curves.png"] = _plot_curves(plt, infos)
-    files["report.md"] = render_markdown(dataset, cfg, comparison, list(plots))
-    for name, data in {**files, **plots}.items():
-        with atomic_write(out / name, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        comparison.files.append(out / name)
-    return comparison
-
-
-def _summary(dataset: Dataset, cfg: Config, c: Comparison) -> dict[str, Any]:
-    return {"dataset": str(dataset.path), "split": cfg.evaluate.split, "queries": c.queries,
-            "chunks": len(dataset.corpus), "base_model": cfg.encoder.model,
-            "bootstrap_samples": cfg.report.bootstrap_samples, "seed": cfg.seed, "level": LEVEL,
-            "systems": {s: {k: v for k, v in asdict(i).items() if k != "history"} for s, i in c.systems.items()},
-            "intervals": {s: {str(d): dict(zip(("change", "low", "high"), ci, strict=True)) for d, ci in by.items()}
-                          for s, by in c.intervals.items()}}
 
 
 def _size(n: int) -> str:
@@ -307,7 +108,7 @@ def render_markdown(dataset: Dataset, cfg: Config, c: Comparison, plots: Sequenc
         f"# Retrieval on `{dataset.path}`, split `{cfg.evaluate.split}`",
         "",
         f"{c.queries:,} queries against {len(dataset.corpus):,} chunks; base model `{cfg.encoder.model}`. Every system "
-        f"is scored by the same judge. Intervals: {LEVEL:.0%} paired bootstrap over the queries "
+        f"is scored by the same judge. Intervals: {cfg.report.level:.0%} paired bootstrap over the queries "
         f"({cfg.report.bootstrap_samples:,} resamples, seed {cfg.seed}) of the change in {PRIMARY_METRIC} against "
         "base.",
         "",
@@ -342,7 +143,7 @@ def _png(plt, fig) -> bytes:
     return buf.getvalue()
 
 
-def _plot_dims(plt, results: dict[str, Results]) -> bytes:
+def plot_dims(plt, results: dict[str, Results]) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
     for s, by_dim in results.items():
         dims = sorted(by_dim)
@@ -357,7 +158,7 @@ def _plot_dims(plt, results: dict[str, Results]) -> bytes:
     return _png(plt, fig)
 
 
-def _plot_curves(plt, infos: dict[str, SystemInfo]) -> bytes:
+def plot_curves(plt, infos: dict[str, SystemInfo]) -> bytes:
     fig, (val, loss) = plt.subplots(1, 2, figsize=(11, 4))
     for s, i in infos.items():
         if not i.history:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from adapter.config import Config
 from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, train_val_qrels
 from adapter.errors import AdapterError
-from adapter.evaluate import PRIMARY_METRIC, search
+from adapter.evaluate import PRIMARY_METRIC, Results, search
 from adapter.evaluate import evaluate as judge
 from adapter.model import LinearAdapter
 
@@ -52,8 +52,8 @@ class TrainResult:
     adapter: LinearAdapter
     best_epoch: int  # 0 means the identity won: training did not beat base on validation
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss and validation ndcg@10
-    base_val: dict[str, float] = field(default_factory=dict)  # validation metrics of the identity (base)
-    best_val: dict[str, float] = field(default_factory=dict)  # validation metrics of the selected adapter
+    base_val: Results = field(default_factory=dict)  # validation metrics of the identity (base), {dim: metrics}
+    best_val: Results = field(default_factory=dict)  # validation metrics of the selected adapter, {dim: metrics}
     seconds: float = 0.0  # wall time of the loop itself (embedding excluded)
 
 
@@ -230,7 +230,7 @@ def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], ba
     module.load_state_dict(best_state)
     logger.info("epoch %d won: validation %s %.4f (base %.4f)", best_epoch, PRIMARY_METRIC,
                 best_val[PRIMARY_METRIC], base_val[PRIMARY_METRIC])
-    return TrainResult(module.export(init), best_epoch, history, base_val, best_val, seconds)
+    return TrainResult(module.export(init), best_epoch, history, {dim: base_val}, {dim: best_val}, seconds)
 
 
 def choose_identity_penalty(train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
@@ -248,10 +248,11 @@ def choose_identity_penalty(train: Split, corpus: np.ndarray, corpus_ids: list[s
         r = fit(inner, seen, corpus, corpus_ids, base_model, cfg.replace(identity_penalty=lam), progress=False)
         on_unseen = judge(r.adapter.apply(unseen.vectors), corpus, unseen.qrels, unseen.ids,
                           corpus_ids)[corpus.shape[1]]
-        trials.append({"identity_penalty": lam, "seen_" + PRIMARY_METRIC: r.best_val[PRIMARY_METRIC],
+        seen_val = r.best_val[corpus.shape[1]][PRIMARY_METRIC]
+        trials.append({"identity_penalty": lam, "seen_" + PRIMARY_METRIC: seen_val,
                        "unseen_" + PRIMARY_METRIC: on_unseen[PRIMARY_METRIC]})
         logger.info("identity penalty %g: seen %.4f, unseen %.4f (base unseen %.4f)", lam,
-                    r.best_val[PRIMARY_METRIC], on_unseen[PRIMARY_METRIC], base_unseen[PRIMARY_METRIC])
+                    seen_val, on_unseen[PRIMARY_METRIC], base_unseen[PRIMARY_METRIC])
     safe = [t for t in trials if t["unseen_" + PRIMARY_METRIC] >= base_unseen[PRIMARY_METRIC]] or [
         max(trials, key=lambda t: t["identity_penalty"])]
     best = max(safe, key=lambda t: t["seen_" + PRIMARY_METRIC])
@@ -262,6 +263,10 @@ def _subset(split: Split, qrels: Qrels) -> Split:
     rows = {q: i for i, q in enumerate(split.ids)}
     ids = [q for q in split.ids if q in qrels]
     return Split(split.vectors[[rows[q] for q in ids]], ids, qrels)
+
+
+def _digits(v: float) -> float:
+    return float(f"{v:.6g}")
 
 
 def train_adapter(dataset: Dataset, encoder: Encoder, cfg: Config | None = None, *,
@@ -289,9 +294,10 @@ def train_adapter(dataset: Dataset, encoder: Encoder, cfg: Config | None = None,
         "base_model_name": encoder.name, "config": cfg.to_dict("encoder", "split", "train"),
         "trained_on": cfg.split.train_split,
         "data_fingerprint": fingerprint(dataset, cfg.split.train_split), "validation": how,
-        "best_epoch": result.best_epoch, "val_base": result.base_val, "val_adapter": result.best_val,
+        "best_epoch": result.best_epoch, "val_base": result.base_val, "val_best": result.best_val,
         "train_seconds": result.seconds,  # wall time of the loop, read by `adapter compare`
-        "history": [{k: (None if v != v else float(f"{v:.6g}") if isinstance(v, float) else v) for k, v in h.items()}
-                    for h in result.history],  # NaN -> null; 6 digits keep a rank-16 float16 file under 30 KB
+        "history": {"loss": [{"epoch": h["epoch"], "loss": _digits(h["loss"])} for h in result.history[1:]],
+                    "val": [{"epoch": h["epoch"], PRIMARY_METRIC: {corpus.shape[1]: _digits(h[PRIMARY_METRIC])}}
+                            for h in result.history]},  # 6 digits keep a rank-16 float16 file under 30 KB
         **({"penalty_trials": trials} if trials else {})}
     return result

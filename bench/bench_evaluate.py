@@ -29,6 +29,7 @@ def agreement_and_speed(shared: Path) -> None:
         SequentialEvaluator,
     )
 
+    from adapter.config import Config
     from adapter.data import load_dataset, relevant
     from adapter.encoder import Encoder, load_model
     from adapter.evaluate import METRICS
@@ -50,11 +51,12 @@ def agreement_and_speed(shared: Path) -> None:
     cache = work / "cache"
     t = time.perf_counter()
     cold_enc = Encoder(model, cache_dir=cache, show_progress=False)
-    cold = evaluate_dataset(ds, cold_enc, split="test", dims=DIMS)["base"]
+    cfg = Config().replace(split="test", dims=tuple(DIMS))
+    cold = evaluate_dataset(ds, cfg, encoder=cold_enc)["base"]
     t_cold = time.perf_counter() - t
     t = time.perf_counter()
     warm_enc = Encoder(model, cache_dir=cache, show_progress=False)
-    warm = evaluate_dataset(ds, warm_enc, split="test", dims=DIMS)["base"]
+    warm = evaluate_dataset(ds, cfg, encoder=warm_enc)["base"]
     t_warm = time.perf_counter() - t
 
     diffs = [abs(cold[d][m] - theirs[f"dim_{d}_cosine_{m}"]) for d in DIMS for m in METRICS]

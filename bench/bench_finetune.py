@@ -89,17 +89,19 @@ def main() -> None:
 
 def head_to_head(data: Path, adapter: Path, ft: Path, cache: Path, dims: list[int]) -> None:
     """Adapter against fine-tune directly: the paired bootstrap of their per-query ndcg@10 difference (cached)."""
+    from adapter.config import Config
     from adapter.data import load_dataset
     from adapter.encoder import Encoder
     from adapter.model import LinearAdapter
-    from adapter.pipeline import evaluate_systems
-    from adapter.report import paired_bootstrap
+    from adapter.pipeline import paired_bootstrap
+    from adapter.systems import build_systems, score
 
     ds = load_dataset(data)
-    base = Encoder("sentence-transformers/all-MiniLM-L6-v2", cache_dir=cache, show_progress=False)
-    tuned = Encoder(str(ft), cache_dir=cache, show_progress=False)
-    per = evaluate_systems(ds, {"adapter": (base, LinearAdapter.load(adapter)), "fine-tune": (tuned, None)},
-                           dims=dims, per_query=True)
+    cfg = Config().replace(cache_dir=str(cache))
+    built = build_systems(cfg, encoder=Encoder.from_config(cfg, show_progress=False),
+                          adapters={"adapter": LinearAdapter.load(adapter)}, finetuned=[ft], progress=False)
+    systems = {"adapter": built["adapter"], "fine-tune": built[Path(ft).resolve().name]}
+    per = score(ds, systems, dims=dims, per_query=True)
     print("### Adapter against fine-tune, paired (ndcg@10 of adapter minus fine-tune, 95% bootstrap, 1,000 "
           "resamples, seed 0)\n")
     print("| dim | difference | 95% CI |")

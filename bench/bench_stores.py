@@ -63,7 +63,7 @@ def main() -> None:
     from adapter.data import load_dataset, relevant
     from adapter.encoder import Encoder
     from adapter.pipeline import evaluate_dataset
-    from adapter.stores import ChromaStore, FaissStore, QdrantStore, corpus_from_store
+    from adapter.stores import ChromaStore, FaissStore, QdrantStore
     from adapter.train import train_adapter
 
     work = Path(tempfile.mkdtemp(prefix="bench-stores-"))
@@ -130,7 +130,8 @@ def main() -> None:
           "base and adapter, dim 384:\n")
     print("| corpus vectors from | base ndcg@10 | adapter ndcg@10 | same metrics as embedded |")
     print("|---|---|---|---|")
-    embedded = evaluate_dataset(ds, encoder, dims=[384], adapters={"adapter": adapter})
+    cfg = Config().replace(dims=(384,))
+    embedded = evaluate_dataset(ds, cfg, encoder=encoder, adapters={"adapter": adapter})
     print(f"| the embedding cache (`adapter evaluate DIR`) | {embedded['base'][384]['ndcg@10']:.4f} | "
           f"{embedded['adapter'][384]['ndcg@10']:.4f} | |")
     readers = {f"FAISS IndexIDMap2({k})": (lambda p=v: FaissStore(p)) for k, v in files.items()}
@@ -138,8 +139,7 @@ def main() -> None:
     readers["Chroma, embedded"] = lambda: ChromaStore(str(work / "chroma"), "apple")
     for name, open_ in readers.items():
         with open_() as store:
-            corpus = corpus_from_store(store, ds, "test")
-        r = evaluate_dataset(ds, encoder, dims=[384], adapters={"adapter": adapter}, corpus=corpus)
+            r = evaluate_dataset(ds, cfg, encoder=encoder, adapters={"adapter": adapter}, store=store)
         print(f"| {name} | {r['base'][384]['ndcg@10']:.4f} | {r['adapter'][384]['ndcg@10']:.4f} | "
               f"{'yes' if r == embedded else 'no'} |")
 

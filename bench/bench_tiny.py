@@ -44,7 +44,8 @@ def main() -> None:
                       show_progress=False)
 
     def score(path: Path) -> float:
-        r = evaluate_dataset(ds, encoder, split="test", dims=[384], adapters={"a": LinearAdapter.load(path)})
+        r = evaluate_dataset(ds, Config().replace(split="test", dims=(384,)), encoder=encoder,
+                             adapters={"a": LinearAdapter.load(path)})
         return r["base"][384]["ndcg@10"], r["a"][384]["ndcg@10"]
 
     def run(rank: int | None, dtype: str, seed: int = 0, **over) -> tuple[int, float, float, int]:

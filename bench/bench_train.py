@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_scores(ds, encoder, adapter) -> tuple[dict, dict]:
+    from adapter.config import Config
     from adapter.pipeline import evaluate_dataset
 
-    r = evaluate_dataset(ds, encoder, split="test", dims=[encoder.dim], adapters={"adapter": adapter})
+    r = evaluate_dataset(ds, Config().replace(split="test", dims=(encoder.dim,)), encoder=encoder,
+                         adapters={"adapter": adapter})
     return r["base"][encoder.dim], r["adapter"][encoder.dim]
 
 

@@ -27,8 +27,9 @@ def tiny(tiny_model_dir):
         a = random_adapter(enc.dim, enc.identity, rank=rank)
         a.metadata = {"base_model_name": str(tiny_model_dir), "trained_on": "train", "data_fingerprint": "f" * 16,
                       "best_epoch": 7, "validation": "0.1 of train by query",
-                      "val_base": {"ndcg@10": 0.4, "mrr@10": 0.3}, "val_adapter": {"ndcg@10": 0.5, "mrr@10": 0.25},
-                      "config": {"loss": "triplet", "epochs": 30, "rank": rank}}
+                      "val_base": {enc.dim: {"ndcg@10": 0.4, "mrr@10": 0.3}},
+                      "val_best": {enc.dim: {"ndcg@10": 0.5, "mrr@10": 0.25}},
+                      "config": {"train": {"loss": "triplet", "epochs": 30, "rank": rank}, "seed": 0}}
         adapters[rank] = a
     return enc, adapters
 
@@ -60,6 +61,7 @@ def test_export_round_trip(tmp_path, tiny, tiny_model_dir, rank):
 
 def test_exported_model_scores_like_base_plus_adapter(tmp_path, tiny, tiny_model_dir, tiny_dataset):
     """The judge sees the same system either way: base with the adapter file, or the exported model alone."""
+    from adapter.config import Config
     from adapter.data import load_dataset
     from adapter.encoder import Encoder
     from adapter.export import export
@@ -69,8 +71,9 @@ def test_exported_model_scores_like_base_plus_adapter(tmp_path, tiny, tiny_model
     path = adapters[None].save(tmp_path / "a.safetensors")
     out = export(path, tmp_path / "model", model=str(tiny_model_dir))
     ds = load_dataset(tiny_dataset)
-    by_file = evaluate_dataset(ds, enc, dims=[32], adapters={"a": adapters[None]})["a"][32]
-    exported = evaluate_dataset(ds, Encoder(str(out), show_progress=False), dims=[32])["base"][32]
+    cfg = Config().replace(dims=(32,))
+    by_file = evaluate_dataset(ds, cfg, encoder=enc, adapters={"a": adapters[None]})["a"][32]
+    exported = evaluate_dataset(ds, cfg, encoder=Encoder(str(out), show_progress=False))["base"][32]
     assert exported == pytest.approx(by_file, abs=1e-6)
 
 
@@ -179,7 +182,7 @@ def test_rank_16_float16_file_is_at_most_30_kb(tmp_path, minilm):
     split_dataset(folder, by="query", test_fraction=0.3, seed=0)
     cfg = Config().replace(rank=16, dtype="float16")
     r = train_adapter(load_dataset(folder), Encoder(minilm, show_progress=False), cfg, progress=False)
-    assert len(r.adapter.metadata["history"]) == cfg.train.epochs + 1
+    assert len(r.adapter.metadata["history"]["val"]) == cfg.train.epochs + 1
     path = r.adapter.save(tmp_path / "tiny.safetensors", dtype=cfg.train.dtype)
     assert path.stat().st_size <= 30_000, path.stat().st_size
     back = LinearAdapter.load(path)

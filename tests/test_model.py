@@ -46,7 +46,7 @@ def test_save_load_round_trip(tmp_path, rank, dtype):
     rng = np.random.default_rng(0)
     for t in a.tensors().values():
         t += rng.normal(scale=0.1, size=t.shape).astype(np.float32)
-    a.metadata = {"best_epoch": 3, "val_adapter": {"ndcg@10": 0.5}}
+    a.metadata = {"best_epoch": 3, "val_best": {8: {"ndcg@10": 0.5}}}  # dims stay ints through the JSON
     path = a.save(tmp_path / "a.safetensors", dtype=dtype)
     b = LinearAdapter.load(path)
     assert (b.form, b.rank, b.dim, b.base_model) == (a.form, a.rank, 8, BASE)
@@ -161,3 +161,15 @@ def test_cli_refuses_bad_adapter_in_one_line(tiny_dataset, tmp_path, case):
         assert "trained on another-model@0123456789ab" in r.output and "--allow-other-model" in r.output
     if case == "wrong-dim":
         assert "256-dimensional, the model 384" in r.output
+
+
+def test_a_version_1_file_still_loads_with_its_metadata_in_the_shared_schema(tmp_path):
+    rows = [{"epoch": 0, "loss": None, "ndcg@10": 0.4}, {"epoch": 1, "loss": 0.3, "ndcg@10": 0.5}]
+    header = good_header(format_version=1, val_base={"ndcg@10": 0.4}, val_adapter={"ndcg@10": 0.5}, history=rows,
+                         config={"loss": "triplet"}, best_epoch=1)
+    write_raw(tmp_path / "v1.safetensors", {"weight": np.eye(4, dtype=np.float32)}, header)
+    meta = LinearAdapter.load(tmp_path / "v1.safetensors").metadata
+    assert meta["val_base"] == {4: {"ndcg@10": 0.4}} and meta["val_best"] == {4: {"ndcg@10": 0.5}}
+    assert meta["history"] == {"loss": [{"epoch": 1, "loss": 0.3}],
+                               "val": [{"epoch": 0, "ndcg@10": {4: 0.4}}, {"epoch": 1, "ndcg@10": {4: 0.5}}]}
+    assert meta["best_epoch"] == 1 and "val_adapter" not in meta

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, evaluate
 from adapter.model import LinearAdapter
-from adapter.report import format_table, paired_bootstrap
+from adapter.pipeline import paired_bootstrap
+from adapter.report import format_table
 from cli import main
 
 
@@ -61,16 +62,16 @@ def make_systems(tmp_path: Path, tiny_model_dir: Path, minilm) -> tuple[Path, Pa
 
     identity = Encoder(minilm, show_progress=False).identity
     adapter = LinearAdapter.identity(384, identity)
-    adapter.metadata = {"train_seconds": 1.5, "trained_on": "train", "config": {"loss": "triplet"},
-                        "history": [{"epoch": 0, "loss": None, "ndcg@10": 0.5}, {"epoch": 1, "loss": 0.2,
-                                                                                   "ndcg@10": 0.6}]}
+    adapter.metadata = {"train_seconds": 1.5, "trained_on": "train", "config": {"train": {"loss": "triplet"}},
+                        "history": {"loss": [{"epoch": 1, "loss": 0.2}],
+                                    "val": [{"epoch": 0, "ndcg@10": {384: 0.5}}, {"epoch": 1, "ndcg@10": {384: 0.6}}]}}
     path = adapter.save(tmp_path / "identity.safetensors")
     ft = tmp_path / "tiny-ft"
     shutil.copytree(tiny_model_dir, ft)
     (ft / "finetune.json").write_text(json.dumps({
-        "train_seconds": 12.0, "dims": [32], "history": {"val": [{"epoch": 0.0, "ndcg@10": {"32": 0.3}},
-                                                                 {"epoch": 1.0, "ndcg@10": {"32": 0.4}}],
-                                                         "loss": [{"epoch": 0.5, "step": 1, "loss": 2.0}]}}))
+        "format_version": 2, "train_seconds": 12.0, "dims": [32],
+        "history": {"val": [{"epoch": 0.0, "ndcg@10": {"32": 0.3}}, {"epoch": 1.0, "ndcg@10": {"32": 0.4}}],
+                    "loss": [{"epoch": 0.5, "step": 1, "loss": 2.0}]}}))
     return path, ft
 
 
@@ -110,7 +111,7 @@ def test_compare_writes_the_side_by_side_report(tiny_dataset, tmp_path, tiny_mod
 def test_compare_refuses_bad_systems(tiny_dataset, tmp_path, tiny_model_dir, minilm):
     from adapter.config import Config
     from adapter.data import load_dataset
-    from adapter.report import compare
+    from adapter.pipeline import compare
 
     not_model = tmp_path / "not-a-model"
     not_model.mkdir()
@@ -122,3 +123,23 @@ def test_compare_refuses_bad_systems(tiny_dataset, tmp_path, tiny_model_dir, min
     shutil.copytree(tiny_model_dir, clash)
     with pytest.raises(AdapterError, match="already named 'base'"):
         compare(load_dataset(tiny_dataset), tmp_path / "r", Config(), finetuned=[str(clash)], progress=False)
+
+
+def test_finetuned_folders_of_an_unknown_format_are_refused_in_one_line(tiny_dataset, tmp_path, tiny_model_dir):
+    ft = tmp_path / "future-ft"
+    shutil.copytree(tiny_model_dir, ft)
+    (ft / "finetune.json").write_text(json.dumps({"format_version": 9}))
+    r = CliRunner().invoke(main, ["compare", str(tiny_dataset), "--finetuned", str(ft), "--out", str(tmp_path / "r")])
+    assert r.exit_code == 1 and "finetune.json: format version 9 is not supported" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_version_1_finetune_json_is_still_read(tmp_path, tiny_model_dir):
+    from adapter.finetune import read_meta
+
+    ft = tmp_path / "old-ft"
+    shutil.copytree(tiny_model_dir, ft)
+    (ft / "finetune.json").write_text(json.dumps({"format_version": 1, "train_seconds": 3.0, "config": {"lr": 1},
+                                                  "val_best": {"32": {"ndcg@10": 0.4}}}))
+    meta = read_meta(ft)
+    assert meta["val_best"] == {32: {"ndcg@10": 0.4}} and meta["train_seconds"] == 3.0

@@ -1,0 +1,182 @@
+"""One notion of a system, built in one place and scored by one function.
+
+A system is what turns a question into a ranking: an encoder that embeds the queries, an optional query transform (a
+``LinearAdapter``), and where its corpus vectors come from (a ``CorpusSource``: the encoder's cached encoding of
+corpus.jsonl, or vectors read out of an existing store or file). ``build_systems`` makes the named systems every
+command scores (base, each adapter on it, each fine-tuned folder, each other model) with the checks they all need;
+``score`` runs the one judge over them. `adapter evaluate`, `adapter compare`, the demo and the benchmarks all go
+through these two.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from adapter.config import Config, default_dims
+from adapter.data import Dataset, relevant
+from adapter.errors import AdapterError
+from adapter.evaluate import Results, evaluate, resolve_dims
+from adapter.model import LinearAdapter
+
+if TYPE_CHECKING:
+    from adapter.encoder import Encoder
+    from adapter.stores import Store
+
+logger = logging.getLogger(__name__)
+
+SystemResults = dict[str, Results]  # system name -> dim -> metric -> value
+
+
+class CorpusSource(Protocol):
+    """Where a system's corpus vectors come from."""
+
+    name: str  # what messages call it
+
+    def read(self, dataset: Dataset, encoder: Encoder) -> tuple[list[str], np.ndarray]:
+        """(corpus ids, (n, d) float32 unit vectors) for ``dataset``, ``encoder`` being the system's own."""
+        ...
+
+
+@dataclass
+class EncodedCorpus:
+    """The system encoder's own (cached) encoding of corpus.jsonl: the default source."""
+
+    name: str = "corpus.jsonl"
+
+    def read(self, dataset: Dataset, encoder: Encoder) -> tuple[list[str], np.ndarray]:
+        ids = list(dataset.corpus)
+        return ids, encoder.encode_documents([dataset.doc_text(c) for c in ids])
+
+
+@dataclass
+class VectorCorpus:
+    """Vectors already made, named by corpus id: read out of an existing index or a file. The index is then scored
+    as it stands, nothing re-embedded."""
+
+    ids: list[str]
+    vectors: np.ndarray  # (n, d) float32
+    name: str = "the index"
+
+    def read(self, dataset: Dataset, encoder: Encoder) -> tuple[list[str], np.ndarray]:
+        if self.vectors.shape[1] != encoder.dim:
+            raise AdapterError(f"{self.name} holds {self.vectors.shape[1]}-dimensional vectors, {encoder.identity} "
+                               f"makes {encoder.dim}")
+        return self.ids, self.vectors
+
+    @classmethod
+    def from_store(cls, store: Store, dataset: Dataset, split: str, *, id_field: str | None = None) -> VectorCorpus:
+        """Every vector of ``store``, named by corpus id and checked to hold each chunk ``split`` judges."""
+        from adapter.stores import corpus_from_store
+
+        ids, vectors = corpus_from_store(store, dataset, split, id_field=id_field)
+        return cls(ids, vectors, store.name)
+
+
+@dataclass
+class System:
+    """One named system: query encoder, optional query transform, corpus source, and what it was made from."""
+
+    name: str
+    encoder: Encoder  # embeds the queries (and, with EncodedCorpus, the corpus)
+    transform: LinearAdapter | None = None  # applied to query vectors only
+    corpus: CorpusSource = field(default_factory=EncodedCorpus)
+    kind: str = "base"  # "base", "adapter", "fine-tune" or "model"
+    source: str = ""  # the adapter file, model folder or model name
+    meta: dict[str, Any] = field(default_factory=dict)  # the artifact's training metadata (see adapter.model)
+
+    def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
+        """The vectors this system searches with: cached query vectors, through the transform when there is one."""
+        q = self.encoder.encode_queries(texts)
+        return self.transform.apply(q) if self.transform is not None else q
+
+
+def _add(systems: dict[str, System], system: System) -> None:
+    if system.name in systems:
+        raise AdapterError(f"{system.source}: another system is already named {system.name!r}; rename it")
+    systems[system.name] = system
+
+
+def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
+                  adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
+                  finetuned: Sequence[str | os.PathLike] = (), models: Sequence[str] = (),
+                  corpus: CorpusSource | None = None, allow_other_model: bool = False,
+                  progress: bool = True) -> dict[str, System]:
+    """The named systems to score, in order: ``base`` (``encoder``, default ``cfg.encoder``), each adapter on it
+    (files named after their stem, or given as ``{name: adapter or file}``), each fine-tuned model folder (named after
+    the folder) and each other model (named after its last path part).
+
+    Base and its adapters search ``corpus`` (default: the base encoder's cached corpus.jsonl); fine-tuned and other
+    models always embed corpus.jsonl themselves. Adapters are checked against the base model and dimension.
+    """
+    from adapter.encoder import Encoder
+    from adapter.finetune import read_meta
+
+    cfg = cfg or Config()
+    for folder in finetuned:
+        if not Path(folder).is_dir():
+            raise AdapterError(f"{folder}: no such model folder")
+    base = encoder or Encoder.from_config(cfg, show_progress=progress)
+    corpus = corpus or EncodedCorpus()
+    systems = {"base": System("base", base, corpus=corpus, kind="base", source=base.name)}
+    named = adapters.items() if isinstance(adapters, Mapping) else ((Path(p).stem, p) for p in adapters)
+    for name, given in named:
+        adapter = given if isinstance(given, LinearAdapter) else LinearAdapter.load(given)
+        source = name if isinstance(given, LinearAdapter) else str(given)
+        adapter.check_base_model(base.identity, allow_other_model=allow_other_model, source=source)
+        if adapter.dim != base.dim:
+            raise AdapterError(f"{source}: adapter is {adapter.dim}-dimensional, the model {base.dim}")
+        _add(systems, System(name, base, adapter, corpus, "adapter", source, adapter.metadata))
+    for folder in finetuned:
+        meta = read_meta(folder)
+        enc = Encoder.from_config(cfg.replace(model=str(folder)), show_progress=progress)
+        _add(systems, System(Path(folder).resolve().name, enc, kind="fine-tune", source=str(folder), meta=meta))
+    for m in models:
+        enc = Encoder.from_config(cfg.replace(model=m), show_progress=progress)
+        _add(systems, System(m.rstrip("/").split("/")[-1], enc, kind="model", source=m))
+    return systems
+
+
+def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = "test", dims: Sequence[int] | None = None,
+          per_query: bool = False) -> SystemResults:
+    """Score every system on one split with the one judge: ``{name: {dim: {metric: value}}}``.
+
+    ``dims`` (checked against the largest model) are scored up to each system's dimension (none fit: its full
+    dimension); default: every standard dim of any system's model, each system at those it reaches.
+    ``per_query=True`` gives per-query arrays aligned across systems (see ``adapter.evaluate.evaluate``);
+    ``mean_results`` turns them into the usual metrics.
+    """
+    qrels = relevant(dataset.split(split))
+    qids = list(qrels)
+    texts = [dataset.queries[q] for q in qids]
+    widest = max(s.encoder.dim for s in systems.values())
+    wanted = resolve_dims(dims, widest) if dims else sorted(
+        {d for s in systems.values() for d in default_dims(s.encoder.dim)}, reverse=True)
+    results: SystemResults = {}
+    for name, system in systems.items():
+        full = system.encoder.dim
+        fit = [d for d in wanted if d <= full] or [full]
+        if dims and len(fit) < len(wanted):
+            logger.info("%s: %d-dimensional, scored at %s only", name, full, ",".join(map(str, fit)))
+        queries = system.encode_queries(texts)
+        cids, corpus = system.corpus.read(dataset, system.encoder)
+        results[name] = evaluate(queries, corpus, qrels, qids, cids, fit, per_query=per_query)
+    return results
+
+
+def mean_results(results: SystemResults) -> SystemResults:
+    """Per-query results (``per_query=True``) averaged into the usual metrics."""
+    return {s: {d: {m: float(np.mean(v)) for m, v in by_m.items()} for d, by_m in by_dim.items()}
+            for s, by_dim in results.items()}
+
+
+def results_to_json(results: SystemResults) -> dict:
+    """The JSON shape: ``{"<system>": {"<dim>": {"<metric>": value}}}``."""
+    return {system: {str(d): dict(m) for d, m in by_dim.items()} for system, by_dim in results.items()}
+
