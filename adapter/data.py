@@ -7,8 +7,11 @@ On disk::
     DIR/qrels/all.tsv       query-id <TAB> corpus-id <TAB> score   (every pair)
     DIR/qrels/{train,test,dev}.tsv   written by split_dataset
 
-Every reader validates up front and raises AdapterError with ``file:line: problem``; every writer writes to a temporary
-file and renames it into place, so a failure never leaves half a file.
+Every reader validates up front and raises AdapterError with ``file:line: problem`` (bytes that are not UTF-8 included);
+every writer writes to a temporary file and renames it into place, so a failure never leaves half a file, and a
+dataset is written as one unit: the whole folder is written beside its target and swapped in, after every id and text
+was checked, so no failure leaves half an old and half a new dataset. Ids are refused where a qrels TSV could not carry
+them unchanged (tabs, line breaks or other control characters, surrounding spaces, a leading quote).
 """
 
 from __future__ import annotations
@@ -16,9 +19,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
+import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,6 +41,9 @@ Qrels = dict[str, dict[str, int]]  # query id -> {corpus id: relevance score}
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 SPLITS = ("train", "dev", "test")
 FORMATS = ("chunks", "llamaindex", "pairs", "beir")
+REPLACED_FILES = ("corpus.jsonl", "queries.jsonl", "qrels", "split.json", "chunk.json")  # what convert --force
+# replaces in a dataset folder (the rest describes the data: it goes with it); anything else in the folder is kept
+CSV_FIELD_LIMIT = 1 << 30  # chunks and ids may be long: the csv module's 131,072-character default is not our limit
 
 # Keys accepted by the converters, in order of preference.
 CHUNK_TEXT_KEYS = ("input_chunk", "chunk", "text", "content", "context", "passage")
@@ -145,19 +154,90 @@ def fingerprint(dataset: Dataset, split: str) -> str:
 # ---------------------------------------------------------------------------------------------------------- reading
 
 
+def read_text(path: Path) -> str:
+    """A whole text file as UTF-8 (a byte-order mark is dropped); a one-line error naming the line of the first byte
+    that is not UTF-8, or why the file cannot be read."""
+    try:
+        raw = Path(path).read_bytes()
+    except IsADirectoryError:
+        raise AdapterError(f"{path}: is a folder, not a file") from None
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        utf16 = raw[:2] in (b"\xff\xfe", b"\xfe\xff")
+        hint = "it looks like UTF-16" if utf16 else f"byte 0x{raw[e.start]:02x}, perhaps Latin-1 or Windows-1252"
+        raise AdapterError(f"{path}:{line}: not UTF-8 text ({hint}); save it as UTF-8") from None
+
+
+def check_text(value: Any, where: str, what: str = "text") -> str:
+    """``value`` if it is a non-blank string of valid Unicode, else a one-line error saying what it is instead."""
+    if isinstance(value, float) and math.isnan(value):
+        raise AdapterError(f"{where}: {what} is NaN, not a string")
+    if not isinstance(value, str):
+        kind = {bool: "true/false", int: "a number", float: "a number", list: "a list", dict: "an object",
+                type(None): "null"}.get(type(value), type(value).__name__)
+        raise AdapterError(f"{where}: {what} is {kind}, not a string")
+    if not value.strip():
+        raise AdapterError(f"{where}: empty {what}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise AdapterError(f"{where}: {what} holds a lone surrogate {value[e.start]!r} at character {e.start} "
+                           "(not valid Unicode)") from None
+    return value
+
+
+def check_id(value: str, where: str, what: str = "id") -> str:
+    """``value`` if it can travel through a qrels TSV and back unchanged, else a one-line error saying why not."""
+    if not value:
+        raise AdapterError(f"{where}: empty {what}")
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise AdapterError(f"{where}: {what} {value!r} holds the control character {bad!r} (tabs and line breaks "
+                           "cannot be written to a qrels TSV)")
+    if value != value.strip():
+        raise AdapterError(f"{where}: {what} {value!r} has surrounding spaces (qrels readers strip them)")
+    if value.startswith('"'):
+        raise AdapterError(f"{where}: {what} {value!r} starts with a quote (TSV readers take it for quoting)")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise AdapterError(f"{where}: {what} {value!r} holds a lone surrogate (not valid Unicode)") from None
+    return value
+
+
+def _csv_rows(path: Path, **kwargs: Any) -> Iterator[tuple[int, list[str]]]:
+    """(line number, cells) of each row of a CSV/TSV file read strictly (an unterminated quote is an error)."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True, **kwargs)
+    while True:
+        start = reader.line_num + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise AdapterError(f"{path}:{start}: malformed row ({e}; an unterminated quote?)") from None
+        yield start, row
+
+
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of a JSONL file; one-line errors for bad lines."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AdapterError(f"{path}:{n}: malformed JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise AdapterError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
-            yield n, obj
+    for n, line in enumerate(read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AdapterError(f"{path}:{n}: malformed JSON ({e.msg})") from None
+        except RecursionError:
+            raise AdapterError(f"{path}:{n}: JSON nested too deeply") from None
+        if not isinstance(obj, dict):
+            raise AdapterError(f"{path}:{n}: expected a JSON object, got {type(obj).__name__}")
+        yield n, obj
 
 
 def read_jsonl(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -173,17 +253,15 @@ def read_jsonl(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
                 raise AdapterError(f"{path}:{n}: missing {key!r}")
         if not isinstance(obj["_id"], (str, int)) or isinstance(obj["_id"], bool):
             raise AdapterError(f"{path}:{n}: '_id' must be a string")
-        _id = str(obj["_id"])
-        if not _id:
-            raise AdapterError(f"{path}:{n}: empty '_id'")
+        _id = check_id(str(obj["_id"]), f"{path}:{n}", "'_id'")
         if _id in texts:
             raise AdapterError(f"{path}:{n}: duplicate id {_id!r} (first on line {first_line[_id]})")
-        text = obj["text"]
-        if not isinstance(text, str) or not text.strip():
-            raise AdapterError(f"{path}:{n}: empty text for id {_id!r}")
+        text = check_text(obj["text"], f"{path}:{n}", f"text for id {_id!r}")
         title = obj.get("title") if kind == "corpus" else None
         if title is not None and not isinstance(title, str):
             raise AdapterError(f"{path}:{n}: 'title' must be a string")
+        if title:
+            check_text(title, f"{path}:{n}", "'title'")
         texts[_id] = text
         first_line[_id] = n
         if title:
@@ -196,28 +274,29 @@ def read_jsonl(path: Path, kind: str) -> tuple[dict[str, str], dict[str, str]]:
 def _read_qrels(path: Path, corpus: dict[str, str], queries: dict[str, str]) -> Qrels:
     """Read one qrels TSV, checking the header, each row's shape, the ids and duplicate pairs."""
     qrels: Qrels = {}
-    with open(path, encoding="utf-8", newline="") as f:
-        rows = csv.reader(f, delimiter="\t")
-        header = next(rows, None)
-        if header is None or tuple(h.strip() for h in header) != QRELS_HEADER:
-            raise AdapterError(f"{path}:1: expected header 'query-id<TAB>corpus-id<TAB>score'")
-        for n, row in enumerate(rows, 2):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) != 3:
-                raise AdapterError(f"{path}:{n}: expected 3 tab-separated columns, got {len(row)}")
-            qid, cid, score = (c.strip() for c in row)
-            if qid not in queries:
-                raise AdapterError(f"{path}:{n}: unknown query id {qid!r}")
-            if cid not in corpus:
-                raise AdapterError(f"{path}:{n}: unknown corpus id {cid!r}")
-            try:
-                value = int(float(score))
-            except ValueError:
-                raise AdapterError(f"{path}:{n}: score {score!r} is not a number") from None
-            if cid in qrels.setdefault(qid, {}):
-                raise AdapterError(f"{path}:{n}: duplicate pair ({qid!r}, {cid!r})")
-            qrels[qid][cid] = value
+    rows = _csv_rows(path, delimiter="\t")
+    header = next(rows, (1, None))[1]
+    if header is None or tuple(h.strip() for h in header) != QRELS_HEADER:
+        raise AdapterError(f"{path}:1: expected header 'query-id<TAB>corpus-id<TAB>score'")
+    for n, row in rows:
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) != 3:
+            raise AdapterError(f"{path}:{n}: expected 3 tab-separated columns, got {len(row)}")
+        qid, cid, score = (c.strip() for c in row)
+        if qid not in queries:
+            raise AdapterError(f"{path}:{n}: unknown query id {qid[:100]!r}")
+        if cid not in corpus:
+            raise AdapterError(f"{path}:{n}: unknown corpus id {cid[:100]!r}")
+        try:
+            number = float(score)
+        except ValueError:
+            raise AdapterError(f"{path}:{n}: score {score[:100]!r} is not a number") from None
+        if not number.is_integer():  # 0.5 read as int() would silently become 0: not relevant
+            raise AdapterError(f"{path}:{n}: score {score!r} is not a whole number (relevance grades are 0, 1, 2 ...)")
+        if cid in qrels.setdefault(qid, {}):
+            raise AdapterError(f"{path}:{n}: duplicate pair ({qid!r}, {cid!r})")
+        qrels[qid][cid] = int(number)
     return qrels
 
 
@@ -235,34 +314,100 @@ def load_dataset(path: str | os.PathLike) -> Dataset:
     return Dataset(corpus=corpus, queries=queries, qrels=qrels, titles=titles, path=path)
 
 
+def _qrels_text(qrels: Qrels) -> str:
+    lines = ["\t".join(QRELS_HEADER)] + [f"{q}\t{c}\t{s}" for q, rels in qrels.items() for c, s in rels.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _dataset_files(dataset: Dataset, where: str) -> dict[str, bytes]:
+    """corpus.jsonl, queries.jsonl and qrels/all.tsv as bytes, every id and text checked first (nothing is written)."""
+    def jsonl(texts: dict[str, str], kind: str, titles: dict[str, str]) -> bytes:
+        rows = []
+        for i, (_id, text) in enumerate(texts.items()):
+            at = f"{where}: {kind} entry {i}"
+            check_id(_id, at, f"{kind} id")
+            check_text(text, at, f"text of {_id!r}")
+            row = {"_id": _id, "title": check_text(titles[_id], at, "title"), "text": text} if _id in titles else {
+                "_id": _id, "text": text}
+            rows.append(json.dumps(row, ensure_ascii=False) + "\n")
+        return "".join(rows).encode("utf-8")
+
+    return {"corpus.jsonl": jsonl(dataset.corpus, "corpus", dataset.titles),
+            "queries.jsonl": jsonl(dataset.queries, "queries", {}),
+            "qrels/all.tsv": _qrels_text(dataset.qrels["all"]).encode("utf-8")}
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def replace_folder(out: Path, files: dict[str, bytes], *, replaced: tuple[str, ...] = ()) -> None:
+    """Make ``out`` hold ``files`` (relative path -> bytes) as one unit: they are written into a new folder beside
+    ``out``, the entries of the old ``out`` not named in ``replaced`` (nor written) are copied in, then the new folder
+    takes ``out``'s place. A failure at any point leaves the old folder (or none) whole, never a mix."""
+    out = Path(os.path.abspath(out))
+    if _inside(Path.cwd(), out):
+        raise AdapterError(f"{out}: is the current folder or holds it; choose another folder")
+    ensure_dir(out.parent)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise AdapterError(f"{out.parent}: cannot write here ({e.strerror})") from None
+    try:
+        os.chmod(tmp, 0o777 & ~_UMASK)
+        for rel, data in files.items():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(tmp / rel, "wb") as f:
+                f.write(data)
+        tops = {rel.split("/")[0] for rel in files}
+        if out.is_dir():
+            for entry in out.iterdir():
+                if entry.name in tops or entry.name in replaced:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
+                else:
+                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AdapterError(f"{out}: cannot write the folder ({e.strerror})") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_dataset(dataset: Dataset, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write corpus.jsonl, queries.jsonl and qrels/all.tsv; refuse to replace a dataset unless ``force``."""
+    """Write corpus.jsonl, queries.jsonl and qrels/all.tsv as one unit; refuse to replace a dataset unless ``force``.
+
+    Every id and text is checked before anything is written. A replaced dataset's splits, split.json and chunk.json go
+    with it (they describe the old data); anything else in the folder is kept."""
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out}: exists and is not a folder")
     if (out / "corpus.jsonl").exists() and not force:
         raise AdapterError(f"{out}: already holds a dataset; pass --force to replace it")
-    qdir = ensure_dir(out / "qrels")
-    with atomic_write(out / "corpus.jsonl") as f:
-        for cid, text in dataset.corpus.items():
-            row = {"_id": cid, "title": dataset.titles[cid], "text": text} if cid in dataset.titles else {
-                "_id": cid, "text": text}
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    with atomic_write(out / "queries.jsonl") as f:
-        for qid, text in dataset.queries.items():
-            f.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
-    write_qrels(qdir / "all.tsv", dataset.qrels["all"])
-    for stale in SPLITS:  # splits of whatever dataset was here before no longer match
-        with contextlib.suppress(FileNotFoundError):
-            (qdir / f"{stale}.tsv").unlink()
+    replace_folder(out, _dataset_files(dataset, str(out)), replaced=REPLACED_FILES)
     return out
 
 
 def write_qrels(path: Path, qrels: Qrels) -> None:
-    """Write one qrels TSV with its header, atomically."""
+    """Write one qrels TSV with its header, atomically; ids a TSV cannot carry are refused before writing."""
+    for qid, rels in qrels.items():
+        check_id(qid, str(path), "query id")
+        for cid in rels:
+            check_id(cid, str(path), "corpus id")
     with atomic_write(path) as f:
-        f.write("\t".join(QRELS_HEADER) + "\n")
-        for qid, rels in qrels.items():
-            for cid, score in rels.items():
-                f.write(f"{qid}\t{cid}\t{score}\n")
+        f.write(_qrels_text(qrels))
 
 
 # ---------------------------------------------------------------------------------------------------------- converters
@@ -282,26 +427,26 @@ class _Builder:
         self._chunk_by_text: dict[str, str] = {}
 
     def chunk(self, text: Any, where: str, cid: Any = None, title: Any = None) -> str:
-        if not isinstance(text, str) or not text.strip():
-            raise AdapterError(f"{where}: empty chunk text")
+        check_text(text, where, "chunk text")
         if cid is None:
             cid = self._chunk_by_text.get(text) or f"c{len(self.corpus)}"
-        cid = str(cid)
+        if not isinstance(cid, (str, int)) or isinstance(cid, bool):
+            raise AdapterError(f"{where}: chunk id {cid!r} is not a string or an integer")
+        cid = check_id(str(cid), where, "chunk id")
         if cid in self.corpus and self.corpus[cid] != text:
             raise AdapterError(f"{where}: chunk id {cid!r} has two different texts")
         self.corpus[cid] = text
         self._chunk_by_text.setdefault(text, cid)
         if isinstance(title, str) and title.strip():
-            self.titles[cid] = title
+            self.titles[cid] = check_text(title, where, "title")
         return cid
 
     def question(self, text: Any, cid: str, where: str, qid: str | None = None) -> None:
-        if not isinstance(text, str) or not text.strip():
-            raise AdapterError(f"{where}: empty question")
+        check_text(text, where, "question")
         if text in self._query_by_text:
             qid = self._query_by_text[text]
         else:
-            qid = qid or f"q{len(self.queries)}"
+            qid = check_id(qid or f"q{len(self.queries)}", where, "query id")
             if qid in self.queries:
                 raise AdapterError(f"{where}: duplicate query id {qid!r}")
             self.queries[qid] = text
@@ -319,13 +464,13 @@ def _first_key(obj: dict, keys: tuple[str, ...]) -> str | None:
 
 
 def _load_json(path: Path) -> Any:
+    text = read_text(path)
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(text)
     except json.JSONDecodeError as e:
         raise AdapterError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
-    except UnicodeDecodeError:
-        raise AdapterError(f"{path}: not UTF-8 text") from None
+    except RecursionError:
+        raise AdapterError(f"{path}: JSON nested too deeply") from None
 
 
 def _from_chunks(path: Path) -> Dataset:
@@ -378,12 +523,16 @@ def _from_llamaindex(path: Path) -> Dataset:
 def _pair_rows(path: Path) -> Iterator[tuple[str, dict]]:
     """Yield (location, row) from a CSV or JSONL pairs file."""
     if path.suffix.lower() == ".csv":
-        with open(path, encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for n, row in enumerate(reader, 2):
-                if None in row:
-                    raise AdapterError(f"{path}:{n}: more columns than the header")
-                yield f"{path}:{n}", row
+        rows = _csv_rows(path)
+        header = next(rows, (1, []))[1]
+        for n, row in rows:
+            if not row:
+                continue
+            if len(row) > len(header):
+                raise AdapterError(f"{path}:{n}: more columns than the header")
+            if len(row) < len(header):
+                raise AdapterError(f"{path}:{n}: fewer columns than the header ({len(row)} of {len(header)})")
+            yield f"{path}:{n}", dict(zip(header, row, strict=True))
         return
     for n, row in iter_jsonl(path):
         yield f"{path}:{n}", row
@@ -455,10 +604,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str | None =
         raise AdapterError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
     if not src.exists():
         raise AdapterError(f"{src}: no such file or folder")
+    if src.is_dir() and fmt != "beir":
+        raise AdapterError(f"{src}: is a folder; --format {fmt} reads one file (a folder is read as beir)")
     try:
         dataset = _CONVERTERS[fmt](src)
-    except UnicodeDecodeError:
-        raise AdapterError(f"{src}: not UTF-8 text") from None
     except (KeyError, TypeError, AttributeError) as e:
         raise AdapterError(f"{src}: does not look like the {fmt!r} format ({type(e).__name__}: {e})") from None
     if Path(out).resolve() == src.resolve():

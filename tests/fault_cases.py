@@ -1,0 +1,335 @@
+"""Malformed inputs and faults for every command, and the one check each must pass: used by tests/test_faults.py and
+bench/bench_faults.py.
+
+A case is a command line run as a user would (``python -m cli ...`` in a subprocess) inside a workspace of real files:
+a valid dataset, an existing index, results file, adapter, exported model, a dataset to be replaced, and a folder of
+bad sources. Each case must end with a non-zero exit, no traceback, at most 3 non-blank lines on stderr, every file
+that existed before byte-identical and no new file left behind (a partial or damaged output). The embedding cache
+lives outside the workspace: a run may add vectors of valid texts to it before failing on something else.
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_STDERR_LINES = 3
+
+
+@dataclass(frozen=True)
+class Case:
+    command: str  # the command it exercises ("index build" for sub-commands)
+    what: str  # the fault, in a few words
+    argv: tuple[str, ...]  # after `python -m cli`, with {placeholders} from the workspace
+    env: tuple[tuple[str, str], ...] = ()  # extra environment
+
+
+@dataclass
+class Outcome:
+    case: Case
+    code: int
+    stderr: str
+    traceback: bool
+    lines: int  # non-blank lines on stderr, as a terminal shows them
+    changed: list[str]  # files that existed before and differ now
+    left: list[str]  # files that did not exist before and do now (a partial or damaged output)
+
+    @property
+    def clean(self) -> bool:
+        """The promise: a non-zero exit, one short error, no traceback, nothing changed or left behind."""
+        return (self.code != 0 and not self.traceback and 0 < self.lines <= MAX_STDERR_LINES and not self.changed
+                and not self.left)
+
+
+def _w(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def build_workspace(root: Path, model: str, cache: Path) -> dict[str, str]:
+    """Write the workspace under ``root`` (a valid dataset, existing outputs, bad sources); returns the placeholders.
+
+    ``model`` is the encoder every case uses; an adapter for it is trained here by the real command."""
+    from tests.conftest import CHUNKS, QUESTIONS, write_dataset
+
+    root.mkdir(parents=True, exist_ok=True)
+    ds = write_dataset(root / "ds", {"train": list(QUESTIONS), "test": list(QUESTIONS)})
+    bad = root / "bad"
+    w = {"ds": str(ds), "model": model, "root": str(root), "bad": str(bad)}
+    env = {**os.environ, "ADAPTER_CACHE": str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    existing = root / "existing"
+    existing.mkdir(exist_ok=True)
+    for argv in (["train", str(ds), "--out", str(existing / "adapter.safetensors"), "--model", model, "--epochs", "2"],
+                 ["index", "build", str(ds), "--out", str(existing / "index.faiss"), "--model", model],
+                 ["evaluate", str(ds), "--model", model, "--json", str(existing / "results.json")],
+                 ["export", str(existing / "adapter.safetensors"), "--out", str(existing / "exported"), "--model",
+                  model],
+                 ["convert", str(ds), "--out", str(existing / "dataset")]):
+        r = subprocess.run([sys.executable, "-m", "cli", "-q", *argv], env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+        if r.returncode != 0:
+            raise RuntimeError(f"workspace setup failed: {' '.join(argv)}\n{r.stderr[-2000:]}")
+    w.update({k: str(existing / v) for k, v in {"adapter": "adapter.safetensors", "index": "index.faiss",
+                                                  "results": "results.json", "exported": "exported",
+                                                  "dataset": "dataset"}.items()})
+    _w(existing / "report" / "report.md", "an earlier report\n")
+    w["report"] = str(existing / "report")
+    _w(existing / "out.safetensors", b"not mine")
+    w["taken"] = str(existing / "out.safetensors")
+
+    chunks = [{"chunk_id": cid, "text": text, "questions": [q for q, rel in QUESTIONS.values() if cid in rel][:1]
+               or ["what is this about"]} for cid, text in CHUNKS.items()]
+
+    def chunk_source(name: str, **change) -> None:
+        rows = [dict(c) for c in chunks]
+        rows[0].update(change)
+        _w(bad / f"{name}.json", json.dumps(rows))
+
+    # convert: texts and ids the writer cannot write or its own reader would not read back the same
+    _w(bad / "surrogate.json", json.dumps(chunks)[:-2] + ', "questions": ["what is \\ud83d?"]}]')
+    chunk_source("surrogate_text", text="the pump \ud83d is here")
+    for name, cid in {"tab": "a\tb", "newline": "a\nb", "quote": '"a', "spaces": " a ", "empty": ""}.items():
+        chunk_source(f"id_{name}", chunk_id=cid)
+    chunk_source("text_number", text=12345)
+    chunk_source("text_nan", text=float("nan"))
+    chunk_source("text_list", text=["a", "b"])
+    chunk_source("question_nan", questions=[float("nan")])
+    _w(bad / "not_a_list.json", json.dumps({"chunks": 3}))
+    _w(bad / "truncated.json", json.dumps(chunks)[:200])
+    _w(bad / "empty.json", "")
+    _w(bad / "latin1.csv", "question,chunk\nqu\xe9 es esto,el caf\xe9 del barrio\n".encode("latin-1"))
+    _w(bad / "utf16.jsonl", '{"question": "what", "chunk": "text"}\n'.encode("utf-16"))
+    _w(bad / "latin1.jsonl", '{"question": "caf\xe9", "chunk": "text"}\n'.encode("latin-1"))
+    _w(bad / "huge_cell.csv", "question,chunk\nwhat is it," + "x" * 140_000 + "\n")
+    _w(bad / "unterminated.csv", 'question,chunk\nwhat is it,"the text goes on\nand on\n')
+    _w(bad / "no_columns.csv", "a,b\n1,2\n")
+    _w(bad / "header_only.csv", "question,chunk\n")
+    _w(bad / "extra_cols.csv", "question,chunk\nwhat,text,extra\n")
+    _w(bad / "pairs_nan.jsonl", '{"question": NaN, "chunk": "text"}\n')
+    _w(bad / "bom.jsonl", codecs.BOM_UTF8 + b'{"question": "what", "chunk": "text"}\n{"question": 1, "chunk": 2}\n')
+    _w(bad / "llamaindex_bad.json", json.dumps({"queries": {"q": "what"}, "corpus": {"c": "text"},
+                                                "relevant_docs": {"q": ["missing"]}}))
+    (bad / "somedir").mkdir(parents=True, exist_ok=True)
+
+    # dataset folders with one thing wrong each
+    def broken(name: str, **files: str | bytes) -> None:
+        folder = write_dataset(bad / name, {"train": list(QUESTIONS), "test": list(QUESTIONS)})
+        for rel, text in files.items():
+            _w(folder / rel.replace("__", "/"), text)
+
+    good_corpus = (ds / "corpus.jsonl").read_text()
+    broken("ds_latin1", **{"corpus.jsonl": good_corpus.replace("litre", "litr\xe9").encode("latin-1")})
+    broken("ds_utf16", **{"queries.jsonl": (ds / "queries.jsonl").read_text().encode("utf-16")})
+    broken("ds_qrels_latin1", **{"qrels__train.tsv": "query-id\tcorpus-id\tscore\nq_burst\tburst\t1\xe9\n"
+                                 .encode("latin-1")})
+    broken("ds_qrels_half", **{"qrels__test.tsv": "query-id\tcorpus-id\tscore\nq_burst\tburst\t0.5\n"})
+    broken("ds_qrels_huge", **{"qrels__test.tsv": "query-id\tcorpus-id\tscore\nq_burst\t" + "b" * 140_000 + "\t1\n"})
+    broken("ds_qrels_nan", **{"qrels__test.tsv": "query-id\tcorpus-id\tscore\nq_burst\tburst\tnan\n"})
+    broken("ds_text_number", **{"corpus.jsonl": good_corpus + '{"_id": "n", "text": 7}\n'})
+    broken("ds_text_nan", **{"corpus.jsonl": good_corpus + '{"_id": "n", "text": NaN}\n'})
+    broken("ds_text_list", **{"corpus.jsonl": good_corpus + '{"_id": "n", "text": ["a"]}\n'})
+    broken("ds_surrogate", **{"corpus.jsonl": good_corpus + '{"_id": "s", "text": "pump \\ud83d"}\n'})
+    broken("ds_id_float", **{"corpus.jsonl": good_corpus + '{"_id": 1.5, "text": "x"}\n'})
+    broken("ds_no_qrels_header", **{"qrels__test.tsv": "q_burst\tburst\t1\n"})
+    broken("ds_empty_corpus", **{"corpus.jsonl": ""})
+    other = write_dataset(bad / "other_ds", {"test": list(QUESTIONS)})  # same ids, other texts: not the index's
+    corpus = [json.loads(line) for line in (other / "corpus.jsonl").read_text().splitlines()]
+    _w(other / "corpus.jsonl", _jsonl([{**c, "text": c["text"][::-1]} for c in corpus[::-1]]))
+
+    # an adapter file whose matrix is all zeros, and an index of another dimension
+    from safetensors import safe_open
+    from safetensors.numpy import load_file, save_file
+
+    tensors = load_file(w["adapter"])
+    with safe_open(w["adapter"], framework="np") as f:
+        meta = f.metadata()
+    save_file({k: v * 0 for k, v in tensors.items()}, str(_w(bad / "zeros.safetensors", b"")), metadata=meta)
+    import faiss
+    import numpy as np
+
+    small = faiss.IndexFlatIP(3)
+    small.add(np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]])
+    faiss.write_index(small, str(bad / "dim3.faiss"))
+    _w(bad / "empty.md", "")
+    _w(bad / "blank.txt", "   \n\n")
+    _w(bad / "docs" / "a.md", "A short handbook page about pumps and valves. " * 20)
+    _w(bad / "prompt_no_chunk.txt", "write {n} questions")
+    pristine = root.with_name(root.name + ".pristine")
+    shutil.rmtree(pristine, ignore_errors=True)
+    shutil.copytree(root, pristine, symlinks=True)
+    return w
+
+
+def cases() -> list[Case]:
+    """Every case, by command."""
+    m = ("--model", "{model}")
+    c: list[Case] = []
+
+    def add(command: str, what: str, *argv: str, env: dict[str, str] | None = None) -> None:
+        c.append(Case(command, what, tuple(argv), tuple((env or {}).items())))
+
+    # convert
+    add("convert", "lone surrogate in a question, --force over a dataset", "convert", "{bad}/surrogate.json",
+        "--out", "{dataset}", "--force")
+    add("convert", "lone surrogate in a question, new folder", "convert", "{bad}/surrogate.json", "--out",
+        "{root}/new_ds")
+    add("convert", "lone surrogate in a chunk text", "convert", "{bad}/surrogate_text.json", "--out", "{root}/new_ds")
+    for name in ("tab", "newline", "quote", "spaces", "empty"):
+        add("convert", f"chunk id with {name}", "convert", f"{{bad}}/id_{name}.json", "--out", "{root}/new_ds")
+    for name in ("number", "nan", "list"):
+        add("convert", f"chunk text is a {name}", "convert", f"{{bad}}/text_{name}.json", "--out", "{root}/new_ds")
+    add("convert", "question is NaN", "convert", "{bad}/question_nan.json", "--out", "{root}/new_ds")
+    for name in ("not_a_list.json", "truncated.json", "empty.json", "latin1.csv", "utf16.jsonl", "latin1.jsonl",
+                 "huge_cell.csv", "unterminated.csv", "no_columns.csv", "header_only.csv", "extra_cols.csv",
+                 "pairs_nan.jsonl", "bom.jsonl", "llamaindex_bad.json"):
+        add("convert", name, "convert", f"{{bad}}/{name}", "--out", "{root}/new_ds")
+    for fmt in ("pairs", "chunks", "llamaindex"):
+        add("convert", f"a folder as --format {fmt}", "convert", "{bad}/somedir", "--out", "{root}/new_ds",
+            "--format", fmt)
+    add("convert", "over an existing dataset without --force", "convert", "{ds}", "--out", "{dataset}")
+    add("convert", "onto its own source folder", "convert", "{dataset}", "--out", "{dataset}", "--force")
+    add("convert", "--out is a file", "convert", "{ds}", "--out", "{taken}")
+    # split
+    for opt, val in (("--test-fraction", "0"), ("--test-fraction", "1.5"), ("--test-fraction", "nan"),
+                     ("--dev-fraction", "-0.1"), ("--dev-fraction", "inf"), ("--seed", "-1"), ("--by", "x")):
+        add("split", f"{opt} {val}", "split", "{ds}", opt, val)
+    for name in ("ds_latin1", "ds_utf16", "ds_qrels_latin1", "ds_qrels_huge", "ds_text_number", "ds_text_nan",
+                 "ds_text_list", "ds_id_float", "ds_empty_corpus", "ds_no_qrels_header"):
+        add("split", f"dataset {name[3:]}", "split", f"{{bad}}/{name}")
+    # embed
+    add("embed", "lone surrogate in a chunk", "embed", "{bad}/ds_surrogate", *m)
+    add("embed", "latin-1 corpus", "embed", "{bad}/ds_latin1", *m)
+    add("embed", "not a model", "embed", "{ds}", "--model", "{bad}/somedir")
+    # evaluate
+    add("evaluate", "--json over an existing file", "evaluate", "{ds}", *m, "--json", "{results}")
+    add("evaluate", "--json into a missing folder", "evaluate", "{ds}", *m, "--json", "{root}/nowhere/r.json")
+    add("evaluate", "index of another dimension", "evaluate", "{ds}", *m, "--index", "{bad}/dim3.faiss")
+    add("evaluate", "qrels score 0.5", "evaluate", "{bad}/ds_qrels_half", *m)
+    add("evaluate", "qrels score nan", "evaluate", "{bad}/ds_qrels_nan", *m)
+    add("evaluate", "--dims 0", "evaluate", "{ds}", *m, "--dims", "0")
+    add("evaluate", "all-zeros adapter", "evaluate", "{ds}", *m, "--adapter", "{bad}/zeros.safetensors")
+    # train
+    for opt, val in (("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--temperature", "0"),
+                     ("--temperature", "nan"), ("--margin", "nan"), ("--margin", "-1"), ("--identity-penalty", "-1"),
+                     ("--identity-penalty", "nan"), ("--seed", "-1"), ("--epochs", "-1"), ("--batch-size", "0"),
+                     ("--rank", "0")):
+        add("train", f"{opt} {val}", "train", "{ds}", "--out", "{root}/new.safetensors", *m, opt, val)
+    add("train", "--out exists", "train", "{ds}", "--out", "{adapter}", *m)
+    add("train", "--out in a missing folder", "train", "{ds}", "--out", "{root}/nowhere/a.safetensors", *m)
+    add("train", "--out under a file", "train", "{ds}", "--out", "{taken}/a.safetensors", *m)
+    # search
+    add("search", "empty query", "search", "", "--index", "{index}", "--adapter", "{adapter}", *m)
+    add("search", "blank query", "search", "   ", "--index", "{index}", "--adapter", "{adapter}", *m)
+    add("search", "-k 0", "search", "pump", "--index", "{index}", "--adapter", "{adapter}", *m, "-k", "0")
+    add("search", "--data not the index's dataset", "search", "pump", "--index", "{index}", "--adapter",
+        "{adapter}", *m, "--data", "{bad}/other_ds")
+    add("search", "all-zeros adapter", "search", "pump", "--index", "{index}", "--adapter",
+        "{bad}/zeros.safetensors", *m)
+    add("search", "index of another dimension", "search", "pump", "--index", "{bad}/dim3.faiss", "--adapter",
+        "{adapter}", *m)
+    # index build
+    add("index build", "--out exists", "index", "build", "{ds}", "--out", "{index}", *m)
+    add("index build", "--out in a missing folder", "index", "build", "{ds}", "--out", "{root}/nowhere/i.faiss", *m)
+    add("index build", "lone surrogate in a chunk", "index", "build", "{bad}/ds_surrogate", "--out",
+        "{root}/new.faiss", *m)
+    # export
+    add("export", "--out exists", "export", "{adapter}", "--out", "{exported}", *m)
+    add("export", "--out under a file", "export", "{adapter}", "--out", "{taken}/model", *m)
+    add("export", "--out is the current folder's parent", "export", "{adapter}", "--out", "..", "--force", *m)
+    add("export", "--out is the current folder", "export", "{adapter}", "--out", ".", "--force", *m)
+    add("export", "all-zeros adapter", "export", "{bad}/zeros.safetensors", "--out", "{root}/new_model", *m)
+    # chunk
+    add("chunk", "an empty .md", "chunk", "{bad}/empty.md", "--out", "{root}/chunked")
+    add("chunk", "a blank .txt", "chunk", "{bad}/blank.txt", "--out", "{root}/chunked")
+    for opt, val in (("--size", "0"), ("--size", "-5"), ("--overlap", "-1"), ("--overlap", "900")):
+        add("chunk", f"{opt} {val}", "chunk", "{bad}/docs", "--out", "{root}/chunked", "--unit", "chars", opt, val)
+    add("chunk", "over an existing corpus", "chunk", "{bad}/docs", "--out", "{dataset}", "--unit", "chars")
+    # generate (no server is reached: each fails before or at the first request)
+    dead = {"OPENAI_API_KEY": "sk-test-0123456789abcdef"}
+    add("generate", "dead endpoint", "generate", "{dataset}", "--base-url", "http://127.0.0.1:9/v1", env=dead)
+    add("generate", "--base-url not a url", "generate", "{dataset}", "--base-url", "not a url", env=dead)
+    add("generate", "no API key", "generate", "{dataset}", "--base-url", "http://127.0.0.1:9/v1",
+        env={"OPENAI_API_KEY": ""})
+    add("generate", "prompt without {chunk}", "generate", "{dataset}", "--prompt", "{bad}/prompt_no_chunk.txt",
+        env=dead)
+    for opt, val in (("--temperature", "nan"), ("--temperature", "-1"), ("--timeout", "0"), ("--timeout", "inf"),
+                     ("--concurrency", "0"), ("--dedup-threshold", "nan"), ("--questions-per-chunk", "0"),
+                     ("--max-retries", "-1")):
+        add("generate", f"{opt} {val}", "generate", "{dataset}", opt, val, env=dead)
+    # finetune
+    for opt, val in (("--lr", "nan"), ("--lr", "inf"), ("--epochs", "0"), ("--batch-size", "1"), ("--seed", "-1"),
+                     ("--max-seq-length", "0"), ("--select-dim", "7")):
+        add("finetune", f"{opt} {val}", "finetune", "{ds}", "--out", "{root}/ft", *m, opt, val)
+    add("finetune", "--out holds a model", "finetune", "{ds}", "--out", "{exported}", *m)
+    # compare
+    for val in ("0", "-1"):
+        add("compare", f"--bootstrap {val}", "compare", "{ds}", "--out", "{root}/cmp", "--base-model", "{model}",
+            "--bootstrap", val)
+    add("compare", "--out holds a report", "compare", "{ds}", "--out", "{report}", "--base-model", "{model}")
+    return c
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under ``root`` with a hash of its bytes."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_case(case: Case, w: dict[str, str], cache: Path, *, timeout: float = 300) -> Outcome:
+    """Run one case in the workspace and judge it."""
+    root = Path(w["root"])
+    before = snapshot(root)
+    argv = [a.format(**w) for a in case.argv]
+    env = {**os.environ, "ADAPTER_CACHE": str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+           "OPENAI_API_KEY": "", **dict(case.env)}
+    cwd = root / "cwd" / "here"  # an empty folder: `--out ..` and `--out .` can reach nothing else
+    cwd.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run([sys.executable, "-m", "cli", *argv], env=env, cwd=cwd, capture_output=True, text=True,
+                       timeout=timeout)
+    after = snapshot(root)
+    # what a terminal shows: a progress bar redrawn after carriage returns is one line
+    lines = [line.split("\r")[-1] for line in r.stderr.split("\n")]
+    lines = [line for line in lines if line.strip()]
+    outcome = Outcome(case, r.returncode, r.stderr, "Traceback (most recent call last)" in r.stderr, len(lines),
+                      sorted(k for k in before if before[k] != after.get(k)), sorted(set(after) - set(before)))
+    _restore(root, before)
+    return outcome
+
+
+def _restore(root: Path, before: dict[str, str]) -> None:
+    """Put the workspace back as it was (from its pristine copy), so one case's damage cannot hide another's."""
+    pristine = root.with_name(root.name + ".pristine")
+    for p in sorted(root.rglob("*"), reverse=True):
+        rel = str(p.relative_to(root))
+        if p.is_symlink() or p.is_file():
+            if rel not in before:
+                p.unlink()
+        elif p.is_dir() and not (pristine / rel).is_dir():
+            shutil.rmtree(p)
+    for rel, digest in before.items():
+        target, source = root / rel, pristine / rel
+        if not target.is_file() or hashlib.sha256(target.read_bytes()).hexdigest() != digest:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+
+
+def run_all(w: dict[str, str], cache: Path, selected: list[Case] | None = None) -> Iterator[Outcome]:
+    for case in selected or cases():
+        yield run_case(case, w, cache)
