@@ -147,16 +147,16 @@ async def load(url: str, texts: list[str], seconds: float, workers: int, *, per_
             replies.append((batch, raw.headers.get("x-adapter-version"),
                             np.asarray([d.embedding for d in r.data], np.float32)))
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     tasks = [asyncio.create_task(worker(w)) for w in range(workers)]
     if during is not None:
         await during
     await asyncio.gather(*tasks)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     await client.close()
     lat = np.array(latencies) * 1000
     return {"requests": len(latencies), "errors": dict(errors), "wall": wall, "rps": len(latencies) / wall,
-            "latencies": latencies,
+            "latencies": latencies, "client_cpu": cpu,
             "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"), "replies": replies}
 
@@ -168,8 +168,10 @@ def interleaved(servers: dict[str, Server], texts: list[str], seconds: float, wo
     for _ in range(slices):
         for name, server in servers.items():
             r = asyncio.run(load(server.url, texts, seconds / slices, workers))
-            p = pooled.setdefault(name, {"latencies": [], "errors": Counter(), "wall": 0.0, "replies": []})
+            p = pooled.setdefault(name, {"latencies": [], "errors": Counter(), "wall": 0.0, "replies": [],
+                                         "client_cpu": 0.0})
             p["latencies"] += r["latencies"]
+            p["client_cpu"] += r["client_cpu"]
             p["errors"].update(r["errors"])
             p["wall"] += r["wall"]
             p["replies"] += r["replies"]
@@ -196,6 +198,26 @@ def adapter_added_latency(url: str, texts: list[str], pairs: int) -> dict:
     med = {role: statistics.median(v) * 1000 for role, v in times.items()}
     diffs = [(a - b) * 1000 for a, b in zip(times["query"], times["document"], strict=True)]
     return {"p50_query": med["query"], "p50_document": med["document"], "p50_paired_diff": statistics.median(diffs)}
+
+
+def model_alone(model, texts: list[str], sizes=(1, 32), rounds: int = 5) -> dict[int, float]:
+    """Median ms per text of the model itself (one thread, as the servers run it) at each batch size: the most that
+    batching can give on this machine right now is their ratio."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = {}
+    for size in sizes:
+        runs = []
+        for r in range(rounds):
+            batch = [texts[(r * size + j) % len(texts)] for j in range(size)]
+            t0 = time.perf_counter()
+            model.encode_query(batch, batch_size=size, normalize_embeddings=True, show_progress_bar=False)
+            runs.append((time.perf_counter() - t0) / size)
+        out[size] = statistics.median(runs) * 1000
+    torch.set_num_threads(threads)
+    return out
 
 
 def time_apply(adapter) -> float:
@@ -359,7 +381,17 @@ def main() -> None:
             print(f"| {label} | {r['requests']} | {fmt_errors(r['errors'])} | {r['rps']:.1f} | {r['p50']:.1f} | "
                   f"{r['p99']:.1f} | {r['mean_batch']:.1f} | {checks[name]['max_abs_diff']:.1e} |")
         print(f"\nBatching gives {results['on']['rps'] / results['off']['rps']:.1f}x the throughput of one request at "
-              "a time.\n")
+              "a time.")
+        alone = model_alone(model, texts)
+        print(f"- The model alone, in this process, one thread: {alone[1]:.1f} ms per text one at a time, "
+              f"{alone[32]:.1f} ms per text in batches of 32: at most {alone[1] / alone[32]:.1f}x from batching now.")
+        for name in ("on", "off"):
+            r = results[name]
+            server = servers[name].metric("adapter_serve_request_seconds_sum") / servers[name].metric(
+                "adapter_serve_request_seconds_count") * 1000
+            print(f"- batching {name}: server-side mean latency {server:.0f} ms; the load generator itself used "
+                  f"{r['client_cpu'] / r['requests'] * 1000:.1f} ms of CPU per request")
+        print()
 
         cost = adapter_added_latency(servers["on"].url, texts, args.pairs)
         apply_us = time_apply(first["on"])

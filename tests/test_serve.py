@@ -193,6 +193,16 @@ def test_serve_refuses_an_unset_key_variable_in_one_line(adapter_file, monkeypat
     assert r.exit_code == 1 and r.output.strip().count("\n") == 0 and "NO_SUCH_SERVE_KEY" in r.output
 
 
+def test_serve_refuses_an_adapter_of_another_model_in_one_line(tiny_model_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    other = LinearAdapter.identity(32, "some-other-model@0123456789ab").save(tmp_path / "other.safetensors")
+    r = CliRunner().invoke(main, ["serve", "--adapter", str(other), "--model", str(tiny_model_dir)])
+    assert r.exit_code == 1 and "trained on some-other-model" in r.output and "Traceback" not in r.output
+
+
 def test_a_broken_model_is_a_500_in_openai_shape_without_a_traceback(backend, adapter_file, caplog):
     class Broken(LocalBackend):
         def embed(self, texts, role):
