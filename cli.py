@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 import click
 
 from adapter.config import Config
 from adapter.data import FORMATS
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, RedactingFilter, redact
 
 logger = logging.getLogger("adapter")
 DEFAULTS = Config()  # for the [default: ...] of each option's help; the values themselves live in adapter/config.py
@@ -24,6 +25,41 @@ def _dims(ctx: click.Context, param: click.Parameter, value: str | None) -> tupl
         raise click.BadParameter(f"expected comma-separated integers like 384,256,128,64, got {value!r}") from None
 
 
+class Number(click.ParamType):
+    """An int or a finite float within bounds, checked while the command line is parsed: before any model is loaded
+    or any text embedded. NaN and infinities are refused (click's FloatRange lets NaN through)."""
+
+    def __init__(self, kind: type = float, low: float | None = None, high: float | None = None, *,
+                 low_open: bool = False):
+        self.kind, self.low, self.high, self.low_open = kind, low, high, low_open
+        self.name = kind.__name__
+
+    def _bounds(self) -> str:
+        low = "" if self.low is None else f"{'>' if self.low_open else '>='} {self.low:g}"
+        high = "" if self.high is None else f"<= {self.high:g}"
+        return " and ".join(b for b in (low, high) if b)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = self.kind(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not {'an integer' if self.kind is int else 'a number'}", param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            self.fail(f"must be a finite number, got {value}", param, ctx)
+        below = self.low is not None and (number <= self.low if self.low_open else number < self.low)
+        if below or (self.high is not None and number > self.high):
+            self.fail(f"must be {self._bounds()}, got {value}", param, ctx)
+        return number
+
+
+POSITIVE = Number(float, 0, low_open=True)  # learning rates, temperatures, margins, timeouts
+COUNT = Number(int, 1)  # epochs of a fine-tune, batch sizes, k, probes
+SEED = Number(int, 0, 2**32 - 1)  # what numpy and torch both accept
+
+
 class _Group(click.Group):
     """Turns AdapterError into one line on stderr and exit code 1, never a traceback."""
 
@@ -31,7 +67,7 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except AdapterError as e:
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {redact(str(e))}", err=True)
             sys.exit(1)
 
 
@@ -42,6 +78,9 @@ def main(verbose: bool, quiet: bool) -> None:
     """Make retrieval better on your own data without rebuilding your vector index."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:  # every line logged to the terminal, secrets masked
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
     for noisy in ("sentence_transformers", "transformers", "httpx", "httpx2", "openai", "faiss", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
@@ -108,7 +147,7 @@ def convert(src: str, out: str, fmt: str | None, force: bool) -> None:
               help=f"Hold out random queries or whole chunks [default: {DEFAULTS.split.by}].")
 @click.option("--test-fraction", type=float, default=None, help=f"[default: {DEFAULTS.split.test_fraction}]")
 @click.option("--dev-fraction", type=float, default=None, help=f"[default: {DEFAULTS.split.dev_fraction}]")
-@click.option("--seed", type=int, default=None, help=f"[default: {DEFAULTS.seed}]")
+@click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
 def split(directory: str, by: str | None, test_fraction: float | None, dev_fraction: float | None,
           seed: int | None) -> None:
     """Split DIRECTORY's qrels/all.tsv into train/test (and dev) qrels."""
@@ -167,12 +206,13 @@ def store_options(f):
               help="Adapter file to score beside base (repeatable); each system is named after its file's stem.")
 @click.option("--allow-other-model", is_flag=True, help="Apply adapters trained on another base model anyway.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write results JSON here.")
+@click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @cache_option
 @store_options
 def evaluate(directory: str, model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
-             adapters: tuple[str, ...], allow_other_model: bool, json_out: str | None, cache_dir: str | None,
-             index_path: str | None, qdrant: str | None, chroma: str | None, collection: str | None,
-             id_field: str | None) -> None:
+             adapters: tuple[str, ...], allow_other_model: bool, json_out: str | None, force: bool,
+             cache_dir: str | None, index_path: str | None, qdrant: str | None, chroma: str | None,
+             collection: str | None, id_field: str | None) -> None:
     """Score retrieval on DIRECTORY's split at each dim, base beside each adapter, and print the table.
 
     With --index, --qdrant or --chroma the corpus vectors are read from that existing index instead of embedded."""
@@ -185,6 +225,8 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
 
     _quiet_hf()
     cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir, id_field=id_field)
+    if json_out:
+        _check_output(json_out, force)
     ds = load_dataset(directory)
     given = index_path or qdrant or chroma or collection
     with (open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) if given
@@ -192,17 +234,37 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
         results = evaluate_dataset(ds, cfg, adapters=adapters, store=store, allow_other_model=allow_other_model)
     click.echo(format_table(results))
     if json_out:
-        write_results(results, json_out)
+        write_results(results, json_out, force=force)
         click.echo(f"wrote {json_out}")
+
+
+def _check_output(path: str, force: bool) -> None:
+    """Refuse an existing output file (without --force) or a missing folder, before any model is loaded."""
+    from pathlib import Path
+
+    if Path(path).exists() and not force:
+        raise AdapterError(f"{path}: already exists; pass --force to replace it")
+    if Path(path).is_dir():
+        raise AdapterError(f"{path}: is a folder")
+    if not Path(path).parent.is_dir():
+        raise AdapterError(f"{Path(path).parent}: folder does not exist")
+
+
+def _change(new: float, old: float) -> str:
+    """The relative change, or why there is none (a base that scores 0 on hard data is no reason to crash)."""
+    return f"{(new - old) / old:+.1%}" if old else "base scored 0: no relative change"
 
 
 def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
     if value is None or value == "auto":
         return value
     try:
-        return float(value)
+        number = float(value)
     except ValueError:
         raise click.BadParameter(f"expected a number or 'auto', got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise click.BadParameter(f"must be a finite number >= 0 or 'auto', got {value}")
+    return number
 
 
 @main.command()
@@ -215,19 +277,19 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
               help=f"[default: {DEFAULTS.train.loss}]")
 @click.option("--negatives", type=click.Choice(["random", "hard"]), default=None,
               help=f"[default: {DEFAULTS.train.negatives}]")
-@click.option("--epochs", type=int, default=None, help=f"[default: {DEFAULTS.train.epochs}]")
-@click.option("--lr", type=float, default=None, help=f"[default: {DEFAULTS.train.lr}]")
-@click.option("--batch-size", type=int, default=None, help=f"[default: {DEFAULTS.train.batch_size}]")
-@click.option("--margin", type=float, default=None, help=f"Triplet margin [default: {DEFAULTS.train.margin}]")
-@click.option("--temperature", type=float, default=None,
+@click.option("--epochs", type=Number(int, 0), default=None, help=f"[default: {DEFAULTS.train.epochs}]")
+@click.option("--lr", type=POSITIVE, default=None, help=f"[default: {DEFAULTS.train.lr}]")
+@click.option("--batch-size", type=COUNT, default=None, help=f"[default: {DEFAULTS.train.batch_size}]")
+@click.option("--margin", type=POSITIVE, default=None, help=f"Triplet margin [default: {DEFAULTS.train.margin}]")
+@click.option("--temperature", type=POSITIVE, default=None,
               help=f"InfoNCE temperature [default: {DEFAULTS.train.temperature}]")
-@click.option("--rank", type=int, default=None, help="Low-rank residual form of this rank [default: full matrix].")
+@click.option("--rank", type=COUNT, default=None, help="Low-rank residual form of this rank [default: full matrix].")
 @click.option("--identity-penalty", callback=_penalty, default=None,
               help=f"Pull toward the identity, or 'auto' to choose it on held-out chunks "
                    f"[default: {DEFAULTS.train.identity_penalty}].")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
               help=f"Tensor dtype in the file [default: {DEFAULTS.train.dtype}]")
-@click.option("--seed", type=int, default=None, help=f"[default: {DEFAULTS.seed}]")
+@click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @cache_option
 def train(directory: str, out: str, model: str | None, train_split: str | None, loss: str | None,
@@ -235,7 +297,6 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
           temperature: float | None, rank: int | None, identity_penalty: float | str | None, dtype: str | None,
           seed: int | None, force: bool, cache_dir: str | None) -> None:
     """Train a query-only adapter on DIRECTORY's cached embeddings and write it to --out."""
-    from pathlib import Path
 
     from adapter.data import load_dataset
     from adapter.train import train_adapter
@@ -243,17 +304,14 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
     cfg = Config().replace(model=model, train_split=train_split, loss=loss, negatives=negatives, epochs=epochs, lr=lr,
                            batch_size=batch_size, margin=margin, temperature=temperature, rank=rank,
                            identity_penalty=identity_penalty, dtype=dtype, seed=seed, cache_dir=cache_dir)
-    if Path(out).exists() and not force:
-        raise AdapterError(f"{out}: already exists; pass --force to replace it")
-    if not Path(out).parent.is_dir():
-        raise AdapterError(f"{Path(out).parent}: folder does not exist")
+    _check_output(out, force)
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
     result = train_adapter(ds, _encoder(cfg), cfg)
     path = result.adapter.save(out, dtype=cfg.train.dtype)
     base, best = result.base_val[result.adapter.dim]["ndcg@10"], result.best_val[result.adapter.dim]["ndcg@10"]
     won = f"epoch {result.best_epoch} won" if result.best_epoch else "epoch 0 (the identity) won: no epoch beat base"
-    click.echo(f"validation ndcg@10: base {base:.4f} -> adapter {best:.4f} ({(best - base) / base:+.1%}); {won}")
+    click.echo(f"validation ndcg@10: base {base:.4f} -> adapter {best:.4f} ({_change(best, base)}); {won}")
     click.echo(f"trained {cfg.train.epochs} epochs in {result.seconds:.1f} s; wrote {path} "
                f"({path.stat().st_size:,} bytes)")
 
@@ -263,9 +321,9 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
 @store_options
 @click.option("--adapter", "adapter_path", required=True, type=click.Path(dir_okay=False), help="Adapter file.")
 @model_option
-@click.option("-k", "k", type=int, default=None, help=f"How many results [default: {DEFAULTS.store.k}].")
-@click.option("--nprobe", type=int, default=None, help=f"FAISS IVF lists probed [default: {DEFAULTS.store.nprobe}].")
-@click.option("--ef-search", type=int, default=None, help=f"HNSW candidate list: FAISS, Qdrant server, Chroma "
+@click.option("-k", "k", type=COUNT, default=None, help=f"How many results [default: {DEFAULTS.store.k}].")
+@click.option("--nprobe", type=COUNT, default=None, help=f"FAISS IVF lists probed [default: {DEFAULTS.store.nprobe}].")
+@click.option("--ef-search", type=COUNT, default=None, help=f"HNSW candidate list: FAISS, Qdrant server, Chroma "
               f"[default: {DEFAULTS.store.ef_search}].")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "scores": [...]}.')
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), default=None,
@@ -284,6 +342,8 @@ def search(query: str, index_path: str | None, qdrant: str | None, chroma: str |
 
     _quiet_hf()
     cfg = Config().replace(model=model, search_k=k, nprobe=nprobe, ef_search=ef_search, id_field=id_field)
+    if not query.strip():
+        raise AdapterError("the query is empty")
     ds = load_dataset(data_dir) if data_dir else None
     with open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) as store:
         hits = run(query, store, adapter_path, cfg, allow_other_model=allow_other_model)[0]
@@ -303,15 +363,17 @@ def index() -> None:
 @index.command("build")
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="FAISS index file to write.")
+@click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @model_option
 @cache_option
-def index_build(directory: str, out: str, model: str | None, cache_dir: str | None) -> None:
+def index_build(directory: str, out: str, force: bool, model: str | None, cache_dir: str | None) -> None:
     """Build an exact inner-product FAISS index of DIRECTORY's corpus; id i is the i-th line of corpus.jsonl."""
     from adapter.data import load_dataset
     from adapter.pipeline import embed_dataset
     from adapter.stores import write_index
 
     cfg = Config().replace(model=model, cache_dir=cache_dir)
+    _check_output(out, force)
     ds = load_dataset(directory)
     _, corpus = embed_dataset(ds, _encoder(cfg), query_ids=[])
     write_index(corpus, out)
@@ -377,7 +439,7 @@ def chunk(docs: tuple[str, ...], out: str, size: int | None, overlap: int | None
 @click.option("--temperature", type=float, default=None, help=f"[default: {DEFAULTS.llm.temperature}]")
 @click.option("--prompt", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Prompt template file with {chunk} and {n} in it [default: the built-in prompt].")
-@click.option("--timeout", type=float, default=None,
+@click.option("--timeout", type=POSITIVE, default=None,
               help=f"Seconds per request [default: {DEFAULTS.llm.request_timeout}].")
 @click.option("--max-retries", type=int, default=None, help=f"Re-asks per chunk [default: {DEFAULTS.llm.max_retries}].")
 @click.option("--dedup-threshold", type=float, default=None, help="Cosine above which a question is dropped as a "
@@ -418,19 +480,19 @@ def generate(directory: str, llm_model: str | None, base_url: str | None, api_ke
 @model_option
 @click.option("--dims", callback=_dims, default=None, help="Matryoshka dims to train, descending [default: the "
               "model's dimension and 512/256/128/64 below it].")
-@click.option("--select-dim", type=int, default=None, help="Dim whose validation ndcg@10 picks the kept epoch "
+@click.option("--select-dim", type=COUNT, default=None, help="Dim whose validation ndcg@10 picks the kept epoch "
               "[default: 128 when trained, else the model's dimension].")
-@click.option("--epochs", type=int, default=None, help=f"[default: {DEFAULTS.finetune.epochs}]")
-@click.option("--batch-size", type=int, default=None, help=f"Pairs per batch per process: the in-batch negatives "
-              f"[default: {DEFAULTS.finetune.batch_size}].")
-@click.option("--grad-accum", type=int, default=None,
+@click.option("--epochs", type=COUNT, default=None, help=f"[default: {DEFAULTS.finetune.epochs}]")
+@click.option("--batch-size", type=Number(int, 2), default=None, help=f"Pairs per batch per process: the in-batch "
+              f"negatives [default: {DEFAULTS.finetune.batch_size}].")
+@click.option("--grad-accum", type=COUNT, default=None,
               help=f"Batches per optimizer step [default: {DEFAULTS.finetune.grad_accum}].")
-@click.option("--lr", type=float, default=None, help=f"[default: {DEFAULTS.finetune.lr}]")
-@click.option("--max-seq-length", type=int, default=None, help="Truncate texts to N tokens while training "
+@click.option("--lr", type=POSITIVE, default=None, help=f"[default: {DEFAULTS.finetune.lr}]")
+@click.option("--max-seq-length", type=Number(int, 8), default=None, help="Truncate texts to N tokens while training "
               "[default: the model's own]; the saved model keeps the model's own length.")
 @click.option("--split", "train_split", default=None,
               help=f"Qrels split to train on [default: {DEFAULTS.split.train_split}].")
-@click.option("--seed", type=int, default=None, help=f"[default: {DEFAULTS.seed}]")
+@click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
 @click.option("--push-to-hub", "repo_id", default=None, metavar="REPO",
               help="Then upload the model folder to this Hugging Face Hub model repo (token: $HF_TOKEN).")
 def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] | None, select_dim: int | None,
@@ -456,7 +518,7 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
     if not r.main_process:  # ranks > 0 of a multi-process run: rank 0 reports
         return
     b, f = r.base_val[r.select_dim]["ndcg@10"], r.best_val[r.select_dim]["ndcg@10"]
-    click.echo(f"validation ndcg@10 at dim {r.select_dim}: base {b:.4f} -> fine-tuned {f:.4f} ({(f - b) / b:+.1%}); "
+    click.echo(f"validation ndcg@10 at dim {r.select_dim}: base {b:.4f} -> fine-tuned {f:.4f} ({_change(f, b)}); "
                f"epoch {r.best_epoch:g} kept")
     resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""
     click.echo(f"trained in {r.seconds:.1f} s on {r.world_size} process{'es' * (r.world_size > 1)}{resumed}; "
@@ -480,15 +542,18 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
 @click.option("--split", "split_name", default=None, help=f"Qrels split to score [default: {DEFAULTS.evaluate.split}].")
 @click.option("--dims", callback=_dims, default=None, help="Comma-separated dims [default: each model's dimension "
               "and 512/256/128/64 below it].")
-@click.option("--bootstrap", "bootstrap_samples", type=int, default=None,
+@click.option("--bootstrap", "bootstrap_samples", type=COUNT, default=None,
               help=f"Paired bootstrap resamples for the 95% intervals [default: {DEFAULTS.report.bootstrap_samples}].")
 @click.option("--allow-other-model", is_flag=True, help="Apply adapters trained on another base model anyway.")
+@click.option("--force", is_flag=True, help="Replace a report already in --out.")
 @cache_option
 def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tuple[str, ...], models: tuple[str, ...],
             base_model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
-            bootstrap_samples: int | None, allow_other_model: bool, cache_dir: str | None) -> None:
+            bootstrap_samples: int | None, allow_other_model: bool, force: bool, cache_dir: str | None) -> None:
     """Score base, adapters, fine-tuned and other models side by side on DIRECTORY's split, with costs and paired
     bootstrap intervals; write report.md, results.json, summary.json and PNG plots to --out."""
+    from pathlib import Path
+
     from adapter.data import load_dataset
     from adapter.pipeline import compare as run
     from adapter.report import cost_table, primary_table
@@ -498,7 +563,10 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
                            cache_dir=cache_dir)
     ds = load_dataset(directory)
     ds.split(cfg.evaluate.split)  # fail on a missing split before loading a model
-    c = run(ds, out, cfg, adapters=adapters, finetuned=finetuned, models=models, allow_other_model=allow_other_model)
+    if (Path(out) / "report.md").exists() and not force:  # before any model is loaded
+        raise AdapterError(f"{out}: already holds a report; pass --force to replace it")
+    c = run(ds, out, cfg, adapters=adapters, finetuned=finetuned, models=models, allow_other_model=allow_other_model,
+            force=force)
     click.echo(primary_table(c))
     click.echo(cost_table(c, len(ds.corpus)))
     click.echo(f"wrote {', '.join(str(p) for p in c.files)}")

@@ -117,9 +117,13 @@ def export(adapter_path: str | os.PathLike, out: str | os.PathLike, *, model: st
            allow_other_model: bool = False, force: bool = False) -> Path:
     """Write a sentence-transformers model folder (``adapted_model``) with a model card and the adapter file itself;
     built in a temporary folder beside ``out`` and renamed into place."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))
     if out.exists() and not force:
         raise AdapterError(f"{out}: already exists; pass --force to replace it")
+    if Path.cwd() == out or out in Path.cwd().parents:
+        raise AdapterError(f"{out}: is the current folder or holds it; choose another --out folder")
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out}: exists and is not a folder")
     if not out.parent.is_dir():
         raise AdapterError(f"{out.parent}: folder does not exist")
     encoder = AdaptedEncoder(adapter_path, model, allow_other_model=allow_other_model)

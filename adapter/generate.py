@@ -357,10 +357,11 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
     todo = [cid for cid in chunks if cid not in finished]
     logger.info("%s: %d chunks, %d already done, %d to ask %s", directory, len(chunks), len(finished), len(todo),
                 cfg.llm.model)
+    # the client first: a missing key or a bad URL is one line, not one glued to a progress bar
+    client = make_client(cfg.llm.base_url, cfg.llm.api_key_env, cfg.llm.request_timeout) if todo else None
     tally = _Tally(len(chunks), len(finished), show_progress and bool(todo))
     failed: dict[str, str] = {}
     if todo:
-        client = make_client(cfg.llm.base_url, cfg.llm.api_key_env, cfg.llm.request_timeout)
         asker = _Asker(client, cfg, template, tally, threading.Event())
         try:
             with ThreadPoolExecutor(max_workers=cfg.llm.concurrency, thread_name_prefix="generate") as pool:

@@ -156,6 +156,8 @@ class LinearAdapter:
                 raise AdapterError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected float32 or float16")
             if not np.isfinite(t).all():
                 raise AdapterError(f"{path}: tensor {name!r} holds NaN or Inf values")
+        if form == "full" and not np.any(tensors["weight"]):  # every query would become the zero vector
+            raise AdapterError(f"{path}: the adapter's matrix is all zeros; it would map every query to nothing")
         extra_meta = {k: v for k, v in header.items() if k not in ("format_version", "base_model", "dim", "form",
                                                                    "rank", "bias", "normalize", "dtype")}
         extra_meta = training_meta(_upgrade_v1(extra_meta, dim) if version == 1 else extra_meta)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, redact
 
 logger = logging.getLogger(__name__)
 
@@ -173,9 +173,10 @@ def endpoint_of(client: Any) -> str:
 
 def fatal_error(endpoint: str, failure: Failure, what: str = "") -> FatalError:
     """The one-line error for a fatal failure: ``ENDPOINT: HTTP 401 asking for chunk 'c0' (Incorrect API key)``."""
+    detail = redact(failure.detail)  # a server may echo the key it refused
     message = f"{endpoint}: {failure.reason}" + (f" {what}" if what else "")
-    message += f" ({failure.detail})" if failure.detail else ""
-    return FatalError(message, failure.status, failure.detail)
+    message += f" ({detail})" if detail else ""
+    return FatalError(message, failure.status, detail)
 
 
 # ---------------------------------------------------------------------------------------------------------- calling

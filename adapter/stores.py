@@ -419,11 +419,18 @@ def corpus_names(store: Store, dataset: Dataset, ids: Sequence[Id]) -> list[str]
 
 def hit_texts(store: Store, dataset: Dataset, hits: Hits) -> list[str]:
     """The corpus text of each hit ("" when its id names no chunk of ``dataset``), named as ``corpus_names`` does."""
+    where = f"{dataset.path}: not the dataset {store.name} was built from"
     if store.rows_are_ids:
         cids = list(dataset.corpus)
+        size = getattr(getattr(store, "index", None), "ntotal", len(cids))
+        if size != len(cids):
+            raise AdapterError(f"{where} (the index holds {size} vectors by row, the corpus has {len(cids)} chunks)")
         names = [cids[i] if 0 <= i < len(cids) else "" for i in map(int, hits.ids)]
     else:
         names = [str(n) for n in (hits.names or hits.ids)]
+        unknown = [n for n in names if n not in dataset.corpus]
+        if unknown:
+            raise AdapterError(f"{where} (hit id {unknown[0]!r} is no chunk of it)")
     return [dataset.corpus.get(n, "") for n in names]
 
 

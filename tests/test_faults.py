@@ -189,3 +189,162 @@ def test_any_damaged_dataset_file_is_a_one_line_error(tmp_path_factory, target, 
         with pytest.raises(AdapterError):
             convert(ds, out, force=True)
         assert tree(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------- options
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "{ds}", "--out", "{out}", "--lr", "nan"], "--lr"), (["train", "{ds}", "--out", "{out}", "--lr", "inf"],
+                                                                   "finite"),
+    (["train", "{ds}", "--out", "{out}", "--temperature", "0"], "> 0"),
+    (["train", "{ds}", "--out", "{out}", "--margin", "nan"], "finite"),
+    (["train", "{ds}", "--out", "{out}", "--identity-penalty", "-1"], ">= 0"),
+    (["train", "{ds}", "--out", "{out}", "--identity-penalty", "nan"], "finite"),
+    (["train", "{ds}", "--out", "{out}", "--seed", "-1"], ">= 0"),
+    (["split", "{ds}", "--seed", "-1"], ">= 0"),
+    (["finetune", "{ds}", "--out", "{out}", "--lr", "nan"], "finite"),
+    (["finetune", "{ds}", "--out", "{out}", "--seed", "-3"], ">= 0"),
+    (["compare", "{ds}", "--out", "{out}", "--bootstrap", "0"], ">= 1"),
+    (["compare", "{ds}", "--out", "{out}", "--bootstrap", "-1"], ">= 1"),
+    (["generate", "{ds}", "--timeout", "inf"], "finite"),
+    (["search", "pump", "--index", "{ds}/x.faiss", "--adapter", "a.safetensors", "-k", "0"], ">= 1"),
+])
+def test_numeric_options_are_checked_before_anything_loads(argv, words, tmp_path, monkeypatch):
+    """Reproductions 12 and 13: NaN, infinities, zeros and negatives ran (or crashed) after the model was loaded."""
+    import adapter.encoder
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(adapter.encoder, "load_model", no_model)
+    ds = write_dataset(tmp_path / "ds", {"train": list(QUESTIONS), "test": list(QUESTIONS)})
+    r = CliRunner().invoke(main, [a.format(ds=ds, out=tmp_path / "out") for a in argv])
+    assert r.exit_code == 2 and words in r.output and "Traceback" not in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_writers_refuse_an_existing_output_before_loading_a_model(tmp_path, monkeypatch):
+    """Reproduction 4: `index build --out EXISTING` replaced it; `evaluate --json EXISTING` too."""
+    import adapter.encoder
+
+    monkeypatch.setattr(adapter.encoder, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    ds = write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
+    taken = tmp_path / "taken"
+    taken.write_text("mine")
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "report.md").write_text("mine")
+    for argv in (["index", "build", str(ds), "--out", str(taken)], ["evaluate", str(ds), "--json", str(taken)],
+                 ["compare", str(ds), "--out", str(report)]):
+        r = CliRunner().invoke(main, argv)
+        assert r.exit_code == 1 and "pass --force" in r.output, r.output
+    assert taken.read_text() == "mine" and (report / "report.md").read_text() == "mine"
+
+
+def test_train_reports_a_base_that_scores_zero_instead_of_dividing_by_it():
+    """Reproduction 3: ZeroDivisionError after the adapter file was written, exit 1."""
+    from cli import _change
+
+    assert _change(0.25, 0.0) == "base scored 0: no relative change" and _change(0.5, 0.25) == "+100.0%"
+
+
+def test_an_empty_query_is_refused(tmp_path):
+    r = CliRunner().invoke(main, ["search", "  ", "--index", str(tmp_path / "i.faiss"), "--adapter",
+                                  str(tmp_path / "a.safetensors")])
+    assert r.exit_code == 1 and "the query is empty" in r.output
+
+
+def test_an_all_zeros_adapter_is_refused(tmp_path):
+    import numpy as np
+
+    from adapter.model import LinearAdapter
+
+    path = LinearAdapter(4, "m@x", weight=np.zeros((4, 4), np.float32)).save(tmp_path / "z.safetensors")
+    with pytest.raises(AdapterError, match="all zeros"):
+        LinearAdapter.load(path)
+
+
+@pytest.mark.parametrize("out", [".", ".."])
+def test_export_refuses_the_current_folder_and_its_parents(out, tmp_path, monkeypatch):
+    """Reproduction 12: `export --force --out ..` tried to move the folder the user stands in."""
+    from adapter.export import export
+
+    here = tmp_path / "a" / "here"
+    here.mkdir(parents=True)
+    monkeypatch.chdir(here)
+    with pytest.raises(AdapterError, match="current folder"):
+        export(tmp_path / "none.safetensors", out, force=True)
+    assert here.is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------- secrets
+
+
+def test_redact_masks_keys_tokens_and_known_secrets(monkeypatch):
+    from adapter.errors import redact
+
+    monkeypatch.setenv("MY_SERVICE_TOKEN", "tok-1234567890")
+    text = redact("401: key sk-abcdefghijklmnop rejected; Authorization: Bearer eyJhbGciOi.J9 tok-1234567890 "
+                  '{"api_key": "plainsecret"} mine', secrets=["mine-not"])
+    for secret in ("sk-abcdefghijklmnop", "eyJhbGciOi.J9", "tok-1234567890", "plainsecret"):
+        assert secret not in text
+    assert text.startswith("401: key sk-*** rejected") and text.endswith("mine")
+
+
+class _EchoKey401:
+    """A loopback server that answers every request with a 401 whose body echoes the key it was sent."""
+
+    def __enter__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                body = json.dumps({"error": {"message": f"Incorrect API key provided: "
+                                             f"{self.headers.get('Authorization', '')[7:]}", "type": "auth"}})
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_key_echoed_by_the_server_never_reaches_the_terminal(tmp_path, capfd):
+    """Reproduction 10."""
+    ds = write_dataset(tmp_path / "ds")
+    key = "sk-live-0123456789abcdefXYZ"
+    with _EchoKey401() as url:
+        r = CliRunner().invoke(main, ["generate", str(ds), "--base-url", url, "--api-key-env", "ADAPTER_TEST_KEY"],
+                               env={"ADAPTER_TEST_KEY": key})
+    captured = capfd.readouterr()
+    assert r.exit_code == 1 and "HTTP 401" in r.output, r.output
+    assert key not in r.output + captured.err + captured.out and "***" in r.output
+
+
+def test_a_dead_endpoint_fails_at_once_with_one_line(tmp_path):
+    """Reproduction 9: connection refused was retried per chunk (169 s for 25 chunks); a bad URL was a vague error."""
+    import socket
+    import time
+
+    ds = write_dataset(tmp_path / "ds")
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    r = CliRunner().invoke(main, ["-q", "generate", str(ds), "--base-url", f"http://127.0.0.1:{port}/v1"])
+    assert r.exit_code == 1 and "cannot connect" in r.output and time.monotonic() - start < 20, r.output
+    r = CliRunner().invoke(main, ["generate", str(ds), "--base-url", "not a url"])
+    assert r.exit_code == 1 and "not an http(s) URL" in r.output and r.output.count("\n") == 1, r.output
