@@ -348,3 +348,117 @@ def test_a_dead_endpoint_fails_at_once_with_one_line(tmp_path):
     assert r.exit_code == 1 and "cannot connect" in r.output and time.monotonic() - start < 20, r.output
     r = CliRunner().invoke(main, ["generate", str(ds), "--base-url", "not a url"])
     assert r.exit_code == 1 and "not an http(s) URL" in r.output and r.output.count("\n") == 1, r.output
+
+
+# ---------------------------------------------------------------------------------------------------------- the cache
+
+WORKER = Path(__file__).with_name("cache_worker.py")
+
+
+def _vectors(keys):
+    import numpy as np
+
+    from tests.cache_worker import vector
+
+    return np.stack([vector(k) for k in keys])
+
+
+def test_a_reader_survives_another_process_merging_its_shards(tmp_path):
+    """Reproduction 2: a second process compacted and deleted shards the first had indexed: FileNotFoundError."""
+    import adapter.cache as cache
+    from tests.cache_worker import DIM, UNIVERSE
+
+    folder = tmp_path / "cache"
+    writer = cache.EmbeddingCache(folder)
+    for i in range(cache.MAX_SHARDS):
+        writer.put([UNIVERSE[i]], _vectors([UNIVERSE[i]]))
+    reader = cache.EmbeddingCache(folder)  # indexes the 32 shards
+    other = cache.EmbeddingCache(folder)
+    other.put([UNIVERSE[100]], _vectors([UNIVERSE[100]]))  # the 33rd: merges and deletes the 32
+    assert len(list(folder.glob("*.npz"))) == 1
+    keys = UNIVERSE[:cache.MAX_SHARDS]
+    assert (reader.get(keys, DIM) == _vectors(keys)).all()
+    assert UNIVERSE[100] in cache.EmbeddingCache(folder)
+
+
+def test_two_processes_share_one_cache_past_the_merge_threshold(tmp_path):
+    """Two processes, 20 rounds each, overlapping keys, a merge every few puts: no error, every vector read back
+    equals the one stored, and a third process finds every key either stored."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from adapter.cache import EmbeddingCache
+    from tests.cache_worker import DIM, UNIVERSE
+
+    folder = tmp_path / "cache"
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(folder), str(seed), "20"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+        assert len(out.splitlines()) == 20
+    stored = {k for k in UNIVERSE if k in EmbeddingCache(folder)}
+    rounds = [json.loads(line) for out, _ in outs for line in out.splitlines()]
+    assert sum(r["stored"] for r in rounds) >= len(stored) > 200  # merges lost nothing either stored
+    keys = sorted(stored)
+    np.testing.assert_array_equal(EmbeddingCache(folder).get(keys, DIM), _vectors(keys))
+
+
+def test_kill_9_at_random_points_leaves_a_cache_that_opens(tmp_path):
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from adapter.cache import EmbeddingCache
+    from tests.cache_worker import DIM, UNIVERSE
+
+    folder = tmp_path / "cache"
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "PATH": "/usr/bin:/bin"}
+    rng = random.Random(0)
+    for seed in range(5):
+        p = subprocess.Popen([sys.executable, str(WORKER), str(folder), str(seed), "50", "1"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(0.5, 2.5))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        cache = EmbeddingCache(folder)  # opens: no half-written shard is ever visible
+        keys = [k for k in UNIVERSE if k in cache]
+        np.testing.assert_array_equal(cache.get(keys, DIM), _vectors(keys))
+
+
+@pytest.mark.parametrize("damage", ["crc", "truncated", "dimension", "not a zip"])
+def test_a_damaged_shard_is_named(damage, tmp_path):
+    """Reproduction 7: a bad CRC or a wrong dimension was a traceback that did not name the shard to delete."""
+    import zipfile
+
+    import numpy as np
+
+    from adapter.cache import EmbeddingCache
+    from tests.cache_worker import DIM, UNIVERSE
+
+    folder = tmp_path / "cache"
+    EmbeddingCache(folder).put(UNIVERSE[:4], _vectors(UNIVERSE[:4]))
+    shard = next(folder.glob("*.npz"))
+    raw = bytearray(shard.read_bytes())
+    if damage == "crc":  # flip a byte inside the stored vectors: the zip's CRC no longer matches
+        with zipfile.ZipFile(shard) as z:
+            info = z.getinfo("vectors.npy")
+        raw[info.header_offset + 30 + len(info.filename) + info.extra.__len__() + 200] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    elif damage == "truncated":
+        shard.write_bytes(bytes(raw[: len(raw) // 2]))
+    elif damage == "dimension":
+        with open(shard, "wb") as f:
+            np.savez(f, keys=np.frombuffer(b"".join(UNIVERSE[:4]), np.uint8).reshape(4, 16),
+                     vectors=np.zeros((4, DIM + 1), np.float32))
+    else:
+        shard.write_bytes(b"hello")
+    with pytest.raises(AdapterError, match=f"{shard.name}: damaged embedding cache shard .*delete it"):
+        EmbeddingCache(folder).get(UNIVERSE[:4], DIM)
