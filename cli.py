@@ -577,15 +577,15 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
               help="Adapter file; replacing it hot-reloads (an invalid replacement is refused, the old one serves on).")
 @model_option
 @click.option("--host", default=None, help="Address to listen on [default: 127.0.0.1].")
-@click.option("--port", type=int, default=None, help="[default: 8080]")
+@click.option("--port", type=Number(int, 0, 65535), default=None, help="[default: 8080]")
 @click.option("--api-key-env", default=None, metavar="NAME",
               help="Require 'Authorization: Bearer <value of $NAME>' on the embeddings and models endpoints.")
-@click.option("--batch-window-ms", type=float, default=None,
+@click.option("--batch-window-ms", type=Number(float, 0), default=None,
               help="Longest a request waits to share a model call [default: 5].")
-@click.option("--max-batch", type=int, default=None, help="Texts per model call; 1 turns batching off [default: 64].")
-@click.option("--max-body-bytes", type=int, default=None, help="Larger request bodies get a 413 [default: 8 MiB].")
-@click.option("--max-inputs", type=int, default=None, help="Inputs per request [default: 2048].")
-@click.option("--threads", type=int, default=None, help="Torch threads for a local model [default: one per core].")
+@click.option("--max-batch", type=COUNT, default=None, help="Texts per model call; 1 turns batching off [default: 64].")
+@click.option("--max-body-bytes", type=COUNT, default=None, help="Larger request bodies get a 413 [default: 8 MiB].")
+@click.option("--max-inputs", type=COUNT, default=None, help="Inputs per request [default: 2048].")
+@click.option("--threads", type=COUNT, default=None, help="Torch threads for a local model [default: one per core].")
 @click.option("--allow-other-model", is_flag=True, help="Serve an adapter trained on another base model anyway.")
 def serve(adapter_path: str, model: str | None, host: str | None, port: int | None, api_key_env: str | None,
           batch_window_ms: float | None, max_batch: int | None, max_body_bytes: int | None, max_inputs: int | None,

@@ -193,6 +193,17 @@ def test_serve_refuses_an_unset_key_variable_in_one_line(adapter_file, monkeypat
     assert r.exit_code == 1 and r.output.strip().count("\n") == 0 and "NO_SUCH_SERVE_KEY" in r.output
 
 
+def test_serve_checks_its_numbers_before_loading_anything(adapter_file):
+    from click.testing import CliRunner
+
+    from cli import main
+
+    for option, value in (("--max-batch", "0"), ("--batch-window-ms", "nan"), ("--port", "70000"),
+                          ("--max-body-bytes", "-1"), ("--threads", "0")):
+        r = CliRunner().invoke(main, ["serve", "--adapter", str(adapter_file), option, value])
+        assert r.exit_code == 2 and option in r.output and "Traceback" not in r.output, r.output
+
+
 def test_serve_refuses_an_adapter_of_another_model_in_one_line(tiny_model_dir, tmp_path):
     from click.testing import CliRunner
 
