@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import sys
@@ -85,8 +86,54 @@ def main(verbose: bool, quiet: bool) -> None:
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
-model_option = click.option("--model", default=None, help="Sentence-transformers model name or path "
+model_option = click.option("--model", default=None, help="Sentence-transformers model name or path, or "
+                            "openai:NAME for any OpenAI-compatible /v1/embeddings (see --embedding-base-url) "
                             f"[default: {DEFAULTS.encoder.model}].")
+
+EMBEDDING_OPTIONS = [  # (flat config name, option); collected into one ``embedding`` dict by ``embedding_options``
+    ("embedding_base_url", click.option(
+        "--embedding-base-url", default=None, metavar="URL", help="OpenAI-compatible server for --model openai:NAME, "
+        "e.g. http://localhost:8080/v1 (TEI, vLLM, Ollama, LiteLLM) [default: $OPENAI_BASE_URL, else OpenAI].")),
+    ("embedding_api_key_env", click.option(
+        "--embedding-api-key-env", default=None, metavar="VAR", help="Environment variable holding the API key "
+        f"(the key itself is never a flag) [default: {DEFAULTS.embedding.api_key_env}].")),
+    ("embedding_dimensions", click.option(
+        "--embedding-dimensions", type=COUNT, default=None, metavar="N",
+        help="Ask an openai: model for N-dimensional vectors (text-embedding-3-*) [default: the model's own].")),
+    ("embedding_query_prefix", click.option(
+        "--query-prefix", "embedding_query_prefix", default=None, metavar="TEXT",
+        help="Prepended to every query, e.g. 'query: ' for e5 [default: the model's own prompt].")),
+    ("embedding_document_prefix", click.option(
+        "--document-prefix", "embedding_document_prefix", default=None, metavar="TEXT",
+        help="Prepended to every chunk, e.g. 'passage: ' for e5 [default: the model's own prompt].")),
+    ("embedding_batch_size", click.option(
+        "--embedding-batch-size", type=COUNT, default=None, metavar="N",
+        help=f"Texts per request to an openai: model [default: {DEFAULTS.embedding.batch_size}].")),
+    ("embedding_concurrency", click.option(
+        "--embedding-concurrency", type=COUNT, default=None, metavar="N",
+        help=f"Embedding requests in flight [default: {DEFAULTS.embedding.concurrency}].")),
+    ("embedding_requests_per_minute", click.option(
+        "--embedding-rpm", "embedding_requests_per_minute", type=POSITIVE, default=None, metavar="N",
+        help=f"Embedding requests per minute [default: {DEFAULTS.embedding.requests_per_minute:g}].")),
+    ("embedding_tokens_per_minute", click.option(
+        "--embedding-tpm", "embedding_tokens_per_minute", type=POSITIVE, default=None, metavar="N",
+        help=f"Embedding tokens per minute [default: {DEFAULTS.embedding.tokens_per_minute:g}].")),
+    ("embedding_request_timeout", click.option(
+        "--embedding-timeout", "embedding_request_timeout", type=POSITIVE, default=None, metavar="S",
+        help=f"Seconds per embedding request [default: {DEFAULTS.embedding.request_timeout:g}].")),
+]
+
+
+def embedding_options(f):
+    """The embedding backend's options, handed to the command as one ``embedding`` dict of flat config names."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        return f(*args, embedding={name: kwargs.pop(name) for name, _ in EMBEDDING_OPTIONS}, **kwargs)
+
+    for _, option in reversed(EMBEDDING_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
 cache_option = click.option("--cache-dir", default=None, help="Embedding cache folder [default: $ADAPTER_CACHE or "
                             "~/.cache/adapter].")
 
@@ -98,11 +145,11 @@ def _quiet_hf() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _encoder(cfg: Config):
+def _encoder(cfg: Config, *, show_progress: bool = True):
     from adapter.encoder import Encoder
 
     _quiet_hf()
-    return Encoder.from_config(cfg)
+    return Encoder.from_config(cfg, show_progress=show_progress)
 
 
 @main.command()
@@ -166,12 +213,13 @@ def split(directory: str, by: str | None, test_fraction: float | None, dev_fract
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @model_option
 @cache_option
-def embed(directory: str, model: str | None, cache_dir: str | None) -> None:
+@embedding_options
+def embed(directory: str, model: str | None, cache_dir: str | None, embedding: dict) -> None:
     """Embed every query and chunk of DIRECTORY into the on-disk cache (only texts not cached yet)."""
     from adapter.data import load_dataset
     from adapter.pipeline import embed_dataset
 
-    cfg = Config().replace(model=model, cache_dir=cache_dir)
+    cfg = Config().replace(model=model, cache_dir=cache_dir, **embedding)
     ds = load_dataset(directory)
     enc = _encoder(cfg)
     embed_dataset(ds, enc)
@@ -179,21 +227,43 @@ def embed(directory: str, model: str | None, cache_dir: str | None) -> None:
     click.echo(f"{enc.identity}: {enc.texts_encoded} texts embedded, {total - enc.texts_encoded} already cached")
 
 
+STORE_OPTIONS = [  # (name, option); collected into one ``source`` (adapter.stores.StoreSource) by store_options
+    ("index", click.option("--index", "index", type=click.Path(dir_okay=False), default=None, help="FAISS index file "
+                           "(flat, IVF, PQ or HNSW; ids as stored, or row i = line i of corpus.jsonl).")),
+    ("qdrant", click.option("--qdrant", default=None, metavar="PATH_OR_URL",
+                            help="Qdrant local folder or server URL (key in $QDRANT_API_KEY); needs adapter[qdrant].")),
+    ("chroma", click.option("--chroma", default=None, metavar="PATH_OR_URL",
+                            help="Chroma folder (embedded) or server URL; needs adapter[chroma].")),
+    ("collection", click.option("--collection", default=None, metavar="NAME",
+                                help="Collection name, with --qdrant or --chroma.")),
+    ("pgvector", click.option("--pgvector", default=None, metavar="DSN", help="PostgreSQL with pgvector, e.g. "
+                              "postgresql://user@host/db (password: $PGPASSWORD or the DSN); needs "
+                              "adapter[pgvector].")),
+    ("table", click.option("--table", default=None, metavar="NAME",
+                           help="Table with a vector column, with --pgvector.")),
+    ("vectors", click.option("--corpus-vectors", "vectors", type=click.Path(dir_okay=False), default=None,
+                             metavar="FILE", help="Corpus vectors: VECTORS.npy (with --corpus-ids) or a .parquet file "
+                             "with id and vector columns.")),
+    ("ids", click.option("--corpus-ids", "ids", type=click.Path(dir_okay=False), default=None, metavar="IDS.txt",
+                         help="Corpus id of each row of --corpus-vectors VECTORS.npy, one per line.")),
+]
+ID_FIELD_OPTION = click.option("--id-field", default=None, metavar="FIELD", help="Qdrant payload / Chroma metadata "
+                               "field, or pgvector column, holding corpus ids [default: the point ids; pgvector: the "
+                               "primary key].")
+
+
 def store_options(f):
-    """--index / --qdrant / --chroma with --collection and --id-field: where the existing index lives."""
-    for option in reversed([
-        click.option("--index", "index_path", type=click.Path(dir_okay=False), default=None,
-                     help="FAISS index file (flat, IVF or HNSW; ids as stored, or row i = line i of corpus.jsonl)."),
-        click.option("--qdrant", default=None, metavar="PATH_OR_URL",
-                     help="Qdrant local folder or server URL (key in $QDRANT_API_KEY); needs adapter[qdrant]."),
-        click.option("--chroma", default=None, metavar="PATH_OR_URL",
-                     help="Chroma folder (embedded) or server URL; needs adapter[chroma]."),
-        click.option("--collection", default=None, metavar="NAME", help="Collection name, with --qdrant or --chroma."),
-        click.option("--id-field", default=None, metavar="FIELD",
-                     help="Qdrant payload / Chroma metadata field holding corpus ids [default: the point ids]."),
-    ]):
-        f = option(f)
-    return f
+    """Where the existing index lives (a store, or a vector file), handed over as one ``source``: a StoreSource."""
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        from adapter.stores import StoreSource
+
+        return f(*args, source=StoreSource(**{name: kwargs.pop(name) for name, _ in STORE_OPTIONS}), **kwargs)
+
+    for _, option in reversed(STORE_OPTIONS):
+        wrapper = option(wrapper)
+    return ID_FIELD_OPTION(wrapper)
 
 
 @main.command()
@@ -209,29 +279,26 @@ def store_options(f):
 @click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @cache_option
 @store_options
+@embedding_options
 def evaluate(directory: str, model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
              adapters: tuple[str, ...], allow_other_model: bool, json_out: str | None, force: bool,
-             cache_dir: str | None, index_path: str | None, qdrant: str | None, chroma: str | None,
-             collection: str | None, id_field: str | None) -> None:
+             cache_dir: str | None, source, id_field: str | None, embedding: dict) -> None:
     """Score retrieval on DIRECTORY's split at each dim, base beside each adapter, and print the table.
 
-    With --index, --qdrant or --chroma the corpus vectors are read from that existing index instead of embedded."""
-    import contextlib
-
+    With a store (--index, --qdrant, --chroma, --pgvector) or --corpus-vectors the corpus vectors are read from
+    there instead of embedded: only the queries are embedded."""
     from adapter.data import load_dataset
     from adapter.pipeline import evaluate_dataset, write_results
     from adapter.report import format_table
-    from adapter.stores import open_store
 
     _quiet_hf()
-    cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir, id_field=id_field)
+    cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir, id_field=id_field,
+                           **embedding)
     if json_out:
         _check_output(json_out, force)
     ds = load_dataset(directory)
-    given = index_path or qdrant or chroma or collection
-    with (open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) if given
-          else contextlib.nullcontext()) as store:
-        results = evaluate_dataset(ds, cfg, adapters=adapters, store=store, allow_other_model=allow_other_model)
+    results = evaluate_dataset(ds, cfg, adapters=adapters, corpus=source.with_settings(cfg) if source else None,
+                               allow_other_model=allow_other_model)
     click.echo(format_table(results))
     if json_out:
         write_results(results, json_out, force=force)
@@ -292,22 +359,28 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @cache_option
+@store_options
+@embedding_options
 def train(directory: str, out: str, model: str | None, train_split: str | None, loss: str | None,
           negatives: str | None, epochs: int | None, lr: float | None, batch_size: int | None, margin: float | None,
           temperature: float | None, rank: int | None, identity_penalty: float | str | None, dtype: str | None,
-          seed: int | None, force: bool, cache_dir: str | None) -> None:
-    """Train a query-only adapter on DIRECTORY's cached embeddings and write it to --out."""
+          seed: int | None, force: bool, cache_dir: str | None, source, id_field: str | None, embedding: dict) -> None:
+    """Train a query-only adapter on DIRECTORY's cached embeddings and write it to --out.
+
+    With a store (--index, --qdrant, --chroma, --pgvector) or --corpus-vectors the corpus vectors are the ones the
+    index already holds: only the queries are embedded."""
 
     from adapter.data import load_dataset
     from adapter.train import train_adapter
 
     cfg = Config().replace(model=model, train_split=train_split, loss=loss, negatives=negatives, epochs=epochs, lr=lr,
                            batch_size=batch_size, margin=margin, temperature=temperature, rank=rank,
-                           identity_penalty=identity_penalty, dtype=dtype, seed=seed, cache_dir=cache_dir)
+                           identity_penalty=identity_penalty, dtype=dtype, seed=seed, cache_dir=cache_dir,
+                           id_field=id_field, **embedding)
     _check_output(out, force)
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
-    result = train_adapter(ds, _encoder(cfg), cfg)
+    result = train_adapter(ds, _encoder(cfg), cfg, corpus=source.with_settings(cfg) if source else None)
     path = result.adapter.save(out, dtype=cfg.train.dtype)
     base, best = result.base_val[result.adapter.dim]["ndcg@10"], result.best_val[result.adapter.dim]["ndcg@10"]
     won = f"epoch {result.best_epoch} won" if result.best_epoch else "epoch 0 (the identity) won: no epoch beat base"
@@ -323,29 +396,31 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
 @model_option
 @click.option("-k", "k", type=COUNT, default=None, help=f"How many results [default: {DEFAULTS.store.k}].")
 @click.option("--nprobe", type=COUNT, default=None, help=f"FAISS IVF lists probed [default: {DEFAULTS.store.nprobe}].")
-@click.option("--ef-search", type=COUNT, default=None, help=f"HNSW candidate list: FAISS, Qdrant server, Chroma "
-              f"[default: {DEFAULTS.store.ef_search}].")
+@click.option("--ef-search", type=COUNT, default=None, help=f"HNSW candidate list: FAISS, Qdrant server, Chroma, "
+              f"pgvector [default: {DEFAULTS.store.ef_search}].")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "scores": [...]}.')
 @click.option("--data", "data_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="Dataset folder whose corpus the store holds, to show texts.")
 @click.option("--allow-other-model", is_flag=True, help="Apply an adapter trained on another base model anyway.")
-def search(query: str, index_path: str | None, qdrant: str | None, chroma: str | None, collection: str | None,
-           id_field: str | None, adapter_path: str, model: str | None, k: int | None, nprobe: int | None,
-           ef_search: int | None, as_json: bool, data_dir: str | None, allow_other_model: bool) -> None:
-    """Search an existing index (FAISS file, Qdrant or Chroma collection) with QUERY through the adapter; only the
-    query is embedded, and the store's own ids come back."""
+@embedding_options
+def search(query: str, source, id_field: str | None, adapter_path: str, model: str | None, k: int | None,
+           nprobe: int | None, ef_search: int | None, as_json: bool, data_dir: str | None, allow_other_model: bool,
+           embedding: dict) -> None:
+    """Search an existing index (FAISS file, Qdrant, Chroma or pgvector, or a vector file) with QUERY through the
+    adapter; only the query is embedded, and the store's own ids come back."""
     import json
 
     from adapter.data import load_dataset
     from adapter.pipeline import search as run
-    from adapter.stores import hit_texts, open_store
+    from adapter.stores import hit_texts
 
     _quiet_hf()
-    cfg = Config().replace(model=model, search_k=k, nprobe=nprobe, ef_search=ef_search, id_field=id_field)
+    cfg = Config().replace(model=model, search_k=k, nprobe=nprobe, ef_search=ef_search, id_field=id_field,
+                           **embedding)
     if not query.strip():
         raise AdapterError("the query is empty")
     ds = load_dataset(data_dir) if data_dir else None
-    with open_store(index=index_path, qdrant=qdrant, chroma=chroma, collection=collection, cfg=cfg) as store:
+    with source.open(cfg) as store:
         hits = run(query, store, adapter_path, cfg, allow_other_model=allow_other_model)[0]
         texts = hit_texts(store, ds, hits) if ds else [""] * len(hits.ids)
     if as_json:
@@ -366,13 +441,15 @@ def index() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
 @model_option
 @cache_option
-def index_build(directory: str, out: str, force: bool, model: str | None, cache_dir: str | None) -> None:
+@embedding_options
+def index_build(directory: str, out: str, force: bool, model: str | None, cache_dir: str | None,
+                embedding: dict) -> None:
     """Build an exact inner-product FAISS index of DIRECTORY's corpus; id i is the i-th line of corpus.jsonl."""
     from adapter.data import load_dataset
     from adapter.pipeline import embed_dataset
     from adapter.stores import write_index
 
-    cfg = Config().replace(model=model, cache_dir=cache_dir)
+    cfg = Config().replace(model=model, cache_dir=cache_dir, **embedding)
     _check_output(out, force)
     ds = load_dataset(directory)
     _, corpus = embed_dataset(ds, _encoder(cfg), query_ids=[])

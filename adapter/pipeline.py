@@ -87,13 +87,17 @@ def write_results(results: SystemResults, path: str | os.PathLike, *, force: boo
 def search(queries: str | Sequence[str], store: Store, adapter: LinearAdapter | str | os.PathLike,
            cfg: Config | None = None, *, allow_other_model: bool = False) -> list[Hits]:
     """Top ``cfg.store.k`` hits of an existing store for each query, through the adapter: only the queries are
-    embedded (base model ``cfg.encoder.model``), and the store's own ids come back."""
-    from adapter.export import AdaptedEncoder
+    embedded (base model ``cfg.encoder.model``, local or ``openai:NAME``), and the store's own ids come back."""
+    from adapter.encoder import Encoder
 
     cfg = cfg or Config()
     texts = [queries] if isinstance(queries, str) else list(queries)
-    encoder = AdaptedEncoder(adapter, cfg.encoder.model, allow_other_model=allow_other_model)
-    return store.search(encoder.encode_query(texts), cfg.store.k, id_field=cfg.store.id_field)
+    transform = adapter if isinstance(adapter, LinearAdapter) else LinearAdapter.load(adapter)
+    encoder = Encoder.from_config(cfg, show_progress=False)
+    transform.check_base_model(encoder.identity, allow_other_model=allow_other_model,
+                               source="adapter" if isinstance(adapter, LinearAdapter) else str(adapter))
+    vectors = transform.apply(encoder.backend.embed(texts, "query"))  # live queries: not worth caching
+    return store.search(vectors, cfg.store.k, id_field=cfg.store.id_field)
 
 
 # ---------------------------------------------------------------------------------------------------------- compare

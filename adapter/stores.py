@@ -10,11 +10,12 @@ into 1 - d²/2, a cosine or inner-product distance d into 1 - d. Qdrant and Chro
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,21 +379,176 @@ class ChromaStore(Store):
         return ids, np.concatenate(rows) if rows else np.empty((0, self.dim), np.float32)
 
 
+# ---------------------------------------------------------------------------------------------------------- pgvector
+
+_PG_OPS = {"vector_cosine_ops": "<=>", "vector_ip_ops": "<#>", "vector_l2_ops": "<->"}  # index opclass -> operator
+
+
+def _dsn_name(dsn: str) -> str:
+    """A DSN as messages show it: user, host, port and database, never a password."""
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+
+        parts = conninfo_to_dict(dsn)
+    except Exception:  # not parseable: show nothing of it that could be secret
+        return "postgresql (DSN not parseable)"
+    host = parts.get("host") or "localhost"
+    host = "local socket" if str(host).startswith("/") else host
+    user = f"{parts['user']}@" if parts.get("user") else ""
+    port = f":{parts['port']}" if parts.get("port") else ""
+    return f"postgresql://{user}{host}{port}/{parts.get('dbname') or ''}"
+
+
+class PgvectorStore(Store):
+    """A Postgres table with a pgvector ``vector`` column, ids in ``id_column`` (default: the primary key, else
+    ``id``). The search uses the operator of the column's HNSW or IVFFlat index (cosine ``<=>``, inner product
+    ``<#>`` or L2 ``<->``; cosine without an index), so Postgres searches through that index, with ``hnsw.ef_search``
+    and ``ivfflat.probes`` set for the session. The password comes from the DSN or libpq's own ``$PGPASSWORD`` and is
+    never shown."""
+
+    def __init__(self, dsn: str, table: str, *, id_column: str | None = None, vector_column: str | None = None,
+                 ef_search: int = StoreConfig.ef_search, probes: int = StoreConfig.nprobe,
+                 batch: int = StoreConfig.batch):
+        psycopg = _require("psycopg", "pgvector")
+        pgvector_psycopg = _require("pgvector.psycopg", "pgvector")
+        self.sql = importlib.import_module("psycopg.sql")
+        where = _dsn_name(dsn)
+        self.name, self.batch = f"{where}#{table}", batch
+        try:
+            self.conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True)
+        except Exception as e:
+            raise AdapterError(f"{where}: cannot connect to PostgreSQL ({one_line(e)})") from None
+        try:
+            self._open(pgvector_psycopg, table, id_column, vector_column, ef_search, probes)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def _open(self, pgvector_psycopg: Any, table: str, id_column: str | None, vector_column: str | None,
+              ef_search: int, probes: int) -> None:
+        run = lambda query, *args: _request(self.name, "query", self.conn.execute, query, *args)  # noqa: E731
+        if not run("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone():
+            raise AdapterError(f"{self.name}: the pgvector extension is not installed in this database")
+        pgvector_psycopg.register_vector(self.conn)
+        oid = run("SELECT to_regclass(%s)::oid", (table,)).fetchone()[0]
+        if oid is None:
+            raise AdapterError(f"{self.name}: no table {table!r}")
+        columns = run("SELECT attname, format_type(atttypid, atttypmod), atttypid::regtype::text FROM pg_attribute "
+                      "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (oid,)).fetchall()
+        vectors = [(n, t) for n, t, base in columns if base == "vector"]
+        names = [n for n, _, _ in columns]
+        if vector_column is not None:
+            vectors = [(n, t) for n, t in vectors if n == vector_column]
+        if len(vectors) != 1:
+            found = ", ".join(f"{n} {t}" for n, t, _ in columns) or "none"
+            what = f"no vector column {vector_column!r}" if vector_column else (
+                "no vector column" if not vectors else "several vector columns; name one with --vector-column")
+            raise AdapterError(f"{self.name}: {what} (columns: {found})")
+        self.vector_column, kind = vectors[0]
+        key = run("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = "
+                  "ANY(i.indkey) WHERE i.indrelid = %s AND i.indisprimary", (oid,)).fetchall()
+        self.id_column = id_column or (key[0][0] if len(key) == 1 else "id")
+        if self.id_column not in names:
+            raise AdapterError(f"{self.name}: no id column {self.id_column!r} (columns: {', '.join(names)}); name "
+                               "it with --id-field")
+        self.table = self.sql.SQL(".").join(self.sql.Identifier(p) for p in table.split("."))
+        self.dim = int(kind[len("vector("):-1]) if kind.startswith("vector(") else self._first_dim()
+        indexes = run("SELECT am.amname, opc.opcname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                      "JOIN pg_am am ON am.oid = c.relam JOIN pg_opclass opc ON opc.oid = i.indclass[0] "
+                      "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
+                      "WHERE i.indrelid = %s AND a.attname = %s AND am.amname IN ('hnsw', 'ivfflat')",
+                      (oid, self.vector_column)).fetchall()
+        self.operator, self.index = "<=>", "none (exact)"
+        for method, opclass in indexes:  # the table's own index, when it has one the operator can use
+            if opclass in _PG_OPS:
+                self.operator, self.index = _PG_OPS[opclass], method
+        run(f"SET hnsw.ef_search = {int(min(max(ef_search, 1), 1000))}")  # pgvector's bounds
+        run(f"SET ivfflat.probes = {int(max(probes, 1))}")
+        logger.info("%s: %d-dimensional %s, ids in %s, index %s (%s)", self.name, self.dim, self.vector_column,
+                    self.id_column, self.index, self.operator)
+
+    def _first_dim(self) -> int:
+        q = self.sql.SQL("SELECT vector_dims({}) FROM {} LIMIT 1").format(self.sql.Identifier(self.vector_column),
+                                                                            self.table)
+        row = _request(self.name, "query", self.conn.execute, q).fetchone()
+        if row is None:
+            raise AdapterError(f"{self.name}: table is empty")
+        return int(row[0])
+
+    def _score(self, d: float) -> float:
+        if self.operator == "<#>":  # pgvector's negative inner product
+            return -d
+        if self.operator == "<->":  # L2 distance between unit vectors
+            return 1.0 - d * d / 2.0
+        return 1.0 - d
+
+    def _id_field(self, id_field: str | None) -> None:
+        if id_field not in (None, self.id_column):
+            raise AdapterError(f"{self.name}: ids are read from column {self.id_column!r}, not {id_field!r}")
+
+    def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        self._id_field(id_field)
+        q = self._check(queries, k)
+        sql = self.sql
+        column = sql.Identifier(self.vector_column)
+        query = sql.SQL("SELECT {}, {} {} %(q)s FROM {} ORDER BY {} {} %(q)s LIMIT %(k)s").format(
+            sql.Identifier(self.id_column), column, sql.SQL(self.operator), self.table, column,
+            sql.SQL(self.operator))
+        out = []
+        for vector in q:
+            rows = _request(self.name, "pgvector search", self.conn.execute, query, {"q": vector, "k": k}).fetchall()
+            out.append(Hits([r[0] for r in rows], [self._score(float(r[1])) for r in rows]))
+        return out
+
+    def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
+        self._id_field(id_field)
+        sql = self.sql
+        query = sql.SQL("SELECT {}, {} FROM {}").format(sql.Identifier(self.id_column),
+                                                         sql.Identifier(self.vector_column), self.table)
+        ids: list[Id] = []
+        rows: list[np.ndarray] = []
+        try:
+            with self.conn.transaction(), self.conn.cursor(name="adapter_read") as cur:
+                cur.itersize = self.batch
+                cur.execute(query)
+                for pid, vector in cur:
+                    ids.append(pid)
+                    rows.append(vector.to_numpy() if hasattr(vector, "to_numpy") else vector)  # pgvector >= 0.4
+        except AdapterError:
+            raise
+        except Exception as e:
+            raise AdapterError(f"{self.name}: reading vectors failed ({one_line(e)})") from None
+        return ids, np.asarray(rows, dtype=np.float32).reshape(len(rows), self.dim)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 # ---------------------------------------------------------------------------------------------------------- opening
 
 
 def open_store(*, index: str | os.PathLike | None = None, qdrant: str | None = None, chroma: str | None = None,
-               collection: str | None = None, cfg: Config | None = None) -> Store:
-    """Open the one store given: a FAISS file (``index``), or a Qdrant or Chroma ``collection`` at a path or URL."""
+               pgvector: str | None = None, collection: str | None = None, table: str | None = None,
+               cfg: Config | None = None) -> Store:
+    """Open the one store given: a FAISS file (``index``), a Qdrant or Chroma ``collection`` at a path or URL, or a
+    pgvector ``table`` in the PostgreSQL database at DSN ``pgvector``."""
     cfg = cfg or Config()
-    given = [name for name, v in (("--index", index), ("--qdrant", qdrant), ("--chroma", chroma)) if v]
+    given = [name for name, v in (("--index", index), ("--qdrant", qdrant), ("--chroma", chroma),
+                                  ("--pgvector", pgvector)) if v]
     if len(given) != 1:
-        raise AdapterError("pass exactly one of --index FILE, --qdrant PATH_OR_URL or --chroma PATH_OR_URL"
-                           + (f" (got {' and '.join(given)})" if given else ""))
+        raise AdapterError("pass exactly one of --index FILE, --qdrant PATH_OR_URL, --chroma PATH_OR_URL or "
+                           "--pgvector DSN" + (f" (got {' and '.join(given)})" if given else ""))
+    if collection and (index is not None or pgvector is not None):
+        raise AdapterError(f"--collection applies to --qdrant and --chroma, not {given[0]}")
+    if table and pgvector is None:
+        raise AdapterError(f"--table applies to --pgvector, not {given[0]}")
     if index is not None:
-        if collection:
-            raise AdapterError("--collection applies to --qdrant and --chroma, not --index")
         return FaissStore(index, nprobe=cfg.store.nprobe, ef_search=cfg.store.ef_search)
+    if pgvector is not None:
+        if not table:
+            raise AdapterError("--pgvector needs --table NAME")
+        return PgvectorStore(pgvector, table, id_column=cfg.store.id_field, ef_search=cfg.store.ef_search,
+                             probes=cfg.store.nprobe, batch=cfg.store.batch)
     if not collection:
         raise AdapterError(f"{given[0]} needs --collection NAME")
     if qdrant is not None:
@@ -434,19 +590,172 @@ def hit_texts(store: Store, dataset: Dataset, hits: Hits) -> list[str]:
     return [dataset.corpus.get(n, "") for n in names]
 
 
-def corpus_from_store(store: Store, dataset: Dataset, split: str, *,
+def align_corpus(dataset: Dataset, names: Sequence[str], vectors: np.ndarray, *, source: str,
+                 judged: Collection[str], where: str = "", hint: str = "") -> tuple[list[str], np.ndarray]:
+    """Vectors named by corpus id, put in corpus.jsonl's order (vectors naming no chunk after them, as distractors), so
+    training on them samples exactly what training on embedded chunks samples; every ``judged`` chunk must be there
+    and every vector must have the same finite dimension."""
+    names = [str(n) for n in names]
+    if len(set(names)) != len(names):
+        dup = next(n for n, count in Counter(names).items() if count > 1)
+        raise AdapterError(f"{source}: id {dup!r} names more than one vector")
+    if vectors.ndim != 2 or len(vectors) != len(names):
+        raise AdapterError(f"{source}: {len(names)} ids for vectors of shape {tuple(vectors.shape)}")
+    if not len(names):
+        raise AdapterError(f"{source}: holds no vectors")
+    missing = sorted(set(judged) - set(names))
+    if missing:
+        raise AdapterError(f"{source}: holds no vector for {len(missing)} of the {len(set(judged))} chunks judged"
+                           f"{where} (first: {missing[0]!r}); its ids must be corpus ids{hint}")
+    row = {n: i for i, n in enumerate(names)}
+    order = [row[c] for c in dataset.corpus if c in row]
+    known = set(dataset.corpus)
+    order += [i for i, n in enumerate(names) if n not in known]
+    out = np.ascontiguousarray(vectors[order], dtype=np.float32)
+    if not np.isfinite(out).all():
+        raise AdapterError(f"{source}: holds vectors with NaN or infinite components")
+    logger.info("read %d vectors from %s (%d of them name no chunk of %s)", len(names), source,
+                len(names) - sum(n in known for n in names), dataset.path)
+    return [names[i] for i in order], out
+
+
+def corpus_from_store(store: Store, dataset: Dataset, split: str | Collection[str], *,
                       id_field: str | None = None) -> tuple[list[str], np.ndarray]:
-    """Every vector of ``store``, named by corpus id, checked to hold each chunk the split's qrels judge: what
-    ``evaluate_dataset(corpus=...)`` scores instead of embedding the corpus."""
+    """Every vector of ``store``, named by corpus id, checked to hold each chunk the split's qrels judge (``split`` is
+    a split name, or the chunk ids themselves): what evaluate and train use instead of embedding the corpus."""
     ids, vectors = store.vectors(id_field=id_field)
     if not len(ids):
         raise AdapterError(f"{store.name}: holds no vectors")
     names = corpus_names(store, dataset, ids)
-    judged = {c for rels in dataset.split(split).values() for c in rels}
-    missing = sorted(judged - set(names))
-    if missing:
-        raise AdapterError(f"{store.name}: holds no vector for {len(missing)} of the {len(judged)} chunks judged in "
-                           f"{split} (first: {missing[0]!r}); its ids must be corpus ids"
-                           + ("" if id_field else " (or pass --id-field)"))
-    logger.info("read %d vectors from %s (%d judged chunks among them)", len(ids), store.name, len(judged))
-    return names, vectors
+    judged = {c for rels in dataset.split(split).values() for c in rels} if isinstance(split, str) else set(split)
+    return align_corpus(dataset, names, vectors, source=store.name, judged=judged,
+                        where=f" in {split}" if isinstance(split, str) else "",
+                        hint="" if id_field or store.rows_are_ids else " (or pass --id-field)")
+
+
+# ---------------------------------------------------------------------------------------------------------- files
+
+
+def read_vector_file(path: str | os.PathLike, ids_path: str | os.PathLike | None = None
+                     ) -> tuple[list[str], np.ndarray]:
+    """Vectors and their corpus ids from files: ``VECTORS.npy`` with ``IDS.txt`` (row i is the id on line i), or a
+    ``.parquet`` file with ``id`` and ``vector`` columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: no such file")
+    if path.suffix == ".parquet":
+        if ids_path is not None:
+            raise AdapterError(f"{path}: a parquet file holds its own ids; drop --corpus-ids")
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path, columns=["id", "vector"])
+        except ImportError:
+            raise AdapterError("reading .parquet needs pyarrow: pip install pyarrow") from None
+        except Exception as e:  # pyarrow's errors name the missing column or the damage
+            raise AdapterError(f"{path}: cannot read id and vector columns ({one_line(e)})") from None
+        ids = [str(i) for i in table.column("id").to_pylist()]
+        column = table.column("vector").combine_chunks()
+        try:
+            flat = np.asarray(column.flatten(), dtype=np.float32)
+        except Exception as e:
+            raise AdapterError(f"{path}: the vector column is not a list of numbers ({one_line(e)})") from None
+        lengths = set(np.diff(np.asarray(column.offsets)).tolist()) if len(column) else {0}
+        if len(lengths) != 1 or column.null_count:
+            raise AdapterError(f"{path}: vectors of different lengths ({', '.join(map(str, sorted(lengths))[:5])})")
+        return ids, flat.reshape(len(ids), lengths.pop())
+    if path.suffix != ".npy":
+        raise AdapterError(f"{path}: expected a .npy array (with --corpus-ids) or a .parquet file")
+    if ids_path is None:
+        raise AdapterError(f"{path}: --corpus-ids IDS.txt is needed, one corpus id per line for each row")
+    try:
+        vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: not a .npy array ({one_line(e)})") from None
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.floating):
+        raise AdapterError(f"{path}: expected a 2-D float array (n, d), got {vectors.dtype} {tuple(vectors.shape)}")
+    try:
+        ids = Path(ids_path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{ids_path}: cannot read ids ({getattr(e, 'strerror', None) or one_line(e)})") from None
+    while ids and not ids[-1].strip():
+        ids.pop()
+    if len(ids) != len(vectors):
+        raise AdapterError(f"{ids_path}: {len(ids)} ids for the {len(vectors)} rows of {path}")
+    return [i.strip() for i in ids], np.asarray(vectors, dtype=np.float32)
+
+
+class ArrayStore(Store):
+    """Vectors held in memory under their ids (a ``--corpus-vectors`` file), searched exactly by the one ranking
+    function."""
+
+    def __init__(self, name: str, ids: Sequence[str], vectors: np.ndarray):
+        self.name, self.ids, self.array = name, list(ids), np.ascontiguousarray(vectors, dtype=np.float32)
+        self.dim = int(self.array.shape[1])
+
+    def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        from adapter.evaluate import search
+
+        self._no_id_field(id_field)
+        scores, rows = search(self._check(queries, k), self.array, k)
+        return [Hits([self.ids[i] for i in r], [float(x) for x in sc]) for sc, r in zip(scores, rows, strict=True)]
+
+    def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
+        self._no_id_field(id_field)
+        return list(self.ids), self.array
+
+    def _no_id_field(self, id_field: str | None) -> None:
+        if id_field:
+            raise AdapterError(f"{self.name}: --id-field applies to Qdrant, Chroma and pgvector, not vector files")
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """Where a team's corpus vectors already are: one store, or a vector file (with its ids). A corpus source of
+    ``adapter.systems`` (``read``), so train, evaluate, compare and search take it in place of embedding corpus.jsonl;
+    ``store`` holds the settings it is opened with (``with_settings`` takes them from a Config)."""
+
+    index: str | None = None
+    qdrant: str | None = None
+    chroma: str | None = None
+    pgvector: str | None = None
+    collection: str | None = None
+    table: str | None = None
+    vectors: str | None = None  # --corpus-vectors: .npy (with ``ids``) or .parquet
+    ids: str | None = None  # --corpus-ids
+    store: StoreConfig = field(default_factory=StoreConfig)  # nprobe, ef_search, id_field, batch
+
+    def __bool__(self) -> bool:
+        """True when anything was given (a stray --collection too, so that it is refused rather than ignored)."""
+        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name != "store")
+
+    def with_settings(self, cfg: Config) -> StoreSource:
+        return dataclasses.replace(self, store=cfg.store)
+
+    @property
+    def name(self) -> str:
+        given = self.vectors or self.index or self.qdrant or self.chroma or (self.pgvector and _dsn_name(self.pgvector))
+        return str(given or "no store")
+
+    def open(self, cfg: Config | None = None) -> Store:
+        """The store named (``open_store``), or the vector file as an ``ArrayStore``."""
+        cfg = cfg or Config().replace(store=self.store)
+        if self.vectors is not None:
+            if any(v is not None for v in (self.index, self.qdrant, self.chroma, self.pgvector)):
+                raise AdapterError("pass either --corpus-vectors or a store (--index, --qdrant, --chroma, "
+                                   "--pgvector), not both")
+            return ArrayStore(str(self.vectors), *read_vector_file(self.vectors, self.ids))
+        if self.ids is not None:
+            raise AdapterError("--corpus-ids goes with --corpus-vectors VECTORS.npy")
+        return open_store(index=self.index, qdrant=self.qdrant, chroma=self.chroma, pgvector=self.pgvector,
+                          collection=self.collection, table=self.table, cfg=cfg)
+
+    def read(self, dataset: Dataset, encoder: Any) -> tuple[list[str], np.ndarray]:
+        """Every vector, named by corpus id and put in corpus.jsonl's order, each chunk any split of ``dataset``
+        judges among them, of ``encoder``'s dimension: nothing of the corpus is embedded."""
+        from adapter.systems import VectorCorpus
+
+        judged = {c for qrels in dataset.qrels.values() for rels in qrels.values() for c in rels}
+        with self.open() as store:
+            corpus = VectorCorpus.from_store(store, dataset, judged, id_field=self.store.id_field)
+        return corpus.read(dataset, encoder)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -71,8 +71,10 @@ class VectorCorpus:
         return self.ids, self.vectors
 
     @classmethod
-    def from_store(cls, store: Store, dataset: Dataset, split: str, *, id_field: str | None = None) -> VectorCorpus:
-        """Every vector of ``store``, named by corpus id and checked to hold each chunk ``split`` judges."""
+    def from_store(cls, store: Store, dataset: Dataset, split: str | Collection[str], *,
+                   id_field: str | None = None) -> VectorCorpus:
+        """Every vector of ``store``, named by corpus id and checked to hold each chunk ``split`` judges (a split's
+        name, or the chunk ids themselves)."""
         from adapter.stores import corpus_from_store
 
         ids, vectors = corpus_from_store(store, dataset, split, id_field=id_field)

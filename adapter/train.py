@@ -27,6 +27,7 @@ from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, Results, search
 from adapter.evaluate import evaluate as judge
 from adapter.model import LinearAdapter
+from adapter.systems import CorpusSource, EncodedCorpus
 
 if TYPE_CHECKING:
     from adapter.encoder import Encoder
@@ -270,16 +271,24 @@ def _digits(v: float) -> float:
 
 
 def train_adapter(dataset: Dataset, encoder: Encoder, cfg: Config | None = None, *,
-                  progress: bool = True) -> TrainResult:
+                  progress: bool = True, corpus: CorpusSource | None = None) -> TrainResult:
     """Train an adapter on a dataset split with the encoder's cached embeddings; validation is the ``dev`` split if
-    present, else a seeded slice of train carved the way the dataset was split (by query or by whole chunk)."""
+    present, else a seeded slice of train carved the way the dataset was split (by query or by whole chunk).
+
+    ``corpus``: where the corpus vectors come from (``adapter.systems``; e.g. ``adapter.stores.StoreSource``, the
+    vectors the index already holds) instead of the encoder's encoding of corpus.jsonl; then only queries are
+    embedded."""
     cfg = cfg or Config()
     train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.split.train_split,
                                                   val_fraction=cfg.split.val_fraction, seed=cfg.seed)
     qids = [*train_qrels, *val_qrels]
+    source = corpus or EncodedCorpus()
+    corpus_ids, corpus = source.read(dataset, encoder)
+    missing = sorted({c for rels in (*train_qrels.values(), *val_qrels.values()) for c in rels} - set(corpus_ids))
+    if missing:
+        raise AdapterError(f"{source.name}: holds no vector for {len(missing)} chunks the training queries judge "
+                           f"(first: {missing[0]!r}); its ids must be corpus ids")
     queries = encoder.encode_queries([dataset.queries[q] for q in qids])
-    corpus_ids = list(dataset.corpus)
-    corpus = encoder.encode_documents([dataset.doc_text(c) for c in corpus_ids])
     train = Split(queries[: len(train_qrels)], list(train_qrels), train_qrels)
     val = Split(queries[len(train_qrels):], list(val_qrels), val_qrels)
     logger.info("training on %d queries, validating on %d (%s)", len(train.ids), len(val.ids), how)

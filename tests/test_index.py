@@ -91,7 +91,7 @@ def test_search_bad_input(tmp_path, trained):
 
 
 @pytest.mark.parametrize("args, words", [
-    ([], "pass exactly one of --index FILE, --qdrant PATH_OR_URL or --chroma PATH_OR_URL"),
+    ([], "pass exactly one of --index FILE, --qdrant PATH_OR_URL, --chroma PATH_OR_URL or --pgvector DSN"),
     (["--index", "a.faiss", "--chroma", "db"], "(got --index and --chroma)"),
     (["--qdrant", "db"], "--qdrant needs --collection NAME"),
     (["--index", "a.faiss", "--collection", "c"], "--collection applies to --qdrant and --chroma"),

@@ -88,11 +88,11 @@ def test_a_429_pauses_everyone_for_its_retry_after():
     with FakeLLM(questions=2, retry_after="1") as llm:
         client = make_client(llm.url, timeout=5)
         llm.push("429")
-        limiter = RateLimiter(60_000)
+        limiter, stats = RateLimiter(60_000), Stats()
         worker = threading.Thread(target=call, args=(lambda: client.chat.completions.create(model="m", messages=[]),),
-                                  kwargs={"endpoint": "e", "policy": FAST, "limiter": limiter})
+                                  kwargs={"endpoint": "e", "policy": FAST, "limiter": limiter, "stats": stats})
         worker.start()
-        while not llm.faults_seen():
+        while not stats.retries:  # counted once the 429 has paused the limiter
             time.sleep(0.005)
         t = time.monotonic()
         limiter.wait()  # another thread's next request waits out the same Retry-After

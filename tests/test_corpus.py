@@ -1,0 +1,160 @@
+"""Corpus vectors from where the index already is (a FAISS file, a vector file, a Qdrant, Chroma or pgvector store)
+for train and evaluate: the same adapter and metrics as from embedded chunks, no chunk embedded, bad input refused
+in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from adapter.config import Config
+from adapter.errors import AdapterError
+from adapter.stores import StoreSource, read_vector_file, write_index
+from cli import main
+from tests.conftest import CHUNKS, write_dataset
+
+QUICK = Config().replace(epochs=3, val_fraction=0.3)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, minilm):
+    """The tiny dataset split by query, a copy whose chunk texts are placeholders, and its MiniLM document vectors
+    written the ways a team might hold them (ids in a shuffled order, plus two vectors naming no chunk)."""
+    from adapter.data import split_dataset
+    from adapter.encoder import Encoder
+
+    root = tmp_path_factory.mktemp("corpus")
+    folder = write_dataset(root / "ds")
+    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    blind = root / "blind"
+    blind.mkdir()
+    (blind / "qrels").mkdir()
+    for p in (folder / "qrels").iterdir():
+        (blind / "qrels" / p.name).write_bytes(p.read_bytes())
+    (blind / "queries.jsonl").write_bytes((folder / "queries.jsonl").read_bytes())
+    with open(blind / "corpus.jsonl", "w") as f:
+        for i, cid in enumerate(CHUNKS):
+            f.write(json.dumps({"_id": cid, "text": f"placeholder {i}"}) + "\n")
+    docs = Encoder(minilm, cache_dir=root / "cache", show_progress=False).encode_documents(list(CHUNKS.values()))
+    rng = np.random.default_rng(0)
+    extra = rng.normal(size=(2, docs.shape[1])).astype(np.float32)
+    extra /= np.linalg.norm(extra, axis=1, keepdims=True)
+    names = [*CHUNKS, "other-1", "other-2"]
+    vectors = np.concatenate([docs, extra])
+    order = rng.permutation(len(names))
+    np.save(root / "vectors.npy", vectors[order])
+    (root / "ids.txt").write_text("".join(names[i] + "\n" for i in order))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": [names[i] for i in order], "vector": [vectors[i].tolist() for i in order]}),
+                   root / "vectors.parquet")
+    shuffled = rng.permutation(len(CHUNKS))  # the chunks alone, in another order than corpus.jsonl's
+    np.save(root / "chunks.npy", docs[shuffled])
+    (root / "chunks.txt").write_text("".join(list(CHUNKS)[i] + "\n" for i in shuffled))
+    pq.write_table(pa.table({"id": [list(CHUNKS)[i] for i in shuffled], "vector": [docs[i].tolist()
+                                                                                   for i in shuffled]}),
+                   root / "chunks.parquet")
+    write_index(docs, root / "rows.faiss")  # row i = line i of corpus.jsonl
+    write_index(vectors[order], root / "ids.faiss", ids=np.array([100 + i for i in order]))
+    return folder, blind, root
+
+
+def encoder(minilm, cache: Path):
+    from adapter.encoder import Encoder
+
+    return Encoder(minilm, cache_dir=cache, show_progress=False)
+
+
+@pytest.mark.parametrize("source", ["rows.faiss", "npy", "parquet"])
+def test_training_on_the_index_vectors_gives_the_same_adapter_and_embeds_no_chunk(setup, minilm, tmp_path, source):
+    from adapter.data import load_dataset
+    from adapter.train import train_adapter
+
+    folder, blind, root = setup
+    reference = train_adapter(load_dataset(folder), encoder(minilm, tmp_path / "a"), QUICK, progress=False)
+    given = {"rows.faiss": StoreSource(index=str(root / "rows.faiss")),
+             "npy": StoreSource(vectors=str(root / "chunks.npy"), ids=str(root / "chunks.txt")),
+             "parquet": StoreSource(vectors=str(root / "chunks.parquet"))}[source]
+    enc = encoder(minilm, tmp_path / "b")
+    ds = load_dataset(blind)  # chunk texts are placeholders: only ids are read
+    result = train_adapter(ds, enc, QUICK, progress=False, corpus=given)
+    assert enc.texts_encoded == len(ds.split("train"))  # the queries, and no chunk
+    # the same vectors, put in corpus.jsonl's order whatever the file's: the same adapter, bit for bit
+    np.testing.assert_array_equal(result.adapter.weight, reference.adapter.weight)
+    assert result.best_val == reference.best_val
+
+
+def test_evaluate_cli_scores_a_vector_file_as_the_embedded_corpus(setup, tmp_path):
+    folder, blind, root = setup
+    runs = {}
+    for name, data, extra in (("embedded", folder, []),
+                              ("npy", blind, ["--corpus-vectors", str(root / "vectors.npy"), "--corpus-ids",
+                                              str(root / "ids.txt")]),
+                              ("parquet", blind, ["--corpus-vectors", str(root / "vectors.parquet")])):
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(main, ["evaluate", str(data), "--dims", "384", "--json", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads(out.read_text())
+    # the vector files also hold two vectors naming no chunk: they compete in search and may push a chunk down
+    for name in ("npy", "parquet"):
+        assert runs[name]["base"]["384"]["ndcg@10"] == pytest.approx(runs["embedded"]["base"]["384"]["ndcg@10"],
+                                                                     abs=0.05)
+    assert runs["npy"] == runs["parquet"]
+
+
+def test_train_cli_from_a_faiss_file_with_ids(setup, tmp_path):
+    """Ids under an id map are not corpus ids: refused in one line, nothing written."""
+    _, blind, root = setup
+    out = tmp_path / "a.safetensors"
+    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--epochs", "1",
+                                  "--index", str(root / "ids.faiss")])
+    assert r.exit_code == 1 and "holds no vector for" in r.output and r.output.count("\n") == 1, r.output
+    assert not out.exists()
+    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--epochs", "1",
+                                  "--index", str(root / "rows.faiss")])
+    assert r.exit_code == 0 and out.is_file(), r.output
+
+
+def test_bad_vector_files_are_one_line(setup, tmp_path, minilm):
+    from adapter.data import load_dataset
+    from adapter.train import train_adapter
+
+    _, blind, root = setup
+    ds = load_dataset(blind)
+    np.save(tmp_path / "flat.npy", np.ones(8, np.float32))
+    np.save(tmp_path / "small.npy", np.ones((8, 16), np.float32))
+    (tmp_path / "three.txt").write_text("a\nb\nc\n")
+    names = (root / "ids.txt").read_text()
+    (tmp_path / "dup.txt").write_text(names.replace("other-1", "other-2"))
+    (tmp_path / "strangers.txt").write_text("".join(f"x{i}\n" for i in range(8)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a"], "embedding": [[1.0, 0.0]]}), tmp_path / "novec.parquet")
+    cases = [
+        ({"vectors": str(tmp_path / "none.npy"), "ids": str(root / "ids.txt")}, r"none\.npy: no such file"),
+        ({"vectors": str(root / "vectors.npy")}, r"--corpus-ids IDS\.txt is needed"),
+        ({"vectors": str(tmp_path / "flat.npy"), "ids": str(root / "ids.txt")}, r"expected a 2-D float array"),
+        ({"vectors": str(root / "vectors.npy"), "ids": str(tmp_path / "three.txt")},
+         r"three\.txt: 3 ids for the 8 rows of"),
+        ({"vectors": str(root / "vectors.npy"), "ids": str(tmp_path / "dup.txt")},
+         r"id 'other-2' names more than one vector"),
+        ({"vectors": str(root / "vectors.npy"), "ids": str(tmp_path / "strangers.txt")},
+         r"holds no vector for \d+ of the \d+ chunks judged \(first: '\w+'\); its ids must be corpus ids"),
+        ({"vectors": str(tmp_path / "novec.parquet")}, r"novec\.parquet: cannot read id and vector columns"),
+        ({"vectors": str(tmp_path / "small.npy"), "ids": str(root / "ids.txt")},
+         r"small\.npy holds 16-dimensional vectors, .* makes 384"),
+        ({"vectors": str(root / "vectors.npy"), "ids": str(root / "ids.txt"), "index": "x.faiss"},
+         "pass either --corpus-vectors or a store"),
+        ({"ids": str(root / "ids.txt")}, r"--corpus-ids goes with --corpus-vectors"),
+    ]
+    enc = encoder(minilm, tmp_path / "cache")
+    for given, message in cases:
+        with pytest.raises(AdapterError, match=message):
+            train_adapter(ds, enc, QUICK, progress=False, corpus=StoreSource(**given))
+    assert read_vector_file(root / "vectors.parquet")[1].shape == (8, 384)
