@@ -266,6 +266,29 @@ def store_options(f):
     return ID_FIELD_OPTION(wrapper)
 
 
+def rerank_options(f):
+    """--reranker DIR and --rerank-k N: a cross-encoder second stage on every system."""
+    f = click.option("--rerank-k", type=int, default=None, help="First-stage candidates the reranker reorders "
+                     f"[default: {DEFAULTS.rerank.k}].")(f)
+    return click.option("--reranker", "reranker_dir", type=click.Path(file_okay=False), default=None,
+                        help="Cross-encoder folder (from `adapter rerank-train`): each system is also scored with its "
+                             "top --rerank-k reordered, as '<system>+rerank'.")(f)
+
+
+def _reranker(folder: str | None, k: int | None, ds):
+    """The reranker named by --reranker (None without it), --rerank-k checked against the corpus first."""
+    if folder is None:
+        if k is not None:
+            raise AdapterError("--rerank-k needs --reranker")
+        return None
+    from adapter.rerank import check_folder, check_k, load_reranker
+
+    check_folder(folder)
+    check_k(k if k is not None else DEFAULTS.rerank.k, len(ds.corpus))
+    _quiet_hf()
+    return load_reranker(folder)
+
+
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @model_option
@@ -280,9 +303,11 @@ def store_options(f):
 @cache_option
 @store_options
 @embedding_options
+@rerank_options
 def evaluate(directory: str, model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
              adapters: tuple[str, ...], allow_other_model: bool, json_out: str | None, force: bool,
-             cache_dir: str | None, source, id_field: str | None, embedding: dict) -> None:
+             cache_dir: str | None, source, id_field: str | None, embedding: dict, reranker_dir: str | None,
+             rerank_k: int | None) -> None:
     """Score retrieval on DIRECTORY's split at each dim, base beside each adapter, and print the table.
 
     With a store (--index, --qdrant, --chroma, --pgvector) or --corpus-vectors the corpus vectors are read from
@@ -293,12 +318,13 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
 
     _quiet_hf()
     cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir, id_field=id_field,
-                           **embedding)
+                           rerank_k=rerank_k, **embedding)
     if json_out:
         _check_output(json_out, force)
     ds = load_dataset(directory)
+    reranker = _reranker(reranker_dir, rerank_k, ds)
     results = evaluate_dataset(ds, cfg, adapters=adapters, corpus=source.with_settings(cfg) if source else None,
-                               allow_other_model=allow_other_model)
+                               allow_other_model=allow_other_model, reranker=reranker)
     click.echo(format_table(results))
     if json_out:
         write_results(results, json_out, force=force)
@@ -606,6 +632,69 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
         click.echo(f"pushed {r.path} to {push_to_hub(r.path, repo_id)}")
 
 
+@main.command("rerank-train")
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Reranker folder to write: new or empty, or holding the checkpoints of this same run (resumes).")
+@click.option("--model", default=None, help="Start: a cross-encoder checkpoint, or any BERT-like encoder (gets a new "
+              f"one-logit head) [default: {DEFAULTS.rerank.model}'s backbone].")
+@click.option("--encoder", default=None, help=f"First-stage bi-encoder that mines the hard negatives [default: "
+              f"{DEFAULTS.encoder.model}].")
+@click.option("--adapter", "adapter_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Mine the negatives under this adapter on the encoder (the first stage it will rerank).")
+@click.option("--rerank-k", "k", type=int, default=None, help="First-stage candidates it learns to reorder "
+              f"[default: {DEFAULTS.rerank.k}].")
+@click.option("--loss", type=click.Choice(["bce", "mnrl"]), default=None, help=f"[default: {DEFAULTS.rerank.loss}]")
+@click.option("--negatives", type=Number(int, 0), default=None, help="Hard negatives per question "
+              f"[default: {DEFAULTS.rerank.negatives}].")
+@click.option("--epochs", type=COUNT, default=None, help=f"[default: {DEFAULTS.rerank.epochs}]")
+@click.option("--batch-size", type=COUNT, default=None, help=f"[default: {DEFAULTS.rerank.batch_size}]")
+@click.option("--lr", type=POSITIVE, default=None, help=f"[default: {DEFAULTS.rerank.lr}]")
+@click.option("--max-seq-length", type=Number(int, 8), default=None, help="Question + chunk tokens "
+              f"[default: {DEFAULTS.rerank.max_seq_length}].")
+@click.option("--max-train-seconds", type=POSITIVE, default=None, help="Stop training at this wall time; that point is "
+              "validated like an epoch [default: no limit].")
+@click.option("--val-queries", type=COUNT, default=None, help="Validation questions reranked each epoch "
+              f"[default: {DEFAULTS.rerank.val_queries}].")
+@click.option("--train-queries", type=COUNT, default=None, help="Train on a seeded sample of this many questions "
+              "[default: all].")
+@click.option("--split", "train_split", default=None,
+              help=f"Qrels split to train on [default: {DEFAULTS.split.train_split}].")
+@click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
+@click.option("--push-to-hub", "repo_id", default=None, metavar="REPO",
+              help="Then upload the reranker folder to this Hugging Face Hub model repo (token: $HF_TOKEN).")
+@cache_option
+def rerank_train(directory: str, out: str, model: str | None, encoder: str | None, adapter_path: str | None,
+                 k: int | None, loss: str | None, negatives: int | None, epochs: int | None, batch_size: int | None,
+                 lr: float | None, max_seq_length: int | None, max_train_seconds: float | None,
+                 val_queries: int | None, train_queries: int | None, train_split: str | None, seed: int | None,
+                 repo_id: str | None, cache_dir: str | None) -> None:
+    """Fine-tune a cross-encoder to rerank DIRECTORY's first-stage top-k (hard negatives mined once by the first
+    stage); write the best epoch by validation ndcg@10 to --out with a model card.
+
+    Run the same command again after a crash to resume from the last finished epoch."""
+    from adapter.data import load_dataset
+    from adapter.pipeline import rerank_train as run
+
+    _quiet_hf()
+    cfg = Config().replace(model=encoder, train_split=train_split, seed=seed, cache_dir=cache_dir, rerank_model=model,
+                           rerank_k=k, rerank_loss=loss, rerank_negatives=negatives, rerank_epochs=epochs,
+                           rerank_batch_size=batch_size, rerank_lr=lr, rerank_max_seq_length=max_seq_length,
+                           max_train_seconds=max_train_seconds, val_queries=val_queries, train_queries=train_queries)
+    ds = load_dataset(directory)
+    ds.split(cfg.split.train_split)
+    r = run(ds, out, cfg, adapter=adapter_path)
+    f, b = r.best_val["ndcg@10"], r.first_stage_val["ndcg@10"]
+    click.echo(f"validation ndcg@10: first stage {b:.4f} -> reranked top {cfg.rerank.k} {f:.4f} "
+               f"({(f - b) / b:+.1%}); epoch {r.best_epoch:g} kept")
+    resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""
+    click.echo(f"trained in {r.seconds:.1f} s{resumed}; wrote {r.path}")
+    if repo_id:
+        from adapter.hub import push_to_hub
+
+        click.echo(f"pushed {r.path} to {push_to_hub(r.path, repo_id)}")
+
+
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
@@ -624,9 +713,13 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
 @click.option("--allow-other-model", is_flag=True, help="Apply adapters trained on another base model anyway.")
 @click.option("--force", is_flag=True, help="Replace a report already in --out.")
 @cache_option
+@rerank_options
+@click.option("--rag", "rag_json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="rag.json from `adapter rag`: its answer accuracy joins the report.")
 def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tuple[str, ...], models: tuple[str, ...],
             base_model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
-            bootstrap_samples: int | None, allow_other_model: bool, force: bool, cache_dir: str | None) -> None:
+            bootstrap_samples: int | None, allow_other_model: bool, force: bool, cache_dir: str | None,
+            reranker_dir: str | None, rerank_k: int | None, rag_json: str | None) -> None:
     """Score base, adapters, fine-tuned and other models side by side on DIRECTORY's split, with costs and paired
     bootstrap intervals; write report.md, results.json, summary.json and PNG plots to --out."""
     from pathlib import Path
@@ -637,13 +730,14 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
 
     _quiet_hf()
     cfg = Config().replace(model=base_model, split=split_name, dims=dims, bootstrap_samples=bootstrap_samples,
-                           cache_dir=cache_dir)
+                           cache_dir=cache_dir, rerank_k=rerank_k)
     ds = load_dataset(directory)
     ds.split(cfg.evaluate.split)  # fail on a missing split before loading a model
     if (Path(out) / "report.md").exists() and not force:  # before any model is loaded
         raise AdapterError(f"{out}: already holds a report; pass --force to replace it")
+    reranker = _reranker(reranker_dir, rerank_k, ds)
     c = run(ds, out, cfg, adapters=adapters, finetuned=finetuned, models=models, allow_other_model=allow_other_model,
-            force=force)
+            force=force, reranker=reranker, rag=rag_json)
     click.echo(primary_table(c))
     click.echo(cost_table(c, len(ds.corpus)))
     click.echo(f"wrote {', '.join(str(p) for p in c.files)}")
@@ -676,6 +770,90 @@ def serve(adapter_path: str, model: str | None, host: str | None, port: int | No
                            batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
                            max_inputs=max_inputs, threads=threads)
     run(adapter_path, cfg, allow_other_model=allow_other_model)
+
+@main.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False))
+@click.option("--llm-model", default=None, help=f"Chat model that answers [default: {DEFAULTS.llm.model}].")
+@click.option("--judge-model", default=None, help="Chat model that grades the answers [default: --llm-model].")
+@click.option("--base-url", default=None, help="Any OpenAI-compatible server [default: $OPENAI_BASE_URL, else OpenAI].")
+@click.option("--api-key-env", default=None, help=f"Environment variable holding the API key [default: "
+              f"{DEFAULTS.llm.api_key_env}].")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Folder for answers.jsonl, rag.json and the journal [default: DIRECTORY/rag].")
+@click.option("--adapter", "adapters", multiple=True, type=click.Path(dir_okay=False), help="Adapter file "
+              "(repeatable).")
+@click.option("--finetuned", multiple=True, type=click.Path(file_okay=False), help="Fine-tuned model folder "
+              "(repeatable).")
+@rerank_options
+@click.option("--systems", "names", default=None, help="Comma-separated systems to ask about [default: all; base is "
+              "always kept].")
+@click.option("-k", "k", type=int, default=None, help=f"Chunks in each answer prompt [default: {DEFAULTS.rag.k}].")
+@click.option("--limit", type=int, default=None, help="Ask a seeded sample of N test questions [default: all].")
+@click.option("--split", "split_name", default=None, help=f"Qrels split whose questions are asked [default: "
+              f"{DEFAULTS.evaluate.split}].")
+@click.option("--concurrency", type=int, default=None,
+              help=f"Requests in flight [default: {DEFAULTS.llm.concurrency}].")
+@click.option("--requests-per-minute", type=int, default=None, help=f"[default: {DEFAULTS.llm.requests_per_minute}]")
+@click.option("--timeout", type=POSITIVE, default=None,
+              help=f"Seconds per request [default: {DEFAULTS.llm.request_timeout}].")
+@click.option("--max-retries", type=int, default=None,
+              help=f"Re-asks per request [default: {DEFAULTS.llm.max_retries}].")
+@click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
+@model_option
+@cache_option
+def rag(directory: str, llm_model: str | None, judge_model: str | None, base_url: str | None,
+        api_key_env: str | None, out: str | None, adapters: tuple[str, ...], finetuned: tuple[str, ...],
+        reranker_dir: str | None, rerank_k: int | None, names: str | None, k: int | None, limit: int | None,
+        split_name: str | None, concurrency: int | None, requests_per_minute: int | None, timeout: float | None,
+        max_retries: int | None, seed: int | None, model: str | None, cache_dir: str | None) -> None:
+    """Answer DIRECTORY's test questions from each system's top-k chunks with an LLM, grade each answer against the
+    gold chunk with a judge LLM, and report answer accuracy beside retrieval, with paired bootstrap intervals.
+
+    Resumable: run the same command again after a crash or a kill; journalled replies are not asked again."""
+    from pathlib import Path
+
+    from adapter.data import load_dataset
+    from adapter.rag import RESULTS, run_rag, sample_questions
+    from adapter.report import rag_table
+    from adapter.systems import build_systems
+
+    cfg = Config().replace(llm_model=llm_model, base_url=base_url, api_key_env=api_key_env, split=split_name,
+                           concurrency=concurrency, requests_per_minute=requests_per_minute, request_timeout=timeout,
+                           max_retries=max_retries, seed=seed, model=model, cache_dir=cache_dir, rag_k=k, limit=limit,
+                           judge_model=judge_model, rerank_k=rerank_k)
+    ds = load_dataset(directory)
+    qrels = ds.split(cfg.evaluate.split)
+    if cfg.rag.limit is not None and cfg.rag.limit < 1:
+        raise AdapterError(f"--limit must be at least 1, got {cfg.rag.limit}")
+    if cfg.rag.k < 1 or cfg.rag.k > len(ds.corpus):
+        raise AdapterError(f"-k {cfg.rag.k} is outside 1..{len(ds.corpus)} (the corpus's chunk count)")
+    reranker = _reranker(reranker_dir, rerank_k, ds)
+    from adapter.resilience import make_client
+
+    make_client(cfg.llm.base_url, cfg.llm.api_key_env, cfg.llm.request_timeout)  # no key: stop before loading models
+    qids = sample_questions(qrels, cfg.rag.limit, cfg.seed)
+    _quiet_hf()
+    systems = build_systems(cfg, adapters=adapters, finetuned=finetuned, reranker=reranker)
+    if names:
+        keep = [n.strip() for n in names.split(",") if n.strip()]
+        unknown = next((n for n in keep if n not in systems), None)
+        if unknown:
+            raise AdapterError(f"--systems: no system named {unknown!r} (there are {', '.join(systems)})")
+        systems = {n: s for n, s in systems.items() if n == "base" or n in keep}
+    r = run_rag(ds, systems, qids, out or Path(directory) / "rag", cfg)
+    import json
+
+    click.echo(rag_table(json.loads((Path(out or Path(directory) / "rag") / RESULTS).read_text())))
+    reasons = ", ".join(f"{a}: {b}" for a, b in r.retry_reasons.items())
+    click.echo(f"questions: {r.questions}, compared on {r.compared} graded for every system; ungraded: "
+               + ", ".join(f"{s} {n}" for s, n in r.ungraded.items()))
+    click.echo(f"requests: {r.requests}, retries {r.retries}{f' ({reasons})' if reasons else ''}, "
+               f"{r.reused} replies reused from an earlier run, {r.seconds:.1f} s")
+    click.echo(f"wrote {', '.join(str(p) for p in r.files)}")
+    if r.failed:
+        click.echo(f"{r.failed} question(s) failed every retry: run the same command again to ask them again")
+        sys.exit(1)
+
 
 if __name__ == "__main__":
     main()

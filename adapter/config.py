@@ -173,10 +173,41 @@ class EmbeddingConfig:
     canary_min_cosine: float = 0.99  # a fixed text's vector must stay this close to the cached one, or the run stops
 
 
+@dataclass(frozen=True)
+class RerankConfig:
+    """The cross-encoder reranker: how `rerank-train` fine-tunes it and how a reranked system uses it."""
+
+    model: str = DEFAULT_MODEL  # start: a cross-encoder checkpoint, or any BERT-like encoder given a new one-logit head
+    k: int = 20  # first-stage candidates the cross-encoder reorders (and the pool hard negatives come from)
+    loss: str = "bce"  # "bce": BinaryCrossEntropyLoss on (question, chunk, 0/1); "mnrl": the cross-encoder MNRL
+    negatives: int = 3  # hard negatives per training question, sampled from its first-stage top-k non-relevant chunks
+    epochs: int = 2  # the best epoch on validation is kept, so extra epochs cost time, not quality
+    batch_size: int = 16  # (question, chunk) pairs per step for bce; questions per step for mnrl
+    lr: float = 2e-5  # sentence-transformers' cross-encoder default: every weight moves, so small steps
+    warmup: float = 0.1  # linear warmup over 10% of steps, then linear decay
+    max_seq_length: int | None = 256  # question + chunk tokens, as the bi-encoder reads; None: the model's own (512)
+    max_train_seconds: float | None = None  # stop training at this wall time; that point is validated like an epoch
+    val_queries: int | None = 200  # seeded sample of validation questions reranked each epoch: k CPU passes each
+    train_queries: int | None = None  # seeded sample of training questions (to fit a CPU budget); None: all of them
+    predict_batch_size: int = 32  # pairs per forward pass when reranking
+
+
+@dataclass(frozen=True)
+class RagConfig:
+    """`adapter rag`: answers written from each system's top-k chunks, graded against the gold chunk."""
+
+    k: int = 5  # chunks put in the answer prompt
+    limit: int | None = None  # None: every test question; N: a seeded sample of N
+    judge_model: str | None = None  # None: the answering model grades too
+    temperature: float = 0.0  # answers and grades as repeatable as the server allows
+    reasks: int = 2  # re-asks when a grade is not the JSON asked for; after them the question is ungraded
+
+
 SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "split": SplitConfig, "evaluate": EvaluateConfig,
                              "train": TrainConfig, "finetune": FinetuneConfig, "report": ReportConfig,
                              "store": StoreConfig, "chunk": ChunkConfig, "llm": LLMConfig, "serve": ServeConfig,
-                             "embedding": EmbeddingConfig}
+                             "embedding": EmbeddingConfig,
+                             "rerank": RerankConfig, "rag": RagConfig}
 
 
 @dataclass(frozen=True)
@@ -194,6 +225,8 @@ class Config:
     llm: LLMConfig = field(default_factory=LLMConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    rag: RagConfig = field(default_factory=RagConfig)
     seed: int = 0  # one random seed for splits, sampling, initialisation and the bootstrap
 
     def replace(self, **overrides: Any) -> Config:
@@ -249,15 +282,17 @@ class Config:
 def _flat_names() -> dict[str, tuple[str, str]]:
     """Flat name -> (section, field): ``<section>_<field>`` always; the bare field name where only one section has
     it; and, for names several sections share, the stage the old flat Config meant (``model`` the encoder's,
-    ``epochs``/``lr``/``batch_size``/``temperature`` the adapter's, ``base_url``/``concurrency``/... generate's).
-    ``encode_batch_size``, ``split_by`` and ``search_k`` are the old names of three fields."""
+    ``epochs``/``lr``/``batch_size``/``temperature``/``loss``/``negatives`` the adapter's, ``warmup``/``max_seq_length``
+    the fine-tune's, ``base_url``/``concurrency``/... generate's). ``encode_batch_size``, ``split_by`` and
+    ``search_k`` are the old names of three fields."""
     owners: dict[str, list[str]] = {}
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             owners.setdefault(f.name, []).append(section)
     flat = {f"{s}_{name}": (s, name) for name, sections in owners.items() for s in sections}
     flat.update({name: (sections[0], name) for name, sections in owners.items() if len(sections) == 1})
-    shared = {"model": "encoder", "epochs": "train", "lr": "train", "batch_size": "train", "temperature": "train"}
+    shared = {"model": "encoder", "epochs": "train", "lr": "train", "batch_size": "train", "temperature": "train",
+              "loss": "train", "negatives": "train", "warmup": "finetune", "max_seq_length": "finetune"}
     shared.update({name: "llm" for name in ("base_url", "api_key_env", "concurrency", "requests_per_minute",
                                             "request_timeout", "max_retries", "retry_base_delay", "retry_max_delay")})
     flat.update({name: (section, name) for name, section in shared.items()})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 import faiss
 import numpy as np
@@ -28,6 +29,14 @@ METRICS = (*(f"{m}@{k}" for m in ("accuracy", "precision", "recall") for k in AT
 TOP_K = max(*AT_K, MRR_K, NDCG_K, MAP_K)  # how deep every query is searched
 
 Results = dict[int, dict[str, float]]  # dim -> metric -> value
+
+
+class Reorder(Protocol):
+    """A second stage (``adapter.rerank.ListReranker``): reorders the first ``k`` of each query's ranked corpus rows."""
+
+    k: int  # how many of the first stage's candidates it reorders
+
+    def __call__(self, query_ids: Sequence[str], rows: np.ndarray) -> np.ndarray: ...
 
 
 def resolve_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
@@ -75,6 +84,13 @@ def search(queries: np.ndarray, corpus: np.ndarray, k: int, *, dim: int | None =
     return out_scores, out_rows
 
 
+def id_rank(corpus_ids: Sequence[str]) -> np.ndarray:
+    """Each corpus row's rank by id: the judge's tie-break (``search``'s ``tie_rank``), as in sentence-transformers."""
+    rank = np.empty(len(corpus_ids), dtype=np.int64)
+    rank[np.argsort(np.asarray(corpus_ids, dtype=object), kind="stable")] = np.arange(len(corpus_ids))
+    return rank
+
+
 def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray, *, per_query: bool = False) -> dict[str, float]:
     """IR metrics from a (n_queries, depth) boolean matrix of ranked hits and each query's count of relevant docs.
 
@@ -103,12 +119,14 @@ def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray, *, per_query: bo
 
 
 def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels, query_ids: Sequence[str],
-             corpus_ids: Sequence[str], dims: Sequence[int] | None = None, *, per_query: bool = False) -> Results:
+             corpus_ids: Sequence[str], dims: Sequence[int] | None = None, *, per_query: bool = False,
+             rerank: Reorder | None = None) -> Results:
     """Score one system: its query and corpus vectors (rows in the order of the ids) against ``qrels``.
 
     Returns ``{dim: {metric: value}}`` for each dimension in ``dims`` (default: the full dimension). Ties are broken
     by corpus id, as in sentence-transformers. ``per_query=True``: each value is instead an (n,) array over the scored
     queries (those of ``query_ids`` with a positive judgement, in that order), whose mean is the metric.
+    ``rerank``: a second stage reorders each query's first ``rerank.k`` results before they are scored.
     """
     full = corpus_vectors.shape[1]
     if query_vectors.shape[1] != full:
@@ -134,11 +152,13 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
     n = len(corpus_ids)
     pairs = np.array([i * n + c_row[c] for i, q in enumerate(scored) for c in qrels[q]], dtype=np.int64)
     n_relevant = np.array([len(qrels[q]) for q in scored])
-    tie_rank = np.empty(n, dtype=np.int64)
-    tie_rank[np.argsort(np.asarray(corpus_ids, dtype=object), kind="stable")] = np.arange(n)
+    tie_rank = id_rank(corpus_ids)
     results: Results = {}
+    depth = max(TOP_K, rerank.k) if rerank is not None else TOP_K
     for d in dims:
-        _, rows = search(queries, corpus_vectors, TOP_K, dim=d, tie_rank=tie_rank)
+        _, rows = search(queries, corpus_vectors, depth, dim=d, tie_rank=tie_rank)
+        if rerank is not None:
+            rows = rerank(scored, rows)[:, :TOP_K]
         hits = np.isin(np.arange(len(scored))[:, None] * n + rows, pairs)
         results[d] = metrics_from_hits(hits, n_relevant, per_query=per_query)
         logger.debug("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, np.mean(results[d][PRIMARY_METRIC]),

@@ -217,6 +217,15 @@ def _by_dim(metrics: dict[str, float], dims: Sequence[int], prefix: str = "eval_
     return {d: {m: float(metrics[f"{prefix}dim_{d}_{m}"]) for m in METRICS} for d in dims}
 
 
+def epoch_selection_args(metric: str, progress: bool, seed: int) -> dict[str, Any]:
+    """Trainer arguments both fine-tunes share (the encoder's and the reranker's): validate and save every epoch,
+    keep the best by ``metric`` and the last, a quiet log."""
+    return {"eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 2,  # the best and the last
+            "load_best_model_at_end": True, "metric_for_best_model": metric, "greater_is_better": True,
+            "logging_steps": 0.02,  # at most ~50 points on the loss curve
+            "report_to": "none", "disable_tqdm": not progress, "seed": seed}
+
+
 def _training_args(cfg: Config, out: Path, select: int, model: SentenceTransformer, progress: bool):
     import torch
     from sentence_transformers import SentenceTransformerTrainingArguments
@@ -245,16 +254,7 @@ def _training_args(cfg: Config, out: Path, select: int, model: SentenceTransform
         ddp_backend="gloo" if cpu_ranks else None,
         dataloader_pin_memory=cuda,
         dataloader_drop_last=_world_size() > 1,  # gathering across ranks needs equal batches on every rank
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,  # the best and the last
-        load_best_model_at_end=True,
-        metric_for_best_model=f"eval_dim_{select}_{PRIMARY_METRIC}",
-        greater_is_better=True,
-        logging_steps=0.02,  # at most ~50 points on the loss curve
-        report_to="none",
-        disable_tqdm=not progress,
-        seed=cfg.seed,
+        **epoch_selection_args(f"eval_dim_{select}_{PRIMARY_METRIC}", progress, cfg.seed),
         prompts={k: v for k, v in prompts.items() if v} or None,
         router_mapping={"anchor": "query", "positive": "document"} if router else None,
     )

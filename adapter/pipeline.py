@@ -38,6 +38,7 @@ from adapter.systems import (
 
 if TYPE_CHECKING:
     from adapter.encoder import Encoder
+    from adapter.rerank import Reranker, RerankResult
     from adapter.stores import Hits, Store
 
 logger = logging.getLogger(__name__)
@@ -55,12 +56,13 @@ def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] |
 def evaluate_dataset(dataset: Dataset, cfg: Config | None = None, *, encoder: Encoder | None = None,
                      adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
                      store: Store | None = None, corpus: CorpusSource | None = None,
-                     allow_other_model: bool = False) -> SystemResults:
+                     allow_other_model: bool = False, reranker: Reranker | None = None) -> SystemResults:
     """Score the base model (``encoder``, default ``cfg.encoder``) and each adapter on ``cfg.evaluate.split`` at
     ``cfg.evaluate.dims``: ``{"base": {dim: metrics}, "<adapter name>": {...}}``.
 
     Adapters change query vectors only, so every system searches the same corpus vectors: the cached encoding of
-    corpus.jsonl, or, given ``store``, every vector read out of that existing index (scored as it stands).
+    corpus.jsonl, or, given ``store``, every vector read out of that existing index (scored as it stands). With a
+    ``reranker`` each is scored again as ``<name>+rerank``, its top ``cfg.rerank.k`` reordered.
     """
     cfg = cfg or Config()
     split = cfg.evaluate.split
@@ -68,8 +70,29 @@ def evaluate_dataset(dataset: Dataset, cfg: Config | None = None, *, encoder: En
     if store is not None:
         corpus = VectorCorpus.from_store(store, dataset, split, id_field=cfg.store.id_field)
     systems = build_systems(cfg, encoder=encoder, adapters=adapters, corpus=corpus,
-                            allow_other_model=allow_other_model)
+                            allow_other_model=allow_other_model, reranker=reranker)
     return score(dataset, systems, split=split, dims=cfg.evaluate.dims)
+
+
+def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *,
+                 adapter: str | os.PathLike | None = None, progress: bool = True) -> RerankResult:
+    """Fine-tune a cross-encoder reranker for a first stage: base (``cfg.encoder``), or ``adapter`` on it, built the
+    one way systems are built; hard negatives are mined from its lists (see ``adapter.rerank.rerank_train``)."""
+    from adapter import rerank
+
+    cfg = cfg or Config()
+    if adapter is not None and not Path(adapter).is_file():
+        raise AdapterError(f"{adapter}: no such adapter file")
+
+    def first_stage(qids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:  # built once the cheap checks passed
+        systems = build_systems(cfg, adapters={"first stage": adapter} if adapter else (), progress=progress)
+        system = systems["first stage" if adapter else "base"]
+        _, corpus = system.corpus.read(dataset, system.encoder)  # the cached encoding of corpus.jsonl, in order
+        return system.encode_queries([dataset.queries[q] for q in qids]), corpus
+
+    source = {"first_stage": cfg.encoder.model, "adapter": str(adapter) if adapter else None,
+              "adapter_sha": rerank.file_sha(adapter) if adapter else None}
+    return rerank.rerank_train(dataset, out, cfg, first_stage, source, progress=progress)
 
 
 def write_results(results: SystemResults, path: str | os.PathLike, *, force: bool = True) -> Path:
@@ -130,6 +153,7 @@ class SystemInfo:
     reembed: bool  # whether using it means embedding the whole corpus again
     latency_ms: float  # median time to turn one query text into its search vector (embedding + adapter), uncached
     history: dict[str, list] | None = None  # training curves: val_epoch/val (ndcg@10 at full dim), loss_epoch/loss
+    rerank_ms: float | None = None  # reranked systems: median time to rerank one query's top-k (in latency_ms too)
 
 
 @dataclass
@@ -141,6 +165,8 @@ class Comparison:
     intervals: dict[str, dict[int, tuple[float, float, float]]]  # system -> dim -> ndcg@10 (change, low, high)
     queries: int
     files: list[Path]
+    rerank_gain: dict[str, dict[int, tuple[float, float, float]]] | None = None  # "<s>+rerank" -> dim -> vs <s>
+    rag: dict[str, Any] | None = None  # `adapter rag`'s rag.json, shown beside the retrieval metrics
 
 
 def training_curves(meta: dict[str, Any]) -> dict[str, list] | None:
@@ -179,11 +205,26 @@ def _apply_seconds(adapter: LinearAdapter, vectors: np.ndarray) -> np.ndarray:
     return np.array(seconds)
 
 
-def _costs(systems: Mapping[str, System], texts: Sequence[str]) -> dict[str, SystemInfo]:
-    """What each system costs: training time, artifact size, re-embedding, single-query latency (uncached)."""
+def _rerank_ms(reranker: Reranker, texts: Sequence[str], chunks: Sequence[str]) -> float:
+    """Median milliseconds to score one question against the candidate ``chunks``, uncached, after a warm-up."""
+    reranker.seconds_per_query(texts[0], chunks)
+    return float(np.median([reranker.seconds_per_query(t, chunks) for t in texts]) * 1000)
+
+
+def _costs(systems: Mapping[str, System], texts: Sequence[str], chunks: Sequence[str] = ()) -> dict[str, SystemInfo]:
+    """What each system costs: training time, artifact size, re-embedding, single-query latency (uncached); a
+    reranked system adds its first stage's latency to reranking ``rerank_k`` of ``chunks`` (real corpus chunks)."""
     timed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one timing per encoder, shared by its adapters
     infos: dict[str, SystemInfo] = {}
+    rerank_ms: dict[int, float] = {}  # one timing per reranker
     for name, s in systems.items():
+        if s.reranker is not None:
+            if id(s.reranker) not in rerank_ms:
+                rerank_ms[id(s.reranker)] = _rerank_ms(s.reranker, texts, chunks[:s.rerank_k])
+            first, ms = infos[s.first_stage], rerank_ms[id(s.reranker)]
+            infos[name] = SystemInfo(s.kind, s.source, s.meta.get("train_seconds"), s.reranker.weight_bytes,
+                                     first.reembed, first.latency_ms + ms, rerank_ms=ms)  # curves: its card
+            continue
         if id(s.encoder) not in timed:
             timed[id(s.encoder)] = _encode_seconds(s.encoder, texts)
         seconds, vectors = timed[id(s.encoder)]
@@ -209,17 +250,21 @@ def _check_trained_on(dataset: Dataset, meta: dict[str, Any], source: str) -> No
 def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *,
             adapters: Sequence[str | os.PathLike] = (), finetuned: Sequence[str | os.PathLike] = (),
             models: Sequence[str] = (), allow_other_model: bool = False, force: bool = True,
+            reranker: Reranker | None = None, rag: str | os.PathLike | None = None,
             progress: bool = True) -> Comparison:
     """Score base (``cfg.encoder.model``), each adapter on it, each fine-tuned model folder and each other model on
     ``cfg.evaluate.split`` at every dim; measure what each costs; write ``report.md``, ``results.json`` (the shape of
     `adapter evaluate --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
 
     Systems are named ``base``, then after the adapter file's stem, the model folder's name or the model's name.
-    ``force=False`` refuses an ``out`` that already holds a report.
+    ``force=False`` refuses an ``out`` that already holds a report. With a ``reranker`` each system is scored again
+    as ``<system>+rerank`` (top ``cfg.rerank.k`` reordered), with its change over its own first stage and the
+    reranking's latency; ``rag``: a ``rag.json`` from `adapter rag`, whose answer accuracy joins the report.
     """
     from adapter import report
 
     cfg = cfg or Config()
+    rag_summary = read_rag(rag) if rag is not None else None
     plt = report.require_matplotlib()
     qrels = relevant(dataset.split(cfg.evaluate.split))
     out = Path(out)
@@ -228,7 +273,7 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
     if (out / "report.md").exists() and not force:
         raise AdapterError(f"{out}: already holds a report; pass --force to replace it")
     systems = build_systems(cfg, adapters=adapters, finetuned=finetuned, models=models,
-                            allow_other_model=allow_other_model, progress=progress)
+                            allow_other_model=allow_other_model, reranker=reranker, progress=progress)
     for s in systems.values():
         _check_trained_on(dataset, s.meta, s.source)
 
@@ -239,10 +284,15 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
                                          level=cfg.report.level)
                      for d in per_query[s] if d in per_query["base"]}
                  for s in systems if s != "base"}
-    infos = _costs(systems, [dataset.queries[q] for q in list(qrels)[:cfg.report.latency_queries]])
+    rerank_gain = {name: {d: paired_bootstrap(per_query[s.first_stage][d][PRIMARY_METRIC],
+                                              per_query[name][d][PRIMARY_METRIC], samples=cfg.report.bootstrap_samples,
+                                              seed=cfg.seed, level=cfg.report.level) for d in per_query[name]}
+                   for name, s in systems.items() if s.first_stage} or None
+    infos = _costs(systems, [dataset.queries[q] for q in list(qrels)[:cfg.report.latency_queries]],
+                   [dataset.doc_text(c) for c in list(dataset.corpus)[:cfg.rerank.k]])
 
     ensure_dir(out)
-    comparison = Comparison(results, infos, intervals, len(qrels), [])
+    comparison = Comparison(results, infos, intervals, len(qrels), [], rerank_gain, rag_summary)
     files = {"results.json": json.dumps(results_to_json(results), indent=2),
              "summary.json": json.dumps(_summary(dataset, cfg, comparison), indent=2)}
     plots = {"ndcg_by_dim.png": report.plot_dims(plt, results)}
@@ -262,4 +312,18 @@ def _summary(dataset: Dataset, cfg: Config, c: Comparison) -> dict[str, Any]:
             "bootstrap_samples": cfg.report.bootstrap_samples, "seed": cfg.seed, "level": cfg.report.level,
             "systems": {s: {k: v for k, v in asdict(i).items() if k != "history"} for s, i in c.systems.items()},
             "intervals": {s: {str(d): dict(zip(("change", "low", "high"), ci, strict=True)) for d, ci in by.items()}
-                          for s, by in c.intervals.items()}}
+                          for s, by in c.intervals.items()},
+            **({"rerank_gain": {s: {str(d): dict(zip(("change", "low", "high"), ci, strict=True))
+                                    for d, ci in by.items()} for s, by in c.rerank_gain.items()},
+                "rerank_k": cfg.rerank.k} if c.rerank_gain else {})}
+
+
+def read_rag(path: str | os.PathLike) -> dict[str, Any]:
+    """A rag.json written by `adapter rag`; a one-line error for anything else."""
+    try:
+        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path}: cannot read rag results ({type(e).__name__})") from None
+    if not isinstance(summary, dict) or not isinstance(summary.get("systems"), dict) or "k" not in summary:
+        raise AdapterError(f"{path}: not a rag.json written by `adapter rag`")
+    return summary

@@ -7,7 +7,7 @@ Nothing here loads a model or scores anything: it is fed results (system -> dim 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from adapter.config import Config
 from adapter.data import Dataset
@@ -87,17 +87,49 @@ def primary_table(c: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
+def rerank_table(c: Comparison) -> str:
+    """Markdown: for each reranked system and dim, its first stage's ndcg@10, reranked, the change and interval."""
+    lines = ["| system | dim | first stage | reranked | Δ | 95% CI |", "|---|---:|---:|---:|---:|---:|"]
+    for s, by_dim in (c.rerank_gain or {}).items():
+        first = s.removesuffix("+rerank")
+        for d, (change, low, high) in by_dim.items():
+            a, b = c.results[first][d][PRIMARY_METRIC], c.results[s][d][PRIMARY_METRIC]
+            pct = f" ({change / a:+.1%})" if a else ""
+            lines.append(f"| {s} | {d} | {a:.4f} | {b:.4f} | {change:+.4f}{pct} | [{low:+.4f}, {high:+.4f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def rag_table(summary: dict[str, Any]) -> str:
+    """Markdown: each system's answer accuracy (`adapter rag`'s rag.json) with its interval and change against base,
+    beside its retrieval on the same questions."""
+    lines = [f"| system | {PRIMARY_METRIC} | gold in top {summary['k']} | answer accuracy | 95% CI | Δ vs base | "
+             "95% CI | ungraded |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s, v in summary["systems"].items():
+        ci = f"[{v['accuracy_ci'][0]:.3f}, {v['accuracy_ci'][1]:.3f}]" if v["accuracy_ci"] else "n/a"
+        change = v["change"]
+        delta = (f"{change[0]:+.3f}", f"[{change[1]:+.3f}, {change[2]:+.3f}]") if change else ("—", "—")
+        lines.append(f"| {s} | {v[PRIMARY_METRIC]:.4f} | {v['gold_in_context']:.3f} | {v['accuracy']:.3f} | {ci} | "
+                     f"{delta[0]} | {delta[1]} | {v['ungraded']} |")
+    return "\n".join(lines) + "\n"
+
+
 def cost_table(c: Comparison, chunks: int) -> str:
     """Markdown: each system's training time, artifact size, re-embedding and query latency."""
     kinds = {"base": "base model", "adapter": "query adapter", "fine-tune": "fine-tuned model",
-             "model": "other model"}
-    lines = ["| system | kind | training time | artifact size | re-embed the corpus | query latency |",
-             "|---|---|---:|---:|---|---:|"]
+             "model": "other model", "rerank": "first stage + cross-encoder"}
+    reranked = any(i.rerank_ms is not None for i in c.systems.values())
+    lines = ["| system | kind | training time | artifact size | re-embed the corpus | query latency |"
+             + (" rerank latency |" if reranked else ""),
+             "|---|---|---:|---:|---|---:|" + ("---:|" if reranked else "")]
     for s, i in c.systems.items():
         train = "pre-trained" if i.kind in ("base", "model") else _duration(i.train_seconds)
         reembed = f"yes ({chunks:,} chunks)" if i.reembed else ("no" if i.kind == "adapter" else "— (the index)")
+        if i.kind == "rerank":
+            train = f"{_duration(i.train_seconds)} (reranker)"
+            reembed = f"yes ({chunks:,} chunks)" if i.reembed else "no"
+        extra = (f" {i.rerank_ms:.1f} ms |" if i.rerank_ms is not None else " — |") if reranked else ""
         lines.append(f"| {s} | {kinds[i.kind]} | {train} | {_size(i.artifact_bytes)} | {reembed} | "
-                     f"{i.latency_ms:.1f} ms |")
+                     f"{i.latency_ms:.1f} ms |{extra}")
     return "\n".join(lines) + "\n"
 
 
@@ -122,6 +154,18 @@ def render_markdown(dataset: Dataset, cfg: Config, c: Comparison, plots: Sequenc
         f"query alone (and apply the adapter), over {cfg.report.latency_queries} queries on this machine.",
         "",
         cost_table(c, len(dataset.corpus)),
+        *([f"## Reranking: {PRIMARY_METRIC} over each first stage", "",
+           f"Each `<system>+rerank` is its first stage with the top {cfg.rerank.k} reordered by the cross-encoder "
+           f"`{next(i.source for i in c.systems.values() if i.kind == 'rerank')}`; the change is against that first "
+           f"stage, with its {cfg.report.level:.0%} paired bootstrap interval. Its query latency above includes the "
+           "reranking (one question scored against k chunks on its own, median).", "", rerank_table(c)]
+          if c.rerank_gain else []),
+        *([f"## Answers (`adapter rag`, top {c.rag['k']} chunks, {c.rag['compared']:,} of {c.rag['questions']:,} "
+           "questions graded for every system)", "",
+           f"Answers by `{c.rag['llm_model']}`, graded against the gold chunk by `{c.rag['judge_model']}`: correct 1, "
+           "partly 0.5, wrong 0, averaged over the questions every system had graded; intervals are 95% bootstrap "
+           "(the accuracy) and 95% paired bootstrap (its change against base). Retrieval columns are the judge's, on "
+           "the same questions.", "", rag_table(c.rag)] if c.rag else []),
         "## Plots",
         "",
         *[f"![{captions[p]}]({p})\n" for p in plots],

@@ -22,11 +22,12 @@ import numpy as np
 from adapter.config import Config, default_dims
 from adapter.data import Dataset, relevant
 from adapter.errors import AdapterError
-from adapter.evaluate import Results, evaluate, resolve_dims
+from adapter.evaluate import Reorder, Results, evaluate, resolve_dims
 from adapter.model import LinearAdapter
 
 if TYPE_CHECKING:
     from adapter.encoder import Encoder
+    from adapter.rerank import Reranker
     from adapter.stores import Store
 
 logger = logging.getLogger(__name__)
@@ -92,6 +93,9 @@ class System:
     kind: str = "base"  # "base", "adapter", "fine-tune" or "model"
     source: str = ""  # the adapter file, model folder or model name
     meta: dict[str, Any] = field(default_factory=dict)  # the artifact's training metadata (see adapter.model)
+    reranker: Reranker | None = None  # a second stage: a cross-encoder reordering the top rerank_k (kind "rerank")
+    rerank_k: int = 20  # first-stage candidates the reranker reorders
+    first_stage: str | None = None  # reranked systems: the name of the system whose list is reordered
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
         """The vectors this system searches with: cached query vectors, through the transform when there is one."""
@@ -109,13 +113,16 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
                   adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
                   finetuned: Sequence[str | os.PathLike] = (), models: Sequence[str] = (),
                   corpus: CorpusSource | None = None, allow_other_model: bool = False,
+                  reranker: Reranker | None = None, rerank_k: int | None = None,
                   progress: bool = True) -> dict[str, System]:
     """The named systems to score, in order: ``base`` (``encoder``, default ``cfg.encoder``), each adapter on it
     (files named after their stem, or given as ``{name: adapter or file}``), each fine-tuned model folder (named after
     the folder) and each other model (named after its last path part).
 
     Base and its adapters search ``corpus`` (default: the base encoder's cached corpus.jsonl); fine-tuned and other
-    models always embed corpus.jsonl themselves. Adapters are checked against the base model and dimension.
+    models always embed corpus.jsonl themselves. Adapters are checked against the base model and dimension. With a
+    ``reranker``, each of those follows again as ``<name>+rerank``: its top ``rerank_k`` (default ``cfg.rerank.k``)
+    reordered by the cross-encoder.
     """
     from adapter.encoder import Encoder
     from adapter.finetune import read_meta
@@ -142,6 +149,11 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
     for m in models:
         enc = Encoder.from_config(cfg.replace(model=m), show_progress=progress)
         _add(systems, System(m.rstrip("/").split("/")[-1], enc, kind="model", source=m))
+    if reranker is not None:
+        k = rerank_k or cfg.rerank.k
+        for name, s in list(systems.items()):
+            _add(systems, System(f"{name}+rerank", s.encoder, s.transform, s.corpus, "rerank", reranker.source,
+                                 reranker.meta, reranker, k, first_stage=name))
     return systems
 
 
@@ -168,8 +180,18 @@ def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = "test
             logger.info("%s: %d-dimensional, scored at %s only", name, full, ",".join(map(str, fit)))
         queries = system.encode_queries(texts)
         cids, corpus = system.corpus.read(dataset, system.encoder)
-        results[name] = evaluate(queries, corpus, qrels, qids, cids, fit, per_query=per_query)
+        results[name] = evaluate(queries, corpus, qrels, qids, cids, fit, per_query=per_query,
+                                 rerank=second_stage(system, dataset, cids))
     return results
+
+
+def second_stage(system: System, dataset: Dataset, corpus_ids: Sequence[str]) -> Reorder | None:
+    """The judge's second stage for a reranked system, over its corpus rows (``corpus_ids``); None for the others."""
+    if system.reranker is None:
+        return None
+    from adapter.rerank import list_reranker
+
+    return list_reranker(system.reranker, dataset, system.rerank_k, corpus_ids)
 
 
 def mean_results(results: SystemResults) -> SystemResults:

@@ -14,6 +14,13 @@ then at ``fault_rate`` from a seeded function of (chunk, attempt), so the same r
     drop       the connection closed without a response
     401        HTTP 401, a bad key (never drawn at random: only ``push`` serves it)
 
+For `adapter rag` it is also a reader and a judge. Given ``rag_gold`` (question text -> its gold chunk's text), an
+answer prompt (numbered passages, then the question) is answered by quoting the gold passage when it is among the
+passages, else the first passage: so the answer is right exactly when retrieval put the gold chunk in the context. A
+grade prompt is graded by how many of the answer's words the reference passage holds (correct, partly, wrong), in
+JSON of one of three shapes. On these prompts ``malformed`` cuts a grade's JSON in half (an answer comes back empty),
+and ``few`` gives a grade in prose without JSON.
+
 Serve by hand: ``python tests/fake_llm.py --port 8000 --fault-rate 0.2``.
 """
 
@@ -90,6 +97,30 @@ def render(questions: list[str], shape: int) -> str:
     return f"Sure! Here are the questions:\n\n{json.dumps({'questions': questions})}\n\nWant more?"
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]{3,}", text.lower())
+
+
+def rag_reply(prompt: str, gold: dict[str, str], shape: int) -> str | None:
+    """The reader's answer or the judge's grade for a rag prompt; None when the prompt is not one."""
+    if "Reference passage:" in prompt:  # the judge
+        reference = re.search(r"Reference passage:\s*<<<\s*(.*?)\s*>>>", prompt, re.S)
+        answer = re.search(r"Answer to grade:\s*<<<\s*(.*?)\s*>>>", prompt, re.S)
+        said = _words(answer.group(1) if answer else "")
+        known = set(_words(reference.group(1) if reference else ""))
+        share = sum(w in known for w in said) / len(said) if said else 0.0
+        grade = "correct" if share >= 0.9 else "partly" if share >= 0.5 else "wrong"
+        body = {"grade": grade, "reason": f"{share:.0%} of the answer's words are in the reference"}
+        return [json.dumps(body), f"```json\n{json.dumps(body)}\n```", f"Here is my grade: {json.dumps(body)}"][shape]
+    if "Passages:" in prompt and "Question:" in prompt:  # the reader
+        passages = re.findall(r"^\[\d+\] (.*)$", prompt, re.M)
+        question = prompt.rsplit("Question:", 1)[1].strip()
+        target = " ".join(gold.get(question, "").split())
+        chosen = next((p for p in passages if target and p == target), passages[0] if passages else "")
+        return " ".join(chosen.split()[:12]) if chosen else "I do not know."
+    return None
+
+
 @dataclass
 class Request:
     """One request the server saw."""
@@ -109,10 +140,12 @@ class FakeLLM:
 
     def __init__(self, *, questions: int = 20, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
                  seed: int = 0, delay: float = 0.0, slow_seconds: float = 2.0, retry_after: str = "1",
-                 near_duplicates: bool = False, max_faults: int | None = None, port: int = 0):
+                 near_duplicates: bool = False, max_faults: int | None = None, port: int = 0,
+                 rag_gold: dict[str, str] | None = None):
         self.questions, self.fault_rate, self.faults, self.seed = questions, fault_rate, faults, seed
         self.delay, self.slow_seconds, self.retry_after = delay, slow_seconds, retry_after
         self.near_duplicates = near_duplicates
+        self.rag_gold = rag_gold or {}  # question text -> gold chunk text, for rag prompts
         self.max_faults = max_faults  # random faults strike only a chunk's first this many attempts (None: any)
         self.requests: list[Request] = []
         self.inflight = self.max_inflight = 0
@@ -223,6 +256,21 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             if fault == "429":
                 self._send(429, {"error": {"message": "rate limit reached", "type": "requests"}},
                            {"Retry-After": fake.retry_after})
+                return
+            prompt = "".join(str(m.get("content", "")) for m in body.get("messages", []))
+            content = rag_reply(prompt, fake.rag_gold, int(key, 16) % 3)
+            if content is not None:  # a rag prompt: faults shaped for answers and grades
+                grading = "Reference passage:" in prompt
+                if fault == "malformed":
+                    content = content[: len(content) // 2] if grading else ""
+                elif fault == "empty":
+                    content = ""
+                elif fault == "few" and grading:
+                    content = "The answer looks about right to me."
+                self._send(200, {"id": f"fake-{key}", "object": "chat.completion", "created": 0,
+                                 "model": body.get("model", "fake"),
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": content}}]})
                 return
             questions = fake.answer(chunk)
             shape = int(key, 16) % 5
