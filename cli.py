@@ -758,17 +758,21 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
 @click.option("--max-inputs", type=COUNT, default=None, help="Inputs per request [default: 2048].")
 @click.option("--threads", type=COUNT, default=None, help="Torch threads for a local model [default: one per core].")
 @click.option("--allow-other-model", is_flag=True, help="Serve an adapter trained on another base model anyway.")
+@embedding_options
 def serve(adapter_path: str, model: str | None, host: str | None, port: int | None, api_key_env: str | None,
           batch_window_ms: float | None, max_batch: int | None, max_body_bytes: int | None, max_inputs: int | None,
-          threads: int | None, allow_other_model: bool) -> None:
+          threads: int | None, allow_other_model: bool, embedding: dict) -> None:
     """Serve OpenAI-compatible embeddings: base_url http://HOST:PORT/v1 gets adapted query vectors,
-    http://HOST:PORT/documents/v1 the untouched base vectors the index holds."""
+    http://HOST:PORT/documents/v1 the untouched base vectors the index holds.
+
+    With --model openai:NAME --embedding-base-url UPSTREAM each request is forwarded to that server (with retries)
+    and the adapter applied to its answer."""
     from adapter.serve import serve as run
 
     _quiet_hf()
     cfg = Config().replace(model=model, host=host, port=port, serve_auth_key_env=api_key_env,
                            batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
-                           max_inputs=max_inputs, threads=threads)
+                           max_inputs=max_inputs, threads=threads, **embedding)
     run(adapter_path, cfg, allow_other_model=allow_other_model)
 
 @main.command()

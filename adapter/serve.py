@@ -7,8 +7,9 @@
 shape with ``usage``. Every bad request is a 4xx in OpenAI's error shape; nothing a client sends yields a traceback.
 
 A local model sees concurrent requests gathered into micro-batches (the first request of a batch waits at most
-``batch_window_ms`` for company, a batch holds at most ``max_batch`` texts; one thread runs the model). Upstream, each
-request goes through the OpenAI-compatible embedding backend (its retries and limits), and a failure past them is a 502.
+``batch_window_ms`` for company, a batch holds at most ``max_batch`` texts; one thread runs the model). Upstream
+(``openai:NAME``), each request goes through the OpenAI-compatible embedding backend (``adapter.backends``: its
+retries, limits and checks), the adapter is applied to the answer, and a failure past the retries is a 502.
 
 The adapter file is watched: a replacement is loaded and checked off the event loop, and a valid one is swapped in as
 one reference, so each reply is computed wholly by one adapter (its version is in the ``x-adapter-version`` header); an
@@ -28,16 +29,18 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
+from adapter.backends import Backend, estimate_tokens, make_backend
 from adapter.config import Config, ServeConfig
 from adapter.errors import AdapterError, one_line
+from adapter.integrations import checked_adapter
 
 try:
     from fastapi import FastAPI, Request
@@ -54,47 +57,6 @@ logger = logging.getLogger(__name__)
 QUERY, DOCUMENT = "query", "document"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
-
-
-class Backend(Protocol):
-    """What serve needs of an embedding backend: unit vectors (n, dim) float32 for texts in a role."""
-
-    name: str
-    dim: int
-    identity: str
-
-    def embed(self, texts: Sequence[str], role: str) -> np.ndarray: ...
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]: ...
-
-
-class LocalBackend:
-    """A sentence-transformers model called directly: query and document prompts, unit vectors, no cache."""
-
-    def __init__(self, model: Any, name: str):
-        from adapter.encoder import _display_name, model_fingerprint
-
-        self.model, self.name = model, name
-        self.dim = int(model.get_embedding_dimension())
-        self.identity = f"{_display_name(name)}@{model_fingerprint(model)}"
-
-    def embed(self, texts: Sequence[str], role: str) -> np.ndarray:
-        fn = self.model.encode_query if role == QUERY else self.model.encode_document
-        out = fn(list(texts), batch_size=max(len(texts), 1), normalize_embeddings=True, convert_to_numpy=True,
-                 show_progress_bar=False)
-        return np.asarray(out, dtype=np.float32)
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text with the model's own tokenizer, truncated as the model truncates (the usage we report)."""
-        enc = self.model.tokenizer(list(texts), truncation=True, max_length=self.model.max_seq_length)
-        return [len(ids) for ids in enc["input_ids"]]
-
-
-def open_backend(model: str) -> Backend:
-    """The backend serving ``model``: a local sentence-transformers model by name or path."""
-    from adapter.encoder import load_model
-
-    return LocalBackend(load_model(model), model)
 
 
 # ----------------------------------------------------------------------------------------------- the adapter slot
@@ -142,11 +104,11 @@ class AdapterSlot:
         self.reloads = {"ok": 0, "refused": 0}
 
     def _load(self) -> LoadedAdapter:
-        adapter = LinearAdapter.load(self.path)
-        if adapter.dim != self.backend.dim:
-            raise AdapterError(f"{self.path}: adapter is {adapter.dim}-dimensional, the model {self.backend.dim}")
-        adapter.check_base_model(self.backend.identity, allow_other_model=self.allow_other_model,
-                                 source=str(self.path))
+        adapter = checked_adapter(self.path, self.backend, allow_other_model=self.allow_other_model)
+        current = getattr(self, "current", None)  # None on the first load
+        if current is not None and adapter.dim != current.adapter.dim:
+            raise AdapterError(f"{self.path}: adapter is {adapter.dim}-dimensional, the one serving "
+                               f"{current.adapter.dim}")
         return LoadedAdapter(adapter, adapter_version(adapter), time.time())
 
     def poll(self) -> bool:
@@ -275,7 +237,7 @@ class ApiError(Exception):
 
 
 class UpstreamError(Exception):
-    """The upstream embeddings server failed past the backend's retries."""
+    """The backend answered vectors that do not fit the adapter."""
 
 
 @dataclass
@@ -369,24 +331,35 @@ class Metrics:
 
 
 class EmbeddingService:
-    """Base vectors from a backend (micro-batched when local), the current adapter applied on the query side."""
+    """Base vectors from a backend (micro-batched when local, forwarded when remote), the current adapter applied on
+    the query side."""
 
     def __init__(self, backend: Backend, adapter_path: str | os.PathLike, cfg: ServeConfig | None = None, *,
-                 upstream: bool = False, allow_other_model: bool = False):
-        self.backend, self.cfg, self.upstream = backend, cfg or ServeConfig(), upstream
+                 allow_other_model: bool = False):
+        self.backend, self.cfg, self.upstream = backend, cfg or ServeConfig(), bool(backend.remote)
         self.slot = AdapterSlot(adapter_path, backend, allow_other_model=allow_other_model)
+        self.dim = backend.dim or self.slot.current.adapter.dim  # a remote model's dimension: the adapter's
         self.metrics = Metrics()
-        workers = self.cfg.upstream_concurrency if upstream else 1  # one thread owns a local model
-        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="embed")
+        workers = self.cfg.upstream_concurrency if self.upstream else 1  # one thread owns a local model
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="serve")
         self.batchers: dict[str, MicroBatcher] = {}
         self._watcher: asyncio.Task | None = None
+
+    def _tokens(self, texts: list[str]) -> list[int]:
+        """Tokens per text: the local model's own tokenizer (what it truncates by); for a remote model an estimate."""
+        model = getattr(self.backend, "model", None)
+        if model is None:
+            return [estimate_tokens(t) for t in texts]
+        enc = model.tokenizer(texts, truncation=True, max_length=model.max_seq_length)
+        return [len(ids) for ids in enc["input_ids"]]
 
     def _call(self, role: str) -> Callable[[list[str]], tuple[np.ndarray, list[int]]]:
         def run(texts: list[str]) -> tuple[np.ndarray, list[int]]:
             vectors = self.backend.embed(texts, role)
-            if vectors.shape != (len(texts), self.backend.dim):
-                raise UpstreamError(f"backend returned {vectors.shape} vectors for {len(texts)} texts")
-            return vectors, self.backend.count_tokens(texts)
+            if vectors.shape != (len(texts), self.dim):
+                raise UpstreamError(f"{self.backend.name} returned {vectors.shape[1]}-dimensional vectors; the "
+                                    f"adapter takes {self.dim}")
+            return vectors, self._tokens(texts)
         return run
 
     async def start(self) -> None:
@@ -426,8 +399,11 @@ class EmbeddingService:
             try:
                 vectors, tokens = await asyncio.get_running_loop().run_in_executor(self.executor, self._call(role),
                                                                                    texts)
-            except (AdapterError, UpstreamError) as e:
-                raise ApiError(502, f"upstream embeddings server failed: {e}", kind="upstream_error",
+            except Exception as e:  # past the backend's retries, or a fatal answer: the client hears one line
+                reason = one_line(e, 300).removeprefix(f"{getattr(self.backend, 'endpoint', '')}: ")
+                reason = reason.split("; run again")[0]  # the backend's advice to batch jobs, not to a client
+                logger.warning("upstream failed: %s", one_line(e, 300))
+                raise ApiError(502, f"upstream embeddings server failed: {reason}", kind="upstream_error",
                                code="upstream_failed") from None
         else:
             vectors, tokens = await self.batchers[role].submit(texts)
@@ -488,7 +464,7 @@ def create_app(service: EmbeddingService, *, api_key: str | None = None) -> Fast
         start = time.perf_counter()
         try:
             check_auth(request)
-            req = parse_request(await read_body(request, cfg.max_body_bytes), cfg, backend.dim)
+            req = parse_request(await read_body(request, cfg.max_body_bytes), cfg, service.dim)
             vectors, tokens, loaded = await service.embed(req.texts, role)
             if req.dimensions is not None and req.dimensions < vectors.shape[1]:
                 vectors = truncate(vectors, req.dimensions)
@@ -532,7 +508,7 @@ def create_app(service: EmbeddingService, *, api_key: str | None = None) -> Fast
     @app.get("/health")
     async def health() -> Response:
         loaded = service.slot.current
-        return JSONResponse({"status": "ok", "model": model_id, "dim": backend.dim, "upstream": service.upstream,
+        return JSONResponse({"status": "ok", "model": model_id, "dim": service.dim, "upstream": service.upstream,
                              "adapter": {"path": str(service.slot.path), "version": loaded.version,
                                          "loaded_at": loaded.loaded_at, "reloads": service.slot.reloads}})
 
@@ -556,8 +532,9 @@ def create_app(service: EmbeddingService, *, api_key: str | None = None) -> Fast
 
 
 def serve(adapter_path: str | os.PathLike, cfg: Config | None = None, *, allow_other_model: bool = False,
-          backend: Backend | None = None, upstream: bool = False) -> None:
-    """Load the model (``cfg.encoder.model``) and the adapter, then serve until interrupted (uvicorn, one process)."""
+          backend: Backend | None = None) -> None:
+    """Serve ``cfg.encoder.model`` (a local model, or ``openai:NAME`` at ``cfg.embedding.base_url``) with the adapter
+    until interrupted (uvicorn, one process)."""
     import uvicorn
 
     cfg = cfg or Config()
@@ -573,9 +550,11 @@ def serve(adapter_path: str | os.PathLike, cfg: Config | None = None, *, allow_o
         import torch
 
         torch.set_num_threads(max(scfg.threads, 1))
-    backend = backend or open_backend(cfg.encoder.model)
-    service = EmbeddingService(backend, adapter_path, scfg, upstream=upstream, allow_other_model=allow_other_model)
-    logger.info("serving %s with adapter %s (version %s) on http://%s:%d: /v1 adapted queries, /documents/v1 base",
-                backend.name, adapter_path, service.slot.current.version, scfg.host, scfg.port)
+    backend = backend or make_backend(cfg.encoder.model, cfg.embedding, batch_size=scfg.max_batch,
+                                      show_progress=False)
+    service = EmbeddingService(backend, adapter_path, scfg, allow_other_model=allow_other_model)
+    where = f" through {backend.endpoint}" if backend.remote else ""
+    logger.info("serving %s%s with adapter %s (version %s) on http://%s:%d: /v1 adapted queries, /documents/v1 base",
+                backend.name, where, adapter_path, service.slot.current.version, scfg.host, scfg.port)
     uvicorn.run(create_app(service, api_key=api_key), host=scfg.host, port=scfg.port, log_level="warning",
                 access_log=False)

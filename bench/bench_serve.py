@@ -11,7 +11,10 @@ openai client.
 5. H malformed or hostile requests (bad JSON, huge bodies, wrong types, bad Unicode, wrong tokens): each must be a 4xx
    with a JSON error; the server's RSS before and after, and a good request afterwards.
 
-    python bench/bench_serve.py [--seconds 30] [--workers 32] [--reloads 10] [--hostile 1000]
+6. Upstream mode (``--model openai:...``) against the tests' fault-injecting embeddings server: a load through
+   faults, then an upstream that answers 401, then one that fails every request past the backend's retries.
+
+    python bench/bench_serve.py [--seconds 30] [--workers 32] [--reloads 10] [--hostile 1000] [--fault-rate 0.2]
 
 Prints a Markdown report on stdout (BENCHMARKS.md quotes it). The adapters are random near-identity matrices with
 the MiniLM's fingerprint: serving cost and correctness do not depend on what an adapter learned.
@@ -39,6 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV, KEY = "BENCH_SERVE_KEY", "bench-key-0123"
+UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
+sys.path.insert(0, str(ROOT / "tests"))  # fake_embeddings: the tests' own faulty OpenAI-compatible server
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -340,6 +345,8 @@ def main() -> None:
     p.add_argument("--slices", type=int, default=6, help="turns each server's load is cut into, alternating")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (1: the machine is shared)")
     p.add_argument("--pairs", type=int, default=300, help="one-at-a-time request pairs for the adapter's cost")
+    p.add_argument("--fault-rate", type=float, default=0.2, help="upstream mode: share of upstream answers faulted")
+    p.add_argument("--upstream-workers", type=int, default=8)
     args = p.parse_args()
 
     sys.path.insert(0, str(ROOT))
@@ -448,11 +455,80 @@ def main() -> None:
                   + (f" ({'; '.join(r['bad'][:5])})" if r["bad"] else ""))
         print(f"- server RSS: {rss0:.0f} MiB before, {rss1:.0f} MiB after the first round, {rss2:.0f} MiB after the "
               f"second")
-        print(f"- a good request afterwards: HTTP {after.status_code}")
-        print(f"\nLoad average at the end: {os.getloadavg()[0]:.1f} (2 cores shared with other work).")
+        print(f"- a good request afterwards: HTTP {after.status_code}\n")
     finally:
         for s in servers.values():
             s.stop()
+    upstream_mode(model, texts, work, args)
+    print(f"\nLoad average at the end: {os.getloadavg()[0]:.1f} (2 cores shared with other work).")
+
+
+def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace) -> None:
+    """`adapter serve --model openai:...` in front of the tests' fault-injecting embeddings server (MiniLM's vectors):
+    a load through faults the backend's retries absorb, then an upstream that fails outright."""
+    import httpx
+    from fake_embeddings import FakeEmbeddings
+
+    from adapter.backends import OpenAIBackend
+    from adapter.config import EmbeddingConfig
+    from adapter.integrations import backend_identity
+    from adapter.serve import adapter_version
+
+    faults = ("429", "500", "slow", "notjson", "shuffle", "drop")
+    os.environ[UPSTREAM_KEY_ENV] = "upstream-key"
+    with FakeEmbeddings(model, fault_rate=args.fault_rate, faults=faults, slow_seconds=2.0, retry_after="1") as fake:
+        remote = OpenAIBackend("openai:fake-minilm", EmbeddingConfig(base_url=fake.url, api_key_env=UPSTREAM_KEY_ENV))
+        path = work / "upstream.safetensors"
+        adapter = make_adapter(path, backend_identity(remote), seed=0)
+        server = Server(path, "--model", "openai:fake-minilm", "--embedding-base-url", fake.url,
+                        "--embedding-api-key-env", UPSTREAM_KEY_ENV, "--embedding-timeout", "1",
+                        "--embedding-rpm", "100000", "--embedding-tpm", "100000000").wait()
+        try:
+            r = asyncio.run(load(server.url, texts, args.seconds, args.upstream_workers))
+            served = fake.faults_seen()
+            base = dict(zip(texts, model.encode(texts, batch_size=64, normalize_embeddings=True,
+                                                convert_to_numpy=True), strict=True))
+            check = check_replies(r["replies"], base, {adapter_version(adapter): adapter})
+            upstream_requests = len(fake.requests)
+            print(f"## Upstream mode: `--model openai:fake-minilm` against a faulty server ({args.upstream_workers} "
+                  f"workers x {args.seconds:g} s)\n")
+            print(f"- upstream requests {upstream_requests}, faults served {sum(served.values())} "
+                  f"({sum(served.values()) / max(upstream_requests, 1):.0%}: "
+                  f"{', '.join(f'{k} {v}' for k, v in sorted(served.items()))})")
+            print(f"- client requests {r['requests']}, client-visible errors {fmt_errors(r['errors'])}, "
+                  f"p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms (retries wait 1 s and more, a 429's Retry-After "
+                  "1 s, a stall 1 s)")
+            print(f"- replies against LinearAdapter.apply on the upstream's own vectors: max abs diff "
+                  f"{check['max_abs_diff']:.1e}")
+
+            fake.push("401")
+            t0 = time.perf_counter()
+            fatal = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a"},
+                               headers={"authorization": f"Bearer {KEY}"}, timeout=120)
+            fatal_s = time.perf_counter() - t0
+            fake.fault_rate, fake.faults, fake.max_faults = 1.0, ("500",), None
+            t0 = time.perf_counter()
+
+            async def outage() -> list:
+                async with httpx.AsyncClient(base_url=server.url, timeout=300,
+                                             headers={"authorization": f"Bearer {KEY}"}) as c:
+                    return await asyncio.gather(*(c.post("/v1/embeddings", json={"input": f"outage {i}"})
+                                                  for i in range(4)))
+
+            down = asyncio.run(outage())
+            down_s = time.perf_counter() - t0
+            fake.fault_rate = 0.0
+            after = httpx.post(f"{server.url}/v1/embeddings", json={"input": "back"},
+                               headers={"authorization": f"Bearer {KEY}"}, timeout=120)
+            shapes = all(isinstance(d.json().get("error", {}).get("message"), str) for d in (fatal, *down))
+            print(f"- upstream answers 401 (fatal, never retried): HTTP {fatal.status_code} after {fatal_s:.1f} s: "
+                  f"{fatal.json()['error']['message']!r}")
+            print(f"- upstream down (every answer a 500): {len(down)} requests, HTTP "
+                  f"{sorted({d.status_code for d in down})} after {down_s:.0f} s of retries: "
+                  f"{down[0].json()['error']['message']!r}")
+            print(f"- all in OpenAI's error shape: {shapes}; upstream healthy again: HTTP {after.status_code}")
+        finally:
+            server.stop()
 
 
 if __name__ == "__main__":

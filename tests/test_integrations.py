@@ -86,3 +86,29 @@ def test_both_refuse_an_adapter_of_another_model(tiny_model_dir, tmp_path):
     for cls in (AdapterEmbeddings, AdapterEmbedding):
         with pytest.raises(AdapterError, match="trained on some-other-model"):
             cls(other, str(tiny_model_dir))
+
+
+def test_both_wrap_an_openai_compatible_server_too(tiny, tmp_path, monkeypatch):
+    from fake_embeddings import FakeEmbeddings
+
+    from adapter.backends import OpenAIBackend
+    from adapter.config import EmbeddingConfig
+    from adapter.integrations import backend_identity
+    from adapter.integrations.langchain import AdapterEmbeddings
+    from adapter.integrations.llamaindex import AdapterEmbedding
+
+    monkeypatch.setenv("FAKE_EMBED_KEY", "k")
+    with FakeEmbeddings(tiny, fault_rate=0.3, faults=("500", "429"), max_faults=1, retry_after="0") as fake:
+        cfg = EmbeddingConfig(base_url=fake.url, api_key_env="FAKE_EMBED_KEY", retry_base_delay=0.01,
+                              retry_max_delay=0.05)
+        a = LinearAdapter.identity(32, backend_identity(OpenAIBackend("openai:fake-minilm", cfg)))
+        a.weight = (np.eye(32) + 0.3 * np.random.default_rng(1).standard_normal((32, 32))).astype(np.float32)
+        path = a.save(tmp_path / "remote.safetensors")
+        q = a.apply(tiny.encode([QUERY], normalize_embeddings=True))[0]
+        docs = tiny.encode(list(CHUNKS.values()), normalize_embeddings=True)
+        lc = AdapterEmbeddings(path, "openai:fake-minilm", embedding=cfg)
+        li = AdapterEmbedding(path, "openai:fake-minilm", embedding=cfg)
+        np.testing.assert_allclose(lc.embed_query(QUERY), q, atol=1e-5)
+        np.testing.assert_allclose(lc.embed_documents(list(CHUNKS.values())), docs, atol=1e-5)
+        np.testing.assert_allclose(li.get_query_embedding(QUERY), q, atol=1e-5)
+        np.testing.assert_allclose(li.get_text_embedding_batch(list(CHUNKS.values())), docs, atol=1e-5)

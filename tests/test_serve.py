@@ -24,13 +24,14 @@ pytest.importorskip("uvicorn", reason="adapter[serve] is not installed")
 
 import uvicorn  # noqa: E402
 
+from adapter.backends import SentenceTransformerBackend  # noqa: E402
 from adapter.config import ServeConfig  # noqa: E402
 from adapter.encoder import truncate  # noqa: E402
+from adapter.integrations import backend_identity  # noqa: E402
 from adapter.model import LinearAdapter  # noqa: E402
 from adapter.serve import (  # noqa: E402
     AdapterSlot,
     EmbeddingService,
-    LocalBackend,
     MicroBatcher,
     adapter_version,
     create_app,
@@ -40,16 +41,18 @@ TEXTS = ["how do you shut off a broken water pipe", "chlorine level at the reser
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir: Path) -> LocalBackend:
-    from sentence_transformers import SentenceTransformer
-
-    return LocalBackend(SentenceTransformer(str(tiny_model_dir), device="cpu"), "tiny-bert")
+def backend(tiny_model_dir: Path) -> SentenceTransformerBackend:
+    return SentenceTransformerBackend(str(tiny_model_dir), show_progress=False)
 
 
-def make_adapter(backend: LocalBackend, path: Path, seed: int) -> LinearAdapter:
+def tokens(backend: SentenceTransformerBackend, texts: list[str]) -> int:
+    return sum(len(ids) for ids in backend.model.tokenizer(texts)["input_ids"])
+
+
+def make_adapter(backend: SentenceTransformerBackend, path: Path, seed: int) -> LinearAdapter:
     """A full adapter near the identity (seeded), written atomically to ``path``."""
     rng = np.random.default_rng(seed)
-    a = LinearAdapter.identity(backend.dim, backend.identity)
+    a = LinearAdapter.identity(backend.dim, backend_identity(backend))
     a.weight = (np.eye(backend.dim) + 0.3 * rng.standard_normal((backend.dim, backend.dim))).astype(np.float32)
     tmp = path.with_name(f".{path.name}.{seed}.tmp")
     a.save(tmp)
@@ -80,14 +83,14 @@ def running(service: EmbeddingService, api_key: str | None = None):
 
 
 @pytest.fixture
-def adapter_file(backend: LocalBackend, tmp_path: Path) -> Path:
+def adapter_file(backend: SentenceTransformerBackend, tmp_path: Path) -> Path:
     path = tmp_path / "adapter.safetensors"
     make_adapter(backend, path, seed=1)
     return path
 
 
 @pytest.fixture
-def url(backend: LocalBackend, adapter_file: Path):
+def url(backend: SentenceTransformerBackend, adapter_file: Path):
     cfg = ServeConfig(max_body_bytes=64 * 1024, max_inputs=16, max_input_chars=2000, reload_interval=0.05)
     with running(EmbeddingService(backend, adapter_file, cfg)) as u:
         yield u
@@ -107,7 +110,7 @@ def test_openai_client_gets_adapted_queries_and_base_documents(backend, adapter_
             [np.frombuffer(base64.b64decode(d.embedding), "<f4") for d in r.data])
         assert [d.index for d in r.data] == [0, 1, 2]
         np.testing.assert_allclose(got, adapter.apply(base_q), atol=1e-6)
-        assert r.usage.prompt_tokens == r.usage.total_tokens == sum(backend.count_tokens(TEXTS))
+        assert r.usage.prompt_tokens == r.usage.total_tokens == tokens(backend, TEXTS)
     default = queries.embeddings.create(input=TEXTS[0], model="tiny-bert")  # the client asks for base64 itself
     np.testing.assert_allclose(default.data[0].embedding, adapter.apply(base_q[:1])[0], atol=1e-6)
     r = docs.embeddings.create(input=TEXTS, model="tiny-bert", encoding_format="float")
@@ -118,7 +121,7 @@ def test_openai_client_gets_adapted_queries_and_base_documents(backend, adapter_
     np.testing.assert_allclose(got, truncate(adapter.apply(base_q), 8), atol=1e-6)  # adapt, then cut, renormalise
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-6)
     models = queries.models.list()
-    assert [m.id for m in models.data] == ["tiny-bert"]
+    assert [m.id for m in models.data] == [backend.name]
 
 
 BAD = [  # (body bytes, expected status, a word the message must hold)
@@ -215,11 +218,11 @@ def test_serve_refuses_an_adapter_of_another_model_in_one_line(tiny_model_dir, t
 
 
 def test_a_broken_model_is_a_500_in_openai_shape_without_a_traceback(backend, adapter_file, caplog):
-    class Broken(LocalBackend):
+    class Broken(SentenceTransformerBackend):
         def embed(self, texts, role):
             raise RuntimeError("CUDA error: device-side assert triggered\nwith a second line")
 
-    broken = Broken(backend.model, "tiny-bert")
+    broken = Broken(backend.model, show_progress=False)
     with running(EmbeddingService(broken, adapter_file)) as url, caplog.at_level(logging.ERROR, "adapter.serve"):
         r = httpx.post(f"{url}/v1/embeddings", json={"input": "a"})
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
@@ -296,7 +299,7 @@ def test_reload_swaps_a_valid_file_and_refuses_a_broken_one(backend, tmp_path, c
             os.replace(tmp, path)
             assert not slot.poll() and slot.current is good
             assert not slot.poll()  # refused once: no log line per look
-        other = LinearAdapter.identity(16, backend.identity)  # the wrong dimension
+        other = LinearAdapter.identity(16, backend_identity(backend))  # the wrong dimension
         other.save(tmp_path / "other.safetensors")
         os.replace(tmp_path / "other.safetensors", path)
         assert not slot.poll() and slot.current is good
@@ -348,3 +351,63 @@ def test_replies_under_reloads_come_whole_from_one_adapter(backend, adapter_file
     assert len({v for v, _ in seen}) >= 3  # the clients did see several adapters
     for version, got in seen:
         np.testing.assert_allclose(got, versions[version].apply(base), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ upstream mode
+
+
+@contextlib.contextmanager
+def upstream(tiny_backend: SentenceTransformerBackend, tmp_path: Path, monkeypatch, **fake_options):
+    """A faulty OpenAI-compatible embeddings server of the tests' own serving the tiny model, and `adapter serve`
+    in front of it through the OpenAI backend; yields (fake, serve URL, adapter)."""
+    from fake_embeddings import FakeEmbeddings
+
+    from adapter.backends import OpenAIBackend
+    from adapter.config import EmbeddingConfig
+
+    monkeypatch.setenv("FAKE_EMBED_KEY", "upstream-key")
+    with FakeEmbeddings(tiny_backend.model, retry_after="0", **fake_options) as fake:
+        cfg = EmbeddingConfig(base_url=fake.url, api_key_env="FAKE_EMBED_KEY", max_retries=3, retry_base_delay=0.01,
+                              retry_max_delay=0.05, request_timeout=2, requests_per_minute=None,
+                              tokens_per_minute=None)
+        remote = OpenAIBackend("openai:fake-minilm", cfg, show_progress=False)
+        path = tmp_path / "upstream.safetensors"
+        a = LinearAdapter.identity(tiny_backend.dim, backend_identity(remote))
+        a.weight = make_adapter(tiny_backend, tmp_path / "w.safetensors", seed=7).weight
+        a.save(path)
+        with running(EmbeddingService(remote, path, ServeConfig(upstream_concurrency=4))) as url:
+            yield fake, url, a
+
+
+def test_upstream_mode_forwards_through_the_backend_and_rides_out_faults(backend, tmp_path, monkeypatch):
+    from openai import OpenAI
+
+    faults = ("429", "500", "notjson", "shuffle", "drop")
+    with upstream(backend, tmp_path, monkeypatch, fault_rate=0.5, faults=faults, max_faults=2) as (fake, url, a):
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        docs = OpenAI(base_url=f"{url}/documents/v1", api_key="unused", max_retries=0)
+        for i in range(12):
+            texts = [f"{t} {i}" for t in TEXTS]
+            base = backend.model.encode(texts, normalize_embeddings=True)
+            r = client.embeddings.create(input=texts, model="fake-minilm", encoding_format="float")
+            np.testing.assert_allclose(np.array([d.embedding for d in r.data]), a.apply(base), atol=1e-5)
+            r = docs.embeddings.create(input=texts, model="fake-minilm", encoding_format="float")
+            np.testing.assert_allclose(np.array([d.embedding for d in r.data]), base, atol=1e-5)
+        assert sum(fake.faults_seen().values()) >= 5  # faults were served, and no client saw one
+        assert all(r.auth == "Bearer upstream-key" for r in fake.requests)
+
+
+def test_upstream_failing_past_its_retries_is_a_502_in_openai_shape(backend, tmp_path, monkeypatch):
+    with upstream(backend, tmp_path, monkeypatch) as (fake, url, _), httpx.Client(base_url=url, timeout=20) as c:
+        fake.push("500", "500", "500", "500")  # the first try and all 3 retries
+        r = c.post("/v1/embeddings", json={"input": "a"})
+        assert r.status_code == 502, r.text
+        err = r.json()["error"]
+        assert err["type"] == "upstream_error" and "HTTP 500" in err["message"] and "127.0.0.1" not in err["message"]
+        fake.push("401")  # fatal upstream: no retries, at once
+        n = len(fake.requests)
+        r = c.post("/documents/v1/embeddings", json={"input": "a"})
+        assert r.status_code == 502 and "401" in r.json()["error"]["message"] and len(fake.requests) == n + 1
+        assert c.post("/v1/embeddings", json={"input": "a"}).status_code == 200  # it recovers with the upstream
+        metrics = c.get("/metrics").text
+    assert 'adapter_serve_errors_total{endpoint="/v1/embeddings",type="upstream_error"} 1.0' in metrics

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import os
 
-from adapter.config import DEFAULT_MODEL
+from adapter.config import DEFAULT_MODEL, EmbeddingConfig
 from adapter.errors import AdapterError
-from adapter.integrations import QueryDocumentEncoder, adapted_encoder
+from adapter.integrations import AdaptedBackend
 from adapter.model import LinearAdapter
 
 try:
@@ -25,8 +25,8 @@ class AdapterEmbeddings(Embeddings):
     """LangChain embeddings: adapted queries, untouched base documents (what the index already holds)."""
 
     def __init__(self, adapter: LinearAdapter | str | os.PathLike, model: str = DEFAULT_MODEL, *,
-                 allow_other_model: bool = False, encoder: QueryDocumentEncoder | None = None):
-        self.encoder = encoder or adapted_encoder(adapter, model, allow_other_model=allow_other_model)
+                 embedding: EmbeddingConfig | None = None, allow_other_model: bool = False):
+        self.encoder = AdaptedBackend(adapter, model, embedding=embedding, allow_other_model=allow_other_model)
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
         """Base vectors, unit length: the same ones the index was built from."""

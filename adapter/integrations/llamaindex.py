@@ -11,9 +11,9 @@ import asyncio
 import os
 from typing import Any
 
-from adapter.config import DEFAULT_MODEL
+from adapter.config import DEFAULT_MODEL, EmbeddingConfig
 from adapter.errors import AdapterError
-from adapter.integrations import QueryDocumentEncoder, adapted_encoder
+from adapter.integrations import AdaptedBackend
 from adapter.model import LinearAdapter
 
 try:
@@ -29,10 +29,10 @@ class AdapterEmbedding(BaseEmbedding):
     _encoder: Any = PrivateAttr()
 
     def __init__(self, adapter: LinearAdapter | str | os.PathLike, model: str = DEFAULT_MODEL, *,
-                 allow_other_model: bool = False, encoder: QueryDocumentEncoder | None = None, **kwargs: Any):
+                 embedding: EmbeddingConfig | None = None, allow_other_model: bool = False, **kwargs: Any):
         kwargs.setdefault("model_name", model)
         super().__init__(**kwargs)
-        self._encoder = encoder or adapted_encoder(adapter, model, allow_other_model=allow_other_model)
+        self._encoder = AdaptedBackend(adapter, model, embedding=embedding, allow_other_model=allow_other_model)
 
     @classmethod
     def class_name(cls) -> str:
