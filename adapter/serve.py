@@ -323,6 +323,9 @@ class Metrics:
                                buckets=BATCH_BUCKETS, registry=self.registry)
         self.reloads = Counter("adapter_serve_adapter_reloads", "Adapter file changes seen, by result",
                                ["result"], registry=self.registry)
+        self.adapter = Histogram("adapter_serve_adapter_seconds", "Time applying the adapter to one reply's vectors",
+                                 buckets=(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 1e-2),
+                                 registry=self.registry)
 
     def render(self) -> bytes:
         from prometheus_client import generate_latest
@@ -410,7 +413,10 @@ class EmbeddingService:
         if role != QUERY:
             return vectors, sum(tokens), None
         loaded = self.slot.current  # read once: this whole reply comes from this adapter
-        return loaded.adapter.apply(vectors), sum(tokens), loaded
+        start = time.perf_counter()
+        adapted = loaded.adapter.apply(vectors)
+        self.metrics.adapter.observe(time.perf_counter() - start)
+        return adapted, sum(tokens), loaded
 
 
 # ------------------------------------------------------------------------------------------------------- the app

@@ -405,6 +405,10 @@ def main() -> None:
         print(f"## What the adapter adds ({args.pairs} request pairs, one at a time, same server)\n")
         print(f"- p50 /v1 (adapted) {cost['p50_query']:.2f} ms, /documents/v1 (base) {cost['p50_document']:.2f} ms; "
               f"median paired difference {cost['p50_paired_diff'] * 1000:+.0f} µs")
+        inside = servers["on"].metric("adapter_serve_adapter_seconds_sum") / servers["on"].metric(
+            "adapter_serve_adapter_seconds_count") * 1e6
+        print(f"- inside the server, applying the adapter (the only step /documents/v1 skips): mean {inside:.0f} µs "
+              "per reply over every /v1 request so far (the server's own adapter_serve_adapter_seconds)")
         print(f"- `LinearAdapter.apply` on one 384-d vector alone: median {apply_us:.1f} µs\n")
 
         versions = {version: first["on"]}
