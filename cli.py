@@ -509,8 +509,10 @@ def export(adapter_path: str, out: str, model: str | None, allow_other_model: bo
 @main.command()
 @click.argument("docs", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write corpus.jsonl in.")
-@click.option("--size", type=int, default=None, help=f"Chunk size in --unit [default: {DEFAULTS.chunk.size}].")
-@click.option("--overlap", type=int, default=None, help=f"Overlap between chunks [default: {DEFAULTS.chunk.overlap}].")
+@click.option("--size", type=int, default=None, help=f"Chunk size in --unit [default: {DEFAULTS.chunk.size}, or as "
+              "many tokens as --model reads when that is less].")
+@click.option("--overlap", type=int, default=None, help=f"Overlap between chunks [default: {DEFAULTS.chunk.overlap}, "
+              "or half the size when the size follows the model].")
 @click.option("--unit", type=click.Choice(["tokens", "chars"]), default=None,
               help=f"Count tokens of --model's tokenizer, or characters [default: {DEFAULTS.chunk.unit}].")
 @model_option
@@ -519,8 +521,13 @@ def chunk(docs: tuple[str, ...], out: str, size: int | None, overlap: int | None
           model: str | None, force: bool) -> None:
     """Split DOCS (.txt, .md, .pdf files or folders of them) into chunks in OUT/corpus.jsonl."""
     from adapter.chunking import chunk as run
+    from adapter.chunking import model_max_tokens
 
-    cfg = Config().replace(chunk_size=size, chunk_overlap=overlap, chunk_unit=unit, model=model)
+    cfg = Config().replace(chunk_unit=unit, model=model)
+    limit = model_max_tokens(cfg.encoder.model) if size is None and cfg.chunk.unit == "tokens" else None
+    if limit is not None and limit < cfg.chunk.size:  # the default follows what the model reads
+        size, overlap = limit, limit // 2 if overlap is None else overlap
+    cfg = cfg.replace(chunk_size=size, chunk_overlap=overlap)
     chunks = run(docs, out, cfg, force=force)
     n_docs = len({c.source for c in chunks})
     click.echo(f"wrote {out}/corpus.jsonl: {len(chunks)} chunks from {n_docs} document{'s' * (n_docs != 1)} "

@@ -187,6 +187,18 @@ def load_tokenizer(model: str) -> Any:
     return tokenizer
 
 
+def model_max_tokens(model: str) -> int | None:
+    """How many tokens the embedding model reads (its ``max_seq_length``; MiniLM: 256), from its sentence-transformers
+    config; None when that is not at hand. A chunk longer than this is cut when embedded."""
+    from adapter.encoder import resolve_model
+
+    try:
+        config = json.loads((Path(resolve_model(model)) / "sentence_bert_config.json").read_text(encoding="utf-8"))
+        return int(config["max_seq_length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def token_starts(text: str, tokenizer: Any) -> list[int]:
     """Character offsets at which the tokenizer's tokens begin in ``text`` (no special tokens)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
@@ -217,7 +229,8 @@ def chunk_documents(paths: Sequence[str | os.PathLike], *, size: int, overlap: i
         starts = token_starts(text, tokenizer) if tokenizer is not None else None
         spans = split_text(text, size, overlap, starts)
         if not spans:
-            logger.warning("%s: no text, skipped (a scanned PDF needs OCR first)", doc)
+            ocr = " (a scanned PDF needs OCR first)" if doc.suffix.lower() == ".pdf" else ""
+            logger.warning("%s: no text, skipped%s", doc, ocr)
             continue
         prefix = _id_prefix(doc)
         chunks += [Chunk(f"{prefix}-{i}", text[a:b], str(doc), a, b) for i, (a, b) in enumerate(spans)]
@@ -236,6 +249,10 @@ def chunk(paths: Sequence[str | os.PathLike], out: str | os.PathLike, cfg: Confi
         raise AdapterError(f"{out}: already holds a corpus; pass --force to replace it")
     chunks = chunk_documents(paths, size=cfg.chunk.size, overlap=cfg.chunk.overlap, unit=cfg.chunk.unit,
                              model=cfg.encoder.model)
+    limit = model_max_tokens(cfg.encoder.model) if cfg.chunk.unit == "tokens" else None
+    if limit is not None and cfg.chunk.size > limit:  # never cut silently
+        logger.warning("%d-token chunks are longer than the %d tokens %s reads: the rest of each chunk is never "
+                       "embedded; pass --size %d or less", cfg.chunk.size, limit, cfg.encoder.model, limit)
     ensure_dir(out)
     with atomic_write(out / "corpus.jsonl") as f:
         for c in chunks:

@@ -204,7 +204,8 @@ class _Tally:
         from tqdm.auto import tqdm
 
         self.done, self.failed = done, 0
-        self.bar = tqdm(total=total, initial=done, unit="chunk", desc="generate", disable=not show)
+        # disable=None: no bar when stderr is not a terminal (a log file gets the summary, not 100 redrawn bars)
+        self.bar = tqdm(total=total, initial=done, unit="chunk", desc="generate", disable=None if show else True)
         self.stats = Stats(on_change=self._show)
         self._show()
 

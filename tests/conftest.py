@@ -78,12 +78,16 @@ def minilm():
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with a WordPiece tokenizer trained here on a few sentences, saved as a sentence-transformers
     model folder: a real model of another name and dimension, built without the network."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def build_tiny_model(root: Path) -> Path:
+    """Build the tiny BERT of ``tiny_model_dir`` under ``root`` (also used by bench/bench_faults.py)."""
     from sentence_transformers import SentenceTransformer, models
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
     from tokenizers import models as tmodels
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    root = tmp_path_factory.mktemp("tiny")
     tok = Tokenizer(tmodels.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()

@@ -63,10 +63,12 @@ def _jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
 
-def build_workspace(root: Path, model: str, cache: Path) -> dict[str, str]:
+def build_workspace(root: Path, model: str, cache: Path, *, light: bool = False) -> dict[str, str]:
     """Write the workspace under ``root`` (a valid dataset, existing outputs, bad sources); returns the placeholders.
 
-    ``model`` is the encoder every case uses; an adapter for it is trained here by the real command."""
+    ``model`` is the encoder every case uses; an adapter for it is trained here by the real command, and the index,
+    results, exported model and dataset are made by theirs. ``light`` writes placeholder bytes for those instead (for
+    cases that must fail before reading them: the quick table test)."""
     from tests.conftest import CHUNKS, QUESTIONS, write_dataset
 
     root.mkdir(parents=True, exist_ok=True)
@@ -82,10 +84,16 @@ def build_workspace(root: Path, model: str, cache: Path) -> dict[str, str]:
                  ["export", str(existing / "adapter.safetensors"), "--out", str(existing / "exported"), "--model",
                   model],
                  ["convert", str(ds), "--out", str(existing / "dataset")]):
+        if light:
+            break
         r = subprocess.run([sys.executable, "-m", "cli", "-q", *argv], env=env, cwd=ROOT, capture_output=True,
                            text=True, timeout=600)
         if r.returncode != 0:
             raise RuntimeError(f"workspace setup failed: {' '.join(argv)}\n{r.stderr[-2000:]}")
+    if light:
+        for name in ("adapter.safetensors", "index.faiss", "results.json", "exported/modules.json"):
+            _w(existing / name, b"placeholder")
+        shutil.copytree(ds, existing / "dataset")
     w.update({k: str(existing / v) for k, v in {"adapter": "adapter.safetensors", "index": "index.faiss",
                                                   "results": "results.json", "exported": "exported",
                                                   "dataset": "dataset"}.items()})
@@ -155,16 +163,17 @@ def build_workspace(root: Path, model: str, cache: Path) -> dict[str, str]:
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    tensors = load_file(w["adapter"])
-    with safe_open(w["adapter"], framework="np") as f:
-        meta = f.metadata()
-    save_file({k: v * 0 for k, v in tensors.items()}, str(_w(bad / "zeros.safetensors", b"")), metadata=meta)
-    import faiss
-    import numpy as np
+    if not light:  # an all-zeros adapter (of the real one) and an index of another dimension
+        tensors = load_file(w["adapter"])
+        with safe_open(w["adapter"], framework="np") as f:
+            meta = f.metadata()
+        save_file({k: v * 0 for k, v in tensors.items()}, str(_w(bad / "zeros.safetensors", b"")), metadata=meta)
+        import faiss
+        import numpy as np
 
-    small = faiss.IndexFlatIP(3)
-    small.add(np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]])
-    faiss.write_index(small, str(bad / "dim3.faiss"))
+        small = faiss.IndexFlatIP(3)
+        small.add(np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1, 2]])
+        faiss.write_index(small, str(bad / "dim3.faiss"))
     _w(bad / "empty.md", "")
     _w(bad / "blank.txt", "   \n\n")
     _w(bad / "docs" / "a.md", "A short handbook page about pumps and valves. " * 20)

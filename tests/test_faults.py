@@ -462,3 +462,47 @@ def test_a_damaged_shard_is_named(damage, tmp_path):
         shard.write_bytes(b"hello")
     with pytest.raises(AdapterError, match=f"{shard.name}: damaged embedding cache shard .*delete it"):
         EmbeddingCache(folder).get(UNIVERSE[:4], DIM)
+
+
+# ---------------------------------------------------------------------------------------------------------- chunking
+
+
+def test_the_default_chunk_size_is_what_the_model_reads(tmp_path, caplog):
+    """Reproduction 11: 800-token chunks were cut to MiniLM's 256 without a word."""
+    from adapter.chunking import model_max_tokens
+
+    limit = model_max_tokens("sentence-transformers/all-MiniLM-L6-v2")
+    assert limit == 256
+    (tmp_path / "doc.md").write_text("The pumping station has two pumps and a standby generator. " * 400)
+    r = CliRunner().invoke(main, ["chunk", str(tmp_path / "doc.md"), "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    settings = json.loads((tmp_path / "a" / "chunk.json").read_text())
+    assert (settings["size"], settings["overlap"]) == (256, 128) and "(256 tokens, overlap 128)" in r.output
+    with caplog.at_level("WARNING"):
+        r = CliRunner().invoke(main, ["chunk", str(tmp_path / "doc.md"), "--out", str(tmp_path / "b"), "--size", "800"])
+    assert r.exit_code == 0 and "longer than the 256 tokens" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------- the table
+
+
+def _before_any_model(case) -> bool:
+    """Cases that must fail before a model loads (so the table test stays quick): every option check, and the
+    commands that read files only."""
+    return case.command in ("convert", "split", "chunk", "generate") or case.what.startswith("--") or \
+        case.what in ("empty query", "blank query", "--out exists", "--out holds a report")
+
+
+def test_fault_table_every_command_fails_cleanly(tmp_path_factory, tiny_model_dir):
+    """The table of tests/fault_cases.py (the quick part; bench/bench_faults.py runs all of it): each case exits
+    non-zero with at most 3 lines on stderr, no traceback, no file changed and none left behind."""
+    from tests.fault_cases import build_workspace, cases, run_case
+
+    root = tmp_path_factory.mktemp("faults")
+    w = build_workspace(root / "ws", str(tiny_model_dir), root / "cache", light=True)
+    selected = [c for c in cases() if _before_any_model(c)]
+    assert len(selected) > 60
+    bad = [o for o in (run_case(c, w, root / "cache") for c in selected) if not o.clean]
+    assert not bad, "\n".join(f"{o.case.command}: {o.case.what}: exit {o.code}, traceback {o.traceback}, "
+                              f"{o.lines} lines, left {o.left[:2]}, changed {o.changed[:2]}: {o.stderr[-300:]}"
+                              for o in bad)

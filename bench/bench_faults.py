@@ -1,0 +1,197 @@
+"""Bad input and faults, measured (issue #13): the fuzz table over every command, two `adapter embed` processes sharing
+one cache past the merge threshold, and `adapter embed` killed with SIGKILL at random points.
+
+    python bench/bench_faults.py [--model NAME] [--rounds 20] [--kills 10] [--skip-fuzz]
+
+Everything runs the real CLI in subprocesses (`python -m cli ...`), as a user would. Prints markdown tables. The
+default model is the tests' tiny BERT, built here: what is measured (exits, files, cache contents) does not depend on
+the model, and each of the ~200 runs then costs start-up time only; pass --model for the bundled MiniLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adapter.data import load_dataset, save_dataset  # noqa: E402
+from tests.fault_cases import build_workspace, cases, run_case  # noqa: E402
+
+WATEROPS = ROOT / "data" / "waterops"
+EMBEDDED = re.compile(r"(\d+) texts embedded, (\d+) already cached")
+
+
+def cli(*argv: str, cache: Path, model: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ADAPTER_CACHE": str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "cli", "-q", *argv, "--model", model], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=1200)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{r.stderr[-2000:]}")
+    return r
+
+
+def fuzz(work: Path, model: str) -> None:
+    cache = work / "fuzz-cache"
+    w = build_workspace(work / "ws", model, cache)
+    rows: dict[str, Counter] = {}
+    bad = []
+    start = time.perf_counter()
+    for case in cases():
+        o = run_case(case, w, cache)
+        c = rows.setdefault(case.command, Counter())
+        c["cases"] += 1
+        c["clean"] += o.clean
+        c["traceback"] += o.traceback
+        c["left"] += bool(o.left)
+        c["changed"] += bool(o.changed)
+        c["exit 0"] += o.code == 0
+        c["long"] += o.lines > 3
+        if not o.clean:
+            bad.append((case, o))
+    total = sum(rows.values(), Counter())
+    print(f"\n### Fuzz table ({total['cases']} cases, {time.perf_counter() - start:.0f} s, model {Path(model).name})\n")
+    print("| command | cases | clean one-line errors | tracebacks | exit 0 | > 3 lines on stderr | partial or new "
+          "files left | existing files changed |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, c in [*rows.items(), ("**all**", total)]:
+        print(f"| {name} | {c['cases']} | {c['clean']} | {c['traceback']} | {c['exit 0']} | {c['long']} | {c['left']} "
+              f"| {c['changed']} |")
+    for case, o in bad:
+        last = next((line for line in reversed(o.stderr.splitlines()) if line.strip()), "")
+        print(f"\nnot clean: {case.command}: {case.what}: exit {o.code}, traceback {o.traceback}, {o.lines} lines, "
+              f"left {o.left[:3]}, changed {o.changed[:3]}: {last[:200]}")
+
+
+def subsets(work: Path, rounds: int) -> list[tuple[Path, Path]]:
+    """For each round, two overlapping slices of waterops (all chunks, a window of queries each, half shared)."""
+    ds = load_dataset(WATEROPS)
+    qids = list(ds.queries)
+    out = []
+    step = max(1, (len(qids) - 120) // max(1, rounds))
+    for r in range(rounds):
+        pair = []
+        for p, lo in enumerate((r * step, r * step + 40)):
+            keep = qids[lo:lo + 80]
+            part = type(ds)(corpus=ds.corpus, queries={q: ds.queries[q] for q in keep},
+                            qrels={"all": {q: ds.qrels["all"][q] for q in keep if q in ds.qrels["all"]}},
+                            titles=ds.titles)
+            pair.append(save_dataset(part, work / "slices" / f"r{r}-p{p}"))
+        out.append(tuple(pair))
+    return out
+
+
+def concurrent(work: Path, model: str, rounds: int) -> None:
+    from adapter.encoder import Encoder
+
+    cache, single = work / "shared-cache", work / "single-cache"
+    pairs = subsets(work, rounds)
+    env = {**os.environ, "ADAPTER_CACHE": str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    errors, max_shards, start = 0, 0, time.perf_counter()
+    for a, b in pairs:
+        procs = [subprocess.Popen([sys.executable, "-m", "cli", "-q", "embed", str(d), "--model", model], env=env,
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in (a, b)]
+        for p in procs:
+            out, err = p.communicate(timeout=1200)
+            errors += p.returncode != 0
+            if p.returncode != 0:
+                print(f"embed failed: {err[-500:]}")
+        folder = next((cache / "embeddings").iterdir())
+        max_shards = max(max_shards, len(list(folder.glob("*.npz"))))
+    union = work / "slices" / "union"
+    ds = load_dataset(WATEROPS)
+    seen = {q for a, b in pairs for d in (a, b) for q in load_dataset(d).queries}
+    save_dataset(type(ds)(corpus=ds.corpus, queries={q: ds.queries[q] for q in ds.queries if q in seen},
+                          qrels={"all": {q: r for q, r in ds.qrels["all"].items() if q in seen}}, titles=ds.titles),
+                 union)
+    third = EMBEDDED.search(cli("embed", str(union), cache=cache, model=model).stdout)
+    cli("embed", str(union), cache=single, model=model)
+    u = load_dataset(union)
+    texts = [u.doc_text(c) for c in u.corpus]
+    shared_enc = Encoder(model, cache_dir=cache, show_progress=False)
+    single_enc = Encoder(model, cache_dir=single, show_progress=False)
+    diff = max(float(np.abs(shared_enc.encode_queries(list(u.queries.values()))
+                            - single_enc.encode_queries(list(u.queries.values()))).max()),
+               float(np.abs(shared_enc.encode_documents(texts) - single_enc.encode_documents(texts)).max()))
+    assert shared_enc.texts_encoded == single_enc.texts_encoded == 0
+    print(f"\n### Two `adapter embed` processes, one cache, {rounds} rounds ({time.perf_counter() - start:.0f} s)\n")
+    print("| rounds | processes per round | failed runs | most shards seen (merge past 32) | texts in the union | "
+          "third run embedded | max abs difference vs a single-process cache |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| {rounds} | 2 | {errors} | {max_shards} | {len(u.queries) + len(u.corpus)} | {third.group(1)} | "
+          f"{diff:.2e} |")
+
+
+def kills(work: Path, model: str, n: int) -> None:
+    from adapter.cache import EmbeddingCache
+
+    env_base = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    timing = work / "kill-timing"
+    t0 = time.perf_counter()
+    full = EMBEDDED.search(cli("embed", str(WATEROPS), cache=timing, model=model).stdout)
+    whole = time.perf_counter() - t0
+    total = int(full.group(1))
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        cache = work / f"kill-{i}"
+        at = rng.uniform(0.05, 0.95) * whole
+        p = subprocess.Popen([sys.executable, "-m", "cli", "-q", "embed", str(WATEROPS), "--model", model],
+                             env={**env_base, "ADAPTER_CACHE": str(cache)}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        time.sleep(at)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        folders = list((cache / "embeddings").glob("*")) if (cache / "embeddings").is_dir() else []
+        cached = sum(len(EmbeddingCache(f)) for f in folders)  # opens, or raises naming a shard
+        rerun = EMBEDDED.search(cli("embed", str(WATEROPS), cache=cache, model=model).stdout)
+        embedded, already = int(rerun.group(1)), int(rerun.group(2))
+        rows.append((i, at, cached, embedded, already, embedded + already == total and already == cached))
+    print(f"\n### `adapter embed` killed with SIGKILL at {n} random points (a full run takes {whole:.1f} s, "
+          f"{total} texts)\n")
+    print("| kill | after (s) | vectors in the cache after the kill (it opens) | rerun embedded | rerun found cached "
+          "| rerun embedded exactly what was missing |")
+    print("|---:|---:|---:|---:|---:|---|")
+    for i, at, cached, embedded, already, ok in rows:
+        print(f"| {i} | {at:.1f} | {cached} | {embedded} | {already} | {ok} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="[default: the tests' tiny BERT, built here]")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--skip-fuzz", action="store_true")
+    args = parser.parse_args()
+    from adapter.encoder import resolve_model
+
+    with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
+        work = Path(tmp)
+        if args.model is None:
+            from tests.conftest import build_tiny_model
+
+            model = str(build_tiny_model(work / "tiny"))
+        else:
+            model = resolve_model(args.model)
+        if not args.skip_fuzz:
+            fuzz(work, model)
+        concurrent(work, model, args.rounds)
+        kills(work, model, args.kills)
+    print(f"\n(machine: {os.cpu_count()} cores, shared; {json.dumps({'model': args.model or 'tiny BERT'})})")
+
+
+if __name__ == "__main__":
+    main()
