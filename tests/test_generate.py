@@ -177,8 +177,8 @@ def test_requests_in_flight_and_per_minute_are_bounded(tmp_path: Path):
     write_corpus(tmp_path / "paced", 5)
     with FakeLLM(questions=N) as llm:
         run(tmp_path / "paced", llm, concurrency=4, requests_per_minute=600)  # one start every 0.1 s
-    starts = sorted(r.start for r in llm.requests)
-    assert min(np.diff(starts)) >= 0.09
+    starts = sorted(r.start for r in llm.requests)  # as the server saw them: arrival adds jitter to each gap
+    assert starts[-1] - starts[0] >= 0.9 * 0.1 * (len(starts) - 1) and min(np.diff(starts)) >= 0.05
 
 
 def test_a_chunk_failing_every_retry_is_listed_then_asked_again(tmp_path: Path):
