@@ -39,8 +39,10 @@ import numpy as np
 
 from adapter.backends import Backend, estimate_tokens, make_backend
 from adapter.config import Config, ServeConfig
+from adapter.encoder import truncate
 from adapter.errors import AdapterError, one_line
 from adapter.integrations import checked_adapter
+from adapter.model import LinearAdapter
 
 try:
     from fastapi import FastAPI, Request
@@ -49,8 +51,6 @@ try:
     from starlette.exceptions import HTTPException
 except ImportError:  # pragma: no cover - the extra is missing
     raise AdapterError("adapter serve needs FastAPI and uvicorn: pip install 'adapter[serve]'") from None
-from adapter.encoder import truncate
-from adapter.model import LinearAdapter
 
 logger = logging.getLogger(__name__)
 
