@@ -302,12 +302,17 @@ def _reranker(folder: str | None, k: int | None, ds):
 @click.option("--force", is_flag=True, help="Replace an existing --json file.")
 @cache_option
 @store_options
+@click.option("--store-search", is_flag=True, help="Score through the store's own search (top 100 ids per query) "
+              "instead of reading its vectors out: for indexes too large to read.")
+@click.option("--store-search-sample", type=Number(int, 0), default=None, metavar="N", help="With --store-search: "
+              f"check the store's top-10 against its exact search on N queries [default: "
+              f"{DEFAULTS.store.search_sample}].")
 @embedding_options
 @rerank_options
 def evaluate(directory: str, model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
              adapters: tuple[str, ...], allow_other_model: bool, json_out: str | None, force: bool,
              cache_dir: str | None, source, id_field: str | None, embedding: dict, reranker_dir: str | None,
-             rerank_k: int | None) -> None:
+             rerank_k: int | None, store_search: bool, store_search_sample: int | None) -> None:
     """Score retrieval on DIRECTORY's split at each dim, base beside each adapter, and print the table.
 
     With a store (--index, --qdrant, --chroma, --pgvector) or --corpus-vectors the corpus vectors are read from
@@ -318,13 +323,30 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
 
     _quiet_hf()
     cfg = Config().replace(model=model, split=split_name, dims=dims, cache_dir=cache_dir, id_field=id_field,
-                           rerank_k=rerank_k, **embedding)
+                           rerank_k=rerank_k, store_search_sample=store_search_sample, **embedding)
     if json_out:
         _check_output(json_out, force)
     ds = load_dataset(directory)
     reranker = _reranker(reranker_dir, rerank_k, ds)
-    results = evaluate_dataset(ds, cfg, adapters=adapters, corpus=source.with_settings(cfg) if source else None,
-                               allow_other_model=allow_other_model, reranker=reranker)
+    if store_search:
+        from adapter.pipeline import evaluate_store_search
+
+        if not source:
+            raise AdapterError("--store-search needs the store: --index, --qdrant, --chroma or --pgvector")
+        if reranker is not None:
+            raise AdapterError("--store-search scores the store's own ranking; drop --reranker")
+        with source.open(cfg) as store:
+            s = evaluate_store_search(ds, store, cfg, adapters=adapters, allow_other_model=allow_other_model)
+        results = s.results
+        click.echo(f"scored through {s.store}'s own search: top {s.depth} ids per query, at its dimension {s.dim} "
+                   "only; no vector read out")
+        if s.sample:
+            recalls = ", ".join(f"{name} {r:.4f}" for name, r in s.recall_at_10.items())
+            click.echo(f"recall@10 of the store's search against exact search over its vectors, {s.sample} sampled "
+                       f"queries: {recalls}")
+    else:
+        results = evaluate_dataset(ds, cfg, adapters=adapters, corpus=source.with_settings(cfg) if source else None,
+                                   allow_other_model=allow_other_model, reranker=reranker)
     click.echo(format_table(results))
     if json_out:
         write_results(results, json_out, force=force)
@@ -723,10 +745,13 @@ def rerank_train(directory: str, out: str, model: str | None, encoder: str | Non
 @rerank_options
 @click.option("--rag", "rag_json", type=click.Path(exists=True, dir_okay=False), default=None,
               help="rag.json from `adapter rag`: its answer accuracy joins the report.")
+@store_options
+@embedding_options
 def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tuple[str, ...], models: tuple[str, ...],
             base_model: str | None, split_name: str | None, dims: tuple[int, ...] | None,
             bootstrap_samples: int | None, allow_other_model: bool, force: bool, cache_dir: str | None,
-            reranker_dir: str | None, rerank_k: int | None, rag_json: str | None) -> None:
+            reranker_dir: str | None, rerank_k: int | None, rag_json: str | None, source, id_field: str | None,
+            embedding: dict) -> None:
     """Score base, adapters, fine-tuned and other models side by side on DIRECTORY's split, with costs and paired
     bootstrap intervals; write report.md, results.json, summary.json and PNG plots to --out."""
     from pathlib import Path
@@ -737,14 +762,14 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
 
     _quiet_hf()
     cfg = Config().replace(model=base_model, split=split_name, dims=dims, bootstrap_samples=bootstrap_samples,
-                           cache_dir=cache_dir, rerank_k=rerank_k)
+                           cache_dir=cache_dir, rerank_k=rerank_k, id_field=id_field, **embedding)
     ds = load_dataset(directory)
     ds.split(cfg.evaluate.split)  # fail on a missing split before loading a model
     if (Path(out) / "report.md").exists() and not force:  # before any model is loaded
         raise AdapterError(f"{out}: already holds a report; pass --force to replace it")
     reranker = _reranker(reranker_dir, rerank_k, ds)
     c = run(ds, out, cfg, adapters=adapters, finetuned=finetuned, models=models, allow_other_model=allow_other_model,
-            force=force, reranker=reranker, rag=rag_json)
+            force=force, reranker=reranker, rag=rag_json, corpus=source.with_settings(cfg) if source else None)
     click.echo(primary_table(c))
     click.echo(cost_table(c, len(ds.corpus)))
     click.echo(f"wrote {', '.join(str(p) for p in c.files)}")

@@ -59,6 +59,7 @@ class Backend(Protocol):
 
     name: str
     fingerprint: str
+    identity: str  # "<name>@<fingerprint>": what an adapter records as its base model
     remote: bool
     dim: int | None
 
@@ -70,10 +71,20 @@ class Backend(Protocol):
         """Unit vectors (n, dim) float32 for ``texts``, in order; ``on_batch`` sees each finished batch first."""
         ...
 
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text as the model counts them (an estimate for a remote model): the usage a server reports."""
+        ...
+
 
 def _unit(vectors: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def _display_name(name: str) -> str:
+    """A model name as the first half of an identity: its last path part, filesystem-safe."""
+    base = name.rstrip("/").split("/")[-1] or "model"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", base)
 
 
 def _hash(*parts: Any) -> str:
@@ -149,6 +160,7 @@ class SentenceTransformerBackend:
         base = model_fingerprint(self.model)
         # The cache folder of a model without prefixes keeps its name from before prefixes existed.
         self.fingerprint = base if not any(self.prefixes.values()) else _hash(base, self.prefixes)
+        self.identity = f"{_display_name(self.name)}@{self.fingerprint}"
         self._router = any(type(m).__name__ == "Router" for m in self.model)
 
     def _prompt(self, role: Role) -> str:
@@ -170,6 +182,11 @@ class SentenceTransformerBackend:
         if on_batch is not None:
             on_batch(np.arange(len(texts)), vectors)
         return vectors
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Tokens per text with the model's own tokenizer, truncated as the model truncates."""
+        enc = self.model.tokenizer(list(texts), truncation=True, max_length=self.model.max_seq_length)
+        return [len(ids) for ids in enc["input_ids"]]
 
 
 # ---------------------------------------------------------------------------------------------------------- remote
@@ -200,6 +217,7 @@ class OpenAIBackend:
         parts = urlsplit(self.endpoint)
         self.prefixes = {"query": cfg.query_prefix or "", "document": cfg.document_prefix or ""}
         self.fingerprint = _hash("openai", parts.netloc, parts.path, self.model_name, cfg.dimensions, self.prefixes)
+        self.identity = f"{_display_name(self.name)}@{self.fingerprint}"
         self.dim: int | None = cfg.dimensions
         self.limiter = RateLimiter(cfg.requests_per_minute, cfg.tokens_per_minute)
         self.policy = RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay)
@@ -210,6 +228,10 @@ class OpenAIBackend:
 
     def role_tag(self, role: Role) -> str:
         return f"\0{self.prefixes[role]}"
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """An estimate (``estimate_tokens``): the server's tokenizer is not ours to run."""
+        return [estimate_tokens(t) for t in texts]
 
     # ------------------------------------------------------------------------------------------ one request
 

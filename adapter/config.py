@@ -103,6 +103,7 @@ class StoreConfig:
     ef_search: int = 256  # HNSW candidate list (FAISS, Qdrant, Chroma; at least k); 16, FAISS's own, lost neighbours
     id_field: str | None = None  # None: a store's own point ids are corpus ids; else this Qdrant/Chroma payload field
     batch: int = 1000  # points per request when a collection is read out for evaluation
+    search_sample: int = 100  # evaluate --store-search: queries whose top-10 is checked against exact search (0: none)
 
 
 @dataclass(frozen=True)

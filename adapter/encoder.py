@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +20,7 @@ import numpy as np
 from adapter.backends import (
     BUNDLED_NAMES,
     Role,
+    _display_name,
     load_model,
     make_backend,
     model_fingerprint,
@@ -34,7 +34,8 @@ from adapter.errors import AdapterError
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["BUNDLED_NAMES", "Encoder", "Role", "load_model", "model_fingerprint", "resolve_model", "truncate"]
+__all__ = ["BUNDLED_NAMES", "Encoder", "Role", "_display_name", "load_model", "model_fingerprint", "resolve_model",
+           "truncate"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +51,6 @@ def truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
     norms = np.linalg.norm(out, axis=1, keepdims=True)
     np.divide(out, np.maximum(norms, 1e-12), out=out)
     return out
-
-
-def _display_name(name: str) -> str:
-    base = name.rstrip("/").split("/")[-1] or "model"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", base)
 
 
 class Encoder:
@@ -84,7 +80,7 @@ class Encoder:
         self.model: SentenceTransformer | None = getattr(self.backend, "model", None)
         self.show_progress = show_progress
         self.fingerprint = self.backend.fingerprint
-        self.identity = f"{_display_name(self.name)}@{self.fingerprint}"
+        self.identity = self.backend.identity
         self.cache = EmbeddingCache(cache_root(cache_dir) / "embeddings" / self.fingerprint)
         self.texts_encoded = 0
         self.canary_min_cosine = settings.canary_min_cosine

@@ -95,6 +95,59 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = 
     return rerank.rerank_train(dataset, out, cfg, first_stage, source, progress=progress)
 
 
+@dataclass
+class StoreSearch:
+    """``evaluate --store-search``: each system scored on the store's own top-``depth`` ids (at the store's dimension
+    only), and, over ``sample`` queries, recall@10 of the store's search against its exact search."""
+
+    results: SystemResults
+    store: str
+    dim: int
+    depth: int
+    sample: int
+    recall_at_10: dict[str, float]  # system -> mean over the sampled queries
+
+
+def evaluate_store_search(dataset: Dataset, store: Store, cfg: Config | None = None, *,
+                          encoder: Encoder | None = None,
+                          adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
+                          allow_other_model: bool = False) -> StoreSearch:
+    """Score base and adapters through ``store``'s own search: adapted query vectors in, top-100 ids out, no vector
+    read out of the store, so an index too large to read out is scored as it serves. Ids name chunks as
+    ``adapter.stores.hit_names`` does; hits naming no chunk count as misses."""
+    from adapter.evaluate import TOP_K, metrics_from_hits
+    from adapter.stores import hit_names
+
+    cfg = cfg or Config()
+    split = cfg.evaluate.split
+    qrels = relevant(dataset.split(split))
+    qids = list(qrels)
+    texts = [dataset.queries[q] for q in qids]
+    systems = build_systems(cfg, encoder=encoder, adapters=adapters, allow_other_model=allow_other_model)
+    base = systems["base"].encoder
+    if store.dim != base.dim:
+        raise AdapterError(f"{store.name} holds {store.dim}-dimensional vectors, {base.identity} makes {base.dim}")
+    n_relevant = np.array([len(qrels[q]) for q in qids])
+    rng = np.random.default_rng(cfg.seed)
+    sample = np.sort(rng.choice(len(qids), min(cfg.store.search_sample, len(qids)), replace=False))
+    results: SystemResults = {}
+    recall: dict[str, float] = {}
+    for name, system in systems.items():
+        queries = system.encode_queries(texts)
+        hits = store.search(queries, TOP_K, id_field=cfg.store.id_field)
+        found = np.zeros((len(qids), TOP_K), dtype=bool)
+        for i, (q, h) in enumerate(zip(qids, hits, strict=True)):
+            found[i, :len(h.ids)] = [n in qrels[q] for n in hit_names(store, dataset, h)[:TOP_K]]
+        results[name] = {store.dim: metrics_from_hits(found, n_relevant)}
+        if len(sample):
+            exact = store.exact_search(queries[sample], 10, id_field=cfg.store.id_field)
+            recall[name] = float(np.mean([len(set(hits[i].ids[:10]) & set(e.ids)) / max(len(e.ids), 1)
+                                          for i, e in zip(sample, exact, strict=True)]))
+        logger.info("%s through %s: %s %.4f", name, store.name, PRIMARY_METRIC,
+                    results[name][store.dim][PRIMARY_METRIC])
+    return StoreSearch(results, store.name, store.dim, TOP_K, len(sample), recall)
+
+
 def write_results(results: SystemResults, path: str | os.PathLike, *, force: bool = True) -> Path:
     """Write results as JSON (``results_to_json``), atomically; ``force=False`` refuses to replace a file."""
     path = Path(path)
@@ -181,17 +234,24 @@ def training_curves(meta: dict[str, Any]) -> dict[str, list] | None:
 
 
 def _weights_bytes(encoder: Encoder) -> int:
+    """Bytes of weights held here (0 for a remote model: its weights are the provider's)."""
+    if encoder.model is None:
+        return 0
     return sum(t.numel() * t.element_size() for t in encoder.model.state_dict().values())
 
 
 def _encode_seconds(encoder: Encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per-text seconds to embed one query on its own (after one warm-up), and the vectors."""
     kw = {"normalize_embeddings": True, "convert_to_numpy": True, "show_progress_bar": False}
-    encoder.model.encode_query(list(texts[:1]), **kw)
+    if encoder.model is not None:
+        embed = lambda text: encoder.model.encode_query([text], **kw)[0]  # noqa: E731
+    else:  # a remote model: the round trip is the latency
+        embed = lambda text: encoder.backend.embed([text], "query")[0]  # noqa: E731
+    embed(texts[0])
     seconds, vectors = [], []
     for text in texts:
         t = time.perf_counter()
-        vectors.append(encoder.model.encode_query([text], **kw)[0])
+        vectors.append(embed(text))
         seconds.append(time.perf_counter() - t)
     return np.array(seconds), np.array(vectors, dtype=np.float32)
 
@@ -251,7 +311,7 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
             adapters: Sequence[str | os.PathLike] = (), finetuned: Sequence[str | os.PathLike] = (),
             models: Sequence[str] = (), allow_other_model: bool = False, force: bool = True,
             reranker: Reranker | None = None, rag: str | os.PathLike | None = None,
-            progress: bool = True) -> Comparison:
+            progress: bool = True, corpus: CorpusSource | None = None) -> Comparison:
     """Score base (``cfg.encoder.model``), each adapter on it, each fine-tuned model folder and each other model on
     ``cfg.evaluate.split`` at every dim; measure what each costs; write ``report.md``, ``results.json`` (the shape of
     `adapter evaluate --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
@@ -260,6 +320,8 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
     ``force=False`` refuses an ``out`` that already holds a report. With a ``reranker`` each system is scored again
     as ``<system>+rerank`` (top ``cfg.rerank.k`` reordered), with its change over its own first stage and the
     reranking's latency; ``rag``: a ``rag.json`` from `adapter rag`, whose answer accuracy joins the report.
+    ``corpus``: where base and its adapters find the corpus vectors (e.g. ``adapter.stores.StoreSource``; fine-tuned
+    and other models embed corpus.jsonl).
     """
     from adapter import report
 
@@ -272,7 +334,7 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
         raise AdapterError(f"{out}: exists and is not a folder")
     if (out / "report.md").exists() and not force:
         raise AdapterError(f"{out}: already holds a report; pass --force to replace it")
-    systems = build_systems(cfg, adapters=adapters, finetuned=finetuned, models=models,
+    systems = build_systems(cfg, adapters=adapters, finetuned=finetuned, models=models, corpus=corpus,
                             allow_other_model=allow_other_model, reranker=reranker, progress=progress)
     for s in systems.values():
         _check_trained_on(dataset, s.meta, s.source)

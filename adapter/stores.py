@@ -89,6 +89,15 @@ class Store:
         """Every stored vector, (n, d) float32, with its id (or its ``id_field`` value)."""
         raise NotImplementedError
 
+    def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        """Top-``k`` by brute force over every stored vector: what ``search`` is checked against. This default reads
+        the vectors out; stores that can search exhaustively themselves do so without holding them all."""
+        from adapter.evaluate import search
+
+        ids, vectors = self.vectors(id_field=id_field)
+        scores, rows = search(self._check(queries, k), vectors, k)
+        return [Hits([ids[i] for i in r], [float(x) for x in sc]) for sc, r in zip(scores, rows, strict=True)]
+
     def close(self) -> None:
         """Release the client (a local Qdrant folder is locked while it is open)."""
 
@@ -188,6 +197,42 @@ class FaissStore(Store):
         return [Hits([int(i) for i in row if i >= 0], [float(s) for s, i in zip(srow, row, strict=True) if i >= 0])
                 for srow, row in zip(scores, ids, strict=True)]
 
+    def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        """Flat: the search itself. IVF (flat, PQ, SQ): every list probed, so every stored code is scored, exactly as
+        stored. Others (HNSW): vectors reconstructed a block at a time and searched by brute force."""
+        if id_field:
+            raise AdapterError(f"{self.name}: --id-field applies to Qdrant and Chroma collections, not FAISS files")
+        if self.ivf is not None:
+            nprobe = self.nprobe
+            self.nprobe = self.ivf.nlist
+            try:
+                return self.search(queries, k)
+            finally:
+                self.nprobe = nprobe
+        if all(isinstance(x, faiss.IndexFlat | faiss.IndexIDMap | faiss.IndexIDMap2) for x in self.layers):
+            return self.search(queries, k)
+        return self._blockwise(queries, k)
+
+    def _blockwise(self, queries: np.ndarray, k: int, block: int = 65536) -> list[Hits]:
+        q = self._check(queries, k)
+        inner = faiss.downcast_index(self.id_map.index) if self.id_map is not None else self.layers[0]
+        labels = faiss.vector_to_array(self.id_map.id_map) if self.id_map is not None else None
+        best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
+        best_r = np.empty((len(q), 0), dtype=np.int64)
+        for lo in range(0, inner.ntotal, block):
+            try:
+                part = inner.reconstruct_n(lo, min(block, inner.ntotal - lo))
+            except RuntimeError as e:
+                raise AdapterError(f"{self.name}: cannot read vectors back from this {type(inner).__name__} "
+                                   f"({one_line(e)})") from None
+            s, r = faiss.knn(q, np.ascontiguousarray(part, dtype=np.float32), min(k, len(part)),
+                             metric=faiss.METRIC_INNER_PRODUCT)
+            s, r = np.concatenate([best_s, s], 1), np.concatenate([best_r, r + lo], 1)
+            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            best_s, best_r = np.take_along_axis(s, order, 1), np.take_along_axis(r, order, 1)
+        ids = labels[best_r] if labels is not None else best_r
+        return [Hits([int(i) for i in row], [float(x) for x in sc]) for sc, row in zip(best_s, ids, strict=True)]
+
     def _ivf_ids(self) -> np.ndarray:
         """The ids stored in the IVF's inverted lists, list by list."""
         lists = self.ivf.invlists
@@ -260,9 +305,10 @@ class QdrantStore(Store):
             raise AdapterError(f"{self.name}: point {point.id} has no payload field {id_field!r}")
         return str(value)
 
-    def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+    def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None, exact: bool = False) -> list[Hits]:
         q = self._check(queries, k)
-        params = None if self.local else self.models.SearchParams(hnsw_ef=max(self.ef_search, k))  # local: exact
+        params = None if self.local else self.models.SearchParams(hnsw_ef=max(self.ef_search, k),
+                                                                  exact=exact)  # local: always exact
         out = []
         for vector in q:
             points = _request(self.name, "Qdrant search", self.client.query_points, self.collection,
@@ -274,6 +320,10 @@ class QdrantStore(Store):
             names = [self._payload(p, id_field) for p in points] if id_field else []
             out.append(Hits([p.id for p in points], scores, names))
         return out
+
+    def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        """Qdrant's own exhaustive search (``exact=True``)."""
+        return self.search(queries, k, id_field=id_field, exact=True)
 
     def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
         ids: list[Id] = []
@@ -486,6 +536,13 @@ class PgvectorStore(Store):
         if id_field not in (None, self.id_column):
             raise AdapterError(f"{self.name}: ids are read from column {self.id_column!r}, not {id_field!r}")
 
+    def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        """The same query with index scans off for this transaction: Postgres scans and sorts every row."""
+        with self.conn.transaction():
+            self.conn.execute("SET LOCAL enable_indexscan = off")
+            self.conn.execute("SET LOCAL enable_bitmapscan = off")
+            return self.search(queries, k, id_field=id_field)
+
     def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
         self._id_field(id_field)
         q = self._check(queries, k)
@@ -571,6 +628,15 @@ def corpus_names(store: Store, dataset: Dataset, ids: Sequence[Id]) -> list[str]
         dup = next(n for n, count in Counter(names).items() if count > 1)
         raise AdapterError(f"{store.name}: id {dup!r} names more than one vector")
     return names
+
+
+def hit_names(store: Store, dataset: Dataset, hits: Hits) -> list[str]:
+    """Each hit named by corpus id as ``corpus_names`` names vectors: line i of corpus.jsonl for a FAISS index without
+    ids, else the store's id (or id field) as a string; a hit naming no chunk keeps its own name (a distractor)."""
+    if store.rows_are_ids:
+        cids = list(dataset.corpus)
+        return [cids[i] if 0 <= i < len(cids) else f"row {i}" for i in map(int, hits.ids)]
+    return [str(n) for n in (hits.names or hits.ids)]
 
 
 def hit_texts(store: Store, dataset: Dataset, hits: Hits) -> list[str]:
@@ -699,6 +765,9 @@ class ArrayStore(Store):
         self._no_id_field(id_field)
         scores, rows = search(self._check(queries, k), self.array, k)
         return [Hits([self.ids[i] for i in r], [float(x) for x in sc]) for sc, r in zip(scores, rows, strict=True)]
+
+    def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
+        return self.search(queries, k, id_field=id_field)
 
     def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
         self._no_id_field(id_field)

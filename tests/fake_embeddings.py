@@ -74,7 +74,8 @@ class FakeEmbeddings:
         self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
         self.delay, self.slow_seconds, self.retry_after, self.shuffle = delay, slow_seconds, retry_after, shuffle
         self.max_inputs, self.max_tokens, self.max_faults = max_inputs, max_tokens, max_faults
-        self.requests: list[Request] = []
+        self.requests: list[Request] = []  # appended once answered (a client may see its answer first)
+        self.arrivals: list[int] = []  # inputs of each request as it arrives: what a test counts right after a call
         self.texts_embedded = 0
         self.encode_seconds = 0.0  # time the model spent encoding: what throughput can be compared with
         self.inflight = self.max_inflight = 0
@@ -97,6 +98,9 @@ class FakeEmbeddings:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        deadline = time.monotonic() + 10
+        while self.inflight and time.monotonic() < deadline:  # answers already sent are recorded before we return
+            time.sleep(0.01)
         self._server.shutdown()
         self._server.server_close()
 
@@ -139,8 +143,9 @@ class FakeEmbeddings:
                     "inflight": self.inflight, "max_inflight": self.max_inflight,
                     "auth": sorted({r.auth for r in self.requests})}
 
-    def _begin(self, key: str) -> str | None:
+    def _begin(self, key: str, inputs: int) -> str | None:
         with self._lock:
+            self.arrivals.append(inputs)
             attempt = self._attempts[key]
             self._attempts[key] += 1
             self.inflight += 1
@@ -200,7 +205,7 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
             key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
             start = time.monotonic()
             self.status = 0
-            fault = fake._begin(key)
+            fault = fake._begin(key, len(texts))
             tokens = 0
             try:
                 tokens = self._reply(body, texts, fault)

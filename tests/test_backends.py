@@ -38,7 +38,7 @@ def test_vectors_match_the_local_model_in_order_despite_shuffled_answers(minilm,
     assert {r.encoding_format for r in server.requests} == {encoding_format}
     assert vectors.shape == (40, 384) and vectors.dtype == np.float32
     np.testing.assert_allclose(vectors, local(minilm, TEXTS), atol=1e-5)
-    assert (b.stats.requests, b.dim, len(server.requests)) == (5, 384, 5)
+    assert (b.stats.requests, b.dim, len(server.arrivals)) == (5, 384, 5)
     assert b.tokens == sum(r.tokens for r in server.requests) > 0  # the server's own count
 
 
@@ -215,13 +215,13 @@ def test_the_encoder_caches_a_remote_model_and_a_rerun_sends_nothing(minilm, tmp
 
     with FakeEmbeddings(minilm, shuffle=True) as server:
         enc = remote(server, tmp_path, batch_size=8)
-        assert enc.dim == 384 and len(server.requests) == 1  # the canary told the dimension
+        assert enc.dim == 384 and len(server.arrivals) == 1  # the canary told the dimension
         vectors = enc.encode_documents(TEXTS)
-        assert enc.texts_encoded == 40 and len(server.requests) == 6
+        assert enc.texts_encoded == 40 and len(server.arrivals) == 6
         again = remote(server, tmp_path, batch_size=8)  # a new run
         assert again.dim == 384
         np.testing.assert_array_equal(again.encode_documents(TEXTS), vectors)
-        assert again.texts_encoded == 0 and len(server.requests) == 6  # not even the canary
+        assert again.texts_encoded == 0 and len(server.arrivals) == 6  # not even the canary
     np.testing.assert_allclose(vectors, Encoder(minilm, cache_dir=tmp_path / "local", show_progress=False)
                                .encode_documents(TEXTS), atol=1e-5)
     assert enc.identity.startswith("openai_fake-minilm@") and enc.model is None
@@ -234,11 +234,11 @@ def test_finished_batches_survive_a_failure_and_a_rerun_sends_only_the_rest(mini
         with pytest.raises(AdapterError, match="HTTP 401"):
             enc.encode_documents(TEXTS)
         assert len(enc.cache) == 20
-        before = len(server.requests)
+        before = len(server.arrivals)
         again = remote(server, tmp_path, batch_size=10, concurrency=1)
         again.encode_documents(TEXTS)
-        sent = server.requests[before:]
-    assert [r.inputs for r in sent] == [1, 10, 10]  # the canary, then only the two batches missing
+        sent = server.arrivals[before:]
+    assert sent == [1, 10, 10]  # the canary, then only the two batches missing
     assert again.texts_encoded == 20
 
 
@@ -264,9 +264,9 @@ def test_a_provider_that_changed_the_model_is_refused_by_the_canary(minilm, tmp_
         server.swap_model = load_model(str(tiny_model_dir))
         with pytest.raises(AdapterError, match="the canary text gives 32-dimensional vectors, the cache 384"):
             remote(server, tmp_path).encode_documents(TEXTS[5:10])
-        n = len(server.requests)
+        n = len(server.arrivals)
         enc = remote(server, tmp_path)
-        assert enc.encode_documents(TEXTS[:5]).shape == (5, 384) and len(server.requests) == n  # cached: no check
+        assert enc.encode_documents(TEXTS[:5]).shape == (5, 384) and len(server.arrivals) == n  # cached: no check
     assert (tmp_path / "embeddings" / enc.fingerprint / "canary.json").is_file()
 
 

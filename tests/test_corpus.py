@@ -158,3 +158,54 @@ def test_bad_vector_files_are_one_line(setup, tmp_path, minilm):
         with pytest.raises(AdapterError, match=message):
             train_adapter(ds, enc, QUICK, progress=False, corpus=StoreSource(**given))
     assert read_vector_file(root / "vectors.parquet")[1].shape == (8, 384)
+
+
+# ------------------------------------------------------------------------------------------------------ store search
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq", "hnsw"])
+def test_exact_search_is_brute_force_over_what_the_index_stores(tmp_path, kind):
+    """IVF: every list probed (exact over the stored codes, so compared with brute force over their reconstructions);
+    HNSW: reconstructed block by block; flat: the search itself."""
+    import faiss
+
+    from adapter.stores import FaissStore
+
+    rng = np.random.default_rng(0)
+    docs = rng.normal(size=(3000, 16)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    queries = docs[:20] + 0.05 * rng.normal(size=(20, 16)).astype(np.float32)
+    if kind == "flat":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+    elif kind == "ivfpq":
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(16), 16, 30, 4, 8, faiss.METRIC_INNER_PRODUCT)
+        index.train(docs)
+    else:
+        index = faiss.IndexIDMap2(faiss.IndexHNSWFlat(16, 8, faiss.METRIC_INNER_PRODUCT))
+    index.add_with_ids(docs, np.arange(3000, dtype=np.int64) * 3)
+    faiss.write_index(index, str(tmp_path / "i.faiss"))
+    store = FaissStore(tmp_path / "i.faiss", nprobe=1, ef_search=10)  # starved: its own search misses some
+    ids, stored = store.vectors()
+    truth = np.asarray(ids)[np.argsort(-(queries @ stored.T), axis=1, kind="stable")[:, :10]]
+    exact = store.exact_search(queries, 10)
+    assert [h.ids for h in exact] == truth.tolist()
+
+
+def test_evaluate_store_search_scores_through_the_stores_own_search(setup, tmp_path):
+    folder, blind, root = setup
+    runs = {}
+    for name, data, extra in (("read out", folder, ["--index", str(root / "rows.faiss")]),
+                              ("store search", blind, ["--index", str(root / "rows.faiss"), "--store-search"])):
+        out = tmp_path / f"{len(runs)}.json"
+        r = CliRunner().invoke(main, ["evaluate", str(data), "--dims", "384", "--json", str(out), *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = (json.loads(out.read_text()), r.output)
+    (read_out, _), (searched, output) = runs["read out"], runs["store search"]
+    assert searched.keys() == read_out.keys() == {"base"}
+    for metric, value in read_out["base"]["384"].items():  # an exact index: the same ranking, the same metrics
+        assert searched["base"]["384"][metric] == pytest.approx(value, abs=1e-9), metric
+    assert "own search: top 100 ids per query, at its dimension 384 only; no vector read out" in output
+    assert "recall@10 of the store's search against exact search over its vectors" in output
+    assert "base 1.0000" in output
+    r = CliRunner().invoke(main, ["evaluate", str(blind), "--store-search"])
+    assert r.exit_code == 1 and "--store-search needs the store" in r.output

@@ -137,3 +137,15 @@ def test_bad_input_is_one_line_and_never_shows_the_password(postgres, data):
         open_store(pgvector=postgres)
     with pytest.raises(AdapterError, match="--table applies to --pgvector, not --index"):
         open_store(index="x.faiss", table="docs")
+
+
+def test_exact_search_turns_the_index_off(postgres, data):
+    docs, queries = data
+    make_table(postgres, "docs", docs, index="hnsw", opclass="cosine")
+    top, _ = truth(docs, queries)
+    with PgvectorStore(postgres, "docs", ef_search=10) as store:
+        exact = store.exact_search(queries, K)
+        assert [h.ids for h in exact] == [[f"d{i}" for i in row] for row in top]
+        plan = "\n".join(r[0] for r in store.conn.execute("EXPLAIN SELECT 1 FROM docs ORDER BY embedding <=> %s "
+                                                          "LIMIT 10", (queries[0],)))
+        assert "Index Scan" in plan  # back on for the session's other searches
