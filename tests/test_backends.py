@@ -277,3 +277,35 @@ def test_the_key_is_in_no_file_of_the_cache(minilm, tmp_path, monkeypatch: pytes
         remote(server, tmp_path).encode_queries(TEXTS)
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert files and not any(secret.encode() in p.read_bytes() for p in files)
+
+
+def test_cli_evaluate_with_an_openai_model_matches_the_local_model(minilm, tiny_dataset, tmp_path,
+                                                                  monkeypatch: pytest.MonkeyPatch):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-cli")
+    runs = {}
+    with FakeEmbeddings(minilm, shuffle=True) as server:
+        server.push("500", "429")
+        for name, extra in (("local", []), ("remote", ["--model", f"openai:{MODEL}", "--embedding-base-url",
+                                                        server.url, "--embedding-batch-size", "4"])):
+            out = tmp_path / f"{name}.json"
+            r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), "--dims", "384,64", "--json", str(out),
+                                          "--cache-dir", str(tmp_path / name), *extra])
+            assert r.exit_code == 0, r.output
+            runs[name] = json.loads(out.read_text())
+        n = len(server.arrivals)
+        r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), "--dims", "384", "--cache-dir",
+                                      str(tmp_path / "remote"), "--model", f"openai:{MODEL}",
+                                      "--embedding-base-url", server.url])
+        assert r.exit_code == 0 and len(server.arrivals) == n  # a second run: every vector from the cache
+        r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), "--model", "openai:nope", "--cache-dir",
+                                      str(tmp_path / "x"), "--embedding-base-url", server.url])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "HTTP 404" in r.output, r.output
+    for dim in ("384", "64"):
+        for metric, value in runs["local"]["base"][dim].items():
+            assert runs["remote"]["base"][dim][metric] == pytest.approx(value, abs=1e-6), (dim, metric)
