@@ -111,7 +111,7 @@ def main() -> None:
     for name, ok in checks.items():
         print(f"- {'PASS' if ok else 'FAIL'}: {name}")
     print()
-    from adapter.rag import rag_table
+    from adapter.report import rag_table
 
     print(rag_table(summary))
     if not all(checks.values()):

@@ -18,8 +18,8 @@ For `adapter rag` it is also a reader and a judge. Given ``rag_gold`` (question 
 answer prompt (numbered passages, then the question) is answered by quoting the gold passage when it is among the
 passages, else the first passage: so the answer is right exactly when retrieval put the gold chunk in the context. A
 grade prompt is graded by how many of the answer's words the reference passage holds (correct, partly, wrong), in
-JSON of one of three shapes. On these prompts ``malformed`` cuts a grade's JSON in half (an answer comes back empty),
-and ``few`` gives a grade in prose without JSON.
+JSON of one of three shapes. On these prompts ``malformed`` cuts a grade's JSON in half and ``few`` gives a grade in
+prose without JSON (an answer comes back empty under either), so every fault is one a client must ask again for.
 
 Serve by hand: ``python tests/fake_llm.py --port 8000 --fault-rate 0.2``.
 """
@@ -263,10 +263,10 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
                 grading = "Reference passage:" in prompt
                 if fault == "malformed":
                     content = content[: len(content) // 2] if grading else ""
+                elif fault == "few":
+                    content = "The answer looks about right to me." if grading else ""
                 elif fault == "empty":
                     content = ""
-                elif fault == "few" and grading:
-                    content = "The answer looks about right to me."
                 self._send(200, {"id": f"fake-{key}", "object": "chat.completion", "created": 0,
                                  "model": body.get("model", "fake"),
                                  "choices": [{"index": 0, "finish_reason": "stop",

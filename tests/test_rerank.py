@@ -191,3 +191,12 @@ def test_bad_input_is_one_line_and_writes_nothing(rerank_dir, tmp_path, tiny_mod
     with pytest.raises(AdapterError, match="--negatives must be at least 1"):
         rerank_train(load_dataset(rerank_dir), tmp_path / "o", tiny_cfg(tiny_model_dir, negatives=0))
     assert not (tmp_path / "o").exists()
+
+
+def test_the_listwise_loss_trains_too(rerank_dir, tmp_path, tiny_model_dir):
+    # MultipleNegativesRankingLoss (the cross-encoder one): anchor, positive and its hard negatives as columns
+    r = rerank_train(load_dataset(rerank_dir), tmp_path / "rr", tiny_cfg(tiny_model_dir, loss="mnrl", epochs=1),
+                     progress=False)
+    meta = json.loads((tmp_path / "rr" / "rerank.json").read_text())
+    assert meta["rerank_loss"] == "mnrl" and meta["history"]["loss"]
+    assert r.best_epoch == 1.0 and rr.is_cross_encoder(tmp_path / "rr")
