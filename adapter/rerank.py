@@ -479,6 +479,8 @@ def model_card(meta: dict[str, Any], name: str) -> str:
             for label, key in (("first stage alone", "val_base"), ("start model reranking", "val_start"),
                                (f"kept epoch ({meta['best_epoch']:g}) reranking", "val_best")) if meta[key]]
     k = meta["rerank_k"]
+    best, first = (next(iter(meta[key].values()))[PRIMARY_METRIC] for key in ("val_best", "val_base"))
+    worse = best <= first
     return "\n".join([
         "---",
         "library_name: sentence-transformers",
@@ -496,7 +498,7 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         "",
         f"{meta['rows']:,} training rows from {meta['train_queries']:,} questions of the `{meta['trained_on']}` split "
         f"of `{meta['dataset']}` (fingerprint `{meta['data_fingerprint']}`, {meta['chunks']:,} chunks): each question "
-        f"with its gold chunk and {meta['rerank_negatives']} hard negatives sampled from the first stage's top {k} "
+        f"with its gold chunk and {meta['rerank_negatives']} hard negative(s) sampled from the first stage's top {k} "
         f"non-relevant chunks, mined once. Validation: {meta['val_queries']:,} questions ({meta['validation']}).",
         "",
         f"## Validation (top {k} reranked, scored by the project's judge)",
@@ -505,6 +507,8 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
         *rows,
         "",
+        *(["On validation this reranker does not beat the first stage alone: check it with `adapter compare "
+           "--reranker` before putting it in front of users.", ""] if worse else []),
         "## Training",
         "",
         f"sentence-transformers' CrossEncoderTrainer, loss `{meta['rerank_loss']}` "
