@@ -167,6 +167,9 @@ def demo(out: str, with_finetune: bool, model: str | None, cache_dir: str | None
     r = run_demo(out, Config().replace(model=model, cache_dir=cache_dir), with_finetune=with_finetune)
     click.echo(format_table(r.comparison.results, metrics=("ndcg@10", "accuracy@1", "accuracy@10")))
     click.echo(f"adapter: {r.adapter} ({r.adapter.stat().st_size / 1024:.0f} KiB); apply it to query vectors only")
+    from adapter.model import LinearAdapter, estimates_line
+
+    click.echo(f"adapter: {estimates_line(LinearAdapter.load(r.adapter).metadata)}")
     if r.finetuned:
         click.echo(f"fine-tuned model: {r.finetuned}")
     click.echo(f"report: {r.report} (with plots and results.json beside it); took {r.seconds:.0f} s")
@@ -317,7 +320,10 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
 
     With a store (--index, --qdrant, --chroma, --pgvector) or --corpus-vectors the corpus vectors are read from
     there instead of embedded: only the queries are embedded."""
+    from pathlib import Path
+
     from adapter.data import load_dataset
+    from adapter.model import LinearAdapter, estimates_line
     from adapter.pipeline import evaluate_dataset, write_results
     from adapter.report import format_table
 
@@ -348,6 +354,10 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
         results = evaluate_dataset(ds, cfg, adapters=adapters, corpus=source.with_settings(cfg) if source else None,
                                    allow_other_model=allow_other_model, reranker=reranker)
     click.echo(format_table(results))
+    for path in adapters:  # each adapter's own validation estimates, as `adapter train` printed them
+        line = estimates_line(LinearAdapter.load(path).metadata)
+        if line:
+            click.echo(f"{Path(path).stem}: {line}")
     if json_out:
         write_results(results, json_out, force=force)
         click.echo(f"wrote {json_out}")
@@ -399,6 +409,12 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @click.option("--temperature", type=POSITIVE, default=None,
               help=f"InfoNCE temperature [default: {DEFAULTS.train.temperature}]")
 @click.option("--rank", type=COUNT, default=None, help="Low-rank residual form of this rank [default: full matrix].")
+@click.option("--objective", default=None, help="What validation optimises: 'both' (seen-chunk gain, unseen chunks "
+              "kept at base) or 'seen' (every chunk has questions) [default: both].")
+@click.option("--recipe", default=None, help="'auto' (chosen by validation), 'manual' (the options as given), or a "
+              "recipe name: triplet, infonce, infonce-corpus, matryoshka, pull-0.01, pull-0.03, pull-0.1, pull-0.3, "
+              "lowrank "
+              "[default: auto; manual when --loss, --negatives, --rank or --identity-penalty is given].")
 @click.option("--identity-penalty", callback=_penalty, default=None,
               help=f"Pull toward the identity, or 'auto' to choose it on held-out chunks "
                    f"[default: {DEFAULTS.train.identity_penalty}].")
@@ -406,35 +422,48 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
               help=f"Tensor dtype in the file [default: {DEFAULTS.train.dtype}]")
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+              help="Write the recipe trials, coverage and validation estimates here as JSON.")
 @cache_option
 @store_options
 @embedding_options
 def train(directory: str, out: str, model: str | None, train_split: str | None, loss: str | None,
           negatives: str | None, epochs: int | None, lr: float | None, batch_size: int | None, margin: float | None,
           temperature: float | None, rank: int | None, identity_penalty: float | str | None, dtype: str | None,
-          seed: int | None, force: bool, cache_dir: str | None, source, id_field: str | None, embedding: dict) -> None:
+          seed: int | None, force: bool, cache_dir: str | None, source, id_field: str | None, embedding: dict,
+          objective: str | None, recipe: str | None, json_out: str | None) -> None:
     """Train a query-only adapter on DIRECTORY's cached embeddings and write it to --out.
 
-    With a store (--index, --qdrant, --chroma, --pgvector) or --corpus-vectors the corpus vectors are the ones the
-    index already holds: only the queries are embedded."""
-
+    The recipe is chosen by validation on held-out questions of trained chunks (seen) and of held-out whole chunks
+    (unseen); both estimates are printed and stored in the file. With a store (--index, --qdrant, --chroma,
+    --pgvector) or --corpus-vectors the corpus vectors are the ones the index already holds: only the queries are
+    embedded."""
     from adapter.data import load_dataset
-    from adapter.train import train_adapter
+    from adapter.train import check_options, resolve_recipe, train_adapter, train_summary
 
     cfg = Config().replace(model=model, train_split=train_split, loss=loss, negatives=negatives, epochs=epochs, lr=lr,
                            batch_size=batch_size, margin=margin, temperature=temperature, rank=rank,
                            identity_penalty=identity_penalty, dtype=dtype, seed=seed, cache_dir=cache_dir,
-                           id_field=id_field, **embedding)
+                           id_field=id_field, objective=objective, recipe=recipe, **embedding)
+    cfg = resolve_recipe(cfg)
+    check_options(cfg)
     _check_output(out, force)
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
     result = train_adapter(ds, _encoder(cfg), cfg, corpus=source.with_settings(cfg) if source else None)
     path = result.adapter.save(out, dtype=cfg.train.dtype)
-    base, best = result.base_val[result.adapter.dim]["ndcg@10"], result.best_val[result.adapter.dim]["ndcg@10"]
-    won = f"epoch {result.best_epoch} won" if result.best_epoch else "epoch 0 (the identity) won: no epoch beat base"
-    click.echo(f"validation ndcg@10: base {base:.4f} -> adapter {best:.4f} ({_change(best, base)}); {won}")
-    click.echo(f"trained {cfg.train.epochs} epochs in {result.seconds:.1f} s; wrote {path} "
-               f"({path.stat().st_size:,} bytes)")
+    for line in train_summary(result, cfg.train.objective):
+        click.echo(line)
+    click.echo(f"trained in {result.seconds:.1f} s; wrote {path} ({path.stat().st_size:,} bytes)")
+    if json_out:
+        import json
+
+        from adapter.data import atomic_write
+
+        with atomic_write(json_out) as f:
+            json.dump({k: result.adapter.metadata[k] for k in ("recipe", "objective", "coverage", "estimates",
+                                                               "trials", "train_seconds")}, f, indent=2)
+        click.echo(f"wrote {json_out}")
 
 
 @main.command()

@@ -60,7 +60,7 @@ class TrainConfig:
     temperature: float = 0.05  # infonce softmax temperature: sharp, as in MultipleNegativesRankingLoss (scale 20)
     infonce_candidates: str = "batch"  # "batch": other in-batch positives; "corpus": every chunk
     hard_pool: int = 30  # hard negatives: sample from each query's top-30 non-relevant chunks under the base model
-    epochs: int = 30  # the reference's 30; selection keeps the best epoch, so extra epochs cost time, not quality
+    epochs: int = 10  # the reference's 30; late-epoch averaging settles in 10 (bench_quality), a third of the time
     lr: float = 3e-3  # the reference's AdamW learning rate
     batch_size: int = 128  # the reference used 32; 128 scored as well in a quarter of the steps (30 epochs in ~2 s)
     weight_decay: float = 0.0  # AdamW decay pulls toward zero, not identity; identity_penalty is the right prior
@@ -70,6 +70,15 @@ class TrainConfig:
     rank: int | None = None  # None: full d×d matrix; r: residual x + (xU)V of rank r
     bias: bool = False  # a bias shifts every query alike; rarely helps cosine retrieval
     dtype: str = "float32"  # tensors' dtype in the saved file; float16 halves it
+    # recipe choice (adapter.train.train_on_vectors; every number measured by bench/bench_quality.py)
+    objective: str = "both"  # "both": best seen-chunk gain whose unseen-chunk estimate holds base; "seen": seen only
+    recipe: str = "auto"  # "auto": chosen by validation from train.AUTO_RECIPES; a name in train.RECIPES; "manual"
+    safety_z: float = 0.5  # "both": unseen-chunk change may sit this many clustered s.e. below base
+    simpler_within: float = 2.0  # "both": take the most constrained safe recipe within this many s.e. of the best
+    unseen_fraction: float = 0.2  # share of training chunks held out whole for the unseen-chunk estimate
+    workers: int = 2  # recipe trials trained side by side (threads, one torch thread each)
+    matryoshka: bool = False  # manual recipe: the loss summed over every Matryoshka dim
+    epoch_choice: str = "best"  # manual recipe: "best" validation epoch, "last", or "average" of the late half
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ Training metadata, one schema for every trained artifact (this file's header, a 
 ``trained_on`` (split), ``data_fingerprint``, ``validation`` (how it was chosen), ``best_epoch``, ``train_seconds``,
 ``val_base`` and ``val_best`` (dim -> metric -> value: the base and the kept epoch on validation), ``history``
 (``{"loss": [{"epoch", "loss", ...}], "val": [{"epoch", "ndcg@10": {dim: value}}]}``, epoch 0 the base) and
-``config`` (the config sections that made it). Files of format version 1 are read and their metadata upgraded.
+``config`` (the config sections that made it). An adapter also records how it was chosen (``adapter.train``):
+``recipe``, ``objective``, ``coverage`` (chunks, covered, share), ``estimates`` (``seen``/``unseen`` validation
+slices: questions, chunks, ndcg@10 of base and adapter, mean change over dims and its clustered s.e.) and ``trials``
+(every recipe tried, with its estimates). Files of format version 1 are read and their metadata upgraded.
 """
 
 from __future__ import annotations
@@ -195,3 +198,21 @@ def _upgrade_v1(meta: dict[str, Any], dim: int) -> dict[str, Any]:
         val = [{"epoch": r["epoch"], PRIMARY_METRIC: {dim: r[PRIMARY_METRIC]}} for r in rows if PRIMARY_METRIC in r]
         out["history"] = {"loss": losses, "val": val}
     return out
+
+
+def pct_change(e: dict[str, Any]) -> str:
+    """A slice's change as a share of its base, with its standard error: "+12.3% ± 1.1%"."""
+    base = e["base_mean"] or 1.0
+    noise = f"± {e['se'] / base:.1%}" if e["se"] is not None else "(one chunk: no s.e.)"
+    return f"{e['delta'] / base:+.1%} {noise}"
+
+
+def estimates_line(metadata: dict[str, Any]) -> str | None:
+    """The adapter file's validation estimates in one line (None for files without them): recipe, coverage, seen
+    and unseen chunks, as `adapter train` printed them."""
+    est, cov = metadata.get("estimates"), metadata.get("coverage")
+    if not est or not cov:
+        return None
+    parts = [f"{k} chunks {pct_change(e)}" for k, e in est.items() if e]
+    return (f"recipe {metadata.get('recipe', '?')}, trained on {cov['covered']:,} of {cov['chunks']:,} chunks "
+            f"({cov['share']:.0%}); validation ndcg@10 (mean over dims ± s.e.): {', '.join(parts)}")

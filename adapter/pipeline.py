@@ -14,7 +14,7 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from adapter.config import Config, ReportConfig
 from adapter.data import Dataset, atomic_write, ensure_dir, fingerprint, relevant
+from adapter.diagnose import insights
 from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, Results
 from adapter.model import LinearAdapter
@@ -220,6 +221,7 @@ class Comparison:
     files: list[Path]
     rerank_gain: dict[str, dict[int, tuple[float, float, float]]] | None = None  # "<s>+rerank" -> dim -> vs <s>
     rag: dict[str, Any] | None = None  # `adapter rag`'s rag.json, shown beside the retrieval metrics
+    insights: dict[str, Any] = field(default_factory=dict)  # adapter.diagnose.insights: headroom, seen/unseen, movers
 
 
 def training_curves(meta: dict[str, Any]) -> dict[str, list] | None:
@@ -354,13 +356,15 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
                    [dataset.doc_text(c) for c in list(dataset.corpus)[:cfg.rerank.k]])
 
     ensure_dir(out)
-    comparison = Comparison(results, infos, intervals, len(qrels), [], rerank_gain, rag_summary)
+    comparison = Comparison(results, infos, intervals, len(qrels), [], rerank_gain, rag_summary,
+                            insights(dataset, systems, per_query, cfg.evaluate.split))
     files = {"results.json": json.dumps(results_to_json(results), indent=2),
              "summary.json": json.dumps(_summary(dataset, cfg, comparison), indent=2)}
     plots = {"ndcg_by_dim.png": report.plot_dims(plt, results)}
     if any(i.history for i in infos.values()):
         plots["training_curves.png"] = report.plot_curves(plt, infos)
     files["report.md"] = report.render_markdown(dataset, cfg, comparison, list(plots))
+    files["report.html"] = report.render_html(files["report.md"], plots)  # the same report, self-contained
     for name, data in {**files, **plots}.items():
         with atomic_write(out / name, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

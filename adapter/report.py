@@ -13,6 +13,7 @@ from adapter.config import Config
 from adapter.data import Dataset
 from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results
+from adapter.model import estimates_line
 
 if TYPE_CHECKING:
     from adapter.pipeline import Comparison, SystemInfo
@@ -166,6 +167,7 @@ def render_markdown(dataset: Dataset, cfg: Config, c: Comparison, plots: Sequenc
            "partly 0.5, wrong 0, averaged over the questions every system had graded; intervals are 95% bootstrap "
            "(the accuracy) and 95% paired bootstrap (its change against base). Retrieval columns are the judge's, on "
            "the same questions.", "", rag_table(c.rag)] if c.rag else []),
+        *insights_markdown(c.insights),
         "## Plots",
         "",
         *[f"![{captions[p]}]({p})\n" for p in plots],
@@ -216,3 +218,89 @@ def plot_curves(plt, infos: dict[str, SystemInfo]) -> bytes:
         ax.grid(alpha=0.3)
         ax.legend()
     return _png(plt, fig)
+
+
+def _rank(r: int | None, k: int) -> str:
+    return str(r) if r is not None else f">{k}"
+
+
+def _cell(text: str) -> str:
+    """Text safe inside a Markdown table cell: one line, pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def insights_markdown(ins: dict[str, Any]) -> list[str]:
+    """Markdown lines for where each system helps and where it hurts: the base's headroom, seen against unseen
+    chunks (test questions, and the adapter's own validation estimates), and the questions that moved most."""
+    if not ins:
+        return []
+    h = ins["headroom"]
+    lines = ["## Where it helps and where it hurts", "",
+             f"**Headroom.** Base recall@{h['k']} is {h['recall']:.3f}. For {h['never']:.1%} of the {h['queries']:,} "
+             f"test questions base ranks no relevant chunk in its top {h['k']}: a reranker over that list cannot "
+             "help them, only a better query (or document) vector can. The others have their chunk within reach "
+             "and gain from any better ordering.", ""]
+    for name, e in ins["systems"].items():
+        lines += [f"### {name}", ""]
+        su = e.get("seen_unseen")
+        if su:
+            lines += [f"Test questions split by whether the {e['trained_chunks']:,} chunks with training questions "
+                      "include theirs.", "", f"| test questions | count | base {PRIMARY_METRIC} | {name} | change |",
+                      "|---|---:|---:|---:|---:|"]
+            label = {"seen": "about chunks it trained on (seen)", "unseen": "about chunks it never saw (unseen)"}
+            for k, v in su.items():
+                lines.append(f"| {label[k]} | {v['queries']:,} | {v['base']:.4f} | {v['system']:.4f} | "
+                             f"{v['change']:+.1%} |")
+            lines.append("")
+        if e.get("estimates"):
+            lines += [f"Validation at training time: {estimates_line(e)}.", ""]
+        for way, title in (("up", "rose most"), ("down", "fell most")):
+            rows = e["movers"][way]
+            if not rows:
+                continue
+            k = h["k"]
+            lines += [f"Questions that {title} ({PRIMARY_METRIC} at the full dim):", "",
+                      f"| question | {PRIMARY_METRIC} base → {name} | relevant chunk: rank base → {name} | "
+                      f"top chunk under base | top chunk under {name} |", "|---|---|---|---|---|"]
+            for m in rows:
+                chunks = ", ".join(f"`{_cell(c['id'])}` {_rank(c['base_rank'], k)} → {_rank(c['system_rank'], k)}"
+                                   for c in m["chunks"])
+                lines.append(f"| {_cell(m['text'])} | {m['base']:.3f} → {m['system']:.3f} | {chunks} | "
+                             f"`{_cell(m['top_base'])}`: {_cell(m['top_base_text'])} | `{_cell(m['top_system'])}`: "
+                             f"{_cell(m['top_system_text'])} |")
+            lines.append("")
+    return lines
+
+
+HTML_STYLE = """
+body { font: 15px/1.5 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto; max-width: 72em;
+       padding: 0 1em; color: #1d2430; background: #fff; }
+h1 { font-size: 1.6em; border-bottom: 2px solid #3b6fb6; padding-bottom: .2em; }
+h2 { font-size: 1.25em; margin-top: 1.8em; color: #274b7a; }
+table { border-collapse: collapse; margin: .6em 0 1.2em; font-size: .92em; }
+th, td { border: 1px solid #c9d2de; padding: .3em .6em; vertical-align: top; }
+th { background: #e8eef7; }
+tr:nth-child(even) td { background: #f6f8fb; }
+code { background: #eef1f5; padding: 0 .25em; border-radius: 3px; }
+pre { background: #f3f5f8; padding: .8em; overflow-x: auto; font-size: .85em; }
+img { max-width: 100%; border: 1px solid #dde3ea; }
+"""
+
+
+def render_html(markdown: str, images: dict[str, bytes]) -> str:
+    """The report as one self-contained HTML page: the Markdown rendered (raw HTML in it escaped, since question
+    and chunk text is user data), the PNG plots inlined as data URIs, the style inline; nothing is fetched."""
+    import base64
+    import html
+
+    try:
+        from markdown_it import MarkdownIt
+    except ImportError:
+        raise AdapterError("compare writes report.html with markdown-it-py: pip install 'adapter[report]'") from None
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
+    for name, data in images.items():
+        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+        body = body.replace(f'src="{html.escape(name)}"', f'src="{uri}"')
+    title = html.escape(markdown.splitlines()[0].lstrip("# ").replace("`", "")) if markdown else "report"
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
+            f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")

@@ -1,9 +1,17 @@
 """Train a query-only adapter on cached embeddings: a custom PyTorch loop that never re-encodes a text.
 
 The loop, per step: sample a batch of (query, positive chunk) pairs, draw negatives by index, adapt the queries, loss
-(``nn.TripletMarginLoss`` by default, or InfoNCE), plus an optional pull toward the identity, backward, clip, step,
-schedule. After every epoch the shared evaluator scores the validation queries; the best epoch by ndcg@10 is kept and
-epoch 0 (the identity) is always a candidate, so the shipped adapter never scores below base on validation.
+(``nn.TripletMarginLoss``, or InfoNCE over the batch or over every chunk, optionally summed over Matryoshka dims),
+plus an optional pull toward the identity, backward, clip, step, schedule.
+
+Around it, ``train_on_vectors`` makes the adapter trustworthy on chunks it never saw. It measures coverage (the share
+of the corpus with training questions) and always carves two validation slices out of the training questions,
+whatever way the dataset was split: *unseen* (every question of a seeded share of whole chunks) and *seen* (held-out
+questions of the remaining chunks). Each recipe of a small set is trained on the rest and scored on both slices;
+the recipe is chosen by ``objective`` with a rule that allows for the slices' noise (a standard error clustered by
+chunk, since questions about one chunk rise and fall together), then refit on every training question. Picking the
+best of 30 epochs on a few dozen chunks overfits the selection itself, so recipes use a fixed number of epochs and
+average the late ones; only a handful of recipes compete, and the identity always does.
 """
 
 from __future__ import annotations
@@ -12,8 +20,10 @@ import dataclasses
 import inspect
 import logging
 import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,12 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from adapter.config import Config
-from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, train_val_qrels
+from adapter.config import Config, TrainConfig, default_dims
+from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, relevant
+from adapter.encoder import truncate
 from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, Results, search
 from adapter.evaluate import evaluate as judge
-from adapter.model import LinearAdapter
+from adapter.model import LinearAdapter, pct_change
 from adapter.systems import CorpusSource, EncodedCorpus
 
 if TYPE_CHECKING:
@@ -35,6 +46,39 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PENALTY_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)  # identity-penalty strengths tried by identity_penalty="auto"
+OBJECTIVES = ("both", "seen")
+EPOCH_CHOICES = ("average", "last", "best")
+# The recipe axes: everything else (lr, epochs, batch, margin, temperature) is shared by every recipe.
+RECIPE_FIELDS = ("loss", "infonce_candidates", "rank", "identity_penalty", "matryoshka", "epoch_choice")
+def _recipe(loss: str = "infonce", candidates: str = "batch", rank: int | None = None, pull: float = 0.0,
+            matryoshka: bool = True, epochs: str = "average") -> dict[str, Any]:
+    return {"loss": loss, "infonce_candidates": candidates, "rank": rank, "identity_penalty": pull,
+            "matryoshka": matryoshka, "epoch_choice": epochs}
+
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # the seed notebook's loss, kept by name: triplets with random negatives, full matrix, best validation epoch
+    "triplet": _recipe("triplet", matryoshka=False, epochs="best"),
+    # InfoNCE (MultipleNegativesRankingLoss's form) over the other in-batch positives, late epochs averaged
+    "infonce": _recipe(matryoshka=False),
+    # InfoNCE over every chunk of the corpus: all negatives at once (a d x N product per step, cheap below ~100k)
+    "infonce-corpus": _recipe(candidates="corpus", matryoshka=False),
+    # the in-batch loss summed over every Matryoshka dim, so truncated vectors gain too
+    "matryoshka": _recipe(),
+    # ... pulled toward the identity: the pull sets how far the map moves, so how much chunks without training
+    # questions move with it (0.01 gains most on seen chunks, 0.1 and 0.3 keep unseen chunks at or above base)
+    "pull-0.01": _recipe(pull=0.01),
+    "pull-0.03": _recipe(pull=0.03),
+    "pull-0.1": _recipe(pull=0.1),
+    "pull-0.3": _recipe(pull=0.3),
+    # low-rank residual x + xUV: a few directions only, the rest of the space untouched
+    "lowrank": _recipe(rank=16, pull=0.01),
+}
+# what recipe="auto" chooses from, the most constrained (moves queries least) first: the order ``select`` prefers
+AUTO_RECIPES = ("pull-0.3", "pull-0.1", "lowrank", "pull-0.03", "pull-0.01")
+MIN_SEEN_QUERIES = 4  # questions needed to hold out a seen-chunk slice (one held out, three left to train on)
+MIN_UNSEEN_CHUNKS = 5  # chunks with questions needed to hold out whole chunks and still train on four
+GAIN_Z = 2.0  # a recipe must beat the identity by this many standard errors of its gain (see select)
 
 
 @dataclass
@@ -55,7 +99,13 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss and validation ndcg@10
     base_val: Results = field(default_factory=dict)  # validation metrics of the identity (base), {dim: metrics}
     best_val: Results = field(default_factory=dict)  # validation metrics of the selected adapter, {dim: metrics}
-    seconds: float = 0.0  # wall time of the loop itself (embedding excluded)
+    seconds: float = 0.0  # wall time of training (trials and refit; embedding excluded)
+    recipe: str = "manual"  # the recipe shipped ("identity" when none was safe and better)
+    history_recipe: str = "manual"  # whose curves ``history`` holds (the shipped trial's, else the closest one's)
+    coverage: dict[str, Any] = field(default_factory=dict)  # chunks, covered, share
+    estimates: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # "seen"/"unseen" -> estimate or None
+    trials: list[dict[str, Any]] = field(default_factory=list)  # every recipe tried: its validation scores
+    warnings: list[str] = field(default_factory=list)  # one line each: fallbacks and partial coverage
 
 
 class _Module(nn.Module):
@@ -129,11 +179,12 @@ def _lr_lambda(total: int, warmup: int):
     return lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
 
-def fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
+def fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
         cfg: Config | None = None, *, progress: bool = True) -> TrainResult:
-    """Train an adapter on arrays: train/validation query vectors and qrels, and the (fixed) corpus vectors."""
+    """Train one recipe (the config's own fields) on arrays: training query vectors and qrels, the fixed corpus
+    vectors, and optional validation queries (scored each epoch; required when ``epoch_choice`` is "best")."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # (32, 384) x (384, 384) steps: a second thread costs more in sync than it gives
+    torch.set_num_threads(1)  # (128, 384) x (384, 384) steps: a second thread costs more in sync than it gives
     try:
         return _fit(train, val, corpus, corpus_ids, base_model, cfg or Config(), progress)
     finally:
@@ -147,91 +198,402 @@ def resolve_loss(cfg: Config) -> Config:
     return cfg.replace(loss=("triplet" if cfg.train.rank is None else "infonce")) if cfg.train.loss == "auto" else cfg
 
 
-def _fit(train: Split, val: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
+def check_options(cfg: Config) -> None:
+    """One-line errors for training options no recipe can run with."""
+    tc = cfg.train
+    if tc.loss not in ("triplet", "infonce", "auto"):
+        raise AdapterError(f"--loss must be 'triplet' or 'infonce', not {tc.loss!r}")
+    if tc.negatives not in ("random", "hard"):
+        raise AdapterError(f"--negatives must be 'random' or 'hard', not {tc.negatives!r}")
+    if tc.epoch_choice not in EPOCH_CHOICES:
+        raise AdapterError(f"--epoch-choice must be one of {', '.join(EPOCH_CHOICES)}, not "
+                           f"{tc.epoch_choice!r}")
+    if tc.objective not in OBJECTIVES:
+        raise AdapterError(f"--objective must be 'both' or 'seen', not {tc.objective!r}")
+    if tc.recipe not in ("auto", "manual", *RECIPES):
+        raise AdapterError(f"--recipe must be 'auto', 'manual' or one of {', '.join(RECIPES)}, not {tc.recipe!r}")
+    if tc.epochs < 0 or tc.batch_size < 1 or tc.lr <= 0:
+        raise AdapterError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+
+
+def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
          progress: bool) -> TrainResult:
     cfg = resolve_loss(cfg)
-    penalty = float(cfg.train.identity_penalty)
-    if cfg.train.loss not in ("triplet", "infonce"):
-        raise AdapterError(f"--loss must be 'triplet' or 'infonce', not {cfg.train.loss!r}")
-    if cfg.train.negatives not in ("random", "hard"):
-        raise AdapterError(f"--negatives must be 'random' or 'hard', not {cfg.train.negatives!r}")
-    if cfg.train.epochs < 0 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:
-        raise AdapterError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+    check_options(cfg)
+    tc = cfg.train
+    penalty = float(tc.identity_penalty)
+    choice = tc.epoch_choice
+    if choice == "best" and val is None:
+        raise AdapterError("epoch_choice 'best' needs validation queries")
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n_corpus, dim = corpus.shape
     corpus_row = {c: i for i, c in enumerate(corpus_ids)}
     pairs, rel_codes = _pairs(train, n_corpus, corpus_row)
-    hard = (mine_hard_negatives(train.vectors, corpus, rel_codes, cfg.train.hard_pool)
-            if cfg.train.negatives == "hard" else None)
+    hard = mine_hard_negatives(train.vectors, corpus, rel_codes, tc.hard_pool) if tc.negatives == "hard" else None
 
-    init = LinearAdapter.identity(dim, base_model, rank=cfg.train.rank, bias=cfg.train.bias, seed=cfg.seed)
+    init = LinearAdapter.identity(dim, base_model, rank=tc.rank, bias=tc.bias, seed=cfg.seed)
     module = _Module(init)
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters  # one kernel per step; bit-reproducible
-    opt = torch.optim.AdamW(module.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                            fused=fused or None)
-    steps_per_epoch = -(-len(pairs) // cfg.train.batch_size)
-    total = steps_per_epoch * cfg.train.epochs
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(cfg.train.warmup_fraction * total))))
-    triplet = nn.TripletMarginLoss(margin=cfg.train.margin)
-    Q, C = torch.from_numpy(train.vectors), torch.from_numpy(corpus)  # (n_train, d), (N, d): fixed inputs
+    opt = torch.optim.AdamW(module.parameters(), lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
+    steps_per_epoch = -(-len(pairs) // tc.batch_size)
+    total = steps_per_epoch * tc.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(tc.warmup_fraction * total))))
+    triplet = nn.TripletMarginLoss(margin=tc.margin)
+    Q = torch.from_numpy(train.vectors)  # (n_train, d): fixed inputs
+    loss_dims = list(default_dims(dim)) if tc.matryoshka else [dim]
+    C = {m: torch.from_numpy(truncate(corpus, m) if m < dim else corpus) for m in loss_dims}  # (N, m) per dim
+    corpus_wide = tc.infonce_candidates == "corpus"
 
     def validate() -> dict[str, float]:
+        if val is None:
+            return {}
         with torch.no_grad():
             adapted = module(torch.from_numpy(val.vectors)).numpy()
         return judge(adapted, corpus, val.qrels, val.ids, corpus_ids)[dim]
 
+    def step_loss(q_rows: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        anchor = module(Q[q_rows])  # (B, d), unit length
+        if tc.loss == "triplet":
+            q_rep = np.repeat(q_rows, tc.negatives_per_query)  # (B*k,): each query k times, one negative each
+            if hard is not None:
+                neg = hard[q_rep, rng.integers(0, hard.shape[1], size=len(q_rep))]
+            else:
+                neg = _random_negatives(q_rep, n_corpus, rel_codes, rng)
+            neg = neg.reshape(len(pos), -1)  # (B, k)
+        else:
+            cand_rows = np.arange(n_corpus) if corpus_wide else pos  # (M,)
+            target = torch.from_numpy(pos if corpus_wide else np.arange(len(pos)))
+            # other chunks relevant to the same query are not negatives
+            masked = _is_relevant(q_rows[:, None] * n_corpus + cand_rows[None, :], rel_codes)
+            masked[np.arange(len(pos)), target.numpy()] = False
+            masked = torch.from_numpy(masked)
+        loss = 0.0
+        for m in loss_dims:  # Matryoshka: the same loss at every truncation, summed (MatryoshkaLoss's weights of 1)
+            a = anchor if m == dim else F.normalize(anchor[:, :m], dim=-1)  # (B, m)
+            if tc.loss == "triplet":
+                # (B, 1, m) anchors and positives broadcast against (B, k, m) negatives
+                loss = loss + triplet(a[:, None], C[m][pos][:, None], C[m][neg])
+            else:
+                logits = a @ (C[m] if corpus_wide else C[m][pos]).T / tc.temperature  # (B, M)
+                loss = loss + F.cross_entropy(logits.masked_fill(masked, float("-inf")), target)
+        if penalty:
+            loss = loss + penalty * module.delta().pow(2).sum()
+        return loss
+
     base_val = best_val = validate()
-    best_epoch, best_state = 0, {k: v.clone() for k, v in module.state_dict().items()}
-    history: list[dict[str, float]] = [{"epoch": 0, "loss": float("nan"), PRIMARY_METRIC: base_val[PRIMARY_METRIC]}]
+    snapshot = lambda: {k: v.detach().clone() for k, v in module.state_dict().items()}  # noqa: E731
+    best_epoch, best_state = 0, snapshot()
+    average_from = tc.epochs // 2 + 1  # "average": the late half of the epochs, when the decaying lr has settled
+    summed: dict[str, torch.Tensor] | None = None
+    history: list[dict[str, float]] = [{"epoch": 0, "loss": float("nan"), **_primary(base_val)}]
     t0 = time.perf_counter()
-    bar = tqdm(range(1, cfg.train.epochs + 1), desc="train", unit="epoch", disable=not progress)
+    bar = tqdm(range(1, tc.epochs + 1), desc="train", unit="epoch", disable=not progress)
     for epoch in bar:
         order = rng.permutation(len(pairs))
         losses = []
-        for s in range(0, len(order), cfg.train.batch_size):
-            batch = pairs[order[s:s + cfg.train.batch_size]]  # (B, 2): query row, positive row
-            q_rows, pos = batch[:, 0], batch[:, 1]
-            anchor = module(Q[q_rows])  # (B, d)
-            if cfg.train.loss == "triplet":
-                # (B*k,): each query k times, one negative each
-                q_rep = np.repeat(q_rows, cfg.train.negatives_per_query)
-                if hard is not None:
-                    neg = hard[q_rep, rng.integers(0, hard.shape[1], size=len(q_rep))]
-                else:
-                    neg = _random_negatives(q_rep, n_corpus, rel_codes, rng)
-                # (B, 1, d) anchors and positives broadcast against (B, k, d) negatives
-                loss = triplet(anchor[:, None], C[pos][:, None], C[neg.reshape(len(pos), -1)])
-            else:
-                cand = C if cfg.train.infonce_candidates == "corpus" else C[pos]  # (M, d)
-                cand_rows = np.arange(n_corpus) if cfg.train.infonce_candidates == "corpus" else pos
-                logits = anchor @ cand.T / cfg.train.temperature  # (B, M)
-                target = pos if cfg.train.infonce_candidates == "corpus" else np.arange(len(pos))
-                # other chunks relevant to the same query are not negatives
-                masked = _is_relevant(q_rows[:, None] * n_corpus + cand_rows[None, :], rel_codes)
-                masked[np.arange(len(pos)), target] = False
-                logits = logits.masked_fill(torch.from_numpy(masked), float("-inf"))
-                loss = F.cross_entropy(logits, torch.from_numpy(target))
-            if penalty:
-                loss = loss + penalty * module.delta().pow(2).sum()
+        for s in range(0, len(order), tc.batch_size):
+            batch = pairs[order[s:s + tc.batch_size]]  # (B, 2): query row, positive row
+            loss = step_loss(batch[:, 0], batch[:, 1])
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(module.parameters(), cfg.train.grad_clip)
+            nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
             opt.step()
             sched.step()
             losses.append(loss.detach())
-        metrics = validate()
-        loss_mean = torch.stack(losses).mean().item()
-        history.append({"epoch": epoch, "loss": loss_mean, PRIMARY_METRIC: metrics[PRIMARY_METRIC]})
-        if metrics[PRIMARY_METRIC] > best_val[PRIMARY_METRIC]:
-            best_epoch, best_val = epoch, metrics
-            best_state = {k: v.clone() for k, v in module.state_dict().items()}
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", val=f"{metrics[PRIMARY_METRIC]:.4f}", best=best_epoch)
+        metrics = validate() if choice == "best" or epoch == tc.epochs else {}  # per epoch only when it selects
+        history.append({"epoch": epoch, "loss": torch.stack(losses).mean().item(), **_primary(metrics)})
+        if choice == "best" and metrics[PRIMARY_METRIC] > best_val[PRIMARY_METRIC]:
+            best_epoch, best_val, best_state = epoch, metrics, snapshot()
+        if choice == "average" and epoch >= average_from:
+            now = snapshot()
+            summed = now if summed is None else {k: summed[k] + now[k] for k in now}
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", best=best_epoch)
+    if choice == "last" or (choice == "average" and summed is None):
+        best_state, best_epoch = snapshot(), tc.epochs
+    elif choice == "average":
+        best_state, best_epoch = {k: v / (tc.epochs - average_from + 1) for k, v in summed.items()}, tc.epochs
     seconds = time.perf_counter() - t0
     module.load_state_dict(best_state)
-    logger.info("epoch %d won: validation %s %.4f (base %.4f)", best_epoch, PRIMARY_METRIC,
-                best_val[PRIMARY_METRIC], base_val[PRIMARY_METRIC])
-    return TrainResult(module.export(init), best_epoch, history, {dim: base_val}, {dim: best_val}, seconds)
+    if choice != "best":
+        best_val = validate()
+    if val is not None:
+        logger.debug("%s, epoch %d: validation %s %.4f (base %.4f)", choice, best_epoch, PRIMARY_METRIC,
+                     best_val[PRIMARY_METRIC], base_val[PRIMARY_METRIC])
+    by_dim = lambda m: {dim: m} if m else {}  # noqa: E731  (keyed by dim, as every result)
+    return TrainResult(module.export(init), best_epoch, history, by_dim(base_val), by_dim(best_val), seconds)
+
+
+def _primary(metrics: dict[str, float]) -> dict[str, float]:
+    return {PRIMARY_METRIC: metrics[PRIMARY_METRIC]} if metrics else {}
+
+
+# ------------------------------------------------------------------------------------------ coverage and selection
+
+
+def coverage_of(qrels: Qrels, corpus_ids: Sequence[str]) -> dict[str, Any]:
+    """How much of the corpus the training questions cover: chunks with at least one relevant training question."""
+    covered = {c for r in relevant(qrels).values() for c in r} & set(corpus_ids)
+    return {"chunks": len(corpus_ids), "covered": len(covered), "share": len(covered) / max(1, len(corpus_ids))}
+
+
+def carve(train: Split, cfg: Config) -> tuple[Split, Split | None, Split | None, list[str]]:
+    """Split the training questions into (fit, seen, unseen, warnings): ``unseen`` holds every question of a seeded
+    ``unseen_fraction`` of whole chunks, ``seen`` a seeded ``val_fraction`` of the remaining questions. A slice that
+    the data are too small for is left out (None) with a warning; neither possible is an error."""
+    warnings: list[str] = []
+    chunks = {c for r in train.qrels.values() for c in r}
+    rest, unseen = train, None
+    if len(chunks) >= MIN_UNSEEN_CHUNKS:
+        parts, _ = partition_qrels(train.qrels, by="chunk", test_fraction=cfg.train.unseen_fraction, seed=cfg.seed)
+        if parts["train"] and parts["test"]:
+            rest, unseen = _subset(train, parts["train"]), _subset(train, parts["test"])
+    if unseen is None:
+        warnings.append(f"no unseen-chunk estimate: holding out whole chunks needs questions on at least "
+                        f"{MIN_UNSEEN_CHUNKS} chunks, the training split has {len(chunks)}")
+    seen = None
+    if len(rest.ids) >= MIN_SEEN_QUERIES:
+        parts, _ = partition_qrels(rest.qrels, by="query", test_fraction=cfg.split.val_fraction, seed=cfg.seed)
+        rest, seen = _subset(rest, parts["train"]), _subset(rest, parts["test"])
+    else:
+        warnings.append(f"no seen-chunk estimate: holding out questions needs at least {MIN_SEEN_QUERIES} "
+                        f"training questions left, there are {len(rest.ids)}")
+    if seen is None and unseen is None:
+        raise AdapterError(f"too few training questions to validate ({len(train.ids)} on {len(chunks)} chunks): "
+                           f"need at least {MIN_SEEN_QUERIES} questions or questions on {MIN_UNSEEN_CHUNKS} chunks")
+    return rest, seen, unseen, warnings
+
+
+def _per_query(vectors: np.ndarray, corpus: np.ndarray, s: Split, corpus_ids: list[str],
+               dims: Sequence[int]) -> tuple[np.ndarray, float]:
+    """Each scored query's ndcg@10 averaged over ``dims`` (n,), and the full-dim mean ndcg@10."""
+    r = judge(vectors, corpus, s.qrels, s.ids, corpus_ids, dims, per_query=True)
+    return np.mean([r[d][PRIMARY_METRIC] for d in dims], axis=0), float(np.mean(r[dims[0]][PRIMARY_METRIC]))
+
+
+def clustered_se(delta: np.ndarray, groups: Sequence[str]) -> float:
+    """Standard error of mean(delta) with queries clustered by group (their chunk): questions about one chunk move
+    together, so they count as one draw, not many (the CR1 sandwich estimator)."""
+    g = np.unique(np.asarray(groups, dtype=object), return_inverse=True)[1]
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    if n_groups < 2:
+        return float("inf")
+    sums = np.bincount(g, weights=delta - delta.mean(), minlength=n_groups)
+    return float(np.sqrt(n_groups / (n_groups - 1) * (sums ** 2).sum()) / len(delta))
+
+
+@dataclass
+class _Slice:
+    """One validation slice, its chunk groups and the base's scores on it, computed once for every trial."""
+
+    split: Split
+    groups: list[str]
+    base: np.ndarray  # (n,) per-query ndcg@10, mean over dims
+    base_full: float
+
+    @classmethod
+    def of(cls, s: Split | None, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int]) -> _Slice | None:
+        if s is None:
+            return None
+        return cls(s, [min(s.qrels[q]) for q in s.ids], *_per_query(s.vectors, corpus, s, corpus_ids, dims))
+
+    def estimate(self, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str],
+                 dims: Sequence[int]) -> dict[str, Any]:
+        """ndcg@10 of base and adapter at full dim, and the mean per-query change over dims with its clustered s.e."""
+        if adapter is None:
+            score, full = self.base, self.base_full
+        else:
+            score, full = _per_query(adapter.apply(self.split.vectors), corpus, self.split, corpus_ids, dims)
+        delta = score - self.base
+        return {"queries": len(self.split.ids), "chunks": len(set(self.groups)), "base": _r(self.base_full),
+                "adapter": _r(full), "delta": _r(float(delta.mean())),
+                "se": _r(clustered_se(delta, self.groups)), "base_mean": _r(float(self.base.mean()))}
+
+
+def _digits(v: float) -> float:
+    return float(f"{v:.6g}")
+
+
+def _r(x: float) -> float | None:
+    """Six significant digits for the file's metadata; None for an infinite s.e. (JSON has no Infinity)."""
+    return float(f"{x:.6g}") if np.isfinite(x) else None
+
+
+def recipe_config(cfg: Config, name: str) -> Config:
+    """The config a named recipe trains with: its axes over the shared settings ("manual": the config as given)."""
+    return cfg if name == "manual" else cfg.replace(**RECIPES[name])
+
+
+MANUAL_FIELDS = ("loss", "negatives", "rank", "identity_penalty")  # setting one of these means "manual"
+
+
+def resolve_recipe(cfg: Config) -> Config:
+    """"auto" with a recipe axis set away from its default (``--loss``, ``--negatives``, ``--rank``,
+    ``--identity-penalty``) means the user chose the recipe: "manual"."""
+    default = TrainConfig()
+    if cfg.train.recipe == "auto" and any(getattr(cfg.train, f) != getattr(default, f) for f in MANUAL_FIELDS):
+        return cfg.replace(recipe="manual")
+    return cfg
+
+
+def recipe_names(cfg: Config) -> list[str]:
+    """The recipes a run tries: the one named, "manual" (the config's own settings), or the auto set."""
+    return list(AUTO_RECIPES) if cfg.train.recipe == "auto" else [cfg.train.recipe]
+
+
+def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: float = 0.0) -> int | None:
+    """Index of the chosen trial, or None for the identity (base), by the validation estimates.
+
+    Gains are means over dims of per-query ndcg@10 changes, each with its clustered standard error; a slice that
+    could not be carved is skipped (the seen gain falls back to the unseen one). The identity (gain 0) always
+    competes, and a trial beats it only by a gain above ``GAIN_Z`` standard errors: the best of several noisy
+    estimates is biased upward (the largest of five pure-noise z-scores averages about 1.2), so a gain within that
+    noise is no gain.
+
+    ``seen``: the best seen-chunk gain. ``both``: among trials whose unseen-chunk change is at or above base within
+    ``z`` standard errors ("safe"), the first in the given order (most constrained first) whose seen gain is within
+    ``within`` standard errors of the best safe one: Breiman's one-standard-error rule, since a constrained map that
+    validates as well within noise moves unseen chunks less."""
+    se = lambda e: float("inf") if e["se"] is None else e["se"]  # noqa: E731
+    gain = lambda t: t.get("seen") or t.get("unseen")  # noqa: E731
+    ok = []
+    for i, t in enumerate(trials):
+        unseen = t.get("unseen")
+        t["safe"] = not (objective == "both" and unseen is not None and unseen["delta"] < -z * se(unseen))
+        if t["safe"] and gain(t)["delta"] > GAIN_Z * se(gain(t)):
+            ok.append(i)
+    if not ok:
+        return None
+    best = max(ok, key=lambda i: gain(trials[i])["delta"])
+    if objective != "both" or not within:
+        return best
+    floor = gain(trials[best])["delta"] - within * se(gain(trials[best]))
+    return next(i for i in ok if gain(trials[i])["delta"] >= floor)
+
+
+def train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
+                     cfg: Config | None = None, *, progress: bool = True) -> TrainResult:
+    """Train an adapter on arrays the trustworthy way: coverage, two validation slices, recipe trials scored on both,
+    a noise-aware choice by ``cfg.train.objective``, and the chosen recipe refit on every training question."""
+    cfg = resolve_recipe(cfg or Config())
+    check_options(cfg)
+    _check_learnable(train, corpus_ids)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matmuls: one thread each; trials run side by side instead
+    try:
+        return _train_on_vectors(train, corpus, corpus_ids, base_model, cfg, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_learnable(train: Split, corpus_ids: Sequence[str]) -> None:
+    if all(len(train.qrels[q]) >= len(corpus_ids) for q in train.ids):
+        raise AdapterError(f"every chunk ({len(corpus_ids)}) is relevant to every training question: there is "
+                           "nothing to rank, so nothing to learn")
+
+
+def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
+                      progress: bool) -> TrainResult:
+    dim = corpus.shape[1]
+    dims = list(default_dims(dim))
+    coverage = coverage_of(train.qrels, corpus_ids)
+    inner, seen, unseen, warnings = carve(train, cfg)
+    slices = {"seen": _Slice.of(seen, corpus, corpus_ids, dims), "unseen": _Slice.of(unseen, corpus, corpus_ids, dims)}
+    watch = seen or unseen  # scored each epoch: the curves, and the epoch a "best" recipe keeps
+    names = recipe_names(cfg)
+    t0 = time.perf_counter()
+
+    def trial(name: str) -> tuple[dict[str, Any], TrainResult]:
+        r = _fit(inner, watch, corpus, corpus_ids, base_model, recipe_config(cfg, name), progress=False)
+        scores = {k: s.estimate(r.adapter, corpus, corpus_ids, dims) if s else None for k, s in slices.items()}
+        row = {"recipe": name, **{f: _jsonable(getattr(recipe_config(cfg, name).train, f)) for f in RECIPE_FIELDS},
+               **scores, "epoch": r.best_epoch, "seconds": _r(r.seconds)}
+        return row, r
+
+    workers = max(1, min(len(names), cfg.train.workers))
+    with ThreadPoolExecutor(workers) as pool:
+        done = list(tqdm(pool.map(trial, names), total=len(names), desc="recipes", disable=not progress))
+    trials = [row for row, _ in done]
+    pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within)
+    identity = {k: s.estimate(None, corpus, corpus_ids, dims) if s else None for k, s in slices.items()}
+    if pick is None:
+        recipe, estimates = "identity", identity
+        # the curves of the trial that came closest, so a user sees what was tried and why it did not ship
+        closest = max(range(len(trials)), key=lambda i: (trials[i]["seen"] or trials[i]["unseen"])["delta"])
+        form = recipe_config(cfg, names[closest]).train.rank  # the identity in that trial's form (size, dtype)
+        shipped = TrainResult(LinearAdapter.identity(dim, base_model, rank=form, seed=cfg.seed), 0,
+                              done[closest][1].history)
+        shipped.base_val = shipped.best_val = done[closest][1].base_val
+        shipped.history_recipe = names[closest]
+    else:
+        recipe, estimates = names[pick], {k: trials[pick][k] for k in slices}
+        chosen_cfg, shipped = recipe_config(cfg, names[pick]), done[pick][1]
+        shipped.history_recipe = recipe
+        if chosen_cfg.train.epoch_choice != "best":  # a fixed recipe: refit it on every training question
+            refit = _fit(train, None, corpus, corpus_ids, base_model, chosen_cfg, progress=progress)
+            refit.history = shipped.history  # the curves of the validated trial
+            refit.base_val, refit.best_val = shipped.base_val, shipped.best_val
+            refit.history_recipe, shipped = recipe, refit
+    for t in trials:
+        t["chosen"] = t["recipe"] == recipe
+    if coverage["covered"] < coverage["chunks"]:
+        warnings.append(partial_coverage_line(coverage, estimates.get("unseen")))
+    for w in warnings:
+        logger.warning("%s", w)
+    shipped.base_val = shipped.base_val or ({dim: _metrics(watch, None, corpus, corpus_ids)} if watch else {})
+    shipped.best_val = shipped.best_val if pick is not None else shipped.base_val
+    shipped.seconds = time.perf_counter() - t0
+    shipped.recipe, shipped.coverage, shipped.estimates = recipe, coverage, estimates
+
+    shipped.trials, shipped.warnings = trials, warnings
+    logger.info("chose %s (objective %s) from %s in %.1f s", recipe, cfg.train.objective, ", ".join(names),
+                shipped.seconds)
+    return shipped
+
+
+def _metrics(s: Split, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str]) -> dict[str, float]:
+    vectors = s.vectors if adapter is None else adapter.apply(s.vectors)
+    return judge(vectors, corpus, s.qrels, s.ids, corpus_ids)[corpus.shape[1]]
+
+
+def _jsonable(v: Any) -> Any:
+    return v if v is None or isinstance(v, (str, bool, int, float)) else str(v)
+
+
+def partial_coverage_line(coverage: dict[str, Any], unseen: dict[str, Any] | None) -> str:
+    """One line for a partly covered corpus: how much has no training questions and what to expect there."""
+    missing = coverage["chunks"] - coverage["covered"]
+    expect = (f"on such chunks expect ndcg@10 {pct_change(unseen)} (the unseen-chunk estimate)" if unseen else
+              "nothing estimates how the adapter does on them")
+    return (f"partial coverage: {missing:,} of {coverage['chunks']:,} chunks ({missing / coverage['chunks']:.0%}) "
+            f"have no training questions; {expect}")
+
+
+def train_summary(result: TrainResult, objective: str) -> list[str]:
+    """What `adapter train` prints: coverage, each trial, the choice and why, and both estimates of what shipped."""
+    cov = result.coverage
+    rule = {"both": "the best seen-chunk gain among recipes whose unseen-chunk estimate stays at or above base "
+                    "within its noise", "seen": "the best seen-chunk gain"}[objective]
+    lines = [f"coverage: {cov['covered']:,} of {cov['chunks']:,} chunks ({cov['share']:.0%}) have training questions",
+             "validation, ndcg@10 change against base (mean over dims, ± s.e. clustered by chunk):",
+             *("  " + t for t in trials_table(result.trials)),
+             f"shipped {result.recipe} (objective {objective}: {rule})"]
+    for k, e in result.estimates.items():
+        if e:
+            lines.append(f"{k} chunks ({e['queries']:,} questions on {e['chunks']:,} chunks): ndcg@10 at full dim "
+                         f"{e['base']:.4f} -> {e['adapter']:.4f}; {pct_change(e)} over dims")
+    return lines
+
+
+def trials_table(trials: Sequence[dict[str, Any]]) -> list[str]:
+    """Each trial's validation scores as aligned text lines: recipe, seen and unseen change, safe, chosen."""
+    rows = [("recipe", "seen chunks", "unseen chunks", "")]
+    for t in trials:
+        mark = "chosen" if t.get("chosen") else ("" if t.get("safe", True) else "unsafe on unseen")
+        rows.append((t["recipe"], pct_change(t["seen"]) if t.get("seen") else "n/a",
+                     pct_change(t["unseen"]) if t.get("unseen") else "n/a", mark))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
 def choose_identity_penalty(train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
@@ -266,47 +628,54 @@ def _subset(split: Split, qrels: Qrels) -> Split:
     return Split(split.vectors[[rows[q] for q in ids]], ids, qrels)
 
 
-def _digits(v: float) -> float:
-    return float(f"{v:.6g}")
+def _subset(split: Split, qrels: Qrels) -> Split:
+    rows = {q: i for i, q in enumerate(split.ids)}
+    ids = [q for q in split.ids if q in qrels]
+    return Split(split.vectors[[rows[q] for q in ids]], ids, qrels)
 
 
 def train_adapter(dataset: Dataset, encoder: Encoder, cfg: Config | None = None, *,
                   progress: bool = True, corpus: CorpusSource | None = None) -> TrainResult:
-    """Train an adapter on a dataset split with the encoder's cached embeddings; validation is the ``dev`` split if
-    present, else a seeded slice of train carved the way the dataset was split (by query or by whole chunk).
+    """Train an adapter on a dataset's training split with the encoder's cached embeddings (``train_on_vectors``);
+    the result's adapter carries the resolved config, coverage, both validation estimates and every trial.
 
     ``corpus``: where the corpus vectors come from (``adapter.systems``; e.g. ``adapter.stores.StoreSource``, the
     vectors the index already holds) instead of the encoder's encoding of corpus.jsonl; then only queries are
     embedded."""
-    cfg = cfg or Config()
-    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.split.train_split,
-                                                  val_fraction=cfg.split.val_fraction, seed=cfg.seed)
-    qids = [*train_qrels, *val_qrels]
+    cfg = resolve_recipe(cfg or Config())
+    check_options(cfg)
+    train_qrels = relevant(dataset.split(cfg.split.train_split))
+    if not train_qrels:
+        raise AdapterError(f"{dataset.path}: the {cfg.split.train_split} split has no question with a relevant chunk")
+    qids = list(train_qrels)
     source = corpus or EncodedCorpus()
     corpus_ids, corpus = source.read(dataset, encoder)
-    missing = sorted({c for rels in (*train_qrels.values(), *val_qrels.values()) for c in rels} - set(corpus_ids))
+    missing = sorted({c for rels in train_qrels.values() for c in rels} - set(corpus_ids))
     if missing:
         raise AdapterError(f"{source.name}: holds no vector for {len(missing)} chunks the training queries judge "
                            f"(first: {missing[0]!r}); its ids must be corpus ids")
     queries = encoder.encode_queries([dataset.queries[q] for q in qids])
-    train = Split(queries[: len(train_qrels)], list(train_qrels), train_qrels)
-    val = Split(queries[len(train_qrels):], list(val_qrels), val_qrels)
-    logger.info("training on %d queries, validating on %d (%s)", len(train.ids), len(val.ids), how)
+    train = Split(queries, qids, train_qrels)
     trials: list[dict] = []
-    cfg = resolve_loss(cfg)  # the file records the loss that ran
     if cfg.train.identity_penalty == "auto":
         lam, trials = choose_identity_penalty(train, corpus, corpus_ids, encoder.identity, cfg)
         logger.info("identity penalty chosen on held-out chunks: %g", lam)
-        cfg = cfg.replace(identity_penalty=lam)
-    result = fit(train, val, corpus, corpus_ids, encoder.identity, cfg, progress=progress)
+        cfg = cfg.replace(identity_penalty=lam, recipe="manual")
+    result = train_on_vectors(train, corpus, corpus_ids, encoder.identity, cfg, progress=progress)
+    est = result.estimates
+    how = "; ".join(f"{k}: {e['queries']:,} questions on {e['chunks']:,} chunks" for k, e in est.items() if e)
     result.adapter.metadata = {
-        "base_model_name": encoder.name, "config": cfg.to_dict("encoder", "split", "train"),
+        "base_model_name": encoder.name,
+        "config": resolve_loss(cfg).to_dict("encoder", "split", "train"),  # with the loss that ran
         "trained_on": cfg.split.train_split,
         "data_fingerprint": fingerprint(dataset, cfg.split.train_split), "validation": how,
-        "best_epoch": result.best_epoch, "val_base": result.base_val, "val_best": result.best_val,
-        "train_seconds": result.seconds,  # wall time of the loop, read by `adapter compare`
+        "recipe": result.recipe, "history_recipe": result.history_recipe, "objective": cfg.train.objective,
+        "coverage": result.coverage, "estimates": est,
+        "trials": result.trials, "best_epoch": result.best_epoch, "val_base": result.base_val,
+        "val_best": result.best_val,
+        "train_seconds": result.seconds,  # wall time of trials and refit, read by `adapter compare`
         "history": {"loss": [{"epoch": h["epoch"], "loss": _digits(h["loss"])} for h in result.history[1:]],
                     "val": [{"epoch": h["epoch"], PRIMARY_METRIC: {corpus.shape[1]: _digits(h[PRIMARY_METRIC])}}
-                            for h in result.history]},  # 6 digits keep a rank-16 float16 file under 30 KB
+                            for h in result.history if PRIMARY_METRIC in h]},  # 6 digits: a rank-16 file < 30 KB
         **({"penalty_trials": trials} if trials else {})}
     return result

@@ -12,7 +12,7 @@ def test_flat_names_route_to_their_section():
     assert (cfg.train.epochs, cfg.finetune.epochs, cfg.chunk.size) == (3, 2, 100)
     assert (cfg.train.temperature, cfg.llm.temperature) == (0.2, 0.5)
     assert (cfg.evaluate.split, cfg.split.by, cfg.store.k, cfg.seed) == ("dev", "chunk", 5, 7)
-    assert Config().train.epochs == 30 and Config().finetune.epochs == 4  # the original is untouched
+    assert Config().train.epochs == 10 and Config().finetune.epochs == 4  # the original is untouched
 
 
 def test_none_is_ignored_and_unknown_names_are_refused():

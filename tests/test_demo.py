@@ -34,7 +34,8 @@ def demo_run(tmp_path_factory):
 
 def test_demo_shows_the_table_and_where_things_are(demo_run):
     out, output = demo_run
-    for words in ("dim 384", "dim 64", "ndcg@10", "accuracy@10", "Δ adapter", "adapter:", "report:"):
+    for words in ("dim 384", "dim 64", "ndcg@10", "accuracy@10", "Δ adapter", "adapter:", "report:",
+                  "adapter: recipe "):
         assert words in output
     adapter = LinearAdapter.load(out / "adapter.safetensors")
     assert adapter.dim == 384 and adapter.metadata["trained_on"] == "train"

@@ -113,14 +113,15 @@ def trained(tmp_path_factory):
 
     split_dataset(folder, by="query", test_fraction=0.3, seed=0)
     out = folder.parent / "tiny-adapter.safetensors"
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--epochs", "3", "--batch-size", "2"])
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--epochs", "3", "--batch-size", "2",
+                                  "--recipe", "infonce"])
     assert r.exit_code == 0, r.output
     return folder, out, r.output
 
 
 def test_train_cli_writes_a_complete_file(trained):
     folder, out, output = trained
-    assert "validation ndcg@10: base" in output and "won" in output and "wrote" in output
+    assert "coverage: " in output and "shipped " in output and "wrote" in output
     a = LinearAdapter.load(out)
     assert a.dim == 384 and a.base_model.startswith("all-MiniLM-L6-v2@")
     meta = a.metadata
@@ -128,8 +129,11 @@ def test_train_cli_writes_a_complete_file(trained):
     assert meta["config"]["train"]["lr"] == Config().train.lr  # resolved config travels along
     assert len(meta["data_fingerprint"]) == 16 and meta["trained_on"] == "train"
     assert "ndcg@10" in meta["val_base"][384] and "ndcg@10" in meta["val_best"][384]
-    assert [v["epoch"] for v in meta["history"]["val"]] == [0, 1, 2, 3] and len(meta["history"]["loss"]) == 3
-    assert meta["validation"].endswith("by query")
+    assert [v["epoch"] for v in meta["history"]["val"]] == [0, 3] and len(meta["history"]["loss"]) == 3
+    assert meta["history_recipe"] == "infonce"
+    assert meta["recipe"] in ("infonce", "identity") and meta["objective"] == "both"
+    assert meta["coverage"]["chunks"] == 6 and [t["recipe"] for t in meta["trials"]] == ["infonce"]
+    assert set(meta["estimates"]) == {"seen", "unseen"}
     assert 500_000 < out.stat().st_size <= 600_000  # 384 x 384 float32 and a small header
 
 
@@ -160,19 +164,19 @@ def test_train_refuses_bad_input(trained, tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
-def test_validation_is_carved_like_the_split(tmp_path, minilm):
+def test_both_validation_slices_are_carved_whatever_the_split(tmp_path, minilm):
     from adapter.data import load_dataset, split_dataset
     from adapter.encoder import Encoder
     from adapter.train import train_adapter
 
     folder = write_dataset(tmp_path / "ds")
     enc = Encoder(minilm, show_progress=False)
-    split_dataset(folder, by="chunk", test_fraction=0.2, seed=0)
-    r = train_adapter(load_dataset(folder), enc, Config().replace(epochs=1, val_fraction=0.3), progress=False)
-    assert r.adapter.metadata["validation"] == "0.3 of train by chunk"
-    split_dataset(folder, by="query", test_fraction=0.2, dev_fraction=0.2, seed=0)
-    r = train_adapter(load_dataset(folder), enc, Config().replace(epochs=1), progress=False)
-    assert r.adapter.metadata["validation"] == "the dev split"
+    for by in ("chunk", "query"):
+        split_dataset(folder, by=by, test_fraction=0.2, seed=0)
+        r = train_adapter(load_dataset(folder), enc, Config().replace(epochs=1, recipe="infonce"), progress=False)
+        est = r.adapter.metadata["estimates"]
+        assert est["seen"]["queries"] >= 1 and est["unseen"]["chunks"] >= 1, (by, est)
+        assert "seen: " in r.adapter.metadata["validation"] and "unseen: " in r.adapter.metadata["validation"]
 
 
 def test_auto_identity_penalty_is_chosen_and_recorded(tmp_path, monkeypatch):
@@ -182,3 +186,125 @@ def test_auto_identity_penalty_is_chosen_and_recorded(tmp_path, monkeypatch):
     lam, trials = train_mod.choose_identity_penalty(train, corpus, cids, BASE, quick(), grid=(0.0, 0.1))
     assert lam in (0.0, 0.1) and [t["identity_penalty"] for t in trials] == [0.0, 0.1]
     assert all({"seen_ndcg@10", "unseen_ndcg@10"} <= t.keys() for t in trials)
+
+
+# ------------------------------------------------------------------------------- coverage, slices and the choice
+
+
+def test_carve_holds_out_whole_chunks_and_questions_of_trained_chunks():
+    from adapter.train import carve
+
+    train, _, _, _ = synthetic(n_chunks=40, train_per=5)
+    fit_part, seen, unseen, warnings = carve(train, Config())
+    chunks = lambda s: {c for r in s.qrels.values() for c in r}  # noqa: E731
+    assert not warnings
+    assert len(chunks(unseen)) == 8  # 20% of 40 chunks, whole
+    assert not chunks(unseen) & chunks(fit_part)
+    assert chunks(seen) <= chunks(fit_part) and len(seen.ids) == round(0.1 * len(fit_part.ids) / 0.9)
+    assert len(fit_part.ids) + len(seen.ids) + len(unseen.ids) == len(train.ids)
+    assert not set(fit_part.ids) & set(seen.ids)
+
+
+def test_carve_falls_back_to_one_slice_and_says_how_much_is_needed():
+    from adapter.train import Split, carve
+
+    train, _, _, _ = synthetic(n_chunks=3, train_per=3)  # 9 questions on 3 chunks: no unseen slice
+    _, seen, unseen, warnings = carve(train, Config())
+    assert unseen is None and seen is not None
+    assert warnings == ["no unseen-chunk estimate: holding out whole chunks needs questions on at least 5 chunks, "
+                        "the training split has 3"]
+    tiny = Split(train.vectors[:2], train.ids[:2], {q: train.qrels[q] for q in train.ids[:2]})
+    with pytest.raises(AdapterError, match=r"too few training questions to validate \(2 on 1 chunks\): need at "
+                                           r"least 4 questions or questions on 5 chunks"):
+        carve(tiny, Config())
+
+
+def test_clustered_standard_error_counts_a_chunk_once():
+    from adapter.train import clustered_se
+
+    # two chunks, each with two questions that move together: the s.e. is that of two draws, not four
+    delta = np.array([0.1, 0.1, -0.1, -0.1])
+    se = clustered_se(delta, ["a", "a", "b", "b"])
+    # group sums of (delta - mean) are 0.2 and -0.2; sqrt(2/1 * 0.08) / 4 = 0.1
+    assert se == pytest.approx(0.1)
+    assert clustered_se(delta, ["a", "b", "c", "d"]) < se
+    assert clustered_se(delta, ["a"] * 4) == float("inf")
+
+
+def test_select_keeps_unseen_chunks_at_base_within_their_noise():
+    from adapter.train import select
+
+    def row(seen, unseen, se):
+        return {"seen": {"delta": seen, "se": 0.01}, "unseen": {"delta": unseen, "se": se}}
+
+    trials = [row(0.20, -0.05, 0.01), row(0.10, -0.005, 0.01), row(0.05, 0.02, 0.01)]
+    assert select([dict(t) for t in trials], "both", 1.0) == 1  # the first is 5 s.e. below base
+    assert select([dict(t) for t in trials], "both", -1.0) == 2  # strict: only a clear unseen gain is safe
+    assert select([dict(t) for t in trials], "seen", 1.0) == 0
+    assert select([row(-0.01, 0.0, 0.01)], "both", 1.0) is None  # no gain: the identity ships
+    assert select([{"seen": None, "unseen": {"delta": 0.03, "se": 0.01}}], "both", 1.0) == 0
+    assert select([row(0.03, 0.0, 0.01) | {"seen": {"delta": 0.03, "se": 0.02}}], "seen", 1.0) is None  # in noise
+
+
+def test_auto_recipe_learns_a_learnable_map_and_records_every_trial():
+    from adapter.train import AUTO_RECIPES, train_on_vectors
+
+    train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=6)
+    r = train_on_vectors(train, corpus, cids, BASE, quick(), progress=False)
+    assert [t["recipe"] for t in r.trials] == list(AUTO_RECIPES)
+    assert r.recipe in AUTO_RECIPES and sum(t["chosen"] for t in r.trials) == 1
+    assert r.estimates["seen"]["delta"] > 0.05 and r.estimates["unseen"]["queries"] == 8 * 6
+    assert r.coverage == {"chunks": 40, "covered": 40, "share": 1.0} and not r.warnings
+    shipped = evaluate(r.adapter.apply(train.vectors), corpus, train.qrels, train.ids, cids)[32]["ndcg@10"]
+    assert shipped > evaluate(train.vectors, corpus, train.qrels, train.ids, cids)[32]["ndcg@10"] + 0.1
+
+
+def test_identity_ships_when_no_recipe_gains_and_partial_coverage_is_one_line():
+    from adapter.train import train_on_vectors
+
+    train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=10, shuffled_train=True, rotate=False)
+    corpus = np.concatenate([corpus, corpus[:10] * -1.0])  # ten more chunks that no question is about
+    cids = cids + [f"x{i}" for i in range(10)]
+    r = train_on_vectors(train, corpus, cids, BASE, quick(lr=0.05), progress=False)
+    assert r.recipe == "identity" and r.best_epoch == 0
+    np.testing.assert_array_equal(r.adapter.weight, np.eye(32))
+    assert r.coverage["covered"] == 40 and r.coverage["share"] == 0.8
+    (line,) = [w for w in r.warnings if w.startswith("partial coverage")]
+    assert line.startswith("partial coverage: 10 of 50 chunks (20%) have no training questions; on such chunks "
+                           "expect ndcg@10 +0.0% ± 0.0% (the unseen-chunk estimate)")
+
+
+def test_matryoshka_and_late_averaging_recipes_train():
+    from adapter.train import RECIPES, recipe_config
+
+    train, val, corpus, cids = synthetic()
+    for name in ("matryoshka", "lowrank", "infonce-corpus", "pull-0.1"):
+        cfg = recipe_config(quick(rank=None), name).replace(rank=RECIPES[name]["rank"] and 4)
+        r = fit(train, val, corpus, cids, BASE, cfg, progress=False)
+        assert r.best_epoch == 8 and r.best_val[16]["ndcg@10"] > r.base_val[16]["ndcg@10"] + 0.02, name
+
+
+def test_bad_objective_and_unlearnable_data_are_one_line_errors():
+    from adapter.train import Split, train_on_vectors
+
+    train, _, corpus, cids = synthetic(n_chunks=6)
+    with pytest.raises(AdapterError, match="--objective must be 'both' or 'seen', not 'all'"):
+        train_on_vectors(train, corpus, cids, BASE, quick(objective="all"), progress=False)
+    everything = Split(train.vectors, train.ids, {q: {c: 1 for c in cids} for q in train.ids})
+    with pytest.raises(AdapterError, match=r"every chunk \(6\) is relevant to every training question"):
+        train_on_vectors(everything, corpus, cids, BASE, quick(), progress=False)
+
+
+def test_train_cli_json_and_evaluate_show_the_estimates(trained, tmp_path):
+    folder, out, _ = trained
+    js, new = tmp_path / "t.json", tmp_path / "auto.safetensors"
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(new), "--epochs", "2", "--batch-size", "2",
+                                  "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    got = json.loads(js.read_text())
+    assert got["objective"] == "both" and len(got["trials"]) == 5 and got["trials"] == \
+        LinearAdapter.load(new).metadata["trials"]
+    r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(new), "--dims", "384"])
+    assert r.exit_code == 0 and "auto: recipe " in r.output and "seen chunks +" in r.output, r.output
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--objective", "x"])
+    assert r.exit_code == 1 and r.output == "Error: --objective must be 'both' or 'seen', not 'x'\n"
