@@ -822,9 +822,11 @@ class StoreSource:
     def read(self, dataset: Dataset, encoder: Any) -> tuple[list[str], np.ndarray]:
         """Every vector, named by corpus id and put in corpus.jsonl's order, each chunk any split of ``dataset``
         judges among them, of ``encoder``'s dimension: nothing of the corpus is embedded."""
-        from adapter.systems import VectorCorpus
-
         judged = {c for qrels in dataset.qrels.values() for rels in qrels.values() for c in rels}
         with self.open() as store:
-            corpus = VectorCorpus.from_store(store, dataset, judged, id_field=self.store.id_field)
-        return corpus.read(dataset, encoder)
+            ids, vectors = corpus_from_store(store, dataset, judged, id_field=self.store.id_field)
+            name = store.name
+        if vectors.shape[1] != encoder.dim:
+            raise AdapterError(f"{name} holds {vectors.shape[1]}-dimensional vectors, {encoder.identity} makes "
+                               f"{encoder.dim}")
+        return ids, vectors
