@@ -572,8 +572,8 @@ def partial_coverage_line(coverage: dict[str, Any], unseen: dict[str, Any] | Non
 def train_summary(result: TrainResult, objective: str) -> list[str]:
     """What `adapter train` prints: coverage, each trial, the choice and why, and both estimates of what shipped."""
     cov = result.coverage
-    rule = {"both": "the best seen-chunk gain among recipes whose unseen-chunk estimate stays at or above base "
-                    "within its noise", "seen": "the best seen-chunk gain"}[objective]
+    rule = {"both": "among recipes whose unseen-chunk estimate stays at base within its noise, the most constrained "
+                    "whose seen-chunk gain is within noise of the best", "seen": "the best seen-chunk gain"}[objective]
     lines = [f"coverage: {cov['covered']:,} of {cov['chunks']:,} chunks ({cov['share']:.0%}) have training questions",
              "validation, ndcg@10 change against base (mean over dims, ± s.e. clustered by chunk):",
              *("  " + t for t in trials_table(result.trials)),
