@@ -88,8 +88,9 @@ def main() -> None:
     meta = json.loads((reranker / "rerank.json").read_text())
     if "val_base" not in meta:  # written before rerank.json took the project's by-dim schema: same values
         meta["val_base"], meta["val_best"] = {"384": meta["val_first_stage"]}, {"384": meta["val_best"]}
-    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with five other "
-          "helpers' jobs while this ran (load average 4-12); times are wall times on it.\n")
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other jobs "
+          f"while this ran (load average at the end: {load}); times are wall times on it.\n")
     print("```text")
     for command, seconds, out in log:
         print(f"$ {command}    # {seconds:.0f} s")
