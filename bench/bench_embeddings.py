@@ -7,7 +7,7 @@ run as its own process, serving the bundled MiniLM's vectors), on AppleQA (query
 2. `adapter embed` killed with SIGKILL mid-run, then run again: what is re-sent is at most what was in flight.
 3. Client throughput at concurrency 1 and 8 against the model's own time inside the server.
 
-    python bench/bench_embeddings.py [--shared ../shared] [--fault-rate 0.15] [--seed 0]
+    python bench/bench_embeddings.py [--shared ../shared] [--fault-rate 0.15] [--seed 0] [--parts 1,2,3]
 
 Prints Markdown on stdout (BENCHMARKS.md quotes it). The machine is shared: times are noisy, ratios less so.
 """
@@ -168,15 +168,16 @@ def part_kill(ds: Path, work: Path, env: dict[str, str]) -> list[str]:
     return out
 
 
-def part_throughput(ds: Path) -> list[str]:
+def part_throughput(ds: Path, n: int) -> list[str]:
     from adapter.backends import OpenAIBackend
     from adapter.config import EmbeddingConfig
     from adapter.data import load_dataset
 
     data = load_dataset(ds)
-    texts = sorted({data.doc_text(c) for c in data.corpus} | set(data.queries.values()))[:2048]
+    texts = sorted({data.doc_text(c) for c in data.corpus} | set(data.queries.values()))[:n]
     out = ["## 3. Client throughput: the server's model is the bottleneck", "",
-           f"{len(texts)} AppleQA texts, 32 per request, no limits, no faults, fresh server each run.", "",
+           f"{len(texts)} AppleQA texts, 32 per request, no limits, no faults, a fresh server each run (its model "
+           "encodes one request at a time, as a one-GPU server does).", "",
            "| concurrency | wall s | texts/s | model busy (its encode time / wall) |", "|---|---|---|---|"]
     for concurrency in (1, 8):
         server = Server()
@@ -199,6 +200,8 @@ def main() -> None:
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     p.add_argument("--fault-rate", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--parts", default="1,2,3", help="which parts to run, in this order (each printed as it ends)")
+    p.add_argument("--throughput-texts", type=int, default=2048)
     a = p.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
     from common import appleqa
@@ -208,11 +211,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         ds = appleqa(a.shared, work)
-        lines = [f"# bench_embeddings (fault rate {a.fault_rate}, seed {a.seed})", ""]
-        lines += part_same_metrics(ds, work, env, a.fault_rate, a.seed)
-        lines += part_kill(ds, work, env)
-        lines += part_throughput(ds)
-    print("\n".join(lines))  # noqa: T201
+        print(f"# bench_embeddings (fault rate {a.fault_rate}, seed {a.seed})\n", flush=True)  # noqa: T201
+        parts = {"1": lambda: part_same_metrics(ds, work, env, a.fault_rate, a.seed),
+                 "2": lambda: part_kill(ds, work, env), "3": lambda: part_throughput(ds, a.throughput_texts)}
+        for part in a.parts.split(","):
+            print("\n".join(parts[part]()), flush=True)  # noqa: T201
 
 
 if __name__ == "__main__":
