@@ -62,10 +62,23 @@ def test_blocked_search_equals_one_block():
 
 
 def test_small_corpus_pads_with_misses():
+    # Four chunks, searched 100 deep: ranks 5-100 are misses, so precision@10 still divides by 10. At dim 2 the
+    # vectors are d0=(1,0), d1=(0,1), d2=(0,0), d3=(1,1)/sqrt2; A=(1,0) ranks d0, d3, d1, d2 (relevant d3 2nd);
+    # B=(0,0) ties everything, ordered by id: d0, d1, d2, d3 (relevant d1, d2 at 2nd and 3rd).
     queries, corpus, qrels, qids, cids = onehot_case()
     m = evaluate(queries, corpus, qrels, qids, cids, dims=[4, 2])
-    assert set(m) == {4, 2}
-    assert all(0.0 <= v <= 1.0 for d in m.values() for v in d.values())
+    assert list(m) == [4, 2]
+    expected = {
+        "accuracy@1": 0.0, "accuracy@3": 1.0, "accuracy@5": 1.0, "accuracy@10": 1.0,
+        "precision@1": 0.0, "precision@3": (1 / 3 + 2 / 3) / 2, "precision@5": (1 / 5 + 2 / 5) / 2,
+        "precision@10": (1 / 10 + 2 / 10) / 2,
+        "recall@1": 0.0, "recall@3": 1.0, "recall@5": 1.0, "recall@10": 1.0,
+        "ndcg@10": (1 / math.log2(3) + (1 / math.log2(3) + 1 / math.log2(4)) / (1 + 1 / math.log2(3))) / 2,
+        "mrr@10": (1 / 2 + 1 / 2) / 2,
+        "map@100": (1 / 2 + (1 / 2 + 2 / 3) / 2) / 2,
+    }
+    for key, value in expected.items():
+        assert m[2][key] == pytest.approx(value, abs=1e-9), key
 
 
 class _FakeModel:
