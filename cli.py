@@ -9,11 +9,12 @@ import sys
 
 import click
 
-from adapter.config import Config
+from adapter.config import ADAPTER_DTYPES, CHUNK_UNITS, DEMO_OUT, LOSSES, NEGATIVES, SPLIT_BY, Config
 from adapter.data import FORMATS
-from adapter.errors import AdapterError, RedactingFilter, redact
+from adapter.errors import AdapterError, RedactingFilter, redact, refuse_existing
 
 logger = logging.getLogger("adapter")
+NO_CHANGE = "base scored 0: no relative change"  # a base scoring 0 on hard data is no reason to crash
 DEFAULTS = Config()  # for the [default: ...] of each option's help; the values themselves live in adapter/config.py
 
 
@@ -153,7 +154,7 @@ def _encoder(cfg: Config, *, show_progress: bool = True):
 
 
 @main.command()
-@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", default=DEMO_OUT, show_default=True, type=click.Path(file_okay=False),
               help="Folder for the split data, the adapter and the report (a previous demo's is replaced).")
 @click.option("--with-finetune", is_flag=True, help="Also fine-tune the encoder (one short CPU epoch) and compare.")
 @model_option
@@ -193,7 +194,7 @@ def convert(src: str, out: str, fmt: str | None, force: bool) -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
-@click.option("--by", type=click.Choice(["query", "chunk"]), default=None,
+@click.option("--by", type=click.Choice(SPLIT_BY), default=None,
               help=f"Hold out random queries or whole chunks [default: {DEFAULTS.split.by}].")
 @click.option("--test-fraction", type=float, default=None, help=f"[default: {DEFAULTS.split.test_fraction}]")
 @click.option("--dev-fraction", type=float, default=None, help=f"[default: {DEFAULTS.split.dev_fraction}]")
@@ -204,8 +205,7 @@ def split(directory: str, by: str | None, test_fraction: float | None, dev_fract
     from adapter.data import split_dataset
 
     cfg = Config().replace(split_by=by, test_fraction=test_fraction, dev_fraction=dev_fraction, seed=seed)
-    s = split_dataset(directory, by=cfg.split.by, test_fraction=cfg.split.test_fraction,
-                      dev_fraction=cfg.split.dev_fraction, seed=cfg.seed)
+    s = split_dataset(directory, cfg)
     counts = ", ".join(f"{n} {name}" for name, n in s["queries"].items() if n)
     n_dropped = s["dropped_queries"]
     dropped = f"; {n_dropped} queries dropped (relevant chunks on both sides)" if n_dropped else ""
@@ -367,17 +367,11 @@ def _check_output(path: str, force: bool) -> None:
     """Refuse an existing output file (without --force) or a missing folder, before any model is loaded."""
     from pathlib import Path
 
-    if Path(path).exists() and not force:
-        raise AdapterError(f"{path}: already exists; pass --force to replace it")
+    refuse_existing(path, force)
     if Path(path).is_dir():
         raise AdapterError(f"{path}: is a folder")
     if not Path(path).parent.is_dir():
         raise AdapterError(f"{Path(path).parent}: folder does not exist")
-
-
-def _change(new: float, old: float) -> str:
-    """The relative change, or why there is none (a base that scores 0 on hard data is no reason to crash)."""
-    return f"{(new - old) / old:+.1%}" if old else "base scored 0: no relative change"
 
 
 def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
@@ -398,9 +392,9 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @model_option
 @click.option("--split", "train_split", default=None,
               help=f"Qrels split to train on [default: {DEFAULTS.split.train_split}].")
-@click.option("--loss", type=click.Choice(["triplet", "infonce"]), default=None,
+@click.option("--loss", type=click.Choice(LOSSES), default=None,
               help=f"[default: {DEFAULTS.train.loss}]")
-@click.option("--negatives", type=click.Choice(["random", "hard"]), default=None,
+@click.option("--negatives", type=click.Choice(NEGATIVES), default=None,
               help=f"[default: {DEFAULTS.train.negatives}]")
 @click.option("--epochs", type=Number(int, 0), default=None, help=f"[default: {DEFAULTS.train.epochs}]")
 @click.option("--lr", type=POSITIVE, default=None, help=f"[default: {DEFAULTS.train.lr}]")
@@ -418,7 +412,7 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @click.option("--identity-penalty", callback=_penalty, default=None,
               help=f"Pull toward the identity, or 'auto' to choose it on held-out chunks "
                    f"[default: {DEFAULTS.train.identity_penalty}].")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default=None,
+@click.option("--dtype", type=click.Choice(ADAPTER_DTYPES), default=None,
               help=f"Tensor dtype in the file [default: {DEFAULTS.train.dtype}]")
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
 @click.option("--force", is_flag=True, help="Replace an existing --out file.")
@@ -450,8 +444,8 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
     _check_output(out, force)
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
-    result = train_adapter(ds, _encoder(cfg), cfg, corpus=source.with_settings(cfg) if source else None)
-    path = result.adapter.save(out, dtype=cfg.train.dtype)
+    result = train_adapter(ds, cfg, encoder=_encoder(cfg), corpus=source.with_settings(cfg) if source else None)
+    path = result.adapter.save(out, dtype=cfg.train.dtype, force=force)
     for line in train_summary(result, cfg.train.objective):
         click.echo(line)
     click.echo(f"trained in {result.seconds:.1f} s; wrote {path} ({path.stat().st_size:,} bytes)")
@@ -530,7 +524,7 @@ def index_build(directory: str, out: str, force: bool, model: str | None, cache_
     _check_output(out, force)
     ds = load_dataset(directory)
     _, corpus = embed_dataset(ds, _encoder(cfg), query_ids=[])
-    write_index(corpus, out)
+    write_index(corpus, out, force=force)
     click.echo(f"wrote {out}: {len(corpus)} vectors of dimension {corpus.shape[1]}")
 
 
@@ -564,7 +558,7 @@ def export(adapter_path: str, out: str, model: str | None, allow_other_model: bo
               "many tokens as --model reads when that is less].")
 @click.option("--overlap", type=int, default=None, help=f"Overlap between chunks [default: {DEFAULTS.chunk.overlap}, "
               "or half the size when the size follows the model].")
-@click.option("--unit", type=click.Choice(["tokens", "chars"]), default=None,
+@click.option("--unit", type=click.Choice(CHUNK_UNITS), default=None,
               help=f"Count tokens of --model's tokenizer, or characters [default: {DEFAULTS.chunk.unit}].")
 @model_option
 @click.option("--force", is_flag=True, help="Replace a corpus already in --out.")
@@ -668,6 +662,7 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
     """
     from adapter.data import load_dataset
     from adapter.finetune import finetune as run
+    from adapter.report import pct_change
 
     _quiet_hf()
     cfg = Config().replace(model=model, dims=dims, select_dim=select_dim, finetune_epochs=epochs,
@@ -679,7 +674,8 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
     if not r.main_process:  # ranks > 0 of a multi-process run: rank 0 reports
         return
     b, f = r.base_val[r.select_dim]["ndcg@10"], r.best_val[r.select_dim]["ndcg@10"]
-    click.echo(f"validation ndcg@10 at dim {r.select_dim}: base {b:.4f} -> fine-tuned {f:.4f} ({_change(f, b)}); "
+    change = pct_change(f, b, zero=NO_CHANGE)
+    click.echo(f"validation ndcg@10 at dim {r.select_dim}: base {b:.4f} -> fine-tuned {f:.4f} ({change}); "
                f"epoch {r.best_epoch:g} kept")
     resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""
     click.echo(f"trained in {r.seconds:.1f} s on {r.world_size} process{'es' * (r.world_size > 1)}{resumed}; "

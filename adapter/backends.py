@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from adapter.config import DEFAULT_MODEL, EmbeddingConfig
+from adapter.config import DEFAULT_MODEL, EmbeddingConfig, EncoderConfig
 from adapter.errors import AdapterError, one_line
 from adapter.resilience import (
     FatalError,
@@ -139,13 +139,24 @@ def model_fingerprint(model: SentenceTransformer) -> str:
     return h.hexdigest()[:12]
 
 
+def role_prompt(model: SentenceTransformer, role: Role) -> str | None:
+    """The model's own prompt for a role ("query"; "document", "passage" or "corpus"), if it has one."""
+    names = ("query",) if role == "query" else ("document", "passage", "corpus")
+    return next((model.prompts[n] for n in names if n in model.prompts), None)
+
+
+def has_router(model: SentenceTransformer) -> bool:
+    """Whether the model routes queries and documents through different modules (a sentence-transformers Router)."""
+    return any(type(m).__name__ == "Router" for m in model)
+
+
 class SentenceTransformerBackend:
     """A sentence-transformers model run here. Queries and documents get the model's own prompts, unless a prefix is
     given (which then replaces the model's prompt for that role)."""
 
     remote = False
 
-    def __init__(self, model: str | SentenceTransformer = DEFAULT_MODEL, *, batch_size: int = 64,
+    def __init__(self, model: str | SentenceTransformer = DEFAULT_MODEL, *, batch_size: int = EncoderConfig.batch_size,
                  device: str | None = None, show_progress: bool = True, query_prefix: str | None = None,
                  document_prefix: str | None = None):
         if isinstance(model, str):
@@ -161,13 +172,12 @@ class SentenceTransformerBackend:
         # The cache folder of a model without prefixes keeps its name from before prefixes existed.
         self.fingerprint = base if not any(self.prefixes.values()) else _hash(base, self.prefixes)
         self.identity = f"{_display_name(self.name)}@{self.fingerprint}"
-        self._router = any(type(m).__name__ == "Router" for m in self.model)
+        self._router = has_router(self.model)
 
     def _prompt(self, role: Role) -> str:
         if self.prefixes[role] is not None:
             return self.prefixes[role]
-        names = ("query",) if role == "query" else ("document", "passage", "corpus")
-        return next((self.model.prompts[n] for n in names if n in self.model.prompts), "")
+        return role_prompt(self.model, role) or ""
 
     def role_tag(self, role: Role) -> str:
         """The role's prompt, and the role itself under a Router (whose roles take different modules)."""
@@ -390,7 +400,8 @@ def _check(cfg: EmbeddingConfig) -> None:
 
 
 def make_backend(model: str | SentenceTransformer = DEFAULT_MODEL, cfg: EmbeddingConfig | None = None, *,
-                 batch_size: int = 64, device: str | None = None, show_progress: bool = True) -> Backend:
+                 batch_size: int = EncoderConfig.batch_size, device: str | None = None,
+                 show_progress: bool = True) -> Backend:
     """``openai:NAME`` -> an ``OpenAIBackend``; any other name, path or loaded model -> sentence-transformers."""
     cfg = cfg or EmbeddingConfig()
     if isinstance(model, str) and model.startswith(OPENAI_PREFIX):

@@ -24,14 +24,13 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
-from adapter.config import Config
+from adapter.config import CHUNK_UNITS, Config
 from adapter.data import atomic_write, ensure_dir
 from adapter.errors import AdapterError, one_line
 
 logger = logging.getLogger(__name__)
 
 DOC_SUFFIXES = (".txt", ".md", ".pdf")
-UNITS = ("tokens", "chars")
 BOUNDARIES = (  # coarsest first; a cut falls after the match, so the separator stays with the text before it
     re.compile(r"\n[^\S\n]*\n\s*"),  # paragraph: a blank line
     re.compile(r"[.!?][\"'\u201d\u2019)\]]*\s+"),  # sentence: end mark, closing quotes or brackets, space
@@ -213,8 +212,8 @@ def chunk_documents(paths: Sequence[str | os.PathLike], *, size: int, overlap: i
                     model: str | None = None) -> list[Chunk]:
     """Read and split every document; ids are ``<file stem>-<n>`` in document order. Empty documents are skipped."""
     _check_sizes(size, overlap)
-    if unit not in UNITS:
-        raise AdapterError(f"--unit must be one of {', '.join(UNITS)}, not {unit!r}")
+    if unit not in CHUNK_UNITS:
+        raise AdapterError(f"--unit must be one of {', '.join(CHUNK_UNITS)}, not {unit!r}")
     docs = find_documents(paths)
     owners: dict[str, Path] = {}
     for doc in docs:

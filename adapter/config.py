@@ -313,7 +313,16 @@ def _flat_names() -> dict[str, tuple[str, str]]:
 
 FLAT = _flat_names()
 
+# The choices some settings take (the CLI offers exactly these)
+SPLIT_BY = ("query", "chunk")  # split.by: hold out random queries, or whole chunks
+LOSSES = ("triplet", "infonce")  # train.loss, besides "auto"
+NEGATIVES = ("random", "hard")  # train.negatives
+ADAPTER_DTYPES = ("float32", "float16")  # train.dtype: tensors' dtype in the adapter file
+CHUNK_UNITS = ("tokens", "chars")  # chunk.unit
+
 PRIMARY_METRIC = "ndcg@10"  # the one metric that selects epochs and heads every table (sentence-transformers' own)
+REFERENCE_DIM = 128  # finetune.select_dim's default when trained: the reference selected by ndcg@10 at dim 128
+DEMO_OUT = "runs/demo"  # where `adapter demo` writes by default
 MATRYOSHKA_DIMS = (768, 512, 256, 128, 64)  # standard truncation points reported below a model's full dimension
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from adapter.config import SPLIT_BY, Config
 from adapter.errors import AdapterError
 
 logger = logging.getLogger(__name__)
@@ -320,7 +321,8 @@ def _qrels_text(qrels: Qrels) -> str:
 
 
 def _dataset_files(dataset: Dataset, where: str) -> dict[str, bytes]:
-    """corpus.jsonl, queries.jsonl and qrels/all.tsv as bytes, every id and text checked first (nothing is written)."""
+    """corpus.jsonl, queries.jsonl and each qrels split as bytes, every id and text checked first (nothing is
+    written)."""
     def jsonl(texts: dict[str, str], kind: str, titles: dict[str, str]) -> bytes:
         rows = []
         for i, (_id, text) in enumerate(texts.items()):
@@ -334,7 +336,7 @@ def _dataset_files(dataset: Dataset, where: str) -> dict[str, bytes]:
 
     return {"corpus.jsonl": jsonl(dataset.corpus, "corpus", dataset.titles),
             "queries.jsonl": jsonl(dataset.queries, "queries", {}),
-            "qrels/all.tsv": _qrels_text(dataset.qrels["all"]).encode("utf-8")}
+            **{f"qrels/{name}.tsv": _qrels_text(qrels).encode("utf-8") for name, qrels in dataset.qrels.items()}}
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -387,7 +389,8 @@ def replace_folder(out: Path, files: dict[str, bytes], *, replaced: tuple[str, .
 
 
 def save_dataset(dataset: Dataset, out: str | os.PathLike, *, force: bool = False) -> Path:
-    """Write corpus.jsonl, queries.jsonl and qrels/all.tsv as one unit; refuse to replace a dataset unless ``force``.
+    """Write corpus.jsonl, queries.jsonl and every qrels split as one unit (the inverse of ``load_dataset``); refuse
+    to replace a dataset unless ``force``.
 
     Every id and text is checked before anything is written. A replaced dataset's splits, split.json and chunk.json go
     with it (they describe the old data); anything else in the folder is kept."""
@@ -624,7 +627,7 @@ def partition_qrels(qrels: Qrels, *, by: str, test_fraction: float, dev_fraction
                     seed: int = 0) -> tuple[dict[str, Qrels], int]:
     """Deal queries into train/dev/test, by random query or by whole chunk; returns the parts and the number of
     queries dropped because their relevant chunks fell on both sides (``by="chunk"`` only)."""
-    if by not in ("query", "chunk"):
+    if by not in SPLIT_BY:
         raise AdapterError(f"--by must be 'query' or 'chunk', not {by!r}")
     rng = np.random.default_rng(seed)
     units = sorted(qrels) if by == "query" else sorted({c for r in qrels.values() for c in r})
@@ -647,15 +650,19 @@ def partition_qrels(qrels: Qrels, *, by: str, test_fraction: float, dev_fraction
     return parts, dropped
 
 
-def split_dataset(path: str | os.PathLike, *, by: str = "query", test_fraction: float = 0.2,
-                  dev_fraction: float = 0.0, seed: int = 0) -> dict[str, Any]:
-    """Split ``qrels/all.tsv`` into train/test (and dev) qrels files; same seed, same split.
+def split_dataset(path: str | os.PathLike, cfg: Config | None = None, *, by: str | None = None,
+                  test_fraction: float | None = None, dev_fraction: float | None = None,
+                  seed: int | None = None) -> dict[str, Any]:
+    """Split ``qrels/all.tsv`` into train/test (and dev) qrels files as ``cfg.split`` says (the keywords override
+    it); same seed, same split.
 
     ``by="query"`` holds out random queries; ``by="chunk"`` holds out whole chunks, so no test (or dev) query's
     relevant chunk appears in train; a query whose relevant chunks fall on both sides is dropped and counted. The
     corpus stays whole: evaluation always searches every chunk. Returns the summary also written to ``split.json``.
     """
-    if by not in ("query", "chunk"):
+    cfg = (cfg or Config()).replace(split_by=by, test_fraction=test_fraction, dev_fraction=dev_fraction, seed=seed)
+    by, test_fraction, dev_fraction, seed = cfg.split.by, cfg.split.test_fraction, cfg.split.dev_fraction, cfg.seed
+    if by not in SPLIT_BY:
         raise AdapterError(f"--by must be 'query' or 'chunk', not {by!r}")
     if not 0 < test_fraction < 1:
         raise AdapterError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
@@ -693,11 +700,12 @@ def split_kind(dataset: Dataset) -> str:
     return "query"
 
 
-def train_val_qrels(dataset: Dataset, *, train_split: str = "train", val_fraction: float = 0.1,
-                    seed: int = 0) -> tuple[Qrels, Qrels, str]:
-    """Training and validation queries for any trainer: the ``dev`` split if present, else a seeded ``val_fraction``
-    of the training split carved the way the dataset was split (by query, or by whole chunk). Returns both and a
-    phrase saying how validation was chosen."""
+def train_val_qrels(dataset: Dataset, cfg: Config | None = None) -> tuple[Qrels, Qrels, str]:
+    """Training and validation queries for any trainer: ``cfg.split.train_split``, and the ``dev`` split if present,
+    else a seeded ``cfg.split.val_fraction`` of the training split carved the way the dataset was split (by query, or
+    by whole chunk). Returns both and a phrase saying how validation was chosen."""
+    cfg = cfg or Config()
+    train_split, val_fraction, seed = cfg.split.train_split, cfg.split.val_fraction, cfg.seed
     train = relevant(dataset.split(train_split))
     if "dev" in dataset.qrels and train_split != "dev":
         return train, relevant(dataset.split("dev")), "the dev split"

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapter.config import Config
+from adapter.config import DEMO_OUT, Config
 from adapter.data import atomic_write, convert, ensure_dir, load_dataset, split_dataset
 from adapter.errors import AdapterError
 
@@ -48,7 +48,7 @@ def _claim(out: Path) -> None:
     ensure_dir(out)
 
 
-def run_demo(out: str | os.PathLike = "runs/demo", cfg: Config | None = None, *, with_finetune: bool = False,
+def run_demo(out: str | os.PathLike = DEMO_OUT, cfg: Config | None = None, *, with_finetune: bool = False,
              data: str | os.PathLike = BUNDLED_DATA, progress: bool = True) -> DemoResult:
     """Split the bundled dataset by query, train an adapter on the cached embeddings, fine-tune the encoder when
     asked, and write the side-by-side report; returns where everything is."""
@@ -65,12 +65,11 @@ def run_demo(out: str | os.PathLike = "runs/demo", cfg: Config | None = None, *,
     with atomic_write(out / MARKER) as f:
         json.dump({"config": cfg.to_dict(), "with_finetune": with_finetune}, f, indent=2)
     convert(data, out / "data", force=True)
-    split_dataset(out / "data", by=cfg.split.by, test_fraction=cfg.split.test_fraction,
-                  dev_fraction=cfg.split.dev_fraction, seed=cfg.seed)
+    split_dataset(out / "data", cfg)
     ds = load_dataset(out / "data")
     logger.info("1/3 training the adapter")
     encoder = Encoder.from_config(cfg, show_progress=progress)
-    adapter_path = train_adapter(ds, encoder, cfg, progress=progress).adapter.save(out / "adapter.safetensors",
+    adapter_path = train_adapter(ds, cfg, encoder=encoder, progress=progress).adapter.save(out / "adapter.safetensors",
                                                                                     dtype=cfg.train.dtype)
     finetuned = None
     if with_finetune:

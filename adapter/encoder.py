@@ -27,7 +27,7 @@ from adapter.backends import (
     resolve_model,
 )
 from adapter.cache import KEY_BYTES, EmbeddingCache
-from adapter.config import DEFAULT_MODEL, Config, EmbeddingConfig, cache_root
+from adapter.config import DEFAULT_MODEL, Config, EmbeddingConfig, EncoderConfig, cache_root
 from adapter.data import atomic_write, ensure_dir
 from adapter.errors import AdapterError
 
@@ -66,7 +66,7 @@ class Encoder:
     """
 
     def __init__(self, model: str | SentenceTransformer = DEFAULT_MODEL, *, cache_dir: str | os.PathLike | None = None,
-                 batch_size: int = 64, device: str | None = None, show_progress: bool = True,
+                 batch_size: int = EncoderConfig.batch_size, device: str | None = None, show_progress: bool = True,
                  embedding: EmbeddingConfig | None = None, base_url: str | None = None,
                  dimensions: int | None = None, api_key_env: str | None = None, query_prefix: str | None = None,
                  document_prefix: str | None = None):

@@ -12,6 +12,12 @@ class AdapterError(Exception):
     """A user-facing error: one line naming the file (and line) and the problem. The CLI prints it, no traceback."""
 
 
+def refuse_existing(path: str | os.PathLike, force: bool) -> None:
+    """The one overwrite guard of every writer: an existing ``path`` is replaced only when ``force`` is given."""
+    if not force and os.path.lexists(path):
+        raise AdapterError(f"{path}: already exists; pass --force to replace it")
+
+
 def one_line(exc: BaseException, limit: int = 200) -> str:
     """The first non-blank line of ``exc``'s message, at most ``limit`` characters; its type name when it has none.
 

@@ -91,6 +91,14 @@ def id_rank(corpus_ids: Sequence[str]) -> np.ndarray:
     return rank
 
 
+def is_relevant(codes: np.ndarray, relevant_codes: np.ndarray) -> np.ndarray:
+    """Membership of (query row, corpus row) pair codes ``q * n_corpus + c`` in the sorted, unique codes of the
+    relevant pairs: a binary search, so no sort per call as ``np.isin`` does. The judge and the trainer's negative
+    sampling share it."""
+    at = np.minimum(np.searchsorted(relevant_codes, codes), len(relevant_codes) - 1)
+    return relevant_codes[at] == codes
+
+
 def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray, *, per_query: bool = False) -> dict[str, float]:
     """IR metrics from a (n_queries, depth) boolean matrix of ranked hits and each query's count of relevant docs.
 
@@ -150,7 +158,7 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
     queries = query_vectors[[q_row[q] for q in scored]]
     # relevant (query, corpus row) pairs as single integers, for a vectorised membership test
     n = len(corpus_ids)
-    pairs = np.array([i * n + c_row[c] for i, q in enumerate(scored) for c in qrels[q]], dtype=np.int64)
+    pairs = np.unique(np.array([i * n + c_row[c] for i, q in enumerate(scored) for c in qrels[q]], dtype=np.int64))
     n_relevant = np.array([len(qrels[q]) for q in scored])
     tie_rank = id_rank(corpus_ids)
     results: Results = {}
@@ -159,7 +167,7 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
         _, rows = search(queries, corpus_vectors, depth, dim=d, tie_rank=tie_rank)
         if rerank is not None:
             rows = rerank(scored, rows)[:, :TOP_K]
-        hits = np.isin(np.arange(len(scored))[:, None] * n + rows, pairs)
+        hits = is_relevant(np.arange(len(scored))[:, None] * n + rows, pairs)
         results[d] = metrics_from_hits(hits, n_relevant, per_query=per_query)
         logger.debug("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, np.mean(results[d][PRIMARY_METRIC]),
                      len(scored))

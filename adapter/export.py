@@ -20,8 +20,9 @@ import numpy as np
 from adapter.config import DEFAULT_MODEL
 from adapter.data import atomic_write
 from adapter.encoder import _display_name, load_model, model_fingerprint
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, refuse_existing
 from adapter.model import LinearAdapter
+from adapter.report import pct_change
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -102,8 +103,7 @@ def model_card(adapter: LinearAdapter, base_name: str) -> str:
         for m in CARD_METRICS:
             if m in base_val and m in adapted_val:
                 b, a = base_val[m], adapted_val[m]
-                change = f"{(a - b) / b:+.1%}" if b else "n/a"
-                lines.append(f"| {m} | {b:.4f} | {a:.4f} | {change} |")
+                lines.append(f"| {m} | {b:.4f} | {a:.4f} | {pct_change(a, b)} |")
     config = meta.get("config") or {}
     config = {**config.get("train", config), "seed": config.get("seed")}  # files before sections were flat
     keys = ("loss", "negatives", "epochs", "lr", "batch_size", "margin", "rank", "identity_penalty", "seed")
@@ -118,8 +118,7 @@ def export(adapter_path: str | os.PathLike, out: str | os.PathLike, *, model: st
     """Write a sentence-transformers model folder (``adapted_model``) with a model card and the adapter file itself;
     built in a temporary folder beside ``out`` and renamed into place."""
     out = Path(os.path.abspath(out))
-    if out.exists() and not force:
-        raise AdapterError(f"{out}: already exists; pass --force to replace it")
+    refuse_existing(out, force)
     if Path.cwd() == out or out in Path.cwd().parents:
         raise AdapterError(f"{out}: is the current folder or holds it; choose another --out folder")
     if out.exists() and not out.is_dir():

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from sentence_transformers.base.evaluation import BaseEvaluator
 
-from adapter.config import Config
+from adapter.backends import has_router, load_model, role_prompt
+from adapter.config import REFERENCE_DIM, Config, EncoderConfig
 from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, fingerprint, relevant, train_val_qrels
-from adapter.encoder import load_model
 from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate, resolve_dims
 from adapter.model import training_meta
+from adapter.report import pct_change
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -45,7 +46,6 @@ CHECKPOINTS = "checkpoints"  # the trainer's checkpoints, removed once the model
 RUN_FILE = "run.json"  # in CHECKPOINTS: what the checkpoints were trained for; a resume must match it
 BASE_FILE = "base.json"  # in CHECKPOINTS: the base model's validation metrics, measured once
 CLOCK_FILE = "wall_seconds.json"  # in each checkpoint, written last: marks it complete and carries the wall time
-SEED_DIM = 128  # the seed selected its checkpoint by ndcg@10 at dim 128
 
 
 @dataclass
@@ -70,7 +70,8 @@ class RetrievalEvaluator(BaseEvaluator):
     Returns ``{"dim_{d}_{metric}": value}``; the primary metric is ndcg@10 at ``primary_dim``.
     """
 
-    def __init__(self, dataset: Dataset, qrels: Qrels, dims: Sequence[int], primary_dim: int, batch_size: int = 64):
+    def __init__(self, dataset: Dataset, qrels: Qrels, dims: Sequence[int], primary_dim: int,
+                 batch_size: int = EncoderConfig.batch_size):
         super().__init__()
         self.qrels = relevant(qrels)
         self.query_ids = list(self.qrels)
@@ -109,7 +110,7 @@ def matryoshka_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
 def select_dim(requested: int | None, dims: Sequence[int]) -> int:
     """The dim whose ndcg@10 picks the kept epoch: as requested, else 128 when trained, else the full dim."""
     if requested is None:
-        return SEED_DIM if SEED_DIM in dims else dims[0]
+        return REFERENCE_DIM if REFERENCE_DIM in dims else dims[0]
     if requested not in dims:
         raise AdapterError(f"--select-dim {requested} is not one of the trained dims {','.join(map(str, dims))}")
     return requested
@@ -234,10 +235,8 @@ def _training_args(cfg: Config, out: Path, select: int, model: SentenceTransform
     cuda = torch.cuda.is_available()
     cpu_ranks = not cuda and _world_size() > 1  # several CPU processes: accelerate wants to be told, and gloo
     fused = "fused" in inspect.signature(torch.optim.AdamW).parameters
-    names = {"query": ("query",), "document": ("document", "passage", "corpus")}
-    prompt = {role: next((model.prompts[n] for n in ns if n in model.prompts), None) for role, ns in names.items()}
-    prompts = {"anchor": prompt["query"], "positive": prompt["document"]}
-    router = any(type(m).__name__ == "Router" for m in model)
+    prompts = {"anchor": role_prompt(model, "query"), "positive": role_prompt(model, "document")}
+    router = has_router(model)
     return SentenceTransformerTrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=cfg.finetune.epochs,
@@ -285,8 +284,7 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
         raise AdapterError(f"{out}: exists and is not a folder")
     if (out / "modules.json").is_file():  # before loading anything: a model here is never overwritten
         raise AdapterError(f"{out}: already holds a model; choose another --out folder")
-    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.split.train_split,
-                                                  val_fraction=cfg.split.val_fraction, seed=cfg.seed)
+    train_qrels, val_qrels, how = train_val_qrels(dataset, cfg)
     model = load_model(cfg.encoder.model)
     full = int(model.get_embedding_dimension())
     dims = matryoshka_dims(cfg.evaluate.dims, full)
@@ -398,7 +396,7 @@ def model_card(meta: dict[str, Any], name: str) -> str:
     rows = []
     for d in dims:
         b, f = meta["val_base"][d][PRIMARY_METRIC], meta["val_best"][d][PRIMARY_METRIC]
-        change = f"{(f - b) / b:+.1%}" if b else "n/a"
+        change = pct_change(f, b)
         rows.append(f"| {d} | {b:.4f} | {f:.4f} | {f - b:+.4f} ({change}) |")
     return "\n".join([
         "---",

@@ -28,16 +28,16 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_tensors
 
-from adapter.config import PRIMARY_METRIC
+from adapter.config import ADAPTER_DTYPES, PRIMARY_METRIC, TrainConfig
 from adapter.data import atomic_write
-from adapter.errors import AdapterError, one_line
+from adapter.errors import AdapterError, one_line, refuse_existing
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2  # 2: training metadata in the shared schema (dims as keys); 1 is still read
 READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "adapter"
-DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = {name: np.dtype(name) for name in ADAPTER_DTYPES}
 
 
 @dataclass
@@ -101,10 +101,12 @@ class LinearAdapter:
         y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
         return y
 
-    def save(self, path: str | os.PathLike, *, dtype: str = "float32") -> Path:
-        """Write the adapter as one .safetensors file (atomically), tensors in ``dtype``."""
+    def save(self, path: str | os.PathLike, *, dtype: str = TrainConfig.dtype, force: bool = False) -> Path:
+        """Write the adapter as one .safetensors file (atomically), tensors in ``dtype``; an existing file is
+        replaced only with ``force``."""
         if dtype not in DTYPES:
             raise AdapterError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+        refuse_existing(path, force)
         path = Path(path)
         if not path.parent.is_dir():
             raise AdapterError(f"{path.parent}: folder does not exist")

@@ -23,14 +23,13 @@ import numpy as np
 from adapter.config import Config, ReportConfig
 from adapter.data import Dataset, atomic_write, ensure_dir, fingerprint, relevant
 from adapter.diagnose import insights
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, refuse_existing
 from adapter.evaluate import PRIMARY_METRIC, Results
 from adapter.model import LinearAdapter
 from adapter.systems import (
     CorpusSource,
     System,
     SystemResults,
-    VectorCorpus,
     build_systems,
     mean_results,
     results_to_json,
@@ -56,20 +55,19 @@ def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] |
 
 def evaluate_dataset(dataset: Dataset, cfg: Config | None = None, *, encoder: Encoder | None = None,
                      adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
-                     store: Store | None = None, corpus: CorpusSource | None = None,
+                     corpus: CorpusSource | None = None,
                      allow_other_model: bool = False, reranker: Reranker | None = None) -> SystemResults:
     """Score the base model (``encoder``, default ``cfg.encoder``) and each adapter on ``cfg.evaluate.split`` at
     ``cfg.evaluate.dims``: ``{"base": {dim: metrics}, "<adapter name>": {...}}``.
 
     Adapters change query vectors only, so every system searches the same corpus vectors: the cached encoding of
-    corpus.jsonl, or, given ``store``, every vector read out of that existing index (scored as it stands). With a
+    corpus.jsonl, or the ``corpus`` source given (``adapter.stores.StoreSource``: every vector read out of an existing
+    index or a vector file, scored as it stands). With a
     ``reranker`` each is scored again as ``<name>+rerank``, its top ``cfg.rerank.k`` reordered.
     """
     cfg = cfg or Config()
     split = cfg.evaluate.split
     dataset.split(split)  # fail on a missing split before loading a model
-    if store is not None:
-        corpus = VectorCorpus.from_store(store, dataset, split, id_field=cfg.store.id_field)
     systems = build_systems(cfg, encoder=encoder, adapters=adapters, corpus=corpus,
                             allow_other_model=allow_other_model, reranker=reranker)
     return score(dataset, systems, split=split, dims=cfg.evaluate.dims)
@@ -151,9 +149,8 @@ def evaluate_store_search(dataset: Dataset, store: Store, cfg: Config | None = N
 
 def write_results(results: SystemResults, path: str | os.PathLike, *, force: bool = True) -> Path:
     """Write results as JSON (``results_to_json``), atomically; ``force=False`` refuses to replace a file."""
+    refuse_existing(path, force)
     path = Path(path)
-    if path.exists() and not force:
-        raise AdapterError(f"{path}: already exists; pass --force to replace it")
     if path.parent and not path.parent.is_dir():
         raise AdapterError(f"{path.parent}: folder does not exist")
     with atomic_write(path) as f:
@@ -181,7 +178,7 @@ def search(queries: str | Sequence[str], store: Store, adapter: LinearAdapter | 
 
 
 def paired_bootstrap(base: np.ndarray, system: np.ndarray, *, samples: int = ReportConfig.bootstrap_samples,
-                     seed: int = 0, level: float = ReportConfig.level) -> tuple[float, float, float]:
+                     seed: int = Config.seed, level: float = ReportConfig.level) -> tuple[float, float, float]:
     """Mean per-query change (system − base) and its percentile interval: the queries are resampled with replacement
     ``samples`` times, the same resample for both systems (paired). Returns (change, low, high)."""
     delta = np.asarray(system, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # (n,)

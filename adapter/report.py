@@ -19,6 +19,11 @@ if TYPE_CHECKING:
     from adapter.pipeline import Comparison, SystemInfo
 
 
+def pct_change(new: float, old: float, *, zero: str = "n/a") -> str:
+    """The relative change from ``old`` to ``new``, as "+5.7%"; ``zero`` when ``old`` is 0."""
+    return f"{(new - old) / old:+.1%}" if old else zero
+
+
 def format_table(results: dict[str, Results], metrics: Sequence[str] = METRICS, baseline: str = "base") -> str:
     """A plain-text table per dim: one row per metric, one column per system, and each system's change against
     ``baseline`` (when present) as a percentage."""
@@ -33,7 +38,7 @@ def format_table(results: dict[str, Results], metrics: Sequence[str] = METRICS, 
             row = [m, *[f"{results[s][d][m]:.4f}" if d in results[s] else "n/a" for s in systems]]
             for s in others:
                 base = results[baseline][d][m] if d in results[baseline] else 0.0
-                row.append(f"{(results[s][d][m] - base) / base:+.1%}" if base and d in results[s] else "n/a")
+                row.append(pct_change(results[s][d][m], base) if d in results[s] else "n/a")
             rows.append(row)
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         for r in rows:
@@ -82,7 +87,7 @@ def primary_table(c: Comparison) -> str:
                 row += [f"{v:.4f}" if v is not None else "n/a", "n/a", "n/a"]
                 continue
             change, low, high = c.intervals[s][d]
-            pct = f" ({change / base:+.1%})" if base else ""
+            pct = f" ({pct_change(v, base)})" if base else ""
             row += [f"{v:.4f}", f"{change:+.4f}{pct}", f"[{low:+.4f}, {high:+.4f}]"]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

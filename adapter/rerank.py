@@ -373,8 +373,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     if (out / "modules.json").is_file():  # before loading anything: a model here is never overwritten
         raise AdapterError(f"{out}: already holds a model; choose another --out folder")
     check_k(r.k, len(dataset.corpus))
-    train_qrels, val_qrels, how = train_val_qrels(dataset, train_split=cfg.split.train_split,
-                                                  val_fraction=cfg.split.val_fraction, seed=cfg.seed)
+    train_qrels, val_qrels, how = train_val_qrels(dataset, cfg)
     if r.val_queries is not None and len(val_qrels) > r.val_queries:
         val_qrels, how = _sample(val_qrels, r.val_queries, cfg.seed), how + f", {r.val_queries} of them sampled"
     train_qrels = _sample(train_qrels, r.train_queries, cfg.seed)

@@ -26,7 +26,7 @@ import numpy as np
 
 from adapter.config import Config, StoreConfig
 from adapter.data import Dataset, atomic_write
-from adapter.errors import AdapterError, one_line
+from adapter.errors import AdapterError, one_line, refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -114,8 +114,11 @@ class Store:
 # ---------------------------------------------------------------------------------------------------------- FAISS
 
 
-def write_index(vectors: np.ndarray, path: str | os.PathLike, ids: np.ndarray | None = None) -> Path:
-    """Write an exact inner-product FAISS index of (unit) vectors; ``ids`` (int64) are stored when given."""
+def write_index(vectors: np.ndarray, path: str | os.PathLike, ids: np.ndarray | None = None, *,
+                force: bool = False) -> Path:
+    """Write an exact inner-product FAISS index of (unit) vectors; ``ids`` (int64) are stored when given. An
+    existing file is replaced only with ``force``."""
+    refuse_existing(path, force)
     index = faiss.IndexFlatIP(vectors.shape[1])
     if ids is not None:
         index = faiss.IndexIDMap2(index)

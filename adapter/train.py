@@ -35,7 +35,7 @@ from adapter.config import Config, TrainConfig, default_dims
 from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, relevant
 from adapter.encoder import truncate
 from adapter.errors import AdapterError
-from adapter.evaluate import PRIMARY_METRIC, Results, search
+from adapter.evaluate import PRIMARY_METRIC, Results, is_relevant, search
 from adapter.evaluate import evaluate as judge
 from adapter.model import LinearAdapter, pct_change
 from adapter.systems import CorpusSource, EncodedCorpus
@@ -142,18 +142,12 @@ def _pairs(split: Split, n_corpus: int, corpus_row: dict[str, int]) -> tuple[np.
     return pairs, np.unique(pairs[:, 0] * n_corpus + pairs[:, 1])
 
 
-def _is_relevant(codes: np.ndarray, rel_codes: np.ndarray) -> np.ndarray:
-    """Membership of pair codes in the sorted relevant codes (a binary search: no per-step sort as np.isin does)."""
-    at = np.minimum(np.searchsorted(rel_codes, codes), len(rel_codes) - 1)
-    return rel_codes[at] == codes
-
-
 def _random_negatives(q_rows: np.ndarray, n_corpus: int, rel_codes: np.ndarray,
                       rng: np.random.Generator) -> np.ndarray:
     """One chunk per query drawn uniformly from the corpus, redrawn until none is relevant to its query."""
     neg = rng.integers(0, n_corpus, size=len(q_rows))
     for _ in range(100):
-        bad = _is_relevant(q_rows * n_corpus + neg, rel_codes)
+        bad = is_relevant(q_rows * n_corpus + neg, rel_codes)
         if not bad.any():
             return neg
         neg[bad] = rng.integers(0, n_corpus, size=int(bad.sum()))
@@ -168,7 +162,7 @@ def mine_hard_negatives(queries: np.ndarray, corpus: np.ndarray, rel_codes: np.n
     _, rows = search(queries, corpus, k)
     out = np.empty((len(queries), pool), dtype=np.int64)
     for i, r in enumerate(rows):
-        keep = r[~_is_relevant(i * n + r, rel_codes)][:pool]
+        keep = r[~is_relevant(i * n + r, rel_codes)][:pool]
         if not len(keep):
             raise AdapterError("no hard negative left: every retrieved chunk is relevant")
         out[i] = np.resize(keep, pool)
@@ -265,7 +259,7 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
             cand_rows = np.arange(n_corpus) if corpus_wide else pos  # (M,)
             target = torch.from_numpy(pos if corpus_wide else np.arange(len(pos)))
             # other chunks relevant to the same query are not negatives
-            masked = _is_relevant(q_rows[:, None] * n_corpus + cand_rows[None, :], rel_codes)
+            masked = is_relevant(q_rows[:, None] * n_corpus + cand_rows[None, :], rel_codes)
             masked[np.arange(len(pos)), target.numpy()] = False
             masked = torch.from_numpy(masked)
         loss = 0.0
@@ -628,22 +622,20 @@ def _subset(split: Split, qrels: Qrels) -> Split:
     return Split(split.vectors[[rows[q] for q in ids]], ids, qrels)
 
 
-def _subset(split: Split, qrels: Qrels) -> Split:
-    rows = {q: i for i, q in enumerate(split.ids)}
-    ids = [q for q in split.ids if q in qrels]
-    return Split(split.vectors[[rows[q] for q in ids]], ids, qrels)
-
-
-def train_adapter(dataset: Dataset, encoder: Encoder, cfg: Config | None = None, *,
-                  progress: bool = True, corpus: CorpusSource | None = None) -> TrainResult:
-    """Train an adapter on a dataset's training split with the encoder's cached embeddings (``train_on_vectors``);
-    the result's adapter carries the resolved config, coverage, both validation estimates and every trial.
+def train_adapter(dataset: Dataset, cfg: Config | None = None, *, encoder: Encoder | None = None,
+                  corpus: CorpusSource | None = None, progress: bool = True) -> TrainResult:
+    """Train an adapter on a dataset's training split with the encoder's cached embeddings (``train_on_vectors``;
+    default encoder: ``cfg.encoder``); the result's adapter carries the resolved config, coverage, both validation
+    estimates and every trial.
 
     ``corpus``: where the corpus vectors come from (``adapter.systems``; e.g. ``adapter.stores.StoreSource``, the
     vectors the index already holds) instead of the encoder's encoding of corpus.jsonl; then only queries are
     embedded."""
+    from adapter.encoder import Encoder
+
     cfg = resolve_recipe(cfg or Config())
     check_options(cfg)
+    encoder = encoder or Encoder.from_config(cfg, show_progress=progress)
     train_qrels = relevant(dataset.split(cfg.split.train_split))
     if not train_qrels:
         raise AdapterError(f"{dataset.path}: the {cfg.split.train_split} split has no question with a relevant chunk")

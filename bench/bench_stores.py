@@ -64,13 +64,14 @@ def main() -> None:
     from adapter.encoder import Encoder
     from adapter.pipeline import evaluate_dataset
     from adapter.stores import ChromaStore, FaissStore, QdrantStore
+    from adapter.systems import VectorCorpus
     from adapter.train import train_adapter
 
     work = Path(tempfile.mkdtemp(prefix="bench-stores-"))
     ds = load_dataset(appleqa(a.shared, work))
     encoder = Encoder("sentence-transformers/all-MiniLM-L6-v2", cache_dir=a.cache_dir or work / "cache",
                       show_progress=False)
-    adapter = train_adapter(ds, encoder, Config(), progress=False).adapter
+    adapter = train_adapter(ds, Config(), encoder=encoder, progress=False).adapter
     qids = list(relevant(ds.split("test")))[:100]
     queries = adapter.apply(encoder.encode_queries([ds.queries[q] for q in qids]))  # (100, 384), adapted
 
@@ -139,7 +140,8 @@ def main() -> None:
     readers["Chroma, embedded"] = lambda: ChromaStore(str(work / "chroma"), "apple")
     for name, open_ in readers.items():
         with open_() as store:
-            r = evaluate_dataset(ds, cfg, encoder=encoder, adapters={"adapter": adapter}, store=store)
+            corpus = VectorCorpus.from_store(store, ds, "test")
+        r = evaluate_dataset(ds, cfg, encoder=encoder, adapters={"adapter": adapter}, corpus=corpus)
         print(f"| {name} | {r['base'][384]['ndcg@10']:.4f} | {r['adapter'][384]['ndcg@10']:.4f} | "
               f"{'yes' if r == embedded else 'no'} |")
 

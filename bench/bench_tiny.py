@@ -50,7 +50,7 @@ def main() -> None:
 
     def run(rank: int | None, dtype: str, seed: int = 0, **over) -> tuple[int, float, float, int]:
         cfg = Config().replace(rank=rank, dtype=dtype, seed=seed, **over)
-        result = train_adapter(ds, encoder, cfg, progress=False)
+        result = train_adapter(ds, cfg, encoder=encoder, progress=False)
         path = result.adapter.save(work / f"r{rank}-{dtype}-{seed}.safetensors", dtype=cfg.train.dtype)
         base, adapted = score(path)
         return path.stat().st_size, base, adapted, result.best_epoch

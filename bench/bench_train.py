@@ -43,7 +43,7 @@ def quality(folders: dict[str, Path], encoder, tradeoff: bool) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for by, folder in folders.items():
         ds = load_dataset(folder)
-        r = train_adapter(ds, encoder, Config(), progress=False)
+        r = train_adapter(ds, Config(), encoder=encoder, progress=False)
         b, a = test_scores(ds, encoder, r.adapter)
         print(f"| by {by} | {b['ndcg@10']:.4f} | {a['ndcg@10']:.4f} | {a['ndcg@10'] / b['ndcg@10']:.3f}x | "
               f"{b['accuracy@10']:.4f} | {a['accuracy@10']:.4f} | {r.best_epoch} | {r.seconds:.2f} s |")
@@ -69,7 +69,7 @@ def quality(folders: dict[str, Path], encoder, tradeoff: bool) -> None:
             if not guard:
                 (folders[by] / "split.json").rename(folders[by] / "split.json.off")  # validation falls back to query
             try:
-                r = train_adapter(ds, encoder, Config().replace(**over), progress=False)
+                r = train_adapter(ds, Config().replace(**over), encoder=encoder, progress=False)
             finally:
                 if not guard:
                     (folders[by] / "split.json.off").rename(folders[by] / "split.json")
@@ -116,7 +116,7 @@ def speed(folders: dict[str, Path], model, encoder) -> None:
 
     ds = load_dataset(folders["query"])
     # the loop first: right after multi-threaded encoding, idle OpenMP workers still spin and slow a 1-thread loop
-    loops = [train_adapter(ds, encoder, Config(), progress=False).seconds for _ in range(3)]
+    loops = [train_adapter(ds, Config(), encoder=encoder, progress=False).seconds for _ in range(3)]
     per_batch, batches = seed_recipe_seconds(model, ds)
     seed_total = per_batch * batches * 30
     cache = Path(tempfile.mkdtemp(prefix="bench-cold-"))
@@ -153,7 +153,7 @@ def size_and_latency(folders: dict[str, Path], model, encoder) -> None:
     full = None
     for name, over, dtype in (("full 384x384, float32", {}, "float32"), ("rank 16, float32", {"rank": 16}, "float32"),
                               ("rank 16, float16", {"rank": 16}, "float16")):
-        r = train_adapter(ds, encoder, Config().replace(**over), progress=False)
+        r = train_adapter(ds, Config().replace(**over), encoder=encoder, progress=False)
         path = r.adapter.save(work / f"{len(over)}{dtype}.safetensors", dtype=dtype)
         loaded = LinearAdapter.load(path)
         full = full or loaded

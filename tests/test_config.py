@@ -38,3 +38,17 @@ def test_sections_round_trip_and_artifacts_can_store_only_some():
     assert back.evaluate.dims == (384, 128) and back.train.rank == 16 and back.seed == 3
     assert back.llm == Config().llm  # sections not stored come back as defaults
     assert Config.from_dict(Config().to_dict()) == Config()
+
+
+def test_the_public_api_is_small_and_loads_lazily():
+    import subprocess
+    import sys
+
+    import adapter
+
+    assert 10 <= len(adapter.__all__) <= 14 and set(adapter.__all__) == {"Config", "AdapterError", *adapter._LAZY}
+    for name in adapter.__all__:
+        assert getattr(adapter, name) is not None, name
+    code = "import sys, adapter; assert adapter.Config and 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

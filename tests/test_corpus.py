@@ -76,13 +76,13 @@ def test_training_on_the_index_vectors_gives_the_same_adapter_and_embeds_no_chun
     from adapter.train import train_adapter
 
     folder, blind, root = setup
-    reference = train_adapter(load_dataset(folder), encoder(minilm, tmp_path / "a"), QUICK, progress=False)
+    reference = train_adapter(load_dataset(folder), QUICK, encoder=encoder(minilm, tmp_path / "a"), progress=False)
     given = {"rows.faiss": StoreSource(index=str(root / "rows.faiss")),
              "npy": StoreSource(vectors=str(root / "chunks.npy"), ids=str(root / "chunks.txt")),
              "parquet": StoreSource(vectors=str(root / "chunks.parquet"))}[source]
     enc = encoder(minilm, tmp_path / "b")
     ds = load_dataset(blind)  # chunk texts are placeholders: only ids are read
-    result = train_adapter(ds, enc, QUICK, progress=False, corpus=given)
+    result = train_adapter(ds, QUICK, encoder=enc, progress=False, corpus=given)
     assert enc.texts_encoded == len(ds.split("train"))  # the queries, and no chunk
     # the same vectors, put in corpus.jsonl's order whatever the file's: the same adapter, bit for bit
     np.testing.assert_array_equal(result.adapter.weight, reference.adapter.weight)
@@ -156,7 +156,7 @@ def test_bad_vector_files_are_one_line(setup, tmp_path, minilm):
     enc = encoder(minilm, tmp_path / "cache")
     for given, message in cases:
         with pytest.raises(AdapterError, match=message):
-            train_adapter(ds, enc, QUICK, progress=False, corpus=StoreSource(**given))
+            train_adapter(ds, QUICK, encoder=enc, progress=False, corpus=StoreSource(**given))
     assert read_vector_file(root / "vectors.parquet")[1].shape == (8, 384)
 
 

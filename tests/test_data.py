@@ -260,3 +260,13 @@ def test_written_files_get_normal_permissions(tmp_path):
     convert(make_source("llamaindex", tmp_path), tmp_path / "out")
     mode = stat.S_IMODE(os.stat(tmp_path / "out" / "corpus.jsonl").st_mode)
     assert mode & 0o044 == 0o044  # group and others may read it, as with any file written the usual way
+
+
+def test_save_dataset_is_the_inverse_of_load_dataset(tmp_path):
+    from adapter.data import save_dataset
+    from tests.conftest import write_dataset
+
+    folder = write_dataset(tmp_path / "ds", {"train": ["q_burst", "q_lead"], "test": ["q_meter"]})
+    ds = load_dataset(folder)
+    back = load_dataset(save_dataset(ds, tmp_path / "copy"))
+    assert (back.corpus, back.queries, back.qrels, back.titles) == (ds.corpus, ds.queries, ds.qrels, ds.titles)

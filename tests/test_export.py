@@ -166,7 +166,7 @@ def test_default_loss_is_triplet_for_full_and_infonce_for_low_rank(tmp_path, min
     split_dataset(folder, by="query", test_fraction=0.3, seed=0)
     enc = Encoder(minilm, show_progress=False)
     for rank, loss in ((None, "triplet"), (16, "infonce")):
-        r = train_adapter(load_dataset(folder), enc, Config().replace(rank=rank, epochs=1), progress=False)
+        r = train_adapter(load_dataset(folder), Config().replace(rank=rank, epochs=1), encoder=enc, progress=False)
         assert r.adapter.metadata["config"]["train"]["loss"] == loss  # the file records the loss that ran
 
 
@@ -181,7 +181,7 @@ def test_rank_16_float16_file_is_at_most_30_kb(tmp_path, minilm):
     folder = write_dataset(tmp_path / "ds")
     split_dataset(folder, by="query", test_fraction=0.3, seed=0)
     cfg = Config().replace(rank=16, dtype="float16")
-    r = train_adapter(load_dataset(folder), Encoder(minilm, show_progress=False), cfg, progress=False)
+    r = train_adapter(load_dataset(folder), cfg, encoder=Encoder(minilm, show_progress=False), progress=False)
     assert len(r.adapter.metadata["history"]["val"]) == cfg.train.epochs + 1
     path = r.adapter.save(tmp_path / "tiny.safetensors", dtype=cfg.train.dtype)
     assert path.stat().st_size <= 30_000, path.stat().st_size

@@ -67,8 +67,7 @@ def test_finetune_installs_a_model_that_scores_its_kept_epoch(train_dir, tmp_pat
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") or p.name == "checkpoints") == []
 
     ds = load_dataset(train_dir)
-    train, val, _ = train_val_qrels(ds, train_split=cfg.split.train_split, val_fraction=cfg.split.val_fraction,
-                                    seed=cfg.seed)
+    train, val, _ = train_val_qrels(ds, cfg)
     meta = json.loads((out / "finetune.json").read_text())
     assert meta["dims"] == list(DIMS) and meta["select_dim"] == 16 and meta["train_seconds"] > 0
     assert meta["pairs"] == sum(len(r) for r in train.values()) and meta["val_queries"] == len(val) == 1

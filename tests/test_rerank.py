@@ -95,7 +95,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     ds = load_dataset(rerank_dir)
     from adapter.data import train_val_qrels
 
-    train, val, _ = train_val_qrels(ds, train_split="train", val_fraction=Config().split.val_fraction, seed=0)
+    train, val, _ = train_val_qrels(ds, Config())
     # every train question: a row per relevant chunk, and 2 negatives (its top 4 always hold 2 non-relevant chunks)
     assert meta["rows"] == sum(len(v) for v in train.values()) + 2 * len(train)
     assert [v["epoch"] for v in meta["history"]["val"]] == [0.0, 1.0, 2.0]  # first stage alone, then each epoch

@@ -173,7 +173,8 @@ def test_both_validation_slices_are_carved_whatever_the_split(tmp_path, minilm):
     enc = Encoder(minilm, show_progress=False)
     for by in ("chunk", "query"):
         split_dataset(folder, by=by, test_fraction=0.2, seed=0)
-        r = train_adapter(load_dataset(folder), enc, Config().replace(epochs=1, recipe="infonce"), progress=False)
+        r = train_adapter(load_dataset(folder), Config().replace(epochs=1, recipe="infonce"), encoder=enc,
+                          progress=False)
         est = r.adapter.metadata["estimates"]
         assert est["seen"]["queries"] >= 1 and est["unseen"]["chunks"] >= 1, (by, est)
         assert "seen: " in r.adapter.metadata["validation"] and "unseen: " in r.adapter.metadata["validation"]
