@@ -779,7 +779,6 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
             embedding: dict) -> None:
     """Score base, adapters, fine-tuned and other models side by side on DIRECTORY's split, with costs and paired
     bootstrap intervals; write report.md, results.json, summary.json and PNG plots to --out."""
-    from pathlib import Path
 
     from adapter.data import load_dataset
     from adapter.pipeline import compare as run
@@ -789,9 +788,6 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
     cfg = Config().replace(model=base_model, split=split_name, dims=dims, bootstrap_samples=bootstrap_samples,
                            cache_dir=cache_dir, rerank_k=rerank_k, id_field=id_field, **embedding)
     ds = load_dataset(directory)
-    ds.split(cfg.evaluate.split)  # fail on a missing split before loading a model
-    if (Path(out) / "report.md").exists() and not force:  # before any model is loaded
-        raise AdapterError(f"{out}: already holds a report; pass --force to replace it")
     reranker = _reranker(reranker_dir, rerank_k, ds)
     c = run(ds, out, cfg, adapters=adapters, finetuned=finetuned, models=models, allow_other_model=allow_other_model,
             force=force, reranker=reranker, rag=rag_json, corpus=source.with_settings(cfg) if source else None)

@@ -147,8 +147,8 @@ def evaluate_store_search(dataset: Dataset, store: Store, cfg: Config | None = N
     return StoreSearch(results, store.name, store.dim, TOP_K, len(sample), recall)
 
 
-def write_results(results: SystemResults, path: str | os.PathLike, *, force: bool = True) -> Path:
-    """Write results as JSON (``results_to_json``), atomically; ``force=False`` refuses to replace a file."""
+def write_results(results: SystemResults, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write results as JSON (``results_to_json``), atomically; an existing file is replaced only with ``force``."""
     refuse_existing(path, force)
     path = Path(path)
     if path.parent and not path.parent.is_dir():
@@ -308,7 +308,7 @@ def _check_trained_on(dataset: Dataset, meta: dict[str, Any], source: str) -> No
 
 def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *,
             adapters: Sequence[str | os.PathLike] = (), finetuned: Sequence[str | os.PathLike] = (),
-            models: Sequence[str] = (), allow_other_model: bool = False, force: bool = True,
+            models: Sequence[str] = (), allow_other_model: bool = False, force: bool = False,
             reranker: Reranker | None = None, rag: str | os.PathLike | None = None,
             progress: bool = True, corpus: CorpusSource | None = None) -> Comparison:
     """Score base (``cfg.encoder.model``), each adapter on it, each fine-tuned model folder and each other model on
@@ -316,8 +316,8 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
     `adapter evaluate --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
 
     Systems are named ``base``, then after the adapter file's stem, the model folder's name or the model's name.
-    ``force=False`` refuses an ``out`` that already holds a report. With a ``reranker`` each system is scored again
-    as ``<system>+rerank`` (top ``cfg.rerank.k`` reordered), with its change over its own first stage and the
+    An ``out`` that already holds a report is replaced only with ``force``. With a ``reranker`` each system is scored
+    again as ``<system>+rerank`` (top ``cfg.rerank.k`` reordered), with its change over its own first stage and the
     reranking's latency; ``rag``: a ``rag.json`` from `adapter rag`, whose answer accuracy joins the report.
     ``corpus``: where base and its adapters find the corpus vectors (e.g. ``adapter.stores.StoreSource``; fine-tuned
     and other models embed corpus.jsonl).
