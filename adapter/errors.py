@@ -18,7 +18,7 @@ def refuse_existing(path: str | os.PathLike, force: bool) -> None:
         raise AdapterError(f"{path}: already exists; pass --force to replace it")
 
 
-def one_line(exc: BaseException, limit: int = 200) -> str:
+def one_line(exc: BaseException | str, limit: int = 200) -> str:
     """The first non-blank line of ``exc``'s message, at most ``limit`` characters; its type name when it has none.
 
     Libraries (hub, transformers, FAISS, store clients, HTTP) raise many types with multi-line messages; a user needs

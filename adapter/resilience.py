@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from adapter.errors import AdapterError, redact
+from adapter.errors import AdapterError, one_line, redact
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class Failure:
 def _server_message(e: Any) -> str:
     body = e.body.get("message") if isinstance(getattr(e, "body", None), dict) else None
     text = str(body or getattr(e, "message", "") or "").strip()
-    return text.splitlines()[0][:200] if text else ""
+    return one_line(text) if text else ""
 
 
 def classify(exc: BaseException) -> Failure | None:
@@ -151,7 +151,7 @@ def classify(exc: BaseException) -> Failure | None:
         cause = exc.__cause__
         kinds = {k.__name__ for k in type(cause).__mro__}  # by name: the client's HTTP library varies by version
         if "ConnectError" in kinds:  # refused, or the host does not resolve: no retry helps
-            detail = str(cause).strip().splitlines()[0][:200] if str(cause).strip() else "connection refused"
+            detail = one_line(cause) if str(cause).strip() else "connection refused"
             return Failure(False, "cannot connect", detail=detail)
         if "UnsupportedProtocol" in kinds:
             return Failure(False, "bad URL", detail=str(cause))

@@ -244,9 +244,11 @@ def test_writers_refuse_an_existing_output_before_loading_a_model(tmp_path, monk
 
 def test_train_reports_a_base_that_scores_zero_instead_of_dividing_by_it():
     """Reproduction 3: ZeroDivisionError after the adapter file was written, exit 1."""
-    from cli import _change
+    from adapter.report import pct_change
+    from cli import NO_CHANGE
 
-    assert _change(0.25, 0.0) == "base scored 0: no relative change" and _change(0.5, 0.25) == "+100.0%"
+    assert pct_change(0.25, 0.0, zero=NO_CHANGE) == "base scored 0: no relative change"
+    assert pct_change(0.5, 0.25, zero=NO_CHANGE) == "+100.0%"
 
 
 def test_an_empty_query_is_refused(tmp_path):
