@@ -83,6 +83,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def build_tiny_model(root: Path) -> Path:
     """Build the tiny BERT of ``tiny_model_dir`` under ``root`` (also used by bench/bench_faults.py)."""
+    root.mkdir(parents=True, exist_ok=True)
     from sentence_transformers import SentenceTransformer, models
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
     from tokenizers import models as tmodels
