@@ -58,7 +58,7 @@ def report_dir(tmp_path_factory) -> Path:
 
     trained = LinearAdapter.load(adapter)  # the trained file's metadata, with a weight that surely moves questions
     trained.weight = np.random.default_rng(0).permutation(np.eye(384, dtype=np.float32))  # scrambles queries
-    trained.save(adapter)
+    trained.save(adapter, force=True)
     out = root / "report"
     r = CliRunner().invoke(main, ["-q", "compare", str(folder), "--adapter", str(adapter), "--out", str(out),
                                   "--bootstrap", "50", "--dims", "384"], catch_exceptions=False)
