@@ -135,8 +135,8 @@ def embedding_options(f):
     for _, option in reversed(EMBEDDING_OPTIONS):
         wrapper = option(wrapper)
     return wrapper
-cache_option = click.option("--cache-dir", default=None, help="Embedding cache folder [default: $ADAPTER_CACHE or "
-                            "~/.cache/adapter].")
+cache_option = click.option("--cache-dir", default=None, help="Embedding cache folder [default: $ADAPTER_CACHE, "
+                            "else $XDG_CACHE_HOME/adapter, else ~/.cache/adapter].")
 
 
 def _quiet_hf() -> None:

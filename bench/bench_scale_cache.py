@@ -1,0 +1,243 @@
+"""The embedding cache at 10^7 keys (issue #14): open time, memory beyond the vectors read, reading random vectors.
+
+    python bench/bench_scale_cache.py [--keys 10000000] [--dim 384] [--reads 100000] [--folder DIR] [--keep]
+
+Writes a synthetic cache of ``--keys`` keys in shards of 10^6 with the cache's own shard writer (``write_shard``:
+sorted keys, fsync, rename), then measures in fresh processes (one per row of the table):
+
+- ``EmbeddingCache(folder)``: wall time, and growth of the process's resident memory (anonymous and file-backed,
+  from /proc/self/status);
+- ``get`` of ``--reads`` random keys (seeded), checked row by row (column 0 of each stored vector is its key's index):
+  wall time and resident growth, against the bytes of vectors actually read (the returned array, and the file pages
+  their rows lie on);
+- ``contains`` of the same keys and of as many absent ones (the encoder's check before embedding);
+- ``put`` of 1,000 new keys into the full cache (a write rewrites nothing else);
+- Python's own allocations (tracemalloc peak) over open + get, in a separate run (it slows allocation).
+
+"cold" runs evict the cache's files from the page cache first (posix_fadvise DONTNEED on those files only, so the
+reads go to the disk); "warm" runs follow at once. Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from adapter.cache import HEADER_BYTES, SUFFIX, EmbeddingCache, write_shard  # noqa: E402
+
+SHARD_ROWS = 1_000_000
+MASK = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """A bijective 64-bit mix: synthetic keys as a pure function of their index, uniform like real hashes."""
+    with np.errstate(over="ignore"):
+        z = (x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & MASK
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def key_columns(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hi, lo) of the synthetic keys of ``index``."""
+    index = index.astype(np.uint64)
+    return splitmix64(2 * index), splitmix64(2 * index + np.uint64(1))
+
+
+def key_bytes(index: np.ndarray) -> list[bytes]:
+    hi, lo = key_columns(index)
+    raw = np.stack([hi.astype("<u8"), lo.astype("<u8")], axis=1).tobytes()
+    return [raw[i:i + 16] for i in range(0, len(raw), 16)]
+
+
+def evict(folder: Path) -> None:
+    """Drop the cache's own files from the page cache (other processes' pages are untouched)."""
+    for path in folder.glob(f"*{SUFFIX}"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def build(folder: Path, keys: int, dim: int) -> dict:
+    folder.mkdir(parents=True)
+    block = np.random.default_rng(0).standard_normal((4096, dim)).astype(np.float32)
+    block /= np.linalg.norm(block, axis=1, keepdims=True)
+    start = time.perf_counter()
+    for first in range(0, keys, SHARD_ROWS):
+        index = np.arange(first, min(first + SHARD_ROWS, keys), dtype=np.int64)
+        hi, lo = key_columns(index)
+        order = np.lexsort((lo, hi))
+        index = index[order]
+
+        def rows_of(a: int, b: int, index=index) -> np.ndarray:
+            out = block[index[a:b] % len(block)]
+            out[:, 0] = index[a:b]  # column 0 names the key: reads are checked against it
+            return out
+
+        write_shard(folder, hi[order], lo[order], rows_of, dim)
+        evict(folder)  # do not flood the shared machine's page cache
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in folder.glob(f"*{SUFFIX}"))
+    return {"seconds": seconds, "bytes": size, "shards": len(list(folder.glob(f"*{SUFFIX}")))}
+
+
+def rss() -> dict[str, int]:
+    """Resident memory of this process in bytes: anonymous (heap, arrays) and file-backed (mapped file pages)."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            out[name] = int(value.split()[0]) * 1024
+    return out
+
+
+def vector_pages(cache: EmbeddingCache, keys: list[bytes]) -> int:
+    """Bytes of the file pages the rows of ``keys`` lie on (what reading them must bring in, at least)."""
+    shard_of, row_of = cache._locate(keys)
+    pages = 0
+    for s in np.unique(shard_of).tolist():
+        shard = cache._shards[s]
+        rows = row_of[shard_of == s]
+        at = HEADER_BYTES + 16 * shard.rows + rows * 4 * shard.dim
+        first, last = at // mmap.PAGESIZE, (at + 4 * shard.dim - 1) // mmap.PAGESIZE
+        pages += len(np.union1d(first, last))
+    return pages * mmap.PAGESIZE
+
+
+def measure(folder: Path, keys: int, dim: int, reads: int, trace: bool) -> dict:
+    """One fresh process's open and read (called through a subprocess)."""
+    import tracemalloc
+
+    index = np.random.default_rng(1).choice(keys, size=reads, replace=False)
+    wanted = key_bytes(index)
+    absent = key_bytes(np.arange(keys, keys + reads))
+    if trace:
+        tracemalloc.start()
+    base = rss()
+    t0 = time.perf_counter()
+    cache = EmbeddingCache(folder)
+    t_open = time.perf_counter() - t0
+    after_open = rss()
+    t0 = time.perf_counter()
+    vectors = cache.get(wanted, dim)
+    t_get = time.perf_counter() - t0
+    after_get = rss()
+    peak = tracemalloc.get_traced_memory()[1] if trace else None
+    if trace:
+        tracemalloc.stop()
+    assert np.array_equal(vectors[:, 0], index.astype(np.float32)), "a read returned another key's vector"
+    t0 = time.perf_counter()
+    present = cache.contains(wanted)
+    t_hit = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    missing = cache.contains(absent)
+    t_miss = time.perf_counter() - t0
+    assert present.all() and not missing.any()
+    return {"open_s": t_open, "get_s": t_get, "contains_hit_s": t_hit, "contains_miss_s": t_miss,
+            "shards": len(cache._shards),
+            "open_anon": after_open["RssAnon"] - base["RssAnon"], "open_file": after_open["RssFile"] - base["RssFile"],
+            "get_anon": after_get["RssAnon"] - base["RssAnon"], "get_file": after_get["RssFile"] - base["RssFile"],
+            "returned": vectors.nbytes, "vector_pages": vector_pages(cache, wanted), "tracemalloc_peak": peak}
+
+
+def measure_put(folder: Path, keys: int, dim: int) -> dict:
+    before = {p.name: p.stat().st_ino for p in folder.glob(f"*{SUFFIX}")}
+    cache = EmbeddingCache(folder)
+    new = key_bytes(np.arange(keys + 10**6, keys + 10**6 + 1000))
+    t0 = time.perf_counter()
+    cache.put(new, np.ones((1000, dim), np.float32))
+    seconds = time.perf_counter() - t0
+    after = {p.name: p.stat().st_ino for p in folder.glob(f"*{SUFFIX}")}
+    kept = all(after.get(name) == ino for name, ino in before.items())
+    return {"put_s": seconds, "shards_before": len(before), "shards_after": len(after), "untouched": kept}
+
+
+def child(args: argparse.Namespace, what: str, trace: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--child", what, "--folder", str(args.folder), "--keys", str(args.keys),
+           "--dim", str(args.dim), "--reads", str(args.reads)] + (["--trace"] if trace else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(r.stderr[-3000:])
+    return json.loads(r.stdout.splitlines()[-1])
+
+
+def mb(n: int) -> str:
+    return f"{n / 2**20:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=10_000_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--reads", type=int, default=100_000)
+    parser.add_argument("--folder", type=Path, default=Path("/tmp/bench-scale-cache"))
+    parser.add_argument("--keep", action="store_true", help="keep the cache (and reuse it if it is there)")
+    parser.add_argument("--child", choices=["measure", "put"], help=argparse.SUPPRESS)
+    parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "measure":
+        print(json.dumps(measure(args.folder, args.keys, args.dim, args.reads, args.trace)))
+        return
+    if args.child == "put":
+        print(json.dumps(measure_put(args.folder, args.keys, args.dim)))
+        return
+
+    need = args.keys * (16 + 4 * args.dim)
+    reuse = args.keep and args.folder.is_dir()
+    if not reuse:
+        if args.folder.exists():
+            raise SystemExit(f"{args.folder}: exists; delete it or pass --keep to reuse it")
+        free = shutil.disk_usage(args.folder.parent).free
+        if free < need * 1.1:
+            raise SystemExit(f"{args.folder.parent}: {free / 1e9:.1f} GB free, the cache needs {need / 1e9:.1f} GB; "
+                             "pass a smaller --dim")
+    try:
+        built = None if reuse else build(args.folder, args.keys, args.dim)
+        rows = []
+        for label, cold, trace in (("cold", True, False), ("warm", False, False), ("cold", True, False),
+                                   ("warm", False, False), ("warm, tracemalloc on", False, True)):
+            if cold:
+                evict(args.folder)
+            rows.append((label, child(args, "measure", trace)))
+        put = child(args, "put")
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.folder, ignore_errors=True)
+
+    print(f"\nCache of {args.keys:,} synthetic keys, stored dimension {args.dim} "
+          f"({need / 1e9:.1f} GB of keys and float32 vectors); reading {args.reads:,} random keys.\n")
+    if built:
+        print(f"Written in {built['seconds']:.0f} s ({built['bytes'] / 1e9:.1f} GB, {built['shards']} shards of "
+              f"{SHARD_ROWS:,}, {built['bytes'] / built['seconds'] / 1e6:.0f} MB/s).\n")
+    print("| page cache | open (s) | RSS growth after open, anon + file (MB) | get (s) | RSS growth after get, anon + "
+          "file (MB) | of which vectors read: returned array + their file pages (MB) | beyond the vectors read (MB) "
+          "| contains: present / absent keys (s) | tracemalloc peak (MB) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for label, m in rows:
+        grown = m["get_anon"] + m["get_file"]
+        read = m["returned"] + m["vector_pages"]
+        peak = "" if m["tracemalloc_peak"] is None else mb(m["tracemalloc_peak"])
+        print(f"| {label} | {m['open_s']:.3f} | {mb(m['open_anon'])} + {mb(m['open_file'])} | {m['get_s']:.2f} | "
+              f"{mb(m['get_anon'])} + {mb(m['get_file'])} | {mb(m['returned'])} + {mb(m['vector_pages'])} | "
+              f"{mb(grown - read)} | {m['contains_hit_s']:.2f} / {m['contains_miss_s']:.2f} | {peak} |")
+    print(f"\nA put of 1,000 new keys into the full cache: {put['put_s']:.3f} s, shards {put['shards_before']} -> "
+          f"{put['shards_after']}, every existing shard untouched: {put['untouched']}.")
+    print(f"\n(machine: {os.cpu_count()} cores, shared; {json.dumps(vars(args), default=str)})")
+
+
+if __name__ == "__main__":
+    main()
