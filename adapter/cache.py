@@ -386,6 +386,10 @@ class EmbeddingCache:
     def _migrate(self) -> None:
         """Rewrite each old ``*.npz`` shard as a new shard, then delete it, under the exclusive lock (a kill
         between the two leaves both: the keys are then held twice, which a later merge folds into one)."""
+        if not os.access(self.folder, os.W_OK):
+            raise AdapterError(f"{self.folder}: an embedding cache of the old layout (*.npz), which is converted "
+                               "once when opened, but the folder is not writable; make it writable for one run, or "
+                               "delete it and its texts are embedded again")
         with self._lock():
             old = self._names(".npz")  # listed again under the lock: another process may have migrated them
             for path in old:
