@@ -12,7 +12,8 @@ sorted keys, fsync, rename), then measures in fresh processes (one per row of th
   their rows lie on);
 - ``contains`` of the same keys and of as many absent ones (the encoder's check before embedding);
 - ``put`` of 1,000 new keys into the full cache (a write rewrites nothing else);
-- Python's own allocations (tracemalloc peak) over open + get, in a separate run (it slows allocation).
+- Python's own allocations (tracemalloc peak) over open + get, in a separate run (it slows allocation);
+- the disk's floor for the cold read: the same rows read with ``os.pread`` from 32 threads, no cache code.
 
 "cold" runs evict the cache's files from the page cache first (posix_fadvise DONTNEED on those files only, so the
 reads go to the disk); "warm" runs follow at once. Prints a markdown table.
@@ -154,6 +155,34 @@ def measure(folder: Path, keys: int, dim: int, reads: int, trace: bool) -> dict:
             "returned": vectors.nbytes, "vector_pages": vector_pages(cache, wanted), "tracemalloc_peak": peak}
 
 
+def measure_floor(folder: Path, keys: int, reads: int) -> dict:
+    """The disk's own floor for the same read: the rows located first, then the cache's files evicted, then each
+    row read by ``os.pread`` from 32 threads (no cache code, as many reads in flight as the disk takes)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    index = np.random.default_rng(1).choice(keys, size=reads, replace=False)
+    cache = EmbeddingCache(folder)
+    shard_of, row_of = cache._locate(key_bytes(index))
+    jobs = []
+    for s in np.unique(shard_of).tolist():
+        shard = cache._shards[s]
+        fd = os.open(shard.path, os.O_RDONLY)
+        size = 4 * shard.dim
+        at = HEADER_BYTES + 16 * shard.rows + np.sort(row_of[shard_of == s]) * size
+        jobs += [(fd, size, int(a)) for a in at]
+    evict(folder)
+
+    def work(part: list[tuple[int, int, int]]) -> int:
+        return sum(len(os.pread(fd, size, at)) for fd, size, at in part)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        got = sum(pool.map(work, [jobs[i::256] for i in range(256)]))
+    seconds = time.perf_counter() - t0
+    assert got == sum(size for _, size, _ in jobs)
+    return {"floor_s": seconds}
+
+
 def measure_put(folder: Path, keys: int, dim: int) -> dict:
     before = {p.name: p.stat().st_ino for p in folder.glob(f"*{SUFFIX}")}
     cache = EmbeddingCache(folder)
@@ -186,7 +215,7 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=100_000)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/bench-scale-cache"))
     parser.add_argument("--keep", action="store_true", help="keep the cache (and reuse it if it is there)")
-    parser.add_argument("--child", choices=["measure", "put"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["measure", "put", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "measure":
@@ -194,6 +223,9 @@ def main() -> None:
         return
     if args.child == "put":
         print(json.dumps(measure_put(args.folder, args.keys, args.dim)))
+        return
+    if args.child == "floor":
+        print(json.dumps(measure_floor(args.folder, args.keys, args.reads)))
         return
 
     need = args.keys * (16 + 4 * args.dim)
@@ -213,6 +245,7 @@ def main() -> None:
             if cold:
                 evict(args.folder)
             rows.append((label, child(args, "measure", trace)))
+        floor = child(args, "floor")
         put = child(args, "put")
     finally:
         if not args.keep:
@@ -234,6 +267,8 @@ def main() -> None:
         print(f"| {label} | {m['open_s']:.3f} | {mb(m['open_anon'])} + {mb(m['open_file'])} | {m['get_s']:.2f} | "
               f"{mb(m['get_anon'])} + {mb(m['get_file'])} | {mb(m['returned'])} + {mb(m['vector_pages'])} | "
               f"{mb(grown - read)} | {m['contains_hit_s']:.2f} / {m['contains_miss_s']:.2f} | {peak} |")
+    print(f"\nThe disk's floor for the cold read: the same {args.reads:,} rows read with os.pread from 32 threads "
+          f"after evicting the files (no cache code): {floor['floor_s']:.2f} s.")
     print(f"\nA put of 1,000 new keys into the full cache: {put['put_s']:.3f} s, shards {put['shards_before']} -> "
           f"{put['shards_after']}, every existing shard untouched: {put['untouched']}.")
     print(f"\n(machine: {os.cpu_count()} cores, shared; {json.dumps(vars(args), default=str)})")
