@@ -77,6 +77,11 @@ class TrainConfig:
     simpler_within: float = 2.0  # "both": take the most constrained safe recipe within this many s.e. of the best
     unseen_fraction: float = 0.2  # share of training chunks held out whole for the unseen-chunk estimate
     workers: int = 2  # recipe trials trained side by side (threads, one torch thread each)
+    # validation scores each of its questions against every chunk (exact search): above this many question x chunk
+    # scores per slice, a seeded sample of the slice's questions (never fewer than train.MIN_VAL_QUESTIONS) validates.
+    # AppleQA's and waterops' slices (at most ~700 questions on 215 chunks) are far below it, so they validate on all;
+    # at 10^6 chunks 200 questions do (bench/bench_scale.py measured the choice it makes)
+    val_budget: int = 200_000_000
     matryoshka: bool = False  # manual recipe: the loss summed over every Matryoshka dim
     epoch_choice: str = "best"  # manual recipe: "best" validation epoch, "last", or "average" of the late half
 

@@ -35,7 +35,7 @@ from adapter.config import Config, TrainConfig, default_dims
 from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, relevant
 from adapter.encoder import truncate
 from adapter.errors import AdapterError
-from adapter.evaluate import PRIMARY_METRIC, Results, is_relevant, search
+from adapter.evaluate import PRIMARY_METRIC, Results, id_rank, is_relevant, search
 from adapter.evaluate import evaluate as judge
 from adapter.model import LinearAdapter, pct_change
 from adapter.systems import CorpusSource, EncodedCorpus
@@ -79,6 +79,7 @@ AUTO_RECIPES = ("pull-0.3", "pull-0.1", "lowrank", "pull-0.03", "pull-0.01")
 MIN_SEEN_QUERIES = 4  # questions needed to hold out a seen-chunk slice (one held out, three left to train on)
 MIN_UNSEEN_CHUNKS = 5  # chunks with questions needed to hold out whole chunks and still train on four
 GAIN_Z = 2.0  # a recipe must beat the identity by this many standard errors of its gain (see select)
+MIN_VAL_QUESTIONS = 100  # a sampled validation slice keeps at least this many questions (train.val_budget)
 
 
 @dataclass
@@ -136,8 +137,11 @@ class _Module(nn.Module):
         return dataclasses.replace(like, weight=get(self.weight), U=get(self.U), V=get(self.V), bias=get(self.bias))
 
 
-def _pairs(split: Split, n_corpus: int, corpus_row: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+def _pairs(split: Split, corpus_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """(P, 2) array of (query row, positive chunk row), and the sorted codes q*N+c of every relevant pair."""
+    n_corpus = len(corpus_ids)
+    judged = {c for q in split.ids for c in split.qrels[q]}
+    corpus_row = {c: i for i, c in enumerate(corpus_ids) if c in judged}  # judged chunks only: no million-entry dict
     pairs = np.array([(i, corpus_row[c]) for i, q in enumerate(split.ids) for c in split.qrels[q]], dtype=np.int64)
     return pairs, np.unique(pairs[:, 0] * n_corpus + pairs[:, 1])
 
@@ -174,13 +178,16 @@ def _lr_lambda(total: int, warmup: int):
 
 
 def fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
-        cfg: Config | None = None, *, progress: bool = True) -> TrainResult:
+        cfg: Config | None = None, *, progress: bool = True, tie_rank: np.ndarray | None = None) -> TrainResult:
     """Train one recipe (the config's own fields) on arrays: training query vectors and qrels, the fixed corpus
-    vectors, and optional validation queries (scored each epoch; required when ``epoch_choice`` is "best")."""
+    vectors, and optional validation queries (required when ``epoch_choice`` is "best", which scores them each
+    epoch; above ``train.val_budget`` scores a seeded sample of them, see ``bounded``).
+
+    The corpus is only read: rows are gathered per step, so a memory-mapped (N, d) float32 array is never copied."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # (128, 384) x (384, 384) steps: a second thread costs more in sync than it gives
     try:
-        return _fit(train, val, corpus, corpus_ids, base_model, cfg or Config(), progress)
+        return _fit(train, val, corpus, corpus_ids, base_model, cfg or Config(), progress, tie_rank=tie_rank)
     finally:
         torch.set_num_threads(threads)
 
@@ -211,7 +218,10 @@ def check_options(cfg: Config) -> None:
 
 
 def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
-         progress: bool) -> TrainResult:
+         progress: bool, *, tie_rank: np.ndarray | None = None, base_val: dict[str, float] | None = None
+         ) -> TrainResult:
+    """``fit``; ``tie_rank`` (``id_rank(corpus_ids)``) and ``base_val`` (the identity's validation metrics) when the
+    caller already has them, since at 10^6 chunks each costs seconds."""
     cfg = resolve_loss(cfg)
     check_options(cfg)
     tc = cfg.train
@@ -222,8 +232,10 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     n_corpus, dim = corpus.shape
-    corpus_row = {c: i for i, c in enumerate(corpus_ids)}
-    pairs, rel_codes = _pairs(train, n_corpus, corpus_row)
+    pairs, rel_codes = _pairs(train, corpus_ids)
+    val = bounded(val, n_corpus, cfg)
+    if val is not None and tie_rank is None:
+        tie_rank = id_rank(corpus_ids)
     hard = mine_hard_negatives(train.vectors, corpus, rel_codes, tc.hard_pool) if tc.negatives == "hard" else None
 
     init = LinearAdapter.identity(dim, base_model, rank=tc.rank, bias=tc.bias, seed=cfg.seed)
@@ -234,17 +246,24 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
     total = steps_per_epoch * tc.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, max(1, int(tc.warmup_fraction * total))))
     triplet = nn.TripletMarginLoss(margin=tc.margin)
-    Q = torch.from_numpy(train.vectors)  # (n_train, d): fixed inputs
+    Q = torch.from_numpy(np.asarray(train.vectors, dtype=np.float32))  # (n_train, d): fixed inputs
     loss_dims = list(default_dims(dim)) if tc.matryoshka else [dim]
-    C = {m: torch.from_numpy(truncate(corpus, m) if m < dim else corpus) for m in loss_dims}  # (N, m) per dim
     corpus_wide = tc.infonce_candidates == "corpus"
+    # every chunk is a candidate in each step: the corpus truncated once per dim, (N, m) each (cheap below ~10^5)
+    C = {m: torch.from_numpy(truncate(corpus, m) if m < dim else np.asarray(corpus, dtype=np.float32))
+         for m in loss_dims} if corpus_wide else {}
+
+    def chunks(rows: np.ndarray) -> dict[int, torch.Tensor]:
+        """The chunks of ``rows`` (any shape) at every loss dim, (..., m), renormalised below the full dim."""
+        v = torch.from_numpy(np.asarray(corpus[rows], dtype=np.float32))  # gathered rows: the corpus is not copied
+        return {m: v if m == dim else F.normalize(v[..., :m], dim=-1) for m in loss_dims}
 
     def validate() -> dict[str, float]:
         if val is None:
             return {}
         with torch.no_grad():
             adapted = module(torch.from_numpy(val.vectors)).numpy()
-        return judge(adapted, corpus, val.qrels, val.ids, corpus_ids)[dim]
+        return judge(adapted, corpus, val.qrels, val.ids, corpus_ids, tie_rank=tie_rank)[dim]
 
     def step_loss(q_rows: np.ndarray, pos: np.ndarray) -> torch.Tensor:
         anchor = module(Q[q_rows])  # (B, d), unit length
@@ -254,7 +273,7 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
                 neg = hard[q_rep, rng.integers(0, hard.shape[1], size=len(q_rep))]
             else:
                 neg = _random_negatives(q_rep, n_corpus, rel_codes, rng)
-            neg = neg.reshape(len(pos), -1)  # (B, k)
+            neg = chunks(neg.reshape(len(pos), -1))  # (B, k, m) per dim
         else:
             cand_rows = np.arange(n_corpus) if corpus_wide else pos  # (M,)
             target = torch.from_numpy(pos if corpus_wide else np.arange(len(pos)))
@@ -262,20 +281,21 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
             masked = is_relevant(q_rows[:, None] * n_corpus + cand_rows[None, :], rel_codes)
             masked[np.arange(len(pos)), target.numpy()] = False
             masked = torch.from_numpy(masked)
+        positives = chunks(pos)  # (B, m) per dim
         loss = 0.0
         for m in loss_dims:  # Matryoshka: the same loss at every truncation, summed (MatryoshkaLoss's weights of 1)
             a = anchor if m == dim else F.normalize(anchor[:, :m], dim=-1)  # (B, m)
             if tc.loss == "triplet":
                 # (B, 1, m) anchors and positives broadcast against (B, k, m) negatives
-                loss = loss + triplet(a[:, None], C[m][pos][:, None], C[m][neg])
+                loss = loss + triplet(a[:, None], positives[m][:, None], neg[m])
             else:
-                logits = a @ (C[m] if corpus_wide else C[m][pos]).T / tc.temperature  # (B, M)
+                logits = a @ (C[m] if corpus_wide else positives[m]).T / tc.temperature  # (B, M)
                 loss = loss + F.cross_entropy(logits.masked_fill(masked, float("-inf")), target)
         if penalty:
             loss = loss + penalty * module.delta().pow(2).sum()
         return loss
 
-    base_val = best_val = validate()
+    base_val = best_val = (base_val if val is not None and base_val else validate())
     snapshot = lambda: {k: v.detach().clone() for k, v in module.state_dict().items()}  # noqa: E731
     best_epoch, best_state = 0, snapshot()
     average_from = tc.epochs // 2 + 1  # "average": the late half of the epochs, when the decaying lr has settled
@@ -295,7 +315,7 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
             opt.step()
             sched.step()
             losses.append(loss.detach())
-        metrics = validate() if choice == "best" or epoch == tc.epochs else {}  # per epoch only when it selects
+        metrics = validate() if choice == "best" else {}  # per epoch only when it selects
         history.append({"epoch": epoch, "loss": torch.stack(losses).mean().item(), **_primary(metrics)})
         if choice == "best" and metrics[PRIMARY_METRIC] > best_val[PRIMARY_METRIC]:
             best_epoch, best_val, best_state = epoch, metrics, snapshot()
@@ -310,7 +330,8 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
     seconds = time.perf_counter() - t0
     module.load_state_dict(best_state)
     if choice != "best":
-        best_val = validate()
+        best_val = validate()  # what ships, scored once
+        history[-1].update(_primary(best_val))
     if val is not None:
         logger.debug("%s, epoch %d: validation %s %.4f (base %.4f)", choice, best_epoch, PRIMARY_METRIC,
                      best_val[PRIMARY_METRIC], base_val[PRIMARY_METRIC])
@@ -358,11 +379,29 @@ def carve(train: Split, cfg: Config) -> tuple[Split, Split | None, Split | None,
     return rest, seen, unseen, warnings
 
 
-def _per_query(vectors: np.ndarray, corpus: np.ndarray, s: Split, corpus_ids: list[str],
-               dims: Sequence[int]) -> tuple[np.ndarray, float]:
-    """Each scored query's ndcg@10 averaged over ``dims`` (n,), and the full-dim mean ndcg@10."""
-    r = judge(vectors, corpus, s.qrels, s.ids, corpus_ids, dims, per_query=True)
-    return np.mean([r[d][PRIMARY_METRIC] for d in dims], axis=0), float(np.mean(r[dims[0]][PRIMARY_METRIC]))
+def bounded(s: Split | None, n_corpus: int, cfg: Config) -> Split | None:
+    """The validation questions scored: all of them, or, when they would score more than ``train.val_budget``
+    question x chunk pairs, a seeded sample of ``val_budget // n_corpus`` (at least ``MIN_VAL_QUESTIONS``), in their
+    order. Each question costs an exact search over every chunk, so this bounds validation however large the corpus;
+    every chunk still competes, so the metric is the full search's, on fewer questions."""
+    if s is None:
+        return None
+    keep = max(MIN_VAL_QUESTIONS, cfg.train.val_budget // max(1, n_corpus))
+    if len(s.ids) <= keep:
+        return s
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(len(s.ids), size=keep, replace=False))
+    ids = [s.ids[i] for i in rows]
+    logger.info("validating on %d of %d questions (%d chunks; train.val_budget %d)", keep, len(s.ids), n_corpus,
+                cfg.train.val_budget)
+    return Split(s.vectors[rows], ids, {q: s.qrels[q] for q in ids})
+
+
+def _per_query(vectors: np.ndarray, corpus: np.ndarray, s: Split, corpus_ids: list[str], dims: Sequence[int],
+               tie_rank: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
+    """Each scored query's ndcg@10 averaged over ``dims`` (n,), and the full-dim (``dims[0]``) mean metrics."""
+    r = judge(vectors, corpus, s.qrels, s.ids, corpus_ids, dims, per_query=True, tie_rank=tie_rank)
+    return (np.mean([r[d][PRIMARY_METRIC] for d in dims], axis=0),
+            {m: float(np.mean(v)) for m, v in r[dims[0]].items()})
 
 
 def clustered_se(delta: np.ndarray, groups: Sequence[str]) -> float:
@@ -380,28 +419,45 @@ def clustered_se(delta: np.ndarray, groups: Sequence[str]) -> float:
 class _Slice:
     """One validation slice, its chunk groups and the base's scores on it, computed once for every trial."""
 
-    split: Split
+    split: Split  # the questions scored (``bounded``)
+    held_out: int  # questions in the slice before sampling
     groups: list[str]
     base: np.ndarray  # (n,) per-query ndcg@10, mean over dims
-    base_full: float
+    base_metrics: dict[str, float]  # the base's mean metrics at full dim
+
+    @property
+    def base_full(self) -> float:
+        return self.base_metrics[PRIMARY_METRIC]
 
     @classmethod
-    def of(cls, s: Split | None, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int]) -> _Slice | None:
-        if s is None:
+    def of(cls, s: Split | None, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int],
+           cfg: Config | None = None, tie_rank: np.ndarray | None = None) -> _Slice | None:
+        """The slice's scored questions (``bounded`` by ``cfg``) and the base's scores on them."""
+        scored = bounded(s, len(corpus_ids), cfg or Config())
+        if scored is None:
             return None
-        return cls(s, [min(s.qrels[q]) for q in s.ids], *_per_query(s.vectors, corpus, s, corpus_ids, dims))
+        tie_rank = id_rank(corpus_ids) if tie_rank is None else tie_rank
+        return cls(scored, len(s.ids), [min(scored.qrels[q]) for q in scored.ids],
+                   *_per_query(scored.vectors, corpus, scored, corpus_ids, dims, tie_rank))
 
     def estimate(self, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str],
-                 dims: Sequence[int]) -> dict[str, Any]:
+                 dims: Sequence[int], tie_rank: np.ndarray | None = None) -> dict[str, Any]:
         """ndcg@10 of base and adapter at full dim, and the mean per-query change over dims with its clustered s.e."""
+        return self.score(adapter, corpus, corpus_ids, dims, tie_rank)[0]
+
+    def score(self, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int],
+              tie_rank: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+        """``estimate``, and the adapter's mean metrics at full dim (its validation score)."""
+        tie_rank = id_rank(corpus_ids) if tie_rank is None and adapter is not None else tie_rank
         if adapter is None:
-            score, full = self.base, self.base_full
+            score, metrics = self.base, self.base_metrics
         else:
-            score, full = _per_query(adapter.apply(self.split.vectors), corpus, self.split, corpus_ids, dims)
+            score, metrics = _per_query(adapter.apply(self.split.vectors), corpus, self.split, corpus_ids, dims,
+                                        tie_rank)
         delta = score - self.base
-        return {"queries": len(self.split.ids), "chunks": len(set(self.groups)), "base": _r(self.base_full),
-                "adapter": _r(full), "delta": _r(float(delta.mean())),
-                "se": _r(clustered_se(delta, self.groups)), "base_mean": _r(float(self.base.mean()))}
+        return {"queries": len(self.split.ids), "held_out": self.held_out, "chunks": len(set(self.groups)),
+                "base": _r(self.base_full), "adapter": _r(metrics[PRIMARY_METRIC]), "delta": _r(float(delta.mean())),
+                "se": _r(clustered_se(delta, self.groups)), "base_mean": _r(float(self.base.mean()))}, metrics
 
 
 def _digits(v: float) -> float:
@@ -492,15 +548,26 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
     dims = list(default_dims(dim))
     coverage = coverage_of(train.qrels, corpus_ids)
     inner, seen, unseen, warnings = carve(train, cfg)
-    slices = {"seen": _Slice.of(seen, corpus, corpus_ids, dims), "unseen": _Slice.of(unseen, corpus, corpus_ids, dims)}
-    watch = seen or unseen  # scored each epoch: the curves, and the epoch a "best" recipe keeps
-    names = recipe_names(cfg)
     t0 = time.perf_counter()
+    tie_rank = id_rank(corpus_ids)  # the judge's tie-break, once (seconds at 10^6 ids)
+    slices = {k: _Slice.of(s, corpus, corpus_ids, dims, cfg, tie_rank) for k, s in (("seen", seen), ("unseen", unseen))}
+    watch_key = "seen" if slices["seen"] else "unseen"
+    watch = slices[watch_key]  # its questions are the curves, and pick the epoch a "best" recipe keeps
+    names = recipe_names(cfg)
 
     def trial(name: str) -> tuple[dict[str, Any], TrainResult]:
-        r = _fit(inner, watch, corpus, corpus_ids, base_model, recipe_config(cfg, name), progress=False)
-        scores = {k: s.estimate(r.adapter, corpus, corpus_ids, dims) if s else None for k, s in slices.items()}
-        row = {"recipe": name, **{f: _jsonable(getattr(recipe_config(cfg, name).train, f)) for f in RECIPE_FIELDS},
+        tcfg = recipe_config(cfg, name)
+        per_epoch = tcfg.train.epoch_choice == "best"  # else the slices' scores below are its validation
+        r = _fit(inner, watch.split if per_epoch else None, corpus, corpus_ids, base_model, tcfg, progress=False,
+                 tie_rank=tie_rank, base_val=watch.base_metrics)
+        scored = {k: s.score(r.adapter, corpus, corpus_ids, dims, tie_rank) if s else None
+                  for k, s in slices.items()}
+        if not per_epoch:
+            r.base_val, r.best_val = {dim: watch.base_metrics}, {dim: scored[watch_key][1]}
+            r.history[0].update(_primary(watch.base_metrics))
+            r.history[-1].update(_primary(scored[watch_key][1]))
+        scores = {k: v[0] if v else None for k, v in scored.items()}
+        row = {"recipe": name, **{f: _jsonable(getattr(tcfg.train, f)) for f in RECIPE_FIELDS},
                **scores, "epoch": r.best_epoch, "seconds": _r(r.seconds)}
         return row, r
 
@@ -534,7 +601,7 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
         warnings.append(partial_coverage_line(coverage, estimates.get("unseen")))
     for w in warnings:
         logger.warning("%s", w)
-    shipped.base_val = shipped.base_val or ({dim: _metrics(watch, None, corpus, corpus_ids)} if watch else {})
+    shipped.base_val = shipped.base_val or {dim: watch.base_metrics}
     shipped.best_val = shipped.best_val if pick is not None else shipped.base_val
     shipped.seconds = time.perf_counter() - t0
     shipped.recipe, shipped.coverage, shipped.estimates = recipe, coverage, estimates
@@ -543,11 +610,6 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
     logger.info("chose %s (objective %s) from %s in %.1f s", recipe, cfg.train.objective, ", ".join(names),
                 shipped.seconds)
     return shipped
-
-
-def _metrics(s: Split, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str]) -> dict[str, float]:
-    vectors = s.vectors if adapter is None else adapter.apply(s.vectors)
-    return judge(vectors, corpus, s.qrels, s.ids, corpus_ids)[corpus.shape[1]]
 
 
 def _jsonable(v: Any) -> Any:
@@ -599,12 +661,16 @@ def choose_identity_penalty(train: Split, corpus: np.ndarray, corpus_ids: list[s
     inner, unseen = _subset(train, parts["train"]), _subset(train, parts["test"])
     parts, _ = partition_qrels(inner.qrels, by="query", test_fraction=cfg.split.val_fraction, seed=cfg.seed)
     inner, seen = _subset(inner, parts["train"]), _subset(inner, parts["test"])
-    base_unseen = judge(unseen.vectors, corpus, unseen.qrels, unseen.ids, corpus_ids)[corpus.shape[1]]
+    unseen = bounded(unseen, len(corpus_ids), cfg)
+    tie_rank = id_rank(corpus_ids)
+    base_unseen = judge(unseen.vectors, corpus, unseen.qrels, unseen.ids, corpus_ids,
+                        tie_rank=tie_rank)[corpus.shape[1]]
     trials = []
     for lam in grid:
-        r = fit(inner, seen, corpus, corpus_ids, base_model, cfg.replace(identity_penalty=lam), progress=False)
-        on_unseen = judge(r.adapter.apply(unseen.vectors), corpus, unseen.qrels, unseen.ids,
-                          corpus_ids)[corpus.shape[1]]
+        r = fit(inner, seen, corpus, corpus_ids, base_model, cfg.replace(identity_penalty=lam), progress=False,
+                tie_rank=tie_rank)
+        on_unseen = judge(r.adapter.apply(unseen.vectors), corpus, unseen.qrels, unseen.ids, corpus_ids,
+                          tie_rank=tie_rank)[corpus.shape[1]]
         seen_val = r.best_val[corpus.shape[1]][PRIMARY_METRIC]
         trials.append({"identity_penalty": lam, "seen_" + PRIMARY_METRIC: seen_val,
                        "unseen_" + PRIMARY_METRIC: on_unseen[PRIMARY_METRIC]})

@@ -191,7 +191,7 @@ def test_auto_identity_penalty_is_chosen_and_recorded(monkeypatch):
     d = corpus.shape[1]
     seen = {0.0: 0.5, 0.1: 0.7, 0.3: 0.9}
 
-    def fake_fit(inner, val, corpus_, cids_, base, cfg, *, progress=True):
+    def fake_fit(inner, val, corpus_, cids_, base, cfg, *, progress=True, tie_rank=None):
         lam = cfg.train.identity_penalty
         adapter = LinearAdapter.identity(d, base)
         if lam == 0.3:
@@ -327,3 +327,46 @@ def test_train_cli_json_and_evaluate_show_the_estimates(trained, tmp_path):
     assert r.exit_code == 0 and "auto: recipe " in r.output and "seen chunks +" in r.output, r.output
     r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--objective", "x"])
     assert r.exit_code == 1 and r.output == "Error: --objective must be 'both' or 'seen', not 'x'\n"
+
+
+# ------------------------------------------------------------------------------------------ scale (issue #14)
+
+
+def test_validation_is_a_seeded_sample_only_above_the_budget():
+    """Each validation question costs a search over every chunk: above ``val_budget`` question x chunk scores a
+    seeded sample of ``val_budget // chunks`` questions (at least MIN_VAL_QUESTIONS) is scored, in order."""
+    from adapter.train import MIN_VAL_QUESTIONS, bounded
+
+    train, _, _, _ = synthetic(n_chunks=40, train_per=10)  # 400 questions
+    assert bounded(train, 215, Config()) is train  # AppleQA-sized data: every question, untouched
+    small = Config().replace(val_budget=400 * 150)
+    a, b = bounded(train, 200, small), bounded(train, 200, small)
+    assert len(a.ids) == 300 and a.ids == b.ids and set(a.qrels) == set(a.ids)
+    assert a.ids == [q for q in train.ids if q in set(a.ids)]  # the questions' own order
+    np.testing.assert_array_equal(a.vectors, train.vectors[[train.ids.index(q) for q in a.ids]])
+    assert bounded(train, 200, small.replace(seed=1)).ids != a.ids
+    assert len(bounded(train, 10 ** 9, small).ids) == MIN_VAL_QUESTIONS  # a floor, however large the corpus
+
+
+def test_sampled_validation_still_ranks_against_every_chunk_and_says_how_many():
+    """With a tiny budget the slices are sampled, the estimates say of how many, and the choice still finds the map."""
+    from adapter.train import MIN_VAL_QUESTIONS, train_on_vectors
+
+    train, _, corpus, cids = synthetic(d=32, n_chunks=200, train_per=4)  # unseen slice: 40 chunks x 4 = 160
+    r = train_on_vectors(train, corpus, cids, BASE, quick(val_budget=1), progress=False)
+    unseen = r.estimates["unseen"]
+    assert unseen["queries"] == MIN_VAL_QUESTIONS and unseen["held_out"] == 160
+    assert r.recipe != "identity" and r.estimates["seen"]["delta"] > 0.05
+    assert r.base_val[32]["ndcg@10"] == pytest.approx(r.estimates["seen"]["base"], abs=1e-6)
+
+
+def test_training_reads_a_memory_mapped_corpus_as_it_is(tmp_path):
+    """A --corpus-vectors .npy is memory-mapped read-only: training gathers rows from it and never copies or writes
+    it, so the adapter is bit-identical to training on the array in memory."""
+    train, val, corpus, cids = synthetic()
+    np.save(tmp_path / "c.npy", corpus)
+    mapped = np.load(tmp_path / "c.npy", mmap_mode="r")
+    for over in ({}, {"loss": "infonce", "matryoshka": True}):
+        a = fit(train, val, corpus, cids, BASE, quick(**over), progress=False)
+        b = fit(train, val, mapped, cids, BASE, quick(**over), progress=False)
+        assert a.adapter.weight.tobytes() == b.adapter.weight.tobytes() and a.best_epoch == b.best_epoch
