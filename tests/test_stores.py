@@ -2,7 +2,14 @@
 a real embedded Chroma collection, each searched with adapted queries and compared with brute force."""
 
 import json
+import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlparse
 
 import faiss
 import numpy as np
@@ -302,3 +309,108 @@ def test_corpus_from_store_keeps_extra_vectors_as_distractors(tmp_path, tiny_dat
     with QdrantStore(str(tmp_path / "short"), "docs") as store, pytest.raises(
             AdapterError, match=r"holds no vector for 1 of the 6 chunks judged in test \(first: 'lead'\)"):
         corpus_from_store(store, ds, "test", id_field="doc_id")
+
+
+# ---------------------------------------------------------------------------------------------- Chroma server
+
+
+def _chroma_executable() -> str | None:
+    """The `chroma` command chromadb installs (beside this Python first, then on PATH)."""
+    beside = Path(sys.executable).with_name("chroma")
+    return str(beside) if beside.is_file() else shutil.which("chroma")
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory):
+    """A real Chroma server (`chroma run`) on a free loopback port, persisting to a temporary folder; its URL."""
+    pytest.importorskip("chromadb")
+    exe = _chroma_executable()
+    if exe is None:
+        pytest.skip("the `chroma` executable (installed with chromadb) is not on PATH: no Chroma server to test")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path_factory.mktemp("chroma-server")
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen([exe, "run", "--path", str(root / "db"), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/api/v2/heartbeat", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"chroma run did not answer on {url} within 60 s (exit "
+                                       f"{proc.poll()}): {(root / 'server.log').read_text()[-500:]}") from None
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def _chroma_http(url: str):
+    import chromadb
+
+    u = urlparse(url)
+    return chromadb.HttpClient(host=u.hostname, port=u.port,
+                               settings=chromadb.config.Settings(anonymized_telemetry=False))
+
+
+def test_chroma_server_matches_brute_force(chroma_server, vectors):
+    """The same ChromaStore over HTTP: search against brute force, every vector read back, the metadata id field."""
+    docs, queries = vectors
+    docs = docs[:1500]
+    col = _chroma_http(chroma_server).create_collection("synthetic", configuration={"hnsw": {"space": "cosine"}},
+                                                        embedding_function=None)
+    for s in range(0, len(docs), 500):
+        rows = range(s, min(s + 500, len(docs)))
+        col.add(ids=[f"doc-{i}" for i in rows], embeddings=docs[s:s + 500],
+                metadatas=[{"corpus_id": f"c{i}"} for i in rows])
+    store = open_store(chroma=chroma_server, collection="synthetic")
+    assert isinstance(store, ChromaStore) and store.space == "cosine" and store.dim == D
+    truth, _ = brute_force(docs, queries)
+    hits = store.search(queries, K)
+    r = recalls(hits, [[f"doc-{i}" for i in t] for t in truth])
+    assert r.min() >= 0.9, (r.min(), r.mean())
+    for h, q in zip(hits, queries, strict=True):
+        np.testing.assert_allclose(h.scores, docs[[int(i[4:]) for i in h.ids]] @ q, atol=1e-4)
+    ids, stored = store.vectors()
+    rows = [int(i[4:]) for i in ids]
+    assert sorted(rows) == list(range(len(docs)))
+    np.testing.assert_allclose(stored, docs[rows], atol=1e-6)
+    assert store.vectors(id_field="corpus_id")[0] == [f"c{i}" for i in rows]
+    with pytest.raises(AdapterError, match=r"no Chroma collection 'nope' \(it has: .*synthetic"):
+        open_store(chroma=chroma_server, collection="nope")
+
+
+def test_chroma_server_through_the_cli(chroma_server, tiny_stores, tmp_path, minilm):
+    """`--chroma URL --collection` on evaluate (vectors read over HTTP) gives what the embedded corpus gives, and on
+    search returns the server's ids."""
+    folder, adapter, _, docs = tiny_stores
+    _chroma_http(chroma_server).create_collection("docs", configuration={"hnsw": {"space": "cosine"}},
+                                                  embedding_function=None).add(ids=list(CHUNKS), embeddings=docs)
+    runs = {}
+    for name, extra in (("embedded", []), ("server", ["--chroma", chroma_server, "--collection", "docs"])):
+        js = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(adapter), "--dims", "384,64",
+                                      "--json", str(js), *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads(js.read_text())
+    assert runs["server"] == runs["embedded"] and runs["server"]["a"] != runs["server"]["base"]
+    from adapter.export import AdaptedEncoder
+
+    query = "who fixes a broken pipe in the street"
+    r = CliRunner().invoke(main, ["search", "--chroma", chroma_server, "--collection", "docs", "--adapter",
+                                  str(adapter), "-k", "3", "--json", query])
+    assert r.exit_code == 0, r.output
+    scores = docs @ AdaptedEncoder(adapter, minilm).encode_query([query])[0]
+    assert json.loads(r.output)["ids"] == [list(CHUNKS)[i] for i in np.argsort(-scores)[:3]]
