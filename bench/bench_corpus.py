@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,14 +25,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("ndcg@10", "mrr@10", "recall@10", "accuracy@1")
-
-
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, env=env,
-                       cwd=ROOT)
-    if r.returncode:
-        raise SystemExit(f"adapter {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
-    return r
 
 
 def embedded(log: str, role: str) -> int:
@@ -92,54 +83,47 @@ def main() -> None:
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
-    from common import appleqa
+    from common import appleqa_chunk_vectors, cli, cli_env
 
-    from adapter.data import load_dataset
     from adapter.encoder import Encoder
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = cli_env()
+    say = lambda line="": print(line, flush=True)  # noqa: E731, T201 -- rows appear as each store is done
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ds = appleqa(a.shared, work)
-        data = load_dataset(ds)
-        ids = list(data.corpus)
-        vectors = Encoder(cache_dir=work / "build-cache", show_progress=False).encode_documents(
-            [data.doc_text(c) for c in ids])
+        ds, data, ids, vectors = appleqa_chunk_vectors(a.shared, work, work / "build-cache")
         # Every run starts from a cache holding the query vectors alone (embedding 4,000 questions five times over
         # would measure nothing new): whatever chunk a run embeds shows in its log and in its cache.
         Encoder(cache_dir=work / "queries-cache", show_progress=False).encode_queries(list(data.queries.values()))
         stores = build_stores(work, ids, vectors)
         server = stores.pop("_server")
-        rows = []
+        say(f"# bench_corpus: `adapter train` from each store (AppleQA, {len(ids)} chunks, query split, seed 0)\n")
+        say("| corpus vectors from | chunks embedded by train | queries embedded (cached before) | train s | "
+            + " | ".join(f"adapter {m}" for m in METRICS) + " | largest |difference| from corpus.jsonl's adapter |")
+        say("|---" * (5 + len(METRICS)) + "|")
+        ref = base = None
         try:
-            for name, options in {"corpus.jsonl (embedded)": [], **stores}.items():
-                cache = work / f"cache-{len(rows)}"  # the queries' vectors only: any chunk embedded is counted
+            for n, (name, options) in enumerate({"corpus.jsonl (embedded)": [], **stores}.items()):
+                cache = work / f"cache-{n}"  # the queries' vectors only: any chunk embedded is counted
                 shutil.copytree(work / "queries-cache", cache)
-                out = work / f"adapter-{len(rows)}.safetensors"
+                out = work / f"adapter-{n}.safetensors"
                 t = time.monotonic()
                 r = cli("train", str(ds), "--out", str(out), f"--cache-dir={cache}", *options, env=env)
                 seconds = time.monotonic() - t
-                js = work / f"results-{len(rows)}.json"  # every adapter scored the same way: embedded corpus
+                js = work / f"results-{n}.json"  # every adapter scored the same way: embedded corpus
                 cli("evaluate", str(ds), "--adapter", str(out), "--dims", "384", "--json", str(js),
                     f"--cache-dir={work / 'build-cache'}", env=env)
                 result = json.loads(js.read_text())
-                rows.append((name, embedded(r.stderr, "document"), embedded(r.stderr, "query"), seconds,
-                             result["base"]["384"], result[out.stem]["384"]))
+                adapted = result[out.stem]["384"]
+                ref, base = ref or adapted, base or result["base"]["384"]
+                worst = max(abs(adapted[m] - ref[m]) for m in ref)
+                cells = " | ".join(f"{adapted[m]:.4f}" for m in METRICS)
+                say(f"| {name} | {embedded(r.stderr, 'document')} | {embedded(r.stderr, 'query')} | {seconds:.1f} | "
+                    f"{cells} | {worst:.1e} |")
         finally:
             server.cleanup()
             shutil.rmtree(work / "qdrant", ignore_errors=True)
-    ref = rows[0][5]
-    print(f"# bench_corpus: `adapter train` from each store (AppleQA, {len(ids)} chunks, query split, seed 0)\n")  # noqa: T201
-    head = " | ".join(f"adapter {m}" for m in METRICS)
-    print("| corpus vectors from | chunks embedded by train | queries embedded (cached before) | train s | "  # noqa: T201
-          f"{head} | largest |difference| from corpus.jsonl's adapter |")
-    print("|---" * (5 + len(METRICS)) + "|")  # noqa: T201
-    for name, docs, queries, seconds, _, adapted in rows:
-        worst = max(abs(adapted[m] - ref[m]) for m in ref)
-        cells = " | ".join(f"{adapted[m]:.4f}" for m in METRICS)
-        print(f"| {name} | {docs} | {queries} | {seconds:.1f} | {cells} | {worst:.1e} |")  # noqa: T201
-    base = rows[0][4]
-    print("\nbase (no adapter): " + ", ".join(f"{m} {base[m]:.4f}" for m in METRICS))  # noqa: T201
+    say("\nbase (no adapter): " + ", ".join(f"{m} {base[m]:.4f}" for m in METRICS))
 
 
 if __name__ == "__main__":

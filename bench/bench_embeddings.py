@@ -30,6 +30,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-bench-NEVER-WRITTEN-5f3a9c"
 MODEL = "openai:fake-minilm"
+sys.path.insert(0, str(ROOT / "bench"))
+from common import cli  # noqa: E402 -- bench/ is not a package
 
 
 def free_port() -> int:
@@ -56,14 +58,6 @@ class Server:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait()
-
-
-def cli(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], capture_output=True, text=True, env=env,
-                       cwd=ROOT)
-    if check and r.returncode:
-        raise SystemExit(f"adapter {' '.join(args)} failed:\n{r.stdout}\n{r.stderr}")
-    return r
 
 
 def metrics(path: Path) -> dict[str, float]:
@@ -205,10 +199,9 @@ def main() -> None:
     p.add_argument("--parts", default="1,2,3", help="which parts to run, in this order (each printed as it ends)")
     p.add_argument("--throughput-texts", type=int, default=2048)
     a = p.parse_args()
-    sys.path.insert(0, str(ROOT / "bench"))
-    from common import appleqa
+    from common import appleqa, cli_env
 
-    env = {**os.environ, "OPENAI_API_KEY": SECRET, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = cli_env(OPENAI_API_KEY=SECRET)
     env.pop("OPENAI_BASE_URL", None)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

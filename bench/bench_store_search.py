@@ -77,19 +77,13 @@ def main() -> None:
     p.add_argument("--skip-read-out", action="store_true", help="do not run the read-everything comparison")
     a = p.parse_args()
     sys.path.insert(0, str(ROOT / "bench"))
-    from common import appleqa
+    from common import appleqa_chunk_vectors, cli_env
 
-    from adapter.data import load_dataset
-    from adapter.encoder import Encoder
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    env = cli_env()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        ds = appleqa(a.shared, work)
-        data = load_dataset(ds)
-        ids = list(data.corpus)
         cache = work / "cache"
-        chunks = Encoder(cache_dir=cache, show_progress=False).encode_documents([data.doc_text(c) for c in ids])
+        ds, _, ids, chunks = appleqa_chunk_vectors(a.shared, work, cache)
         index = work / "big.faiss"
         build_s = build(index, ids, chunks, a.n, a.nlist, a.pq, a.seed)
         size_mb = index.stat().st_size / 2**20
