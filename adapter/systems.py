@@ -178,8 +178,8 @@ def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = "test
         fit = [d for d in wanted if d <= full] or [full]
         if dims and len(fit) < len(wanted):
             logger.info("%s: %d-dimensional, scored at %s only", name, full, ",".join(map(str, fit)))
+        cids, corpus = system.corpus.read(dataset, system.encoder)  # first: a bad store costs no query embedding
         queries = system.encode_queries(texts)
-        cids, corpus = system.corpus.read(dataset, system.encoder)
         results[name] = evaluate(queries, corpus, qrels, qids, cids, fit, per_query=per_query,
                                  rerank=second_stage(system, dataset, cids))
     return results

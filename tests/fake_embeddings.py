@@ -18,7 +18,8 @@ at ``fault_rate`` from a seeded function of (batch, attempt):
     baddim     one embedding of another size  }
 
 Requests with more than ``max_inputs`` inputs or ``max_tokens`` tokens get the 400 a real server sends for a batch
-that is too large; a model name outside ``models`` gets a 404. Serve by hand:
+that is too large; a model name outside ``models`` gets a 404; with ``api_key`` set, a request without that bearer
+token gets the 401 OpenAI sends for a wrong key. Serve by hand:
 ``python tests/fake_embeddings.py --port 8001 --fault-rate 0.1``; ``GET /stats`` tells what it has served.
 """
 
@@ -64,7 +65,7 @@ class FakeEmbeddings:
     def __init__(self, model: Any = None, *, models: tuple[str, ...] = (MODEL,), fault_rate: float = 0.0,
                  faults: tuple[str, ...] = FAULTS, seed: int = 0, delay: float = 0.0, slow_seconds: float = 2.0,
                  retry_after: str = "1", shuffle: bool = False, max_inputs: int = 2048, max_tokens: int = 300_000,
-                 max_faults: int | None = None, port: int = 0):
+                 max_faults: int | None = None, api_key: str | None = None, port: int = 0):
         if model is None:
             from adapter.encoder import load_model
 
@@ -74,6 +75,7 @@ class FakeEmbeddings:
         self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
         self.delay, self.slow_seconds, self.retry_after, self.shuffle = delay, slow_seconds, retry_after, shuffle
         self.max_inputs, self.max_tokens, self.max_faults = max_inputs, max_tokens, max_faults
+        self.api_key = api_key
         self.requests: list[Request] = []  # appended once answered (a client may see its answer first)
         self.arrivals: list[int] = []  # inputs of each request as it arrives: what a test counts right after a call
         self.texts_embedded = 0
@@ -225,7 +227,8 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
             if fault == "500":
                 self._error(500, "internal server error", "server_error")
                 return 0
-            if fault == "401":
+            if fault == "401" or (fake.api_key is not None
+                                  and self.headers.get("Authorization") != f"Bearer {fake.api_key}"):
                 self._error(401, "Incorrect API key provided")
                 return 0
             if fault == "429":

@@ -18,8 +18,10 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STDERR_LINES = 3
@@ -340,3 +342,100 @@ def _restore(root: Path, before: dict[str, str]) -> None:
 def run_all(w: dict[str, str], cache: Path, selected: list[Case] | None = None) -> Iterator[Outcome]:
     for case in selected or cases():
         yield run_case(case, w, cache)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Embeddings and stores (#11; embed's block). These cases need two services of their own, so they are not in
+# ``cases()``: run them inside ``embedding_store_services(w, model)``, which starts them and adds their placeholders.
+
+EMBED_KEY = "sk-fault-right-key-0123456789abcdef"
+PG_PASSWORD = "s3cret-pw-never-shown"
+
+
+def embedding_store_cases() -> list[Case]:
+    """Bad input to the OpenAI-compatible backend and to the stores, by command; ``EMBED_STORE_EXPECT`` holds what
+    each one's error must say."""
+    remote = ("--model", "openai:fake-minilm", "--embedding-base-url", "{embeddings_url}")
+    wrong_key = {"OPENAI_API_KEY": "sk-wrong-key-0123456789abcdef"}
+    key = {"OPENAI_API_KEY": EMBED_KEY}
+    m = ("--model", "{model}")
+    out = ("--out", "{root}/new.safetensors")
+    c: list[Case] = []
+
+    def add(command: str, what: str, *argv: str, env: dict[str, str] | None = None) -> None:
+        c.append(Case(command, what, tuple(argv), tuple((env or {}).items())))
+
+    add("embed", "wrong API key (401)", "embed", "{ds}", *remote, env=wrong_key)
+    add("train", "wrong API key (401)", "train", "{ds}", *out, *remote, env=wrong_key)
+    add("evaluate", "unknown embedding model (404)", "evaluate", "{ds}", "--model", "openai:no-such-model",
+        "--embedding-base-url", "{embeddings_url}", env=key)
+    add("embed", "closed port", "embed", "{ds}", "--model", "openai:fake-minilm", "--embedding-base-url",
+        "http://127.0.0.1:9/v1", "--embedding-timeout", "60", env=key)
+    add("train", "FAISS ids that are not corpus ids", "train", "{ds}", *out, *m, "--index", "{stores}/int_ids.faiss")
+    add("train", "vector file of another dimension", "train", "{ds}", *out, *m, "--corpus-vectors",
+        "{stores}/dim3.npy", "--corpus-ids", "{stores}/corpus_ids.txt")
+    add("train", "pgvector table without a vector column", "train", "{ds}", *out, *m, "--pgvector", "{pg}",
+        "--table", "plain")
+    add("evaluate", "pgvector ids that are not corpus ids", "evaluate", "{ds}", *m, "--pgvector", "{pg}",
+        "--table", "strangers")
+    add("evaluate", "DSN that does not connect", "evaluate", "{ds}", *m, "--pgvector",
+        f"postgresql://bob:{PG_PASSWORD}@127.0.0.1:9/db?connect_timeout=5", "--table", "chunks")
+    return c
+
+
+EMBED_STORE_EXPECT = {  # what -> a regex the one line must match
+    "wrong API key (401)": r"{embeddings_url}: HTTP 401 .*Incorrect API key",
+    "unknown embedding model (404)": r"{embeddings_url}: HTTP 404 .*no-such-model",
+    "closed port": r"http://127\.0\.0\.1:9/v1: cannot connect",
+    "FAISS ids that are not corpus ids": r"int_ids\.faiss: holds no vector for .* its ids must be corpus ids",
+    "vector file of another dimension": r"dim3\.npy holds 3-dimensional vectors, .* makes \d+",
+    "pgvector table without a vector column": r"#plain: no vector column \(columns: chunk_id text, body text\)",
+    "pgvector ids that are not corpus ids": r"#strangers: holds no vector for .* its ids must be corpus ids",
+    "DSN that does not connect": r"postgresql://bob@127\.0\.0\.1:9/db: cannot connect to PostgreSQL",
+}
+
+
+@contextmanager
+def embedding_store_services(w: dict[str, str], model: Any) -> Iterator[dict[str, str]]:
+    """The inputs ``embedding_store_cases`` read, beside the workspace (outside what a case may change): a fake
+    OpenAI-compatible server (tests/fake_embeddings.py, serving ``model``, a loaded sentence-transformers model)
+    that takes ``EMBED_KEY`` only, a real PostgreSQL with pgvector (pgserver) holding two bad tables, and vector
+    files. Yields the placeholders with theirs added; everything is stopped afterwards."""
+    import tempfile
+
+    import faiss
+    import numpy as np
+    import pgserver
+    import psycopg
+    from pgvector.psycopg import register_vector
+
+    from adapter.data import load_dataset
+    from tests.fake_embeddings import FakeEmbeddings
+
+    root = Path(w["root"])
+    stores = root.with_name(root.name + ".stores")
+    stores.mkdir(exist_ok=True)
+    cids = list(load_dataset(w["ds"]).corpus)
+    rng = np.random.default_rng(0)
+    dim3 = rng.normal(size=(len(cids), 3)).astype(np.float32)
+    dim3 /= np.linalg.norm(dim3, axis=1, keepdims=True)
+    np.save(stores / "dim3.npy", dim3)
+    _w(stores / "corpus_ids.txt", "".join(f"{c}\n" for c in cids))
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(3))
+    index.add_with_ids(dim3, np.arange(1000, 1000 + len(cids), dtype=np.int64))
+    faiss.write_index(index, str(stores / "int_ids.faiss"))
+    server = pgserver.get_server(tempfile.mkdtemp(prefix="adapter-pg-"), cleanup_mode="delete")
+    try:
+        server.psql("CREATE EXTENSION IF NOT EXISTS vector;")
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            register_vector(conn)
+            conn.execute("CREATE TABLE plain (chunk_id text PRIMARY KEY, body text)")
+            conn.execute("CREATE TABLE strangers (id text PRIMARY KEY, embedding vector(3))")
+            for i, (cid, v) in enumerate(zip(cids, dim3, strict=True)):
+                conn.execute("INSERT INTO plain VALUES (%s, %s)", (cid, "text"))
+                conn.execute("INSERT INTO strangers VALUES (%s, %s)", (f"other-{i}", v))
+        with FakeEmbeddings(model, api_key=EMBED_KEY) as fake:
+            yield {**w, "stores": str(stores), "pg": server.get_uri(), "embeddings_url": fake.url}
+    finally:
+        server.cleanup()
+        shutil.rmtree(stores, ignore_errors=True)

@@ -209,3 +209,53 @@ def test_evaluate_store_search_scores_through_the_stores_own_search(setup, tmp_p
     assert "base 1.0000" in output
     r = CliRunner().invoke(main, ["evaluate", str(blind), "--store-search"])
     assert r.exit_code == 1 and "--store-search needs the store" in r.output
+
+
+def test_bad_embedding_and_store_input_fails_cleanly(tmp_path_factory, tiny_model_dir, minilm):
+    """#11's bad input through the real CLI (tests/fault_cases.py, embed's block): a wrong key and an unknown model
+    fail at the first request (one request reaches the server, no retries), a closed port well within its timeout,
+    a store of another dimension, ids that are not corpus ids, a table without a vector column and a DSN that does
+    not connect: each a non-zero exit, one short line saying what is wrong, no traceback, nothing written, no
+    secret shown."""
+    import re
+    import time
+    import urllib.request
+
+    for module in ("pgserver", "psycopg", "pgvector"):
+        pytest.importorskip(module, reason=f"{module} is not installed; pip install 'adapter[dev]'")
+    from tests.fault_cases import (
+        EMBED_KEY,
+        EMBED_STORE_EXPECT,
+        PG_PASSWORD,
+        build_workspace,
+        embedding_store_cases,
+        embedding_store_services,
+        run_case,
+    )
+
+    root = tmp_path_factory.mktemp("faults-embed")
+    cache = root / "cache"
+    base = build_workspace(root / "ws", str(tiny_model_dir), cache, light=True)
+    bad = []
+    with embedding_store_services(base, minilm) as w:
+        stats = w["embeddings_url"].removesuffix("/v1") + "/stats"
+
+        def requests() -> int:
+            with urllib.request.urlopen(stats, timeout=10) as r:
+                return json.loads(r.read())["requests"]
+
+        for case in embedding_store_cases():
+            before, t = requests(), time.monotonic()
+            o = run_case(case, w, cache)
+            seconds, sent = time.monotonic() - t, requests() - before
+            expect = EMBED_STORE_EXPECT[case.what].replace("{embeddings_url}", re.escape(w["embeddings_url"]))
+            problems = [p for p, failed in (
+                ("not clean", not o.clean), (f"no line matching {expect!r}", not re.search(expect, o.stderr)),
+                ("a secret shown", EMBED_KEY in o.stderr or PG_PASSWORD in o.stderr),
+                (f"{sent} requests (retried)", "(40" in case.what and sent != 1),
+                (f"{seconds:.0f} s, not within the 60 s timeout", case.what == "closed port" and seconds >= 60),
+            ) if failed]
+            if problems:
+                bad.append(f"{case.command}: {case.what}: {', '.join(problems)}: exit {o.code}, {o.lines} lines, "
+                           f"left {o.left[:2]}: {o.stderr[-400:]}")
+    assert not bad, "\n".join(bad)
