@@ -221,28 +221,12 @@ class RagConfig:
 SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "split": SplitConfig, "evaluate": EvaluateConfig,
                              "train": TrainConfig, "finetune": FinetuneConfig, "report": ReportConfig,
                              "store": StoreConfig, "chunk": ChunkConfig, "llm": LLMConfig, "serve": ServeConfig,
-                             "embedding": EmbeddingConfig,
-                             "rerank": RerankConfig, "rag": RagConfig}
+                             "embedding": EmbeddingConfig, "rerank": RerankConfig, "rag": RagConfig}
 
 
-@dataclass(frozen=True)
-class Config:
-    """Defaults for every stage; one instance is resolved per command and its sections saved beside what it makes."""
-
-    encoder: EncoderConfig = field(default_factory=EncoderConfig)
-    split: SplitConfig = field(default_factory=SplitConfig)
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
-    report: ReportConfig = field(default_factory=ReportConfig)
-    store: StoreConfig = field(default_factory=StoreConfig)
-    chunk: ChunkConfig = field(default_factory=ChunkConfig)
-    llm: LLMConfig = field(default_factory=LLMConfig)
-    serve: ServeConfig = field(default_factory=ServeConfig)
-    embedding: EmbeddingConfig = field(default_factory=EmbeddingConfig)
-    rerank: RerankConfig = field(default_factory=RerankConfig)
-    rag: RagConfig = field(default_factory=RagConfig)
-    seed: int = 0  # one random seed for splits, sampling, initialisation and the bootstrap
+class _Sections:
+    """What a Config does; ``Config`` below adds the fields: one per entry of SECTIONS (``cfg.train`` ...), each
+    defaulting to its section's defaults, then ``seed``."""
 
     def replace(self, **overrides: Any) -> Config:
         """A copy with fields replaced, by flat name (``FLAT``: ``epochs=5``, ``finetune_lr=1e-5``) or by section
@@ -292,6 +276,15 @@ class Config:
                 fields = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
                 cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **fields)})
         return dataclasses.replace(cfg, seed=d.get("seed", cfg.seed))
+
+
+Config = dataclasses.make_dataclass(
+    "Config",
+    [*((name, section, field(default_factory=section)) for name, section in SECTIONS.items()),
+     ("seed", int, field(default=0))],  # one random seed for splits, sampling, initialisation and the bootstrap
+    bases=(_Sections,), frozen=True,
+    namespace={"__module__": __name__, "__doc__": "Defaults for every stage; one instance is resolved per command "
+               "and its sections saved beside what it makes."})
 
 
 def _flat_names() -> dict[str, tuple[str, str]]:

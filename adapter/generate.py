@@ -25,10 +25,8 @@ import json
 import logging
 import os
 import re
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,18 +36,7 @@ import numpy as np
 from adapter.config import Config
 from adapter.data import SPLITS, atomic_write, ensure_dir, read_jsonl, write_qrels
 from adapter.errors import AdapterError
-from adapter.resilience import (
-    FatalError,
-    Journal,
-    RateLimiter,
-    RetriesExhausted,
-    RetryPolicy,
-    Stats,
-    Stopped,
-    call,
-    endpoint_of,
-    make_client,
-)
+from adapter.resilience import ChatRun, Journal, RetriesExhausted, Stats
 
 logger = logging.getLogger(__name__)
 
@@ -193,20 +180,18 @@ def load_finished(journal: Journal, hashes: Mapping[str, str]) -> dict[str, list
 # ---------------------------------------------------------------------------------------------------------- asking
 
 
-class _ChunkFailed(Exception):
-    """A chunk that failed every retry; the message is its last error."""
-
-
 class _Tally:
-    """The run's request counts (shared with resilience.call) shown on the progress bar, plus chunks done/failed."""
+    """The run's request counts (``stats``, shared with resilience.call) shown on the progress bar, plus chunks
+    done/failed."""
 
-    def __init__(self, total: int, done: int, show: bool):
+    def __init__(self, total: int, done: int, show: bool, stats: Stats):
         from tqdm.auto import tqdm
 
         self.done, self.failed = done, 0
         # disable=None: no bar when stderr is not a terminal (a log file gets the summary, not 100 redrawn bars)
         self.bar = tqdm(total=total, initial=done, unit="chunk", desc="generate", disable=None if show else True)
-        self.stats = Stats(on_change=self._show)
+        self.stats = stats
+        stats.on_change = self._show
         self._show()
 
     def _show(self) -> None:
@@ -218,35 +203,6 @@ class _Tally:
             self.failed += failed
             self.bar.update(done + failed)
             self._show()
-
-
-class _Asker:
-    """Asks the server for one chunk's questions until an answer parses or the retries run out."""
-
-    def __init__(self, client: Any, cfg: Config, template: str, tally: _Tally, stop: threading.Event):
-        self.client, self.cfg, self.template, self.tally, self.stop = client, cfg, template, tally, stop
-        self.limiter = RateLimiter(cfg.llm.requests_per_minute)
-        self.policy = RetryPolicy(cfg.llm.max_retries, cfg.llm.retry_base_delay, cfg.llm.retry_max_delay)
-        self.endpoint = endpoint_of(client)
-
-    def ask(self, cid: str, text: str) -> list[str]:
-        cfg = self.cfg
-        prompt = self.template.replace("{n}", str(cfg.llm.questions_per_chunk)).replace("{chunk}", text)
-
-        def once() -> list[str]:
-            answer = self.client.chat.completions.create(model=cfg.llm.model, temperature=cfg.llm.temperature,
-                                                         messages=[{"role": "user", "content": prompt}])
-            return parse_questions(answer.choices[0].message.content if answer.choices else None,
-                                   cfg.llm.questions_per_chunk)
-
-        try:
-            return call(once, endpoint=self.endpoint, policy=self.policy, limiter=self.limiter, stop=self.stop,
-                        stats=self.tally.stats, what=f"asking for chunk {cid!r}")
-        except FatalError:
-            self.stop.set()  # before this worker can take another chunk
-            raise
-        except RetriesExhausted as e:
-            raise _ChunkFailed(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------- output
@@ -359,37 +315,32 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
     logger.info("%s: %d chunks, %d already done, %d to ask %s", directory, len(chunks), len(finished), len(todo),
                 cfg.llm.model)
     # the client first: a missing key or a bad URL is one line, not one glued to a progress bar
-    client = make_client(cfg.llm.base_url, cfg.llm.api_key_env, cfg.llm.request_timeout) if todo else None
-    tally = _Tally(len(chunks), len(finished), show_progress and bool(todo))
+    run = ChatRun(cfg.llm) if todo else None
+    tally = _Tally(len(chunks), len(finished), show_progress and bool(todo), run.stats if run else Stats())
     failed: dict[str, str] = {}
-    if todo:
-        asker = _Asker(client, cfg, template, tally, threading.Event())
-        try:
-            with ThreadPoolExecutor(max_workers=cfg.llm.concurrency, thread_name_prefix="generate") as pool:
-                futures = {pool.submit(asker.ask, cid, chunks[cid]): cid for cid in todo}
-                try:
-                    for future in as_completed(futures):
-                        cid = futures[future]
-                        try:
-                            questions = future.result()
-                        except _ChunkFailed as e:
-                            failed[cid] = str(e)
-                            tally.finish(failed=1)
-                            logger.warning("%s: failed after %d retries (%s)", cid, cfg.llm.max_retries, e)
-                            continue
-                        except Stopped:  # the error that stopped the run surfaces from its own future
-                            continue
-                        journal.append({"_id": cid, "sha": hashes[cid], "questions": questions})
-                        finished[cid] = questions
-                        tally.finish(done=1)
-                except BaseException:
-                    asker.stop.set()
-                    for future in futures:
-                        future.cancel()
-                    raise
-        finally:
-            journal.close()
-            tally.bar.close()
+    n = cfg.llm.questions_per_chunk
+
+    def ask(cid: str) -> list[str]:
+        prompt = template.replace("{n}", str(n)).replace("{chunk}", chunks[cid])
+        return run.chat(cfg.llm.model, prompt, cfg.llm.temperature, lambda content: parse_questions(content, n),
+                        f"asking for chunk {cid!r}")
+
+    def done(cid: str, questions: list[str]) -> None:
+        journal.append({"_id": cid, "sha": hashes[cid], "questions": questions})
+        finished[cid] = questions
+        tally.finish(done=1)
+
+    def fail(cid: str, e: RetriesExhausted) -> None:
+        failed[cid] = str(e)
+        tally.finish(failed=1)
+        logger.warning("%s: failed after %d retries (%s)", cid, cfg.llm.max_retries, e)
+
+    try:
+        if run is not None:
+            run.run_each(ask, todo, done=done, failed=fail, name="generate")
+    finally:
+        journal.close()
+        tally.bar.close()
     written = dropped = 0
     if finished:
         if encoder is None:

@@ -23,7 +23,6 @@ import re
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,17 +33,7 @@ from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, relevant
 from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, evaluate, id_rank, search
-from adapter.resilience import (
-    Journal,
-    RateLimiter,
-    RetriesExhausted,
-    RetryPolicy,
-    Stats,
-    Stopped,
-    call,
-    endpoint_of,
-    make_client,
-)
+from adapter.resilience import ChatRun, Journal, RetriesExhausted
 
 if TYPE_CHECKING:
     from adapter.systems import System
@@ -141,6 +130,12 @@ def parse_grade(content: str | None) -> tuple[str, str]:
     raise GradeError(f"no grade in reply starting {text[:60]!r}")
 
 
+def _reply_text(content: str | None) -> str:
+    if not content or not content.strip():
+        raise EmptyReply("empty reply")
+    return content
+
+
 def _key(*parts: str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -195,24 +190,12 @@ class _Asker:
 
     def __init__(self, cfg: Config, journal: Journal, done: dict[str, dict[str, Any]]):
         self.cfg, self.journal, self.done = cfg, journal, done
-        self.client = make_client(cfg.llm.base_url, cfg.llm.api_key_env, cfg.llm.request_timeout)
-        self.endpoint = endpoint_of(self.client)
-        self.policy = RetryPolicy(cfg.llm.max_retries, cfg.llm.retry_base_delay, cfg.llm.retry_max_delay)
-        self.limiter = RateLimiter(cfg.llm.requests_per_minute)
-        self.stats, self.stop = Stats(), threading.Event()
+        self.run = ChatRun(cfg.llm)
+        self.stats = self.run.stats
         self.lock = threading.Lock()
 
     def chat(self, model: str, prompt: str, what: str) -> str:
-        def once() -> str:
-            reply = self.client.chat.completions.create(model=model, temperature=self.cfg.rag.temperature,
-                                                        messages=[{"role": "user", "content": prompt}])
-            content = reply.choices[0].message.content if reply.choices else None
-            if not content or not content.strip():
-                raise EmptyReply("empty reply")
-            return content
-
-        return call(once, endpoint=self.endpoint, policy=self.policy, limiter=self.limiter, stop=self.stop,
-                    stats=self.stats, what=what)
+        return self.run.chat(model, prompt, self.cfg.rag.temperature, _reply_text, what)
 
     def record(self, entry: dict[str, Any]) -> None:
         self.journal.append(entry)
@@ -303,25 +286,22 @@ def run_rag(dataset: Dataset, systems: Mapping[str, System], qids: Sequence[str]
     results: dict[tuple[str, tuple[str, ...]], dict[str, Any]] = {}
     failed = 0
     bar = tqdm(total=len(units), unit="q", desc="rag", disable=not progress)
+
+    def work(unit: tuple[str, tuple[str, ...]]) -> dict[str, Any]:
+        return _work(asker, dataset, unit[0], unit[1], list(qrels[unit[0]]))
+
+    def done(unit: tuple[str, tuple[str, ...]], result: dict[str, Any]) -> None:
+        results[unit] = result
+        bar.update(1)
+
+    def fail(unit: tuple[str, tuple[str, ...]], e: RetriesExhausted) -> None:
+        nonlocal failed
+        failed += 1
+        logger.warning("question %s: failed after every retry (%s)", unit[0], e)
+        bar.update(1)
+
     try:
-        with ThreadPoolExecutor(max_workers=cfg.llm.concurrency, thread_name_prefix="rag") as pool:
-            futures = {pool.submit(_work, asker, dataset, qid, ids, list(qrels[qid])): (qid, ids)
-                       for qid, ids in units}
-            try:
-                for future in as_completed(futures):
-                    try:
-                        results[futures[future]] = future.result()
-                    except RetriesExhausted as e:
-                        failed += 1
-                        logger.warning("question %s: failed after every retry (%s)", futures[future][0], e)
-                    except Stopped:
-                        continue
-                    bar.update(1)
-            except BaseException:
-                asker.stop.set()
-                for future in futures:
-                    future.cancel()
-                raise
+        asker.run.run_each(work, units, done=done, failed=fail, name="rag")
     finally:
         journal.close()
         bar.close()

@@ -10,6 +10,9 @@ embeddings backend, and whatever else talks to a server (rag, serve's upstream m
 - ``Journal``: an append-only JSON-lines file, fsynced per entry, so a killed run loses only what was in flight.
 - ``make_client``: an ``openai.OpenAI`` client without retries of its own (ours are counted), its key read from an
   environment variable only and never logged or written.
+- ``ChatRun``: one run's chat requests (generate's questions, rag's answers and grades): the client, pacing and
+  retry policy of ``cfg.llm``, the counts and the stop event its threads share, and ``run_each``, the one thread-pool
+  loop that stops every worker on a fatal error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -22,19 +25,24 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from adapter.errors import AdapterError, one_line, redact
 
+if TYPE_CHECKING:
+    from adapter.config import LLMConfig
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+K = TypeVar("K")
 RETRY_STATUSES = (408, 409, 429)  # and every 5xx: busy or broken for now, likely fine on a later try
 
 
@@ -277,6 +285,65 @@ def make_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeo
                                f"with {key_hint}")
         key = "none"  # local servers (vLLM, Ollama, TEI) accept any key
     return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- a run
+
+
+class ChatRun:
+    """One run's chat requests to an OpenAI-compatible server: the client, pacing and retry policy of ``llm``
+    (``cfg.llm``), and the counts and stop event its worker threads share. The client is made here, first, so a
+    missing key or a bad URL is one line before anything else starts."""
+
+    def __init__(self, llm: LLMConfig, stats: Stats | None = None):
+        self.client = make_client(llm.base_url, llm.api_key_env, llm.request_timeout)
+        self.endpoint = endpoint_of(self.client)
+        self.policy = RetryPolicy(llm.max_retries, llm.retry_base_delay, llm.retry_max_delay)
+        self.limiter = RateLimiter(llm.requests_per_minute)
+        self.workers = llm.concurrency
+        self.stats = stats or Stats()
+        self.stop = threading.Event()
+
+    def chat(self, model: str, prompt: str, temperature: float, parse: Callable[[str | None], T], what: str) -> T:
+        """``parse`` of the reply's text (None when there is none) to one user message, through ``call``: a
+        ValueError from ``parse`` is an unreadable reply, asked again. A fatal error stops every other worker too."""
+
+        def once() -> T:
+            reply = self.client.chat.completions.create(model=model, temperature=temperature,
+                                                        messages=[{"role": "user", "content": prompt}])
+            return parse(reply.choices[0].message.content if reply.choices else None)
+
+        try:
+            return call(once, endpoint=self.endpoint, policy=self.policy, limiter=self.limiter, stop=self.stop,
+                        stats=self.stats, what=what)
+        except FatalError:
+            self.stop.set()  # before this worker can take another item
+            raise
+
+    def run_each(self, work: Callable[[K], T], items: Iterable[K], *, done: Callable[[K, T], None],
+                 failed: Callable[[K, RetriesExhausted], None], name: str) -> None:
+        """``work(item)`` for every item on the run's threads; ``done(item, result)`` or ``failed(item, error)``
+        (every retry spent) is called in this thread as each ends. An item that found the run stopping is skipped:
+        the error that stopped it surfaces from its own item. Any other error, or Ctrl-C, sets ``stop``, cancels
+        the items not yet started, and is raised once the running ones return."""
+        with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix=name) as pool:
+            futures = {pool.submit(work, item): item for item in items}
+            try:
+                for future in as_completed(futures):
+                    item = futures[future]
+                    try:
+                        result = future.result()
+                    except RetriesExhausted as e:
+                        failed(item, e)
+                        continue
+                    except Stopped:
+                        continue
+                    done(item, result)
+            except BaseException:
+                self.stop.set()
+                for future in futures:
+                    future.cancel()
+                raise
 
 
 # ---------------------------------------------------------------------------------------------------------- journal
