@@ -278,18 +278,18 @@ def rerank_options(f):
                              "top --rerank-k reordered, as '<system>+rerank'.")(f)
 
 
-def _reranker(folder: str | None, k: int | None, ds):
-    """The reranker named by --reranker (None without it), --rerank-k checked against the corpus first."""
+def _reranker(folder: str | None, k: int | None, ds) -> str | None:
+    """The folder --reranker names (None without it), checked with --rerank-k against the corpus; the model itself is
+    loaded by the library once every output and option has been checked."""
     if folder is None:
         if k is not None:
             raise AdapterError("--rerank-k needs --reranker")
         return None
-    from adapter.rerank import check_folder, check_k, load_reranker
+    from adapter.rerank import check_folder, check_k
 
     check_folder(folder)
     check_k(k if k is not None else DEFAULTS.rerank.k, len(ds.corpus))
-    _quiet_hf()
-    return load_reranker(folder)
+    return folder
 
 
 @main.command()

@@ -20,7 +20,6 @@ import numpy as np
 from adapter.backends import (
     BUNDLED_NAMES,
     Role,
-    _display_name,
     load_model,
     make_backend,
     model_fingerprint,
@@ -34,8 +33,7 @@ from adapter.errors import AdapterError
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-__all__ = ["BUNDLED_NAMES", "Encoder", "Role", "_display_name", "load_model", "model_fingerprint", "resolve_model",
-           "truncate"]
+__all__ = ["BUNDLED_NAMES", "Encoder", "Role", "load_model", "model_fingerprint", "resolve_model", "truncate"]
 
 logger = logging.getLogger(__name__)
 

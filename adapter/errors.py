@@ -15,7 +15,7 @@ class AdapterError(Exception):
 def refuse_existing(path: str | os.PathLike, force: bool) -> None:
     """The one overwrite guard of every writer: an existing ``path`` is replaced only when ``force`` is given."""
     if not force and os.path.lexists(path):
-        raise AdapterError(f"{path}: already exists; pass --force to replace it")
+        raise AdapterError(f"{path}: already exists; pass --force (force=True in Python) to replace it")
 
 
 def one_line(exc: BaseException | str, limit: int = 200) -> str:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from adapter.backends import make_backend
 from adapter.config import DEFAULT_MODEL
 from adapter.data import atomic_write
-from adapter.encoder import _display_name, load_model, model_fingerprint
+from adapter.encoder import load_model
 from adapter.errors import AdapterError, refuse_existing
 from adapter.model import LinearAdapter
 from adapter.report import pct_change
@@ -41,8 +42,7 @@ class AdaptedEncoder:
                  *, allow_other_model: bool = False):
         self.adapter = adapter if isinstance(adapter, LinearAdapter) else LinearAdapter.load(adapter)
         self.model = load_model(model) if isinstance(model, str) else model
-        name = model if isinstance(model, str) else "model"
-        identity = f"{_display_name(name)}@{model_fingerprint(self.model)}"
+        identity = make_backend(self.model, show_progress=False).identity  # as every encoder names its model
         source = str(adapter) if not isinstance(adapter, LinearAdapter) else "adapter"
         self.adapter.check_base_model(identity, allow_other_model=allow_other_model, source=source)
 

@@ -56,14 +56,16 @@ def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] |
 def evaluate_dataset(dataset: Dataset, cfg: Config | None = None, *, encoder: Encoder | None = None,
                      adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
                      corpus: CorpusSource | None = None,
-                     allow_other_model: bool = False, reranker: Reranker | None = None) -> SystemResults:
+                     allow_other_model: bool = False, reranker: Reranker | str | os.PathLike | None = None
+                     ) -> SystemResults:
     """Score the base model (``encoder``, default ``cfg.encoder``) and each adapter on ``cfg.evaluate.split`` at
     ``cfg.evaluate.dims``: ``{"base": {dim: metrics}, "<adapter name>": {...}}``.
 
     Adapters change query vectors only, so every system searches the same corpus vectors: the cached encoding of
     corpus.jsonl, or the ``corpus`` source given (``adapter.stores.StoreSource``: every vector read out of an existing
     index or a vector file, scored as it stands). With a
-    ``reranker`` each is scored again as ``<name>+rerank``, its top ``cfg.rerank.k`` reordered.
+    ``reranker`` (loaded, or its folder) each is scored again as ``<name>+rerank``, its top ``cfg.rerank.k``
+    reordered.
     """
     cfg = cfg or Config()
     split = cfg.evaluate.split
@@ -309,14 +311,15 @@ def _check_trained_on(dataset: Dataset, meta: dict[str, Any], source: str) -> No
 def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *,
             adapters: Sequence[str | os.PathLike] = (), finetuned: Sequence[str | os.PathLike] = (),
             models: Sequence[str] = (), allow_other_model: bool = False, force: bool = False,
-            reranker: Reranker | None = None, rag: str | os.PathLike | None = None,
+            reranker: Reranker | str | os.PathLike | None = None, rag: str | os.PathLike | None = None,
             progress: bool = True, corpus: CorpusSource | None = None) -> Comparison:
     """Score base (``cfg.encoder.model``), each adapter on it, each fine-tuned model folder and each other model on
     ``cfg.evaluate.split`` at every dim; measure what each costs; write ``report.md``, ``results.json`` (the shape of
     `adapter evaluate --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
 
     Systems are named ``base``, then after the adapter file's stem, the model folder's name or the model's name.
-    An ``out`` that already holds a report is replaced only with ``force``. With a ``reranker`` each system is scored
+    An ``out`` that already holds a report is replaced only with ``force`` (checked before any model is loaded).
+    With a ``reranker`` (loaded, or its folder) each system is scored
     again as ``<system>+rerank`` (top ``cfg.rerank.k`` reordered), with its change over its own first stage and the
     reranking's latency; ``rag``: a ``rag.json`` from `adapter rag`, whose answer accuracy joins the report.
     ``corpus``: where base and its adapters find the corpus vectors (e.g. ``adapter.stores.StoreSource``; fine-tuned

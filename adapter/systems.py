@@ -113,7 +113,7 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
                   adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
                   finetuned: Sequence[str | os.PathLike] = (), models: Sequence[str] = (),
                   corpus: CorpusSource | None = None, allow_other_model: bool = False,
-                  reranker: Reranker | None = None, rerank_k: int | None = None,
+                  reranker: Reranker | str | os.PathLike | None = None, rerank_k: int | None = None,
                   progress: bool = True) -> dict[str, System]:
     """The named systems to score, in order: ``base`` (``encoder``, default ``cfg.encoder``), each adapter on it
     (files named after their stem, or given as ``{name: adapter or file}``), each fine-tuned model folder (named after
@@ -121,8 +121,8 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
 
     Base and its adapters search ``corpus`` (default: the base encoder's cached corpus.jsonl); fine-tuned and other
     models always embed corpus.jsonl themselves. Adapters are checked against the base model and dimension. With a
-    ``reranker``, each of those follows again as ``<name>+rerank``: its top ``rerank_k`` (default ``cfg.rerank.k``)
-    reordered by the cross-encoder.
+    ``reranker`` (loaded, or a folder loaded here, last), each of those follows again as ``<name>+rerank``: its top
+    ``rerank_k`` (default ``cfg.rerank.k``) reordered by the cross-encoder.
     """
     from adapter.encoder import Encoder
     from adapter.finetune import read_meta
@@ -149,6 +149,10 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
     for m in models:
         enc = Encoder.from_config(cfg.replace(model=m), show_progress=progress)
         _add(systems, System(m.rstrip("/").split("/")[-1], enc, kind="model", source=m))
+    if isinstance(reranker, str | os.PathLike):
+        from adapter.rerank import load_reranker
+
+        reranker = load_reranker(reranker, cfg)
     if reranker is not None:
         k = rerank_k or cfg.rerank.k
         for name, s in list(systems.items()):

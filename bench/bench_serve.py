@@ -350,12 +350,13 @@ def main() -> None:
     args = p.parse_args()
 
     sys.path.insert(0, str(ROOT))
-    from adapter.encoder import _display_name, load_model, model_fingerprint
+    from adapter.backends import make_backend
+    from adapter.encoder import load_model
     from adapter.serve import adapter_version
 
     texts = [json.loads(line)["text"] for line in (ROOT / "data" / "waterops" / "queries.jsonl").open()]
     model = load_model(MODEL)
-    identity = f"{_display_name(MODEL)}@{model_fingerprint(model)}"
+    identity = make_backend(model, show_progress=False).identity
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     first = {name: make_adapter(work / f"{name}.safetensors", identity, seed=0) for name in ("on", "off")}
     t0 = time.perf_counter()
@@ -475,7 +476,6 @@ def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace)
 
     from adapter.backends import OpenAIBackend
     from adapter.config import EmbeddingConfig
-    from adapter.integrations import backend_identity
     from adapter.serve import adapter_version
 
     faults = ("429", "500", "slow", "notjson", "shuffle", "drop")
@@ -483,7 +483,7 @@ def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace)
     with FakeEmbeddings(model, fault_rate=args.fault_rate, faults=faults, slow_seconds=2.0, retry_after="1") as fake:
         remote = OpenAIBackend("openai:fake-minilm", EmbeddingConfig(base_url=fake.url, api_key_env=UPSTREAM_KEY_ENV))
         path = work / "upstream.safetensors"
-        adapter = make_adapter(path, backend_identity(remote), seed=0)
+        adapter = make_adapter(path, remote.identity, seed=0)
         server = Server(path, "--model", "openai:fake-minilm", "--embedding-base-url", fake.url,
                         "--embedding-api-key-env", UPSTREAM_KEY_ENV, "--embedding-timeout", "1",
                         "--embedding-rpm", "100000", "--embedding-tpm", "100000000").wait()

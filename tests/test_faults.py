@@ -225,18 +225,26 @@ def test_numeric_options_are_checked_before_anything_loads(argv, words, tmp_path
 
 
 def test_writers_refuse_an_existing_output_before_loading_a_model(tmp_path, monkeypatch):
-    """Reproduction 4: `index build --out EXISTING` replaced it; `evaluate --json EXISTING` too."""
+    """Reproduction 4: `index build --out EXISTING` replaced it; `evaluate --json EXISTING` too. A reranker is a
+    model too: compare loaded it before looking at --out."""
     import adapter.encoder
+    import adapter.rerank
 
     monkeypatch.setattr(adapter.encoder, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    monkeypatch.setattr(adapter.rerank, "_cross_encoder", lambda *a, **k: pytest.fail("reranker loaded"))
     ds = write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
     taken = tmp_path / "taken"
     taken.write_text("mine")
     report = tmp_path / "report"
     report.mkdir()
     (report / "report.md").write_text("mine")
+    reranker = tmp_path / "reranker"  # passes the folder check; loading it is what must not happen
+    reranker.mkdir()
+    (reranker / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
+    rerank = ["--reranker", str(reranker), "--rerank-k", "2"]
     for argv in (["index", "build", str(ds), "--out", str(taken)], ["evaluate", str(ds), "--json", str(taken)],
-                 ["compare", str(ds), "--out", str(report)]):
+                 ["compare", str(ds), "--out", str(report)], ["evaluate", str(ds), "--json", str(taken), *rerank],
+                 ["compare", str(ds), "--out", str(report), *rerank]):
         r = CliRunner().invoke(main, argv)
         assert r.exit_code == 1 and "pass --force" in r.output, r.output
     assert taken.read_text() == "mine" and (report / "report.md").read_text() == "mine"

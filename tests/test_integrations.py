@@ -23,9 +23,9 @@ def tiny(tiny_model_dir: Path):
 
 @pytest.fixture(scope="module")
 def adapter_file(tiny, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from adapter.encoder import _display_name, model_fingerprint
+    from adapter.backends import make_backend
 
-    identity = f"{_display_name(str(tiny_model_dir))}@{model_fingerprint(tiny)}"
+    identity = make_backend(tiny, show_progress=False).identity
     a = LinearAdapter.identity(tiny.get_embedding_dimension(), identity)
     a.weight = (np.eye(a.dim) + 0.3 * np.random.default_rng(0).standard_normal((a.dim, a.dim))).astype(np.float32)
     return a.save(tmp_path_factory.mktemp("integrations") / "adapter.safetensors")
@@ -93,7 +93,6 @@ def test_both_wrap_an_openai_compatible_server_too(tiny, tmp_path, monkeypatch):
 
     from adapter.backends import OpenAIBackend
     from adapter.config import EmbeddingConfig
-    from adapter.integrations import backend_identity
     from adapter.integrations.langchain import AdapterEmbeddings
     from adapter.integrations.llamaindex import AdapterEmbedding
 
@@ -101,7 +100,7 @@ def test_both_wrap_an_openai_compatible_server_too(tiny, tmp_path, monkeypatch):
     with FakeEmbeddings(tiny, fault_rate=0.3, faults=("500", "429"), max_faults=1, retry_after="0") as fake:
         cfg = EmbeddingConfig(base_url=fake.url, api_key_env="FAKE_EMBED_KEY", retry_base_delay=0.01,
                               retry_max_delay=0.05)
-        a = LinearAdapter.identity(32, backend_identity(OpenAIBackend("openai:fake-minilm", cfg)))
+        a = LinearAdapter.identity(32, OpenAIBackend("openai:fake-minilm", cfg).identity)
         a.weight = (np.eye(32) + 0.3 * np.random.default_rng(1).standard_normal((32, 32))).astype(np.float32)
         path = a.save(tmp_path / "remote.safetensors")
         q = a.apply(tiny.encode([QUERY], normalize_embeddings=True))[0]

@@ -27,7 +27,6 @@ import uvicorn  # noqa: E402
 from adapter.backends import SentenceTransformerBackend  # noqa: E402
 from adapter.config import ServeConfig  # noqa: E402
 from adapter.encoder import truncate  # noqa: E402
-from adapter.integrations import backend_identity  # noqa: E402
 from adapter.model import LinearAdapter  # noqa: E402
 from adapter.serve import (  # noqa: E402
     AdapterSlot,
@@ -52,7 +51,7 @@ def tokens(backend: SentenceTransformerBackend, texts: list[str]) -> int:
 def make_adapter(backend: SentenceTransformerBackend, path: Path, seed: int) -> LinearAdapter:
     """A full adapter near the identity (seeded), written atomically to ``path``."""
     rng = np.random.default_rng(seed)
-    a = LinearAdapter.identity(backend.dim, backend_identity(backend))
+    a = LinearAdapter.identity(backend.dim, backend.identity)
     a.weight = (np.eye(backend.dim) + 0.3 * rng.standard_normal((backend.dim, backend.dim))).astype(np.float32)
     tmp = path.with_name(f".{path.name}.{seed}.tmp")
     a.save(tmp)
@@ -299,7 +298,7 @@ def test_reload_swaps_a_valid_file_and_refuses_a_broken_one(backend, tmp_path, c
             os.replace(tmp, path)
             assert not slot.poll() and slot.current is good
             assert not slot.poll()  # refused once: no log line per look
-        other = LinearAdapter.identity(16, backend_identity(backend))  # the wrong dimension
+        other = LinearAdapter.identity(16, backend.identity)  # the wrong dimension
         other.save(tmp_path / "other.safetensors")
         os.replace(tmp_path / "other.safetensors", path)
         assert not slot.poll() and slot.current is good
@@ -372,7 +371,7 @@ def upstream(tiny_backend: SentenceTransformerBackend, tmp_path: Path, monkeypat
                               tokens_per_minute=None)
         remote = OpenAIBackend("openai:fake-minilm", cfg, show_progress=False)
         path = tmp_path / "upstream.safetensors"
-        a = LinearAdapter.identity(tiny_backend.dim, backend_identity(remote))
+        a = LinearAdapter.identity(tiny_backend.dim, remote.identity)
         a.weight = make_adapter(tiny_backend, tmp_path / "w.safetensors", seed=7).weight
         a.save(path)
         with running(EmbeddingService(remote, path, ServeConfig(upstream_concurrency=4))) as url:

@@ -16,14 +16,8 @@ import numpy as np
 
 from adapter.backends import Backend, make_backend
 from adapter.config import DEFAULT_MODEL, EmbeddingConfig
-from adapter.encoder import _display_name
 from adapter.errors import AdapterError
 from adapter.model import LinearAdapter
-
-
-def backend_identity(backend: Backend) -> str:
-    """``name@fingerprint``, as an adapter file records the model it was trained on."""
-    return f"{_display_name(backend.name)}@{backend.fingerprint}"
 
 
 def checked_adapter(adapter: LinearAdapter | str | os.PathLike, backend: Backend, *,
@@ -33,7 +27,7 @@ def checked_adapter(adapter: LinearAdapter | str | os.PathLike, backend: Backend
     loaded = adapter if isinstance(adapter, LinearAdapter) else LinearAdapter.load(adapter)
     if backend.dim is not None and loaded.dim != backend.dim:
         raise AdapterError(f"{source}: adapter is {loaded.dim}-dimensional, {backend.name} gives {backend.dim}")
-    loaded.check_base_model(backend_identity(backend), allow_other_model=allow_other_model, source=source)
+    loaded.check_base_model(backend.identity, allow_other_model=allow_other_model, source=source)
     return loaded
 
 
