@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import ctypes
+import functools
 import hashlib
 import io
 import json
@@ -26,7 +28,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -343,13 +345,61 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def _swap(new: Path, out: Path) -> None:
+    """Exchange two folders in one step where the kernel can (Linux renameat2 RENAME_EXCHANGE), so a kill at any
+    instant leaves ``out`` either old or new; elsewhere two renames, the old folder put back on failure."""
+    libc = _libc()
+    if libc is not None and libc.renameat2(-100, os.fsencode(new), -100, os.fsencode(out), 2) == 0:  # AT_FDCWD
+        return
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    os.replace(out, old)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    os.replace(old, new)  # the caller removes ``new``: it now holds the old folder, as after an exchange
+
+
+@functools.cache
+def _libc() -> Any:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        return libc
+    return None
+
+
+def _carry(old: Path, new: Path, skip: Callable[[str], bool]) -> None:
+    """Hard-link (or copy, where links fail) every entry of ``old`` into ``new`` that is not there yet and whose
+    relative path ``skip`` does not name; symbolic links are carried as links. ``old`` itself is not changed."""
+    for root, dirs, names in os.walk(old):  # does not descend into linked folders: they are listed in dirs
+        here = Path(root)
+        for name in dirs + names:
+            src = here / name
+            rel, dst = src.relative_to(old).as_posix(), new / src.relative_to(old)
+            if skip(rel):
+                if name in dirs:
+                    dirs.remove(name)
+            elif src.is_dir() and not src.is_symlink():
+                dst.mkdir(exist_ok=True)
+            elif not os.path.lexists(dst):
+                try:
+                    if src.is_symlink():
+                        raise OSError("a link is copied as a link")
+                    os.link(src, dst)
+                except OSError:
+                    shutil.copy2(src, dst, follow_symlinks=False)
+
+
 def replace_folder(out: Path, files: dict[str, bytes], *, replaced: tuple[str, ...] = ()) -> None:
     """Make ``out`` hold ``files`` (relative path -> bytes) as one unit: they are written into a new folder beside
-    ``out``, the entries of the old ``out`` not named in ``replaced`` (nor written) are copied in, then the new folder
-    takes ``out``'s place. A failure at any point leaves the old folder (or none) whole, never a mix."""
+    ``out``, every other entry of the old ``out`` is carried over (hard-linked: no copy of a large corpus) unless
+    it is, or is inside, a path named in ``replaced``, then the new folder takes ``out``'s place in one step. A
+    failure or a kill at any point leaves the old folder (or none) whole, never a mix."""
     out = Path(os.path.abspath(out))
     if _inside(Path.cwd(), out):
-        raise AdapterError(f"{out}: is the current folder or holds it; choose another folder")
+        raise AdapterError(f"{out}: is the current folder or holds it; run from outside it (cd ..)")
     ensure_dir(out.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -361,31 +411,15 @@ def replace_folder(out: Path, files: dict[str, bytes], *, replaced: tuple[str, .
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             with atomic_write(tmp / rel, "wb") as f:
                 f.write(data)
-        tops = {rel.split("/")[0] for rel in files}
         if out.is_dir():
-            for entry in out.iterdir():
-                if entry.name in tops or entry.name in replaced:
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.copytree(entry, tmp / entry.name, symlinks=True)
-                else:
-                    shutil.copy2(entry, tmp / entry.name, follow_symlinks=False)
-            old = out.with_name(f".{out.name}.{os.getpid()}.old")
-            os.replace(out, old)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old, out)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+            _carry(out, tmp, lambda rel: any(rel == r or rel.startswith(r + "/") for r in replaced))
+            _swap(tmp, out)
         else:
             os.replace(tmp, out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise AdapterError(f"{out}: cannot write the folder ({e.strerror})") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the unfinished new folder, or the old one swapped out
 
 
 def save_dataset(dataset: Dataset, out: str | os.PathLike, *, force: bool = False) -> Path:
@@ -403,14 +437,20 @@ def save_dataset(dataset: Dataset, out: str | os.PathLike, *, force: bool = Fals
     return out
 
 
-def write_qrels(path: Path, qrels: Qrels) -> None:
-    """Write one qrels TSV with its header, atomically; ids a TSV cannot carry are refused before writing."""
+def qrels_bytes(qrels: Qrels, path: str | os.PathLike) -> bytes:
+    """One qrels TSV with its header, as bytes; ids a TSV cannot carry are refused (naming ``path``) first."""
     for qid, rels in qrels.items():
         check_id(qid, str(path), "query id")
         for cid in rels:
             check_id(cid, str(path), "corpus id")
-    with atomic_write(path) as f:
-        f.write(_qrels_text(qrels))
+    return _qrels_text(qrels).encode("utf-8")
+
+
+def write_qrels(path: Path, qrels: Qrels) -> None:
+    """Write one qrels TSV with its header, atomically; ids a TSV cannot carry are refused before writing."""
+    data = qrels_bytes(qrels, path)
+    with atomic_write(path, "wb") as f:
+        f.write(data)
 
 
 # ---------------------------------------------------------------------------------------------------------- converters
@@ -675,17 +715,13 @@ def split_dataset(path: str | os.PathLike, cfg: Config | None = None, *, by: str
                                          dev_fraction=dev_fraction, seed=seed)
     except AdapterError as e:
         raise AdapterError(f"{path}: {e}") from None
-    qdir = path / "qrels"
-    for name in SPLITS:
-        if parts[name]:
-            write_qrels(qdir / f"{name}.tsv", parts[name])
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                (qdir / f"{name}.tsv").unlink()
     summary = {"by": by, "test_fraction": test_fraction, "dev_fraction": dev_fraction, "seed": seed,
                "queries": {s: len(parts[s]) for s in SPLITS}, "dropped_queries": dropped}
-    with atomic_write(path / "split.json") as f:
-        json.dump(summary, f, indent=2)
+    files = {f"qrels/{name}.tsv": qrels_bytes(parts[name], path / "qrels" / f"{name}.tsv")
+             for name in SPLITS if parts[name]}
+    files["split.json"] = json.dumps(summary, indent=2).encode("utf-8")
+    # the splits and split.json as one unit: a kill never leaves a train split of one seed beside a test of another
+    replace_folder(path, files, replaced=tuple(f"qrels/{name}.tsv" for name in SPLITS))
     if dropped:
         logger.info("dropped %d queries whose relevant chunks fall on both sides of the split", dropped)
     return summary

@@ -144,7 +144,12 @@ class Encoder:
 
     def _keys(self, texts: Sequence[str], role: Role) -> list[bytes]:
         tag = self.backend.role_tag(role).encode()
-        return [hashlib.sha256(tag + b"\0" + t.encode()).digest()[:KEY_BYTES] for t in texts]
+        try:
+            return [hashlib.sha256(tag + b"\0" + t.encode()).digest()[:KEY_BYTES] for t in texts]
+        except (UnicodeEncodeError, AttributeError):
+            _check_texts(texts, role)
+            raise
+
 
     def encode(self, texts: Sequence[str], role: Role = "document") -> np.ndarray:
         """Unit vectors for ``texts`` (n, d); new texts are embedded once and stored batch by batch as they finish,
@@ -174,3 +179,16 @@ class Encoder:
     def encode_documents(self, texts: Sequence[str]) -> np.ndarray:
         """Cached document vectors (the model's document prompt or the document prefix, if any)."""
         return self.encode(texts, "document")
+
+
+def _check_texts(texts: Sequence[str], role: Role) -> None:
+    """A one-line error naming the first text that cannot be embedded: not a string, or not valid Unicode (a lone
+    surrogate such as ``"\\ud83d"``, which json.loads accepts but no model or cache can take)."""
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise AdapterError(f"{role} texts[{i}] (of {len(texts)}) is {type(t).__name__}, not a string")
+        try:
+            t.encode()
+        except UnicodeEncodeError as e:
+            raise AdapterError(f"{role} texts[{i}] (of {len(texts)}) holds a lone surrogate {t[e.start]!r} at "
+                               f"character {e.start} (not valid Unicode): {t[:40]!r}") from None

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from adapter.config import Config
-from adapter.data import SPLITS, atomic_write, ensure_dir, read_jsonl, write_qrels
+from adapter.data import SPLITS, atomic_write, qrels_bytes, read_jsonl, replace_folder
 from adapter.errors import AdapterError
 from adapter.resilience import ChatRun, Journal, RetriesExhausted, Stats
 
@@ -124,8 +124,16 @@ def _question_list(value: Any) -> list[str] | None:
         return None
     items = [i.get("question") if isinstance(i, dict) else i for i in items]
     found = [_NUMBERING.sub("", i).strip() for i in items if isinstance(i, str)]
-    found = [q for q in found if q]
+    found = [q for q in found if q and _valid_unicode(q)]  # a lone surrogate ("\ud83d") is valid JSON, not text
     return found or None
+
+
+def _valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_questions(content: str | None, n: int) -> list[str]:
@@ -235,24 +243,23 @@ def _read_bytes(path: Path) -> bytes | None:
 
 def write_queries(directory: Path, chunk_ids: Sequence[str], finished: Mapping[str, list[str]],
                   encoder: QueryEncoder, threshold: float) -> tuple[int, int]:
-    """Write queries.jsonl and qrels/all.tsv from finished chunks in ``chunk_ids`` order, near-duplicates dropped;
-    returns (questions written, near-duplicates dropped). Splits of older questions are removed."""
+    """Write queries.jsonl and qrels/all.tsv from finished chunks in ``chunk_ids`` order, near-duplicates dropped, as
+    one unit (``adapter.data.replace_folder``: a failure or a kill leaves the old pair whole); returns (questions
+    written, near-duplicates dropped). When they change, the splits of the older questions (qrels/{train,dev,test}.tsv
+    and split.json) go with them."""
     pairs = [(f"{cid}_q{j}", q, cid) for cid in chunk_ids for j, q in enumerate(finished.get(cid, ()))]
     keep = drop_near_duplicates(encoder.encode_queries([q for _, q, _ in pairs]), threshold)
     kept = [p for p, k in zip(pairs, keep, strict=True) if k]
-    qdir = ensure_dir(directory / "qrels")
-    before = (_read_bytes(directory / "queries.jsonl"), _read_bytes(qdir / "all.tsv"))
-    with atomic_write(directory / "queries.jsonl") as f:
-        for qid, text, _ in kept:
-            f.write(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n")
-    write_qrels(qdir / "all.tsv", {qid: {cid: 1} for qid, _, cid in kept})
-    if before != (_read_bytes(directory / "queries.jsonl"), _read_bytes(qdir / "all.tsv")):
-        stale = [qdir / f"{s}.tsv" for s in SPLITS if (qdir / f"{s}.tsv").exists()]
-        for path in stale:
-            path.unlink()
-        if stale:
-            logger.warning("removed %s: split from older questions; run `adapter split %s` again",
-                           ", ".join(p.name for p in stale), directory)
+    files = {"queries.jsonl": "".join(json.dumps({"_id": qid, "text": text}, ensure_ascii=False) + "\n"
+                                      for qid, text, _ in kept).encode("utf-8"),
+             "qrels/all.tsv": qrels_bytes({qid: {cid: 1} for qid, _, cid in kept}, directory / "qrels" / "all.tsv")}
+    if all(_read_bytes(directory / rel) == data for rel, data in files.items()):
+        return len(kept), len(pairs) - len(kept)  # the same questions: the splits still hold
+    stale = [f"qrels/{s}.tsv" for s in SPLITS if (directory / "qrels" / f"{s}.tsv").exists()]
+    replace_folder(directory, files, replaced=(*stale, "split.json"))
+    if stale:
+        logger.warning("removed %s: split from older questions; run `adapter split %s` again", ", ".join(stale),
+                       directory)
     return len(kept), len(pairs) - len(kept)
 
 

@@ -146,6 +146,45 @@ def test_a_lone_surrogate_in_a_dataset_is_refused_on_load(tmp_path):
         load_dataset(ds)
 
 
+def test_a_lone_surrogate_given_to_the_encoder_is_one_line_naming_its_place(tiny_model_dir, tmp_path):
+    """The same text passed straight to ``Encoder.encode`` in Python: UnicodeEncodeError while hashing the cache key."""
+    from adapter.encoder import Encoder
+
+    encoder = Encoder(str(tiny_model_dir), cache_dir=tmp_path / "cache", show_progress=False)
+    with pytest.raises(AdapterError, match=r"^query texts\[1\] \(of 2\) holds a lone surrogate '\\ud83d' at "
+                                           r"character 8") as e:
+        encoder.encode_queries(["pump", "what is \ud83d?"])
+    assert "\n" not in str(e.value)
+    with pytest.raises(AdapterError, match=r"^document texts\[0\] \(of 1\) is NoneType, not a string"):
+        encoder.encode_documents([None])
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npz"))  # nothing embedded
+
+
+def test_split_writes_its_files_as_one_unit(tmp_path, monkeypatch):
+    """A failure (or a kill) while writing the splits: before, train.tsv of the new seed could sit beside test.tsv of
+    the old one (test questions leaking into training). Now the old splits and split.json stay whole."""
+    import adapter.data
+    from adapter.data import split_dataset
+
+    ds = write_dataset(tmp_path / "ds")
+    split_dataset(ds, by="query", test_fraction=0.3, seed=0)
+    before = tree(ds)
+    real = adapter.data.atomic_write
+
+    def dies_on_test_split(path, mode="w"):
+        if Path(path).name == "test.tsv":
+            raise KeyboardInterrupt  # as a kill would, halfway through
+        return real(path, mode)
+
+    monkeypatch.setattr(adapter.data, "atomic_write", dies_on_test_split)
+    with pytest.raises(KeyboardInterrupt):
+        split_dataset(ds, by="query", test_fraction=0.3, seed=1)
+    assert tree(ds) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary left
+    monkeypatch.undo()
+    split_dataset(ds, by="query", test_fraction=0.3, seed=1)
+    assert json.loads((ds / "split.json").read_text())["seed"] == 1 and tree(ds) != before
+
+
 @pytest.mark.parametrize("fmt", ["pairs", "chunks", "llamaindex"])
 def test_a_folder_given_as_a_file_format(fmt, tmp_path):
     """Reproduction 12: IsADirectoryError."""

@@ -108,11 +108,47 @@ def test_parse_questions_takes_the_first_n_distinct():
     (json.dumps({"answer": 42}), "no questions found"),
     (json.dumps(QS[:2]), "too few questions"),
     (json.dumps([QS[0], QS[0].upper(), QS[1]]), "too few questions"),  # a repeat does not count twice
+    (json.dumps([QS[0], "what is \ud83d?", QS[1]]), "too few questions"),  # a lone surrogate is not a question
 ])
 def test_parse_questions_rejects_what_must_be_asked_again(content: str | None, kind: str):
     with pytest.raises(ParseError) as e:
         parse_questions(content, 3)
     assert e.value.kind == kind
+
+
+def test_a_failure_between_queries_and_qrels_leaves_the_old_dataset_whole(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch):
+    """queries.jsonl and qrels/all.tsv are one unit: a run that fails (or is killed) while writing qrels/all.tsv
+    used to leave new queries beside old qrels, and splits of neither. Now the old dataset, splits included, stays."""
+    import adapter.data
+    from adapter.data import split_dataset
+
+    folder = tmp_path / "ds"
+    chunks = write_corpus(folder, 6)
+    with FakeLLM(questions=N) as llm:
+        run(folder, llm)
+        split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+        names = ["queries.jsonl", "qrels/all.tsv", "qrels/train.tsv", "qrels/test.tsv", "split.json"]
+        before = {n: (folder / n).read_bytes() for n in names}
+        write_corpus(folder, 6, seed=1)  # every chunk changed: all asked again, new questions
+        real = adapter.data.atomic_write
+
+        def dies_on_qrels(path, mode="w"):
+            if Path(path).name == "all.tsv":
+                raise KeyboardInterrupt  # as a kill between the two files would
+            return real(path, mode)
+
+        monkeypatch.setattr(adapter.data, "atomic_write", dies_on_qrels)
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, llm)
+        assert {n: (folder / n).read_bytes() for n in names} == before
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary folder left
+        monkeypatch.undo()
+        s = run(folder, llm)  # the journal holds every new chunk: nothing asked, both files written
+        assert s.requests == 0 and queries(folder) == expected(write_corpus(tmp_path / "x", 6, seed=1), llm)
+    assert queries(folder) != {k: v for k, v in expected(chunks, llm).items()}
+    assert not (folder / "qrels" / "train.tsv").exists() and not (folder / "split.json").exists()
+    assert load_dataset(folder).qrels.keys() == {"all"}
 
 
 def test_drop_near_duplicates_keeps_the_first_of_each_group():
