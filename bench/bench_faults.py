@@ -1,7 +1,7 @@
 """Bad input and faults, measured (issue #13): the fuzz table over every command, two `adapter embed` processes sharing
 one cache past the merge threshold, and `adapter embed` killed with SIGKILL at random points.
 
-    python bench/bench_faults.py [--model NAME] [--rounds 20] [--kills 10] [--skip-fuzz]
+    python bench/bench_faults.py [--model NAME] [--rounds 20] [--kills 10] [--parts fuzz,concurrent,kills]
 
 Everything runs the real CLI in subprocesses (`python -m cli ...`), as a user would. Prints markdown tables. The
 default model is the tests' tiny BERT, built here: what is measured (exits, files, cache contents) does not depend on
@@ -135,38 +135,62 @@ def concurrent(work: Path, model: str, rounds: int) -> None:
           f"{diff:.2e} |")
 
 
+def shard_names(folder: Path) -> set[str]:
+    """Shard files under a cache root now (every model's folder; hidden temporaries excluded)."""
+    from adapter.cache import SUFFIX
+
+    return {p.name for p in (folder / "embeddings").glob(f"*/[!.]*{SUFFIX}")}
+
+
+def run_watching(cmd: list[str], env: dict[str, str], cache: Path, kill_after: int | None = None,
+                 wait: float = 0.0) -> tuple[int, float, str]:
+    """Run ``cmd``, polling ``cache`` for shard files every millisecond; with ``kill_after``, SIGKILL it ``wait``
+    seconds after that many distinct shard files have appeared. Returns (shards seen, seconds until the kill or
+    the end, what it printed)."""
+    seen: set[str] = set()
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    while p.poll() is None and (kill_after is None or len(seen) < kill_after):
+        seen |= shard_names(cache)
+        time.sleep(0.001)
+    if kill_after is not None and p.poll() is None:
+        time.sleep(wait)
+        p.send_signal(signal.SIGKILL)
+    out = p.communicate()[0]
+    return len(seen | shard_names(cache)), time.perf_counter() - t0, out
+
+
 def kills(work: Path, model: str, n: int) -> None:
+    """Each kill after N shard files appeared (N random below a full run's count) and a random part of the mean gap
+    between two shards, so kills land across the embedding, not mostly while the model loads."""
     from adapter.cache import EmbeddingCache
 
     env_base = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "cli", "-q", "embed", str(WATEROPS), "--model", model]
     timing = work / "kill-timing"
-    t0 = time.perf_counter()
-    full = EMBEDDED.search(cli("embed", str(WATEROPS), cache=timing, model=model).stdout)
-    whole = time.perf_counter() - t0
-    total = int(full.group(1))
+    shards, whole, out = run_watching(cmd, {**env_base, "ADAPTER_CACHE": str(timing)}, timing)
+    total = int(EMBEDDED.search(out).group(1))
+    gap = whole / shards
     rng = random.Random(0)
     rows = []
     for i in range(n):
         cache = work / f"kill-{i}"
-        at = rng.uniform(0.05, 0.95) * whole
-        p = subprocess.Popen([sys.executable, "-m", "cli", "-q", "embed", str(WATEROPS), "--model", model],
-                             env={**env_base, "ADAPTER_CACHE": str(cache)}, cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-        time.sleep(at)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
+        after, wait = rng.randint(1, max(1, shards - 1)), rng.uniform(0, gap)
+        _, at, _ = run_watching(cmd, {**env_base, "ADAPTER_CACHE": str(cache)}, cache, kill_after=after, wait=wait)
         folders = list((cache / "embeddings").glob("*")) if (cache / "embeddings").is_dir() else []
         cached = sum(len(EmbeddingCache(f)) for f in folders)  # opens, or raises naming a shard
         rerun = EMBEDDED.search(cli("embed", str(WATEROPS), cache=cache, model=model).stdout)
         embedded, already = int(rerun.group(1)), int(rerun.group(2))
-        rows.append((i, at, cached, embedded, already, embedded + already == total and already == cached))
+        rows.append((i, after, at, cached, embedded, already, embedded + already == total and already == cached))
     print(f"\n### `adapter embed` killed with SIGKILL at {n} random points (a full run takes {whole:.1f} s, "
-          f"{total} texts)\n")
-    print("| kill | after (s) | vectors in the cache after the kill (it opens) | rerun embedded | rerun found cached "
-          "| rerun embedded exactly what was missing |")
-    print("|---:|---:|---:|---:|---:|---|")
-    for i, at, cached, embedded, already, ok in rows:
-        print(f"| {i} | {at:.1f} | {cached} | {embedded} | {already} | {ok} |")
+          f"{total} texts, {shards} shard files)\n")
+    print("| kill | after shard | after (s) | vectors in the cache after the kill (it opens) | rerun embedded | "
+          "rerun found cached | rerun embedded exactly what was missing |")
+    print("|---:|---:|---:|---:|---:|---:|---|")
+    for i, after, at, cached, embedded, already, ok in rows:
+        print(f"| {i} | {after} | {at:.1f} | {cached} | {embedded} | {already} | {ok} |")
+    mid = sum(0 < cached < total for _, _, _, cached, *_ in rows)
+    print(f"\n{mid} of {n} kills landed mid-run (some texts cached, some not).")
 
 
 def main() -> None:
@@ -174,8 +198,9 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="[default: the tests' tiny BERT, built here]")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--skip-fuzz", action="store_true")
+    parser.add_argument("--parts", default="fuzz,concurrent,kills", help="which parts to run, comma-separated")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     from adapter.encoder import resolve_model
 
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
@@ -186,10 +211,12 @@ def main() -> None:
             model = str(build_tiny_model(work / "tiny"))
         else:
             model = resolve_model(args.model)
-        if not args.skip_fuzz:
+        if "fuzz" in parts:
             fuzz(work, model)
-        concurrent(work, model, args.rounds)
-        kills(work, model, args.kills)
+        if "concurrent" in parts:
+            concurrent(work, model, args.rounds)
+        if "kills" in parts:
+            kills(work, model, args.kills)
     print(f"\n(machine: {os.cpu_count()} cores, shared; {json.dumps({'model': args.model or 'tiny BERT'})})")
 
 
