@@ -253,13 +253,13 @@ class EmbeddingCache:
 
     # ------------------------------------------------------------------------------------------------ reading
 
-    def _locate(self, keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """For each key, the index in ``self._shards`` of a shard holding it (-1: none) and its row there."""
+    def _locate(self, keys: Sequence[bytes], shards: list[_Shard]) -> tuple[np.ndarray, np.ndarray]:
+        """For each key, the index in ``shards`` of a shard holding it (-1: none) and its row there."""
         hi, lo = _split_keys(keys)
         shard_of = np.full(len(keys), -1, dtype=np.int64)
         row_of = np.zeros(len(keys), dtype=np.int64)
         todo = np.argsort(hi, kind="stable")  # searched in key order: each shard's key pages are read in order
-        for s, shard in enumerate(self._shards):
+        for s, shard in enumerate(shards):
             if not len(todo):
                 break
             rows = shard.find(hi[todo], lo[todo])
@@ -272,7 +272,7 @@ class EmbeddingCache:
         """Boolean mask: which keys the cache holds (one vectorised search per shard)."""
         if not len(keys):
             return np.zeros(0, dtype=bool)
-        return self._locate(keys)[0] >= 0
+        return self._locate(keys, self._shards)[0] >= 0
 
     def __contains__(self, key: bytes) -> bool:
         return bool(self.contains([key])[0])
@@ -287,16 +287,18 @@ class EmbeddingCache:
 
     def get(self, keys: Sequence[bytes], dim: int) -> np.ndarray:
         """Vectors for keys that are all present, in order, as one (n, dim) float32 array."""
-        shard_of, row_of = self._locate(keys)
+        shards = self._shards  # this list is replaced, never changed in place: indices into it stay valid
+        shard_of, row_of = self._locate(keys, shards)
         if (shard_of < 0).any():  # stored by another process since this one opened the cache: look again
             self._open()
-            shard_of, row_of = self._locate(keys)
+            shards = self._shards
+            shard_of, row_of = self._locate(keys, shards)
             if (shard_of < 0).any():
                 raise AdapterError(f"{self.folder}: a cached vector vanished ({int((shard_of < 0).sum())} keys "
                                    "not found); run again")
         out = np.empty((len(keys), dim), dtype=np.float32)
         for s in np.unique(shard_of).tolist():
-            shard = self._shards[s]
+            shard = shards[s]
             if shard.dim != dim:
                 raise _damaged(shard.path, f"vectors of dimension {shard.dim}, expected {dim}")
             dst = np.flatnonzero(shard_of == s)
@@ -323,7 +325,7 @@ class EmbeddingCache:
         order = _sorted_unique(hi, lo)
         path = write_shard(self.folder, hi[order], lo[order], lambda a, b: vectors[order[a:b]], vectors.shape[1])
         try:
-            self._shards.append(_Shard(path))
+            self._shards = [*self._shards, _Shard(path)]
         except FileNotFoundError:  # another process merged it away already: the merged shard holds its keys
             self._open()
         if len(self._names(SUFFIX)) > MAX_SHARDS:

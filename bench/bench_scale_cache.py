@@ -13,7 +13,8 @@ sorted keys, fsync, rename), then measures in fresh processes (one per row of th
 - ``contains`` of the same keys and of as many absent ones (the encoder's check before embedding);
 - ``put`` of 1,000 new keys into the full cache (a write rewrites nothing else);
 - Python's own allocations (tracemalloc peak) over open + get, in a separate run (it slows allocation);
-- the disk's floor for the cold read: the same rows read with ``os.pread`` from 32 threads, no cache code.
+- the disk's floor for the cold read: the same rows read with ``os.pread`` from 32 threads, no cache code; and the
+  cold read without the cache's prefetch (``madvise(WILLNEED)`` of every row's pages before copying them).
 
 "cold" runs evict the cache's files from the page cache first (posix_fadvise DONTNEED on those files only, so the
 reads go to the disk); "warm" runs follow at once. Prints a markdown table.
@@ -108,7 +109,7 @@ def rss() -> dict[str, int]:
 
 def vector_pages(cache: EmbeddingCache, keys: list[bytes]) -> int:
     """Bytes of the file pages the rows of ``keys`` lie on (what reading them must bring in, at least)."""
-    shard_of, row_of = cache._locate(keys)
+    shard_of, row_of = cache._locate(keys, cache._shards)
     pages = 0
     for s in np.unique(shard_of).tolist():
         shard = cache._shards[s]
@@ -119,9 +120,14 @@ def vector_pages(cache: EmbeddingCache, keys: list[bytes]) -> int:
     return pages * mmap.PAGESIZE
 
 
-def measure(folder: Path, keys: int, dim: int, reads: int, trace: bool) -> dict:
+def measure(folder: Path, keys: int, dim: int, reads: int, trace: bool, prefetch: bool = True) -> dict:
     """One fresh process's open and read (called through a subprocess)."""
     import tracemalloc
+
+    import adapter.cache
+
+    if not prefetch:  # the ablation: every page read by its own fault, one after another
+        adapter.cache.PREFETCH_ROWS = reads
 
     index = np.random.default_rng(1).choice(keys, size=reads, replace=False)
     wanted = key_bytes(index)
@@ -162,7 +168,7 @@ def measure_floor(folder: Path, keys: int, reads: int) -> dict:
 
     index = np.random.default_rng(1).choice(keys, size=reads, replace=False)
     cache = EmbeddingCache(folder)
-    shard_of, row_of = cache._locate(key_bytes(index))
+    shard_of, row_of = cache._locate(key_bytes(index), cache._shards)
     jobs = []
     for s in np.unique(shard_of).tolist():
         shard = cache._shards[s]
@@ -195,9 +201,10 @@ def measure_put(folder: Path, keys: int, dim: int) -> dict:
     return {"put_s": seconds, "shards_before": len(before), "shards_after": len(after), "untouched": kept}
 
 
-def child(args: argparse.Namespace, what: str, trace: bool = False) -> dict:
+def child(args: argparse.Namespace, what: str, trace: bool = False, prefetch: bool = True) -> dict:
     cmd = [sys.executable, __file__, "--child", what, "--folder", str(args.folder), "--keys", str(args.keys),
-           "--dim", str(args.dim), "--reads", str(args.reads)] + (["--trace"] if trace else [])
+           "--dim", str(args.dim), "--reads", str(args.reads)] + (["--trace"] if trace else []) + \
+        ([] if prefetch else ["--no-prefetch"])
     r = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if r.returncode != 0:
         raise SystemExit(r.stderr[-3000:])
@@ -217,9 +224,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the cache (and reuse it if it is there)")
     parser.add_argument("--child", choices=["measure", "put", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-prefetch", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "measure":
-        print(json.dumps(measure(args.folder, args.keys, args.dim, args.reads, args.trace)))
+        print(json.dumps(measure(args.folder, args.keys, args.dim, args.reads, args.trace, not args.no_prefetch)))
         return
     if args.child == "put":
         print(json.dumps(measure_put(args.folder, args.keys, args.dim)))
@@ -240,11 +248,13 @@ def main() -> None:
     try:
         built = None if reuse else build(args.folder, args.keys, args.dim)
         rows = []
-        for label, cold, trace in (("cold", True, False), ("warm", False, False), ("cold", True, False),
-                                   ("warm", False, False), ("warm, tracemalloc on", False, True)):
+        for label, cold, trace, prefetch in (
+                ("cold", True, False, True), ("warm", False, False, True), ("cold", True, False, True),
+                ("warm", False, False, True), ("warm, tracemalloc on", False, True, True),
+                ("cold, without the prefetch (ablation)", True, False, False)):
             if cold:
                 evict(args.folder)
-            rows.append((label, child(args, "measure", trace)))
+            rows.append((label, child(args, "measure", trace, prefetch)))
         floor = child(args, "floor")
         put = child(args, "put")
     finally:
