@@ -357,7 +357,8 @@ class OpenAIBackend:
                         if not pending:
                             break
                         done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                        for future in done:
+                        failed = [f for f in done if f.exception() is not None]
+                        for future in (f for f in done if f not in failed):  # finished batches are kept first
                             positions = pending.pop(future)
                             vectors = future.result()
                             if out is None:
@@ -367,6 +368,9 @@ class OpenAIBackend:
                                 on_batch(positions, vectors)
                             bar.update(len(positions))
                             bar.set_postfix(tokens=self.tokens - tokens_before, refresh=False)
+                        if failed:
+                            pending.pop(failed[0])
+                            failed[0].result()  # raises it
                 except BaseException:
                     stop.set()
                     for future in pending:

@@ -141,7 +141,7 @@ class FakeLLM:
     def __init__(self, *, questions: int = 20, fault_rate: float = 0.0, faults: tuple[str, ...] = FAULTS,
                  seed: int = 0, delay: float = 0.0, slow_seconds: float = 2.0, retry_after: str = "1",
                  near_duplicates: bool = False, max_faults: int | None = None, port: int = 0,
-                 rag_gold: dict[str, str] | None = None):
+                 rag_gold: dict[str, str] | None = None, hold_after: int | None = None):
         self.questions, self.fault_rate, self.faults, self.seed = questions, fault_rate, faults, seed
         self.delay, self.slow_seconds, self.retry_after = delay, slow_seconds, retry_after
         self.near_duplicates = near_duplicates
@@ -149,6 +149,9 @@ class FakeLLM:
         self.max_faults = max_faults  # random faults strike only a chunk's first this many attempts (None: any)
         self.requests: list[Request] = []
         self.inflight = self.max_inflight = 0
+        # requests after the first ``hold_after`` wait unanswered until ``release()``: a client killed while they
+        # wait is killed mid-run, however slow the machine (``held`` counts the requests waiting)
+        self.hold_after, self.held, self._begun, self._released = hold_after, 0, 0, threading.Event()
         self._queue: deque[str | None] = deque()
         self._attempts: Counter[str] = Counter()
         self._faults: Counter[str] = Counter()  # counted when served, before a slow answer ends
@@ -178,15 +181,23 @@ class FakeLLM:
         """The questions the server gives for a chunk when no fault strikes."""
         return questions_for(chunk, self.questions, near_duplicates=self.near_duplicates)
 
+    def release(self) -> None:
+        """Answer the held requests and every later one."""
+        self._released.set()
+
     def faults_seen(self) -> Counter[str]:
         """How many times each fault has been served so far."""
         with self._lock:
             return Counter(self._faults)
 
-    def _begin(self, key: str) -> tuple[int, str | None]:
+    def _begin(self, key: str) -> tuple[int, str | None, bool]:
+        """(attempt number for ``key``, the fault to serve, whether to hold the request)."""
         with self._lock:
             attempt = self._attempts[key]
             self._attempts[key] += 1
+            self._begun += 1
+            hold = self.hold_after is not None and self._begun > self.hold_after and not self._released.is_set()
+            self.held += hold
             self.inflight += 1
             self.max_inflight = max(self.max_inflight, self.inflight)
             if self._queue:
@@ -197,7 +208,7 @@ class FakeLLM:
                 fault = rng.choice(self.faults) if strikes else None
             if fault:
                 self._faults[fault] += 1
-            return attempt, fault
+            return attempt, fault, hold
 
     def _end(self, request: Request) -> None:
         with self._lock:
@@ -232,7 +243,9 @@ def _handler(fake: FakeLLM) -> type[BaseHTTPRequestHandler]:
             chunk = chunk_of(prompt)
             key = hashlib.sha256(chunk.encode()).hexdigest()[:16]
             start = time.monotonic()
-            attempt, fault = fake._begin(key)
+            attempt, fault, hold = fake._begin(key)
+            if hold:
+                fake._released.wait()
             try:
                 self._reply(body, chunk, key, fault)
             except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout) first

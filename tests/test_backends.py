@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 
 import numpy as np
 import pytest
@@ -117,25 +116,24 @@ def test_a_bad_key_and_an_unknown_model_fail_at_once_naming_endpoint_and_status(
     with FakeEmbeddings(minilm) as server:
         server.push("401")
         b = backend(server, retry_base_delay=1.0)
-        t = time.monotonic()
         with pytest.raises(AdapterError, match=rf"^{server.url}: HTTP 401 embedding 40 texts with fake-minilm "
                                                r"\(Incorrect API key provided\)$"):
             b.embed(TEXTS, "query")
+        other = backend(server, model="nope", retry_base_delay=1.0)
         with pytest.raises(AdapterError, match=rf"^{server.url}: HTTP 404 .*\(The model `nope` does not exist\)$"):
-            backend(server, model="nope", retry_base_delay=1.0).embed(TEXTS)
-        assert time.monotonic() - t < 1.0 and b.stats.retries == 0
+            other.embed(TEXTS)
+        assert b.stats.retries == other.stats.retries == 0  # failed at once: nothing asked again
 
 
 def test_a_closed_port_fails_in_one_line_within_the_timeout():
-    with socket.socket() as s:
+    with socket.socket() as s:  # bound, never listening: connections are refused, and no one else can take the port
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    b = OpenAIBackend(f"openai:{MODEL}", EmbeddingConfig(base_url=f"http://127.0.0.1:{port}/v1", request_timeout=3),
-                      show_progress=False)
-    t = time.monotonic()
-    with pytest.raises(AdapterError, match=rf"^http://127.0.0.1:{port}/v1: cannot connect"):
-        b.embed(TEXTS)
-    assert time.monotonic() - t < 3
+        b = OpenAIBackend(f"openai:{MODEL}", EmbeddingConfig(base_url=f"http://127.0.0.1:{port}/v1",
+                                                             request_timeout=3), show_progress=False)
+        with pytest.raises(AdapterError, match=rf"^http://127.0.0.1:{port}/v1: cannot connect"):
+            b.embed(TEXTS)
+    assert b.stats.retries == 0  # refused is final: no backoff, no second try
 
 
 def test_concurrency_and_requests_per_minute_are_bounded(minilm):
@@ -227,19 +225,29 @@ def test_the_encoder_caches_a_remote_model_and_a_rerun_sends_nothing(minilm, tmp
     assert enc.identity.startswith("openai_fake-minilm@") and enc.model is None
 
 
-def test_finished_batches_survive_a_failure_and_a_rerun_sends_only_the_rest(minilm, tmp_path):
+@pytest.mark.parametrize("together", [False, True])
+def test_finished_batches_survive_a_failure_and_a_rerun_sends_only_the_rest(minilm, tmp_path, monkeypatch, together):
+    """``together``: the finished batch and the failed one are seen done at once (a loaded machine's calling thread
+    wakes late); the finished one is still stored before the failure is raised."""
+    if together:
+        import concurrent.futures
+
+        import adapter.backends
+
+        monkeypatch.setattr(adapter.backends, "wait", lambda fs, return_when=None: concurrent.futures.wait(fs))
     with FakeEmbeddings(minilm) as server:
         enc = remote(server, tmp_path, batch_size=10, concurrency=1)
         server.push(None, None, None, "401")  # the canary, two batches, then a fatal error
         with pytest.raises(AdapterError, match="HTTP 401"):
             enc.encode_documents(TEXTS)
-        assert len(enc.cache) == 20
+        kept = len(enc.cache)  # the two batches before the 401, and the fourth if it ran before the stop
+        assert kept in (20, 30)
         before = len(server.arrivals)
         again = remote(server, tmp_path, batch_size=10, concurrency=1)
         again.encode_documents(TEXTS)
         sent = server.arrivals[before:]
-    assert sent == [1, 10, 10]  # the canary, then only the two batches missing
-    assert again.texts_encoded == 20
+    assert sent == [1] + [10] * ((40 - kept) // 10)  # the canary, then only the batches missing
+    assert again.texts_encoded == 40 - kept
 
 
 class Rolled:

@@ -90,18 +90,19 @@ def test_faults_and_a_sigkill_mid_run_lose_nothing_and_ask_nothing_twice(rag_dir
             "--adapter", str(shuffled), "-k", "2", "--out", str(out), "--concurrency", "2", "--max-retries", "8"]
     env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     with FakeLLM(rag_gold=gold_map(ds), fault_rate=0.2, faults=("500", "429", "malformed", "empty", "few", "drop"),
-                 retry_after="0", delay=0.3, seed=1) as fake:
+                 retry_after="0", delay=0.3, seed=1, hold_after=8) as fake:  # then held: the kill lands mid-run
         cmd = [a.replace("{url}", fake.url) for a in args]
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         journal = out / "rag-journal.jsonl"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            if journal.is_file() and len(journal.read_text().splitlines()) >= 4:
+            if fake.held and journal.is_file() and journal.read_text().endswith("}\n"):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, "the run finished before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        fake.release()
         first = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
         assert first and not (out / "rag.json").exists()
         seen_before = len(fake.requests)
