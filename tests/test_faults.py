@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -158,6 +159,34 @@ def test_a_lone_surrogate_given_to_the_encoder_is_one_line_naming_its_place(tiny
     with pytest.raises(AdapterError, match=r"^document texts\[0\] \(of 1\) is NoneType, not a string"):
         encoder.encode_documents([None])
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.npz"))  # nothing embedded
+
+
+def test_a_local_model_stores_each_part_as_it_finishes(tiny_model_dir, tmp_path, monkeypatch):
+    """A local model's vectors go to the cache a part (``PART_BATCHES`` batches) at a time, so a run that dies
+    mid-way (killed, or the model failing) keeps every finished part and the rerun embeds only the rest."""
+    import adapter.backends
+    from adapter.encoder import Encoder
+
+    monkeypatch.setattr(adapter.backends, "PART_BATCHES", 2)  # parts of 2 x 4 texts
+    texts = [f"pump station {i} alarm" for i in range(20)]
+    encoder = Encoder(str(tiny_model_dir), cache_dir=tmp_path / "cache", batch_size=4, show_progress=False)
+    real, calls = encoder.model.encode_document, []
+
+    def dies_on_the_third_part(chunk, **kw):
+        calls.append(len(chunk))
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # as a kill would
+        return real(chunk, **kw)
+
+    monkeypatch.setattr(encoder.model, "encode_document", dies_on_the_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        encoder.encode_documents(texts)
+    assert calls == [8, 8, 4] and encoder.texts_encoded == 16
+    again = Encoder(str(tiny_model_dir), cache_dir=tmp_path / "cache", batch_size=4, show_progress=False)
+    vectors = again.encode_documents(texts)
+    assert again.texts_encoded == 4  # only the part that never finished
+    fresh = Encoder(str(tiny_model_dir), cache_dir=tmp_path / "fresh", batch_size=4, show_progress=False)
+    np.testing.assert_allclose(vectors, fresh.encode_documents(texts), atol=1e-6)
 
 
 def test_split_writes_its_files_as_one_unit(tmp_path, monkeypatch):
