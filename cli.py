@@ -738,7 +738,7 @@ def rerank_train(directory: str, out: str, model: str | None, encoder: str | Non
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
     r = run(ds, out, cfg, adapter=adapter_path)
-    f, b = r.best_val["ndcg@10"], r.first_stage_val["ndcg@10"]
+    f, b = r.best_val[r.dim]["ndcg@10"], r.base_val[r.dim]["ndcg@10"]
     click.echo(f"validation ndcg@10: first stage {b:.4f} -> reranked top {cfg.rerank.k} {f:.4f} "
                f"({(f - b) / b:+.1%}); epoch {r.best_epoch:g} kept")
     resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""

@@ -30,7 +30,7 @@ from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, fingerprint, relevant, train_val_qrels
 from adapter.encoder import resolve_model
 from adapter.errors import AdapterError, one_line
-from adapter.evaluate import METRICS, PRIMARY_METRIC, evaluate, id_rank, search
+from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate, id_rank, search
 from adapter.finetune import (
     CHECKPOINTS,
     CLOCK_FILE,
@@ -337,13 +337,15 @@ def _check(cfg: Config) -> None:
 
 @dataclass
 class RerankResult:
-    """Where the reranker went and how the kept epoch scored on validation (full dim, top-k reranked)."""
+    """Where the reranker went and how the kept epoch scored on validation (top-k reranked), keyed by dim like every
+    result (the one dim here: the first stage's full dim, ``dim``)."""
 
     path: Path
     best_epoch: float
-    first_stage_val: dict[str, float]  # the first stage alone
-    start_val: dict[str, float] | None  # the start model reranking, before training (None: a new head, random)
-    best_val: dict[str, float]  # the kept epoch reranking
+    dim: int
+    base_val: Results  # the first stage alone, {dim: metrics}
+    start_val: Results | None  # the start model reranking, before training (None: a new head, random)
+    best_val: Results  # the kept epoch reranking
     seconds: float  # training wall time, resumed runs included
     resumed_from: str | None
 
@@ -451,7 +453,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     _install(model, out, {"README.md": model_card(meta, out.name), META_FILE: json.dumps(meta, indent=2)})
     logger.info("kept epoch %g: validation %s %.4f reranked (first stage alone %.4f); %.0f s", best["epoch"],
                 PRIMARY_METRIC, best_val[PRIMARY_METRIC], base["first_stage"][PRIMARY_METRIC], seconds)
-    return RerankResult(out, float(best["epoch"]), base["first_stage"], base["start"], best_val, seconds,
+    return RerankResult(out, float(best["epoch"]), d, meta["val_base"], meta["val_start"], meta["val_best"], seconds,
                         str(resume) if resume else None)
 
 
