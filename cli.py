@@ -691,14 +691,19 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Reranker folder to write: new or empty, or holding the checkpoints of this same run (resumes).")
 @click.option("--model", default=None, help="Start: a cross-encoder checkpoint, or any BERT-like encoder (gets a new "
-              f"one-logit head) [default: {DEFAULTS.rerank.model}'s backbone].")
+              f"head, --head) [default: {DEFAULTS.rerank.model}'s backbone].")
+@click.option("--head", type=click.Choice(["cosine", "classifier"]), default=None, help="The new head on an encoder: "
+              "the cosine of its question and chunk token states (ranks from the start), or a one-logit classifier "
+              f"on the pooler [default: {DEFAULTS.rerank.head}].")
 @click.option("--encoder", default=None, help=f"First-stage bi-encoder that mines the hard negatives [default: "
               f"{DEFAULTS.encoder.model}].")
 @click.option("--adapter", "adapter_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Mine the negatives under this adapter on the encoder (the first stage it will rerank).")
 @click.option("--rerank-k", "k", type=int, default=None, help="First-stage candidates it learns to reorder "
               f"[default: {DEFAULTS.rerank.k}].")
-@click.option("--loss", type=click.Choice(["bce", "mnrl"]), default=None, help=f"[default: {DEFAULTS.rerank.loss}]")
+@click.option("--loss", type=click.Choice(["lambda", "bce", "mnrl"]), default=None, help="lambda: LambdaLoss over "
+              "each question's gold and hard-negative chunks; bce: BinaryCrossEntropyLoss on pairs; mnrl: "
+              f"MultipleNegativesRankingLoss [default: {DEFAULTS.rerank.loss}].")
 @click.option("--negatives", type=Number(int, 0), default=None, help="Hard negatives per question "
               f"[default: {DEFAULTS.rerank.negatives}].")
 @click.option("--epochs", type=COUNT, default=None, help=f"[default: {DEFAULTS.rerank.epochs}]")
@@ -712,16 +717,21 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
               f"[default: {DEFAULTS.rerank.val_queries}].")
 @click.option("--train-queries", type=COUNT, default=None, help="Train on a seeded sample of this many questions "
               "[default: all].")
+@click.option("--bf16", type=click.Choice(["auto", "yes", "no"]), default=None, help="bfloat16 autocast for training "
+              f"and reranking; auto: where the CPU or GPU does it natively [default: {DEFAULTS.rerank.bf16}].")
+@click.option("--fusion/--no-fusion", default=None, help="Choose on validation a weight for the first stage's rank "
+              "in the final order (0: the reranker alone) [default: fusion].")
 @click.option("--split", "train_split", default=None,
               help=f"Qrels split to train on [default: {DEFAULTS.split.train_split}].")
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
 @click.option("--push-to-hub", "repo_id", default=None, metavar="REPO",
               help="Then upload the reranker folder to this Hugging Face Hub model repo (token: $HF_TOKEN).")
 @cache_option
-def rerank_train(directory: str, out: str, model: str | None, encoder: str | None, adapter_path: str | None,
-                 k: int | None, loss: str | None, negatives: int | None, epochs: int | None, batch_size: int | None,
-                 lr: float | None, max_seq_length: int | None, max_train_seconds: float | None,
-                 val_queries: int | None, train_queries: int | None, train_split: str | None, seed: int | None,
+def rerank_train(directory: str, out: str, model: str | None, head: str | None, encoder: str | None,
+                 adapter_path: str | None, k: int | None, loss: str | None, negatives: int | None, epochs: int | None,
+                 batch_size: int | None, lr: float | None, max_seq_length: int | None,
+                 max_train_seconds: float | None, val_queries: int | None, train_queries: int | None,
+                 bf16: str | None, fusion: bool | None, train_split: str | None, seed: int | None,
                  repo_id: str | None, cache_dir: str | None) -> None:
     """Fine-tune a cross-encoder to rerank DIRECTORY's first-stage top-k (hard negatives mined once by the first
     stage); write the best epoch by validation ndcg@10 to --out with a model card.
@@ -734,13 +744,16 @@ def rerank_train(directory: str, out: str, model: str | None, encoder: str | Non
     cfg = Config().replace(model=encoder, train_split=train_split, seed=seed, cache_dir=cache_dir, rerank_model=model,
                            rerank_k=k, rerank_loss=loss, rerank_negatives=negatives, rerank_epochs=epochs,
                            rerank_batch_size=batch_size, rerank_lr=lr, rerank_max_seq_length=max_seq_length,
-                           max_train_seconds=max_train_seconds, val_queries=val_queries, train_queries=train_queries)
+                           max_train_seconds=max_train_seconds, val_queries=val_queries, train_queries=train_queries,
+                           rerank_head=head, rerank_bf16=bf16, rerank_fusion=fusion)
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
     r = run(ds, out, cfg, adapter=adapter_path)
     f, b = r.best_val[r.dim]["ndcg@10"], r.base_val[r.dim]["ndcg@10"]
+    fused = (f" (fused with the first stage's score at weight {r.fusion:g}; the reranker alone {r.alone:.4f})"
+             if r.fusion else "")
     click.echo(f"validation ndcg@10: first stage {b:.4f} -> reranked top {cfg.rerank.k} {f:.4f} "
-               f"({(f - b) / b:+.1%}); epoch {r.best_epoch:g} kept")
+               f"({(f - b) / b:+.1%}){fused}; epoch {r.best_epoch:g} kept")
     resumed = f", resumed from {r.resumed_from}" if r.resumed_from else ""
     click.echo(f"trained in {r.seconds:.1f} s{resumed}; wrote {r.path}")
     if repo_id:

@@ -32,11 +32,12 @@ Results = dict[int, dict[str, float]]  # dim -> metric -> value
 
 
 class Reorder(Protocol):
-    """A second stage (``adapter.rerank.ListReranker``): reorders the first ``k`` of each query's ranked corpus rows."""
+    """A second stage (``adapter.rerank.ListReranker``): reorders the first ``k`` of each query's ranked corpus rows,
+    given the first stage's scores of those rows too (a reranker may fuse them with its own)."""
 
     k: int  # how many of the first stage's candidates it reorders
 
-    def __call__(self, query_ids: Sequence[str], rows: np.ndarray) -> np.ndarray: ...
+    def __call__(self, query_ids: Sequence[str], rows: np.ndarray, scores: np.ndarray) -> np.ndarray: ...
 
 
 def resolve_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
@@ -165,9 +166,9 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
     results: Results = {}
     depth = max(TOP_K, rerank.k) if rerank is not None else TOP_K
     for d in dims:
-        _, rows = search(queries, corpus_vectors, depth, dim=d, tie_rank=tie_rank)
+        scores, rows = search(queries, corpus_vectors, depth, dim=d, tie_rank=tie_rank)
         if rerank is not None:
-            rows = rerank(scored, rows)[:, :TOP_K]
+            rows = rerank(scored, rows, scores)[:, :TOP_K]
         hits = is_relevant(np.arange(len(scored))[:, None] * n + rows, pairs)
         results[d] = metrics_from_hits(hits, n_relevant, per_query=per_query)
         logger.debug("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, np.mean(results[d][PRIMARY_METRIC]),

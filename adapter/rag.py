@@ -177,9 +177,9 @@ def retrieve(dataset: Dataset, system: System, qids: Sequence[str], qrels: Qrels
     cids, corpus = system.corpus.read(dataset, system.encoder)
     reorder = second_stage(system, dataset, cids)
     depth = max(k, reorder.k) if reorder is not None else k
-    _, rows = search(queries, corpus, depth, tie_rank=id_rank(cids))
+    scores, rows = search(queries, corpus, depth, tie_rank=id_rank(cids))
     if reorder is not None:
-        rows = reorder(list(qids), rows)
+        rows = reorder(list(qids), rows, scores)
     full = corpus.shape[1]
     metrics = evaluate(queries, corpus, {q: qrels[q] for q in qids}, list(qids), cids, [full], rerank=reorder)[full]
     return [[cids[r] for r in row[:k]] for row in rows], metrics

@@ -5,14 +5,19 @@ Training pairs come from the train split: each question with its gold chunk, and
 project's one search function (``adapter.evaluate.search``) under the first stage (the base encoder, or it with an
 adapter): chunks it ranks in its top-k that are not relevant, which is exactly what the reranker will have to push
 down. The start is a cross-encoder checkpoint, or any BERT-like encoder (a sentence-transformers folder or a plain
-transformers one), which gets a new one-logit head. After every epoch the validation questions' first-stage lists are
-reranked by the model being trained and scored by the shared judge (``adapter.evaluate.evaluate`` with ``rerank``);
-the best epoch by ndcg@10 is kept. Checkpoints live in ``OUT/checkpoints`` until the model is installed, so the same
-command resumes after a crash, as ``adapter finetune`` does.
+transformers one), which gets a new head: by default ``CosineHead``, the cosine between the mean of the question's and
+the mean of the chunk's token states of the one joint encoding, so a bi-encoder's backbone starts as a reranker that
+already ranks (a new one-logit classifier on the pooler starts from noise and did not learn in 15 CPU minutes). After
+every epoch the validation questions' first-stage lists are reranked by the model being trained and scored by the
+shared judge (``adapter.evaluate.evaluate`` with ``rerank``), the reranker's score alone and fused with the first
+stage's rank (``ListReranker``), the fusion weight chosen there; the best epoch by ndcg@10 is kept. Checkpoints live
+in ``OUT/checkpoints`` until the model is installed, so the same command resumes after a crash, as ``adapter
+finetune`` does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from sentence_transformers.base.evaluation import BaseEvaluator
+from sentence_transformers.base.modules import Module
 
 from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, fingerprint, relevant, train_val_qrels
@@ -51,7 +57,11 @@ FORMAT_VERSION = 1
 META_FILE = "rerank.json"  # what the reranker was trained on and how it scored: what `compare` reads
 NEGATIVES_FILE = "negatives.json"  # in CHECKPOINTS: the hard negatives, mined once and reused on resume
 BASE_FILE = "base.json"  # in CHECKPOINTS: validation of the first stage alone and of the start model, measured once
-LOSSES = ("bce", "mnrl")
+LOSSES = ("lambda", "bce", "mnrl")
+HEADS = ("cosine", "classifier")
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # of the first stage's score, tried on validation; 0: none
+HEAD_TYPE = "adapter.rerank.CosineHead"  # modules.json's name for it: the one class outside sentence-transformers
+# that a reranker folder may name (loading it needs trust_remote_code, given only after checking every module type)
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -78,9 +88,65 @@ def is_cross_encoder(folder: str | os.PathLike) -> bool:
     return any(str(a).endswith("ForSequenceClassification") for a in archs)
 
 
+class CosineHead(Module):
+    """A cross-encoder head with nothing to learn but a scale: the cosine between the mean token state of the
+    question (segment A) and of the chunk (segment B) of one joint encoding, times ``scale``. On a bi-encoder's
+    backbone (trained for mean pooling) it ranks from the first step, where a new classifier ranks at random; training
+    then moves the encoder, which reads question and chunk together."""
+
+    config_keys = ["scale"]
+
+    def __init__(self, scale: float = 20.0):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, features: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        import torch
+
+        h = features["token_embeddings"].float()
+        mask = features["attention_mask"].unsqueeze(-1).float()
+        chunk = features["token_type_ids"].unsqueeze(-1).float() * mask
+        query = mask - chunk
+        q = (h * query).sum(1) / query.sum(1).clamp(min=1.0)
+        c = (h * chunk).sum(1) / chunk.sum(1).clamp(min=1.0)
+        features["scores"] = (self.scale * torch.nn.functional.cosine_similarity(q, c, dim=-1)).unsqueeze(1)
+        return features
+
+    def save(self, output_path: str, *args: Any, **kwargs: Any) -> None:
+        self.save_config(output_path)
+
+
+def _module_types(path: str) -> list[str]:
+    modules = Path(path, "modules.json")
+    if not modules.is_file():
+        return []
+    try:
+        entries = json.loads(modules.read_text(encoding="utf-8"))
+        return [str(e["type"]) for e in entries]
+    except (OSError, ValueError, TypeError, KeyError):
+        raise AdapterError(f"{modules}: unreadable module list") from None
+
+
+def _trusted(path: str) -> bool:
+    """Whether loading ``path`` needs ``CosineHead`` imported: then every other module must be sentence-transformers'
+    own and the transformers config must name no remote code, so trust_remote_code imports our class and nothing
+    else."""
+    types = _module_types(path)
+    if HEAD_TYPE not in types:
+        return False
+    other = [t for t in types if t != HEAD_TYPE and not t.startswith("sentence_transformers.")]
+    config = Path(path, "config.json")
+    if other or (config.is_file() and "auto_map" in _json(config)):
+        raise AdapterError(f"{path}: names code outside sentence-transformers ({', '.join(other) or 'auto_map'}); "
+                           "refusing to load it")
+    return True
+
+
 def _cross_encoder(path: str, max_length: int | None, **kw: Any) -> CrossEncoder:
     from sentence_transformers import CrossEncoder
 
+    if Path(path).is_dir() and _trusted(path):
+        kw["trust_remote_code"] = True
     try:
         model = CrossEncoder(path, **kw)
     except Exception as e:  # hub and transformers raise many types; the user needs one line
@@ -109,13 +175,15 @@ def load_reranker(folder: str | os.PathLike, cfg: Config | None = None) -> Reran
     if model.num_labels != 1:
         raise AdapterError(f"{folder}: a cross-encoder with {model.num_labels} labels; a reranker gives one score")
     meta_file = folder / META_FILE
-    return Reranker(model, batch_size=cfg.rerank.predict_batch_size, source=str(folder),
-                    meta=_json(meta_file) if meta_file.is_file() else {})
+    meta = _json(meta_file) if meta_file.is_file() else {}
+    return Reranker(model, batch_size=cfg.rerank.predict_batch_size, source=str(folder), meta=meta,
+                    fusion=float(meta.get("fusion_weight") or 0.0), bf16=use_bf16(cfg.rerank.bf16))
 
 
-def start_model(name: str, max_length: int | None) -> tuple[CrossEncoder, str]:
+def start_model(name: str, max_length: int | None, head: str = "cosine") -> tuple[CrossEncoder, str]:
     """The model training starts from, and how: a cross-encoder checkpoint as it is, or any other encoder (a
-    sentence-transformers folder, a transformers model) with a new one-logit head."""
+    sentence-transformers folder, a transformers model) with a new head: ``cosine`` (``CosineHead`` on the token
+    states) or ``classifier`` (transformers' sequence-classification head, one logit on the pooler)."""
     path = resolve_model(name)
     if Path(path).is_dir() and is_cross_encoder(path):
         model = _cross_encoder(path, max_length)
@@ -129,10 +197,38 @@ def start_model(name: str, max_length: int | None) -> tuple[CrossEncoder, str]:
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists the new head's weights as missing: that is the point
     try:
-        model = _cross_encoder(path, max_length, num_labels=1)
+        if head == "classifier":
+            return _cross_encoder(path, max_length, num_labels=1), "encoder with a new one-logit head"
+        from sentence_transformers import CrossEncoder
+        from sentence_transformers.base.modules import Transformer
+
+        try:
+            encoder = Transformer(path, max_seq_length=max_length)
+        except Exception as e:  # as in _cross_encoder: one line
+            raise AdapterError(f"{name}: cannot load as an encoder ({one_line(e)})") from None
+        encoder.model.config.num_labels = 1  # what CrossEncoder.num_labels reads: one score
+        model = CrossEncoder(modules=[encoder, CosineHead()])
     finally:
         hf_logging.set_verbosity(level)
-    return model, "encoder with a new one-logit head"
+    if max_length is not None:
+        model.max_seq_length = max_length
+    return model, "encoder with a new cosine head (question tokens against chunk tokens)"
+
+
+def use_bf16(setting: str) -> bool:
+    """Whether to run under bfloat16 autocast: ``auto`` where the hardware does bf16 natively (a bf16 GPU, or a CPU
+    with AVX-512 BF16 or AMX, where it measured 2-3x the pairs per second of float32 for MiniLM)."""
+    import torch
+
+    if setting in ("yes", "no"):
+        return setting == "yes"
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
 # ---------------------------------------------------------------------------------------------------------- scoring
@@ -143,9 +239,11 @@ class Reranker:
     system is scored at every dim, and base and adapter share most of their candidates)."""
 
     def __init__(self, model: CrossEncoder, *, batch_size: int = 32, source: str = "", memo: bool = True,
-                 meta: dict[str, Any] | None = None):
+                 meta: dict[str, Any] | None = None, fusion: float = 0.0, bf16: bool = False):
         self.model, self.batch_size, self.source = model, batch_size, source
         self.meta = meta or {}
+        self.fusion = fusion  # weight of the first-stage rank in the final order (ListReranker)
+        self.bf16 = bf16
         self._memo: dict[tuple[str, str], float] | None = {} if memo else None
 
     def _predict(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
@@ -153,9 +251,11 @@ class Reranker:
 
         if not pairs:
             return np.empty(0, dtype=np.float32)
-        scores = self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=False,
-                                    activation_fn=torch.nn.Identity(), convert_to_numpy=True)
-        return np.asarray(scores, dtype=np.float32).reshape(-1)  # logits: no sigmoid ties at the top
+        bf16 = torch.autocast(self.model.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+        with bf16:
+            scores = self.model.predict(list(pairs), batch_size=self.batch_size, show_progress_bar=False,
+                                        activation_fn=torch.nn.Identity(), convert_to_tensor=True)
+        return torch.as_tensor(scores).float().cpu().numpy().reshape(-1)  # logits: no sigmoid ties at the top
 
     def scores(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         """One score per (question, chunk text) pair; higher is more relevant."""
@@ -176,18 +276,31 @@ class Reranker:
         return sum(t.numel() * t.element_size() for t in self.model.state_dict().values())
 
 
+def _standard(x: np.ndarray) -> np.ndarray:
+    """Each row to mean 0 and standard deviation 1 (a row of equal values to 0)."""
+    return (x - x.mean(-1, keepdims=True)) / np.maximum(x.std(-1, keepdims=True), 1e-6)
+
+
 class ListReranker:
     """The second stage the judge takes (``adapter.evaluate.Reorder``): reorders each query's first ``k`` corpus rows
-    by the cross-encoder's score, ties kept in first-stage order; rows below ``k`` stay as they were."""
+    by the cross-encoder's score, ties kept in first-stage order; rows below ``k`` stay as they were. With ``fusion``
+    w > 0 the order is by the cross-encoder's score + w x the first stage's, each standardised over the query's ``k``
+    candidates, so a large w keeps the first stage's order: w is chosen on validation by `rerank-train`."""
 
-    def __init__(self, reranker: Reranker, queries: Mapping[str, str], chunks: Sequence[str], k: int):
+    def __init__(self, reranker: Reranker, queries: Mapping[str, str], chunks: Sequence[str], k: int,
+                 fusion: float | None = None):
         self.reranker, self.queries, self.chunks, self.k = reranker, queries, chunks, k
+        self.fusion = reranker.fusion if fusion is None else fusion
 
-    def __call__(self, query_ids: Sequence[str], rows: np.ndarray) -> np.ndarray:
+    def __call__(self, query_ids: Sequence[str], rows: np.ndarray, scores: np.ndarray | None = None) -> np.ndarray:
         k = min(self.k, rows.shape[1])
         top = rows[:, :k]  # (n, k)
         pairs = [(self.queries[q], self.chunks[r]) for q, row in zip(query_ids, top, strict=True) for r in row]
         s = self.reranker.scores(pairs).reshape(len(query_ids), k)
+        if self.fusion:
+            if scores is None:
+                raise ValueError("a fused reranker needs the first stage's scores")
+            s = _standard(s.astype(np.float64)) + self.fusion * _standard(np.asarray(scores[:, :k], np.float64))
         order = np.lexsort((np.broadcast_to(np.arange(k), s.shape), -s), axis=1)
         return np.concatenate([np.take_along_axis(top, order, 1), rows[:, k:]], axis=1)
 
@@ -198,13 +311,14 @@ def check_k(k: int, n_chunks: int) -> None:
         raise AdapterError(f"--rerank-k {k} is outside 1..{n_chunks} (the corpus's chunk count)")
 
 
-def list_reranker(reranker: Reranker, dataset: Dataset, k: int,
-                  corpus_ids: Sequence[str] | None = None) -> ListReranker:
+def list_reranker(reranker: Reranker, dataset: Dataset, k: int, corpus_ids: Sequence[str] | None = None,
+                  fusion: float | None = None) -> ListReranker:
     """The judge's second stage for ``dataset`` whose corpus rows are ``corpus_ids`` (default: corpus order, as every
-    system's cached corpus vectors are; a store read out for evaluation has its own order)."""
+    system's cached corpus vectors are; a store read out for evaluation has its own order); ``fusion``: the weight of
+    the first-stage rank (default: the reranker's own, chosen on validation)."""
     check_k(k, len(dataset.corpus))
     cids = list(dataset.corpus) if corpus_ids is None else corpus_ids
-    return ListReranker(reranker, dataset.queries, [dataset.doc_text(c) for c in cids], k)
+    return ListReranker(reranker, dataset.queries, [dataset.doc_text(c) for c in cids], k, fusion)
 
 
 # ---------------------------------------------------------------------------------------------------------- training
@@ -229,21 +343,29 @@ def mine_negatives(dataset: Dataset, qrels: Qrels, query_vectors: np.ndarray, co
 
 class RerankEvaluator(BaseEvaluator):
     """The shared judge over reranked validation lists: the first stage's vectors are fixed, the model being trained
-    reorders each question's top ``k`` (no memo: its weights change every epoch). Returns ``{metric: value}``."""
+    reorders each question's top ``k`` (scored afresh each call: its weights change every epoch), alone and fused with
+    the first stage's rank at each of ``weights``. Returns the metrics of the best weight (the first of equals: the
+    smallest), that weight as ``fusion`` and the reranker's own ``ndcg@10`` alone as ``alone``."""
 
     def __init__(self, dataset: Dataset, qrels: Qrels, query_vectors: np.ndarray, corpus_vectors: np.ndarray, k: int,
-                 batch_size: int):
+                 batch_size: int, *, weights: Sequence[float] = FUSION_WEIGHTS, bf16: bool = False):
         super().__init__()
         self.dataset, self.qrels = dataset, relevant(qrels)
         self.query_vectors, self.corpus_vectors, self.k, self.batch_size = query_vectors, corpus_vectors, k, batch_size
+        self.weights, self.bf16 = weights, bf16
         self.primary_metric = PRIMARY_METRIC
 
     def __call__(self, model: CrossEncoder, output_path: str | None = None, epoch: float = -1,
                  steps: int = -1) -> dict[str, float]:
-        reorder = list_reranker(Reranker(model, batch_size=self.batch_size, memo=False), self.dataset, self.k)
-        r = score_first_stage(self.dataset, self.qrels, self.query_vectors, self.corpus_vectors, reorder)
-        logger.info("validation %s at epoch %g: %.4f", PRIMARY_METRIC, max(epoch, 0), r[PRIMARY_METRIC])
-        return r
+        reranker = Reranker(model, batch_size=self.batch_size, bf16=self.bf16)  # one scoring pass for every weight
+        by_weight = [(w, score_first_stage(self.dataset, self.qrels, self.query_vectors, self.corpus_vectors,
+                                           list_reranker(reranker, self.dataset, self.k, fusion=w)))
+                     for w in self.weights]
+        w, r = max(by_weight, key=lambda x: x[1][PRIMARY_METRIC])
+        alone = by_weight[0][1][PRIMARY_METRIC] if self.weights[0] == 0 else float("nan")
+        logger.info("validation %s at epoch %g: %.4f (reranker alone %.4f, fusion weight %g)", PRIMARY_METRIC,
+                    max(epoch, 0), r[PRIMARY_METRIC], alone, w)
+        return {**r, "fusion": float(w), "alone": alone}
 
 
 def score_first_stage(dataset: Dataset, qrels: Qrels, query_vectors: np.ndarray, corpus_vectors: np.ndarray,
@@ -263,7 +385,12 @@ FirstStage = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]  # query i
 
 
 def _train_rows(dataset: Dataset, qrels: Qrels, negatives: Mapping[str, list[str]], loss: str) -> dict[str, list]:
-    """Columns of the training set: (query, chunk, label) rows for bce; (anchor, positive, negative_1..n) for mnrl."""
+    """Columns of the training set: (query, chunk, label) rows for bce; (anchor, positive, negative_1..n) for mnrl;
+    (query, [chunks], [labels]) lists for lambda: each relevant chunk with the question's hard negatives."""
+    if loss == "lambda":
+        lists = [(dataset.queries[q], [dataset.doc_text(c) for c in (c, *negatives[q])], [1] + [0] * len(negatives[q]))
+                 for q, rels in qrels.items() for c in rels]
+        return {"query": [x[0] for x in lists], "docs": [x[1] for x in lists], "labels": [x[2] for x in lists]}
     if loss == "bce":
         rows = [(dataset.queries[q], dataset.doc_text(c), 1.0) for q, rels in qrels.items() for c in rels]
         rows += [(dataset.queries[q], dataset.doc_text(c), 0.0) for q in qrels for c in negatives[q]]
@@ -304,6 +431,7 @@ def _training_args(cfg: Config, out: Path, progress: bool):
 
     cuda = torch.cuda.is_available()
     r = cfg.rerank
+    bf16 = use_bf16(r.bf16)
     return CrossEncoderTrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=r.epochs,
@@ -311,7 +439,8 @@ def _training_args(cfg: Config, out: Path, progress: bool):
         learning_rate=r.lr,
         warmup_steps=r.warmup,  # a float below 1 is a share of the steps
         lr_scheduler_type="linear",
-        bf16=cuda and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
+        use_cpu=bf16 and not cuda,  # the trainer's bf16 autocast on a CPU
         batch_sampler=BatchSamplers.NO_DUPLICATES if r.loss == "mnrl" else BatchSamplers.BATCH_SAMPLER,
         dataloader_pin_memory=cuda,
         **epoch_selection_args(f"eval_{PRIMARY_METRIC}", progress, cfg.seed),
@@ -321,11 +450,14 @@ def _training_args(cfg: Config, out: Path, progress: bool):
 def _check(cfg: Config) -> None:
     r = cfg.rerank
     checks = [(r.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}", r.loss),
+              (r.head in HEADS, f"--head must be one of {', '.join(HEADS)}", r.head),
+              (r.bf16 in ("auto", "yes", "no"), "--bf16 must be auto, yes or no", r.bf16),
               (r.epochs >= 1, "--epochs must be at least 1", r.epochs),
               (r.batch_size >= (2 if r.loss == "mnrl" else 1), "--batch-size must be at least 2 for mnrl (in-batch "
-               "negatives), 1 for bce", r.batch_size),
+               "negatives), 1 otherwise", r.batch_size),
               (r.lr > 0, "--lr must be positive", r.lr),
-              (r.negatives >= (0 if r.loss == "mnrl" else 1), "--negatives must be at least 1 for bce", r.negatives),
+              (r.negatives >= (0 if r.loss == "mnrl" else 1), f"--negatives must be at least 1 for {r.loss}",
+               r.negatives),
               (r.max_seq_length is None or r.max_seq_length >= 8, "--max-seq-length must be at least 8",
                r.max_seq_length),
               (r.max_train_seconds is None or r.max_train_seconds > 0, "--max-train-seconds must be positive",
@@ -337,17 +469,19 @@ def _check(cfg: Config) -> None:
 
 @dataclass
 class RerankResult:
-    """Where the reranker went and how the kept epoch scored on validation (top-k reranked), keyed by dim like every
-    result (the one dim here: the first stage's full dim, ``dim``)."""
+    """Where the reranker went and how the kept epoch scored on validation (top-k reranked), keyed by dim as every
+    result: the first stage's full dim, ``dim``."""
 
     path: Path
     best_epoch: float
     dim: int
-    base_val: Results  # the first stage alone, {dim: metrics}
-    start_val: Results | None  # the start model reranking, before training (None: a new head, random)
+    base_val: Results  # the first stage alone
+    start_val: Results | None  # the start model reranking, before training (None: a new classifier, random)
     best_val: Results  # the kept epoch reranking
     seconds: float  # training wall time, resumed runs included
     resumed_from: str | None
+    fusion: float = 0.0  # the kept weight of the first-stage rank (0: the reranker's order alone)
+    alone: float | None = None  # the kept epoch's validation ndcg@10 without fusion
 
 
 def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_stage: FirstStage,
@@ -363,7 +497,11 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
         raise AdapterError(f"training a reranker needs the {e.name!r} package: pip install 'adapter[train]'") from None
     import torch
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
-    from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss, MultipleNegativesRankingLoss
+    from sentence_transformers.cross_encoder.losses import (
+        BinaryCrossEntropyLoss,
+        LambdaLoss,
+        MultipleNegativesRankingLoss,
+    )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     cfg = cfg or Config()
@@ -397,14 +535,17 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
             json.dump(negatives, f)
     train_data = HFDataset.from_dict(_train_rows(dataset, train_qrels, negatives, r.loss))
 
-    model, start_kind = start_model(r.model, r.max_seq_length)
-    if r.loss == "bce":
+    model, start_kind = start_model(r.model, r.max_seq_length, r.head)
+    if r.loss == "lambda":
+        loss = LambdaLoss(model, mini_batch_size=r.predict_batch_size)
+    elif r.loss == "bce":
         n_pos = sum(len(v) for v in train_qrels.values())
         n_neg = sum(len(v) for v in negatives.values())
         loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(n_neg / max(n_pos, 1)))
     else:
         loss = MultipleNegativesRankingLoss(model)
-    evaluator = RerankEvaluator(dataset, val_qrels, val_q, corpus, r.k, r.predict_batch_size)
+    evaluator = RerankEvaluator(dataset, val_qrels, val_q, corpus, r.k, r.predict_batch_size,
+                                weights=FUSION_WEIGHTS if r.fusion else (0.0,), bf16=use_bf16(r.bf16))
     before = _read_json(resume / CLOCK_FILE)["seconds"] if resume else 0.0
     clock = _clock_callback(before)
     trainer = CrossEncoderTrainer(model=model, args=_training_args(cfg, out, progress), train_dataset=train_data,
@@ -423,7 +564,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     if (ckpt / BASE_FILE).is_file():
         base = _read_json(ckpt / BASE_FILE)
     else:
-        fresh = start_kind != "cross-encoder checkpoint"  # a new head ranks at random: not worth a validation pass
+        fresh = start_kind.endswith("one-logit head")  # a new classifier ranks at random: not worth a pass
         base = {"first_stage": score_first_stage(dataset, val_qrels, val_q, corpus),
                 "start": None if fresh else evaluator(model)}
         with atomic_write(ckpt / BASE_FILE) as f:
@@ -435,6 +576,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     evals = [e for e in trainer.state.log_history if f"eval_{PRIMARY_METRIC}" in e]
     best = max(evals, key=lambda e: e[f"eval_{PRIMARY_METRIC}"])  # first of equals, as the trainer
     best_val = _strip(best)
+    fusion, alone = float(best.get("eval_fusion", 0.0)), best.get("eval_alone")
     if best_val[PRIMARY_METRIC] <= base["first_stage"][PRIMARY_METRIC]:
         logger.warning("the reranker's best validation %s %.4f does not beat the first stage alone (%.4f)",
                        PRIMARY_METRIC, best_val[PRIMARY_METRIC], base["first_stage"][PRIMARY_METRIC])
@@ -443,18 +585,22 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
             "dataset": str(dataset.path), "trained_on": cfg.split.train_split, "rows": len(train_data),
             "val_queries": len(val_qrels), "chunks": len(dataset.corpus), "train_seconds": seconds,
             "resumed": resume is not None, "best_epoch": best["epoch"], "best_step": best["step"],
+            "fusion_weight": fusion, "val_alone": {d: {PRIMARY_METRIC: alone}} if alone is not None else None,
             "val_base": {d: base["first_stage"]}, "val_start": {d: base["start"]} if base["start"] else None,
             "val_best": {d: best_val},
             "history": {"loss": [{"epoch": e["epoch"], "loss": e["loss"]} for e in trainer.state.log_history
                                  if "loss" in e],
                         "val": [{"epoch": 0.0, PRIMARY_METRIC: {d: base["first_stage"][PRIMARY_METRIC]}}]
-                        + [{"epoch": e["epoch"], PRIMARY_METRIC: {d: e[f"eval_{PRIMARY_METRIC}"]}} for e in evals]},
+                        + [{"epoch": e["epoch"], PRIMARY_METRIC: {d: e[f"eval_{PRIMARY_METRIC}"]},
+                            "fusion": e.get("eval_fusion"), "alone": e.get("eval_alone")} for e in evals]},
             "config": cfg.to_dict("encoder", "split", "rerank")}
     _install(model, out, {"README.md": model_card(meta, out.name), META_FILE: json.dumps(meta, indent=2)})
-    logger.info("kept epoch %g: validation %s %.4f reranked (first stage alone %.4f); %.0f s", best["epoch"],
-                PRIMARY_METRIC, best_val[PRIMARY_METRIC], base["first_stage"][PRIMARY_METRIC], seconds)
-    return RerankResult(out, float(best["epoch"]), d, meta["val_base"], meta["val_start"], meta["val_best"], seconds,
-                        str(resume) if resume else None)
+    logger.info("kept epoch %g: validation %s %.4f reranked (fusion weight %g; first stage alone %.4f); %.0f s",
+                best["epoch"], PRIMARY_METRIC, best_val[PRIMARY_METRIC], fusion, base["first_stage"][PRIMARY_METRIC],
+                seconds)
+    return RerankResult(out, float(best["epoch"]), d, {d: base["first_stage"]},
+                        {d: _metrics(base["start"])} if base["start"] else None, {d: best_val}, seconds,
+                        str(resume) if resume else None, fusion, alone)
 
 
 def _sample(qrels: Qrels, n: int | None, seed: int) -> Qrels:
@@ -467,6 +613,11 @@ def _sample(qrels: Qrels, n: int | None, seed: int) -> Qrels:
     return {q: v for q, v in qrels.items() if q in keep}
 
 
+def _metrics(values: dict[str, Any]) -> dict[str, float]:
+    """The judge's metrics of an evaluator's answer (without its fusion weight and the reranker-alone score)."""
+    return {m: float(values[m]) for m in METRICS}
+
+
 def _strip(metrics: dict[str, Any]) -> dict[str, float]:
     """``{"eval_ndcg@10": v, ...}`` -> ``{"ndcg@10": v, ...}``, the judge's metrics only."""
     return {m: float(metrics[f"eval_{m}"]) for m in METRICS}
@@ -475,13 +626,27 @@ def _strip(metrics: dict[str, Any]) -> dict[str, float]:
 def model_card(meta: dict[str, Any], name: str) -> str:
     """A short README.md: start model, first stage, data, the validation table and how it was trained."""
     first = f"`{meta['first_stage']}`" + (f" with the adapter `{meta['adapter']}`" if meta.get("adapter") else "")
+    fusion = meta.get("fusion_weight") or 0.0
+    kept = f"kept epoch ({meta['best_epoch']:g}) reranking" + (f", fused at weight {fusion:g}" if fusion else "")
+    start_fusion = (meta.get("val_start") or {}).get(next(iter(meta["val_base"])), {}).get("fusion")
+    start = "start model reranking" + (f", fused at weight {start_fusion:g}" if start_fusion else "")
     rows = [f"| {label} | " + " | ".join(f"{next(iter(meta[key].values()))[m]:.4f}" for m in
                                           (PRIMARY_METRIC, "accuracy@1", "accuracy@10", "mrr@10")) + " |"
-            for label, key in (("first stage alone", "val_base"), ("start model reranking", "val_start"),
-                               (f"kept epoch ({meta['best_epoch']:g}) reranking", "val_best")) if meta[key]]
+            for label, key in (("first stage alone", "val_base"), (start, "val_start"), (kept, "val_best"))
+            if meta[key]]
+    alone = (meta.get("val_alone") or {}).values()
+    alone_line = ([f"The reranker's own order (no fusion) scored {PRIMARY_METRIC} "
+                   f"{next(iter(alone))[PRIMARY_METRIC]:.4f}; the final order is by its score + {fusion:g} x the "
+                   "first stage's, each standardised over a question's candidates, the weight chosen on these "
+                   "validation questions.", ""] if fusion and alone else [])
+    losses = {"bce": "BinaryCrossEntropyLoss, positives weighted by the negatives per positive",
+              "mnrl": "MultipleNegativesRankingLoss", "lambda": "LambdaLoss over each question's list of chunks"}
+    cosine = "cosine head" in meta["start_kind"]
+    load = ('reranker = CrossEncoder("path/to/{name}", trust_remote_code=True)  # imports adapter.rerank.CosineHead'
+            if cosine else 'reranker = CrossEncoder("path/to/{name}")').format(name=name)
     k = meta["rerank_k"]
-    best, first = (next(iter(meta[key].values()))[PRIMARY_METRIC] for key in ("val_best", "val_base"))
-    worse = best <= first
+    best, alone_first = (next(iter(meta[key].values()))[PRIMARY_METRIC] for key in ("val_best", "val_base"))
+    worse = best <= alone_first
     return "\n".join([
         "---",
         "library_name: sentence-transformers",
@@ -508,13 +673,14 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         "| --- | ---: | ---: | ---: | ---: |",
         *rows,
         "",
+        *alone_line,
         *(["On validation this reranker does not beat the first stage alone: check it with `adapter compare "
            "--reranker` before putting it in front of users.", ""] if worse else []),
         "## Training",
         "",
         f"sentence-transformers' CrossEncoderTrainer, loss `{meta['rerank_loss']}` "
-        f"({'BinaryCrossEntropyLoss, positives weighted by the negatives per positive' if meta['rerank_loss'] == 'bce' else 'MultipleNegativesRankingLoss'}), "  # noqa: E501
-        f"{meta['rerank_epochs']} epoch(s) (time budget: {meta['rerank_max_train_seconds'] or 'none'} s), batch "
+        f"({losses.get(meta['rerank_loss'], meta['rerank_loss'])}), {meta['rerank_epochs']} epoch(s) "
+        f"(time budget: {meta['rerank_max_train_seconds'] or 'none'} s), batch "
         f"{meta['rerank_batch_size']}, learning rate {meta['rerank_lr']:g} with {meta['rerank_warmup']:g} warmup then "
         f"linear decay, pairs truncated to {meta['rerank_max_seq_length'] or 'the model maximum of'} tokens, seed "
         f"{meta['seed']}; {meta['train_seconds']:.0f} s of training wall time.",
@@ -524,7 +690,7 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         "```python",
         "from sentence_transformers import CrossEncoder",
         "",
-        f'reranker = CrossEncoder("path/to/{name}")',
+        load,
         'ranked = reranker.rank("my question", candidate_chunks)',
         "```",
         "",

@@ -1,12 +1,14 @@
 """Benchmark for issue #16: a cross-encoder reranker on top of base and of the adapter, beside the fine-tune, on
 AppleQA split by query (seed 0), through the real CLI:
 
-    convert + split -> adapter train (defaults) -> adapter rerank-train (from the bundled MiniLM's backbone, a new
-    one-logit head, hard negatives mined under base, a training-time budget) -> adapter finetune (one CPU epoch) ->
-    adapter compare --reranker (top-20 reranked) on the test questions, or a seeded sample of them (--test-sample)
+    convert + split -> adapter train (defaults) -> adapter rerank-train (from the bundled MiniLM's backbone with the
+    project's default head and loss, hard negatives mined under the adapter or base, a training-time budget, under
+    --lock) -> adapter finetune (one CPU epoch; or --finetuned, a folder the same command made earlier) -> adapter
+    compare --reranker (top-20 reranked) on the test questions, or a seeded sample of them (--test-sample)
 
-    python bench/bench_rerank.py [--shared ../shared] [--work DIR] [--train-seconds 900] [--max-seq-length 128]
-                                 [--test-sample 300] [--dims 384] [--skip-finetune]
+    python bench/bench_rerank.py [--shared ../shared] [--work DIR] [--train-seconds 690] [--max-seq-length 128]
+                                 [--train-queries 700] [--negatives-under adapter] [--lock /work/coord/bench.lock]
+                                 [--finetuned DIR] [--test-sample 300] [--dims 384] [--skip-finetune]
 
 Stages whose output is already in WORK are not run again (so a long run can be continued). Prints Markdown on
 stdout (BENCHMARKS.md quotes it); the compare report is left in WORK/report.
@@ -15,6 +17,8 @@ stdout (BENCHMARKS.md quotes it); the compare report is left in WORK/report.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -42,16 +46,51 @@ def test_sample(data: Path, n: int | None, seed: int = 0) -> str:
     return f"test{n}"
 
 
+def reused_finetune(folder: Path, data: Path) -> Path:
+    """``folder``, a fine-tune made earlier by this script's own `adapter finetune` command, checked to be trained on
+    the same training split (its finetune.json's data fingerprint) with the same settings."""
+    from adapter.data import fingerprint, load_dataset
+
+    meta = json.loads((folder / "finetune.json").read_text())
+    want = fingerprint(load_dataset(data), "train")
+    if meta["data_fingerprint"] != want or meta["finetune_epochs"] != 1 or meta["max_seq_length"] != 128:
+        sys.exit(f"{folder}: not this script's fine-tune of this training split (fingerprint "
+                 f"{meta['data_fingerprint']} against {want}, {meta['finetune_epochs']} epoch(s), "
+                 f"max_seq_length {meta['max_seq_length']})")
+    return folder
+
+
+@contextlib.contextmanager
+def held(lock: Path | None):
+    """An exclusive flock on ``lock`` (None: nothing), so that two timed runs never overlap."""
+    if lock is None:
+        yield
+        return
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-rerank"))
-    p.add_argument("--train-seconds", type=float, default=900, help="The reranker's training budget (wall time).")
+    p.add_argument("--train-seconds", type=float, default=690, help="The reranker's training budget (wall time of "
+                   "the steps; with the start and end validation passes the command fits in 15 minutes).")
     p.add_argument("--max-seq-length", type=int, default=128, help="Question + chunk tokens the cross-encoder reads.")
-    p.add_argument("--negatives", type=int, default=1)
-    p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--val-queries", type=int, default=50)
-    p.add_argument("--train-queries", type=int, default=None)
+    p.add_argument("--negatives", type=int, default=None, help="[default: the project's]")
+    p.add_argument("--lr", type=float, default=None, help="[default: the project's]")
+    p.add_argument("--val-queries", type=int, default=100)
+    p.add_argument("--train-queries", type=int, default=700, help="A seeded sample sized so one epoch (its warmup "
+                   "and decay) fits the budget; the budget stops it earlier on a slower machine.")
+    p.add_argument("--negatives-under", choices=["adapter", "base"], default="adapter", help="The first stage the "
+                   "hard negatives are mined under and the fusion weight is chosen for.")
+    p.add_argument("--lock", type=Path, default=None, help="Hold this flock while the reranker trains.")
+    p.add_argument("--finetuned", type=Path, default=None, help="Use this folder, made earlier by this script's "
+                   "`adapter finetune` command on the same split, instead of fine-tuning again.")
     p.add_argument("--threads", type=int, default=1, help="Torch threads (OMP_NUM_THREADS) for every stage: on a "
                    "shared machine one thread measured 2.3x the pairs per second of two.")
     p.add_argument("--test-sample", type=int, default=None, help="Score a seeded sample of this many test questions.")
@@ -72,12 +111,16 @@ def main() -> None:
     if not adapter.is_file():
         run(["-q", "train", str(data), "--out", str(adapter), "--cache-dir", str(cache)], log)
     if not (reranker / "modules.json").is_file():
-        extra = (["--lr", str(a.lr)] if a.lr else []) + (["--train-queries", str(a.train_queries)]
-                                                         if a.train_queries else [])
-        run(["-q", "rerank-train", str(data), "--out", str(reranker), "--cache-dir", str(cache), "--max-seq-length",
-             str(a.max_seq_length), "--max-train-seconds", str(a.train_seconds), "--negatives", str(a.negatives),
-             "--val-queries", str(a.val_queries), "--epochs", "1", *extra], log)
-    if not a.skip_finetune and not (ft / "modules.json").is_file():
+        extra = ((["--lr", str(a.lr)] if a.lr else []) + (["--negatives", str(a.negatives)] if a.negatives else [])
+                 + (["--train-queries", str(a.train_queries)] if a.train_queries else [])
+                 + (["--adapter", str(adapter)] if a.negatives_under == "adapter" else []))
+        with held(a.lock):
+            run(["-q", "rerank-train", str(data), "--out", str(reranker), "--cache-dir", str(cache),
+                 "--max-seq-length", str(a.max_seq_length), "--max-train-seconds", str(a.train_seconds),
+                 "--val-queries", str(a.val_queries), "--epochs", "1", *extra], log)
+    if a.finetuned:
+        ft = reused_finetune(a.finetuned, data)
+    elif not a.skip_finetune and not (ft / "modules.json").is_file():
         run(["-q", "finetune", str(data), "--out", str(ft), "--epochs", "1", "--max-seq-length", "128"], log)
     split = test_sample(data, a.test_sample)
     finetuned = [] if a.skip_finetune else ["--finetuned", str(ft)]
@@ -86,8 +129,6 @@ def main() -> None:
          str(cache)], log)
 
     meta = json.loads((reranker / "rerank.json").read_text())
-    if "val_base" not in meta:  # written before rerank.json took the project's by-dim schema: same values
-        meta["val_base"], meta["val_best"] = {"384": meta["val_first_stage"]}, {"384": meta["val_best"]}
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared with other jobs "
           f"while this ran (load average at the end: {load}); times are wall times on it.\n")
@@ -97,10 +138,21 @@ def main() -> None:
         if out:
             print(out)
     print("```\n")
-    print(f"Reranker: {meta['rows']:,} training rows from {meta['train_queries']:,} questions, stopped at epoch "
-          f"{meta['best_epoch']:.2f} by the {a.train_seconds:.0f} s budget; {meta['train_seconds']:.0f} s of training; "
-          f"validation ndcg@10 (first stage alone) {meta['val_base']['384']['ndcg@10']:.4f} -> reranked "
-          f"{meta['val_best']['384']['ndcg@10']:.4f} on {meta['val_queries']} questions.\n")
+    if a.finetuned:
+        took = json.loads((ft / "finetune.json").read_text())["train_seconds"]
+        print(f"The fine-tune column is {ft}, made earlier by this script's own command (`adapter -q finetune DATA "
+              f"--out {ft} --epochs 1 --max-seq-length 128`, {took:.0f} s of training), checked to be trained on "
+              "this same training split.\n")
+    start = (meta.get("val_start") or {}).get("384", {}).get("ndcg@10")
+    alone = (meta.get("val_alone") or {}).get("384", {}).get("ndcg@10")
+    steps = meta["best_step"]
+    print(f"Reranker: {meta['rows']:,} training lists from {meta['train_queries']:,} questions (hard negatives "
+          f"under {a.negatives_under}), kept epoch {meta['best_epoch']:.2f} (step {steps}) of a "
+          f"{a.train_seconds:.0f} s budget; {meta['train_seconds']:.0f} s of training; validation ndcg@10 on "
+          f"{meta['val_queries']} questions: first stage alone {meta['val_base']['384']['ndcg@10']:.4f}, the "
+          f"untrained start {start if start is None else f'{start:.4f}'}, the trained reranker alone "
+          f"{alone if alone is None else f'{alone:.4f}'}, fused with the first stage's score at weight "
+          f"{meta['fusion_weight']:g} (chosen there) {meta['val_best']['384']['ndcg@10']:.4f}.\n")
     print((report / "report.md").read_text())
 
 

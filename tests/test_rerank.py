@@ -40,8 +40,8 @@ def test_the_second_stage_reorders_the_top_k_only_and_keeps_first_stage_order_on
     reorder = rr.ListReranker(rr.Reranker(model), queries, chunks, k=4)
     rows = np.array([[0, 1, 2, 3, 4]])
     # top 4 by score: c2 (3), c1 (1), then c0 and c3 (0) in their first-stage order; c4 is below k and stays
-    assert reorder(["q"], rows).tolist() == [[2, 1, 0, 3, 4]]
-    reorder(["q"], rows)
+    assert reorder(["q"], rows, np.zeros((1, 5))).tolist() == [[2, 1, 0, 3, 4]]
+    reorder(["q"], rows, np.zeros((1, 5)))
     assert model.calls == 1  # every pair was remembered: the second call predicted nothing
 
 
@@ -56,6 +56,37 @@ def test_the_judge_scores_the_reranked_list():
     assert evaluate(query, corpus, qrels, ["q"], cids, rerank=reorder)[4]["ndcg@10"] == pytest.approx(1.0)
     below = rr.ListReranker(rr.Reranker(ByTable({("question", "c2"): 5.0})), {"q": "question"}, cids, k=2)
     assert evaluate(query, corpus, qrels, ["q"], cids, rerank=below)[4]["ndcg@10"] == pytest.approx(0.5)
+
+
+def test_fusion_weighs_the_first_stage_score_and_a_large_weight_keeps_its_order():
+    queries, chunks = {"q": "question"}, ["c0", "c1", "c2", "c3"]
+    # reranker scores 0, 1, 4, 3 down the first stage's list (standardised -1.26, -0.63, 1.26, 0.63); first-stage
+    # scores 0.9, 0.8, 0.5, 0.4 (standardised 1.21, 0.73, -0.73, -1.21)
+    model = ByTable({("question", "c0"): 0.0, ("question", "c1"): 1.0, ("question", "c2"): 4.0,
+                     ("question", "c3"): 3.0})
+    rows, first = np.array([[0, 1, 2, 3]]), np.array([[0.9, 0.8, 0.5, 0.4]])
+    reranker = rr.Reranker(model)
+    assert rr.ListReranker(reranker, queries, chunks, k=4)(["q"], rows, first).tolist() == [[2, 3, 1, 0]]
+    # weight 1: c0 -0.05, c1 0.10, c2 0.54, c3 -0.58 -> c2, c1, c0, c3
+    fused = rr.ListReranker(reranker, queries, chunks, k=4, fusion=1.0)
+    assert fused(["q"], rows, first).tolist() == [[2, 1, 0, 3]]
+    assert rr.ListReranker(reranker, queries, chunks, k=4, fusion=100.0)(["q"], rows, first).tolist() == [[0, 1, 2, 3]]
+    reranker.fusion = 1.0  # the reranker's own weight (from its rerank.json) is the default
+    assert rr.ListReranker(reranker, queries, chunks, k=4)(["q"], rows, first).tolist() == [[2, 1, 0, 3]]
+    with pytest.raises(ValueError, match="first stage's scores"):
+        fused(["q"], rows)
+
+
+def test_the_cosine_head_scores_question_tokens_against_chunk_tokens():
+    import torch
+
+    # two pairs of 4 tokens: [q, q, c, pad] and [q, c, c, c]; token states chosen so the cosines are worked out
+    h = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [9.0, 9.0]],
+                      [[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
+    f = {"token_embeddings": h, "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]),
+         "token_type_ids": torch.tensor([[0, 0, 1, 0], [0, 1, 1, 1]])}
+    got = rr.CosineHead(scale=2.0)(f)["scores"].squeeze(1)
+    assert got.tolist() == pytest.approx([2.0 * 2 ** -0.5, 0.0], abs=1e-6)  # (1,0).(1,1)/sqrt2; (0,1).(1,0)
 
 
 def test_hard_negatives_come_from_the_first_stage_top_k_and_are_never_relevant(tmp_path):
@@ -81,27 +112,41 @@ def tiny_cfg(model_dir: Path, **over) -> Config:
 
 
 def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_epoch(rerank_dir, tmp_path,
-                                                                                      tiny_model_dir):
+                                                                                      tiny_model_dir, monkeypatch):
+    import huggingface_hub
+
+    calls = {}  # the Hub is replaced, as in test_export's push test: what it was given is checked
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo",
+                        lambda self, repo_id, **kw: calls.setdefault("create", (repo_id, self.token)) and
+                        f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
     out = tmp_path / "rr"
     r = CliRunner().invoke(main, ["-q", "rerank-train", str(rerank_dir), "--out", str(out), "--model",
                                   str(tiny_model_dir), "--encoder", str(tiny_model_dir), "--rerank-k", "4",
                                   "--negatives", "2", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
-                                  "--max-seq-length", "48"], catch_exceptions=False)
+                                  "--max-seq-length", "48", "--push-to-hub", "me/rr"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "validation ndcg@10: first stage" in r.output and f"wrote {out}" in r.output
+    assert "pushed" in r.output and "https://huggingface.co/me/rr" in r.output
+    assert calls["create"] == ("me/rr", "hf_test_token") and calls["upload"]["folder_path"] == str(out)
+    assert calls["upload"]["repo_id"] == "me/rr"
     assert rr.is_cross_encoder(out) and not (out / "checkpoints").exists()
     meta = json.loads((out / "rerank.json").read_text())
-    assert meta["start_kind"] == "encoder with a new one-logit head" and meta["val_start"] is None
+    assert meta["start_kind"].startswith("encoder with a new cosine head") and meta["val_start"]
+    assert meta["fusion_weight"] in rr.FUSION_WEIGHTS and meta["rerank_loss"] == "lambda"
     ds = load_dataset(rerank_dir)
     from adapter.data import train_val_qrels
 
     train, val, _ = train_val_qrels(ds, Config())
-    # every train question: a row per relevant chunk, and 2 negatives (its top 4 always hold 2 non-relevant chunks)
-    assert meta["rows"] == sum(len(v) for v in train.values()) + 2 * len(train)
+    # lambda: a list per train question and relevant chunk (that chunk and the question's 2 hard negatives)
+    assert meta["rows"] == sum(len(v) for v in train.values())
     assert [v["epoch"] for v in meta["history"]["val"]] == [0.0, 1.0, 2.0]  # first stage alone, then each epoch
     assert meta["best_epoch"] == max(meta["history"]["val"][1:], key=lambda v: v["ndcg@10"]["32"])["epoch"]
     card = (out / "README.md").read_text()
     assert "pipeline_tag: text-ranking" in card and "first stage alone" in card and "kept epoch" in card
+    assert "trust_remote_code=True" in card
 
     # the installed weights are the kept epoch's: reranking validation again gives what that epoch scored
     reranker = rr.load_reranker(out)
@@ -186,6 +231,12 @@ def test_bad_input_is_one_line_and_writes_nothing(rerank_dir, tmp_path, tiny_mod
     assert "outside 1..6" in fails("evaluate", str(rerank_dir), "--reranker", str(tmp_path / "ce"), "--rerank-k", "0")
     assert "outside 1..6" in fails("evaluate", str(rerank_dir), "--reranker", str(tmp_path / "ce"))  # default 20
     assert "outside 1..6" in fails("rerank-train", str(rerank_dir), "--out", str(tmp_path / "o"), "--rerank-k", "7")
+    # a folder naming code from outside sentence-transformers beside the cosine head is not imported
+    modules = json.loads((tmp_path / "ce" / "modules.json").read_text())
+    (tmp_path / "ce" / "modules.json").write_text(json.dumps([*modules, {"idx": 9, "name": "x", "path": "x",
+                                                                         "type": "evil.Module"}]))
+    assert "refusing to load it" in fails("evaluate", str(rerank_dir), "--reranker", str(tmp_path / "ce"),
+                                          "--rerank-k", "3")
     assert "--rerank-k needs --reranker" in fails("evaluate", str(rerank_dir), "--rerank-k", "3")
     assert not (tmp_path / "o").exists()
     with pytest.raises(AdapterError, match="--negatives must be at least 1"):
@@ -193,10 +244,14 @@ def test_bad_input_is_one_line_and_writes_nothing(rerank_dir, tmp_path, tiny_mod
     assert not (tmp_path / "o").exists()
 
 
-def test_the_listwise_loss_trains_too(rerank_dir, tmp_path, tiny_model_dir):
-    # MultipleNegativesRankingLoss (the cross-encoder one): anchor, positive and its hard negatives as columns
-    r = rerank_train(load_dataset(rerank_dir), tmp_path / "rr", tiny_cfg(tiny_model_dir, loss="mnrl", epochs=1),
-                     progress=False)
+@pytest.mark.parametrize("loss", ["mnrl", "bce"])
+def test_the_other_losses_train_the_classifier_head_too(rerank_dir, tmp_path, tiny_model_dir, loss):
+    # MultipleNegativesRankingLoss (the cross-encoder one): anchor, positive and its hard negatives as columns;
+    # BinaryCrossEntropyLoss: (question, chunk, label) rows; both on a new one-logit classifier
+    r = rerank_train(load_dataset(rerank_dir), tmp_path / "rr",
+                     tiny_cfg(tiny_model_dir, loss=loss, epochs=1, head="classifier", fusion=False), progress=False)
     meta = json.loads((tmp_path / "rr" / "rerank.json").read_text())
-    assert meta["rerank_loss"] == "mnrl" and meta["history"]["loss"]
+    assert meta["rerank_loss"] == loss and meta["history"]["loss"] and meta["fusion_weight"] == 0.0
+    assert meta["start_kind"] == "encoder with a new one-logit head" and meta["val_start"] is None
     assert r.best_epoch == 1.0 and rr.is_cross_encoder(tmp_path / "rr")
+    assert rr.load_reranker(tmp_path / "rr").model.num_labels == 1
