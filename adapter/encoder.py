@@ -67,13 +67,15 @@ class Encoder:
                  batch_size: int = EncoderConfig.batch_size, device: str | None = None, show_progress: bool = True,
                  embedding: EmbeddingConfig | None = None, base_url: str | None = None,
                  dimensions: int | None = None, api_key_env: str | None = None, query_prefix: str | None = None,
-                 document_prefix: str | None = None):
+                 document_prefix: str | None = None, processes: int | None = None,
+                 devices: str | Sequence[str] | None = None, pool_min_texts: int = EncoderConfig.pool_min_texts):
         given = {"base_url": base_url, "dimensions": dimensions, "api_key_env": api_key_env,
                  "query_prefix": query_prefix, "document_prefix": document_prefix}
         settings = dataclasses.replace(embedding or EmbeddingConfig(),
                                        **{k: v for k, v in given.items() if v is not None})
         self.backend = make_backend(model, settings, batch_size=batch_size, device=device,
-                                    show_progress=show_progress)
+                                    show_progress=show_progress, processes=processes, devices=devices,
+                                    pool_min_texts=pool_min_texts)
         self.name = self.backend.name
         self.model: SentenceTransformer | None = getattr(self.backend, "model", None)
         self.show_progress = show_progress
@@ -86,10 +88,11 @@ class Encoder:
 
     @classmethod
     def from_config(cls, cfg: Config, *, show_progress: bool = True) -> Encoder:
-        """The encoder ``cfg.encoder`` and ``cfg.embedding`` describe: model, cache folder, batch size, and for a
-        remote model its server, dimensions, prefixes and limits."""
-        return cls(cfg.encoder.model, cache_dir=cfg.encoder.cache_dir, batch_size=cfg.encoder.batch_size,
-                   show_progress=show_progress, embedding=cfg.embedding)
+        """The encoder ``cfg.encoder`` and ``cfg.embedding`` describe: model, cache folder, batch size, processes or
+        devices, and for a remote model its server, dimensions, prefixes and limits."""
+        e = cfg.encoder
+        return cls(e.model, cache_dir=e.cache_dir, batch_size=e.batch_size, show_progress=show_progress,
+                   embedding=cfg.embedding, processes=e.processes, devices=e.devices, pool_min_texts=e.pool_min_texts)
 
     @property
     def dim(self) -> int:
