@@ -680,8 +680,11 @@ def align_corpus(dataset: Dataset, names: Sequence[str], vectors: np.ndarray, *,
     order = [row[c] for c in dataset.corpus if c in row]
     known = set(dataset.corpus)
     order += [i for i, n in enumerate(names) if n not in known]
-    out = np.ascontiguousarray(vectors[order], dtype=np.float32)
-    if not np.isfinite(out).all():
+    if order == list(range(len(names))) and vectors.dtype == np.float32 and vectors.flags.c_contiguous:
+        out = vectors  # already in order (a memory-mapped file too): used as it is, never copied
+    else:
+        out = np.ascontiguousarray(vectors[order], dtype=np.float32)
+    if not all(np.isfinite(out[s:s + 65536]).all() for s in range(0, len(out), 65536)):  # bounded temporaries
         raise AdapterError(f"{source}: holds vectors with NaN or infinite components")
     logger.info("read %d vectors from %s (%d of them name no chunk of %s)", len(names), source,
                 len(names) - sum(n in known for n in names), dataset.path)

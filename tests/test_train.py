@@ -370,3 +370,25 @@ def test_training_reads_a_memory_mapped_corpus_as_it_is(tmp_path):
         a = fit(train, val, corpus, cids, BASE, quick(**over), progress=False)
         b = fit(train, val, mapped, cids, BASE, quick(**over), progress=False)
         assert a.adapter.weight.tobytes() == b.adapter.weight.tobytes() and a.best_epoch == b.best_epoch
+
+
+def test_corpus_vectors_in_corpus_order_are_used_as_they_are(tmp_path):
+    """--corpus-vectors whose rows already follow corpus.jsonl (distractors after) stay the memory-mapped file: no
+    copy of a million-row array; any other order is put in corpus order, as before."""
+    from adapter.data import load_dataset
+    from adapter.stores import StoreSource
+
+    ds = load_dataset(write_dataset(tmp_path / "ds"))
+    cids = list(ds.corpus) + ["extra1", "extra2"]
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(len(cids), 8)).astype(np.float32)
+    np.save(tmp_path / "v.npy", vectors)
+    (tmp_path / "ids.txt").write_text("\n".join(cids) + "\n")
+    (tmp_path / "rev.txt").write_text("\n".join(cids[::-1]) + "\n")
+    enc = type("E", (), {"dim": 8, "identity": "x"})()
+    ids, out = StoreSource(vectors=str(tmp_path / "v.npy"), ids=str(tmp_path / "ids.txt")).read(ds, enc)
+    assert ids == cids and not out.flags.writeable and not out.flags.owndata  # the read-only mapping itself
+    ids, out = StoreSource(vectors=str(tmp_path / "v.npy"), ids=str(tmp_path / "rev.txt")).read(ds, enc)
+    assert ids == list(ds.corpus) + ["extra2", "extra1"] and out.flags.owndata
+    rev = cids[::-1]
+    np.testing.assert_array_equal(out, vectors[[rev.index(c) for c in ids]])
