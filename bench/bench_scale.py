@@ -13,8 +13,8 @@ Parts (``--parts``, default all):
   and against the 10^6.
 - ``evaluator``: the judge at 10^6 chunks, 1,000 queries over 4 dims, beside raw ``faiss.knn`` for the same dims.
 
-    python bench/bench_scale.py [--parts choice,grid,appleqa,evaluator] [--shared ../shared] [--seeds 0,1,2,3,4]
-                                [--cells 10000x100000,...] [--work DIR]
+    python bench/bench_scale.py [--parts choice,grid,appleqa,evaluator] [--shared ../shared]
+                                [--seeds 0,1,2,3,4] [--cells 10000x100000,...] [--work DIR]
 
 Prints Markdown on stdout (BENCHMARKS.md quotes it). Timed parts should run under ``flock /work/coord/bench.lock``.
 """
@@ -201,6 +201,132 @@ def grid(work: Path, cells: list[tuple[int, int]], epochs: int) -> None:
     print()
 
 
+# ------------------------------------------------------------------------------------------------ AppleQA in 10^6
+
+
+def measured(args: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """Run ``args`` in a child of a fresh Python (so the peak is that run's own): (wall seconds, peak GiB)."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024 ** 2)")
+    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    if out.returncode:
+        raise SystemExit(f"{' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    wall, peak = out.stdout.split()
+    return float(wall), float(peak)
+
+
+def appleqa_hidden(shared: Path, work: Path, seeds: list[int], n_random: int, epochs: int) -> None:
+    from common import appleqa_chunk_vectors, cli_env
+
+    from adapter.data import relevant
+    from adapter.encoder import Encoder
+    from adapter.evaluate import evaluate
+    from adapter.model import LinearAdapter
+
+    cache = Path(os.environ.get("ADAPTER_CACHE") or work / "cache")
+    folder, ds, ids, chunks = appleqa_chunk_vectors(shared, work, cache)
+    vectors = work / f"appleqa-in-{n_random}.npy"
+    id_file = work / f"appleqa-in-{n_random}.txt"
+    if not id_file.exists():  # the 215 chunks first, in corpus order, then the random unit vectors
+        out = np.lib.format.open_memmap(vectors, mode="w+", dtype=np.float32, shape=(len(ids) + n_random, D))
+        out[:len(ids)] = chunks
+        rng = np.random.default_rng(0)
+        for s in range(0, n_random, BLOCK):
+            out[len(ids) + s:len(ids) + s + BLOCK] = _unit(rng, min(BLOCK, n_random - s))
+        out.flush()
+        del out
+        id_file.write_text("".join(f"{c}\n" for c in ids) + "".join(f"random-{i}\n" for i in range(n_random)))
+    big = np.load(vectors, mmap_mode="r")
+    big_ids = id_file.read_text().split()
+    env = cli_env(ADAPTER_CACHE=str(cache))
+    qrels = relevant(ds.split("test"))
+    qids = list(qrels)
+    test = Encoder(cache_dir=cache, show_progress=False).encode_queries([ds.queries[q] for q in qids])
+    print(f"### AppleQA's questions against its 215 chunks hidden among {n_random:,} random unit vectors\n")
+    print(f"`adapter train {{appleqa}} --epochs {epochs} --seed S` on the 215 chunks alone, and with "
+          f"`--corpus-vectors` holding the 215 chunk vectors (MiniLM) and {n_random:,} random unit vectors (ids "
+          "`random-i`, which no question judges); each run timed in its own process. Test: the 859 test questions "
+          f"(split by query, seed 0), ndcg@10 at dim 384 (and the mean over dims {list(DIMS)}), against the 215 "
+          f"and against all {len(big_ids):,}. The training seed (S) varies; the split is seed 0's.\n")
+    print("| seed | trained against | wall (s) | peak memory (GiB) | shipped | test vs 215: base -> adapter | "
+          f"test vs {len(big_ids):,}: base -> adapter |")
+    print("|---|---|---|---|---|---|---|")
+    base_small = evaluate(test, chunks, qrels, qids, ids, DIMS)
+    base_big = evaluate(test, big, qrels, qids, big_ids, DIMS)
+
+    def cell(r: dict) -> str:
+        return f"{r[384]['ndcg@10']:.4f} ({np.mean([r[d]['ndcg@10'] for d in DIMS]):.4f})"
+
+    gains: dict[str, list[float]] = {"215": [], "big": []}
+    for seed in seeds:
+        for where, extra in (("215 chunks", []),
+                             (f"{len(big_ids):,} vectors", ["--corpus-vectors", str(vectors), "--corpus-ids",
+                                                            str(id_file)])):
+            out = work / f"appleqa-{seed}-{len(extra)}.safetensors"
+            wall, peak = measured([sys.executable, str(ROOT / "cli.py"), "train", str(folder), "--out", str(out),
+                                   "--epochs", str(epochs), "--seed", str(seed), "--force", *extra], env)
+            adapter = LinearAdapter.load(out)
+            small = evaluate(adapter.apply(test), chunks, qrels, qids, ids, DIMS)
+            large = evaluate(adapter.apply(test), big, qrels, qids, big_ids, DIMS)
+            gains["big" if extra else "215"].append(large[384]["ndcg@10"] / base_big[384]["ndcg@10"])
+            print(f"| {seed} | {where} | {wall:.0f} | {peak:.2f} | {adapter.metadata['recipe']} | "
+                  f"{cell(base_small)} -> {cell(small)} | {cell(base_big)} -> {cell(large)} |", flush=True)
+    for k, name in (("215", "the 215 alone"), ("big", f"the {len(big_ids):,}")):
+        g = gains[k]
+        print(f"\nTrained against {name}: test ndcg@10 at 384 against the {len(big_ids):,}, ratio to base "
+              f"{np.mean(g):.3f}x ±{np.std(g, ddof=1) if len(g) > 1 else 0:.3f} over seeds {seeds}.")
+    print()
+
+
+# ------------------------------------------------------------------------------------------------ the judge at 10^6
+
+
+def evaluator_child(folder: Path, n_queries: int) -> None:
+    import faiss
+
+    from adapter.encoder import truncate
+    from adapter.evaluate import TOP_K, evaluate
+
+    corpus = np.load(folder / "corpus.npy", mmap_mode="r")
+    queries = np.load(folder / "questions.npy")[:n_queries]
+    ids = [f"c{i}" for i in range(len(corpus))]
+    qids = [f"q{i}" for i in range(n_queries)]
+    qrels = {q: {f"c{i}": 1} for i, q in enumerate(qids)}
+    np.asarray(corpus).sum()  # pages in: both sides read from memory
+    raw, prep = {}, {}
+    for d in DIMS:
+        t = time.perf_counter()
+        c = np.asarray(corpus) if d == D else truncate(np.asarray(corpus), d)
+        q = truncate(queries, d)
+        prep[d] = time.perf_counter() - t
+        t = time.perf_counter()
+        faiss.knn(q, c, TOP_K, metric=faiss.METRIC_INNER_PRODUCT)
+        raw[d] = time.perf_counter() - t
+        del c
+    t = time.perf_counter()
+    evaluate(queries, corpus, qrels, qids, ids, DIMS)
+    ours = time.perf_counter() - t
+    print(json.dumps({"raw": raw, "prep": prep, "ours": ours, "peak_gib": _peak_gib()}))
+
+
+def evaluator(work: Path, n_queries: int) -> None:
+    folder = synthetic(work, 1_000_000, 100_000)
+    r = run_child("--evaluator-child", str(folder), str(n_queries))
+    raw = sum(r["raw"].values())
+    print(f"### The judge at 10^6 chunks\n\n{n_queries:,} queries against 1,000,000 x {D} float32 (memory-mapped, "
+          f"paged in first), dims {list(DIMS)}, top {100}, one process.\n")
+    print("| | " + " | ".join(f"dim {d}" for d in DIMS) + " | all dims |")
+    print("|---" * (len(DIMS) + 2) + "|")
+    print("| raw `faiss.knn` on contiguous truncated copies (s) | " +
+          " | ".join(f"{r['raw'][str(d)]:.1f}" for d in DIMS) + f" | {raw:.1f} |")
+    print("| making those copies (s) | " + " | ".join(f"{r['prep'][str(d)]:.1f}" for d in DIMS) +
+          f" | {sum(r['prep'].values()):.1f} |")
+    print(f"| `adapter.evaluate.evaluate` (s) | | | | | {r['ours']:.1f} |")
+    print(f"\nThe judge against raw `faiss.knn`: {r['ours'] / raw:.2f}x its time (goal: within 1.5x); peak memory of "
+          f"the process {r['peak_gib']:.2f} GiB (the raw side's copies included).\n")
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -213,10 +339,15 @@ def main() -> None:
                    help="QUESTIONSxCHUNKS, comma-separated")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--work", type=Path, default=None, help="Where synthetic data is written (kept for reruns).")
+    p.add_argument("--random", type=int, default=1_000_000, help="Random unit vectors AppleQA is hidden among.")
+    p.add_argument("--queries", type=int, default=1000, help="Queries the judge is timed with.")
     p.add_argument("--train-child", nargs=2)
+    p.add_argument("--evaluator-child", nargs=2)
     a = p.parse_args()
     if a.train_child:
         return train_child(Path(a.train_child[0]), int(a.train_child[1]))
+    if a.evaluator_child:
+        return evaluator_child(Path(a.evaluator_child[0]), int(a.evaluator_child[1]))
     work = a.work or Path(tempfile.mkdtemp(prefix="bench-scale-"))
     parts = a.parts.split(",")
     print(f"Machine: {os.cpu_count()} CPU cores, shared with other sessions (load average at start "
@@ -225,6 +356,10 @@ def main() -> None:
         choice(a.shared, [int(s) for s in a.seeds.split(",")])
     if "grid" in parts:
         grid(work, [tuple(int(x) for x in c.split("x")) for c in a.cells.split(",")], a.epochs)
+    if "appleqa" in parts:
+        appleqa_hidden(a.shared, work, [int(s) for s in a.seeds.split(",")], a.random, a.epochs)
+    if "evaluator" in parts:
+        evaluator(work, a.queries)
 
 
 if __name__ == "__main__":
