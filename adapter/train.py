@@ -119,11 +119,12 @@ class _Module(nn.Module):
         self.U = as_param(init.U) if init.U is not None else None
         self.V = as_param(init.V) if init.V is not None else None
         self.bias = as_param(init.bias) if init.bias is not None else None
+        self.eye = torch.eye(self.weight.shape[0]) if self.weight is not None else None  # not a parameter
 
     def delta(self) -> torch.Tensor:
         """W − I (full) or U V (low rank): how far the adapter is from the identity."""
         if self.weight is not None:
-            return self.weight - torch.eye(self.weight.shape[0])
+            return self.weight - self.eye
         return self.U @ self.V
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, d) -> (B, d), unit length
@@ -233,6 +234,7 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
     rng = np.random.default_rng(cfg.seed)
     n_corpus, dim = corpus.shape
     pairs, rel_codes = _pairs(train, corpus_ids)
+    n_relevant = np.bincount(rel_codes // n_corpus, minlength=len(train.ids))  # (n_train,) relevant chunks each
     val = bounded(val, n_corpus, cfg)
     if val is not None and tie_rank is None:
         tie_rank = id_rank(corpus_ids)
@@ -277,8 +279,12 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
         else:
             cand_rows = np.arange(n_corpus) if corpus_wide else pos  # (M,)
             target = torch.from_numpy(pos if corpus_wide else np.arange(len(pos)))
-            # other chunks relevant to the same query are not negatives
-            masked = is_relevant(q_rows[:, None] * n_corpus + cand_rows[None, :], rel_codes)
+            # other chunks relevant to the same query are not negatives: in the batch, a query with one relevant
+            # chunk masks only its own positive's repeats (no lookup); the others are looked up
+            many = n_relevant[q_rows] > 1 if not corpus_wide else np.ones(len(q_rows), dtype=bool)
+            masked = cand_rows[None, :] == pos[:, None]
+            if many.any():
+                masked[many] = is_relevant(q_rows[many, None] * n_corpus + cand_rows[None, :], rel_codes)
             masked[np.arange(len(pos)), target.numpy()] = False
             masked = torch.from_numpy(masked)
         positives = chunks(pos)  # (B, m) per dim

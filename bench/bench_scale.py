@@ -168,7 +168,9 @@ def train_child(folder: Path, epochs: int) -> None:
     enc = VectorEncoder(np.load(folder / "questions.npy"))
     r = train_adapter(ds, Config().replace(epochs=epochs), encoder=enc, corpus=source, progress=False)
     wall = time.perf_counter() - t
+    use = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": wall, "peak_gib": _peak_gib(), "train_seconds": r.seconds, "recipe": r.recipe,
+                      "cpu": use.ru_utime + use.ru_stime,
                       "estimates": r.estimates, "trials": [(t["recipe"], t["seconds"]) for t in r.trials]}))
 
 
@@ -188,15 +190,16 @@ def grid(work: Path, cells: list[tuple[int, int]], epochs: int) -> None:
     print("`train_adapter` (what `adapter train --corpus-vectors corpus.npy --corpus-ids ids.txt --epochs "
           f"{epochs}` runs) with the default recipe choice (5 trials and a refit), one child process per cell; the "
           "corpus .npy is memory-mapped. Wall time includes reading the dataset and the vectors; peak memory is the "
-          "child's maximum resident set (the mapped corpus pages it touched count). Validation: seen and unseen "
+          "child's maximum resident set (the mapped corpus pages it touched count); CPU: the child's user + system "
+          "seconds (on 2 cores an idle machine's wall time is at least half of it). Validation: seen and unseen "
           "slices, ndcg@10 at full dim base -> adapter (questions scored of those held out).\n")
-    print("| questions | chunks | wall (s) | training (s) | peak memory (GiB) | shipped | seen | unseen |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| questions | chunks | wall (s) | training (s) | CPU (s) | peak memory (GiB) | shipped | seen | unseen |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n_q, n_c in cells:
         folder = synthetic(work, n_c, n_q)
         r = run_child("--train-child", str(folder), str(epochs))
         e = r["estimates"]
-        print(f"| {n_q:,} | {n_c:,} | {r['wall']:.0f} | {r['train_seconds']:.0f} | {r['peak_gib']:.2f} | "
+        print(f"| {n_q:,} | {n_c:,} | {r['wall']:.0f} | {r['train_seconds']:.0f} | {r['cpu']:.0f} | {r['peak_gib']:.2f} | "
               f"{r['recipe']} | {_gain(e.get('seen'))} | {_gain(e.get('unseen'))} |", flush=True)
     print()
 
@@ -352,6 +355,7 @@ def main() -> None:
     parts = a.parts.split(",")
     print(f"Machine: {os.cpu_count()} CPU cores, shared with other sessions (load average at start "
           f"{os.getloadavg()[0]:.1f}).\n")
+    t0 = time.perf_counter()
     if "choice" in parts:
         choice(a.shared, [int(s) for s in a.seeds.split(",")])
     if "grid" in parts:
@@ -360,6 +364,7 @@ def main() -> None:
         appleqa_hidden(a.shared, work, [int(s) for s in a.seeds.split(",")], a.random, a.epochs)
     if "evaluator" in parts:
         evaluator(work, a.queries)
+    print(f"({time.perf_counter() - t0:.0f} s in all; load average at the end {os.getloadavg()[0]:.1f}.)")
 
 
 if __name__ == "__main__":
