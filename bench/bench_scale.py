@@ -199,8 +199,8 @@ def grid(work: Path, cells: list[tuple[int, int]], epochs: int) -> None:
         folder = synthetic(work, n_c, n_q)
         r = run_child("--train-child", str(folder), str(epochs))
         e = r["estimates"]
-        print(f"| {n_q:,} | {n_c:,} | {r['wall']:.0f} | {r['train_seconds']:.0f} | {r['cpu']:.0f} | {r['peak_gib']:.2f} | "
-              f"{r['recipe']} | {_gain(e.get('seen'))} | {_gain(e.get('unseen'))} |", flush=True)
+        print(f"| {n_q:,} | {n_c:,} | {r['wall']:.0f} | {r['train_seconds']:.0f} | {r['cpu']:.0f} | "
+              f"{r['peak_gib']:.2f} | {r['recipe']} | {_gain(e.get('seen'))} | {_gain(e.get('unseen'))} |", flush=True)
     print()
 
 
