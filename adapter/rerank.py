@@ -199,6 +199,7 @@ def start_model(name: str, max_length: int | None, head: str = "cosine") -> tupl
     try:
         if head == "classifier":
             return _cross_encoder(path, max_length, num_labels=1), "encoder with a new one-logit head"
+        import torch
         from sentence_transformers import CrossEncoder
         from sentence_transformers.base.modules import Transformer
 
@@ -207,7 +208,8 @@ def start_model(name: str, max_length: int | None, head: str = "cosine") -> tupl
         except Exception as e:  # as in _cross_encoder: one line
             raise AdapterError(f"{name}: cannot load as an encoder ({one_line(e)})") from None
         encoder.model.config.num_labels = 1  # what CrossEncoder.num_labels reads: one score
-        model = CrossEncoder(modules=[encoder, CosineHead()])
+        # scores as they are (scale x cosine): a sigmoid on top would saturate to ties near the top of CrossEncoder.rank
+        model = CrossEncoder(modules=[encoder, CosineHead()], activation_fn=torch.nn.Identity())
     finally:
         hf_logging.set_verbosity(level)
     if max_length is not None:

@@ -114,6 +114,7 @@ def tiny_cfg(model_dir: Path, **over) -> Config:
 def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_epoch(rerank_dir, tmp_path,
                                                                                       tiny_model_dir, monkeypatch):
     import huggingface_hub
+    import torch
 
     calls = {}  # the Hub is replaced, as in test_export's push test: what it was given is checked
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
@@ -151,6 +152,10 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     # the installed weights are the kept epoch's: reranking validation again gives what that epoch scored
     reranker = rr.load_reranker(out)
     assert reranker.model.num_labels == 1
+    from sentence_transformers import CrossEncoder
+
+    plain = CrossEncoder(str(out), trust_remote_code=True)  # as its card says; raw scores, no saturating sigmoid
+    assert type(plain[1]).__name__ == "CosineHead" and isinstance(plain.activation_fn, torch.nn.Identity)
     reranker.model.max_seq_length = 48
     base = build_systems(Config().replace(model=str(tiny_model_dir)), progress=False)["base"]
     queries = base.encode_queries([ds.queries[q] for q in val])
