@@ -70,7 +70,7 @@ def running(service: EmbeddingService, api_key: str | None = None):
                                            access_log=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 60  # a liveness bound only
     while not server.started:
         if time.monotonic() > deadline or not thread.is_alive():
             raise RuntimeError("test server did not start")
@@ -361,9 +361,9 @@ def test_replies_under_reloads_come_whole_from_one_adapter(backend, adapter_file
         for seed in range(2, 7):
             a = make_adapter(backend, adapter_file, seed)
             versions[adapter_version(a)] = a
-            deadline = time.monotonic() + 10
+            deadline = time.monotonic() + 60  # a liveness bound only: a loaded machine polls late
             while httpx.get(f"{url}/health").json()["adapter"]["version"] != adapter_version(a):
-                assert time.monotonic() < deadline, "reload not seen within 10 s"
+                assert time.monotonic() < deadline, "reload not seen within 60 s"
                 time.sleep(0.02)
         time.sleep(0.1)
         stop.set()
