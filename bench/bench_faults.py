@@ -143,53 +143,55 @@ def shard_names(folder: Path) -> set[str]:
 
 
 def run_watching(cmd: list[str], env: dict[str, str], cache: Path, kill_after: int | None = None,
-                 wait: float = 0.0) -> tuple[int, float, str]:
+                 wait: float = 0.0) -> tuple[list[float], float, str]:
     """Run ``cmd``, polling ``cache`` for shard files every millisecond; with ``kill_after``, SIGKILL it ``wait``
-    seconds after that many distinct shard files have appeared. Returns (shards seen, seconds until the kill or
-    the end, what it printed)."""
-    seen: set[str] = set()
+    seconds after that many distinct shard files have appeared. Returns (the seconds at which each shard file first
+    appeared, seconds until the kill or the end, what it printed)."""
+    seen: dict[str, float] = {}
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     while p.poll() is None and (kill_after is None or len(seen) < kill_after):
-        seen |= shard_names(cache)
+        for name in shard_names(cache) - seen.keys():
+            seen[name] = time.perf_counter() - t0
         time.sleep(0.001)
     if kill_after is not None and p.poll() is None:
         time.sleep(wait)
         p.send_signal(signal.SIGKILL)
     out = p.communicate()[0]
-    return len(seen | shard_names(cache)), time.perf_counter() - t0, out
+    return sorted(seen.values()), time.perf_counter() - t0, out
 
 
 def kills(work: Path, model: str, n: int) -> None:
-    """Each kill after N shard files appeared (N random below a full run's count) and a random part of the mean gap
-    between two shards, so kills land across the embedding, not mostly while the model loads."""
+    """Each kill once N shard files have appeared (N random below a full run's count), then a random part of the
+    time the timing run took from shard N to shard N+1: kills land between two shards, not while the model loads."""
     from adapter.cache import EmbeddingCache
 
     env_base = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "cli", "-q", "embed", str(WATEROPS), "--model", model]
     timing = work / "kill-timing"
-    shards, whole, out = run_watching(cmd, {**env_base, "ADAPTER_CACHE": str(timing)}, timing)
-    total = int(EMBEDDED.search(out).group(1))
-    gap = whole / shards
+    times, whole, out = run_watching(cmd, {**env_base, "ADAPTER_CACHE": str(timing)}, timing)
+    total, shards = int(EMBEDDED.search(out).group(1)), len(times)
     rng = random.Random(0)
     rows = []
     for i in range(n):
         cache = work / f"kill-{i}"
-        after, wait = rng.randint(1, max(1, shards - 1)), rng.uniform(0, gap)
+        after = rng.randint(1, max(1, shards - 1))
+        wait = rng.uniform(0, times[after] - times[after - 1]) if after < shards else 0.0
         _, at, _ = run_watching(cmd, {**env_base, "ADAPTER_CACHE": str(cache)}, cache, kill_after=after, wait=wait)
         folders = list((cache / "embeddings").glob("*")) if (cache / "embeddings").is_dir() else []
         cached = sum(len(EmbeddingCache(f)) for f in folders)  # opens, or raises naming a shard
         rerun = EMBEDDED.search(cli("embed", str(WATEROPS), cache=cache, model=model).stdout)
         embedded, already = int(rerun.group(1)), int(rerun.group(2))
-        rows.append((i, after, at, cached, embedded, already, embedded + already == total and already == cached))
+        rows.append((i, after, wait, at, cached, embedded, already,
+                     embedded + already == total and already == cached))
     print(f"\n### `adapter embed` killed with SIGKILL at {n} random points (a full run takes {whole:.1f} s, "
-          f"{total} texts, {shards} shard files)\n")
-    print("| kill | after shard | after (s) | vectors in the cache after the kill (it opens) | rerun embedded | "
-          "rerun found cached | rerun embedded exactly what was missing |")
-    print("|---:|---:|---:|---:|---:|---:|---|")
-    for i, after, at, cached, embedded, already, ok in rows:
-        print(f"| {i} | {after} | {at:.1f} | {cached} | {embedded} | {already} | {ok} |")
-    mid = sum(0 < cached < total for _, _, _, cached, *_ in rows)
+          f"{total} texts, {shards} shard files, at {', '.join(f'{t:.1f}' for t in times)} s)\n")
+    print("| kill | after shard | then waited (s) | killed at (s) | vectors in the cache after the kill (it opens) | "
+          "rerun embedded | rerun found cached | rerun embedded exactly what was missing |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---|")
+    for i, after, wait, at, cached, embedded, already, ok in rows:
+        print(f"| {i} | {after} | {wait:.2f} | {at:.1f} | {cached} | {embedded} | {already} | {ok} |")
+    mid = sum(0 < row[4] < total for row in rows)
     print(f"\n{mid} of {n} kills landed mid-run (some texts cached, some not).")
 
 
