@@ -259,6 +259,7 @@ class SentenceTransformerBackend:
         kwargs: dict[str, Any] = {"prompt": self.prefixes[role]} if self.prefixes[role] is not None else {}
         texts = list(texts)
         part = self.batch_size * PART_BATCHES
+        home = self.model.device  # starting a pool moves the model to the CPU; smaller jobs after it run here again
         pool = self._start_pool() if self.pool and len(texts) >= self.pool_min_texts else None
         step = part * len(pool["processes"]) if pool else part
         bar = _progress(len(texts), self.name, self.show_progress and len(texts) > part)
@@ -286,6 +287,7 @@ class SentenceTransformerBackend:
             bar.close()
             if pool is not None:
                 self.model.stop_multi_process_pool(pool)
+                self.model.to(home)
         return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
