@@ -66,7 +66,7 @@ def choice(shared: Path, seeds: list[int]) -> None:
           " | ".join(f"sample {n}: epoch (regret)" for n in SAMPLES) + " | recipe: full | " +
           " | ".join(f"sample {n}" for n in SAMPLES) + " |")
     print("|---" * (5 + 2 * len(SAMPLES)) + "|")
-    same_epoch = same_recipe = total = 0
+    same_epoch, same_recipe, total = [0] * len(SAMPLES), [0] * len(SAMPLES), 0
     for name, d in data.items():
         _, _, _, cids, corpus = d
         for seed in seeds:
@@ -84,14 +84,17 @@ def choice(shared: Path, seeds: list[int]) -> None:
             recipe_full = train_on_vectors(train, corpus, cids, "bench", cfg, progress=False).recipe
             recipes = [train_on_vectors(train, corpus, cids, "bench", cfg.replace(val_budget=n * len(cids)),
                                         progress=False).recipe for n in SAMPLES]
-            total += len(SAMPLES)
-            same_epoch += sum(p == full.best_epoch for p in picks)
-            same_recipe += sum(r == recipe_full for r in recipes)
+            total += 1
+            for i, (p, r) in enumerate(zip(picks, recipes, strict=True)):
+                same_epoch[i] += p == full.best_epoch
+                same_recipe[i] += r == recipe_full
             cells = [f"{p} ({curve[full.best_epoch] - curve[p]:+.4f})" for p in picks]
             print(f"| {name} | {seed} | {len(seen.ids)}, {len(unseen.ids)} | {full.best_epoch} | " +
                   " | ".join(cells) + f" | {recipe_full} | " + " | ".join(recipes) + " |")
-    print(f"\nSame winning epoch as the full validation: {same_epoch} of {total}; same recipe: {same_recipe} of "
-          f"{total}.\n")
+    for i, n in enumerate(SAMPLES):
+        print(f"\nSample of {n}: the same winning epoch as the full validation in {same_epoch[i]} of {total} runs, "
+              f"the same recipe in {same_recipe[i]} of {total}.")
+    print()
 
 
 # ------------------------------------------------------------------------------------------------ synthetic data
