@@ -163,6 +163,10 @@ class LinearAdapter:
                 raise AdapterError(f"{path}: tensor {name!r} holds NaN or Inf values")
         if form == "full" and not np.any(tensors["weight"]):  # every query would become the zero vector
             raise AdapterError(f"{path}: the adapter's matrix is all zeros; it would map every query to nothing")
+        if form == "lowrank" and not np.any(tensors["U"]) and not np.any(tensors["V"]):
+            # training starts U at small random values, so no trained file has both factors zero: a damaged one
+            raise AdapterError(f"{path}: the adapter's factors U and V are all zeros (a damaged file: training never "
+                               "writes one)")
         extra_meta = {k: v for k, v in header.items() if k not in ("format_version", "base_model", "dim", "form",
                                                                    "rank", "bias", "normalize", "dtype")}
         extra_meta = training_meta(_upgrade_v1(extra_meta, dim) if version == 1 else extra_meta)

@@ -341,6 +341,14 @@ def test_an_all_zeros_adapter_is_refused(tmp_path):
     path = LinearAdapter(4, "m@x", weight=np.zeros((4, 4), np.float32)).save(tmp_path / "z.safetensors")
     with pytest.raises(AdapterError, match="all zeros"):
         LinearAdapter.load(path)
+    # low-rank too (the fuzz table's all-zeros file is made from whatever form training shipped)
+    path = LinearAdapter(4, "m@x", U=np.zeros((4, 2), np.float32), V=np.zeros((2, 4), np.float32)).save(
+        tmp_path / "z2.safetensors")
+    with pytest.raises(AdapterError, match="all zeros"):
+        LinearAdapter.load(path)
+    trained = LinearAdapter(4, "m@x", U=np.ones((4, 2), np.float32), V=np.zeros((2, 4), np.float32)).save(
+        tmp_path / "ok.safetensors")
+    assert LinearAdapter.load(trained).dim == 4  # V still zero after training is fine: the identity, as trained
 
 
 @pytest.mark.parametrize("out", [".", ".."])
