@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -194,6 +196,38 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+_WATCH = """import os, signal, sys
+pids = [int(p) for p in sys.argv[1:]]
+if sys.stdin.buffer.read() != b"stop":
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+"""
+
+
+class _PoolWatch:
+    """A tiny watchdog process for a multi-process pool's workers. sentence-transformers' workers are daemon processes
+    that wait on their queue forever, so a parent killed with SIGKILL (or by the OOM killer) would leave them running,
+    each holding a copy of the model. The watchdog reads a pipe only this process can write: end of file without
+    "stop" means this process died, and it kills the workers; ``release`` (after the pool is stopped) lets it exit."""
+
+    def __init__(self, pids: Sequence[int]):
+        self.proc = subprocess.Popen([sys.executable, "-S", "-c", _WATCH, *map(str, pids)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def release(self) -> None:
+        """The pool was stopped by its owner: tell the watchdog, which then exits without killing anything."""
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(b"stop")
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        self.proc.wait(timeout=10)
+
+
 class SentenceTransformerBackend:
     """A sentence-transformers model run here. Queries and documents get the model's own prompts, unless a prefix is
     given (which then replaces the model's prompt for that role). ``pool``: the torch devices of a multi-process pool
@@ -261,6 +295,7 @@ class SentenceTransformerBackend:
         part = self.batch_size * PART_BATCHES
         home = self.model.device  # starting a pool moves the model to the CPU; smaller jobs after it run here again
         pool = self._start_pool() if self.pool and len(texts) >= self.pool_min_texts else None
+        watch = _PoolWatch([p.pid for p in pool["processes"]]) if pool else None
         step = part * len(pool["processes"]) if pool else part
         bar = _progress(len(texts), self.name, self.show_progress and len(texts) > part)
         out = np.empty((len(texts), self.dim or 0), dtype=np.float32)
@@ -288,6 +323,8 @@ class SentenceTransformerBackend:
             if pool is not None:
                 self.model.stop_multi_process_pool(pool)
                 self.model.to(home)
+            if watch is not None:
+                watch.release()
         return out
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:

@@ -102,3 +102,51 @@ def test_the_cli_refuses_bad_pool_settings_in_one_line(tiny_dataset, tmp_path):
     assert "'bogus' is not a torch device" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     zero = run("--processes", "0")
     assert zero.returncode != 0 and "Traceback" not in zero.stderr and "--processes" in zero.stderr
+
+
+KILLED_MID_POOL = """
+import os, signal, sys
+from adapter.encoder import Encoder
+texts = [f"pump {i} report" for i in range(200)]
+
+def parent(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return None
+
+def killed(rows, vectors):  # the first finished part: name the children, then die as the OOM killer kills
+    kids = [p for p in os.listdir("/proc") if p.isdigit() and parent(p) == str(os.getpid())]
+    print(" ".join(kids), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+enc = Encoder(sys.argv[1], cache_dir=sys.argv[2], batch_size=4, show_progress=False, processes=2, pool_min_texts=100)
+enc.backend.embed(texts, on_batch=killed)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc (Linux)")
+def test_workers_do_not_outlive_a_killed_parent(tiny_model_dir, tmp_path):
+    """sentence-transformers' workers wait on their queue forever; after a SIGKILL of the process that started them,
+    the pool's watchdog kills them within seconds instead of leaving them holding the model."""
+    import time
+
+    out, err = tmp_path / "out.txt", tmp_path / "err.txt"
+    with out.open("w") as o, err.open("w") as e:  # files, not pipes: orphaned workers would hold a pipe open
+        run = subprocess.run([sys.executable, "-c", KILLED_MID_POOL, str(tiny_model_dir), str(tmp_path / "cache")],
+                             stdout=o, stderr=e, cwd=ROOT, timeout=300)
+    assert run.returncode == -9, err.read_text()[-2000:]
+    pids = [int(p) for p in out.read_text().split()]
+    assert len(pids) >= 3  # two workers and the watchdog
+    deadline = time.monotonic() + 20
+    def running(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [p for p in pids if running(p)]
+    assert not alive, f"still running after the parent's SIGKILL: {alive}"
