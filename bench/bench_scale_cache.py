@@ -189,6 +189,26 @@ def measure_floor(folder: Path, keys: int, reads: int) -> dict:
     return {"floor_s": seconds}
 
 
+def measure_disk(where: Path, seconds: int = 8) -> dict | None:
+    """The disk itself, beneath any page cache: fio's random 4 KB reads with O_DIRECT at queue depths 1, 32 and 128
+    over a 4 GB file next to the cache (None when fio is not installed: `apt-get install fio`)."""
+    if shutil.which("fio") is None:
+        return None
+    path = where / "bench-scale-cache-fio.dat"
+    out = {}
+    try:
+        subprocess.run(["fio", "--name=lay", f"--filename={path}", "--size=4G", "--rw=write", "--bs=1M",
+                        "--direct=1", "--output-format=terse"], capture_output=True, check=True)
+        for depth in (1, 32, 128):
+            r = subprocess.run(["fio", "--name=r", f"--filename={path}", "--size=4G", "--rw=randread", "--bs=4k",
+                                "--direct=1", "--ioengine=libaio", f"--iodepth={depth}", f"--runtime={seconds}",
+                                "--time_based", "--output-format=json"], capture_output=True, text=True, check=True)
+            out[depth] = json.loads(r.stdout)["jobs"][0]["read"]["iops"]
+    finally:
+        path.unlink(missing_ok=True)
+    return out
+
+
 def measure_put(folder: Path, keys: int, dim: int) -> dict:
     before = {p.name: p.stat().st_ino for p in folder.glob(f"*{SUFFIX}")}
     cache = EmbeddingCache(folder)
@@ -211,6 +231,15 @@ def child(args: argparse.Namespace, what: str, trace: bool = False, prefetch: bo
     return json.loads(r.stdout.splitlines()[-1])
 
 
+def print_disk(iops: dict | None, reads: int) -> None:
+    if iops is None:
+        print("\nThe disk's own random-read rate: not measured (fio is not installed).")
+        return
+    rates = ", ".join(f"queue depth {d}: {v:,.0f}" for d, v in iops.items())
+    print(f"\nThe disk's own random 4 KB reads per second (fio, O_DIRECT, libaio; beneath the page cache): {rates}. "
+          f"At the best of these, {reads:,} pages take {reads / max(iops.values()):.2f} s.")
+
+
 def mb(n: int) -> str:
     return f"{n / 2**20:.0f}"
 
@@ -222,6 +251,7 @@ def main() -> None:
     parser.add_argument("--reads", type=int, default=100_000)
     parser.add_argument("--folder", type=Path, default=Path("/tmp/bench-scale-cache"))
     parser.add_argument("--keep", action="store_true", help="keep the cache (and reuse it if it is there)")
+    parser.add_argument("--disk", action="store_true", help="only the disk's own random-read rate (fio)")
     parser.add_argument("--child", choices=["measure", "put", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--trace", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-prefetch", action="store_true", help=argparse.SUPPRESS)
@@ -236,6 +266,9 @@ def main() -> None:
         print(json.dumps(measure_floor(args.folder, args.keys, args.reads)))
         return
 
+    if args.disk:
+        print_disk(measure_disk(args.folder.parent), args.reads)
+        return
     need = args.keys * (16 + 4 * args.dim)
     reuse = args.keep and args.folder.is_dir()
     if not reuse:
@@ -257,6 +290,7 @@ def main() -> None:
             rows.append((label, child(args, "measure", trace, prefetch)))
         floor = child(args, "floor")
         put = child(args, "put")
+        disk = measure_disk(args.folder.parent)
     finally:
         if not args.keep:
             shutil.rmtree(args.folder, ignore_errors=True)
@@ -279,6 +313,7 @@ def main() -> None:
               f"{mb(grown - read)} | {m['contains_hit_s']:.2f} / {m['contains_miss_s']:.2f} | {peak} |")
     print(f"\nThe disk's floor for the cold read: the same {args.reads:,} rows read with os.pread from 32 threads "
           f"after evicting the files (no cache code): {floor['floor_s']:.2f} s.")
+    print_disk(disk, args.reads)
     print(f"\nA put of 1,000 new keys into the full cache: {put['put_s']:.3f} s, shards {put['shards_before']} -> "
           f"{put['shards_after']}, every existing shard untouched: {put['untouched']}.")
     print(f"\n(machine: {os.cpu_count()} cores, shared; {json.dumps(vars(args), default=str)})")
