@@ -404,7 +404,9 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @click.option("--loss", type=click.Choice(LOSSES), default=None,
               help=f"[default: {DEFAULTS.train.loss}]")
 @click.option("--negatives", type=click.Choice(NEGATIVES), default=None,
-              help=f"[default: {DEFAULTS.train.negatives}]")
+              help="random: drawn from the whole corpus each step; hard: each question's top non-relevant chunks "
+                   "under base, mined once by an exact search of the whole corpus (its cost grows with questions "
+                   f"x chunks) [default: {DEFAULTS.train.negatives}]")
 @click.option("--epochs", type=Number(int, 0), default=None, help=f"[default: {DEFAULTS.train.epochs}]")
 @click.option("--lr", type=POSITIVE, default=None, help=f"[default: {DEFAULTS.train.lr}]")
 @click.option("--batch-size", type=COUNT, default=None, help=f"[default: {DEFAULTS.train.batch_size}]")
