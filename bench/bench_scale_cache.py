@@ -231,13 +231,13 @@ def child(args: argparse.Namespace, what: str, trace: bool = False, prefetch: bo
     return json.loads(r.stdout.splitlines()[-1])
 
 
-def print_disk(iops: dict | None, reads: int) -> None:
+def print_disk(iops: dict | None, pages: int, what: str = "pages") -> None:
     if iops is None:
         print("\nThe disk's own random-read rate: not measured (fio is not installed).")
         return
     rates = ", ".join(f"queue depth {d}: {v:,.0f}" for d, v in iops.items())
     print(f"\nThe disk's own random 4 KB reads per second (fio, O_DIRECT, libaio; beneath the page cache): {rates}. "
-          f"At the best of these, {reads:,} pages take {reads / max(iops.values()):.2f} s.")
+          f"At the best of these, {pages:,} {what} take {pages / max(iops.values()):.2f} s.")
 
 
 def mb(n: int) -> str:
@@ -267,7 +267,7 @@ def main() -> None:
         return
 
     if args.disk:
-        print_disk(measure_disk(args.folder.parent), args.reads)
+        print_disk(measure_disk(args.folder.parent), args.reads, "random pages")
         return
     need = args.keys * (16 + 4 * args.dim)
     reuse = args.keep and args.folder.is_dir()
@@ -313,7 +313,7 @@ def main() -> None:
               f"{mb(grown - read)} | {m['contains_hit_s']:.2f} / {m['contains_miss_s']:.2f} | {peak} |")
     print(f"\nThe disk's floor for the cold read: the same {args.reads:,} rows read with os.pread from 32 threads "
           f"after evicting the files (no cache code): {floor['floor_s']:.2f} s.")
-    print_disk(disk, args.reads)
+    print_disk(disk, rows[0][1]["vector_pages"] // mmap.PAGESIZE, "distinct pages (what the read's rows lie on)")
     print(f"\nA put of 1,000 new keys into the full cache: {put['put_s']:.3f} s, shards {put['shards_before']} -> "
           f"{put['shards_after']}, every existing shard untouched: {put['untouched']}.")
     print(f"\n(machine: {os.cpu_count()} cores, shared; {json.dumps(vars(args), default=str)})")
