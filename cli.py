@@ -732,6 +732,9 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
               f"and reranking; auto: where the CPU or GPU does it natively [default: {DEFAULTS.rerank.bf16}].")
 @click.option("--fusion/--no-fusion", default=None, help="Choose on validation a weight for the first stage's rank "
               "in the final order (0: the reranker alone) [default: fusion].")
+@click.option("--prior-weight", "prior", type=Number(float, 0), default=None, help="lambda with fusion: the loss "
+              "ranks by the score + this x the first stage's standardised score, so the model learns to correct the "
+              f"first stage (0: to rank alone) [default: {DEFAULTS.rerank.prior:g}].")
 @click.option("--split", "train_split", default=None,
               help=f"Qrels split to train on [default: {DEFAULTS.split.train_split}].")
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
@@ -742,7 +745,7 @@ def rerank_train(directory: str, out: str, model: str | None, head: str | None, 
                  adapter_path: str | None, k: int | None, loss: str | None, negatives: int | None, epochs: int | None,
                  batch_size: int | None, lr: float | None, max_seq_length: int | None,
                  max_train_seconds: float | None, val_queries: int | None, train_queries: int | None,
-                 bf16: str | None, fusion: bool | None, train_split: str | None, seed: int | None,
+                 bf16: str | None, fusion: bool | None, prior: float | None, train_split: str | None, seed: int | None,
                  repo_id: str | None, cache_dir: str | None) -> None:
     """Fine-tune a cross-encoder to rerank DIRECTORY's first-stage top-k (hard negatives mined once by the first
     stage); write the best epoch by validation ndcg@10 to --out with a model card.
@@ -756,7 +759,7 @@ def rerank_train(directory: str, out: str, model: str | None, head: str | None, 
                            rerank_k=k, rerank_loss=loss, rerank_negatives=negatives, rerank_epochs=epochs,
                            rerank_batch_size=batch_size, rerank_lr=lr, rerank_max_seq_length=max_seq_length,
                            max_train_seconds=max_train_seconds, val_queries=val_queries, train_queries=train_queries,
-                           rerank_head=head, rerank_bf16=bf16, rerank_fusion=fusion)
+                           rerank_head=head, rerank_bf16=bf16, rerank_fusion=fusion, rerank_prior=prior)
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
     r = run(ds, out, cfg, adapter=adapter_path)

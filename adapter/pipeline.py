@@ -85,15 +85,27 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = 
     if adapter is not None and not Path(adapter).is_file():
         raise AdapterError(f"{adapter}: no such adapter file")
 
-    def first_stage(qids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:  # built once the cheap checks passed
-        systems = build_systems(cfg, adapters={"first stage": adapter} if adapter else (), progress=progress)
-        system = systems["first stage" if adapter else "base"]
-        _, corpus = system.corpus.read(dataset, system.encoder)  # the cached encoding of corpus.jsonl, in order
-        return system.encode_queries([dataset.queries[q] for q in qids]), corpus
+    systems: dict[str, System] = {}
+
+    def stage(name: str) -> rerank.FirstStage:
+        def vectors(qids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:  # built once the cheap checks passed
+            if not systems:
+                systems.update(build_systems(cfg, adapters={"first stage": adapter} if adapter else (),
+                                             progress=progress))
+            system = systems[name]
+            _, corpus = system.corpus.read(dataset, system.encoder)  # the cached encoding of corpus.jsonl, in order
+            return system.encode_queries([dataset.queries[q] for q in qids]), corpus
+        return vectors
+
+    def key(kind: str, src: str) -> str:
+        return rerank.stage_key(kind, src) or f"{kind}:{src}"
 
     source = {"first_stage": cfg.encoder.model, "adapter": str(adapter) if adapter else None,
-              "adapter_sha": rerank.file_sha(adapter) if adapter else None}
-    return rerank.rerank_train(dataset, out, cfg, first_stage, source, progress=progress)
+              "adapter_sha": rerank.file_sha(adapter) if adapter else None,
+              "key": key("adapter", str(adapter)) if adapter else key("base", cfg.encoder.model)}
+    also = {key("base", cfg.encoder.model): stage("base")} if adapter else {}  # base gets its own fusion weight
+    return rerank.rerank_train(dataset, out, cfg, stage("first stage" if adapter else "base"), source, also=also,
+                               progress=progress)
 
 
 @dataclass
@@ -280,9 +292,9 @@ def _costs(systems: Mapping[str, System], texts: Sequence[str], chunks: Sequence
     rerank_ms: dict[int, float] = {}  # one timing per reranker
     for name, s in systems.items():
         if s.reranker is not None:
-            if id(s.reranker) not in rerank_ms:
-                rerank_ms[id(s.reranker)] = _rerank_ms(s.reranker, texts, chunks[:s.rerank_k])
-            first, ms = infos[s.first_stage], rerank_ms[id(s.reranker)]
+            if id(s.reranker.model) not in rerank_ms:  # one model behind each first stage's fusion weight
+                rerank_ms[id(s.reranker.model)] = _rerank_ms(s.reranker, texts, chunks[:s.rerank_k])
+            first, ms = infos[s.first_stage], rerank_ms[id(s.reranker.model)]
             infos[name] = SystemInfo(s.kind, s.source, s.meta.get("train_seconds"), s.reranker.weight_bytes,
                                      first.reembed, first.latency_ms + ms, rerank_ms=ms)  # curves: its card
             continue

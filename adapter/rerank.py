@@ -18,6 +18,7 @@ finetune`` does.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -34,7 +35,7 @@ from sentence_transformers.base.modules import Module
 
 from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, fingerprint, relevant, train_val_qrels
-from adapter.encoder import resolve_model
+from adapter.encoder import resolve_model, truncate
 from adapter.errors import AdapterError, one_line
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate, id_rank, search
 from adapter.finetune import (
@@ -59,7 +60,8 @@ NEGATIVES_FILE = "negatives.json"  # in CHECKPOINTS: the hard negatives, mined o
 BASE_FILE = "base.json"  # in CHECKPOINTS: validation of the first stage alone and of the start model, measured once
 LOSSES = ("lambda", "bce", "mnrl")
 HEADS = ("cosine", "classifier")
-FUSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)  # of the first stage's score, tried on validation; 0: none
+FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)  # of the first
+# stage's score, tried on validation (0: none); one scoring pass serves them all, so the grid is fine and wide
 HEAD_TYPE = "adapter.rerank.CosineHead"  # modules.json's name for it: the one class outside sentence-transformers
 # that a reranker folder may name (loading it needs trust_remote_code, given only after checking every module type)
 
@@ -176,8 +178,19 @@ def load_reranker(folder: str | os.PathLike, cfg: Config | None = None) -> Reran
         raise AdapterError(f"{folder}: a cross-encoder with {model.num_labels} labels; a reranker gives one score")
     meta_file = folder / META_FILE
     meta = _json(meta_file) if meta_file.is_file() else {}
+    weights = {str(k): float(v["fusion"]) for k, v in (meta.get("stages") or {}).items()}
     return Reranker(model, batch_size=cfg.rerank.predict_batch_size, source=str(folder), meta=meta,
-                    fusion=float(meta.get("fusion_weight") or 0.0), bf16=use_bf16(cfg.rerank.bf16))
+                    fusion=float(meta.get("fusion_weight") or 0.0), bf16=use_bf16(cfg.rerank.bf16), weights=weights)
+
+
+def stage_key(kind: str, source: str) -> str | None:
+    """What names a first stage in a reranker's per-first-stage fusion weights: ``base:<model>``, or
+    ``adapter:<hash of the adapter file>``; None for one that cannot be named (an adapter given in memory)."""
+    if kind == "base":
+        return f"base:{source}"
+    if kind == "adapter" and Path(source).is_file():
+        return f"adapter:{file_sha(source)}"
+    return None
 
 
 def start_model(name: str, max_length: int | None, head: str = "cosine") -> tuple[CrossEncoder, str]:
@@ -241,12 +254,24 @@ class Reranker:
     system is scored at every dim, and base and adapter share most of their candidates)."""
 
     def __init__(self, model: CrossEncoder, *, batch_size: int = 32, source: str = "", memo: bool = True,
-                 meta: dict[str, Any] | None = None, fusion: float = 0.0, bf16: bool = False):
+                 meta: dict[str, Any] | None = None, fusion: float = 0.0, bf16: bool = False,
+                 weights: Mapping[str, float] | None = None):
         self.model, self.batch_size, self.source = model, batch_size, source
         self.meta = meta or {}
-        self.fusion = fusion  # weight of the first-stage rank in the final order (ListReranker)
+        self.fusion = fusion  # weight of the first-stage score in the final order (ListReranker)
+        self.weights = dict(weights or {})  # stage_key -> the weight chosen on that first stage's validation lists
         self.bf16 = bf16
         self._memo: dict[tuple[str, str], float] | None = {} if memo else None
+
+    def for_first_stage(self, kind: str, source: str) -> Reranker:
+        """This reranker (same model, same remembered scores) with the fusion weight chosen on validation for that
+        first stage; one it was not validated on gets the weight of the first stage it was trained under."""
+        key = stage_key(kind, source)
+        if key not in self.weights:
+            return self
+        view = copy.copy(self)  # shallow: model and memo shared
+        view.fusion = self.weights[key]
+        return view
 
     def _predict(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
         import torch
@@ -343,6 +368,55 @@ def mine_negatives(dataset: Dataset, qrels: Qrels, query_vectors: np.ndarray, co
     return out
 
 
+def first_stage_priors(dataset: Dataset, qrels: Qrels, query_vectors: np.ndarray, corpus_vectors: np.ndarray,
+                       chunks: Mapping[str, Sequence[str]], k: int) -> dict[str, dict[str, float]]:
+    """For each query of ``qrels`` (rows of ``query_vectors`` in its order), the first stage's score of each of
+    ``chunks[query]``, standardised by the mean and spread of its top ``k`` scores: the same scale ``ListReranker``
+    fuses at, so training on score + w x prior trains what reranking uses."""
+    cids = list(dataset.corpus)
+    row = {c: i for i, c in enumerate(cids)}
+    top, _ = search(query_vectors, corpus_vectors, k, tie_rank=id_rank(cids))
+    mean, spread = top.mean(1), np.maximum(top.std(1), 1e-6)
+    out: dict[str, dict[str, float]] = {}
+    for i, q in enumerate(qrels):
+        wanted = list(dict.fromkeys(chunks[q]))
+        d = corpus_vectors.shape[1]  # scored as search scores: both sides normalised
+        s = truncate(corpus_vectors[[row[c] for c in wanted]], d) @ truncate(query_vectors[i:i + 1], d)[0]
+        out[q] = {c: float((v - mean[i]) / spread[i]) for c, v in zip(wanted, s, strict=True)}
+    return out
+
+
+def prior_lambda_loss(model: CrossEncoder, weight: float, mini_batch_size: int):
+    """sentence-transformers' LambdaLoss on each pair's score + ``weight`` x its first-stage prior (the training
+    set's ``prior`` column, after the chunks): the lists are ordered by what reranking with fusion orders them by, so
+    the model learns what to change in the first stage's order, not the whole order again."""
+    import torch
+    from sentence_transformers.cross_encoder.losses import LambdaLoss
+
+    class Shift(torch.nn.Module):
+        """The loss's activation (applied once, to the batch's flat scores in pair order) plus a shift per pair."""
+
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner, self.add = inner, None
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) + self.add.to(x.device, x.dtype)
+
+    class PriorLambdaLoss(LambdaLoss):
+        def __init__(self) -> None:
+            super().__init__(model, mini_batch_size=mini_batch_size)
+            self.weight = weight
+            self.activation_fn = Shift(self.activation_fn)
+
+        def forward(self, inputs: list, labels: list, **kw: Any) -> torch.Tensor:
+            queries, docs, priors = inputs
+            self.activation_fn.add = weight * torch.tensor([p for row in priors for p in row], dtype=torch.float32)
+            return super().forward([queries, docs], labels, **kw)
+
+    return PriorLambdaLoss()
+
+
 class RerankEvaluator(BaseEvaluator):
     """The shared judge over reranked validation lists: the first stage's vectors are fixed, the model being trained
     reorders each question's top ``k`` (scored afresh each call: its weights change every epoch), alone and fused with
@@ -356,17 +430,27 @@ class RerankEvaluator(BaseEvaluator):
         self.query_vectors, self.corpus_vectors, self.k, self.batch_size = query_vectors, corpus_vectors, k, batch_size
         self.weights, self.bf16 = weights, bf16
         self.primary_metric = PRIMARY_METRIC
+        self.last: Reranker | None = None  # the last call's, with its remembered scores
 
     def __call__(self, model: CrossEncoder, output_path: str | None = None, epoch: float = -1,
                  steps: int = -1) -> dict[str, float]:
-        reranker = Reranker(model, batch_size=self.batch_size, bf16=self.bf16)  # one scoring pass for every weight
-        by_weight = [(w, score_first_stage(self.dataset, self.qrels, self.query_vectors, self.corpus_vectors,
+        self.last = Reranker(model, batch_size=self.batch_size, bf16=self.bf16)  # one scoring pass for every weight
+        r = self.score(self.last)
+        logger.info("validation %s at epoch %g: %.4f (reranker alone %.4f, fusion weight %g)", PRIMARY_METRIC,
+                    max(epoch, 0), r[PRIMARY_METRIC], r["alone"], r["fusion"])
+        return r
+
+    def score(self, reranker: Reranker, query_vectors: np.ndarray | None = None,
+              corpus_vectors: np.ndarray | None = None) -> dict[str, float]:
+        """The judge's metrics of the best weight with ``fusion`` and ``alone``, on these lists or another first
+        stage's (its vectors for the same questions)."""
+        q = self.query_vectors if query_vectors is None else query_vectors
+        c = self.corpus_vectors if corpus_vectors is None else corpus_vectors
+        by_weight = [(w, score_first_stage(self.dataset, self.qrels, q, c,
                                            list_reranker(reranker, self.dataset, self.k, fusion=w)))
                      for w in self.weights]
         w, r = max(by_weight, key=lambda x: x[1][PRIMARY_METRIC])
         alone = by_weight[0][1][PRIMARY_METRIC] if self.weights[0] == 0 else float("nan")
-        logger.info("validation %s at epoch %g: %.4f (reranker alone %.4f, fusion weight %g)", PRIMARY_METRIC,
-                    max(epoch, 0), r[PRIMARY_METRIC], alone, w)
         return {**r, "fusion": float(w), "alone": alone}
 
 
@@ -386,13 +470,18 @@ def file_sha(path: str | os.PathLike) -> str:
 FirstStage = Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]]  # query ids -> (their vectors, corpus vectors)
 
 
-def _train_rows(dataset: Dataset, qrels: Qrels, negatives: Mapping[str, list[str]], loss: str) -> dict[str, list]:
+def _train_rows(dataset: Dataset, qrels: Qrels, negatives: Mapping[str, list[str]], loss: str,
+                priors: Mapping[str, Mapping[str, float]] | None = None) -> dict[str, list]:
     """Columns of the training set: (query, chunk, label) rows for bce; (anchor, positive, negative_1..n) for mnrl;
-    (query, [chunks], [labels]) lists for lambda: each relevant chunk with the question's hard negatives."""
+    (query, [chunks], [labels]) lists for lambda: each relevant chunk with the question's hard negatives, and with
+    ``priors`` (query -> chunk -> first-stage prior) a [priors] column after the chunks."""
     if loss == "lambda":
-        lists = [(dataset.queries[q], [dataset.doc_text(c) for c in (c, *negatives[q])], [1] + [0] * len(negatives[q]))
-                 for q, rels in qrels.items() for c in rels]
-        return {"query": [x[0] for x in lists], "docs": [x[1] for x in lists], "labels": [x[2] for x in lists]}
+        lists = [(q, (c, *negatives[q])) for q, rels in qrels.items() for c in rels]
+        cols: dict[str, list] = {"query": [dataset.queries[q] for q, _ in lists],
+                                 "docs": [[dataset.doc_text(c) for c in cs] for _, cs in lists]}
+        if priors is not None:
+            cols["prior"] = [[float(priors[q][c]) for c in cs] for q, cs in lists]
+        return {**cols, "labels": [[1] + [0] * (len(cs) - 1) for _, cs in lists]}
     if loss == "bce":
         rows = [(dataset.queries[q], dataset.doc_text(c), 1.0) for q, rels in qrels.items() for c in rels]
         rows += [(dataset.queries[q], dataset.doc_text(c), 0.0) for q in qrels for c in negatives[q]]
@@ -458,6 +547,7 @@ def _check(cfg: Config) -> None:
               (r.batch_size >= (2 if r.loss == "mnrl" else 1), "--batch-size must be at least 2 for mnrl (in-batch "
                "negatives), 1 otherwise", r.batch_size),
               (r.lr > 0, "--lr must be positive", r.lr),
+              (r.prior >= 0, "--prior-weight must be 0 or more", r.prior),
               (r.negatives >= (0 if r.loss == "mnrl" else 1), f"--negatives must be at least 1 for {r.loss}",
                r.negatives),
               (r.max_seq_length is None or r.max_seq_length >= 8, "--max-seq-length must be at least 8",
@@ -487,11 +577,14 @@ class RerankResult:
 
 
 def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_stage: FirstStage,
-                 source: dict[str, Any], *, progress: bool = True) -> RerankResult:
+                 source: dict[str, Any], *, also: Mapping[str, FirstStage] | None = None,
+                 progress: bool = True) -> RerankResult:
     """Fine-tune a cross-encoder (``cfg.rerank.model``) to rerank ``first_stage``'s lists (query ids -> their vectors
     and the corpus vectors in corpus order; ``source`` says what it is: ``first_stage``, ``adapter``,
-    ``adapter_sha``) on the train split; install the best epoch in ``out`` with a model card and ``rerank.json``.
-    Called by ``adapter.pipeline.rerank_train``, which builds the first stage."""
+    ``adapter_sha``, ``key``, its ``stage_key``) on the train split; install the best epoch in ``out`` with a model
+    card and ``rerank.json``. For each first stage of ``also`` (by ``stage_key``) the kept model's fusion weight is
+    chosen again on that stage's own validation lists. Called by ``adapter.pipeline.rerank_train``, which builds the
+    first stages."""
     try:
         import accelerate  # noqa: F401  (the trainer's own requirement, checked here for a one-line message)
         from datasets import Dataset as HFDataset
@@ -535,10 +628,16 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
         negatives = mine_negatives(dataset, train_qrels, train_q, corpus, k=r.k, n=r.negatives, seed=cfg.seed)
         with atomic_write(ckpt / NEGATIVES_FILE) as f:
             json.dump(negatives, f)
-    train_data = HFDataset.from_dict(_train_rows(dataset, train_qrels, negatives, r.loss))
+    prior = r.prior if r.loss == "lambda" and r.fusion else 0.0  # the weight the loss adds the first stage at
+    priors = (first_stage_priors(dataset, train_qrels, train_q, corpus, {q: [*train_qrels[q], *negatives[q]]
+                                                                         for q in train_qrels}, r.k)
+              if prior else None)
+    train_data = HFDataset.from_dict(_train_rows(dataset, train_qrels, negatives, r.loss, priors))
 
     model, start_kind = start_model(r.model, r.max_seq_length, r.head)
-    if r.loss == "lambda":
+    if prior:
+        loss = prior_lambda_loss(model, prior, r.predict_batch_size)
+    elif r.loss == "lambda":
         loss = LambdaLoss(model, mini_batch_size=r.predict_batch_size)
     elif r.loss == "bce":
         n_pos = sum(len(v) for v in train_qrels.values())
@@ -579,6 +678,19 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     best = max(evals, key=lambda e: e[f"eval_{PRIMARY_METRIC}"])  # first of equals, as the trainer
     best_val = _strip(best)
     fusion, alone = float(best.get("eval_fusion", 0.0)), best.get("eval_alone")
+    stages = {source["key"]: {"fusion": fusion, "first_stage": base["first_stage"][PRIMARY_METRIC],
+                              "reranked": best_val[PRIMARY_METRIC], "alone": alone}}
+    if also and r.fusion:
+        # the kept model's scores: the last validation pass's when that was the kept one (they share candidates)
+        same = evaluator.last is not None and best is evals[-1]
+        reranker = evaluator.last if same else Reranker(model, batch_size=r.predict_batch_size, bf16=use_bf16(r.bf16))
+        for key, stage in also.items():
+            q, c = stage(list(val_qrels))
+            got = evaluator.score(reranker, q, c)
+            stages[key] = {"fusion": got["fusion"], "first_stage": score_first_stage(dataset, val_qrels, q, c)[
+                PRIMARY_METRIC], "reranked": got[PRIMARY_METRIC], "alone": got["alone"]}
+            logger.info("validation %s under %s: %.4f alone -> %.4f reranked (fusion weight %g)", PRIMARY_METRIC,
+                        key, stages[key]["first_stage"], got[PRIMARY_METRIC], got["fusion"])
     if best_val[PRIMARY_METRIC] <= base["first_stage"][PRIMARY_METRIC]:
         logger.warning("the reranker's best validation %s %.4f does not beat the first stage alone (%.4f)",
                        PRIMARY_METRIC, best_val[PRIMARY_METRIC], base["first_stage"][PRIMARY_METRIC])
@@ -587,7 +699,8 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
             "dataset": str(dataset.path), "trained_on": cfg.split.train_split, "rows": len(train_data),
             "val_queries": len(val_qrels), "chunks": len(dataset.corpus), "train_seconds": seconds,
             "resumed": resume is not None, "best_epoch": best["epoch"], "best_step": best["step"],
-            "fusion_weight": fusion, "val_alone": {d: {PRIMARY_METRIC: alone}} if alone is not None else None,
+            "fusion_weight": fusion, "stages": stages, "prior_weight": prior,
+            "val_alone": {d: {PRIMARY_METRIC: alone}} if alone is not None else None,
             "val_base": {d: base["first_stage"]}, "val_start": {d: base["start"]} if base["start"] else None,
             "val_best": {d: best_val},
             "history": {"loss": [{"epoch": e["epoch"], "loss": e["loss"]} for e in trainer.state.log_history
@@ -685,7 +798,10 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         f"(time budget: {meta['rerank_max_train_seconds'] or 'none'} s), batch "
         f"{meta['rerank_batch_size']}, learning rate {meta['rerank_lr']:g} with {meta['rerank_warmup']:g} warmup then "
         f"linear decay, pairs truncated to {meta['rerank_max_seq_length'] or 'the model maximum of'} tokens, seed "
-        f"{meta['seed']}; {meta['train_seconds']:.0f} s of training wall time.",
+        f"{meta['seed']}; {meta['train_seconds']:.0f} s of training wall time."
+        + (f" The loss ranked each list by the model's score + {meta['prior_weight']:g} x the first stage's score "
+           "(standardised over its top k), so the model learned to correct the first stage's order: use it fused "
+           "with the first stage, as `adapter evaluate --reranker` does." if meta.get("prior_weight") else ""),
         "",
         "## Use",
         "",

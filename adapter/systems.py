@@ -157,7 +157,7 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
         k = rerank_k or cfg.rerank.k
         for name, s in list(systems.items()):
             _add(systems, System(f"{name}+rerank", s.encoder, s.transform, s.corpus, "rerank", reranker.source,
-                                 reranker.meta, reranker, k, first_stage=name))
+                                 reranker.meta, reranker.for_first_stage(s.kind, s.source), k, first_stage=name))
     return systems
 
 

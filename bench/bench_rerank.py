@@ -6,9 +6,10 @@ AppleQA split by query (seed 0), through the real CLI:
     --lock) -> adapter finetune (one CPU epoch; or --finetuned, a folder the same command made earlier) -> adapter
     compare --reranker (top-20 reranked) on the test questions, or a seeded sample of them (--test-sample)
 
-    python bench/bench_rerank.py [--shared ../shared] [--work DIR] [--train-seconds 690] [--max-seq-length 128]
-                                 [--train-queries 700] [--negatives-under adapter] [--lock /work/coord/bench.lock]
-                                 [--finetuned DIR] [--test-sample 300] [--dims 384] [--skip-finetune]
+    python bench/bench_rerank.py [--shared ../shared] [--work DIR] [--train-seconds 640] [--max-seq-length 128]
+                                 [--train-queries 1800] [--val-queries 200] [--threads 2] [--prior-weight W]
+                                 [--negatives-under adapter] [--lock /work/coord/bench.lock] [--finetuned DIR]
+                                 [--test-sample N] [--dims 384] [--skip-finetune]
 
 Stages whose output is already in WORK are not run again (so a long run can be continued). Prints Markdown on
 stdout (BENCHMARKS.md quotes it); the compare report is left in WORK/report.
@@ -78,22 +79,25 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     p.add_argument("--work", type=Path, default=Path("/tmp/bench-rerank"))
-    p.add_argument("--train-seconds", type=float, default=690, help="The reranker's training budget (wall time of "
-                   "the steps; with the start and end validation passes the command fits in 15 minutes).")
+    p.add_argument("--train-seconds", type=float, default=640, help="The reranker's training budget (wall time of "
+                   "the steps; with loading and the validation passes the command fits in 15 minutes).")
     p.add_argument("--max-seq-length", type=int, default=128, help="Question + chunk tokens the cross-encoder reads.")
     p.add_argument("--negatives", type=int, default=None, help="[default: the project's]")
     p.add_argument("--lr", type=float, default=None, help="[default: the project's]")
-    p.add_argument("--val-queries", type=int, default=100)
-    p.add_argument("--train-queries", type=int, default=700, help="A seeded sample sized so one epoch (its warmup "
-                   "and decay) fits the budget; the budget stops it earlier on a slower machine.")
+    p.add_argument("--prior-weight", type=float, default=None, help="[default: the project's]")
+    p.add_argument("--val-queries", type=int, default=200)
+    p.add_argument("--train-queries", type=int, default=1800, help="A seeded sample sized so one epoch (its warmup "
+                   "and decay) fits the budget on an idle machine; the budget stops it earlier on a slower one.")
     p.add_argument("--negatives-under", choices=["adapter", "base"], default="adapter", help="The first stage the "
                    "hard negatives are mined under and the fusion weight is chosen for.")
     p.add_argument("--lock", type=Path, default=None, help="Hold this flock while the reranker trains.")
     p.add_argument("--finetuned", type=Path, default=None, help="Use this folder, made earlier by this script's "
                    "`adapter finetune` command on the same split, instead of fine-tuning again.")
-    p.add_argument("--threads", type=int, default=1, help="Torch threads (OMP_NUM_THREADS) for every stage: on a "
-                   "shared machine one thread measured 2.3x the pairs per second of two.")
-    p.add_argument("--test-sample", type=int, default=None, help="Score a seeded sample of this many test questions.")
+    p.add_argument("--threads", type=int, default=2, help="Torch threads (OMP_NUM_THREADS) for every stage: on the "
+                   "idle 2-core machine two threads measured 1.33x the training steps per second of one (on a loaded "
+                   "one, one thread was faster).")
+    p.add_argument("--test-sample", type=int, default=None, help="Score a seeded sample of this many test questions "
+                   "[default: all of them].")
     p.add_argument("--dims", default="384")
     p.add_argument("--skip-finetune", action="store_true")
     a = p.parse_args()
@@ -112,6 +116,7 @@ def main() -> None:
         run(["-q", "train", str(data), "--out", str(adapter), "--cache-dir", str(cache)], log)
     if not (reranker / "modules.json").is_file():
         extra = ((["--lr", str(a.lr)] if a.lr else []) + (["--negatives", str(a.negatives)] if a.negatives else [])
+                 + (["--prior-weight", str(a.prior_weight)] if a.prior_weight is not None else [])
                  + (["--train-queries", str(a.train_queries)] if a.train_queries else [])
                  + (["--adapter", str(adapter)] if a.negatives_under == "adapter" else []))
         with held(a.lock):
@@ -153,6 +158,11 @@ def main() -> None:
           f"untrained start {start if start is None else f'{start:.4f}'}, the trained reranker alone "
           f"{alone if alone is None else f'{alone:.4f}'}, fused with the first stage's score at weight "
           f"{meta['fusion_weight']:g} (chosen there) {meta['val_best']['384']['ndcg@10']:.4f}.\n")
+    for key, v in (meta.get("stages") or {}).items():
+        print(f"- validation under {key}: first stage {v['first_stage']:.4f}, reranked and fused at weight "
+              f"{v['fusion']:g} (chosen on these lists) {v['reranked']:.4f}, the reranker alone {v['alone']:.4f}")
+    print(f"\nTraining prior weight: {meta.get('prior_weight', 0):g} (the loss ranked by score + that x the first "
+          "stage's standardised score).\n")
     print((report / "report.md").read_text())
 
 

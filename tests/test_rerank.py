@@ -77,6 +77,21 @@ def test_fusion_weighs_the_first_stage_score_and_a_large_weight_keeps_its_order(
         fused(["q"], rows)
 
 
+def test_each_first_stage_gets_the_fusion_weight_chosen_on_its_own_lists(tmp_path):
+    adapter = tmp_path / "a.safetensors"
+    adapter.write_bytes(b"some adapter")
+    key = f"adapter:{rr.file_sha(adapter)}"
+    assert rr.stage_key("base", "m") == "base:m" and rr.stage_key("adapter", str(adapter)) == key
+    assert rr.stage_key("adapter", str(tmp_path / "gone")) is None
+    reranker = rr.Reranker(ByTable({("question", "c0"): 1.0}), fusion=1.0, weights={"base:m": 2.0, key: 8.0})
+    base, adapted = reranker.for_first_stage("base", "m"), reranker.for_first_stage("adapter", str(adapter))
+    assert (base.fusion, adapted.fusion, reranker.fusion) == (2.0, 8.0, 1.0)
+    assert base.model is reranker.model and base._memo is reranker._memo  # one model, one memory of scores
+    assert reranker.for_first_stage("fine-tune", "ft") is reranker  # not validated: the training stage's weight
+    base.scores([("question", "c0")])
+    assert reranker._memo == {("question", "c0"): 1.0}
+
+
 def test_the_cosine_head_scores_question_tokens_against_chunk_tokens():
     import torch
 
@@ -87,6 +102,43 @@ def test_the_cosine_head_scores_question_tokens_against_chunk_tokens():
          "token_type_ids": torch.tensor([[0, 0, 1, 0], [0, 1, 1, 1]])}
     got = rr.CosineHead(scale=2.0)(f)["scores"].squeeze(1)
     assert got.tolist() == pytest.approx([2.0 * 2 ** -0.5, 0.0], abs=1e-6)  # (1,0).(1,1)/sqrt2; (0,1).(1,0)
+
+
+def test_the_prior_loss_is_lambda_loss_on_the_score_plus_the_weighted_first_stage_prior(rerank_dir, tiny_model_dir):
+    import torch
+    from sentence_transformers.cross_encoder.losses import LambdaLoss
+
+    model, _ = rr.start_model(str(tiny_model_dir), 48)
+    queries, docs = ["burst pipe", "meter"], [["a burst main", "the meter", "lead"], ["meter reading", "pipe"]]
+    labels, priors = [torch.tensor([1, 0, 0]), torch.tensor([1, 0])], [[0.5, 2.0, -1.0], [-1.5, 1.0]]
+    flat = torch.tensor([p for row in priors for p in row])
+    with torch.no_grad():
+        got = rr.prior_lambda_loss(model, 3.0, 32)([queries, docs, priors], labels)
+        plain = LambdaLoss(model, mini_batch_size=32, activation_fn=Shifted(3.0 * flat))([queries, docs], labels)
+        zero = rr.prior_lambda_loss(model, 0.0, 32)([queries, docs, priors], labels)
+        assert float(got) == pytest.approx(float(plain), rel=1e-5)
+        assert float(zero) == pytest.approx(float(LambdaLoss(model, mini_batch_size=32)([queries, docs], labels)),
+                                            rel=1e-5)
+        assert float(got) != pytest.approx(float(zero), rel=1e-3)  # the prior moves the loss
+
+
+class Shifted:  # a hand-made activation: the scores in pair order, shifted
+    def __init__(self, add):
+        self.add = add
+
+    def __call__(self, x):
+        return x + self.add
+
+
+def test_priors_are_first_stage_scores_standardised_over_the_top_k(tmp_path):
+    ds = load_dataset(write_dataset(tmp_path / "ds", {"train": list(QUESTIONS)}))
+    cids = list(ds.corpus)
+    corpus = np.eye(len(cids), dtype=np.float32)
+    query = np.zeros((1, len(cids)), np.float32)
+    query[0, :3] = [0.9, 0.6, 0.3]  # top 3 scores 0.9, 0.6, 0.3: mean 0.6, spread sqrt(0.06)
+    got = rr.first_stage_priors(ds, {"q": {cids[0]: 1}}, query, corpus, {"q": [cids[0], cids[2], cids[5]]}, k=3)
+    sd = 0.06 ** 0.5
+    assert got["q"] == pytest.approx({cids[0]: 0.3 / sd, cids[2]: -0.3 / sd, cids[5]: -0.6 / sd}, rel=1e-5)
 
 
 def test_hard_negatives_come_from_the_first_stage_top_k_and_are_never_relevant(tmp_path):
@@ -137,6 +189,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     meta = json.loads((out / "rerank.json").read_text())
     assert meta["start_kind"].startswith("encoder with a new cosine head") and meta["val_start"]
     assert meta["fusion_weight"] in rr.FUSION_WEIGHTS and meta["rerank_loss"] == "lambda"
+    assert meta["prior_weight"] == 2.0 and "first stage's score" in (out / "README.md").read_text()
     ds = load_dataset(rerank_dir)
     from adapter.data import train_val_qrels
 
@@ -218,6 +271,38 @@ def test_a_time_budget_stops_training_and_that_point_is_a_candidate(rerank_dir, 
     assert r.best_epoch < 1 and [v["epoch"] for v in meta["history"]["val"]][1:] == [r.best_epoch]
 
 
+def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(rerank_dir, tmp_path,
+                                                                                   tiny_model_dir):
+    from adapter.data import train_val_qrels
+    from adapter.encoder import Encoder
+    from adapter.model import LinearAdapter
+
+    cfg = tiny_cfg(tiny_model_dir, max_train_seconds=1e-6)
+    enc = Encoder.from_config(cfg, show_progress=False)
+    a = LinearAdapter.identity(enc.dim, enc.identity)
+    a.weight = (np.eye(a.dim) + 0.5 * np.random.default_rng(0).standard_normal((a.dim, a.dim))).astype(np.float32)
+    file = a.save(tmp_path / "a.safetensors")
+    ds = load_dataset(rerank_dir)
+    rerank_train(ds, tmp_path / "rr", cfg, adapter=file, progress=False)
+    meta = json.loads((tmp_path / "rr" / "rerank.json").read_text())
+    keys = {f"adapter:{rr.file_sha(file)}", f"base:{tiny_model_dir}"}
+    assert set(meta["stages"]) == keys and meta["stages"][f"adapter:{rr.file_sha(file)}"]["fusion"] == meta[
+        "fusion_weight"]
+    assert all(v["fusion"] in rr.FUSION_WEIGHTS for v in meta["stages"].values())
+    systems = build_systems(cfg, adapters=[file], reranker=tmp_path / "rr", rerank_k=4, progress=False)
+    _, val, _ = train_val_qrels(ds, cfg)
+    for name, key in (("base", f"base:{tiny_model_dir}"), ("a", f"adapter:{rr.file_sha(file)}")):
+        s = systems[f"{name}+rerank"]
+        assert s.reranker.fusion == meta["stages"][key]["fusion"]
+        s.reranker.model.max_seq_length = 48
+        _, corpus = s.corpus.read(ds, s.encoder)
+        queries = s.encode_queries([ds.queries[q] for q in val])
+        got = rr.score_first_stage(ds, val, queries, corpus, rr.list_reranker(s.reranker, ds, 4))
+        assert got["ndcg@10"] == pytest.approx(meta["stages"][key]["reranked"], abs=1e-6)  # what it was chosen on
+        assert rr.score_first_stage(ds, val, queries, corpus)["ndcg@10"] == pytest.approx(
+            meta["stages"][key]["first_stage"], abs=1e-6)
+
+
 def test_bad_input_is_one_line_and_writes_nothing(rerank_dir, tmp_path, tiny_model_dir):
     def fails(*args: str) -> str:
         r = CliRunner().invoke(main, ["-q", *args])
@@ -257,6 +342,7 @@ def test_the_other_losses_train_the_classifier_head_too(rerank_dir, tmp_path, ti
                      tiny_cfg(tiny_model_dir, loss=loss, epochs=1, head="classifier", fusion=False), progress=False)
     meta = json.loads((tmp_path / "rr" / "rerank.json").read_text())
     assert meta["rerank_loss"] == loss and meta["history"]["loss"] and meta["fusion_weight"] == 0.0
+    assert meta["prior_weight"] == 0.0  # the prior is lambda's with fusion only
     assert meta["start_kind"] == "encoder with a new one-logit head" and meta["val_start"] is None
     assert r.best_epoch == 1.0 and rr.is_cross_encoder(tmp_path / "rr")
     assert rr.load_reranker(tmp_path / "rr").model.num_labels == 1
