@@ -418,7 +418,7 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
               "kept at base) or 'seen' (every chunk has questions) [default: both].")
 @click.option("--recipe", default=None, help="'auto' (chosen by validation), 'manual' (the options as given), or a "
               "recipe name: triplet, infonce, infonce-corpus, matryoshka, pull-0.01, pull-0.03, pull-0.1, pull-0.3, "
-              "lowrank "
+              "lowrank, uncovered-0.3, uncovered-1 "
               "[default: auto; manual when --loss, --negatives, --rank or --identity-penalty is given].")
 @click.option("--identity-penalty", callback=_penalty, default=None,
               help=f"Pull toward the identity, or 'auto' to choose it on held-out chunks "

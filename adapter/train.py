@@ -12,6 +12,10 @@ the recipe is chosen by ``objective`` with a rule that allows for the slices' no
 chunk, since questions about one chunk rise and fall together), then refit on every training question. Picking the
 best of 30 epochs on a few dozen chunks overfits the selection itself, so recipes use a fixed number of epochs and
 average the late ones; only a handful of recipes compete, and the identity always does.
+
+Chunks of the index that no training question is about are known before training: the ``uncovered-*`` recipes pull
+the map toward the identity on their own vectors, so it stays put where their questions would land. A trial trains
+as if the unseen slice's chunks were not indexed yet, so the unseen-chunk estimate stands for chunks added later.
 """
 
 from __future__ import annotations
@@ -49,11 +53,14 @@ PENALTY_GRID = (0.0, 0.01, 0.03, 0.1, 0.3, 1.0)  # identity-penalty strengths tr
 OBJECTIVES = ("both", "seen")
 EPOCH_CHOICES = ("average", "last", "best")
 # The recipe axes: everything else (lr, epochs, batch, margin, temperature) is shared by every recipe.
-RECIPE_FIELDS = ("loss", "infonce_candidates", "rank", "identity_penalty", "matryoshka", "epoch_choice")
+RECIPE_FIELDS = ("loss", "infonce_candidates", "rank", "identity_penalty", "matryoshka", "epoch_choice",
+                 "uncovered_pull")
+
+
 def _recipe(loss: str = "infonce", candidates: str = "batch", rank: int | None = None, pull: float = 0.0,
-            matryoshka: bool = True, epochs: str = "average") -> dict[str, Any]:
+            matryoshka: bool = True, epochs: str = "average", uncovered: float = 0.0) -> dict[str, Any]:
     return {"loss": loss, "infonce_candidates": candidates, "rank": rank, "identity_penalty": pull,
-            "matryoshka": matryoshka, "epoch_choice": epochs}
+            "matryoshka": matryoshka, "epoch_choice": epochs, "uncovered_pull": uncovered}
 
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -73,9 +80,14 @@ RECIPES: dict[str, dict[str, Any]] = {
     "pull-0.3": _recipe(pull=0.3),
     # low-rank residual x + xUV: a few directions only, the rest of the space untouched
     "lowrank": _recipe(rank=16, pull=0.01),
+    # the light pull, and a pull measured on the chunks without training questions (their own vectors as
+    # pseudo-queries): where a query log covers part of the index, the map stays put near the rest of it
+    "uncovered-0.3": _recipe(pull=0.01, uncovered=0.3),
+    "uncovered-1": _recipe(pull=0.01, uncovered=1.0),
 }
-# what recipe="auto" chooses from, the most constrained (moves queries least) first: the order ``select`` prefers
-AUTO_RECIPES = ("pull-0.3", "pull-0.1", "lowrank", "pull-0.03", "pull-0.01")
+# what recipe="auto" chooses from, the most constrained (moves queries least) first: the order ``select`` falls back
+# to when a trial's movement is not measured (it orders them by the measured one)
+AUTO_RECIPES = ("pull-0.3", "pull-0.1", "lowrank", "pull-0.03", "pull-0.01", "uncovered-1", "uncovered-0.3")
 MIN_SEEN_QUERIES = 4  # questions needed to hold out a seen-chunk slice (one held out, three left to train on)
 MIN_UNSEEN_CHUNKS = 5  # chunks with questions needed to hold out whole chunks and still train on four
 GAIN_Z = 2.0  # a recipe must beat the identity by this many standard errors of its gain (see select)
@@ -174,6 +186,29 @@ def mine_hard_negatives(queries: np.ndarray, corpus: np.ndarray, rel_codes: np.n
     return out
 
 
+def uncovered_moment(corpus: np.ndarray, covered_rows: np.ndarray, weight: float,
+                     outside: np.ndarray | None = None, block: int = 65536) -> torch.Tensor | None:
+    """``weight * d * mean(c^T c)`` over the chunks outside ``covered_rows`` (the training pairs' positives) and
+    ``outside``, as a (d, d) tensor M, so that ``sum(D * (M @ D))`` is the uncovered-chunk pull on the adapter's
+    change D = W − I (its mean over those chunks of ‖cD‖², scaled by d to match ‖D‖²_F on isotropic vectors); None
+    when the weight is 0 or no chunk is left. Read block by block: a memory-mapped corpus is not copied."""
+    n, dim = corpus.shape
+    if not weight:
+        return None
+    keep = np.ones(n, dtype=bool)
+    keep[covered_rows] = False
+    if outside is not None:
+        keep[outside] = False
+    rows = np.flatnonzero(keep)
+    if not len(rows):
+        return None
+    moment = np.zeros((dim, dim))
+    for s in range(0, len(rows), block):
+        v = np.asarray(corpus[rows[s:s + block]], dtype=np.float64)
+        moment += v.T @ v
+    return torch.from_numpy((weight * dim / len(rows) * moment).astype(np.float32))
+
+
 def _lr_lambda(total: int, warmup: int):
     return lambda step: (step + 1) / warmup if step < warmup else max(0.0, (total - step) / max(1, total - warmup))
 
@@ -214,15 +249,18 @@ def check_options(cfg: Config) -> None:
         raise AdapterError(f"--objective must be 'both' or 'seen', not {tc.objective!r}")
     if tc.recipe not in ("auto", "manual", *RECIPES):
         raise AdapterError(f"--recipe must be 'auto', 'manual' or one of {', '.join(RECIPES)}, not {tc.recipe!r}")
+    if tc.uncovered_pull < 0:
+        raise AdapterError(f"train.uncovered_pull must be >= 0, not {tc.uncovered_pull}")
     if tc.epochs < 0 or tc.batch_size < 1 or tc.lr <= 0:
         raise AdapterError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
 
 
 def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
-         progress: bool, *, tie_rank: np.ndarray | None = None, base_val: dict[str, float] | None = None
-         ) -> TrainResult:
+         progress: bool, *, tie_rank: np.ndarray | None = None, base_val: dict[str, float] | None = None,
+         outside: np.ndarray | None = None) -> TrainResult:
     """``fit``; ``tie_rank`` (``id_rank(corpus_ids)``) and ``base_val`` (the identity's validation metrics) when the
-    caller already has them, since at 10^6 chunks each costs seconds."""
+    caller already has them, since at 10^6 chunks each costs seconds. ``outside``: corpus rows the uncovered-chunk
+    pull leaves out, as if not yet indexed (a trial's unseen slice, so its estimate stands for chunks added later)."""
     cfg = resolve_loss(cfg)
     check_options(cfg)
     tc = cfg.train
@@ -238,6 +276,7 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
     val = bounded(val, n_corpus, cfg)
     if val is not None and tie_rank is None:
         tie_rank = id_rank(corpus_ids)
+    moment = uncovered_moment(corpus, pairs[:, 1], float(tc.uncovered_pull), outside)  # the uncovered pull, or None
     hard = mine_hard_negatives(train.vectors, corpus, rel_codes, tc.hard_pool) if tc.negatives == "hard" else None
 
     init = LinearAdapter.identity(dim, base_model, rank=tc.rank, bias=tc.bias, seed=cfg.seed)
@@ -299,6 +338,9 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
                 loss = loss + F.cross_entropy(logits.masked_fill(masked, float("-inf")), target)
         if penalty:
             loss = loss + penalty * module.delta().pow(2).sum()
+        if moment is not None:
+            change = module.delta()
+            loss = loss + (change * (moment @ change)).sum()
         return loss
 
     base_val = best_val = (base_val if val is not None and base_val else validate())
@@ -402,11 +444,20 @@ def bounded(s: Split | None, n_corpus: int, cfg: Config) -> Split | None:
     return Split(s.vectors[rows], ids, {q: s.qrels[q] for q in ids})
 
 
+def held_out_rows(unseen: Split | None, corpus_ids: Sequence[str]) -> np.ndarray | None:
+    """Corpus rows of the unseen slice's chunks: a trial trains as if they were not yet indexed."""
+    if unseen is None:
+        return None
+    held = {c for r in unseen.qrels.values() for c in r}
+    return np.array([i for i, c in enumerate(corpus_ids) if c in held], dtype=np.int64)
+
+
 def _per_query(vectors: np.ndarray, corpus: np.ndarray, s: Split, corpus_ids: list[str], dims: Sequence[int],
                tie_rank: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-    """Each scored query's ndcg@10 averaged over ``dims`` (n,), and the full-dim (``dims[0]``) mean metrics."""
+    """Each scored query's ndcg@10 at every dim of ``dims`` (len(dims), n), and the full-dim (``dims[0]``) mean
+    metrics."""
     r = judge(vectors, corpus, s.qrels, s.ids, corpus_ids, dims, per_query=True, tie_rank=tie_rank)
-    return (np.mean([r[d][PRIMARY_METRIC] for d in dims], axis=0),
+    return (np.stack([r[d][PRIMARY_METRIC] for d in dims]),
             {m: float(np.mean(v)) for m, v in r[dims[0]].items()})
 
 
@@ -428,7 +479,8 @@ class _Slice:
     split: Split  # the questions scored (``bounded``)
     held_out: int  # questions in the slice before sampling
     groups: list[str]
-    base: np.ndarray  # (n,) per-query ndcg@10, mean over dims
+    base: np.ndarray  # (len(dims), n) per-query ndcg@10 at each dim
+    dims: list[int]
     base_metrics: dict[str, float]  # the base's mean metrics at full dim
 
     @property
@@ -443,8 +495,8 @@ class _Slice:
         if scored is None:
             return None
         tie_rank = id_rank(corpus_ids) if tie_rank is None else tie_rank
-        return cls(scored, len(s.ids), [min(scored.qrels[q]) for q in scored.ids],
-                   *_per_query(scored.vectors, corpus, scored, corpus_ids, dims, tie_rank))
+        base, metrics = _per_query(scored.vectors, corpus, scored, corpus_ids, dims, tie_rank)
+        return cls(scored, len(s.ids), [min(scored.qrels[q]) for q in scored.ids], base, list(dims), metrics)
 
     def estimate(self, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str],
                  dims: Sequence[int], tie_rank: np.ndarray | None = None) -> dict[str, Any]:
@@ -452,18 +504,25 @@ class _Slice:
         return self.score(adapter, corpus, corpus_ids, dims, tie_rank)[0]
 
     def score(self, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int],
-              tie_rank: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-        """``estimate``, and the adapter's mean metrics at full dim (its validation score)."""
+              tie_rank: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, float], np.ndarray]:
+        """``estimate``, the adapter's mean metrics at full dim (its validation score), and each question's change
+        (mean over dims; ``select`` compares trials on the same questions with it). The estimate's ``by_dim``: the
+        change and s.e. at each dim alone (``select`` judges the unseen chunks' worst dim)."""
         tie_rank = id_rank(corpus_ids) if tie_rank is None and adapter is not None else tie_rank
         if adapter is None:
-            score, metrics = self.base, self.base_metrics
+            score, metrics, moved = self.base, self.base_metrics, 0.0
         else:
-            score, metrics = _per_query(adapter.apply(self.split.vectors), corpus, self.split, corpus_ids, dims,
-                                        tie_rank)
-        delta = score - self.base
+            adapted = adapter.apply(self.split.vectors)
+            score, metrics = _per_query(adapted, corpus, self.split, corpus_ids, dims, tie_rank)
+            moved = float(np.mean(1.0 - np.sum(adapted * self.split.vectors, axis=1)))
+        deltas = score - self.base  # (len(dims), n)
+        delta = deltas.mean(axis=0)  # each query's change, mean over dims
+        by_dim = {int(d): {"delta": _r(float(v.mean())), "se": _r(clustered_se(v, self.groups))}
+                  for d, v in zip(self.dims, deltas, strict=True)}
         return {"queries": len(self.split.ids), "held_out": self.held_out, "chunks": len(set(self.groups)),
                 "base": _r(self.base_full), "adapter": _r(metrics[PRIMARY_METRIC]), "delta": _r(float(delta.mean())),
-                "se": _r(clustered_se(delta, self.groups)), "base_mean": _r(float(self.base.mean()))}, metrics
+                "se": _r(clustered_se(delta, self.groups)), "base_mean": _r(float(self.base.mean())),
+                "by_dim": by_dim, "moved": _r(moved)}, metrics, delta
 
 
 def _digits(v: float) -> float:
@@ -497,7 +556,9 @@ def recipe_names(cfg: Config) -> list[str]:
     return list(AUTO_RECIPES) if cfg.train.recipe == "auto" else [cfg.train.recipe]
 
 
-def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: float = 0.0) -> int | None:
+def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: float = 0.0, *,
+           per_query: Sequence[np.ndarray] | None = None, groups: Sequence[str] | None = None,
+           worst_dim: bool = True, by_movement: bool = True) -> int | None:
     """Index of the chosen trial, or None for the identity (base), by the validation estimates.
 
     Gains are means over dims of per-query ndcg@10 changes, each with its clustered standard error; a slice that
@@ -507,15 +568,25 @@ def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: f
     noise is no gain.
 
     ``seen``: the best seen-chunk gain. ``both``: among trials whose unseen-chunk change is at or above base within
-    ``z`` standard errors ("safe"), the first in the given order (most constrained first) whose seen gain is within
-    ``within`` standard errors of the best safe one: Breiman's one-standard-error rule, since a constrained map that
-    validates as well within noise moves unseen chunks less."""
+    ``z`` standard errors ("safe") at every dim alone (``worst_dim``; else on the mean over dims), the one that moves
+    the unseen slice's questions least (mean 1 − cosine to the base vector, ``moved``; else the first in the given
+    order) whose seen gain is within ``within`` standard errors of the best safe one: Breiman's one-standard-error
+    rule, since a constrained map that validates as well within noise moves unseen chunks less. With ``per_query``
+    (each trial's per-question gain on the gain slice, whose questions are clustered by ``groups``) that s.e. is the
+    paired one, of the two trials' difference on the same questions: the noise in comparing them, far smaller than
+    either gain's own s.e."""
     se = lambda e: float("inf") if e["se"] is None else e["se"]  # noqa: E731
     gain = lambda t: t.get("seen") or t.get("unseen")  # noqa: E731
+
+    def safe(unseen: dict[str, Any] | None) -> bool:
+        if objective != "both" or unseen is None:
+            return True
+        parts = list(unseen["by_dim"].values()) if worst_dim and unseen.get("by_dim") else [unseen]
+        return all(e["delta"] >= -z * se(e) for e in parts)
+
     ok = []
     for i, t in enumerate(trials):
-        unseen = t.get("unseen")
-        t["safe"] = not (objective == "both" and unseen is not None and unseen["delta"] < -z * se(unseen))
+        t["safe"] = safe(t.get("unseen"))
         if t["safe"] and gain(t)["delta"] > GAIN_Z * se(gain(t)):
             ok.append(i)
     if not ok:
@@ -523,8 +594,17 @@ def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: f
     best = max(ok, key=lambda i: gain(trials[i])["delta"])
     if objective != "both" or not within:
         return best
-    floor = gain(trials[best])["delta"] - within * se(gain(trials[best]))
-    return next(i for i in ok if gain(trials[i])["delta"] >= floor)
+
+    def close(i: int) -> bool:
+        short = gain(trials[best])["delta"] - gain(trials[i])["delta"]
+        if per_query is None or groups is None:
+            return short <= within * se(gain(trials[best]))
+        return short <= within * clustered_se(per_query[best] - per_query[i], groups)
+
+    moved = [(trials[i].get("unseen") or gain(trials[i])).get("moved") for i in ok]
+    if by_movement and None not in moved:  # the measured movement of the unseen questions orders them
+        ok = [i for _, i in sorted(zip(moved, ok, strict=True))]
+    return next(i for i in ok if i == best or close(i))
 
 
 def train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
@@ -560,12 +640,13 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
     watch_key = "seen" if slices["seen"] else "unseen"
     watch = slices[watch_key]  # its questions are the curves, and pick the epoch a "best" recipe keeps
     names = recipe_names(cfg)
+    outside = held_out_rows(unseen, corpus_ids)
 
     def trial(name: str) -> tuple[dict[str, Any], TrainResult]:
         tcfg = recipe_config(cfg, name)
         per_epoch = tcfg.train.epoch_choice == "best"  # else the slices' scores below are its validation
         r = _fit(inner, watch.split if per_epoch else None, corpus, corpus_ids, base_model, tcfg, progress=False,
-                 tie_rank=tie_rank, base_val=watch.base_metrics)
+                 tie_rank=tie_rank, base_val=watch.base_metrics, outside=outside)
         scored = {k: s.score(r.adapter, corpus, corpus_ids, dims, tie_rank) if s else None
                   for k, s in slices.items()}
         if not per_epoch:
@@ -575,13 +656,14 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
         scores = {k: v[0] if v else None for k, v in scored.items()}
         row = {"recipe": name, **{f: _jsonable(getattr(tcfg.train, f)) for f in RECIPE_FIELDS},
                **scores, "epoch": r.best_epoch, "seconds": _r(r.seconds)}
-        return row, r
+        return row, r, scored[watch_key][2]
 
     workers = max(1, min(len(names), cfg.train.workers))
     with ThreadPoolExecutor(workers) as pool:
         done = list(tqdm(pool.map(trial, names), total=len(names), desc="recipes", disable=not progress))
-    trials = [row for row, _ in done]
-    pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within)
+    trials = [row for row, _, _ in done]
+    pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within,
+                  per_query=[g for _, _, g in done], groups=watch.groups)
     identity = {k: s.estimate(None, corpus, corpus_ids, dims) if s else None for k, s in slices.items()}
     if pick is None:
         recipe, estimates = "identity", identity

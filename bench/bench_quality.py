@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 DIMS = (384, 256, 128, 64)
 SCENARIOS = ("query", "chunk", "cov25", "cov50")
 Z_VALUES = (0.0, 0.5, 1.0, 2.0)  # the safety margins the "both" rows are replayed with
+WITHIN_VALUES = (0.0, 1.0, 2.0, 4.0)  # ... and the "within noise of the best" widths
 
 
 def load(shared: Path, work: Path) -> dict[str, tuple]:
@@ -106,7 +107,7 @@ def run_cell(args: tuple) -> dict:
 
     from adapter.config import Config
     from adapter.data import partition_qrels
-    from adapter.train import RECIPES, _fit, _Slice, _subset, carve, recipe_config
+    from adapter.train import RECIPES, _fit, _Slice, _subset, carve, coverage_of, held_out_rows, recipe_config
 
     torch.set_num_threads(1)
     data, dname, kind, seed, overrides, recipes = args
@@ -114,7 +115,8 @@ def run_cell(args: tuple) -> dict:
     cfg = Config().replace(seed=seed, **overrides)
     train, tests = scenario(data, kind, seed)
     dims = list(DIMS)
-    cell = {"dataset": dname, "scenario": kind, "seed": seed, "recipes": {}}
+    cell = {"dataset": dname, "scenario": kind, "seed": seed, "recipes": {},
+            "coverage": coverage_of(train.qrels, cids)["share"]}
 
     # the former default: triplet, best epoch on a slice carved like the split (by query, or by chunk for "chunk")
     by = "chunk" if kind == "chunk" else "query"
@@ -126,14 +128,19 @@ def run_cell(args: tuple) -> dict:
     cell["former"] = {"test": _test_scores(r.adapter, corpus, cids, tests), "seconds": time.perf_counter() - t}
 
     inner, seen, unseen, _ = carve(train, cfg)
+    outside = held_out_rows(unseen, cids)
     slices = {"seen": _Slice.of(seen, corpus, cids, dims), "unseen": _Slice.of(unseen, corpus, cids, dims)}
     watch = seen or unseen
+    gain_key = "seen" if slices["seen"] else "unseen"
+    cell["gain_groups"] = slices[gain_key].groups  # the questions select compares trials on, by chunk
     for name in recipes:
         rc = recipe_config(cfg, name)
         t = time.perf_counter()
-        r = _fit(inner, watch, corpus, cids, "bench", rc, False)
+        r = _fit(inner, watch, corpus, cids, "bench", rc, False, outside=outside)
         trial_s = time.perf_counter() - t
-        row = {k: s.estimate(r.adapter, corpus, cids, dims) if s else None for k, s in slices.items()}
+        scored = {k: s.score(r.adapter, corpus, cids, dims) if s else None for k, s in slices.items()}
+        row = {k: v[0] if v else None for k, v in scored.items()}
+        row["gain_per_query"] = [round(float(x), 6) for x in scored[gain_key][2]]
         t = time.perf_counter()
         shipped = r.adapter if rc.train.epoch_choice == "best" else _fit(train, None, corpus, cids, "bench", rc,
                                                                    False).adapter
@@ -144,13 +151,20 @@ def run_cell(args: tuple) -> dict:
     return cell
 
 
-def choose(cell: dict, names: list[str], objective: str, z: float, within: float) -> str:
+def choose(cell: dict, names: list[str], objective: str, z: float, within: float, rule: str = "auto") -> str:
     """The recipe `adapter train` ships on this cell: its ``select`` over the trial rows of ``names`` (in the
-    order `adapter train` tries them)."""
+    order `adapter train` tries them). ``rule`` "former": the rule before this one (unseen change judged on the
+    mean over dims, gains compared unpaired, the given order as "most constrained")."""
+    import numpy as np
+
     from adapter.train import select
 
     rows = [dict(cell["recipes"][n]) for n in names]
-    pick = select(rows, objective, z, within)
+    if rule == "former":
+        pick = select(rows, objective, z, within, worst_dim=False, by_movement=False)
+    else:
+        pick = select(rows, objective, z, within, per_query=[np.array(r["gain_per_query"]) for r in rows],
+                      groups=cell["gain_groups"])
     return "identity" if pick is None else names[pick]
 
 
@@ -178,9 +192,9 @@ def system_scores(cells: list[dict], system: str, names: list[str]) -> dict:
     for c in cells:
         if system == "former":
             test = c["former"]["test"]
-        elif system.startswith("auto/"):
-            _, objective, z, within = system.split("/")
-            pick = choose(c, names, objective, float(z), float(within))
+        elif system.startswith(("auto/", "former/")):
+            rule, objective, z, within = system.split("/")
+            pick = choose(c, names, objective, float(z), float(within), rule)
             test = ({t: {d: 1.0 for d in DIMS} for t in c["former"]["test"]} if pick == "identity"
                     else c["recipes"][pick]["test"])
         else:
@@ -197,14 +211,17 @@ def report(cells: list[dict], names: list[str], recipes: list[str], cfg, seeds: 
     head = [f"{d} {label[s]}" + ("" if t == "test" else f", {t}") for d, s, t in cols]
     z0, w0 = cfg.train.safety_z, cfg.train.simpler_within
     default, seen = f"auto/both/{z0:g}/{w0:g}", "auto/seen/0/0"
-    variants = [v for w in (0.0, 1.0, w0) for z in Z_VALUES if (v := f"auto/both/{z:g}/{w:g}") != default]
-    systems = ["former", *recipes, default, seen, *dict.fromkeys(variants)]
+    variants = [v for w in WITHIN_VALUES for z in Z_VALUES if (v := f"auto/both/{z:g}/{w:g}") != default]
+    former_rule = "former/both/0.5/2"
+    systems = ["former", *recipes, default, seen, former_rule, *dict.fromkeys(variants)]
     names_shown = {"former": "former default (triplet, best of 30 epochs on a slice carved like the split)",
-                   default: f"**`adapter train` (the default: objective both, z {z0:g}, within {w0:g} s.e.)**",
-                   seen: "**`adapter train --objective seen`**"}
+                   default: f"**`adapter train` (the default: objective both, z {z0:g}, within {w0:g} paired s.e.)**",
+                   seen: "**`adapter train --objective seen`**",
+                   former_rule: "`adapter train` under the former rule (z 0.5 on the mean over dims, within 2 "
+                                "unpaired s.e., list order)"}
     for v in variants:
         _, _, z, w = v.split("/")
-        names_shown[v] = f"`adapter train`, objective both, z {z}, within {w} s.e."
+        names_shown[v] = f"`adapter train`, objective both, z {z}, within {w} paired s.e."
     scores = {s: system_scores(cells, s, names) for s in systems}
     print(f"Seeds {','.join(map(str, seeds))}; overrides {overrides or 'none'}; all-MiniLM-L6-v2; test ndcg@10 "
           "as a ratio to base, mean ±sd over seeds.\n")
@@ -277,14 +294,14 @@ def speed(data: dict, rounds: int = 3) -> None:
     cores; a shared machine inflates wall time, not CPU time)."""
     from adapter.config import Config
     from adapter.data import partition_qrels
-    from adapter.train import _subset, fit, train_on_vectors
+    from adapter.train import AUTO_RECIPES, _subset, fit, train_on_vectors
 
     d = data["appleqa"]
     train, _ = scenario(d, "query", 0)
     cfg = Config()
     parts, _ = partition_qrels(train.qrels, by="query", test_fraction=cfg.split.val_fraction, seed=0)
     former = cfg.replace(recipe="manual", loss="triplet", epoch_choice="best", epochs=30)
-    rows = {"`adapter train` (default: 5 recipe trials on 2 threads, choice, refit)": [],
+    rows = {f"`adapter train` (default: {len(AUTO_RECIPES)} recipe trials on 2 threads, choice, refit)": [],
             "former default (triplet, 30 epochs, best on validation)": []}
     for _ in range(rounds):
         for name in rows:

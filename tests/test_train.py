@@ -265,6 +265,64 @@ def test_select_keeps_unseen_chunks_at_base_within_their_noise():
     assert select([row(0.03, 0.0, 0.01) | {"seen": {"delta": 0.03, "se": 0.02}}], "seen", 1.0) is None  # in noise
 
 
+def test_select_judges_unseen_chunks_at_every_dim_and_compares_trials_paired():
+    from adapter.train import select
+
+    def est(delta, se, by_dim=None, moved=None):
+        return {"delta": delta, "se": se, "by_dim": by_dim or {}, "moved": moved}
+
+    flat = {384: {"delta": 0.02, "se": 0.01}, 64: {"delta": 0.02, "se": 0.01}}
+    dip = {384: {"delta": 0.06, "se": 0.01}, 64: {"delta": -0.03, "se": 0.01}}  # mean over dims +0.015
+    trials = [{"seen": est(0.20, 0.01), "unseen": est(0.015, 0.01, dip)},
+              {"seen": est(0.10, 0.01), "unseen": est(0.02, 0.01, flat)}]
+    assert select([dict(t) for t in trials], "both", 1.0, worst_dim=False) == 0
+    assert select([dict(t) for t in trials], "both", 1.0) == 1  # 3 s.e. below base at dim 64: unsafe
+
+    # two safe trials 0.02 apart, each gain's own s.e. 0.03: within 2 of those s.e., but the difference on the same
+    # questions is steady (paired s.e. far smaller), so the stronger one is not given up for the constrained one
+    rng = np.random.default_rng(0)
+    weak = rng.normal(0.10, 0.3, size=200)
+    strong = weak + 0.02 + rng.normal(0, 0.01, size=200)
+    groups = [f"c{i // 2}" for i in range(200)]
+    safe = {384: {"delta": 0.0, "se": 0.01}}
+    rows = [{"seen": est(float(weak.mean()), 0.03), "unseen": est(0.0, 0.01, safe, moved=0.01)},
+            {"seen": est(float(strong.mean()), 0.03), "unseen": est(0.0, 0.01, safe, moved=0.05)}]
+    assert select([dict(r) for r in rows], "both", 1.0, 2.0) == 0  # unpaired: the one that moves less
+    assert select([dict(r) for r in rows], "both", 1.0, 2.0, per_query=[weak, strong], groups=groups) == 1
+    # the measured movement orders the candidates, not their place in the list
+    assert select([dict(r) for r in reversed(rows)], "both", 1.0, 2.0) == 1
+
+
+def test_uncovered_pull_holds_chunks_without_questions_and_learns_the_rest():
+    from adapter.train import recipe_config, uncovered_moment
+
+    train, val, corpus, cids = synthetic(d=16, n_chunks=40)
+    rng = np.random.default_rng(1)
+    corpus[20:] = 0.0  # the chunks without questions lie in a 4-d subspace: the pull holds that and frees the rest
+    corpus[20:, :4] = rng.normal(size=(20, 4))
+    corpus[20:] /= np.linalg.norm(corpus[20:], axis=1, keepdims=True)
+    half = set(cids[:20])  # training questions for half the chunks only
+    qrels = {q: r for q, r in train.qrels.items() if set(r) <= half}
+    ids = [q for q in train.ids if q in qrels]
+    part = Split(train.vectors[[train.ids.index(q) for q in ids]], ids, qrels)
+
+    m = uncovered_moment(corpus, np.arange(20), 2.0).numpy()
+    np.testing.assert_allclose(m, 2.0 * 16 * corpus[20:].T.astype(np.float64) @ corpus[20:] / 20, rtol=1e-5)
+    assert uncovered_moment(corpus, np.arange(40), 2.0) is None and uncovered_moment(corpus, np.arange(20), 0) is None
+    fewer = uncovered_moment(corpus, np.arange(20), 2.0, outside=np.arange(20, 30)).numpy()
+    np.testing.assert_allclose(fewer, 2.0 * 16 * corpus[30:].T.astype(np.float64) @ corpus[30:] / 10, rtol=1e-5)
+
+    def moved(cfg):
+        w = fit(part, None, corpus, cids, BASE, cfg, progress=False).adapter.weight
+        change = corpus @ (w - np.eye(16))
+        return float((change[:20] ** 2).sum(1).mean()), float((change[20:] ** 2).sum(1).mean())
+
+    free_cov, free_unc = moved(recipe_config(quick(), "pull-0.01"))
+    held_cov, held_unc = moved(recipe_config(quick(), "uncovered-1"))
+    assert held_unc < 0.5 * free_unc  # chunks without questions stay put ...
+    assert held_cov > 0.5 * free_cov  # ... while the map still moves where the questions are
+
+
 def test_auto_recipe_learns_a_learnable_map_and_records_every_trial():
     from adapter.train import AUTO_RECIPES, train_on_vectors
 
@@ -315,13 +373,15 @@ def test_bad_objective_and_unlearnable_data_are_one_line_errors():
 
 
 def test_train_cli_json_and_evaluate_show_the_estimates(trained, tmp_path):
+    from adapter.train import AUTO_RECIPES
+
     folder, out, _ = trained
     js, new = tmp_path / "t.json", tmp_path / "auto.safetensors"
     r = CliRunner().invoke(main, ["train", str(folder), "--out", str(new), "--epochs", "2", "--batch-size", "2",
                                   "--json", str(js)])
     assert r.exit_code == 0, r.output
     got = json.loads(js.read_text())
-    assert got["objective"] == "both" and len(got["trials"]) == 5 and got["trials"] == \
+    assert got["objective"] == "both" and len(got["trials"]) == len(AUTO_RECIPES) and got["trials"] == \
         LinearAdapter.load(new).metadata["trials"]
     r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(new), "--dims", "384"])
     assert r.exit_code == 0 and "auto: recipe " in r.output and "seen chunks +" in r.output, r.output
