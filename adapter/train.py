@@ -85,9 +85,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     "uncovered-0.3": _recipe(pull=0.01, uncovered=0.3),
     "uncovered-1": _recipe(pull=0.01, uncovered=1.0),
 }
-# what recipe="auto" chooses from, the most constrained (moves queries least) first: the order ``select`` falls back
-# to when a trial's movement is not measured (it orders them by the measured one)
-AUTO_RECIPES = ("pull-0.3", "pull-0.1", "lowrank", "pull-0.03", "pull-0.01", "uncovered-1", "uncovered-0.3")
+# what recipe="auto" chooses from, the most constrained first: the order ``select`` prefers. The uncovered pulls
+# lead: they hold the map where the index has chunks without questions (with none, they are pull-0.01, whose
+# unseen-chunk estimate then decides); then the uniform pulls, strongest first
+AUTO_RECIPES = ("uncovered-1", "uncovered-0.3", "pull-0.3", "pull-0.1", "lowrank", "pull-0.03", "pull-0.01")
 MIN_SEEN_QUERIES = 4  # questions needed to hold out a seen-chunk slice (one held out, three left to train on)
 MIN_UNSEEN_CHUNKS = 5  # chunks with questions needed to hold out whole chunks and still train on four
 GAIN_Z = 2.0  # a recipe must beat the identity by this many standard errors of its gain (see select)
@@ -504,17 +505,15 @@ class _Slice:
         return self.score(adapter, corpus, corpus_ids, dims, tie_rank)[0]
 
     def score(self, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int],
-              tie_rank: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, float], np.ndarray]:
-        """``estimate``, the adapter's mean metrics at full dim (its validation score), and each question's change
-        (mean over dims; ``select`` compares trials on the same questions with it). The estimate's ``by_dim``: the
-        change and s.e. at each dim alone (``select`` judges the unseen chunks' worst dim)."""
+              tie_rank: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, float]]:
+        """``estimate``, and the adapter's mean metrics at full dim (its validation score). The estimate's
+        ``by_dim``: the change and s.e. at each dim alone."""
         tie_rank = id_rank(corpus_ids) if tie_rank is None and adapter is not None else tie_rank
         if adapter is None:
-            score, metrics, moved = self.base, self.base_metrics, 0.0
+            score, metrics = self.base, self.base_metrics
         else:
-            adapted = adapter.apply(self.split.vectors)
-            score, metrics = _per_query(adapted, corpus, self.split, corpus_ids, dims, tie_rank)
-            moved = float(np.mean(1.0 - np.sum(adapted * self.split.vectors, axis=1)))
+            score, metrics = _per_query(adapter.apply(self.split.vectors), corpus, self.split, corpus_ids, dims,
+                                        tie_rank)
         deltas = score - self.base  # (len(dims), n)
         delta = deltas.mean(axis=0)  # each query's change, mean over dims
         by_dim = {int(d): {"delta": _r(float(v.mean())), "se": _r(clustered_se(v, self.groups))}
@@ -522,7 +521,7 @@ class _Slice:
         return {"queries": len(self.split.ids), "held_out": self.held_out, "chunks": len(set(self.groups)),
                 "base": _r(self.base_full), "adapter": _r(metrics[PRIMARY_METRIC]), "delta": _r(float(delta.mean())),
                 "se": _r(clustered_se(delta, self.groups)), "base_mean": _r(float(self.base.mean())),
-                "by_dim": by_dim, "moved": _r(moved)}, metrics, delta
+                "by_dim": by_dim}, metrics
 
 
 def _digits(v: float) -> float:
@@ -557,8 +556,7 @@ def recipe_names(cfg: Config) -> list[str]:
 
 
 def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: float = 0.0, *,
-           per_query: Sequence[np.ndarray] | None = None, groups: Sequence[str] | None = None,
-           worst_dim: bool = True, by_movement: bool = True) -> int | None:
+           worst_dim: bool = False) -> int | None:
     """Index of the chosen trial, or None for the identity (base), by the validation estimates.
 
     Gains are means over dims of per-query ndcg@10 changes, each with its clustered standard error; a slice that
@@ -568,13 +566,10 @@ def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: f
     noise is no gain.
 
     ``seen``: the best seen-chunk gain. ``both``: among trials whose unseen-chunk change is at or above base within
-    ``z`` standard errors ("safe") at every dim alone (``worst_dim``; else on the mean over dims), the one that moves
-    the unseen slice's questions least (mean 1 − cosine to the base vector, ``moved``; else the first in the given
-    order) whose seen gain is within ``within`` standard errors of the best safe one: Breiman's one-standard-error
-    rule, since a constrained map that validates as well within noise moves unseen chunks less. With ``per_query``
-    (each trial's per-question gain on the gain slice, whose questions are clustered by ``groups``) that s.e. is the
-    paired one, of the two trials' difference on the same questions: the noise in comparing them, far smaller than
-    either gain's own s.e."""
+    ``z`` standard errors ("safe"; ``worst_dim``: at every dim alone, not on the mean over dims), the first in the
+    given order (most constrained first) whose seen gain is within ``within`` standard errors of the best safe one:
+    Breiman's one-standard-error rule, since a constrained map that validates as well within noise moves unseen
+    chunks less."""
     se = lambda e: float("inf") if e["se"] is None else e["se"]  # noqa: E731
     gain = lambda t: t.get("seen") or t.get("unseen")  # noqa: E731
 
@@ -594,17 +589,8 @@ def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: f
     best = max(ok, key=lambda i: gain(trials[i])["delta"])
     if objective != "both" or not within:
         return best
-
-    def close(i: int) -> bool:
-        short = gain(trials[best])["delta"] - gain(trials[i])["delta"]
-        if per_query is None or groups is None:
-            return short <= within * se(gain(trials[best]))
-        return short <= within * clustered_se(per_query[best] - per_query[i], groups)
-
-    moved = [(trials[i].get("unseen") or gain(trials[i])).get("moved") for i in ok]
-    if by_movement and None not in moved:  # the measured movement of the unseen questions orders them
-        ok = [i for _, i in sorted(zip(moved, ok, strict=True))]
-    return next(i for i in ok if i == best or close(i))
+    floor = gain(trials[best])["delta"] - within * se(gain(trials[best]))
+    return next(i for i in ok if gain(trials[i])["delta"] >= floor)
 
 
 def train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
@@ -656,14 +642,13 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
         scores = {k: v[0] if v else None for k, v in scored.items()}
         row = {"recipe": name, **{f: _jsonable(getattr(tcfg.train, f)) for f in RECIPE_FIELDS},
                **scores, "epoch": r.best_epoch, "seconds": _r(r.seconds)}
-        return row, r, scored[watch_key][2]
+        return row, r
 
     workers = max(1, min(len(names), cfg.train.workers))
     with ThreadPoolExecutor(workers) as pool:
         done = list(tqdm(pool.map(trial, names), total=len(names), desc="recipes", disable=not progress))
-    trials = [row for row, _, _ in done]
-    pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within,
-                  per_query=[g for _, _, g in done], groups=watch.groups)
+    trials = [row for row, _ in done]
+    pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within)
     identity = {k: s.estimate(None, corpus, corpus_ids, dims) if s else None for k, s in slices.items()}
     if pick is None:
         recipe, estimates = "identity", identity

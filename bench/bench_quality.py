@@ -41,7 +41,8 @@ sys.path.insert(0, str(ROOT))
 DIMS = (384, 256, 128, 64)
 SCENARIOS = ("query", "chunk", "cov25", "cov50")
 Z_VALUES = (0.0, 0.5, 1.0, 2.0)  # the safety margins the "both" rows are replayed with
-WITHIN_VALUES = (0.0, 1.0, 2.0, 4.0)  # ... and the "within noise of the best" widths
+WITHIN_VALUES = (0.0, 2.0, 2.5, 3.0, 4.0)  # ... and the "within noise of the best" widths
+FORMER_AUTO = ("pull-0.3", "pull-0.1", "lowrank", "pull-0.03", "pull-0.01")  # the auto set before uncovered pulls
 
 
 def load(shared: Path, work: Path) -> dict[str, tuple]:
@@ -131,16 +132,12 @@ def run_cell(args: tuple) -> dict:
     outside = held_out_rows(unseen, cids)
     slices = {"seen": _Slice.of(seen, corpus, cids, dims), "unseen": _Slice.of(unseen, corpus, cids, dims)}
     watch = seen or unseen
-    gain_key = "seen" if slices["seen"] else "unseen"
-    cell["gain_groups"] = slices[gain_key].groups  # the questions select compares trials on, by chunk
     for name in recipes:
         rc = recipe_config(cfg, name)
         t = time.perf_counter()
         r = _fit(inner, watch, corpus, cids, "bench", rc, False, outside=outside)
         trial_s = time.perf_counter() - t
-        scored = {k: s.score(r.adapter, corpus, cids, dims) if s else None for k, s in slices.items()}
-        row = {k: v[0] if v else None for k, v in scored.items()}
-        row["gain_per_query"] = [round(float(x), 6) for x in scored[gain_key][2]]
+        row = {k: s.estimate(r.adapter, corpus, cids, dims) if s else None for k, s in slices.items()}
         t = time.perf_counter()
         shipped = r.adapter if rc.train.epoch_choice == "best" else _fit(train, None, corpus, cids, "bench", rc,
                                                                    False).adapter
@@ -153,18 +150,14 @@ def run_cell(args: tuple) -> dict:
 
 def choose(cell: dict, names: list[str], objective: str, z: float, within: float, rule: str = "auto") -> str:
     """The recipe `adapter train` ships on this cell: its ``select`` over the trial rows of ``names`` (in the
-    order `adapter train` tries them). ``rule`` "former": the rule before this one (unseen change judged on the
-    mean over dims, gains compared unpaired, the given order as "most constrained")."""
-    import numpy as np
-
+    order `adapter train` tries them). ``rule`` "dims": the unseen-chunk change judged at every dim alone;
+    "former": the set and order before the uncovered pulls (``FORMER_AUTO``)."""
     from adapter.train import select
 
-    rows = [dict(cell["recipes"][n]) for n in names]
     if rule == "former":
-        pick = select(rows, objective, z, within, worst_dim=False, by_movement=False)
-    else:
-        pick = select(rows, objective, z, within, per_query=[np.array(r["gain_per_query"]) for r in rows],
-                      groups=cell["gain_groups"])
+        names = [n for n in FORMER_AUTO if n in cell["recipes"]]
+    rows = [dict(cell["recipes"][n]) for n in names]
+    pick = select(rows, objective, z, within, worst_dim=rule == "dims")
     return "identity" if pick is None else names[pick]
 
 
@@ -192,7 +185,7 @@ def system_scores(cells: list[dict], system: str, names: list[str]) -> dict:
     for c in cells:
         if system == "former":
             test = c["former"]["test"]
-        elif system.startswith(("auto/", "former/")):
+        elif system.startswith(("auto/", "former/", "dims/")):
             rule, objective, z, within = system.split("/")
             pick = choose(c, names, objective, float(z), float(within), rule)
             test = ({t: {d: 1.0 for d in DIMS} for t in c["former"]["test"]} if pick == "identity"
@@ -212,16 +205,18 @@ def report(cells: list[dict], names: list[str], recipes: list[str], cfg, seeds: 
     z0, w0 = cfg.train.safety_z, cfg.train.simpler_within
     default, seen = f"auto/both/{z0:g}/{w0:g}", "auto/seen/0/0"
     variants = [v for w in WITHIN_VALUES for z in Z_VALUES if (v := f"auto/both/{z:g}/{w:g}") != default]
-    former_rule = "former/both/0.5/2"
-    systems = ["former", *recipes, default, seen, former_rule, *dict.fromkeys(variants)]
+    former_rule, dims_rule = "former/both/0.5/2", f"dims/both/{z0:g}/{w0:g}"
+    systems = ["former", *recipes, default, seen, former_rule, dims_rule, *dict.fromkeys(variants)]
     names_shown = {"former": "former default (triplet, best of 30 epochs on a slice carved like the split)",
-                   default: f"**`adapter train` (the default: objective both, z {z0:g}, within {w0:g} paired s.e.)**",
+                   default: f"**`adapter train` (the default: objective both, z {z0:g}, within {w0:g} s.e.)**",
                    seen: "**`adapter train --objective seen`**",
-                   former_rule: "`adapter train` under the former rule (z 0.5 on the mean over dims, within 2 "
-                                "unpaired s.e., list order)"}
+                   former_rule: "`adapter train` as before #12's second pass (its 5 recipes in their order, z 0.5, "
+                                "within 2 s.e.)",
+                   dims_rule: f"`adapter train`, unseen chunks judged at every dim alone (z {z0:g}, within "
+                              f"{w0:g} s.e.)"}
     for v in variants:
         _, _, z, w = v.split("/")
-        names_shown[v] = f"`adapter train`, objective both, z {z}, within {w} paired s.e."
+        names_shown[v] = f"`adapter train`, objective both, z {z}, within {w} s.e."
     scores = {s: system_scores(cells, s, names) for s in systems}
     print(f"Seeds {','.join(map(str, seeds))}; overrides {overrides or 'none'}; all-MiniLM-L6-v2; test ndcg@10 "
           "as a ratio to base, mean ±sd over seeds.\n")

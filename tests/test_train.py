@@ -265,32 +265,17 @@ def test_select_keeps_unseen_chunks_at_base_within_their_noise():
     assert select([row(0.03, 0.0, 0.01) | {"seen": {"delta": 0.03, "se": 0.02}}], "seen", 1.0) is None  # in noise
 
 
-def test_select_judges_unseen_chunks_at_every_dim_and_compares_trials_paired():
+def test_select_can_judge_unseen_chunks_at_every_dim():
     from adapter.train import select
 
-    def est(delta, se, by_dim=None, moved=None):
-        return {"delta": delta, "se": se, "by_dim": by_dim or {}, "moved": moved}
+    def est(delta, by_dim=None):
+        return {"delta": delta, "se": 0.01, "by_dim": by_dim or {}}
 
     flat = {384: {"delta": 0.02, "se": 0.01}, 64: {"delta": 0.02, "se": 0.01}}
     dip = {384: {"delta": 0.06, "se": 0.01}, 64: {"delta": -0.03, "se": 0.01}}  # mean over dims +0.015
-    trials = [{"seen": est(0.20, 0.01), "unseen": est(0.015, 0.01, dip)},
-              {"seen": est(0.10, 0.01), "unseen": est(0.02, 0.01, flat)}]
-    assert select([dict(t) for t in trials], "both", 1.0, worst_dim=False) == 0
-    assert select([dict(t) for t in trials], "both", 1.0) == 1  # 3 s.e. below base at dim 64: unsafe
-
-    # two safe trials 0.02 apart, each gain's own s.e. 0.03: within 2 of those s.e., but the difference on the same
-    # questions is steady (paired s.e. far smaller), so the stronger one is not given up for the constrained one
-    rng = np.random.default_rng(0)
-    weak = rng.normal(0.10, 0.3, size=200)
-    strong = weak + 0.02 + rng.normal(0, 0.01, size=200)
-    groups = [f"c{i // 2}" for i in range(200)]
-    safe = {384: {"delta": 0.0, "se": 0.01}}
-    rows = [{"seen": est(float(weak.mean()), 0.03), "unseen": est(0.0, 0.01, safe, moved=0.01)},
-            {"seen": est(float(strong.mean()), 0.03), "unseen": est(0.0, 0.01, safe, moved=0.05)}]
-    assert select([dict(r) for r in rows], "both", 1.0, 2.0) == 0  # unpaired: the one that moves less
-    assert select([dict(r) for r in rows], "both", 1.0, 2.0, per_query=[weak, strong], groups=groups) == 1
-    # the measured movement orders the candidates, not their place in the list
-    assert select([dict(r) for r in reversed(rows)], "both", 1.0, 2.0) == 1
+    trials = [{"seen": est(0.20), "unseen": est(0.015, dip)}, {"seen": est(0.10), "unseen": est(0.02, flat)}]
+    assert select([dict(t) for t in trials], "both", 1.0) == 0
+    assert select([dict(t) for t in trials], "both", 1.0, worst_dim=True) == 1  # 3 s.e. below base at dim 64
 
 
 def test_uncovered_pull_holds_chunks_without_questions_and_learns_the_rest():
@@ -317,10 +302,11 @@ def test_uncovered_pull_holds_chunks_without_questions_and_learns_the_rest():
         change = corpus @ (w - np.eye(16))
         return float((change[:20] ** 2).sum(1).mean()), float((change[20:] ** 2).sum(1).mean())
 
-    free_cov, free_unc = moved(recipe_config(quick(), "pull-0.01"))
-    held_cov, held_unc = moved(recipe_config(quick(), "uncovered-1"))
-    assert held_unc < 0.5 * free_unc  # chunks without questions stay put ...
-    assert held_cov > 0.5 * free_cov  # ... while the map still moves where the questions are
+    long = Config().replace(epochs=20, batch_size=16)  # long enough for the free map to wander (0.16 on covered)
+    free_cov, free_unc = moved(recipe_config(long, "pull-0.01"))
+    held_cov, held_unc = moved(recipe_config(long, "uncovered-1"))
+    assert held_unc < 0.5 * free_unc  # chunks without questions stay put (measured 0.22x) ...
+    assert held_cov > 0.7 * free_cov  # ... while the map still moves where the questions are (0.89x)
 
 
 def test_auto_recipe_learns_a_learnable_map_and_records_every_trial():
