@@ -187,20 +187,26 @@ def mine_hard_negatives(queries: np.ndarray, corpus: np.ndarray, rel_codes: np.n
     return out
 
 
+def uncovered_rows(n_corpus: int, covered_rows: np.ndarray, outside: np.ndarray | None = None) -> np.ndarray:
+    """Corpus rows neither among ``covered_rows`` (the training pairs' positives) nor in ``outside``: what the
+    uncovered-chunk pull is measured on."""
+    keep = np.ones(n_corpus, dtype=bool)
+    keep[covered_rows] = False
+    if outside is not None:
+        keep[outside] = False
+    return np.flatnonzero(keep)
+
+
 def uncovered_moment(corpus: np.ndarray, covered_rows: np.ndarray, weight: float,
                      outside: np.ndarray | None = None, block: int = 65536) -> torch.Tensor | None:
     """``weight * d * mean(c^T c)`` over the chunks outside ``covered_rows`` (the training pairs' positives) and
     ``outside``, as a (d, d) tensor M, so that ``sum(D * (M @ D))`` is the uncovered-chunk pull on the adapter's
     change D = W − I (its mean over those chunks of ‖cD‖², scaled by d to match ‖D‖²_F on isotropic vectors); None
     when the weight is 0 or no chunk is left. Read block by block: a memory-mapped corpus is not copied."""
-    n, dim = corpus.shape
+    dim = corpus.shape[1]
     if not weight:
         return None
-    keep = np.ones(n, dtype=bool)
-    keep[covered_rows] = False
-    if outside is not None:
-        keep[outside] = False
-    rows = np.flatnonzero(keep)
+    rows = uncovered_rows(len(corpus), covered_rows, outside)
     if not len(rows):
         return None
     moment = np.zeros((dim, dim))
@@ -628,6 +634,13 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
     names = recipe_names(cfg)
     outside = held_out_rows(unseen, corpus_ids)
 
+    # a recipe whose uncovered pull has no chunk to act on trains exactly as the same recipe without it (with every
+    # chunk covered, the uncovered pulls are pull-0.01): each distinct recipe is fitted once and its row repeated
+    bare = not len(uncovered_rows(len(corpus_ids), _pairs(inner, corpus_ids)[0][:, 1], outside))
+    effective = {n: recipe_config(cfg, n).train if not bare else recipe_config(cfg, n).replace(uncovered_pull=0.0).train
+                 for n in names}
+    first = {n: next(m for m in names if effective[m] == effective[n]) for n in names}
+
     def trial(name: str) -> tuple[dict[str, Any], TrainResult]:
         tcfg = recipe_config(cfg, name)
         per_epoch = tcfg.train.epoch_choice == "best"  # else the slices' scores below are its validation
@@ -640,13 +653,16 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
             r.history[0].update(_primary(watch.base_metrics))
             r.history[-1].update(_primary(scored[watch_key][1]))
         scores = {k: v[0] if v else None for k, v in scored.items()}
-        row = {"recipe": name, **{f: _jsonable(getattr(tcfg.train, f)) for f in RECIPE_FIELDS},
-               **scores, "epoch": r.best_epoch, "seconds": _r(r.seconds)}
+        row = {**_fields(cfg, name), **scores, "epoch": r.best_epoch, "seconds": _r(r.seconds)}
         return row, r
 
-    workers = max(1, min(len(names), cfg.train.workers))
+    distinct = [n for n in names if first[n] == n]
+    workers = max(1, min(len(distinct), cfg.train.workers))
     with ThreadPoolExecutor(workers) as pool:
-        done = list(tqdm(pool.map(trial, names), total=len(names), desc="recipes", disable=not progress))
+        fitted = dict(zip(distinct, tqdm(pool.map(trial, distinct), total=len(distinct), desc="recipes",
+                                         disable=not progress), strict=True))
+    done = [fitted[n] if first[n] == n else ({**fitted[first[n]][0], **_fields(cfg, n), "same_as": first[n]},
+                                              fitted[first[n]][1]) for n in names]
     trials = [row for row, _ in done]
     pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within)
     identity = {k: s.estimate(None, corpus, corpus_ids, dims) if s else None for k, s in slices.items()}
@@ -683,6 +699,12 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
     logger.info("chose %s (objective %s) from %s in %.1f s", recipe, cfg.train.objective, ", ".join(names),
                 shipped.seconds)
     return shipped
+
+
+def _fields(cfg: Config, name: str) -> dict[str, Any]:
+    """A trial row's name and recipe settings, as metadata stores them."""
+    tcfg = recipe_config(cfg, name)
+    return {"recipe": name, **{f: _jsonable(getattr(tcfg.train, f)) for f in RECIPE_FIELDS}}
 
 
 def _jsonable(v: Any) -> Any:

@@ -438,3 +438,39 @@ def test_corpus_vectors_in_corpus_order_are_used_as_they_are(tmp_path):
     assert ids == list(ds.corpus) + ["extra2", "extra1"] and out.flags.owndata
     rev = cids[::-1]
     np.testing.assert_array_equal(out, vectors[[rev.index(c) for c in ids]])
+
+
+def test_uncovered_pulls_with_nothing_to_act_on_are_fitted_once(monkeypatch):
+    """With every chunk covered the uncovered pulls train exactly as pull-0.01: one fit serves the three rows; with
+    chunks left uncovered each recipe is fitted (the rows then differ)."""
+    import adapter.train as train_mod
+
+    fits: list[float] = []
+    real = train_mod._fit
+
+    def counted(*args, **kwargs):
+        fits.append(args[5].train.uncovered_pull)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_fit", counted)
+    train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=6)
+    r = train_mod.train_on_vectors(train, corpus, cids, BASE, quick(), progress=False)
+    trials = {t["recipe"]: t for t in r.trials}
+    assert list(trials) == list(train_mod.AUTO_RECIPES)
+    refits = 1 if r.recipe != "identity" else 0
+    assert len(fits) == len(train_mod.AUTO_RECIPES) - 2 + refits  # uncovered-1 stands for uncovered-0.3, pull-0.01
+    assert trials["uncovered-0.3"]["same_as"] == trials["pull-0.01"]["same_as"] == "uncovered-1"
+    assert trials["pull-0.01"]["seen"] == trials["uncovered-1"]["seen"]
+    assert trials["pull-0.01"]["identity_penalty"] == 0.01
+    assert trials["pull-0.01"]["uncovered_pull"] == 0.0 and trials["uncovered-1"]["uncovered_pull"] == 1.0
+    alone = train_mod.fit(train, None, corpus, cids, BASE, train_mod.recipe_config(quick(), "pull-0.01"),
+                          progress=False)
+    shared = train_mod.fit(train, None, corpus, cids, BASE, train_mod.recipe_config(quick(), "uncovered-1"),
+                           progress=False)
+    np.testing.assert_array_equal(alone.adapter.weight, shared.adapter.weight)  # why one fit may stand for both
+
+    fits.clear()
+    more = np.concatenate([corpus, -corpus[:10]])  # ten chunks no question is about: the uncovered pulls act
+    r = train_mod.train_on_vectors(train, more, cids + [f"x{i}" for i in range(10)], BASE, quick(), progress=False)
+    assert len(fits) == len(train_mod.AUTO_RECIPES) + (1 if r.recipe != "identity" else 0)
+    assert not any("same_as" in t for t in r.trials)
