@@ -741,6 +741,8 @@ def trials_table(trials: Sequence[dict[str, Any]]) -> list[str]:
     rows = [("recipe", "seen chunks", "unseen chunks", "")]
     for t in trials:
         mark = "chosen" if t.get("chosen") else ("" if t.get("safe", True) else "unsafe on unseen")
+        if t.get("same_as"):  # trained exactly as that recipe here (nothing uncovered to pull on): fitted once
+            mark = f"{mark}{', ' if mark else ''}= {t['same_as']}"
         rows.append((t["recipe"], pct_change(t["seen"]) if t.get("seen") else "n/a",
                      pct_change(t["unseen"]) if t.get("unseen") else "n/a", mark))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
