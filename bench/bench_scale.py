@@ -189,9 +189,12 @@ def _gain(e: dict | None) -> str:
 
 
 def grid(work: Path, cells: list[tuple[int, int]], epochs: int) -> None:
+    from adapter.train import AUTO_RECIPES
+
     print(f"### Training cost against the corpus (synthetic, d = {D}, {epochs} epochs)\n")
     print("`train_adapter` (what `adapter train --corpus-vectors corpus.npy --corpus-ids ids.txt --epochs "
-          f"{epochs}` runs) with the default recipe choice (5 trials and a refit), one child process per cell; the "
+          f"{epochs}` runs) with the default recipe choice ({len(AUTO_RECIPES)} recipes tried, the chosen one refit), "
+          "one child process per cell; the "
           "corpus .npy is memory-mapped. Wall time includes reading the dataset and the vectors; peak memory is the "
           "child's maximum resident set (the mapped corpus pages it touched count); CPU: the child's user + system "
           "seconds (on 2 cores an idle machine's wall time is at least half of it). Validation: seen and unseen "
