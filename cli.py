@@ -735,6 +735,9 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
 @click.option("--prior-weight", "prior", type=Number(float, 0), default=None, help="lambda with fusion: the loss "
               "ranks by the score + this x the first stage's standardised score, so the model learns to correct the "
               f"first stage (0: to rank alone) [default: {DEFAULTS.rerank.prior:g}].")
+@click.option("--base-share", type=Number(float, 0, 1), default=None, help="With --adapter: this share of the "
+              "training questions bring base's lists instead, so the reranker learns to correct both first stages "
+              f"[default: {DEFAULTS.rerank.base_share:g}].")
 @click.option("--split", "train_split", default=None,
               help=f"Qrels split to train on [default: {DEFAULTS.split.train_split}].")
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
@@ -745,8 +748,8 @@ def rerank_train(directory: str, out: str, model: str | None, head: str | None, 
                  adapter_path: str | None, k: int | None, loss: str | None, negatives: int | None, epochs: int | None,
                  batch_size: int | None, lr: float | None, max_seq_length: int | None,
                  max_train_seconds: float | None, val_queries: int | None, train_queries: int | None,
-                 bf16: str | None, fusion: bool | None, prior: float | None, train_split: str | None, seed: int | None,
-                 repo_id: str | None, cache_dir: str | None) -> None:
+                 bf16: str | None, fusion: bool | None, prior: float | None, base_share: float | None,
+                 train_split: str | None, seed: int | None, repo_id: str | None, cache_dir: str | None) -> None:
     """Fine-tune a cross-encoder to rerank DIRECTORY's first-stage top-k (hard negatives mined once by the first
     stage); write the best epoch by validation ndcg@10 to --out with a model card.
 
@@ -759,7 +762,8 @@ def rerank_train(directory: str, out: str, model: str | None, head: str | None, 
                            rerank_k=k, rerank_loss=loss, rerank_negatives=negatives, rerank_epochs=epochs,
                            rerank_batch_size=batch_size, rerank_lr=lr, rerank_max_seq_length=max_seq_length,
                            max_train_seconds=max_train_seconds, val_queries=val_queries, train_queries=train_queries,
-                           rerank_head=head, rerank_bf16=bf16, rerank_fusion=fusion, rerank_prior=prior)
+                           rerank_head=head, rerank_bf16=bf16, rerank_fusion=fusion, rerank_prior=prior,
+                           base_share=base_share)
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
     r = run(ds, out, cfg, adapter=adapter_path)

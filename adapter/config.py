@@ -225,6 +225,8 @@ class RerankConfig:
     fusion: bool = True  # add w x the first-stage rank prior to the score, w chosen on validation (0: none)
     prior: float = 2.0  # lambda with fusion: the loss sees the score + prior x the first stage's standardised score,
     # so the model learns to correct the first stage's order instead of ranking alone (0: alone; measured on AppleQA)
+    base_share: float = 0.0  # under an adapter: this share of the training questions bring base's lists (negatives,
+    # priors) instead of the adapter's, so the reranker learns to correct both first stages it is fused with
     predict_batch_size: int = 32  # pairs per forward pass when reranking
 
 

@@ -548,6 +548,7 @@ def _check(cfg: Config) -> None:
                "negatives), 1 otherwise", r.batch_size),
               (r.lr > 0, "--lr must be positive", r.lr),
               (r.prior >= 0, "--prior-weight must be 0 or more", r.prior),
+              (0 <= r.base_share < 1, "--base-share must be in [0, 1)", r.base_share),
               (r.negatives >= (0 if r.loss == "mnrl" else 1), f"--negatives must be at least 1 for {r.loss}",
                r.negatives),
               (r.max_seq_length is None or r.max_seq_length >= 8, "--max-seq-length must be at least 8",
@@ -622,16 +623,26 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     qids = [*train_qrels, *val_qrels]
     queries, corpus = first_stage(qids)
     train_q, val_q = queries[:len(train_qrels)], queries[len(train_qrels):]
+    # each training question's lists (hard negatives, priors) come from one first stage: the trained one, or with
+    # base_share > 0 one of ``also``, so the reranker learns to correct every first stage it will be fused with
+    parts = _share_out(train_qrels, source["key"], list(also or ()) if r.base_share else [], r.base_share, cfg.seed)
+    vectors = {key: (train_q[[i for i, q in enumerate(train_qrels) if q in part]], corpus) if key == source["key"]
+               else also[key](list(part)) for key, part in parts.items() if part}
     if (ckpt / NEGATIVES_FILE).is_file():
         negatives = _read_json(ckpt / NEGATIVES_FILE)
     else:
-        negatives = mine_negatives(dataset, train_qrels, train_q, corpus, k=r.k, n=r.negatives, seed=cfg.seed)
+        negatives = {}
+        for key, (q, c) in vectors.items():
+            negatives.update(mine_negatives(dataset, parts[key], q, c, k=r.k, n=r.negatives, seed=cfg.seed))
         with atomic_write(ckpt / NEGATIVES_FILE) as f:
             json.dump(negatives, f)
     prior = r.prior if r.loss == "lambda" and r.fusion else 0.0  # the weight the loss adds the first stage at
-    priors = (first_stage_priors(dataset, train_qrels, train_q, corpus, {q: [*train_qrels[q], *negatives[q]]
-                                                                         for q in train_qrels}, r.k)
-              if prior else None)
+    priors: dict[str, dict[str, float]] | None = None
+    if prior:
+        priors = {}
+        for key, (q, c) in vectors.items():
+            priors.update(first_stage_priors(dataset, parts[key], q, c, {x: [*parts[key][x], *negatives[x]]
+                                                                          for x in parts[key]}, r.k))
     train_data = HFDataset.from_dict(_train_rows(dataset, train_qrels, negatives, r.loss, priors))
 
     model, start_kind = start_model(r.model, r.max_seq_length, r.head)
@@ -716,6 +727,16 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     return RerankResult(out, float(best["epoch"]), d, {d: base["first_stage"]},
                         {d: _metrics(base["start"])} if base["start"] else None, {d: best_val}, seconds,
                         str(resume) if resume else None, fusion, alone)
+
+
+def _share_out(qrels: Qrels, main: str, others: Sequence[str], share: float, seed: int) -> dict[str, Qrels]:
+    """``qrels`` split between first stages: a seeded ``share`` of the questions to ``others`` (in turn), the rest to
+    ``main``; each part in ``qrels``' order."""
+    qids = list(qrels)
+    n_other = round(share * len(qids)) if others else 0
+    picked = np.random.default_rng(seed).permutation(len(qids))[:n_other]
+    owner = {qids[i]: others[j % len(others)] for j, i in enumerate(sorted(picked))}
+    return {key: {q: v for q, v in qrels.items() if owner.get(q, main) == key} for key in (main, *others)}
 
 
 def _sample(qrels: Qrels, n: int | None, seed: int) -> Qrels:

@@ -8,7 +8,8 @@ AppleQA split by query (seed 0), through the real CLI:
 
     python bench/bench_rerank.py [--shared ../shared] [--work DIR] [--train-seconds 640] [--max-seq-length 128]
                                  [--train-queries 1800] [--val-queries 200] [--threads 2] [--prior-weight W]
-                                 [--negatives-under adapter] [--lock /work/coord/bench.lock] [--finetuned DIR]
+                                 [--base-share S] [--negatives-under adapter] [--lock /work/coord/bench.lock]
+                                 [--finetuned DIR]
                                  [--test-sample N] [--dims 384] [--skip-finetune]
 
 Stages whose output is already in WORK are not run again (so a long run can be continued). Prints Markdown on
@@ -85,6 +86,7 @@ def main() -> None:
     p.add_argument("--negatives", type=int, default=None, help="[default: the project's]")
     p.add_argument("--lr", type=float, default=None, help="[default: the project's]")
     p.add_argument("--prior-weight", type=float, default=None, help="[default: the project's]")
+    p.add_argument("--base-share", type=float, default=None, help="[default: the project's]")
     p.add_argument("--val-queries", type=int, default=200)
     p.add_argument("--train-queries", type=int, default=1800, help="A seeded sample sized so one epoch (its warmup "
                    "and decay) fits the budget on an idle machine; the budget stops it earlier on a slower one.")
@@ -117,6 +119,7 @@ def main() -> None:
     if not (reranker / "modules.json").is_file():
         extra = ((["--lr", str(a.lr)] if a.lr else []) + (["--negatives", str(a.negatives)] if a.negatives else [])
                  + (["--prior-weight", str(a.prior_weight)] if a.prior_weight is not None else [])
+                 + (["--base-share", str(a.base_share)] if a.base_share is not None else [])
                  + (["--train-queries", str(a.train_queries)] if a.train_queries else [])
                  + (["--adapter", str(adapter)] if a.negatives_under == "adapter" else []))
         with held(a.lock):

@@ -272,25 +272,39 @@ def test_a_time_budget_stops_training_and_that_point_is_a_candidate(rerank_dir, 
 
 
 def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(rerank_dir, tmp_path,
-                                                                                   tiny_model_dir):
+                                                                                   tiny_model_dir, monkeypatch):
     from adapter.data import train_val_qrels
     from adapter.encoder import Encoder
     from adapter.model import LinearAdapter
 
-    cfg = tiny_cfg(tiny_model_dir, max_train_seconds=1e-6)
+    cfg = tiny_cfg(tiny_model_dir, max_train_seconds=1e-6, base_share=0.5)
     enc = Encoder.from_config(cfg, show_progress=False)
     a = LinearAdapter.identity(enc.dim, enc.identity)
     a.weight = (np.eye(a.dim) + 0.5 * np.random.default_rng(0).standard_normal((a.dim, a.dim))).astype(np.float32)
     file = a.save(tmp_path / "a.safetensors")
     ds = load_dataset(rerank_dir)
+    mined, real = [], rr.mine_negatives
+
+    def mine(dataset, qrels, queries, corpus, **kw):
+        mined.append((set(qrels), queries.copy()))
+        return real(dataset, qrels, queries, corpus, **kw)
+
+    monkeypatch.setattr(rr, "mine_negatives", mine)
     rerank_train(ds, tmp_path / "rr", cfg, adapter=file, progress=False)
     meta = json.loads((tmp_path / "rr" / "rerank.json").read_text())
+    # half the training questions (seeded) bring base's lists, half the adapter's: base's query vectors differ
+    train, _, _ = train_val_qrels(ds, cfg)
+    assert len(mined) == 2 and mined[0][0] | mined[1][0] == set(train) and not mined[0][0] & mined[1][0]
+    assert len(mined[1][0]) == round(0.5 * len(train)) and meta["rerank_base_share"] == 0.5
+    base_q = build_systems(cfg, progress=False)["base"].encode_queries([ds.queries[q] for q in train
+                                                                       if q in mined[1][0]])
+    assert np.allclose(mined[1][1], base_q) and not np.allclose(mined[0][1][:1], base_q[:1])
     keys = {f"adapter:{rr.file_sha(file)}", f"base:{tiny_model_dir}"}
     assert set(meta["stages"]) == keys and meta["stages"][f"adapter:{rr.file_sha(file)}"]["fusion"] == meta[
         "fusion_weight"]
     assert all(v["fusion"] in rr.FUSION_WEIGHTS for v in meta["stages"].values())
     systems = build_systems(cfg, adapters=[file], reranker=tmp_path / "rr", rerank_k=4, progress=False)
-    _, val, _ = train_val_qrels(ds, cfg)
+    val = train_val_qrels(ds, cfg)[1]
     for name, key in (("base", f"base:{tiny_model_dir}"), ("a", f"adapter:{rr.file_sha(file)}")):
         s = systems[f"{name}+rerank"]
         assert s.reranker.fusion == meta["stages"][key]["fusion"]
