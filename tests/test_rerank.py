@@ -179,7 +179,8 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     r = CliRunner().invoke(main, ["-q", "rerank-train", str(rerank_dir), "--out", str(out), "--model",
                                   str(tiny_model_dir), "--encoder", str(tiny_model_dir), "--rerank-k", "4",
                                   "--negatives", "2", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
-                                  "--max-seq-length", "48", "--push-to-hub", "me/rr"], catch_exceptions=False)
+                                  "--max-seq-length", "48", "--prior-weight", "2", "--push-to-hub", "me/rr"],
+                           catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "validation ndcg@10: first stage" in r.output and f"wrote {out}" in r.output
     assert "pushed" in r.output and "https://huggingface.co/me/rr" in r.output
