@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -213,7 +214,29 @@ def uncovered_moment(corpus: np.ndarray, covered_rows: np.ndarray, weight: float
     for s in range(0, len(rows), block):
         v = np.asarray(corpus[rows[s:s + block]], dtype=np.float64)
         moment += v.T @ v
+    moment = (moment + moment.T) / 2  # symmetric to the last bit: _QuadraticPull's gradient relies on it
     return torch.from_numpy((weight * dim / len(rows) * moment).astype(np.float32))
+
+
+class _Stopped(Exception):
+    """A fit told to stop (``_fit``'s ``stop``)."""
+
+
+class _QuadraticPull(torch.autograd.Function):
+    """``sum(D * (A @ D))`` for a symmetric (d, d) ``A``, or ``a * sum(D * D)`` for a 0-d ``a``: the pulls toward the
+    identity as one quadratic form in the adapter's change D. Its gradient is ``2 A D``, the product the forward
+    pass already made, where autograd would form ``A^T @ grad`` as a second d^3 product per step."""
+
+    @staticmethod
+    def forward(ctx: Any, change: torch.Tensor, form: torch.Tensor) -> torch.Tensor:
+        applied = form @ change if form.dim() else form * change
+        ctx.save_for_backward(applied)
+        return (change * applied).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (applied,) = ctx.saved_tensors
+        return 2 * grad * applied, None
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -264,10 +287,11 @@ def check_options(cfg: Config) -> None:
 
 def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
          progress: bool, *, tie_rank: np.ndarray | None = None, base_val: dict[str, float] | None = None,
-         outside: np.ndarray | None = None) -> TrainResult:
+         outside: np.ndarray | None = None, stop: threading.Event | None = None) -> TrainResult:
     """``fit``; ``tie_rank`` (``id_rank(corpus_ids)``) and ``base_val`` (the identity's validation metrics) when the
     caller already has them, since at 10^6 chunks each costs seconds. ``outside``: corpus rows the uncovered-chunk
-    pull leaves out, as if not yet indexed (a trial's unseen slice, so its estimate stands for chunks added later)."""
+    pull leaves out, as if not yet indexed (a trial's unseen slice, so its estimate stands for chunks added later).
+    ``stop``: once set, the fit raises ``_Stopped`` at its next step (a speculative refit that lost)."""
     cfg = resolve_loss(cfg)
     check_options(cfg)
     tc = cfg.train
@@ -284,6 +308,9 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
     if val is not None and tie_rank is None:
         tie_rank = id_rank(corpus_ids)
     moment = uncovered_moment(corpus, pairs[:, 1], float(tc.uncovered_pull), outside)  # the uncovered pull, or None
+    # both pulls toward the identity, penalty * |D|^2 + sum(D * (moment @ D)), as one form: a matrix, a scalar, or None
+    form = (moment + penalty * torch.eye(dim) if moment is not None
+            else torch.tensor(penalty) if penalty else None)
     hard = mine_hard_negatives(train.vectors, corpus, rel_codes, tc.hard_pool) if tc.negatives == "hard" else None
 
     init = LinearAdapter.identity(dim, base_model, rank=tc.rank, bias=tc.bias, seed=cfg.seed)
@@ -343,11 +370,8 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
             else:
                 logits = a @ (C[m] if corpus_wide else positives[m]).T / tc.temperature  # (B, M)
                 loss = loss + F.cross_entropy(logits.masked_fill(masked, float("-inf")), target)
-        if penalty:
-            loss = loss + penalty * module.delta().pow(2).sum()
-        if moment is not None:
-            change = module.delta()
-            loss = loss + (change * (moment @ change)).sum()
+        if form is not None:
+            loss = loss + _QuadraticPull.apply(module.delta(), form)
         return loss
 
     base_val = best_val = (base_val if val is not None and base_val else validate())
@@ -362,6 +386,8 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
         order = rng.permutation(len(pairs))
         losses = []
         for s in range(0, len(order), tc.batch_size):
+            if stop is not None and stop.is_set():
+                raise _Stopped
             batch = pairs[order[s:s + tc.batch_size]]  # (B, 2): query row, positive row
             loss = step_loss(batch[:, 0], batch[:, 1])
             opt.zero_grad(set_to_none=True)
@@ -645,7 +671,7 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
         tcfg = recipe_config(cfg, name)
         per_epoch = tcfg.train.epoch_choice == "best"  # else the slices' scores below are its validation
         r = _fit(inner, watch.split if per_epoch else None, corpus, corpus_ids, base_model, tcfg, progress=False,
-                 tie_rank=tie_rank, base_val=watch.base_metrics, outside=outside)
+                 tie_rank=tie_rank, base_val=watch.base_metrics, outside=outside, stop=halt)
         scored = {k: s.score(r.adapter, corpus, corpus_ids, dims, tie_rank) if s else None
                   for k, s in slices.items()}
         if not per_epoch:
@@ -656,15 +682,65 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
         row = {**_fields(cfg, name), **scores, "epoch": r.best_epoch, "seconds": _r(r.seconds)}
         return row, r
 
-    distinct = [n for n in names if first[n] == n]
+    distinct = run_order([n for n in names if first[n] == n], effective)
     workers = max(1, min(len(distinct), cfg.train.workers))
+
+    def rows_of(fitted: dict[str, tuple[dict[str, Any], TrainResult]]) -> list[tuple[str, dict[str, Any]]]:
+        """(name, trial row) in the choice's order for every recipe whose fit is done; a repeat is its twin's row."""
+        return [(n, fitted[n][0] if first[n] == n else {**fitted[first[n]][0], **_fields(cfg, n), "same_as": first[n]})
+                for n in names if first[n] in fitted]
+
+    def choose(fitted: dict[str, tuple[dict[str, Any], TrainResult]]) -> str | None:
+        named = rows_of(fitted)
+        pick = select([dict(row) for _, row in named], cfg.train.objective, cfg.train.safety_z,
+                      cfg.train.simpler_within)
+        return None if pick is None else named[pick][0]
+
+    def refit(name: str, stop: threading.Event | None = None, show: bool = False) -> TrainResult:
+        return _fit(train, None, corpus, corpus_ids, base_model, recipe_config(cfg, name), progress=show, stop=stop)
+
+    fitted: dict[str, tuple[dict[str, Any], TrainResult]] = {}
+    halt = threading.Event()  # set on an error or an interrupt: every running trial stops at its next step
+    ahead: tuple[str, Future, threading.Event] | None = None  # (recipe, its refit, stop): started before the choice
     with ThreadPoolExecutor(workers) as pool:
-        fitted = dict(zip(distinct, tqdm(pool.map(trial, distinct), total=len(distinct), desc="recipes",
-                                         disable=not progress), strict=True))
-    done = [fitted[n] if first[n] == n else ({**fitted[first[n]][0], **_fields(cfg, n), "same_as": first[n]},
-                                              fitted[first[n]][1]) for n in names]
-    trials = [row for row, _ in done]
-    pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within)
+        running = {pool.submit(trial, n): n for n in distinct}
+        bar = tqdm(total=len(distinct), desc="recipes", disable=not progress)
+        try:
+            while running:
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    fitted[running.pop(f)] = f.result()
+                    bar.update()
+                # nothing left to queue and a worker idle: refit the recipe the trials so far choose while the last
+                # ones run; the choice is made on every trial as before, and a refit it does not keep is stopped
+                if ahead is None and running and len(running) < workers:
+                    guess = choose(fitted)
+                    if guess is not None and recipe_config(cfg, guess).train.epoch_choice != "best":
+                        logger.info("refitting %s on every training question while %d trial(s) run", guess,
+                                    len(running))
+                        stop = threading.Event()
+                        ahead = (guess, pool.submit(refit, guess, stop), stop)
+        except BaseException:
+            halt.set()
+            for f in running:
+                f.cancel()
+            if ahead is not None:
+                ahead[2].set()
+            raise
+        finally:
+            bar.close()
+        named = rows_of(fitted)
+        trials = [row for _, row in named]
+        pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within)
+        chosen = None if pick is None else names[pick]
+        early = None
+        if ahead is not None:
+            if ahead[0] == chosen:
+                early = ahead[1].result()
+            else:
+                ahead[2].set()
+                logger.info("the last trials moved the choice from %s to %s: its refit stopped", ahead[0], chosen)
+    done = [fitted[first[n]][1] for n in names]
     identity = {k: s.estimate(None, corpus, corpus_ids, dims) if s else None for k, s in slices.items()}
     if pick is None:
         recipe, estimates = "identity", identity
@@ -672,18 +748,18 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
         closest = max(range(len(trials)), key=lambda i: (trials[i]["seen"] or trials[i]["unseen"])["delta"])
         form = recipe_config(cfg, names[closest]).train.rank  # the identity in that trial's form (size, dtype)
         shipped = TrainResult(LinearAdapter.identity(dim, base_model, rank=form, seed=cfg.seed), 0,
-                              done[closest][1].history)
-        shipped.base_val = shipped.best_val = done[closest][1].base_val
+                              done[closest].history)
+        shipped.base_val = shipped.best_val = done[closest].base_val
         shipped.history_recipe = names[closest]
     else:
         recipe, estimates = names[pick], {k: trials[pick][k] for k in slices}
-        chosen_cfg, shipped = recipe_config(cfg, names[pick]), done[pick][1]
+        chosen_cfg, shipped = recipe_config(cfg, names[pick]), done[pick]
         shipped.history_recipe = recipe
         if chosen_cfg.train.epoch_choice != "best":  # a fixed recipe: refit it on every training question
-            refit = _fit(train, None, corpus, corpus_ids, base_model, chosen_cfg, progress=progress)
-            refit.history = shipped.history  # the curves of the validated trial
-            refit.base_val, refit.best_val = shipped.base_val, shipped.best_val
-            refit.history_recipe, shipped = recipe, refit
+            refitted = early if early is not None else refit(recipe, show=progress)
+            refitted.history = shipped.history  # the curves of the validated trial
+            refitted.base_val, refitted.best_val = shipped.base_val, shipped.best_val
+            refitted.history_recipe, shipped = recipe, refitted
     for t in trials:
         t["chosen"] = t["recipe"] == recipe
     if coverage["covered"] < coverage["chunks"]:
@@ -699,6 +775,15 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
     logger.info("chose %s (objective %s) from %s in %.1f s", recipe, cfg.train.objective, ", ".join(names),
                 shipped.seconds)
     return shipped
+
+
+def run_order(names: Sequence[str], effective: dict[str, TrainConfig]) -> list[str]:
+    """The order recipe trials start in, the costliest first so the workers finish together: an uncovered pull (a d^3
+    product per step), then the other full matrices, then low rank (a few directions), each in the given order. The
+    last to start is so the cheapest, and, as low rank gains least on seen chunks in every cell of BENCHMARKS.md's
+    recipe grid, the trial least likely to move the choice that the refit started beside it bets on."""
+    cost = lambda n: 0 if effective[n].uncovered_pull else 1 if effective[n].rank is None else 2  # noqa: E731
+    return sorted(names, key=cost)
 
 
 def _fields(cfg: Config, name: str) -> dict[str, Any]:

@@ -449,8 +449,9 @@ def test_uncovered_pulls_with_nothing_to_act_on_are_fitted_once(monkeypatch):
     real = train_mod._fit
 
     def counted(*args, **kwargs):
+        out = real(*args, **kwargs)  # a refit started ahead of the choice and stopped raises: not counted
         fits.append(args[5].train.uncovered_pull)
-        return real(*args, **kwargs)
+        return out
 
     monkeypatch.setattr(train_mod, "_fit", counted)
     train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=6)
@@ -474,3 +475,92 @@ def test_uncovered_pulls_with_nothing_to_act_on_are_fitted_once(monkeypatch):
     r = train_mod.train_on_vectors(train, more, cids + [f"x{i}" for i in range(10)], BASE, quick(), progress=False)
     assert len(fits) == len(train_mod.AUTO_RECIPES) + (1 if r.recipe != "identity" else 0)
     assert not any("same_as" in t for t in r.trials)
+
+
+def _with_uncovered():
+    train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=6)
+    return train, np.concatenate([corpus, -corpus[:10]]), cids + [f"x{i}" for i in range(10)]
+
+
+def _same_result(a, b):
+    np.testing.assert_array_equal(a.adapter.weight, b.adapter.weight)
+    assert a.recipe == b.recipe and a.estimates == b.estimates
+    drop = lambda t: {k: v for k, v in t.items() if k != "seconds"}  # noqa: E731
+    assert [drop(t) for t in a.trials] == [drop(t) for t in b.trials]
+
+
+def _hold_last_trial(monkeypatch, train, last: str, hold_refit: bool = False) -> list[str]:
+    """Make the interleaving certain: the trial of ``last`` (started last) waits until a refit has started, and with
+    ``hold_refit`` a refit started ahead of the choice waits to be told to stop. Returns how each refit ended."""
+    import threading
+
+    import adapter.train as train_mod
+
+    real, refit_started, ends = train_mod._fit, threading.Event(), []
+
+    def held(*args, **kwargs):
+        refit = args[0] is train  # trials fit the questions left after carving the slices
+        if refit:
+            refit_started.set()
+            if hold_refit and kwargs.get("stop") is not None:
+                kwargs["stop"].wait(30)
+        elif args[5].train == train_mod.recipe_config(args[5], last).train:
+            refit_started.wait(30)
+        try:
+            out = real(*args, **kwargs)
+        except train_mod._Stopped:
+            ends.append("stopped")
+            raise
+        ends.append("finished" if refit else "trial")
+        return out
+
+    monkeypatch.setattr(train_mod, "_fit", held)
+    return ends
+
+
+def test_refit_started_beside_the_last_trial_ships_what_waiting_would(monkeypatch, caplog):
+    """With a worker idle the refit of the recipe the finished trials choose starts beside the last trial; the choice
+    is still made on every trial, so the file is the one a single worker (no refit ahead) ships."""
+    from adapter.train import train_on_vectors
+
+    train, corpus, cids = _with_uncovered()
+    alone = train_on_vectors(train, corpus, cids, BASE, quick(workers=1), progress=False)
+    assert alone.recipe not in ("identity", "lowrank")  # lowrank starts last: the bet is on the others
+    ends = _hold_last_trial(monkeypatch, train, "lowrank")
+    with caplog.at_level("INFO", logger="adapter.train"):
+        ahead = train_on_vectors(train, corpus, cids, BASE, quick(workers=2), progress=False)
+    assert f"refitting {alone.recipe} on every training question while 1 trial(s) run" in caplog.text
+    assert ends.count("finished") == 1 and "stopped" not in ends  # the refit ahead is the one that ships
+    _same_result(alone, ahead)
+
+
+def test_refit_ahead_that_the_last_trial_overturns_is_stopped(monkeypatch, caplog):
+    """Start the chosen recipe's trial last: the trials before it choose another, whose refit is stopped when the
+    last trial moves the choice; what ships is still the single worker's file."""
+    import adapter.train as train_mod
+
+    train, corpus, cids = _with_uncovered()
+    alone = train_mod.train_on_vectors(train, corpus, cids, BASE, quick(workers=1), progress=False)
+    real_order = train_mod.run_order
+    monkeypatch.setattr(train_mod, "run_order", lambda names, effective: [
+        *(n for n in real_order(names, effective) if n != alone.recipe), alone.recipe])
+    ends = _hold_last_trial(monkeypatch, train, alone.recipe, hold_refit=True)
+    with caplog.at_level("INFO", logger="adapter.train"):
+        ahead = train_mod.train_on_vectors(train, corpus, cids, BASE, quick(workers=2), progress=False)
+    assert "the last trials moved the choice from " in caplog.text and f" to {alone.recipe}: " in caplog.text
+    assert ends.count("stopped") == 1 and ends.count("finished") == 1  # the bet stopped, the chosen one refit
+    _same_result(alone, ahead)
+
+
+def test_the_pulls_gradient_is_the_quadratic_forms():
+    import torch
+
+    from adapter.train import _QuadraticPull
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    change = torch.randn(6, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    for form in (a + a.T, torch.tensor(0.3, dtype=torch.float64)):
+        assert torch.autograd.gradcheck(lambda d, f=form: _QuadraticPull.apply(d, f), (change,))
+    value = _QuadraticPull.apply(change, a + a.T)
+    assert value.item() == pytest.approx((change * ((a + a.T) @ change)).sum().item())
