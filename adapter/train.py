@@ -709,7 +709,9 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    fitted[running.pop(f)] = f.result()
+                    name = running.pop(f)
+                    fitted[name] = f.result()
+                    logger.debug("trial %s done at %.0f s", name, time.perf_counter() - t0)
                     bar.update()
                 # nothing left to queue and a worker idle: refit the recipe the trials so far choose while the last
                 # ones run; the choice is made on every trial as before, and a refit it does not keep is stopped

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import subprocess
@@ -166,6 +167,15 @@ def train_child(folder: Path, epochs: int) -> None:
     from adapter.train import train_adapter
 
     t = time.perf_counter()
+    lines: list[str] = []  # the trainer's log lines, timed from the start: when trials ended, the refit ahead
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(f"{time.perf_counter() - t:.0f} s: {record.getMessage()}")
+
+    log = logging.getLogger("adapter.train")
+    log.setLevel(logging.DEBUG)
+    log.addHandler(Keep())
     ds = load_dataset(folder)
     source = StoreSource(vectors=str(folder / "corpus.npy"), ids=str(folder / "ids.txt"))
     enc = VectorEncoder(np.load(folder / "questions.npy"))
@@ -174,7 +184,8 @@ def train_child(folder: Path, epochs: int) -> None:
     use = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": wall, "peak_gib": _peak_gib(), "train_seconds": r.seconds, "recipe": r.recipe,
                       "cpu": use.ru_utime + use.ru_stime,
-                      "estimates": r.estimates, "trials": [(t["recipe"], t["seconds"]) for t in r.trials]}))
+                      "estimates": r.estimates, "trials": [(t["recipe"], t["seconds"]) for t in r.trials],
+                      "log": lines}))
 
 
 def run_child(*args: str) -> dict:
@@ -201,12 +212,19 @@ def grid(work: Path, cells: list[tuple[int, int]], epochs: int) -> None:
           "slices, ndcg@10 at full dim base -> adapter (questions scored of those held out).\n")
     print("| questions | chunks | wall (s) | training (s) | CPU (s) | peak memory (GiB) | shipped | seen | unseen |")
     print("|---|---|---|---|---|---|---|---|---|")
+    runs = []
     for n_q, n_c in cells:
         folder = synthetic(work, n_c, n_q)
         r = run_child("--train-child", str(folder), str(epochs))
         e = r["estimates"]
         print(f"| {n_q:,} | {n_c:,} | {r['wall']:.0f} | {r['train_seconds']:.0f} | {r['cpu']:.0f} | "
               f"{r['peak_gib']:.2f} | {r['recipe']} | {_gain(e.get('seen'))} | {_gain(e.get('unseen'))} |", flush=True)
+        runs.append((n_q, n_c, r))
+    print()
+    for n_q, n_c, r in runs:  # where the time went: each trial's fit, and the trainer's own account
+        fits = ", ".join(f"{name} {sec:.0f} s" for name, sec in r["trials"])
+        print(f"- {n_q:,} x {n_c:,}: trial fits (training steps only) {fits}; the trainer's log: "
+              + "; ".join(r["log"]))
     print()
 
 
