@@ -94,6 +94,7 @@ MIN_SEEN_QUERIES = 4  # questions needed to hold out a seen-chunk slice (one hel
 MIN_UNSEEN_CHUNKS = 5  # chunks with questions needed to hold out whole chunks and still train on four
 GAIN_Z = 2.0  # a recipe must beat the identity by this many standard errors of its gain (see select)
 MIN_VAL_QUESTIONS = 100  # a sampled validation slice keeps at least this many questions (train.val_budget)
+GATHER_STEPS = 64  # training steps whose query and chunk rows are gathered at once (~13 MB each at d 384, batch 128)
 
 
 @dataclass
@@ -214,7 +215,7 @@ def uncovered_moment(corpus: np.ndarray, covered_rows: np.ndarray, weight: float
     for s in range(0, len(rows), block):
         v = np.asarray(corpus[rows[s:s + block]], dtype=np.float64)
         moment += v.T @ v
-    moment = (moment + moment.T) / 2  # symmetric to the last bit: _QuadraticPull's gradient relies on it
+    moment = (moment + moment.T) / 2  # symmetric to the last bit: identity_pull's gradient relies on it
     return torch.from_numpy((weight * dim / len(rows) * moment).astype(np.float32))
 
 
@@ -222,21 +223,14 @@ class _Stopped(Exception):
     """A fit told to stop (``_fit``'s ``stop``)."""
 
 
-class _QuadraticPull(torch.autograd.Function):
+def identity_pull(change: torch.Tensor, form: torch.Tensor) -> torch.Tensor:
     """``sum(D * (A @ D))`` for a symmetric (d, d) ``A``, or ``a * sum(D * D)`` for a 0-d ``a``: the pulls toward the
-    identity as one quadratic form in the adapter's change D. Its gradient is ``2 A D``, the product the forward
-    pass already made, where autograd would form ``A^T @ grad`` as a second d^3 product per step."""
-
-    @staticmethod
-    def forward(ctx: Any, change: torch.Tensor, form: torch.Tensor) -> torch.Tensor:
-        applied = form @ change if form.dim() else form * change
-        ctx.save_for_backward(applied)
-        return (change * applied).sum()
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (applied,) = ctx.saved_tensors
-        return 2 * grad * applied, None
+    identity as one quadratic form in the adapter's change D, with the gradient ``2 A D`` from the one product
+    ``A @ D`` (autograd of the plain form would make ``A^T @ grad`` as a second d^3 product per step). Plain torch
+    ops, so the backward pass stays in C++ and never waits for the GIL that a parallel trial holds."""
+    fixed = change.detach()
+    applied = form @ fixed if form.dim() else form * fixed  # A D, a constant to autograd
+    return 2 * (change * applied).sum() - (fixed * applied).sum()  # value sum(D A D), gradient 2 A D
 
 
 def _lr_lambda(total: int, warmup: int):
@@ -324,14 +318,19 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
     Q = torch.from_numpy(np.asarray(train.vectors, dtype=np.float32))  # (n_train, d): fixed inputs
     loss_dims = list(default_dims(dim)) if tc.matryoshka else [dim]
     corpus_wide = tc.infonce_candidates == "corpus"
+    in_batch = tc.loss != "triplet" and not corpus_wide  # InfoNCE over the batch's positives: the recipes' loss
+    arange = torch.arange(tc.batch_size)  # an in-batch step's targets: query i's positive is candidate i
     # every chunk is a candidate in each step: the corpus truncated once per dim, (N, m) each (cheap below ~10^5)
     C = {m: torch.from_numpy(truncate(corpus, m) if m < dim else np.asarray(corpus, dtype=np.float32))
          for m in loss_dims} if corpus_wide else {}
 
-    def chunks(rows: np.ndarray) -> dict[int, torch.Tensor]:
-        """The chunks of ``rows`` (any shape) at every loss dim, (..., m), renormalised below the full dim."""
-        v = torch.from_numpy(np.asarray(corpus[rows], dtype=np.float32))  # gathered rows: the corpus is not copied
+    def at_dims(v: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Chunk vectors (..., d) at every loss dim, (..., m), renormalised below the full dim."""
         return {m: v if m == dim else F.normalize(v[..., :m], dim=-1) for m in loss_dims}
+
+    def chunks(rows: np.ndarray) -> dict[int, torch.Tensor]:
+        """The chunks of ``rows`` (any shape) at every loss dim: gathered rows, so the corpus is not copied."""
+        return at_dims(torch.from_numpy(np.asarray(corpus[rows], dtype=np.float32)))
 
     def validate() -> dict[str, float]:
         if val is None:
@@ -340,8 +339,26 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
             adapted = module(torch.from_numpy(val.vectors)).numpy()
         return judge(adapted, corpus, val.qrels, val.ids, corpus_ids, tie_rank=tie_rank)[dim]
 
-    def step_loss(q_rows: np.ndarray, pos: np.ndarray) -> torch.Tensor:
-        anchor = module(Q[q_rows])  # (B, d), unit length
+    def in_batch_masks(q_rows: np.ndarray, pos: np.ndarray, batch: int) -> torch.Tensor:
+        """(steps, B, B) for the consecutive batches of ``batch`` rows (the last one padded): True where a batch's
+        positive is relevant to another of its queries, so not its negative. A query with one relevant chunk masks
+        only its own positive's repeats (no lookup); the others are looked up. Made for many steps at once."""
+        n = -(-len(pos) // batch) * batch
+        p = np.pad(pos, (0, n - len(pos)), constant_values=-1).reshape(-1, batch)  # (steps, B); -1 is padding
+        q = np.pad(q_rows, (0, n - len(q_rows))).reshape(-1, batch)
+        masked = p[:, None, :] == p[:, :, None]  # (steps, B, B): [s, i, j] the batch's j-th positive is i's own
+        many = n_relevant[q] > 1
+        if many.any():
+            s_i, i_i = np.nonzero(many)
+            masked[s_i, i_i] = is_relevant(q[s_i, i_i][:, None] * n_corpus + p[s_i], rel_codes)
+        masked[:, np.arange(batch), np.arange(batch)] = False
+        return torch.from_numpy(masked)
+
+    def step_loss(q_rows: np.ndarray, pos: np.ndarray, queries: torch.Tensor, positives: dict[int, torch.Tensor],
+                  masked: torch.Tensor | None) -> torch.Tensor:
+        """One step's loss on the batch's query rows and positive chunk rows, whose vectors (at every loss dim) and
+        in-batch masks the caller made for many steps at once."""
+        anchor = module(queries)  # (B, d), unit length
         if tc.loss == "triplet":
             q_rep = np.repeat(q_rows, tc.negatives_per_query)  # (B*k,): each query k times, one negative each
             if hard is not None:
@@ -349,18 +366,14 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
             else:
                 neg = _random_negatives(q_rep, n_corpus, rel_codes, rng)
             neg = chunks(neg.reshape(len(pos), -1))  # (B, k, m) per dim
-        else:
-            cand_rows = np.arange(n_corpus) if corpus_wide else pos  # (M,)
-            target = torch.from_numpy(pos if corpus_wide else np.arange(len(pos)))
-            # other chunks relevant to the same query are not negatives: in the batch, a query with one relevant
-            # chunk masks only its own positive's repeats (no lookup); the others are looked up
-            many = n_relevant[q_rows] > 1 if not corpus_wide else np.ones(len(q_rows), dtype=bool)
-            masked = cand_rows[None, :] == pos[:, None]
-            if many.any():
-                masked[many] = is_relevant(q_rows[many, None] * n_corpus + cand_rows[None, :], rel_codes)
-            masked[np.arange(len(pos)), target.numpy()] = False
+        elif corpus_wide:  # every chunk a candidate: the others relevant to the query are not negatives
+            target = torch.from_numpy(pos)
+            masked = is_relevant(q_rows[:, None] * n_corpus + np.arange(n_corpus)[None, :], rel_codes)
+            masked[np.arange(len(pos)), pos] = False
             masked = torch.from_numpy(masked)
-        positives = chunks(pos)  # (B, m) per dim
+        else:  # the batch's positives are the candidates; the caller made the masks
+            target = arange[:len(pos)]
+            masked = masked[:len(pos), :len(pos)]
         loss = 0.0
         for m in loss_dims:  # Matryoshka: the same loss at every truncation, summed (MatryoshkaLoss's weights of 1)
             a = anchor if m == dim else F.normalize(anchor[:, :m], dim=-1)  # (B, m)
@@ -371,7 +384,7 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
                 logits = a @ (C[m] if corpus_wide else positives[m]).T / tc.temperature  # (B, M)
                 loss = loss + F.cross_entropy(logits.masked_fill(masked, float("-inf")), target)
         if form is not None:
-            loss = loss + _QuadraticPull.apply(module.delta(), form)
+            loss = loss + identity_pull(module.delta(), form)
         return loss
 
     base_val = best_val = (base_val if val is not None and base_val else validate())
@@ -385,17 +398,25 @@ def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[s
     for epoch in bar:
         order = rng.permutation(len(pairs))
         losses = []
-        for s in range(0, len(order), tc.batch_size):
-            if stop is not None and stop.is_set():
-                raise _Stopped
-            batch = pairs[order[s:s + tc.batch_size]]  # (B, 2): query row, positive row
-            loss = step_loss(batch[:, 0], batch[:, 1])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
-            opt.step()
-            sched.step()
-            losses.append(loss.detach())
+        for g in range(0, len(order), tc.batch_size * GATHER_STEPS):
+            # the rows of many steps gathered at once: one index of the queries and one read of the corpus
+            rows = pairs[order[g:g + tc.batch_size * GATHER_STEPS]]  # (n, 2): query row, positive row
+            queries = Q[torch.from_numpy(rows[:, 0])]
+            pos_vectors = torch.from_numpy(np.asarray(corpus[rows[:, 1]], dtype=np.float32))
+            positives = at_dims(pos_vectors)
+            masks = in_batch_masks(rows[:, 0], rows[:, 1], tc.batch_size) if in_batch else None
+            for i, s in enumerate(range(0, len(rows), tc.batch_size)):
+                if stop is not None and stop.is_set():
+                    raise _Stopped
+                b = slice(s, s + tc.batch_size)
+                loss = step_loss(rows[b, 0], rows[b, 1], queries[b], {m: v[b] for m, v in positives.items()},
+                                 masks[i] if masks is not None else None)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(module.parameters(), tc.grad_clip)
+                opt.step()
+                sched.step()
+                losses.append(loss.detach())
         metrics = validate() if choice == "best" else {}  # per epoch only when it selects
         history.append({"epoch": epoch, "loss": torch.stack(losses).mean().item(), **_primary(metrics)})
         if choice == "best" and metrics[PRIMARY_METRIC] > best_val[PRIMARY_METRIC]:
