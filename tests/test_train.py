@@ -567,3 +567,21 @@ def test_the_pulls_value_and_gradient_are_the_quadratic_forms():
         (got,) = torch.autograd.grad(value, change)
         assert value.item() == pytest.approx(plain.item(), rel=1e-12)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])  # below the limit and far above it
+def test_clip_grads_is_clip_grad_norm(scale):
+    import torch
+
+    from adapter.train import clip_grads
+
+    g = torch.Generator().manual_seed(0)
+    ours = [torch.zeros(8, 3, requires_grad=True), torch.zeros(3, 8, requires_grad=True)]
+    stock = [torch.zeros(8, 3, requires_grad=True), torch.zeros(3, 8, requires_grad=True)]
+    for a, b in zip(ours, stock, strict=True):
+        a.grad = scale * torch.randn(a.shape, generator=g)
+        b.grad = a.grad.clone()
+    clip_grads(ours, 1.0)
+    torch.nn.utils.clip_grad_norm_(stock, 1.0)
+    for a, b in zip(ours, stock, strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
