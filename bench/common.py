@@ -22,7 +22,7 @@ def appleqa(shared: Path, work: Path, by: str = "query") -> Path:
     from adapter.data import convert, split_dataset
 
     out = work / f"appleqa-{by}"
-    convert(shared / "data" / "appleqa" / "apple_QA_dataset.json", out)
+    convert(shared / "data" / "appleqa" / "apple_QA_dataset.json", out, force=True)  # the bench's own folder: rerun
     split_dataset(out, by=by, test_fraction=0.2, seed=0)
     return out
 
