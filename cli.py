@@ -416,9 +416,10 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @click.option("--rank", type=COUNT, default=None, help="Low-rank residual form of this rank [default: full matrix].")
 @click.option("--objective", default=None, help="What validation optimises: 'both' (seen-chunk gain, unseen chunks "
               "kept at base) or 'seen' (every chunk has questions) [default: both].")
-@click.option("--recipe", default=None, help="'auto' (chosen by validation), 'manual' (the options as given), or a "
-              "recipe name: triplet, infonce, infonce-corpus, matryoshka, pull-0.01, pull-0.03, pull-0.1, pull-0.3, "
-              "lowrank, uncovered-0.3, uncovered-1 "
+@click.option("--recipe", default=None, help="'auto' (chosen by validation, the base competing), 'manual' (the "
+              "options as given), or a recipe name: triplet, infonce, infonce-corpus, matryoshka, pull-0.01, "
+              "pull-0.03, pull-0.1, pull-0.3, lowrank, uncovered-0.3, uncovered-1. A recipe asked for ships with its "
+              "validation estimate printed, whatever it says "
               "[default: auto; manual when --loss, --negatives, --rank or --identity-penalty is given].")
 @click.option("--identity-penalty", callback=_penalty, default=None,
               help=f"Pull toward the identity, or 'auto' to choose it on held-out chunks "
@@ -439,8 +440,9 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
           objective: str | None, recipe: str | None, json_out: str | None) -> None:
     """Train a query-only adapter on DIRECTORY's cached embeddings and write it to --out.
 
-    The recipe is chosen by validation on held-out questions of trained chunks (seen) and of held-out whole chunks
-    (unseen); both estimates are printed and stored in the file. With a store (--index, --qdrant, --chroma,
+    The recipe is chosen by cross-fitted validation: every training question is scored by fits that never saw it,
+    once with its chunk trained on (seen) and once with its whole chunk held out (unseen); both estimates are
+    printed and stored in the file, and when the base ships a line says why. With a store (--index, --qdrant, --chroma,
     --pgvector) or --corpus-vectors the corpus vectors are the ones the index already holds: only the queries are
     embedded."""
     from adapter.data import load_dataset

@@ -219,6 +219,7 @@ class SystemInfo:
     latency_ms: float  # median time to turn one query text into its search vector (embedding + adapter), uncached
     history: dict[str, list] | None = None  # training curves: val_epoch/val (ndcg@10 at full dim), loss_epoch/loss
     rerank_ms: float | None = None  # reranked systems: median time to rerank one query's top-k (in latency_ms too)
+    identity: bool = False  # an adapter file whose training shipped the identity (no recipe cleared validation)
 
 
 @dataclass
@@ -239,7 +240,7 @@ def training_curves(meta: dict[str, Any]) -> dict[str, list] | None:
     """Validation ndcg@10 at the full dim by epoch, and the training loss, from an artifact's training metadata
     (adapter file or finetune.json, one schema: see adapter.model); None when it records none."""
     hist = meta.get("history") or {}
-    if not hist.get("val"):
+    if not hist.get("val") or meta.get("recipe") == "identity":  # the identity trained nothing: no curve of its own
         return None
     full = max(hist["val"][0][PRIMARY_METRIC])
     return {"val_epoch": [r["epoch"] for r in hist["val"]], "val": [r[PRIMARY_METRIC][full] for r in hist["val"]],
@@ -308,7 +309,8 @@ def _costs(systems: Mapping[str, System], texts: Sequence[str], chunks: Sequence
         else:
             size = _weights_bytes(s.encoder)
         infos[name] = SystemInfo(s.kind, s.source, s.meta.get("train_seconds"), size, s.kind in ("fine-tune", "model"),
-                                 float(np.median(seconds) * 1000), training_curves(s.meta))
+                                 float(np.median(seconds) * 1000), training_curves(s.meta),
+                                 identity=s.meta.get("recipe") == "identity")
     return infos
 
 

@@ -134,7 +134,8 @@ def cost_table(c: Comparison, chunks: int) -> str:
             train = f"{_duration(i.train_seconds)} (reranker)"
             reembed = f"yes ({chunks:,} chunks)" if i.reembed else "no"
         extra = (f" {i.rerank_ms:.1f} ms |" if i.rerank_ms is not None else " — |") if reranked else ""
-        lines.append(f"| {s} | {kinds[i.kind]} | {train} | {_size(i.artifact_bytes)} | {reembed} | "
+        kind = kinds[i.kind] + (" (the identity: no recipe cleared validation)" if i.identity else "")
+        lines.append(f"| {s} | {kind} | {train} | {_size(i.artifact_bytes)} | {reembed} | "
                      f"{i.latency_ms:.1f} ms |{extra}")
     return "\n".join(lines) + "\n"
 

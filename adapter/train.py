@@ -4,14 +4,16 @@ The loop, per step: sample a batch of (query, positive chunk) pairs, draw negati
 (``nn.TripletMarginLoss``, or InfoNCE over the batch or over every chunk, optionally summed over Matryoshka dims),
 plus an optional pull toward the identity, backward, clip, step, schedule.
 
-Around it, ``train_on_vectors`` makes the adapter trustworthy on chunks it never saw. It measures coverage (the share
-of the corpus with training questions) and always carves two validation slices out of the training questions,
-whatever way the dataset was split: *unseen* (every question of a seeded share of whole chunks) and *seen* (held-out
-questions of the remaining chunks). Each recipe of a small set is trained on the rest and scored on both slices;
-the recipe is chosen by ``objective`` with a rule that allows for the slices' noise (a standard error clustered by
-chunk, since questions about one chunk rise and fall together), then refit on every training question. Picking the
-best of 30 epochs on a few dozen chunks overfits the selection itself, so recipes use a fixed number of epochs and
-average the late ones; only a handful of recipes compete, and the identity always does.
+Around it, ``train_on_vectors`` makes the adapter trustworthy on chunks it never saw, with every training question
+as evidence. It measures coverage (the share of the corpus with training questions) and deals the training questions
+into cross-fitting folds (``cross_folds``), whatever way the dataset was split: each question is scored once as a
+*seen*-chunk question (held out, its chunk's other questions trained on) and once as an *unseen*-chunk one (its
+whole chunk held out), each time by a fit that never saw it. Each recipe of a small set is fitted on every fold and
+its paired per-question changes pooled; the recipe is chosen by ``objective`` with a rule that allows for the noise
+(a standard error clustered by chunk, since questions about one chunk rise and fall together), then refit on every
+training question. At two questions per chunk a 10% slice held a few dozen questions and no real gain cleared the
+noise; pooled folds hold them all, so the test's power grows with the data. Recipes use a fixed number of epochs and
+average the late ones; only a handful compete, and the identity always does, unless a recipe is asked for by name.
 
 Chunks of the index that no training question is about are known before training: the ``uncovered-*`` recipes pull
 the map toward the identity on their own vectors, so it stays put where their questions would land. A trial trains
@@ -285,6 +287,9 @@ def check_options(cfg: Config) -> None:
         raise AdapterError(f"--recipe must be 'auto', 'manual' or one of {', '.join(RECIPES)}, not {tc.recipe!r}")
     if tc.uncovered_pull < 0:
         raise AdapterError(f"train.uncovered_pull must be >= 0, not {tc.uncovered_pull}")
+    if tc.folds < 2 or tc.crossfit_questions < 1:
+        raise AdapterError(f"train.folds must be >= 2 and train.crossfit_questions >= 1, not {tc.folds} and "
+                           f"{tc.crossfit_questions}")
     if tc.epochs < 0 or tc.batch_size < 1 or tc.lr <= 0:
         raise AdapterError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
 
@@ -466,31 +471,70 @@ def coverage_of(qrels: Qrels, corpus_ids: Sequence[str]) -> dict[str, Any]:
     return {"chunks": len(corpus_ids), "covered": len(covered), "share": len(covered) / max(1, len(corpus_ids))}
 
 
-def carve(train: Split, cfg: Config) -> tuple[Split, Split | None, Split | None, list[str]]:
-    """Split the training questions into (fit, seen, unseen, warnings): ``unseen`` holds every question of a seeded
-    ``unseen_fraction`` of whole chunks, ``seen`` a seeded ``val_fraction`` of the remaining questions. A slice that
-    the data are too small for is left out (None) with a warning; neither possible is an error."""
+@dataclass
+class Fold:
+    """One cross-fitting fold: the questions its fit trains on and the two kinds of held-out questions it scores."""
+
+    fit: Split
+    seen: Split | None  # questions held out by query: their chunks' other questions stay in the fit
+    unseen: Split | None  # every question about a group of whole chunks, not even indexed during the fit
+
+
+def cross_folds(train: Split, cfg: Config) -> tuple[list[Fold], list[str]]:
+    """Deal the training questions into ``train.folds`` cross-fitting folds, so that every question is scored once
+    as a *seen*-chunk question and once as an *unseen*-chunk one, each time by a fit that never trained on it.
+
+    Chunks are dealt into the folds in a seeded order: fold k's unseen slice is every question about its chunks,
+    and its fit leaves out every question that touches them. Each chunk's questions are dealt to the other folds,
+    one fold each where there are enough, so a seen question's chunk keeps its other questions in the fit that
+    scores it. A fit trains on about ``1 - 2 / folds`` of the questions. Folds run in order until their held-out
+    questions reach ``train.crossfit_questions``: large data need one fold, small data use them all. Too few chunks
+    for the unseen slice leaves it out with a warning; too few questions for either is an error."""
+    tc = cfg.train
+    k = tc.folds
+    rng = np.random.default_rng(cfg.seed)
     warnings: list[str] = []
-    chunks = {c for r in train.qrels.values() for c in r}
-    rest, unseen = train, None
-    if len(chunks) >= MIN_UNSEEN_CHUNKS:
-        parts, _ = partition_qrels(train.qrels, by="chunk", test_fraction=cfg.train.unseen_fraction, seed=cfg.seed)
-        if parts["train"] and parts["test"]:
-            rest, unseen = _subset(train, parts["train"]), _subset(train, parts["test"])
-    if unseen is None:
+    chunks = sorted({c for r in train.qrels.values() for c in r})
+    if len(train.ids) < MIN_SEEN_QUERIES:
+        raise AdapterError(f"too few training questions to validate ({len(train.ids)} on {len(chunks)} chunks): "
+                           f"need at least {MIN_SEEN_QUERIES}")
+    by_chunk = len(chunks) >= MIN_UNSEEN_CHUNKS
+    group = {c: i % k for i, c in enumerate(chunks[j] for j in rng.permutation(len(chunks)))} if by_chunk else {}
+    if not by_chunk:
         warnings.append(f"no unseen-chunk estimate: holding out whole chunks needs questions on at least "
                         f"{MIN_UNSEEN_CHUNKS} chunks, the training split has {len(chunks)}")
-    seen = None
-    if len(rest.ids) >= MIN_SEEN_QUERIES:
-        parts, _ = partition_qrels(rest.qrels, by="query", test_fraction=cfg.split.val_fraction, seed=cfg.seed)
-        rest, seen = _subset(rest, parts["train"]), _subset(rest, parts["test"])
-    else:
-        warnings.append(f"no seen-chunk estimate: holding out questions needs at least {MIN_SEEN_QUERIES} "
-                        f"training questions left, there are {len(rest.ids)}")
-    if seen is None and unseen is None:
+    questions: dict[str, list[int]] = {}  # each question by its first relevant chunk (as the s.e. clusters them)
+    for i, q in enumerate(train.ids):
+        questions.setdefault(min(train.qrels[q]), []).append(i)
+    fold_of = np.empty(len(train.ids), dtype=np.int64)
+    for c in sorted(questions):
+        others = np.array([f for f in range(k) if f != group.get(c)])
+        mine = np.array(questions[c])[rng.permutation(len(questions[c]))]
+        fold_of[mine] = others[rng.permutation(len(others))][np.arange(len(mine)) % len(others)]
+    touches = [{group[c] for c in train.qrels[q]} for q in train.ids] if by_chunk else [set()] * len(train.ids)
+    home = np.array([group.get(min(train.qrels[q]), -1) for q in train.ids])
+    folds: list[Fold] = []
+    scored = 0
+    for f in range(k):
+        fit_rows = [i for i in range(len(train.ids)) if fold_of[i] != f and f not in touches[i]]
+        seen_rows = [i for i in range(len(train.ids)) if fold_of[i] == f and f not in touches[i]]
+        unseen_rows = np.flatnonzero(home == f).tolist()
+        if not fit_rows or not (seen_rows or unseen_rows):
+            continue
+        folds.append(Fold(_rows(train, fit_rows), _rows(train, seen_rows) if seen_rows else None,
+                          _rows(train, unseen_rows) if unseen_rows else None))
+        scored += len(seen_rows) or len(unseen_rows)
+        if scored >= tc.crossfit_questions:
+            break
+    if not folds:
         raise AdapterError(f"too few training questions to validate ({len(train.ids)} on {len(chunks)} chunks): "
-                           f"need at least {MIN_SEEN_QUERIES} questions or questions on {MIN_UNSEEN_CHUNKS} chunks")
-    return rest, seen, unseen, warnings
+                           f"no fold has both questions to train on and questions to score")
+    return folds, warnings
+
+
+def _rows(split: Split, rows: Sequence[int]) -> Split:
+    ids = [split.ids[i] for i in rows]
+    return Split(split.vectors[list(rows)], ids, {q: split.qrels[q] for q in ids})
 
 
 def bounded(s: Split | None, n_corpus: int, cfg: Config) -> Split | None:
@@ -519,12 +563,11 @@ def held_out_rows(unseen: Split | None, corpus_ids: Sequence[str]) -> np.ndarray
 
 
 def _per_query(vectors: np.ndarray, corpus: np.ndarray, s: Split, corpus_ids: list[str], dims: Sequence[int],
-               tie_rank: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-    """Each scored query's ndcg@10 at every dim of ``dims`` (len(dims), n), and the full-dim (``dims[0]``) mean
-    metrics."""
+               tie_rank: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Each scored query's ndcg@10 at every dim of ``dims`` (len(dims), n), and every metric of each query at the
+    full dim (``dims[0]``)."""
     r = judge(vectors, corpus, s.qrels, s.ids, corpus_ids, dims, per_query=True, tie_rank=tie_rank)
-    return (np.stack([r[d][PRIMARY_METRIC] for d in dims]),
-            {m: float(np.mean(v)) for m, v in r[dims[0]].items()})
+    return np.stack([r[d][PRIMARY_METRIC] for d in dims]), {m: np.asarray(v) for m, v in r[dims[0]].items()}
 
 
 def clustered_se(delta: np.ndarray, groups: Sequence[str]) -> float:
@@ -540,18 +583,14 @@ def clustered_se(delta: np.ndarray, groups: Sequence[str]) -> float:
 
 @dataclass
 class _Slice:
-    """One validation slice, its chunk groups and the base's scores on it, computed once for every trial."""
+    """One fold's held-out questions of one kind, their chunk groups and the base's scores on them, computed once
+    for every trial."""
 
     split: Split  # the questions scored (``bounded``)
-    held_out: int  # questions in the slice before sampling
+    held_out: int  # questions held out before sampling
     groups: list[str]
     base: np.ndarray  # (len(dims), n) per-query ndcg@10 at each dim
-    dims: list[int]
-    base_metrics: dict[str, float]  # the base's mean metrics at full dim
-
-    @property
-    def base_full(self) -> float:
-        return self.base_metrics[PRIMARY_METRIC]
+    base_full: dict[str, np.ndarray]  # every metric of each query at the full dim
 
     @classmethod
     def of(cls, s: Split | None, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int],
@@ -561,32 +600,39 @@ class _Slice:
         if scored is None:
             return None
         tie_rank = id_rank(corpus_ids) if tie_rank is None else tie_rank
-        base, metrics = _per_query(scored.vectors, corpus, scored, corpus_ids, dims, tie_rank)
-        return cls(scored, len(s.ids), [min(scored.qrels[q]) for q in scored.ids], base, list(dims), metrics)
+        base, full = _per_query(scored.vectors, corpus, scored, corpus_ids, dims, tie_rank)
+        return cls(scored, len(s.ids), [min(scored.qrels[q]) for q in scored.ids], base, full)
 
-    def estimate(self, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str],
-                 dims: Sequence[int], tie_rank: np.ndarray | None = None) -> dict[str, Any]:
-        """ndcg@10 of base and adapter at full dim, and the mean per-query change over dims with its clustered s.e."""
-        return self.score(adapter, corpus, corpus_ids, dims, tie_rank)[0]
+    def base_metrics(self) -> dict[str, float]:
+        """The base's mean metrics at the full dim on this slice."""
+        return {m: float(np.mean(v)) for m, v in self.base_full.items()}
 
     def score(self, adapter: LinearAdapter | None, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int],
-              tie_rank: np.ndarray | None = None) -> tuple[dict[str, Any], dict[str, float]]:
-        """``estimate``, and the adapter's mean metrics at full dim (its validation score). The estimate's
-        ``by_dim``: the change and s.e. at each dim alone."""
-        tie_rank = id_rank(corpus_ids) if tie_rank is None and adapter is not None else tie_rank
+              tie_rank: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The adapter's per-query scores, as ``base`` and ``base_full`` hold the base's (None: the base's own)."""
         if adapter is None:
-            score, metrics = self.base, self.base_metrics
-        else:
-            score, metrics = _per_query(adapter.apply(self.split.vectors), corpus, self.split, corpus_ids, dims,
-                                        tie_rank)
-        deltas = score - self.base  # (len(dims), n)
-        delta = deltas.mean(axis=0)  # each query's change, mean over dims
-        by_dim = {int(d): {"delta": _r(float(v.mean())), "se": _r(clustered_se(v, self.groups))}
-                  for d, v in zip(self.dims, deltas, strict=True)}
-        return {"queries": len(self.split.ids), "held_out": self.held_out, "chunks": len(set(self.groups)),
-                "base": _r(self.base_full), "adapter": _r(metrics[PRIMARY_METRIC]), "delta": _r(float(delta.mean())),
-                "se": _r(clustered_se(delta, self.groups)), "base_mean": _r(float(self.base.mean())),
-                "by_dim": by_dim}, metrics
+            return self.base, self.base_full
+        tie_rank = id_rank(corpus_ids) if tie_rank is None else tie_rank
+        return _per_query(adapter.apply(self.split.vectors), corpus, self.split, corpus_ids, dims, tie_rank)
+
+
+def pooled(slices: Sequence[_Slice], scores: Sequence[tuple[np.ndarray, dict[str, np.ndarray]]],
+           dims: Sequence[int]) -> tuple[dict[str, Any], dict[str, float]]:
+    """One estimate from every fold's slice of a kind, each scored by the fit that did not see it: ndcg@10 of base
+    and adapter at full dim, the mean per-query change over dims with its s.e. clustered by chunk (``by_dim``: at
+    each dim alone), and the adapter's mean metrics at full dim (its validation score)."""
+    base = np.concatenate([s.base for s in slices], axis=1)  # (len(dims), n)
+    deltas = np.concatenate([sc[0] for sc in scores], axis=1) - base
+    groups = [g for s in slices for g in s.groups]
+    metrics = {m: float(np.mean(np.concatenate([sc[1][m] for sc in scores]))) for m in scores[0][1]}
+    base_full = float(np.mean(np.concatenate([s.base_full[PRIMARY_METRIC] for s in slices])))
+    delta = deltas.mean(axis=0)  # each query's change, mean over dims
+    by_dim = {int(d): {"delta": _r(float(v.mean())), "se": _r(clustered_se(v, groups))}
+              for d, v in zip(dims, deltas, strict=True)}
+    return {"queries": len(groups), "held_out": sum(s.held_out for s in slices), "chunks": len(set(groups)),
+            "folds": len(slices), "base": _r(base_full), "adapter": _r(metrics[PRIMARY_METRIC]),
+            "delta": _r(float(delta.mean())), "se": _r(clustered_se(delta, groups)),
+            "base_mean": _r(float(base.mean())), "by_dim": by_dim}, metrics
 
 
 def _digits(v: float) -> float:
@@ -621,7 +667,7 @@ def recipe_names(cfg: Config) -> list[str]:
 
 
 def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: float = 0.0, *,
-           worst_dim: bool = False) -> int | None:
+           worst_dim: bool = False, gain_z: float = GAIN_Z) -> int | None:
     """Index of the chosen trial, or None for the identity (base), by the validation estimates.
 
     Gains are means over dims of per-query ndcg@10 changes, each with its clustered standard error; a slice that
@@ -647,7 +693,7 @@ def select(trials: Sequence[dict[str, Any]], objective: str, z: float, within: f
     ok = []
     for i, t in enumerate(trials):
         t["safe"] = safe(t.get("unseen"))
-        if t["safe"] and gain(t)["delta"] > GAIN_Z * se(gain(t)):
+        if t["safe"] and gain(t)["delta"] > gain_z * se(gain(t)):
             ok.append(i)
     if not ok:
         return None
@@ -684,81 +730,108 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
     dim = corpus.shape[1]
     dims = list(default_dims(dim))
     coverage = coverage_of(train.qrels, corpus_ids)
-    inner, seen, unseen, warnings = carve(train, cfg)
     t0 = time.perf_counter()
+    folds, warnings = cross_folds(train, cfg)
     tie_rank = id_rank(corpus_ids)  # the judge's tie-break, once (seconds at 10^6 ids)
-    slices = {k: _Slice.of(s, corpus, corpus_ids, dims, cfg, tie_rank) for k, s in (("seen", seen), ("unseen", unseen))}
-    watch_key = "seen" if slices["seen"] else "unseen"
-    watch = slices[watch_key]  # its questions are the curves, and pick the epoch a "best" recipe keeps
+    # each fold's held-out questions and the base's scores on them, and the corpus rows it treats as not yet indexed
+    slices = [{k: _Slice.of(getattr(f, k), corpus, corpus_ids, dims, cfg, tie_rank) for k in ("seen", "unseen")}
+              for f in folds]
+    kinds = [k for k in ("seen", "unseen") if any(s[k] for s in slices)]
+    watch_key = kinds[0]  # its questions are the curves, and pick the epoch a "best" recipe keeps
+    outside = [held_out_rows(f.unseen, corpus_ids) for f in folds]
     names = recipe_names(cfg)
-    outside = held_out_rows(unseen, corpus_ids)
 
     # a recipe whose uncovered pull has no chunk to act on trains exactly as the same recipe without it (with every
     # chunk covered, the uncovered pulls are pull-0.01): each distinct recipe is fitted once and its row repeated
-    bare = not len(uncovered_rows(len(corpus_ids), _pairs(inner, corpus_ids)[0][:, 1], outside))
+    bare = all(not len(uncovered_rows(len(corpus_ids), _pairs(f.fit, corpus_ids)[0][:, 1], o))
+               for f, o in zip(folds, outside, strict=True))
     effective = {n: recipe_config(cfg, n).train if not bare else recipe_config(cfg, n).replace(uncovered_pull=0.0).train
                  for n in names}
     first = {n: next(m for m in names if effective[m] == effective[n]) for n in names}
 
-    def trial(name: str) -> tuple[dict[str, Any], TrainResult]:
+    def fold_fit(name: str, f: int) -> TrainResult:
+        """The recipe fitted on fold ``f``'s training questions (with its own slice to pick a "best" epoch)."""
         tcfg = recipe_config(cfg, name)
-        per_epoch = tcfg.train.epoch_choice == "best"  # else the slices' scores below are its validation
-        r = _fit(inner, watch.split if per_epoch else None, corpus, corpus_ids, base_model, tcfg, progress=False,
-                 tie_rank=tie_rank, base_val=watch.base_metrics, outside=outside, stop=halt)
-        scored = {k: s.score(r.adapter, corpus, corpus_ids, dims, tie_rank) if s else None
-                  for k, s in slices.items()}
-        if not per_epoch:
-            r.base_val, r.best_val = {dim: watch.base_metrics}, {dim: scored[watch_key][1]}
-            r.history[0].update(_primary(watch.base_metrics))
-            r.history[-1].update(_primary(scored[watch_key][1]))
-        scores = {k: v[0] if v else None for k, v in scored.items()}
-        row = {**_fields(cfg, name), **scores, "epoch": r.best_epoch, "seconds": _r(r.seconds)}
-        return row, r
+        watch = slices[f][watch_key]
+        per_epoch = tcfg.train.epoch_choice == "best" and watch is not None
+        return _fit(folds[f].fit, watch.split if per_epoch else None, corpus, corpus_ids, base_model, tcfg,
+                    progress=False, tie_rank=tie_rank, base_val=watch.base_metrics() if per_epoch else None,
+                    outside=outside[f], stop=halt)
+
+    def trial(name: str, fits: list[TrainResult]) -> tuple[dict[str, Any], list[TrainResult]]:
+        """The recipe's row: every fold's held-out questions scored by the fold's own fit, pooled."""
+        scores, metrics = {}, {}
+        for k in kinds:
+            parts = [(s[k], s[k].score(r.adapter, corpus, corpus_ids, dims, tie_rank))
+                     for s, r in zip(slices, fits, strict=True) if s[k]]
+            scores[k], metrics[k] = pooled([p[0] for p in parts], [p[1] for p in parts], dims)
+        r = fits[0]  # the first fold's curves stand for the recipe's, ends scored on every fold
+        base_metrics = pooled([s[watch_key] for s in slices if s[watch_key]],
+                              [s[watch_key].score(None, corpus, corpus_ids, dims) for s in slices if s[watch_key]],
+                              dims)[1]
+        r.base_val, r.best_val = {dim: base_metrics}, {dim: metrics[watch_key]}
+        r.history[0].update(_primary(base_metrics))
+        r.history[-1].update(_primary(metrics[watch_key]))
+        row = {**_fields(cfg, name), **{k: scores.get(k) for k in ("seen", "unseen")},
+               "epoch": int(np.median([x.best_epoch for x in fits])), "seconds": _r(sum(x.seconds for x in fits))}
+        return row, fits
 
     distinct = run_order([n for n in names if first[n] == n], effective)
-    workers = max(1, min(len(distinct), cfg.train.workers))
+    tasks = [(n, f) for n in distinct for f in range(len(folds))]
+    workers = max(1, min(len(tasks), cfg.train.workers))
 
-    def rows_of(fitted: dict[str, tuple[dict[str, Any], TrainResult]]) -> list[tuple[str, dict[str, Any]]]:
-        """(name, trial row) in the choice's order for every recipe whose fit is done; a repeat is its twin's row."""
+    def rows_of(fitted: dict[str, tuple[dict[str, Any], list[TrainResult]]]) -> list[tuple[str, dict[str, Any]]]:
+        """(name, trial row) in the choice's order for every recipe whose folds are done; a repeat is its twin's."""
         return [(n, fitted[n][0] if first[n] == n else {**fitted[first[n]][0], **_fields(cfg, n), "same_as": first[n]})
                 for n in names if first[n] in fitted]
 
-    def choose(fitted: dict[str, tuple[dict[str, Any], TrainResult]]) -> str | None:
+    def choose(fitted: dict[str, tuple[dict[str, Any], list[TrainResult]]]) -> str | None:
         named = rows_of(fitted)
+        if cfg.train.recipe != "auto":  # a recipe asked for by name (or by its settings) ships
+            return named[0][0] if named else None
         pick = select([dict(row) for _, row in named], cfg.train.objective, cfg.train.safety_z,
                       cfg.train.simpler_within)
         return None if pick is None else named[pick][0]
 
     def refit(name: str, stop: threading.Event | None = None, show: bool = False) -> TrainResult:
-        return _fit(train, None, corpus, corpus_ids, base_model, recipe_config(cfg, name), progress=show, stop=stop)
+        rc = recipe_config(cfg, name)
+        if rc.train.epoch_choice == "best":  # the folds' median best epoch, on every question (0: the identity)
+            keep = fitted[first[name]][0]["epoch"]
+            if keep == 0:
+                return TrainResult(LinearAdapter.identity(dim, base_model, rank=rc.train.rank, seed=cfg.seed), 0)
+            rc = rc.replace(epochs=keep, epoch_choice="last")
+        return _fit(train, None, corpus, corpus_ids, base_model, rc, progress=show, stop=stop)
 
-    fitted: dict[str, tuple[dict[str, Any], TrainResult]] = {}
-    halt = threading.Event()  # set on an error or an interrupt: every running trial stops at its next step
+    fitted: dict[str, tuple[dict[str, Any], list[TrainResult]]] = {}
+    fits: dict[str, dict[int, TrainResult]] = {n: {} for n in distinct}
+    halt = threading.Event()  # set on an error or an interrupt: every running fit stops at its next step
     ahead: tuple[str, Future, threading.Event] | None = None  # (recipe, its refit, stop): started before the choice
     with ThreadPoolExecutor(workers) as pool:
-        running = {pool.submit(trial, n): n for n in distinct}
-        bar = tqdm(total=len(distinct), desc="recipes", disable=not progress)
+        running = {pool.submit(fold_fit, n, f): (n, f) for n, f in tasks}
+        bar = tqdm(total=len(tasks), desc=f"recipes x {len(folds)} folds", disable=not progress)
         try:
             while running:
                 finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    name = running.pop(f)
-                    fitted[name] = f.result()
-                    logger.debug("trial %s done at %.0f s", name, time.perf_counter() - t0)
+                for job in finished:
+                    name, f = running.pop(job)
+                    fits[name][f] = job.result()
                     bar.update()
+                    if len(fits[name]) == len(folds):
+                        fitted[name] = trial(name, [fits[name][i] for i in range(len(folds))])
+                        logger.debug("trial %s done at %.0f s", name, time.perf_counter() - t0)
                 # nothing left to queue and a worker idle: refit the recipe the trials so far choose while the last
                 # ones run; the choice is made on every trial as before, and a refit it does not keep is stopped
                 if ahead is None and running and len(running) < workers:
                     guess = choose(fitted)
-                    if guess is not None and recipe_config(cfg, guess).train.epoch_choice != "best":
-                        logger.info("refitting %s on every training question while %d trial(s) run", guess,
+                    if guess is not None:
+                        logger.info("refitting %s on every training question while %d fit(s) run", guess,
                                     len(running))
                         stop = threading.Event()
                         ahead = (guess, pool.submit(refit, guess, stop), stop)
         except BaseException:
             halt.set()
-            for f in running:
-                f.cancel()
+            for job in running:
+                job.cancel()
             if ahead is not None:
                 ahead[2].set()
             raise
@@ -766,8 +839,7 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
             bar.close()
         named = rows_of(fitted)
         trials = [row for _, row in named]
-        pick = select(trials, cfg.train.objective, cfg.train.safety_z, cfg.train.simpler_within)
-        chosen = None if pick is None else names[pick]
+        chosen = choose(fitted)
         early = None
         if ahead is not None:
             if ahead[0] == chosen:
@@ -775,41 +847,71 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
             else:
                 ahead[2].set()
                 logger.info("the last trials moved the choice from %s to %s: its refit stopped", ahead[0], chosen)
-    done = [fitted[first[n]][1] for n in names]
-    identity = {k: s.estimate(None, corpus, corpus_ids, dims) if s else None for k, s in slices.items()}
+    done = [fitted[first[n]][1][0] for n in names]
+    pick = None if chosen is None else names.index(chosen)
     if pick is None:
-        recipe, estimates = "identity", identity
+        recipe, estimates = "identity", {k: pooled([s[k] for s in slices if s[k]],
+                                                   [s[k].score(None, corpus, corpus_ids, dims) for s in slices if s[k]],
+                                                   dims)[0] if k in kinds else None for k in ("seen", "unseen")}
         # the curves of the trial that came closest, so a user sees what was tried and why it did not ship
-        closest = max(range(len(trials)), key=lambda i: (trials[i]["seen"] or trials[i]["unseen"])["delta"])
+        closest = max(range(len(trials)), key=lambda i: _gain(trials[i])["delta"])
+        warnings.append(identity_line(trials[closest], cfg.train.objective))
         form = recipe_config(cfg, names[closest]).train.rank  # the identity in that trial's form (size, dtype)
         shipped = TrainResult(LinearAdapter.identity(dim, base_model, rank=form, seed=cfg.seed), 0,
                               done[closest].history)
         shipped.base_val = shipped.best_val = done[closest].base_val
         shipped.history_recipe = names[closest]
     else:
-        recipe, estimates = names[pick], {k: trials[pick][k] for k in slices}
-        chosen_cfg, shipped = recipe_config(cfg, names[pick]), done[pick]
+        recipe, estimates = names[pick], {k: trials[pick][k] for k in ("seen", "unseen")}
+        if cfg.train.recipe != "auto" and not _clears(trials[pick]):
+            warnings.append(f"{recipe} ships because it was asked for, though its validation gain is within noise "
+                            f"({_gain_words(trials[pick])}); the automatic choice would ship the identity")
+        validated = done[pick]
+        shipped = early if early is not None else refit(recipe, show=progress)
+        shipped.history = validated.history  # the curves of the validated trial
+        shipped.base_val, shipped.best_val = validated.base_val, validated.best_val
         shipped.history_recipe = recipe
-        if chosen_cfg.train.epoch_choice != "best":  # a fixed recipe: refit it on every training question
-            refitted = early if early is not None else refit(recipe, show=progress)
-            refitted.history = shipped.history  # the curves of the validated trial
-            refitted.base_val, refitted.best_val = shipped.base_val, shipped.best_val
-            refitted.history_recipe, shipped = recipe, refitted
     for t in trials:
         t["chosen"] = t["recipe"] == recipe
     if coverage["covered"] < coverage["chunks"]:
         warnings.append(partial_coverage_line(coverage, estimates.get("unseen")))
     for w in warnings:
         logger.warning("%s", w)
-    shipped.base_val = shipped.base_val or {dim: watch.base_metrics}
     shipped.best_val = shipped.best_val if pick is not None else shipped.base_val
     shipped.seconds = time.perf_counter() - t0
     shipped.recipe, shipped.coverage, shipped.estimates = recipe, coverage, estimates
-
     shipped.trials, shipped.warnings = trials, warnings
     logger.info("chose %s (objective %s) from %s in %.1f s", recipe, cfg.train.objective, ", ".join(names),
                 shipped.seconds)
     return shipped
+
+
+def _gain(t: dict[str, Any]) -> dict[str, Any]:
+    """The estimate a trial's gain is judged on: seen chunks, or unseen ones where no seen slice could be made."""
+    return t.get("seen") or t.get("unseen")
+
+
+def _clears(t: dict[str, Any]) -> bool:
+    """Whether a trial's gain clears ``GAIN_Z`` standard errors (what ``select`` asks of any recipe)."""
+    e = _gain(t)
+    return e["se"] is not None and e["delta"] > GAIN_Z * e["se"]
+
+
+def _gain_words(t: dict[str, Any]) -> str:
+    e = _gain(t)
+    kind = "seen" if t.get("seen") else "unseen"
+    return f"{pct_change(e)} on {e['queries']:,} {kind}-chunk questions about {e['chunks']:,} chunks"
+
+
+def identity_line(best: dict[str, Any], objective: str) -> str:
+    """Why the identity shipped, in numbers, and what would change it."""
+    if not _clears(best):
+        why = f"short of the {GAIN_Z:g} standard errors a gain must clear"
+    else:
+        why = "but it moves unseen chunks below base beyond noise"
+    other = "; `--objective seen` if every chunk of the index has questions" if objective == "both" else ""
+    return (f"shipped the identity: the best recipe, {best['recipe']}, changed ndcg@10 by {_gain_words(best)}, "
+            f"{why}. More questions per chunk would settle it{other}; `--recipe {best['recipe']}` ships it anyway")
 
 
 def run_order(names: Sequence[str], effective: dict[str, TrainConfig]) -> list[str]:
@@ -846,7 +948,8 @@ def train_summary(result: TrainResult, objective: str) -> list[str]:
     rule = {"both": "among recipes whose unseen-chunk estimate stays at base within its noise, the most constrained "
                     "whose seen-chunk gain is within noise of the best", "seen": "the best seen-chunk gain"}[objective]
     lines = [f"coverage: {cov['covered']:,} of {cov['chunks']:,} chunks ({cov['share']:.0%}) have training questions",
-             "validation, ndcg@10 change against base (mean over dims, ± s.e. clustered by chunk):",
+             f"validation, ndcg@10 change against base ({_held_out_words(result.estimates)}; mean over dims, "
+             "± s.e. clustered by chunk):",
              *("  " + t for t in trials_table(result.trials)),
              f"shipped {result.recipe} (objective {objective}: {rule})"]
     for k, e in result.estimates.items():
@@ -854,6 +957,12 @@ def train_summary(result: TrainResult, objective: str) -> list[str]:
             lines.append(f"{k} chunks ({e['queries']:,} questions on {e['chunks']:,} chunks): ndcg@10 at full dim "
                          f"{e['base']:.4f} -> {e['adapter']:.4f}; {pct_change(e)} over dims")
     return lines
+
+
+def _held_out_words(estimates: dict[str, dict[str, Any] | None]) -> str:
+    folds = max((e.get("folds", 1) for e in estimates.values() if e), default=1)
+    held = max((e["held_out"] for e in estimates.values() if e), default=0)
+    return f"{held:,} training questions held out over {folds} cross-fitted fold{'s' if folds > 1 else ''}"
 
 
 def trials_table(trials: Sequence[dict[str, Any]]) -> list[str]:
@@ -938,7 +1047,8 @@ def train_adapter(dataset: Dataset, cfg: Config | None = None, *, encoder: Encod
         cfg = cfg.replace(identity_penalty=lam, recipe="manual")
     result = train_on_vectors(train, corpus, corpus_ids, encoder.identity, cfg, progress=progress)
     est = result.estimates
-    how = "; ".join(f"{k}: {e['queries']:,} questions on {e['chunks']:,} chunks" for k, e in est.items() if e)
+    how = "; ".join(f"{k}: {e['queries']:,} questions on {e['chunks']:,} chunks over {e.get('folds', 1)} folds"
+                    for k, e in est.items() if e)
     result.adapter.metadata = {
         "base_model_name": encoder.name,
         "config": resolve_loss(cfg).to_dict("encoder", "split", "train"),  # with the loss that ran

@@ -1,24 +1,22 @@
-"""Benchmark for adapter recipes and their choice (issue #12): every recipe, and `adapter train`'s own choice under
-each objective, scored on a grid of scenarios, each as the mean and spread over split seeds (never seed 0 alone).
+"""Benchmark for `adapter train`'s default across data shapes (issue #22): the default and `--objective seen`, as
+`adapter train` ships them, beside every recipe fitted on all training questions with no choice (what `--recipe NAME`
+ships, and the hindsight-best single recipe), on a grid of datasets x shapes x splits x seeds.
 
-Scenarios, on AppleQA (../shared/data/appleqa) and the bundled waterops:
-- ``query``: 20% of the questions held out; the test questions are about chunks the adapter trained on (seen).
-- ``chunk``: 20% of the chunks held out whole; the test questions are about chunks it never saw (unseen).
-- ``cov25`` / ``cov50``: training questions for only 25% / 50% of the chunks (a query log that covers part of the
-  index): 20% of the covered chunks' questions are held out (``covered``) and every question about an uncovered chunk
-  is scored too (``uncovered``).
+- Datasets: AppleQA (../shared/data/appleqa, 20 questions per chunk) and the bundled waterops (11 per chunk).
+- Shapes: a seeded 1, 2 or 5 questions of each chunk (what LlamaIndex's generator and most tutorials write), or all.
+- Splits: ``query`` (20% of the questions held out: test questions about chunks the adapter trained on), ``chunk``
+  (20% of the chunks held out whole: chunks it never saw), ``cov50`` (training questions for half the chunks only:
+  20% of their questions held out as ``covered``, and every question about the other half as ``uncovered``).
+- Split seeds 0-4: the subsample, the split and `adapter train`'s own seed.
 
-Each scenario embeds nothing (the texts are embedded once, through the cache) and trains on the cached vectors.
-For every recipe the script does what `adapter train` does: carve the seen and unseen validation slices, train the
-recipe on the rest, score both slices (the trial), and refit it on every training question (what would ship).
-`adapter train`'s choice is then the trial rows run through the same ``select`` with the same refit, so the "auto"
-rows are exactly what the command ships (``--verify`` checks that against ``train_on_vectors`` on one scenario).
+Each cell runs `adapter train`'s own ``train_on_vectors`` on the cached vectors (nothing is embedded twice), replays
+its choice for `--objective seen` and for other gain thresholds on the same cross-fitted trial rows (``select``),
+and fits every recipe on every training question for the no-choice rows.
 
-    python bench/bench_quality.py [--shared ../shared] [--seeds 0,1,2,3,4] [--jobs 2] [--json runs/quality.json]
-                                  [--set epochs=20 ...] [--verify] [--speed]
+    python bench/bench_quality.py [--shared ../shared] [--seeds 0,1,2,3,4] [--shapes 1,2,5,full] [--jobs 2]
+                                  [--json bench/results/quality.json] [--from-json FILE] [--set epochs=20 ...]
 
-Prints Markdown on stdout (BENCHMARKS.md quotes it). Test ndcg@10 as a ratio to base, mean ± standard deviation
-over the seeds.
+Prints Markdown on stdout (BENCHMARKS.md quotes it): test ndcg@10 as a ratio to base, mean ± sd over the seeds.
 """
 
 from __future__ import annotations
@@ -39,10 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 DIMS = (384, 256, 128, 64)
-SCENARIOS = ("query", "chunk", "cov25", "cov50")
-Z_VALUES = (0.0, 0.5, 1.0, 2.0)  # the safety margins the "both" rows are replayed with
-WITHIN_VALUES = (0.0, 2.0, 2.5, 3.0, 4.0)  # ... and the "within noise of the best" widths
-FORMER_AUTO = ("pull-0.3", "pull-0.1", "lowrank", "pull-0.03", "pull-0.01")  # the auto set before uncovered pulls
+SCENARIOS = ("query", "chunk", "cov50")
+SHAPES = ("1", "2", "5", "full")
+GAIN_ZS = (1.0, 1.5, 2.0, 2.5)  # the gain thresholds the choice is replayed with (the default is train.GAIN_Z)
 
 
 def load(shared: Path, work: Path) -> dict[str, tuple]:
@@ -62,14 +59,32 @@ def load(shared: Path, work: Path) -> dict[str, tuple]:
     return out
 
 
-def scenario(data: tuple, kind: str, seed: int) -> tuple:
-    """(train Split, {test name: Split}) for one scenario and split seed."""
+def subsample(qrels: dict, shape: str, seed: int) -> dict:
+    """A seeded ``shape`` questions of each chunk (questions grouped by their first relevant chunk), or all."""
+    import numpy as np
+
+    if shape == "full":
+        return qrels
+    rng = np.random.default_rng(seed)
+    by_chunk: dict = {}
+    for q in qrels:
+        by_chunk.setdefault(min(qrels[q]), []).append(q)
+    keep = set()
+    for c in sorted(by_chunk):
+        qs = by_chunk[c]
+        keep.update(qs[i] for i in rng.permutation(len(qs))[:int(shape)])
+    return {q: r for q, r in qrels.items() if q in keep}
+
+
+def scenario(data: tuple, shape: str, kind: str, seed: int) -> tuple:
+    """(train Split, {test name: Split}) for one shape, split and seed."""
     import numpy as np
 
     from adapter.data import partition_qrels
     from adapter.train import Split
 
     qids, vectors, qrels, cids, _ = data
+    qrels = subsample(qrels, shape, seed)
     row = {q: i for i, q in enumerate(qids)}
 
     def split(part: dict) -> Split:
@@ -79,10 +94,9 @@ def scenario(data: tuple, kind: str, seed: int) -> tuple:
     if kind in ("query", "chunk"):
         parts, _ = partition_qrels(qrels, by=kind, test_fraction=0.2, seed=seed)
         return split(parts["train"]), {"test": split(parts["test"])}
-    share = {"cov25": 0.25, "cov50": 0.5}[kind]
     chunks = sorted({c for r in qrels.values() for c in r})
     rng = np.random.default_rng(seed)
-    covered = set(np.array(chunks, dtype=object)[rng.permutation(len(chunks))[:round(share * len(chunks))]])
+    covered = set(np.array(chunks, dtype=object)[rng.permutation(len(chunks))[:round(0.5 * len(chunks))]])
     inside = {q: r for q, r in qrels.items() if set(r) <= covered}
     outside = {q: r for q, r in qrels.items() if not set(r) & covered}
     parts, _ = partition_qrels(inside, by="query", test_fraction=0.2, seed=seed)
@@ -103,62 +117,45 @@ def _test_scores(adapter, corpus, cids, tests: dict) -> dict:
 
 
 def run_cell(args: tuple) -> dict:
-    """Every recipe (trial and refit) and the seed's former default on one (dataset, scenario, seed)."""
+    """`adapter train`'s default on one (dataset, shape, split, seed), and every recipe fitted on all of it."""
     import torch
 
     from adapter.config import Config
-    from adapter.data import partition_qrels
-    from adapter.train import RECIPES, _fit, _Slice, _subset, carve, coverage_of, held_out_rows, recipe_config
+    from adapter.train import AUTO_RECIPES, fit, recipe_config, train_on_vectors
 
     torch.set_num_threads(1)
-    data, dname, kind, seed, overrides, recipes = args
+    data, dname, shape, kind, seed, overrides = args
     _, _, _, cids, corpus = data
     cfg = Config().replace(seed=seed, **overrides)
-    train, tests = scenario(data, kind, seed)
-    dims = list(DIMS)
-    cell = {"dataset": dname, "scenario": kind, "seed": seed, "recipes": {},
-            "coverage": coverage_of(train.qrels, cids)["share"]}
-
-    # the former default: triplet, best epoch on a slice carved like the split (by query, or by chunk for "chunk")
-    by = "chunk" if kind == "chunk" else "query"
-    parts, _ = partition_qrels(train.qrels, by=by, test_fraction=cfg.split.val_fraction, seed=seed)
-    old = cfg.replace(loss="triplet", epoch_choice="best", matryoshka=False, rank=None, identity_penalty=0.0,
-                      epochs=30)
-    t = time.perf_counter()
-    r = _fit(_subset(train, parts["train"]), _subset(train, parts["test"]), corpus, cids, "bench", old, False)
-    cell["former"] = {"test": _test_scores(r.adapter, corpus, cids, tests), "seconds": time.perf_counter() - t}
-
-    inner, seen, unseen, _ = carve(train, cfg)
-    outside = held_out_rows(unseen, cids)
-    slices = {"seen": _Slice.of(seen, corpus, cids, dims), "unseen": _Slice.of(unseen, corpus, cids, dims)}
-    watch = seen or unseen
-    for name in recipes:
-        rc = recipe_config(cfg, name)
-        t = time.perf_counter()
-        r = _fit(inner, watch, corpus, cids, "bench", rc, False, outside=outside)
-        trial_s = time.perf_counter() - t
-        row = {k: s.estimate(r.adapter, corpus, cids, dims) if s else None for k, s in slices.items()}
-        t = time.perf_counter()
-        shipped = r.adapter if rc.train.epoch_choice == "best" else _fit(train, None, corpus, cids, "bench", rc,
-                                                                   False).adapter
-        row.update(recipe=name, trial_seconds=trial_s, refit_seconds=time.perf_counter() - t,
-                   test=_test_scores(shipped, corpus, cids, tests))
-        cell["recipes"][name] = row
-    assert set(recipes) <= set(RECIPES)
+    train, tests = scenario(data, shape, kind, seed)
+    t, c = time.perf_counter(), time.process_time()
+    r = train_on_vectors(train, corpus, cids, "bench", cfg, progress=False)
+    cell = {"dataset": dname, "shape": shape, "scenario": kind, "seed": seed, "questions": len(train.ids),
+            "train_seconds": time.perf_counter() - t, "train_cpu": time.process_time() - c, "recipe": r.recipe,
+            "trials": r.trials, "default": _test_scores(r.adapter, corpus, cids, tests), "fixed": {}}
+    for name in AUTO_RECIPES:
+        fixed = r.adapter if name == r.recipe else fit(train, None, corpus, cids, "bench", recipe_config(cfg, name),
+                                                       progress=False).adapter
+        cell["fixed"][name] = _test_scores(fixed, corpus, cids, tests)
     return cell
 
 
-def choose(cell: dict, names: list[str], objective: str, z: float, within: float, rule: str = "auto") -> str:
-    """The recipe `adapter train` ships on this cell: its ``select`` over the trial rows of ``names`` (in the
-    order `adapter train` tries them). ``rule`` "dims": the unseen-chunk change judged at every dim alone;
-    "former": the set and order before the uncovered pulls (``FORMER_AUTO``)."""
+def replay(cell: dict, objective: str, gain_z: float) -> str:
+    """The recipe `adapter train` ships on this cell under ``objective`` and ``gain_z``: ``select`` over its rows."""
+    from adapter.config import Config
     from adapter.train import select
 
-    if rule == "former":
-        names = [n for n in FORMER_AUTO if n in cell["recipes"]]
-    rows = [dict(cell["recipes"][n]) for n in names]
-    pick = select(rows, objective, z, within, worst_dim=rule == "dims")
-    return "identity" if pick is None else names[pick]
+    tc = Config().train
+    rows = [dict(t) for t in cell["trials"]]
+    pick = select(rows, objective, tc.safety_z, tc.simpler_within, gain_z=gain_z)
+    return "identity" if pick is None else rows[pick]["recipe"]
+
+
+def shipped(cell: dict, name: str) -> dict:
+    """{test: {dim: ratio}} of what a recipe name ships on the cell ("identity": 1.0 everywhere)."""
+    if name == "identity":
+        return {t: {d: 1.0 for d in DIMS} for t in cell["default"]}
+    return cell["fixed"][name]
 
 
 def fmt(values: list[float]) -> str:
@@ -167,198 +164,106 @@ def fmt(values: list[float]) -> str:
     return f"{m:.3f}x ±{s:.3f}"
 
 
-def columns(cells: list[dict]) -> list[tuple[str, str, str]]:
-    """(dataset, scenario, test name) in table order."""
-    seen = []
-    for c in cells:
-        for t in next(iter(c["recipes"].values()))["test"]:
-            key = (c["dataset"], c["scenario"], t)
-            if key not in seen:
-                seen.append(key)
-    return seen
-
-
-def system_scores(cells: list[dict], system: str, names: list[str]) -> dict:
-    """{(dataset, scenario, test): {dim: [ratio per seed]}} for a recipe, "former", or
-    "auto-<objective>-<z>-<within>"."""
+def groups(cells: list[dict]) -> dict[tuple, list[dict]]:
+    """(dataset, shape, scenario) -> its cells over seeds, in grid order."""
     out: dict = {}
     for c in cells:
-        if system == "former":
-            test = c["former"]["test"]
-        elif system.startswith(("auto/", "former/", "dims/")):
-            rule, objective, z, within = system.split("/")
-            pick = choose(c, names, objective, float(z), float(within), rule)
-            test = ({t: {d: 1.0 for d in DIMS} for t in c["former"]["test"]} if pick == "identity"
-                    else c["recipes"][pick]["test"])
-        else:
-            test = c["recipes"][system]["test"]
-        for t, by_dim in test.items():
-            for d, v in by_dim.items():
-                out.setdefault((c["dataset"], c["scenario"], t), {}).setdefault(int(d), []).append(v)
+        out.setdefault((c["dataset"], c["shape"], c["scenario"]), []).append(c)
     return out
 
 
-def report(cells: list[dict], names: list[str], recipes: list[str], cfg, seeds: list[int], overrides: dict) -> None:
-    cols = columns(cells)
-    label = {"query": "by query", "chunk": "by chunk", "cov25": "25% coverage", "cov50": "50% coverage"}
-    head = [f"{d} {label[s]}" + ("" if t == "test" else f", {t}") for d, s, t in cols]
-    z0, w0 = cfg.train.safety_z, cfg.train.simpler_within
-    default, seen = f"auto/both/{z0:g}/{w0:g}", "auto/seen/0/0"
-    variants = [v for w in WITHIN_VALUES for z in Z_VALUES if (v := f"auto/both/{z:g}/{w:g}") != default]
-    former_rule, dims_rule = "former/both/0.5/2", f"dims/both/{z0:g}/{w0:g}"
-    systems = ["former", *recipes, default, seen, former_rule, dims_rule, *dict.fromkeys(variants)]
-    names_shown = {"former": "former default (triplet, best of 30 epochs on a slice carved like the split)",
-                   default: f"**`adapter train` (the default: objective both, z {z0:g}, within {w0:g} s.e.)**",
-                   seen: "**`adapter train --objective seen`**",
-                   former_rule: "`adapter train` as before #12's second pass (its 5 recipes in their order, z 0.5, "
-                                "within 2 s.e.)",
-                   dims_rule: f"`adapter train`, unseen chunks judged at every dim alone (z {z0:g}, within "
-                              f"{w0:g} s.e.)"}
-    for v in variants:
-        _, _, z, w = v.split("/")
-        names_shown[v] = f"`adapter train`, objective both, z {z}, within {w} s.e."
-    scores = {s: system_scores(cells, s, names) for s in systems}
-    print(f"Seeds {','.join(map(str, seeds))}; overrides {overrides or 'none'}; all-MiniLM-L6-v2; test ndcg@10 "
-          "as a ratio to base, mean ±sd over seeds.\n")
+def report(cells: list[dict], overrides: dict) -> None:
+    from adapter.train import AUTO_RECIPES, GAIN_Z
+
+    seeds = sorted({c["seed"] for c in cells})
+    label = {"query": "by query", "chunk": "by chunk", "cov50": "50% coverage"}
+    print(f"Seeds {','.join(map(str, seeds))}; overrides {overrides or 'none'}; all-MiniLM-L6-v2; test ndcg@10 as "
+          "a ratio to base, mean ±sd over seeds. *Best fixed*: the recipe whose no-choice fit scores best on test "
+          "(mean over seeds), known only in hindsight; *share*: the default's gain as a share of its gain.\n")
     print("### At dim 384\n")
-    print("| system | " + " | ".join(head) + " |")
-    print("|---" * (len(head) + 1) + "|")
-    for s in systems:
-        print(f"| {names_shown.get(s, s)} | " + " | ".join(fmt(scores[s][c][384]) for c in cols) + " |")
-    print("\n### Worst dim (the lowest of the four dims' means; 384/256/128/64)\n")
-    print("| system | " + " | ".join(head) + " |")
-    print("|---" * (len(head) + 1) + "|")
-    for s in systems:
-        cells_txt = []
-        for c in cols:
-            means = {d: statistics.mean(v) for d, v in scores[s][c].items()}
-            worst = min(means, key=means.get)
-            cells_txt.append(f"{means[worst]:.3f}x @{worst}")
-        print(f"| {names_shown.get(s, s)} | " + " | ".join(cells_txt) + " |")
-    print(f"\n### The default ({names_shown[default].strip('*')}) at every dim\n")
-    print("| dim | " + " | ".join(head) + " |")
-    print("|---" * (len(head) + 1) + "|")
-    for d in DIMS:
-        print(f"| {d} | " + " | ".join(fmt(scores[default][c][d]) for c in cols) + " |")
-    print("\n### What the default chose, per dataset and scenario (count over seeds)\n")
-    print("| dataset | scenario | `both` (default) | `seen` |")
-    print("|---|---|---|---|")
-    for dname in dict.fromkeys(c["dataset"] for c in cells):
-        for kind in dict.fromkeys(c["scenario"] for c in cells):
-            group = [c for c in cells if c["dataset"] == dname and c["scenario"] == kind]
-            picks = {}
-            for obj, z, w in (("both", z0, w0), ("seen", 0.0, 0.0)):
-                chosen = [choose(c, names, obj, z, w) for c in group]
-                picks[obj] = ", ".join(f"{n} {chosen.count(n)}" for n in dict.fromkeys(chosen))
-            print(f"| {dname} | {label[kind]} | {picks['both']} | {picks['seen']} |")
-    print("\n### Training time per recipe (seconds, mean over every cell; one torch thread each)\n")
-    print("| recipe | trial (on the fit part) | refit (every training question) |")
-    print("|---|---|---|")
-    print(f"| former default | {statistics.mean(c['former']['seconds'] for c in cells):.2f} | — |")
-    for n in names:
-        trial = statistics.mean(c["recipes"][n]["trial_seconds"] for c in cells)
-        refit = statistics.mean(c["recipes"][n]["refit_seconds"] for c in cells)
-        print(f"| {n} | {trial:.2f} | {refit:.2f} |")
-    total = statistics.mean(sum(c["recipes"][n]["trial_seconds"] for n in names) for c in cells)
-    print(f"\nAll trials of `adapter train` run one after another: {total:.1f} s per cell on average "
-          "(it runs them on two threads, then refits the chosen one).\n")
-
-
-def verify(data: dict, overrides: dict) -> None:
-    """`adapter train`'s own function ships what the replayed choice says, on AppleQA by query, seed 1."""
-    import numpy as np
-
-    from adapter.config import Config
-    from adapter.train import AUTO_RECIPES, train_on_vectors
-
-    d = data["appleqa"]
-    cell = run_cell((d, "appleqa", "query", 1, overrides, list(AUTO_RECIPES)))
-    train, tests = scenario(d, "query", 1)
-    r = train_on_vectors(train, d[4], d[3], "bench", Config().replace(seed=1, **overrides), progress=False)
-    want = choose(cell, list(AUTO_RECIPES), "both", Config().train.safety_z, Config().train.simpler_within)
-    got = _test_scores(r.adapter, d[4], d[3], tests)["test"]
-    expected = cell["recipes"][want]["test"]["test"] if want != "identity" else {k: 1.0 for k in DIMS}
-    assert r.recipe == want, (r.recipe, want)
-    assert np.allclose([got[k] for k in DIMS], [expected[k] for k in DIMS]), (got, expected)
-    print(f"verified: train_on_vectors chose {r.recipe} and shipped the replayed scores\n")
-
-
-def speed(data: dict, rounds: int = 3) -> None:
-    """`adapter train`'s training (trials, choice, refit: embedding excluded) against the former default's loop, side by
-    side on AppleQA by query (seed 0), alternating, wall and CPU time (CPU seconds / 2 is the wall time on 2 idle
-    cores; a shared machine inflates wall time, not CPU time)."""
-    from adapter.config import Config
-    from adapter.data import partition_qrels
-    from adapter.train import AUTO_RECIPES, _subset, fit, train_on_vectors
-
-    d = data["appleqa"]
-    train, _ = scenario(d, "query", 0)
-    cfg = Config()
-    parts, _ = partition_qrels(train.qrels, by="query", test_fraction=cfg.split.val_fraction, seed=0)
-    former = cfg.replace(recipe="manual", loss="triplet", epoch_choice="best", epochs=30)
-    rows = {f"`adapter train` (default: {len(AUTO_RECIPES)} recipe trials on 2 threads, choice, refit)": [],
-            "former default (triplet, 30 epochs, best on validation)": []}
-    for _ in range(rounds):
-        for name in rows:
-            w, c = time.perf_counter(), time.process_time()
-            if name.startswith("former"):
-                fit(_subset(train, parts["train"]), _subset(train, parts["test"]), d[4], d[3], "bench", former,
-                    progress=False)
-            else:
-                train_on_vectors(train, d[4], d[3], "bench", cfg, progress=False)
-            rows[name].append((time.perf_counter() - w, time.process_time() - c))
-    print("### Training time, AppleQA by query (embedding excluded; machine shared, so compare the ratio)\n")
-    print("| training | wall s (each round) | CPU s (each round) | CPU s / 2 cores |")
-    print("|---|---|---|---|")
-    for name, r in rows.items():
-        print(f"| {name} | {', '.join(f'{w:.1f}' for w, _ in r)} | {', '.join(f'{c:.1f}' for _, c in r)} | "
-              f"{min(c for _, c in r) / 2:.1f} |")
-    new, old = (min(c for _, c in r) for r in rows.values())
-    print(f"\nCPU time ratio, default against former default: {new / old:.1f}x\n")
+    print("| dataset | questions per chunk | split | test | default | `--objective seen` | best fixed (hindsight) | "
+          "share | default's lowest cell (any seed, any dim) | identity shipped |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (dname, shape, kind), group in groups(cells).items():
+        for test in group[0]["default"]:
+            default = [c["default"][test][384] for c in group]
+            seen = [shipped(c, replay(c, "seen", GAIN_Z))[test][384] for c in group]
+            fixed = {n: statistics.mean(c["fixed"][n][test][384] for c in group) for n in AUTO_RECIPES}
+            best = max(fixed, key=fixed.get)
+            share = (statistics.mean(default) - 1) / (fixed[best] - 1) if fixed[best] > 1 else float("nan")
+            low = min((c["default"][test][d], d, c["seed"]) for c in group for d in DIMS)
+            ids = sum(c["recipe"] == "identity" for c in group)
+            print(f"| {dname} | {shape} | {label[kind]} | {test} | {fmt(default)} | {fmt(seen)} | {best} "
+                  f"{fixed[best]:.3f}x | {share:.0%} | {low[0]:.3f}x (dim {low[1]}, seed {low[2]}) | "
+                  f"{ids} of {len(group)} |")
+    print("\n### The default at every dim (mean ±sd over seeds)\n")
+    print("| dataset | questions per chunk | split | test | " + " | ".join(map(str, DIMS)) + " |")
+    print("|---|---|---|---|" + "---|" * len(DIMS))
+    for (dname, shape, kind), group in groups(cells).items():
+        for test in group[0]["default"]:
+            print(f"| {dname} | {shape} | {label[kind]} | {test} | "
+                  + " | ".join(fmt([c["default"][test][d] for c in group]) for d in DIMS) + " |")
+    print(f"\n### The choice replayed with other gain thresholds (default {GAIN_Z:g} s.e.): mean at dim 384, and the "
+          "lowest cell at any seed and dim\n")
+    print("| dataset | questions per chunk | split | test | " + " | ".join(f"z {z:g}" for z in GAIN_ZS) + " |")
+    print("|---|---|---|---|" + "---|" * len(GAIN_ZS))
+    for (dname, shape, kind), group in groups(cells).items():
+        for test in group[0]["default"]:
+            out = []
+            for z in GAIN_ZS:
+                got = [shipped(c, replay(c, "both", z))[test] for c in group]
+                out.append(f"{statistics.mean(g[384] for g in got):.3f}x ({min(g[d] for g in got for d in DIMS):.3f}x)")
+            print(f"| {dname} | {shape} | {label[kind]} | {test} | " + " | ".join(out) + " |")
+    print("\n### What the default shipped (count over seeds) and its training time\n")
+    print("| dataset | questions per chunk | split | training questions | shipped | CPU s (mean) |")
+    print("|---|---|---|---|---|---|")
+    for (dname, shape, kind), group in groups(cells).items():
+        picks = [c["recipe"] for c in group]
+        print(f"| {dname} | {shape} | {label[kind]} | {statistics.mean(c['questions'] for c in group):.0f} | "
+              + ", ".join(f"{n} {picks.count(n)}" for n in dict.fromkeys(picks))
+              + f" | {statistics.mean(c['train_cpu'] for c in group):.1f} |")
+    print()
 
 
 def main() -> None:
-    from adapter.config import Config
-    from adapter.train import AUTO_RECIPES, RECIPES
-
     p = argparse.ArgumentParser()
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--datasets", default="appleqa,waterops")
+    p.add_argument("--shapes", default=",".join(SHAPES))
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
-    p.add_argument("--recipes", default=",".join(RECIPES))
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--json", type=Path, default=None, help="Also write every cell's numbers here.")
+    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "quality.json",
+                   help="Every cell's numbers (default bench/results/quality.json).")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="Config override (JSON value).")
-    p.add_argument("--verify", action="store_true")
-    p.add_argument("--speed", action="store_true", help="Only the training-time comparison.")
     p.add_argument("--from-json", type=Path, default=None, help="Render the tables from a --json file, run nothing.")
     a = p.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
-    seeds = [int(s) for s in a.seeds.split(",")]
-    recipes = a.recipes.split(",")
-    names = [n for n in AUTO_RECIPES if n in recipes]  # in the order adapter train tries them
     if a.from_json:
         cells = json.loads(a.from_json.read_text())
-        print(f"{len(cells)} cells read from {a.from_json}.\n")
-        report(cells, names, recipes, Config().replace(**overrides), sorted({c["seed"] for c in cells}), overrides)
+        for c in cells:  # JSON keys are strings: the dims back to ints
+            for scores in (c["default"], *c["fixed"].values()):
+                for test, by_dim in scores.items():
+                    scores[test] = {int(d): v for d, v in by_dim.items()}
+        report(cells, overrides)
         return
     data = load(a.shared, Path(tempfile.mkdtemp(prefix="bench-quality-")))
-    if a.speed:
-        speed(data)
-        return
-    if a.verify:
-        verify(data, overrides)
-    jobs = [(data[dn], dn, kind, seed, overrides, recipes) for dn in a.datasets.split(",")
-            for kind in a.scenarios.split(",") for seed in seeds]
+    jobs = [(data[dn], dn, shape, kind, int(seed), overrides) for dn in a.datasets.split(",")
+            for shape in a.shapes.split(",") for kind in a.scenarios.split(",") for seed in a.seeds.split(",")]
+    jobs.sort(key=lambda j: j[2] != "full")  # the largest cells first, so the processes finish together
     t = time.perf_counter()
     with ProcessPoolExecutor(a.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         cells = list(pool.map(run_cell, jobs))
-    print(f"{len(cells)} cells in {time.perf_counter() - t:.0f} s on {a.jobs} processes (machine shared).\n")
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(cells))
-    report(cells, names, recipes, Config().replace(**overrides), seeds, overrides)
+    order = {(dn, s, k): i for i, (dn, s, k) in enumerate((dn, s, k) for dn in a.datasets.split(",")
+                                                            for s in a.shapes.split(",")
+                                                            for k in a.scenarios.split(","))}
+    cells.sort(key=lambda c: (order[(c["dataset"], c["shape"], c["scenario"])], c["seed"]))
+    print(f"{len(cells)} cells in {time.perf_counter() - t:.0f} s on {a.jobs} processes.\n")
+    a.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.json.with_suffix(".tmp")
+    tmp.write_text(json.dumps(cells))
+    tmp.replace(a.json)
+    report(cells, overrides)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def choice(shared: Path, seeds: list[int]) -> None:
     from bench_quality import load, scenario
 
     from adapter.config import Config
-    from adapter.train import bounded, carve, fit, train_on_vectors
+    from adapter.train import bounded, cross_folds, fit, train_on_vectors
 
     data = load(shared, Path(tempfile.mkdtemp(prefix="bench-scale-")))
     print("### Validating on a sample of questions: the same choice?\n")
@@ -71,9 +71,10 @@ def choice(shared: Path, seeds: list[int]) -> None:
     for name, d in data.items():
         _, _, _, cids, corpus = d
         for seed in seeds:
-            train, _ = scenario(d, "query", seed)
+            train, _ = scenario(d, "full", "query", seed)
             cfg = Config().replace(seed=seed)
-            inner, seen, unseen, _ = carve(train, cfg)
+            fold = cross_folds(train, cfg)[0][0]  # the first fold's fit and held-out questions
+            inner, seen, unseen = fold.fit, fold.seen, fold.unseen
             best = cfg.replace(recipe="triplet", epochs=30)
             full = fit(inner, seen, corpus, cids, "bench", best, progress=False)
             curve = {h["epoch"]: h["ndcg@10"] for h in full.history}

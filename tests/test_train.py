@@ -210,32 +210,39 @@ def test_auto_identity_penalty_is_chosen_and_recorded(monkeypatch):
 # ------------------------------------------------------------------------------- coverage, slices and the choice
 
 
-def test_carve_holds_out_whole_chunks_and_questions_of_trained_chunks():
-    from adapter.train import carve
+def test_cross_folds_score_every_question_once_as_seen_and_once_as_unseen():
+    from adapter.train import cross_folds
 
     train, _, _, _ = synthetic(n_chunks=40, train_per=5)
-    fit_part, seen, unseen, warnings = carve(train, Config())
+    folds, warnings = cross_folds(train, Config())
     chunks = lambda s: {c for r in s.qrels.values() for c in r}  # noqa: E731
-    assert not warnings
-    assert len(chunks(unseen)) == 8  # 20% of 40 chunks, whole
-    assert not chunks(unseen) & chunks(fit_part)
-    assert chunks(seen) <= chunks(fit_part) and len(seen.ids) == round(0.1 * len(fit_part.ids) / 0.9)
-    assert len(fit_part.ids) + len(seen.ids) + len(unseen.ids) == len(train.ids)
-    assert not set(fit_part.ids) & set(seen.ids)
+    assert not warnings and len(folds) == 5
+    # every training question is held out once by query and once with its whole chunk, never by the fit scoring it
+    assert sorted(q for f in folds for q in f.seen.ids) == sorted(train.ids)
+    assert sorted(q for f in folds for q in f.unseen.ids) == sorted(train.ids)
+    for f in folds:
+        assert not set(f.fit.ids) & (set(f.seen.ids) | set(f.unseen.ids))
+        assert len(chunks(f.unseen)) == 8 and not chunks(f.unseen) & chunks(f.fit)  # a fifth of the chunks, whole
+        assert chunks(f.seen) <= chunks(f.fit)  # a seen question's chunk keeps its other questions in the fit
+        assert len(f.fit.ids) == len(train.ids) - len(f.seen.ids) - len(f.unseen.ids)
+    # the same seed deals the same folds; a question budget stops after the first fold that reaches it
+    again, _ = cross_folds(train, Config())
+    assert [f.seen.ids for f in again] == [f.seen.ids for f in folds]
+    assert len(cross_folds(train, Config().replace(crossfit_questions=30))[0]) == 1
 
 
-def test_carve_falls_back_to_one_slice_and_says_how_much_is_needed():
-    from adapter.train import Split, carve
+def test_cross_folds_fall_back_to_one_kind_and_say_how_much_is_needed():
+    from adapter.train import Split, cross_folds
 
     train, _, _, _ = synthetic(n_chunks=3, train_per=3)  # 9 questions on 3 chunks: no unseen slice
-    _, seen, unseen, warnings = carve(train, Config())
-    assert unseen is None and seen is not None
+    folds, warnings = cross_folds(train, Config())
+    assert all(f.unseen is None for f in folds) and sorted(q for f in folds for q in f.seen.ids) == sorted(train.ids)
     assert warnings == ["no unseen-chunk estimate: holding out whole chunks needs questions on at least 5 chunks, "
                         "the training split has 3"]
     tiny = Split(train.vectors[:2], train.ids[:2], {q: train.qrels[q] for q in train.ids[:2]})
     with pytest.raises(AdapterError, match=r"too few training questions to validate \(2 on 1 chunks\): need at "
-                                           r"least 4 questions or questions on 5 chunks"):
-        carve(tiny, Config())
+                                           r"least 4"):
+        cross_folds(tiny, Config())
 
 
 def test_clustered_standard_error_counts_a_chunk_once():
@@ -316,7 +323,8 @@ def test_auto_recipe_learns_a_learnable_map_and_records_every_trial():
     r = train_on_vectors(train, corpus, cids, BASE, quick(), progress=False)
     assert [t["recipe"] for t in r.trials] == list(AUTO_RECIPES)
     assert r.recipe in AUTO_RECIPES and sum(t["chosen"] for t in r.trials) == 1
-    assert r.estimates["seen"]["delta"] > 0.05 and r.estimates["unseen"]["queries"] == 8 * 6
+    assert r.estimates["seen"]["delta"] > 0.05
+    assert r.estimates["unseen"]["queries"] == 40 * 6 and r.estimates["unseen"]["folds"] == 5
     assert r.coverage == {"chunks": 40, "covered": 40, "share": 1.0} and not r.warnings
     shipped = evaluate(r.adapter.apply(train.vectors), corpus, train.qrels, train.ids, cids)[32]["ndcg@10"]
     assert shipped > evaluate(train.vectors, corpus, train.qrels, train.ids, cids)[32]["ndcg@10"] + 0.1
@@ -335,6 +343,37 @@ def test_identity_ships_when_no_recipe_gains_and_partial_coverage_is_one_line():
     (line,) = [w for w in r.warnings if w.startswith("partial coverage")]
     assert line.startswith("partial coverage: 10 of 50 chunks (20%) have no training questions; on such chunks "
                            "expect ndcg@10 +0.0% ± 0.0% (the unseen-chunk estimate)")
+    # why, in numbers, and what would change it
+    (why,) = [w for w in r.warnings if w.startswith("shipped the identity")]
+    best = max(r.trials, key=lambda t: t["seen"]["delta"])
+    assert why.startswith(f"shipped the identity: the best recipe, {best['recipe']}, changed ndcg@10 by ")
+    assert f" on {len(train.ids)} seen-chunk questions about 40 chunks, short of the 2 standard errors" in why
+    assert "More questions per chunk" in why and "--objective seen" in why and f"--recipe {best['recipe']}" in why
+
+
+def test_a_recipe_asked_for_by_name_ships_with_its_estimate_even_within_noise():
+    """The user overrules the choice: a named recipe ships though it does not clear the bar, and a line says so."""
+    from adapter.train import train_on_vectors
+
+    train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=10, shuffled_train=True, rotate=False)
+    r = train_on_vectors(train, corpus, cids, BASE, quick(lr=0.05, recipe="pull-0.1"), progress=False)
+    assert r.recipe == "pull-0.1" and [t["recipe"] for t in r.trials] == ["pull-0.1"] and r.trials[0]["chosen"]
+    assert not np.array_equal(r.adapter.weight, np.eye(32))  # trained, not the identity
+    assert r.estimates["seen"]["queries"] == len(train.ids)
+    (line,) = [w for w in r.warnings if w.startswith("pull-0.1 ships because it was asked for")]
+    assert "the automatic choice would ship the identity" in line
+
+
+def test_two_questions_per_chunk_are_enough_to_find_a_real_map():
+    """Every training question counts toward the choice: at two questions per chunk a real map ships, where one held-out
+    slice of a tenth of the questions left every recipe within noise."""
+    from adapter.train import train_on_vectors
+
+    train, val, corpus, cids = synthetic(d=32, n_chunks=150, train_per=2, val_per=2, seed=3)
+    r = train_on_vectors(train, corpus, cids, BASE, quick(), progress=False)
+    assert r.recipe != "identity" and r.estimates["seen"]["queries"] == 300
+    before = evaluate(val.vectors, corpus, val.qrels, val.ids, cids)[32]["ndcg@10"]
+    assert evaluate(r.adapter.apply(val.vectors), corpus, val.qrels, val.ids, cids)[32]["ndcg@10"] > before
 
 
 def test_matryoshka_and_late_averaging_recipes_train():
@@ -398,10 +437,10 @@ def test_sampled_validation_still_ranks_against_every_chunk_and_says_how_many():
     """With a tiny budget the slices are sampled, the estimates say of how many, and the choice still finds the map."""
     from adapter.train import MIN_VAL_QUESTIONS, train_on_vectors
 
-    train, _, corpus, cids = synthetic(d=32, n_chunks=200, train_per=4)  # unseen slice: 40 chunks x 4 = 160
+    train, _, corpus, cids = synthetic(d=32, n_chunks=200, train_per=4)  # each fold's unseen slice: 40 x 4 = 160
     r = train_on_vectors(train, corpus, cids, BASE, quick(val_budget=1), progress=False)
     unseen = r.estimates["unseen"]
-    assert unseen["queries"] == MIN_VAL_QUESTIONS and unseen["held_out"] == 160
+    assert unseen["folds"] == 5 and unseen["queries"] == 5 * MIN_VAL_QUESTIONS and unseen["held_out"] == 800
     assert r.recipe != "identity" and r.estimates["seen"]["delta"] > 0.05
     assert r.base_val[32]["ndcg@10"] == pytest.approx(r.estimates["seen"]["base"], abs=1e-6)
 
@@ -459,7 +498,9 @@ def test_uncovered_pulls_with_nothing_to_act_on_are_fitted_once(monkeypatch):
     trials = {t["recipe"]: t for t in r.trials}
     assert list(trials) == list(train_mod.AUTO_RECIPES)
     refits = 1 if r.recipe != "identity" else 0
-    assert len(fits) == len(train_mod.AUTO_RECIPES) - 2 + refits  # uncovered-1 stands for uncovered-0.3, pull-0.01
+    folds = r.estimates["seen"]["folds"]
+    # uncovered-1 stands for uncovered-0.3 and pull-0.01: five recipes, each fitted once per fold
+    assert len(fits) == (len(train_mod.AUTO_RECIPES) - 2) * folds + refits
     assert trials["uncovered-0.3"]["same_as"] == trials["pull-0.01"]["same_as"] == "uncovered-1"
     assert trials["pull-0.01"]["seen"] == trials["uncovered-1"]["seen"]
     assert trials["pull-0.01"]["identity_penalty"] == 0.01
@@ -473,7 +514,7 @@ def test_uncovered_pulls_with_nothing_to_act_on_are_fitted_once(monkeypatch):
     fits.clear()
     more = np.concatenate([corpus, -corpus[:10]])  # ten chunks no question is about: the uncovered pulls act
     r = train_mod.train_on_vectors(train, more, cids + [f"x{i}" for i in range(10)], BASE, quick(), progress=False)
-    assert len(fits) == len(train_mod.AUTO_RECIPES) + (1 if r.recipe != "identity" else 0)
+    assert len(fits) == len(train_mod.AUTO_RECIPES) * folds + (1 if r.recipe != "identity" else 0)
     assert not any("same_as" in t for t in r.trials)
 
 
@@ -490,22 +531,26 @@ def _same_result(a, b):
 
 
 def _hold_last_trial(monkeypatch, train, last: str, hold_refit: bool = False) -> list[str]:
-    """Make the interleaving certain: the trial of ``last`` (started last) waits until a refit has started, and with
-    ``hold_refit`` a refit started ahead of the choice waits to be told to stop. Returns how each refit ended."""
+    """Make the interleaving certain: the last fold's fit of ``last`` (the recipe started last) waits until a refit
+    has started, and with ``hold_refit`` a refit started ahead of the choice waits to be told to stop. Returns how
+    each fit ended."""
     import threading
 
     import adapter.train as train_mod
 
-    real, refit_started, ends = train_mod._fit, threading.Event(), []
+    real, refit_started, ends, started = train_mod._fit, threading.Event(), [], []
+    n_folds = len(train_mod.cross_folds(train, quick())[0])
 
     def held(*args, **kwargs):
-        refit = args[0] is train  # trials fit the questions left after carving the slices
+        refit = args[0] is train  # fold fits train on the questions a fold leaves in
         if refit:
             refit_started.set()
             if hold_refit and kwargs.get("stop") is not None:
                 kwargs["stop"].wait(30)
         elif args[5].train == train_mod.recipe_config(args[5], last).train:
-            refit_started.wait(30)
+            started.append(1)
+            if len(started) == n_folds:  # the very last fit to start
+                refit_started.wait(30)
         try:
             out = real(*args, **kwargs)
         except train_mod._Stopped:
@@ -529,7 +574,7 @@ def test_refit_started_beside_the_last_trial_ships_what_waiting_would(monkeypatc
     ends = _hold_last_trial(monkeypatch, train, "lowrank")
     with caplog.at_level("INFO", logger="adapter.train"):
         ahead = train_on_vectors(train, corpus, cids, BASE, quick(workers=2), progress=False)
-    assert f"refitting {alone.recipe} on every training question while 1 trial(s) run" in caplog.text
+    assert f"refitting {alone.recipe} on every training question while 1 fit(s) run" in caplog.text
     assert ends.count("finished") == 1 and "stopped" not in ends  # the refit ahead is the one that ships
     _same_result(alone, ahead)
 
@@ -585,3 +630,18 @@ def test_clip_grads_is_clip_grad_norm(scale):
     torch.nn.utils.clip_grad_norm_(stock, 1.0)
     for a, b in zip(ours, stock, strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
+def test_the_report_names_an_identity_adapter_and_draws_no_curve_for_it():
+    from adapter.pipeline import Comparison, SystemInfo, training_curves
+    from adapter.report import cost_table
+
+    history = {"loss": [{"epoch": 1, "loss": 0.5}], "val": [{"epoch": 0, "ndcg@10": {384: 0.5}},
+                                                             {"epoch": 1, "ndcg@10": {384: 0.6}}]}
+    assert training_curves({"recipe": "pull-0.1", "history": history})["val"] == [0.5, 0.6]
+    assert training_curves({"recipe": "identity", "history": history}) is None  # it trained nothing of its own
+    systems = {"base": SystemInfo("base", "m", None, 1, False, 1.0),
+               "mine": SystemInfo("adapter", "a.safetensors", 2.0, 10, False, 1.0, identity=True)}
+    table = cost_table(Comparison({}, systems, {}, 0, []), 10)
+    assert "| mine | query adapter (the identity: no recipe cleared validation) |" in table
+    assert "| base | base model |" in table
