@@ -186,19 +186,28 @@ def demo(out: str, with_finetune: bool, model: str | None, cache_dir: str | None
 
 
 @main.command()
-@click.argument("src", type=click.Path(exists=True))
+@click.argument("src", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Dataset folder to write.")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Source format [default: detect].")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None,
+              help="Source format [default: detect from the content].")
+@click.option("--keep-split", is_flag=True, help="Keep the sources' split as given: SRC train, test (or train, dev, "
+              "test) become qrels/train.tsv, test.tsv (dev.tsv) beside all.tsv.")
+@click.option("--drop-empty", is_flag=True, help="Drop chunks with an empty text, with their questions, and empty "
+              "questions, saying what was dropped [default: stop at the first].")
 @click.option("--force", is_flag=True, help="Replace a dataset already in --out.")
-def convert(src: str, out: str, fmt: str | None, force: bool) -> None:
-    """Convert SRC (chunks JSON, LlamaIndex JSON, pairs CSV/JSONL or a BEIR folder) into a dataset folder."""
+def convert(src: tuple[str, ...], out: str, fmt: str | None, keep_split: bool, drop_empty: bool,
+            force: bool) -> None:
+    """Convert SRC (chunks JSON or JSON Lines, LlamaIndex JSON, pairs CSV or JSON Lines, or a BEIR folder; several
+    are merged into one dataset) into a dataset folder."""
     from adapter.data import convert as run
 
     detected = fmt is None
-    ds, fmt = run(src, out, fmt=fmt, force=force)
+    ds, fmt = run(src, out, fmt=fmt, force=force, drop_empty=drop_empty, keep_split=keep_split)
     n_pairs = sum(len(r) for r in ds.qrels["all"].values())
     click.echo(f"{'detected' if detected else 'format'}: {fmt}")
-    click.echo(f"wrote {out}: {len(ds.corpus)} chunks, {len(ds.queries)} queries, {n_pairs} qrels")
+    given = ", ".join(f"{len(ds.qrels[s])} {s}" for s in ("train", "dev", "test") if s in ds.qrels)
+    click.echo(f"wrote {out}: {len(ds.corpus)} chunks, {len(ds.queries)} queries, {n_pairs} qrels"
+               + (f"; split as given: {given} queries" if given else ""))
 
 
 @main.command()
@@ -208,13 +217,14 @@ def convert(src: str, out: str, fmt: str | None, force: bool) -> None:
 @click.option("--test-fraction", type=float, default=None, help=f"[default: {DEFAULTS.split.test_fraction}]")
 @click.option("--dev-fraction", type=float, default=None, help=f"[default: {DEFAULTS.split.dev_fraction}]")
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
+@click.option("--force", is_flag=True, help="Replace a split already in DIRECTORY.")
 def split(directory: str, by: str | None, test_fraction: float | None, dev_fraction: float | None,
-          seed: int | None) -> None:
+          seed: int | None, force: bool) -> None:
     """Split DIRECTORY's qrels/all.tsv into train/test (and dev) qrels."""
     from adapter.data import split_dataset
 
     cfg = Config().replace(split_by=by, test_fraction=test_fraction, dev_fraction=dev_fraction, seed=seed)
-    s = split_dataset(directory, cfg)
+    s = split_dataset(directory, cfg, force=force)
     counts = ", ".join(f"{n} {name}" for name, n in s["queries"].items() if n)
     n_dropped = s["dropped_queries"]
     dropped = f"; {n_dropped} queries dropped (relevant chunks on both sides)" if n_dropped else ""

@@ -28,7 +28,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from adapter.config import SPLIT_BY, Config
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +227,10 @@ def _csv_rows(path: Path, **kwargs: Any) -> Iterator[tuple[int, list[str]]]:
         yield start, row
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    """(line number, object) for each non-blank line of a JSONL file; one-line errors for bad lines."""
-    for n, line in enumerate(read_text(path).split("\n"), 1):
+def iter_jsonl(path: Path, text: str | None = None) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file (``text``: its content, when read already);
+    one-line errors for bad lines."""
+    for n, line in enumerate((read_text(path) if text is None else text).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -456,74 +457,178 @@ def write_qrels(path: Path, qrels: Qrels) -> None:
 # ---------------------------------------------------------------------------------------------------------- converters
 
 
-class _Builder:
-    """Collects chunks and questions, merging repeated texts: one chunk text is one corpus entry and one question
-    text is one query (relevant to every chunk it was asked of)."""
+def _is_empty(value: Any) -> bool:
+    """A missing text: null (what a data frame writes for an empty cell) or only white space."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
-    def __init__(self, source: Path):
-        self.source = source
+
+class _Builder:
+    """Collects chunks and questions from one or more sources, merging repeats: one chunk text is one corpus entry (a
+    chunk id named again must carry the same text), and one question text is one query, relevant to every chunk it was
+    asked of. With ``drop_empty`` an empty chunk is dropped with the questions asked of it, and an empty question is
+    dropped; without it either is a one-line error naming the way on. ``report`` says in one line each what was
+    merged and dropped."""
+
+    def __init__(self, *, drop_empty: bool = False):
+        self.drop_empty = drop_empty
         self.corpus: dict[str, str] = {}
         self.titles: dict[str, str] = {}
         self.queries: dict[str, str] = {}
         self.qrels: Qrels = {}
+        self.source = 0  # position of the source being read
+        self.side: dict[str, int] = {}  # query id -> position of the first source that asks it
+        self.asked = 0  # question occurrences kept: a text asked twice counts twice
+        self.crossed: set[str] = set()  # query ids asked again by a later source
+        self.dropped_chunks: list[str] = []  # where each dropped empty chunk was
+        self.dropped_asked: set[str] = set()  # texts of questions asked of dropped chunks
+        self.dropped_questions = 0  # empty questions dropped
         self._query_by_text: dict[str, str] = {}
         self._chunk_by_text: dict[str, str] = {}
+        self._where: dict[tuple[str, str], str] = {}  # ("chunk" or "query", id) -> where it was first read
 
-    def chunk(self, text: Any, where: str, cid: Any = None, title: Any = None) -> str:
+    def _free_id(self, taken: dict[str, str], prefix: str, first: Any = None) -> str:
+        if first is not None and str(first) not in taken:
+            return str(first)
+        n = len(taken)
+        while f"{prefix}{n}" in taken:
+            n += 1
+        return f"{prefix}{n}"
+
+    def chunk(self, text: Any, where: str, cid: Any = None, title: Any = None, *, default: Any = None) -> str | None:
+        """The corpus id of one chunk (its own ``cid``; else the id of the same text read before, else ``default``
+        when free, else a new one); None when its text is empty and ``drop_empty`` drops it."""
+        if cid is not None:
+            if not isinstance(cid, (str, int)) or isinstance(cid, bool):
+                raise AdapterError(f"{where}: chunk id {cid!r} is not a string or an integer")
+            cid = check_id(str(cid), where, "chunk id")
+        if _is_empty(text):
+            named = f"{where} (chunk {cid!r})" if cid is not None else where
+            if not self.drop_empty:
+                raise AdapterError(f"{named}: empty chunk text; pass --drop-empty to drop such chunks with their "
+                                   "questions (each is reported), or fill it in")
+            self.dropped_chunks.append(named)
+            return None
         check_text(text, where, "chunk text")
         if cid is None:
-            cid = self._chunk_by_text.get(text) or f"c{len(self.corpus)}"
-        if not isinstance(cid, (str, int)) or isinstance(cid, bool):
-            raise AdapterError(f"{where}: chunk id {cid!r} is not a string or an integer")
-        cid = check_id(str(cid), where, "chunk id")
+            cid = self._chunk_by_text.get(text) or self._free_id(self.corpus, "c", default)
         if cid in self.corpus and self.corpus[cid] != text:
-            raise AdapterError(f"{where}: chunk id {cid!r} has two different texts")
-        self.corpus[cid] = text
+            raise AdapterError(f"{where}: chunk id {cid!r} has another text than at {self._where['chunk', cid]} (one "
+                               "id must be one chunk)")
+        if cid not in self.corpus:
+            self.corpus[cid] = text
+            self._where["chunk", cid] = where
         self._chunk_by_text.setdefault(text, cid)
         if isinstance(title, str) and title.strip():
             self.titles[cid] = check_text(title, where, "title")
         return cid
 
-    def question(self, text: Any, cid: str, where: str, qid: str | None = None) -> None:
+    def question(self, text: Any, where: str, qid: str | None = None) -> str | None:
+        """The query id of one question asked (a text asked before keeps its first id); None when the question is
+        empty and ``drop_empty`` drops it."""
+        if _is_empty(text):
+            if not self.drop_empty:
+                raise AdapterError(f"{where}: empty question; pass --drop-empty to drop empty questions (they are "
+                                   "counted), or fill it in")
+            self.dropped_questions += 1
+            return None
         check_text(text, where, "question")
+        self.asked += 1
         if text in self._query_by_text:
-            qid = self._query_by_text[text]
-        else:
-            qid = check_id(qid or f"q{len(self.queries)}", where, "query id")
-            if qid in self.queries:
-                raise AdapterError(f"{where}: duplicate query id {qid!r}")
-            self.queries[qid] = text
-            self._query_by_text[text] = qid
-        self.qrels.setdefault(qid, {})[cid] = 1
+            known = self._query_by_text[text]
+            if self.side[known] != self.source:
+                self.crossed.add(known)
+            return known
+        qid = check_id(self._free_id(self.queries, "q") if qid is None else qid, where, "query id")
+        if qid in self.queries:
+            raise AdapterError(f"{where}: query id {qid!r} has another text than at {self._where['query', qid]}")
+        self.queries[qid] = text
+        self.side[qid] = self.source
+        self._where["query", qid] = where
+        self._query_by_text[text] = qid
+        return qid
 
-    def dataset(self) -> Dataset:
-        ds = Dataset(corpus=self.corpus, queries=self.queries, qrels={"all": self.qrels}, titles=self.titles)
-        ds.validate(self.source)
+    def judge(self, qid: str, cid: str, score: int = 1) -> None:
+        self.qrels.setdefault(qid, {})[cid] = score
+
+    def drop_questions(self, texts: Any) -> None:
+        """The questions asked of a dropped chunk: counted when no kept chunk has them."""
+        self.dropped_asked.update(t for t in texts if isinstance(t, str) and t.strip())
+
+    def dataset(self, source: str, splits: tuple[str, ...] = ()) -> Dataset:
+        """The dataset read; ``splits``: the sources' names as splits, in order (a query on its first source's)."""
+        qrels = {"all": self.qrels}
+        for i, name in enumerate(splits):
+            qrels[name] = {q: rels for q, rels in self.qrels.items() if self.side[q] == i}
+        ds = Dataset(corpus=self.corpus, queries=self.queries, qrels=qrels, titles=self.titles)
+        ds.validate(source)
         return ds
+
+    def report(self, source: str, sources: list[Path], splits: tuple[str, ...] = ()) -> None:
+        """One logged line for each thing the data did not say plainly: repeats merged, empties dropped, questions
+        asked on two sides of a given split."""
+        repeated = self.asked - len(self.queries)
+        if repeated:
+            logger.info("%s: %d repeated question texts merged: %d questions asked, %d queries (a question asked of "
+                        "several chunks is one query, relevant to each)", source, repeated, self.asked,
+                        len(self.queries))
+        if self.dropped_chunks or self.dropped_questions:
+            only = len(self.dropped_asked - self._query_by_text.keys())
+            shown = "; ".join(self.dropped_chunks[:5]) + ("; ..." if len(self.dropped_chunks) > 5 else "")
+            chunks = (f"{len(self.dropped_chunks)} empty chunks ({shown}) with the {only} questions asked only of "
+                      "them" if self.dropped_chunks else "")
+            empty = f"{self.dropped_questions} empty questions" if self.dropped_questions else ""
+            logger.warning("%s: --drop-empty dropped %s", source, " and ".join(p for p in (chunks, empty) if p))
+        if splits and self.crossed:
+            logger.warning("%s: %d questions of a later source were already asked in an earlier one: each stays in "
+                           "the split of the first (%s)", source, len(self.crossed),
+                           ", ".join(f"{s.name} -> {n}" for s, n in zip(sources, splits, strict=True)))
 
 
 def _first_key(obj: dict, keys: tuple[str, ...]) -> str | None:
     return next((k for k in keys if k in obj), None)
 
 
-def _load_json(path: Path) -> Any:
+def _read_json(path: Path, hint: str = "") -> tuple[Any, list[int] | None]:
+    """The JSON value of ``path``; or, for JSON Lines (one object per line, whatever the file's name: Hugging Face's
+    ``Dataset.to_json`` writes them under ``.json``), the list of its objects and their line numbers. ``hint`` ends
+    the message of a file that is neither."""
     text = read_text(path)
     try:
-        return json.loads(text)
+        return json.loads(text), None
     except json.JSONDecodeError as e:
-        raise AdapterError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        error = e
     except RecursionError:
         raise AdapterError(f"{path}: JSON nested too deeply") from None
+    first = next((line for line in text.split("\n") if line.strip()), "")
+    try:
+        lines = isinstance(json.loads(first), dict)
+    except (json.JSONDecodeError, RecursionError):
+        lines = False
+    if not lines:
+        raise AdapterError(f"{path}:{error.lineno}: malformed JSON ({error.msg}){hint}") from None
+    rows = list(iter_jsonl(path, text))
+    return [obj for _, obj in rows], [n for n, _ in rows]
 
 
-def _from_chunks(path: Path) -> Dataset:
-    """(a) A JSON list of chunks, each holding its text and a dict or list of questions (the AppleQA shape)."""
-    items = _load_json(path)
-    if not isinstance(items, list) or not items:
-        raise AdapterError(f"{path}: expected a non-empty JSON list of chunk objects")
-    b = _Builder(path)
-    for i, item in enumerate(items):
-        where = f"{path}: item {i}"
+def _records(path: Path) -> list[tuple[str, Any]]:
+    """(location, record) of each record of a JSON list, a JSON Lines file or a single JSON object."""
+    value, lines = _read_json(path)
+    if lines is not None:
+        return [(f"{path}:{n}", obj) for n, obj in zip(lines, value, strict=True)]
+    if isinstance(value, dict):
+        return [(str(path), value)]
+    if isinstance(value, list):
+        return [(f"{path}: item {i}", obj) for i, obj in enumerate(value)]
+    raise AdapterError(f"{path}: expected a JSON list of objects, or JSON Lines; got {type(value).__name__}")
+
+
+def _from_chunks(path: Path, b: _Builder) -> None:
+    """(a) Chunks, each holding its text and a dict or list of questions (the AppleQA shape): a JSON list, or JSON
+    Lines of the same objects."""
+    records = _records(path)
+    if not records:
+        raise AdapterError(f"{path}: expected a non-empty list of chunk objects")
+    for i, (where, item) in enumerate(records):
         if not isinstance(item, dict):
             raise AdapterError(f"{where}: expected an object")
         tkey, qkey, ikey = (_first_key(item, k) for k in (CHUNK_TEXT_KEYS, QUESTION_LIST_KEYS, CHUNK_ID_KEYS))
@@ -531,40 +636,50 @@ def _from_chunks(path: Path) -> Dataset:
             raise AdapterError(f"{where}: missing chunk text (one of {', '.join(CHUNK_TEXT_KEYS)})")
         if qkey is None:
             raise AdapterError(f"{where}: missing questions (one of {', '.join(QUESTION_LIST_KEYS)})")
-        cid = b.chunk(item[tkey], where, item[ikey] if ikey else i, item.get("title"))
         questions = item[qkey]
         if isinstance(questions, dict):
             questions = list(questions.values())
         if not isinstance(questions, list) or not questions:
             raise AdapterError(f"{where}: {qkey!r} must be a non-empty list or dict of questions")
+        cid = b.chunk(item[tkey], where, item.get(ikey) if ikey else None, item.get("title"), default=i)
+        if cid is None:
+            b.drop_questions(questions)
+            continue
         for j, q in enumerate(questions):
-            b.question(q, cid, f"{where}, question {j}", qid=f"{cid}_q{j}")
-    return b.dataset()
+            qid = b.question(q, f"{where}, question {j}", qid=f"{cid}_q{j}")
+            if qid is not None:
+                b.judge(qid, cid)
 
 
-def _from_llamaindex(path: Path) -> Dataset:
+def _from_llamaindex(path: Path, b: _Builder) -> None:
     """(b) LlamaIndex EmbeddingQAFinetuneDataset JSON: {"queries", "corpus", "relevant_docs"}."""
-    obj = _load_json(path)
+    obj, lines = _read_json(path)
+    if lines is not None or not isinstance(obj, dict):
+        raise AdapterError(f"{path}: expected one JSON object with queries, corpus and relevant_docs")
     for key in ("queries", "corpus", "relevant_docs"):
         if not isinstance(obj.get(key), dict):
             raise AdapterError(f"{path}: missing or non-object {key!r}")
-    b = _Builder(path)
-    for cid, text in obj["corpus"].items():
-        b.chunk(text, f"{path}: corpus {cid!r}", cid)
+    kept = {str(cid): b.chunk(text, f"{path}: corpus {cid!r}", cid) for cid, text in obj["corpus"].items()}
     for qid, docs in obj["relevant_docs"].items():
         if qid not in obj["queries"]:
             raise AdapterError(f"{path}: relevant_docs names unknown query id {qid!r}")
         if isinstance(docs, str):
             docs = [docs]
         for cid in docs:
-            if str(cid) not in b.corpus:
+            if str(cid) not in kept:
                 raise AdapterError(f"{path}: relevant_docs of {qid!r} names unknown corpus id {cid!r}")
-            b.question(obj["queries"][qid], str(cid), f"{path}: query {qid!r}", qid=str(qid))
-    return b.dataset()
+        cids = [c for c in (kept[str(d)] for d in docs) if c is not None]
+        if not cids:
+            b.drop_questions([obj["queries"][qid]])
+            continue
+        q = b.question(obj["queries"][qid], f"{path}: query {qid!r}", qid=str(qid))
+        for cid in cids:
+            if q is not None:
+                b.judge(q, cid)
 
 
 def _pair_rows(path: Path) -> Iterator[tuple[str, dict]]:
-    """Yield (location, row) from a CSV or JSONL pairs file."""
+    """Yield (location, row) from a CSV file, or a JSON Lines file or JSON list of objects."""
     if path.suffix.lower() == ".csv":
         rows = _csv_rows(path)
         header = next(rows, (1, []))[1]
@@ -577,14 +692,17 @@ def _pair_rows(path: Path) -> Iterator[tuple[str, dict]]:
                 raise AdapterError(f"{path}:{n}: fewer columns than the header ({len(row)} of {len(header)})")
             yield f"{path}:{n}", dict(zip(header, row, strict=True))
         return
-    for n, row in iter_jsonl(path):
-        yield f"{path}:{n}", row
+    for where, row in _records(path):
+        if not isinstance(row, dict):
+            raise AdapterError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
 
 
-def _from_pairs(path: Path) -> Dataset:
-    """(c) Question/chunk pairs in CSV or JSONL; a chunk repeated over many rows becomes one corpus entry."""
-    b = _Builder(path)
+def _from_pairs(path: Path, b: _Builder) -> None:
+    """(c) Question/chunk pairs in CSV or JSON Lines; a chunk repeated over many rows becomes one corpus entry."""
+    rows = 0
     for where, row in _pair_rows(path):
+        rows += 1
         qkey, tkey, ikey = (_first_key(row, k) for k in (PAIR_QUERY_KEYS, PAIR_TEXT_KEYS, PAIR_ID_KEYS))
         if qkey is None:
             raise AdapterError(f"{where}: missing column {' or '.join(PAIR_QUERY_KEYS)}")
@@ -592,72 +710,112 @@ def _from_pairs(path: Path) -> Dataset:
             raise AdapterError(f"{where}: missing column {' or '.join(PAIR_TEXT_KEYS)}")
         chunk_id = row[ikey] if ikey and row[ikey] not in (None, "") else None
         cid = b.chunk(row[tkey], where, chunk_id)
-        b.question(row[qkey], cid, where)
-    if not b.corpus:
+        if cid is None:
+            b.drop_questions([row[qkey]])
+            continue
+        qid = b.question(row[qkey], where)
+        if qid is not None:
+            b.judge(qid, cid)
+    if not rows:
         raise AdapterError(f"{path}: no rows")
-    return b.dataset()
 
 
-def _from_beir(path: Path) -> Dataset:
+def _from_beir(path: Path, b: _Builder) -> None:
     """(d) A BEIR folder: corpus, queries and the union of its qrels files."""
     ds = load_dataset(path)
-    merged: Qrels = {}
+    for cid, text in ds.corpus.items():
+        b.chunk(text, f"{path}: corpus {cid!r}", cid, ds.titles.get(cid))
+    judged: Qrels = {}
     for qrels in ds.qrels.values():
         for qid, rels in qrels.items():
-            merged.setdefault(qid, {}).update(rels)
-    ds.qrels = {"all": merged}
-    return ds
+            judged.setdefault(qid, {}).update(rels)
+    for qid, text in ds.queries.items():
+        q = b.question(text, f"{path}: query {qid!r}", qid=qid)
+        for cid, score in judged.get(qid, {}).items():
+            if q is not None:
+                b.judge(q, cid, score)
 
 
-_CONVERTERS = {"chunks": _from_chunks, "llamaindex": _from_llamaindex, "pairs": _from_pairs, "beir": _from_beir}
+_CONVERTERS: dict[str, Callable[[Path, _Builder], None]] = {
+    "chunks": _from_chunks, "llamaindex": _from_llamaindex, "pairs": _from_pairs, "beir": _from_beir}
 
 
 def detect_format(src: str | os.PathLike) -> str:
-    """Name the format of ``src`` (one of FORMATS) from its shape, or raise saying why it could not."""
+    """Name the format of ``src`` (one of FORMATS) from its content (a ``.csv`` is read as pairs), or raise saying
+    why it could not, and that ``--format`` names it."""
     src = Path(src)
     if src.is_dir():
         return "beir"
     if not src.is_file():
         raise AdapterError(f"{src}: no such file or folder")
-    suffix = src.suffix.lower()
-    if suffix == ".csv":
+    if src.suffix.lower() == ".csv":
         return "pairs"
-    if suffix == ".jsonl":
-        for _, row in _pair_rows(src):
-            if _first_key(row, PAIR_QUERY_KEYS):
-                return "pairs"
-            break
-        raise AdapterError(f"{src}: JSONL rows have no {'/'.join(PAIR_QUERY_KEYS)} key; pass --format")
-    obj = _load_json(src)
-    if isinstance(obj, dict) and {"queries", "corpus", "relevant_docs"} <= obj.keys():
+    formats = f"pass --format ({', '.join(FORMATS)})"
+    value, lines = _read_json(src, hint=f"; if it is not JSON or JSON Lines, {formats}")
+    if lines is None and isinstance(value, dict) and {"queries", "corpus", "relevant_docs"} <= value.keys():
         return "llamaindex"
-    if isinstance(obj, list) and obj and isinstance(obj[0], dict) and _first_key(obj[0], QUESTION_LIST_KEYS):
-        return "chunks"
-    raise AdapterError(f"{src}: cannot detect the format; pass --format ({', '.join(FORMATS)})")
+    rows = value if lines is not None or isinstance(value, list) else [value]
+    first = rows[0] if rows else None
+    if isinstance(first, dict):
+        if _first_key(first, QUESTION_LIST_KEYS):
+            return "chunks"
+        if _first_key(first, PAIR_QUERY_KEYS):
+            return "pairs"
+        keys = ", ".join(map(str, list(first)[:8])) or "none"
+        raise AdapterError(f"{src}: cannot detect the format: the first record's keys ({keys}) hold no questions "
+                           f"({'/'.join(QUESTION_LIST_KEYS)}) and no question ({'/'.join(PAIR_QUERY_KEYS)}); {formats}")
+    raise AdapterError(f"{src}: cannot detect the format; {formats}")
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, *, fmt: str | None = None,
-            force: bool = False) -> tuple[Dataset, str]:
-    """Read ``src`` in any supported format and write it to ``out`` as a dataset folder; returns it and the format."""
-    src = Path(src)
-    if fmt is None:
-        fmt = detect_format(src)
-        logger.debug("detected format: %s", fmt)
-    if fmt not in _CONVERTERS:
+def convert(src: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.PathLike, *, fmt: str | None = None,
+            force: bool = False, drop_empty: bool = False, keep_split: bool = False) -> tuple[Dataset, str]:
+    """Read ``src`` in any supported format, or several sources merged into one dataset, and write it to ``out`` as a
+    dataset folder; returns it and the format (each source's, comma-joined where they differ).
+
+    Several sources share one corpus (a chunk id named in two must carry the same text) and one query per question
+    text. ``keep_split``: the sources are the split as given, in the order train, test (or train, dev, test), written
+    beside qrels/all.tsv; a question asked in two sources stays on its first one's side. ``drop_empty``: an empty
+    chunk text is dropped with the questions asked of it, and an empty question is dropped, both reported in one
+    logged line; without it either is an error naming the chunk and this way on."""
+    sources = [Path(src)] if isinstance(src, (str, os.PathLike)) else [Path(s) for s in src]
+    if not sources:
+        raise AdapterError("convert needs a source file or folder")
+    splits: tuple[str, ...] = ()
+    if keep_split:
+        if len(sources) not in (2, 3):
+            raise AdapterError(f"--keep-split needs two sources (train, test) or three (train, dev, test), got "
+                               f"{len(sources)}")
+        splits = ("train", "test") if len(sources) == 2 else SPLITS
+    if fmt is not None and fmt not in _CONVERTERS:
         raise AdapterError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
-    if not src.exists():
-        raise AdapterError(f"{src}: no such file or folder")
-    if src.is_dir() and fmt != "beir":
-        raise AdapterError(f"{src}: is a folder; --format {fmt} reads one file (a folder is read as beir)")
-    try:
-        dataset = _CONVERTERS[fmt](src)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise AdapterError(f"{src}: does not look like the {fmt!r} format ({type(e).__name__}: {e})") from None
-    if Path(out).resolve() == src.resolve():
-        raise AdapterError(f"{out}: output folder is the source folder")
+    seen: dict[Path, Path] = {}
+    for s in sources:
+        if not s.exists():
+            raise AdapterError(f"{s}: no such file or folder")
+        if Path(out).resolve() == s.resolve():
+            raise AdapterError(f"{out}: output folder is the source folder")
+        if s.resolve() in seen:
+            raise AdapterError(f"{s}: given twice (as {seen[s.resolve()]} too)")
+        seen[s.resolve()] = s
+    b = _Builder(drop_empty=drop_empty)
+    formats = []
+    for i, s in enumerate(sources):
+        kind = fmt or detect_format(s)
+        logger.debug("%s: format %s", s, kind)
+        if s.is_dir() and kind != "beir":
+            raise AdapterError(f"{s}: is a folder; --format {kind} reads one file (a folder is read as beir)")
+        b.source = i
+        try:
+            _CONVERTERS[kind](s, b)
+        except (KeyError, TypeError, AttributeError) as e:
+            raise AdapterError(f"{s}: does not look like the {kind!r} format ({type(e).__name__}: {e})") from None
+        formats.append(kind)
+    where = ", ".join(map(str, sources))
+    dataset = b.dataset(where, splits)
     save_dataset(dataset, out, force=force)
+    b.report(where, sources, splits)
     dataset.path = Path(out)
-    return dataset, fmt
+    return dataset, ", ".join(dict.fromkeys(formats))
 
 
 # ---------------------------------------------------------------------------------------------------------- splits
@@ -692,9 +850,10 @@ def partition_qrels(qrels: Qrels, *, by: str, test_fraction: float, dev_fraction
 
 def split_dataset(path: str | os.PathLike, cfg: Config | None = None, *, by: str | None = None,
                   test_fraction: float | None = None, dev_fraction: float | None = None,
-                  seed: int | None = None) -> dict[str, Any]:
+                  seed: int | None = None, force: bool = False) -> dict[str, Any]:
     """Split ``qrels/all.tsv`` into train/test (and dev) qrels files as ``cfg.split`` says (the keywords override
-    it); same seed, same split.
+    it); same seed, same split. An existing split (drawn before, or kept as given by ``convert``) is replaced only
+    with ``force``.
 
     ``by="query"`` holds out random queries; ``by="chunk"`` holds out whole chunks, so no test (or dev) query's
     relevant chunk appears in train; a query whose relevant chunks fall on both sides is dropped and counted. The
@@ -710,6 +869,8 @@ def split_dataset(path: str | os.PathLike, cfg: Config | None = None, *, by: str
         raise AdapterError(f"--dev-fraction must be >= 0 with test + dev below 1, got {dev_fraction}")
     path = Path(path)
     ds = load_dataset(path)
+    for name in SPLITS:
+        refuse_existing(path / "qrels" / f"{name}.tsv", force)
     try:
         parts, dropped = partition_qrels(ds.split("all"), by=by, test_fraction=test_fraction,
                                          dev_fraction=dev_fraction, seed=seed)
@@ -722,9 +883,7 @@ def split_dataset(path: str | os.PathLike, cfg: Config | None = None, *, by: str
     files["split.json"] = json.dumps(summary, indent=2).encode("utf-8")
     # the splits and split.json as one unit: a kill never leaves a train split of one seed beside a test of another
     replace_folder(path, files, replaced=tuple(f"qrels/{name}.tsv" for name in SPLITS))
-    if dropped:
-        logger.info("dropped %d queries whose relevant chunks fall on both sides of the split", dropped)
-    return summary
+    return summary  # its dropped_queries: the CLI says it once (a log line here printed it a second time)
 
 
 def split_kind(dataset: Dataset) -> str:

@@ -191,7 +191,7 @@ def test_split_by_query_is_seeded_and_complete(tmp_path):
     ds = write_dataset(tmp_path / "ds")
     s1 = split_dataset(ds, by="query", test_fraction=0.3, seed=0)
     first = {n: (ds / "qrels" / f"{n}.tsv").read_text() for n in ("train", "test")}
-    split_dataset(ds, by="query", test_fraction=0.3, seed=0)
+    split_dataset(ds, by="query", test_fraction=0.3, seed=0, force=True)
     assert first == {n: (ds / "qrels" / f"{n}.tsv").read_text() for n in ("train", "test")}
     loaded = load_dataset(ds)
     assert set(loaded.qrels["train"]) | set(loaded.qrels["test"]) == set(QUESTIONS)
@@ -199,7 +199,7 @@ def test_split_by_query_is_seeded_and_complete(tmp_path):
     assert s1["queries"]["test"] == 2 and json.loads((ds / "split.json").read_text())["seed"] == 0
     others = set()
     for seed in range(1, 6):
-        split_dataset(ds, by="query", test_fraction=0.3, seed=seed)
+        split_dataset(ds, by="query", test_fraction=0.3, seed=seed, force=True)
         others.add((ds / "qrels" / "test.tsv").read_text())
     assert len(others - {first["test"]}) >= 1  # other seeds give other splits
 
@@ -221,7 +221,7 @@ def test_split_without_dev_removes_stale_dev(tmp_path):
     ds = write_dataset(tmp_path / "ds")
     split_dataset(ds, by="query", test_fraction=0.3, dev_fraction=0.3)
     assert (ds / "qrels" / "dev.tsv").exists()
-    split_dataset(ds, by="query", test_fraction=0.3)
+    split_dataset(ds, by="query", test_fraction=0.3, force=True)
     assert not (ds / "qrels" / "dev.tsv").exists()
 
 
@@ -270,3 +270,163 @@ def test_save_dataset_is_the_inverse_of_load_dataset(tmp_path):
     ds = load_dataset(folder)
     back = load_dataset(save_dataset(ds, tmp_path / "copy"))
     assert (back.corpus, back.queries, back.qrels, back.titles) == (ds.corpus, ds.queries, ds.qrels, ds.titles)
+
+
+# ---------------------------------------------------------------------------------------------------------- what a
+# newcomer tripped over (issue 22): JSON Lines named .json, an empty chunk, a tutorial's two files, repeats, re-splits
+
+
+@pytest.mark.parametrize("shape, detected", [("pairs", "pairs"), ("chunks", "chunks")])
+def test_json_lines_under_a_json_name_is_read_by_content(shape, detected, tmp_path):
+    """Hugging Face's Dataset.to_json writes JSON Lines, under whatever name it is given (here train.json)."""
+    from datasets import Dataset as HFDataset
+
+    if shape == "pairs":
+        rows = {"anchor": [q for q, cs in QUESTIONS.values() for _ in cs],
+                "positive": [CHUNKS[c] for _, cs in QUESTIONS.values() for c in cs]}
+    else:
+        rows = {"chunk": list(CHUNKS.values()),
+                "questions": [[q for q, cs in QUESTIONS.values() if cid in cs] for cid in CHUNKS]}
+    src = tmp_path / "train.json"
+    HFDataset.from_dict(rows).to_json(src)
+    assert src.read_text().count("\n") == len(rows[next(iter(rows))])  # one object per line, not one JSON value
+    assert detect_format(src) == detected
+    convert(src, tmp_path / "out")
+    assert pairs_of(tmp_path / "out") == expected_pairs()
+    # --format names the shape too, whatever the file is called
+    convert(src, tmp_path / "named", fmt=detected)
+    assert pairs_of(tmp_path / "named") == expected_pairs()
+
+
+@pytest.mark.parametrize("content", ['{"title": "a", "body": "b"}\n{"title": "c", "body": "d"}\n',
+                                     "query\tpassage\nwhat\tit\n"])
+def test_where_detection_fails_the_error_names_format(content, tmp_path):
+    src = tmp_path / "data.json"
+    src.write_text(content)
+    r = CliRunner().invoke(main, ["convert", str(src), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "pass --format (chunks, llamaindex, pairs, beir)" in r.output and "data.json" in r.output
+
+
+def empty_chunk_source(tmp: Path) -> Path:
+    """The tiny dataset as chunks JSON, the lead-pipe chunk's text emptied: its one question goes with it."""
+    items = [{"chunk_id": cid, "text": "" if cid == "lead" else text,
+              "questions": [q for q, cs in QUESTIONS.values() if cid in cs]} for cid, text in CHUNKS.items()]
+    path = tmp / "chunks.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_an_empty_chunk_is_named_with_the_way_on(tmp_path, caplog):
+    src = empty_chunk_source(tmp_path)
+    r = CliRunner().invoke(main, ["convert", str(src), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "item 5 (chunk 'lead'): empty chunk text; pass --drop-empty" in r.output
+    assert not (tmp_path / "out").exists()
+    with caplog.at_level("INFO", logger="adapter"):
+        r = CliRunner().invoke(main, ["convert", str(src), "--out", str(tmp_path / "out"), "--drop-empty"])
+    assert r.exit_code == 0, r.output
+    kept = {(q, t) for q, t in expected_pairs() if t != CHUNKS["lead"]}
+    assert pairs_of(tmp_path / "out") == kept
+    assert "is there lead in the pipes of an old house" not in (tmp_path / "out" / "queries.jsonl").read_text()
+    dropped = [r.getMessage() for r in caplog.records if "--drop-empty dropped" in r.getMessage()]
+    assert len(dropped) == 1 and "1 empty chunks (" in dropped[0] and "'lead'" in dropped[0]
+    assert "with the 1 questions asked only of them" in dropped[0]
+
+
+def test_empty_questions_are_dropped_and_counted(tmp_path, caplog):
+    src = tmp_path / "pairs.jsonl"
+    rows = [{"question": q, "text": CHUNKS[c]} for q, cs in QUESTIONS.values() for c in cs]
+    rows += [{"question": "  ", "text": CHUNKS["burst"]}, {"question": None, "text": CHUNKS["meter"]}]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(AdapterError, match=r"pairs.jsonl:9: empty question; pass --drop-empty"):
+        convert(src, tmp_path / "out")
+    with caplog.at_level("INFO", logger="adapter"):
+        convert(src, tmp_path / "out", drop_empty=True)
+    assert pairs_of(tmp_path / "out") == expected_pairs()
+    assert any("--drop-empty dropped 2 empty questions" == r.getMessage().split(": ", 1)[1] for r in caplog.records)
+
+
+def llamaindex_file(path: Path, qids: list[str], corpus: dict[str, str] | None = None) -> Path:
+    """A LlamaIndex EmbeddingQAFinetuneDataset file (as its save_json writes) with the given tiny-dataset queries and
+    the chunks they ask about (or ``corpus``)."""
+    cids = {c for q in qids for c in QUESTIONS[q][1]}
+    path.write_text(json.dumps({"queries": {q: QUESTIONS[q][0] for q in qids},
+                                "corpus": corpus or {c: CHUNKS[c] for c in CHUNKS if c in cids},
+                                "relevant_docs": {q: QUESTIONS[q][1] for q in qids}, "mode": "text"}))
+    return path
+
+
+def test_a_tutorials_train_and_val_files_become_one_dataset_with_their_split(tmp_path):
+    train_q, val_q = list(QUESTIONS)[:4], list(QUESTIONS)[4:]  # q_water (val) shares the burst chunk with train
+    train = llamaindex_file(tmp_path / "train_dataset.json", train_q)
+    val = llamaindex_file(tmp_path / "val_dataset.json", val_q)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["convert", str(train), str(val), "--out", str(out), "--keep-split"])
+    assert r.exit_code == 0, r.output
+    assert "detected: llamaindex" in r.output and "split as given: 4 train, 3 test queries" in r.output
+    ds = load_dataset(out)
+    assert pairs_of(out) == expected_pairs() and ds.corpus == CHUNKS  # 'burst' is in both files: one chunk
+    assert set(ds.qrels["train"]) == set(train_q) and set(ds.qrels["test"]) == set(val_q)
+    assert set(ds.qrels) == {"all", "train", "test"}
+    # without --keep-split: one dataset, every judgement in all.tsv, ready for `adapter split`
+    r = CliRunner().invoke(main, ["convert", str(train), str(val), "--out", str(tmp_path / "merged")])
+    assert r.exit_code == 0 and set(load_dataset(tmp_path / "merged").qrels) == {"all"}
+    assert pairs_of(tmp_path / "merged") == expected_pairs()
+    # the given split is a split: `adapter split` refuses to replace it without --force
+    r = CliRunner().invoke(main, ["split", str(out)])
+    assert r.exit_code == 1 and "qrels/train.tsv: already exists; pass --force" in r.output
+
+
+def test_a_chunk_id_with_two_texts_in_two_sources_is_one_line(tmp_path):
+    train = llamaindex_file(tmp_path / "train.json", ["q_burst"])
+    val = llamaindex_file(tmp_path / "val.json", ["q_water"], {"burst": "another text", "chlorine": CHUNKS["chlorine"]})
+    r = CliRunner().invoke(main, ["convert", str(train), str(val), "--out", str(tmp_path / "out"), "--keep-split"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "val.json: corpus 'burst': chunk id 'burst' has another text than at" in r.output
+    assert "train.json: corpus 'burst'" in r.output and not (tmp_path / "out").exists()
+
+
+def test_keep_split_wants_two_or_three_sources(tmp_path):
+    src = llamaindex_file(tmp_path / "train.json", ["q_burst"])
+    r = CliRunner().invoke(main, ["convert", str(src), "--out", str(tmp_path / "out"), "--keep-split"])
+    assert r.exit_code == 1 and "--keep-split needs two sources (train, test) or three" in r.output
+
+
+def test_repeated_question_texts_are_merged_in_one_line_with_the_count(tmp_path, caplog):
+    src = make_source("pairs-jsonl", tmp_path)  # q_water is asked of two chunks: two rows, one query
+    extra = json.dumps({"question": QUESTIONS["q_lead"][0], "text": CHUNKS["lead"]}) + "\n"  # a row given twice
+    src.write_text(src.read_text() + extra)
+    with caplog.at_level("INFO", logger="adapter"):
+        ds, _ = convert(src, tmp_path / "out")
+    lines = [r.getMessage() for r in caplog.records if "repeated question texts merged" in r.getMessage()]
+    assert len(lines) == 1 and "2 repeated question texts merged: 9 questions asked, 7 queries" in lines[0]
+    assert len(ds.queries) == len(QUESTIONS)
+
+
+def test_split_refuses_an_existing_split_without_force(tmp_path):
+    ds = write_dataset(tmp_path / "ds")
+    assert CliRunner().invoke(main, ["split", str(ds), "--seed", "0"]).exit_code == 0
+    before = {p.name: p.read_text() for p in (ds / "qrels").iterdir()}
+    r = CliRunner().invoke(main, ["split", str(ds), "--seed", "1"])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "qrels/train.tsv: already exists; pass --force" in r.output
+    assert {p.name: p.read_text() for p in (ds / "qrels").iterdir()} == before
+    r = CliRunner().invoke(main, ["split", str(ds), "--seed", "1", "--force"])
+    assert r.exit_code == 0 and json.loads((ds / "split.json").read_text())["seed"] == 1
+
+
+def test_split_says_dropped_queries_once(tmp_path):
+    """The count was logged by the library and printed again by the command: the real CLI, its whole output."""
+    import os
+    import subprocess
+    import sys
+
+    ds = write_dataset(tmp_path / "ds")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", "from cli import main; main()", "split", str(ds), "--by", "chunk",
+                          "--test-fraction", "0.34", "--seed", "1"], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    said = [line for line in (run.stdout + run.stderr).splitlines() if "dropped" in line]
+    assert len(said) == 1 and "1 queries dropped" in said[0], run.stdout + run.stderr

@@ -207,10 +207,10 @@ def test_split_writes_its_files_as_one_unit(tmp_path, monkeypatch):
 
     monkeypatch.setattr(adapter.data, "atomic_write", dies_on_test_split)
     with pytest.raises(KeyboardInterrupt):
-        split_dataset(ds, by="query", test_fraction=0.3, seed=1)
+        split_dataset(ds, by="query", test_fraction=0.3, seed=1, force=True)
     assert tree(ds) == before and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary left
     monkeypatch.undo()
-    split_dataset(ds, by="query", test_fraction=0.3, seed=1)
+    split_dataset(ds, by="query", test_fraction=0.3, seed=1, force=True)
     assert json.loads((ds / "split.json").read_text())["seed"] == 1 and tree(ds) != before
 
 

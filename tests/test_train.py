@@ -172,7 +172,7 @@ def test_both_validation_slices_are_carved_whatever_the_split(tmp_path, minilm):
     folder = write_dataset(tmp_path / "ds")
     enc = Encoder(minilm, show_progress=False)
     for by in ("chunk", "query"):
-        split_dataset(folder, by=by, test_fraction=0.2, seed=0)
+        split_dataset(folder, by=by, test_fraction=0.2, seed=0, force=True)
         r = train_adapter(load_dataset(folder), Config().replace(epochs=1, recipe="infonce"), encoder=enc,
                           progress=False)
         est = r.adapter.metadata["estimates"]
