@@ -76,6 +76,21 @@ class Backend(Protocol):
         """Unit vectors (n, dim) float32 for ``texts``, in order; ``on_batch`` sees each finished batch first."""
         ...
 
+    def _by_batch(self, fn: Callable[..., Any], texts: list[str], kwargs: dict[str, Any], bar: Any) -> np.ndarray:
+        """One part's vectors, encoded a batch at a time in sentence-transformers' own order (longest texts first:
+        little padding), the bar moved after each batch."""
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        done = []
+        for lo in range(0, len(texts), self.batch_size):
+            batch = [texts[i] for i in order[lo:lo + self.batch_size]]
+            done.append(np.asarray(fn(batch, batch_size=self.batch_size, normalize_embeddings=True,
+                                      convert_to_numpy=True, show_progress_bar=False, **kwargs),
+                                   dtype=np.float32).reshape(len(batch), -1))
+            bar.update(len(batch))
+        vectors = np.empty((len(texts), done[0].shape[1]), dtype=np.float32)
+        vectors[order] = np.concatenate(done)
+        return vectors
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text as the model counts them (an estimate for a remote model): the usage a server reports."""
         ...
@@ -297,7 +312,8 @@ class SentenceTransformerBackend:
         pool = self._start_pool() if self.pool and len(texts) >= self.pool_min_texts else None
         watch = _PoolWatch([p.pid for p in pool["processes"]]) if pool else None
         step = part * len(pool["processes"]) if pool else part
-        bar = _progress(len(texts), self.name, self.show_progress and len(texts) > part)
+        # one bar at any size, moved per batch: sentence-transformers' own bar covers one call (one part) only
+        bar = _progress(len(texts), self.name, self.show_progress)
         out = np.empty((len(texts), self.dim or 0), dtype=np.float32)
         try:
             if pool:
@@ -305,8 +321,11 @@ class SentenceTransformerBackend:
             for lo in range(0, len(texts), step):
                 chunk = texts[lo:lo + step]
                 try:
-                    vectors = fn(chunk, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                                 show_progress_bar=self.show_progress and len(texts) <= part, **kwargs)
+                    if pool:  # the bar moves as each round ends: the pool hands back whole calls only
+                        vectors = fn(chunk, batch_size=self.batch_size, normalize_embeddings=True,
+                                     convert_to_numpy=True, show_progress_bar=False, **kwargs)
+                    else:
+                        vectors = self._by_batch(fn, chunk, kwargs, bar)
                 except RuntimeError as e:
                     if pool is None:
                         raise
@@ -317,7 +336,8 @@ class SentenceTransformerBackend:
                 if on_batch is not None:
                     for a in range(0, len(chunk), part):  # one part (one cache shard) per worker's block
                         on_batch(np.arange(lo + a, lo + min(a + part, len(chunk))), vectors[a:a + part])
-                bar.update(len(chunk))
+                if pool:
+                    bar.update(len(chunk))
         finally:
             bar.close()
             if pool is not None:
@@ -326,6 +346,21 @@ class SentenceTransformerBackend:
             if watch is not None:
                 watch.release()
         return out
+
+    def _by_batch(self, fn: Callable[..., Any], texts: list[str], kwargs: dict[str, Any], bar: Any) -> np.ndarray:
+        """One part's vectors, encoded a batch at a time in sentence-transformers' own order (longest texts first:
+        little padding), the bar moved after each batch."""
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        done = []
+        for lo in range(0, len(texts), self.batch_size):
+            batch = [texts[i] for i in order[lo:lo + self.batch_size]]
+            done.append(np.asarray(fn(batch, batch_size=self.batch_size, normalize_embeddings=True,
+                                      convert_to_numpy=True, show_progress_bar=False, **kwargs),
+                                   dtype=np.float32).reshape(len(batch), -1))
+            bar.update(len(batch))
+        vectors = np.empty((len(texts), done[0].shape[1]), dtype=np.float32)
+        vectors[order] = np.concatenate(done)
+        return vectors
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text with the model's own tokenizer, truncated as the model truncates."""
@@ -372,6 +407,21 @@ class OpenAIBackend:
 
     def role_tag(self, role: Role) -> str:
         return f"\0{self.prefixes[role]}"
+
+    def _by_batch(self, fn: Callable[..., Any], texts: list[str], kwargs: dict[str, Any], bar: Any) -> np.ndarray:
+        """One part's vectors, encoded a batch at a time in sentence-transformers' own order (longest texts first:
+        little padding), the bar moved after each batch."""
+        order = np.argsort([-len(t) for t in texts], kind="stable")
+        done = []
+        for lo in range(0, len(texts), self.batch_size):
+            batch = [texts[i] for i in order[lo:lo + self.batch_size]]
+            done.append(np.asarray(fn(batch, batch_size=self.batch_size, normalize_embeddings=True,
+                                      convert_to_numpy=True, show_progress_bar=False, **kwargs),
+                                   dtype=np.float32).reshape(len(batch), -1))
+            bar.update(len(batch))
+        vectors = np.empty((len(texts), done[0].shape[1]), dtype=np.float32)
+        vectors[order] = np.concatenate(done)
+        return vectors
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """An estimate (``estimate_tokens``): the server's tokenizer is not ours to run."""

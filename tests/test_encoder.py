@@ -154,3 +154,38 @@ def test_evaluate_bad_input(tiny_dataset, tmp_path, args, words):
     r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), *args, "--json", str(out)])
     assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output
     assert not out.exists()
+
+
+class _Bar:
+    """Stands in for the progress bar: what it was asked to show, and each update."""
+
+    def __init__(self, total: int, name: str, show: bool):
+        self.total, self.show, self.updates = total, show, []
+
+    def update(self, n: int) -> None:
+        self.updates.append(n)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("n", [10, 150])  # below and above one part (batch 4 x 16 batches = 64 texts)
+def test_progress_moves_per_batch_below_and_above_a_part(n, tiny_model_dir, tmp_path, monkeypatch):
+    """Below a part sentence-transformers' own bar ran; above it ours moved once per part (minutes apart on a CPU at
+    the default batch of 64). Now one bar, shown either way, moves after every batch."""
+    import adapter.backends as backends
+
+    bars: list[_Bar] = []
+    monkeypatch.setattr(backends, "_progress", lambda *a: bars.append(_Bar(*a)) or bars[-1])
+    shown: list[bool] = []
+    model = load_model(str(tiny_model_dir))
+    real = model.encode_document
+    monkeypatch.setattr(model, "encode_document", lambda texts, **kw: shown.append(kw.get("show_progress_bar"))
+                        or real(texts, **kw))
+    enc = Encoder(model, cache_dir=tmp_path, batch_size=4)
+    texts = [f"pipe {i} " + "valve " * (i % 7) for i in range(n)]
+    vectors = enc.encode_documents(texts)
+    assert len(bars) == 1 and bars[0].show and bars[0].total == n
+    assert bars[0].updates == [4] * (n // 4) + ([n % 4] if n % 4 else [])  # one update per batch of 4
+    assert not any(shown)  # sentence-transformers' own bar never shows beside it
+    np.testing.assert_allclose(vectors, real(texts, normalize_embeddings=True), atol=1e-5)
