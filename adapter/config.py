@@ -126,6 +126,7 @@ class ReportConfig:
 
     bootstrap_samples: int = 1000  # paired bootstrap resamples of the test queries behind each 95% interval
     latency_queries: int = 20  # single-query encodes timed by `compare`; the median is reported
+    latency_repeats: int = 5  # timings of each of them, warm; the best is kept (other work on the machine only adds)
     level: float = 0.95  # confidence level of the bootstrap intervals
 
 

@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+import timeit
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -216,10 +217,12 @@ class SystemInfo:
     train_seconds: float | None  # training wall time when recorded; None for pre-trained models
     artifact_bytes: int  # the adapter file, or the model's weights
     reembed: bool  # whether using it means embedding the whole corpus again
-    latency_ms: float  # median time to turn one query text into its search vector (embedding + adapter), uncached
+    latency_ms: float  # time to turn one query text into its search vector (embedding + adapter), uncached, warm:
+    # the median over queries of each one's best of ``report.latency_repeats`` timings
     history: dict[str, list] | None = None  # training curves: val_epoch/val (ndcg@10 at full dim), loss_epoch/loss
     rerank_ms: float | None = None  # reranked systems: median time to rerank one query's top-k (in latency_ms too)
     identity: bool = False  # an adapter file whose training shipped the identity (no recipe cleared validation)
+    adapter_ms: float | None = None  # adapters: their own part of latency_ms, the matrix product on one query vector
 
 
 @dataclass
@@ -254,29 +257,34 @@ def _weights_bytes(encoder: Encoder) -> int:
     return sum(t.numel() * t.element_size() for t in encoder.model.state_dict().values())
 
 
-def _encode_seconds(encoder: Encoder, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-text seconds to embed one query on its own (after one warm-up), and the vectors."""
+LATENCY_CLOCK = time.perf_counter  # the clock latencies are read from (tests put a scripted one here)
+APPLY_CALLS = 100  # adapter products per timing: one takes microseconds, below what a single reading resolves
+
+
+def _best_seconds(call: Callable[[], Any], repeats: int, number: int = 1) -> float:
+    """Seconds per call: the best of ``repeats`` timings of ``number`` calls each (timeit's rule: whatever else runs
+    on the machine only adds time, so the least disturbed timing is the closest to the cost itself)."""
+    return min(timeit.Timer(call, timer=LATENCY_CLOCK).repeat(repeat=repeats, number=number)) / number
+
+
+def _encode_seconds(encoder: Encoder, texts: Sequence[str], repeats: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seconds to embed each query on its own, warm (every text embedded once untimed first), best of ``repeats``
+    rounds over all of them (a query's timings spread out in time: a burst of other work cannot spoil them all); and
+    the vectors."""
     kw = {"normalize_embeddings": True, "convert_to_numpy": True, "show_progress_bar": False}
     if encoder.model is not None:
         embed = lambda text: encoder.model.encode_query([text], **kw)[0]  # noqa: E731
     else:  # a remote model: the round trip is the latency
         embed = lambda text: encoder.backend.embed([text], "query")[0]  # noqa: E731
-    embed(texts[0])
-    seconds, vectors = [], []
-    for text in texts:
-        t = time.perf_counter()
-        vectors.append(embed(text))
-        seconds.append(time.perf_counter() - t)
-    return np.array(seconds), np.array(vectors, dtype=np.float32)
+    vectors = np.array([embed(text) for text in texts], dtype=np.float32)  # the warm-up
+    rounds = [[_best_seconds(lambda t=text: embed(t), 1) for text in texts] for _ in range(repeats)]
+    return np.min(rounds, axis=0), vectors
 
 
-def _apply_seconds(adapter: LinearAdapter, vectors: np.ndarray) -> np.ndarray:
-    seconds = []
-    for v in vectors:
-        t = time.perf_counter()
-        adapter.apply(v[None, :])
-        seconds.append(time.perf_counter() - t)
-    return np.array(seconds)
+def _apply_seconds(adapter: LinearAdapter, vectors: np.ndarray, repeats: int) -> np.ndarray:
+    """Seconds the adapter alone adds to each query (its product on one vector, warm), best of ``repeats``."""
+    adapter.apply(vectors[:1])
+    return np.array([_best_seconds(lambda v=v[None, :]: adapter.apply(v), repeats, APPLY_CALLS) for v in vectors])
 
 
 def _rerank_ms(reranker: Reranker, texts: Sequence[str], chunks: Sequence[str]) -> float:
@@ -285,9 +293,11 @@ def _rerank_ms(reranker: Reranker, texts: Sequence[str], chunks: Sequence[str]) 
     return float(np.median([reranker.seconds_per_query(t, chunks) for t in texts]) * 1000)
 
 
-def _costs(systems: Mapping[str, System], texts: Sequence[str], chunks: Sequence[str] = ()) -> dict[str, SystemInfo]:
-    """What each system costs: training time, artifact size, re-embedding, single-query latency (uncached); a
-    reranked system adds its first stage's latency to reranking ``rerank_k`` of ``chunks`` (real corpus chunks)."""
+def _costs(systems: Mapping[str, System], texts: Sequence[str], chunks: Sequence[str] = (), *,
+           repeats: int = ReportConfig.latency_repeats) -> dict[str, SystemInfo]:
+    """What each system costs: training time, artifact size, re-embedding, single-query latency (uncached, warm, the
+    median over ``texts`` of each one's best of ``repeats``; an adapter's own product beside it); a reranked system
+    adds its first stage's latency to reranking ``rerank_k`` of ``chunks`` (real corpus chunks)."""
     timed: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # one timing per encoder, shared by its adapters
     infos: dict[str, SystemInfo] = {}
     rerank_ms: dict[int, float] = {}  # one timing per reranker
@@ -300,16 +310,18 @@ def _costs(systems: Mapping[str, System], texts: Sequence[str], chunks: Sequence
                                      first.reembed, first.latency_ms + ms, rerank_ms=ms)  # curves: its card
             continue
         if id(s.encoder) not in timed:
-            timed[id(s.encoder)] = _encode_seconds(s.encoder, texts)
+            timed[id(s.encoder)] = _encode_seconds(s.encoder, texts, repeats)
         seconds, vectors = timed[id(s.encoder)]
+        ms = float(np.median(seconds) * 1000)
+        own = None
         if s.transform is not None:
-            seconds = seconds + _apply_seconds(s.transform, vectors)
+            own = float(np.median(_apply_seconds(s.transform, vectors, repeats)) * 1000)
             size = (Path(s.source).stat().st_size if Path(s.source).is_file()
                     else sum(t.nbytes for t in s.transform.tensors().values()))
         else:
             size = _weights_bytes(s.encoder)
         infos[name] = SystemInfo(s.kind, s.source, s.meta.get("train_seconds"), size, s.kind in ("fine-tune", "model"),
-                                 float(np.median(seconds) * 1000), training_curves(s.meta),
+                                 ms + (own or 0.0), training_curves(s.meta), adapter_ms=own,
                                  identity=s.meta.get("recipe") == "identity")
     return infos
 
@@ -367,7 +379,8 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
                                               seed=cfg.seed, level=cfg.report.level) for d in per_query[name]}
                    for name, s in systems.items() if s.first_stage} or None
     infos = _costs(systems, [dataset.queries[q] for q in list(qrels)[:cfg.report.latency_queries]],
-                   [dataset.doc_text(c) for c in list(dataset.corpus)[:cfg.rerank.k]])
+                   [dataset.doc_text(c) for c in list(dataset.corpus)[:cfg.rerank.k]],
+                   repeats=cfg.report.latency_repeats)
 
     ensure_dir(out)
     comparison = Comparison(results, infos, intervals, len(qrels), [], rerank_gain, rag_summary,

@@ -135,8 +135,9 @@ def cost_table(c: Comparison, chunks: int) -> str:
             reembed = f"yes ({chunks:,} chunks)" if i.reembed else "no"
         extra = (f" {i.rerank_ms:.1f} ms |" if i.rerank_ms is not None else " — |") if reranked else ""
         kind = kinds[i.kind] + (" (the identity: no recipe cleared validation)" if i.identity else "")
+        own = f" (adapter {i.adapter_ms:.3f} ms)" if i.adapter_ms is not None else ""
         lines.append(f"| {s} | {kind} | {train} | {_size(i.artifact_bytes)} | {reembed} | "
-                     f"{i.latency_ms:.1f} ms |{extra}")
+                     f"{i.latency_ms:.1f} ms{own} |{extra}")
     return "\n".join(lines) + "\n"
 
 
@@ -157,8 +158,10 @@ def render_markdown(dataset: Dataset, cfg: Config, c: Comparison, plots: Sequenc
         "## Costs",
         "",
         "Training time is the recorded wall time of the training run (n/a when the artifact does not record it); "
-        "artifact size is the adapter file or the model's weights; query latency is the median time to embed one "
-        f"query alone (and apply the adapter), over {cfg.report.latency_queries} queries on this machine.",
+        "artifact size is the adapter file or the model's weights; query latency is the time to embed one query "
+        f"alone (and apply the adapter) on this machine, warm: the median over {cfg.report.latency_queries} queries "
+        f"of each one's best of {cfg.report.latency_repeats} timings. An adapter's own part, its matrix product on the "
+        "query vector, is in brackets.",
         "",
         cost_table(c, len(dataset.corpus)),
         *([f"## Reranking: {PRIMARY_METRIC} over each first stage", "",
