@@ -15,6 +15,7 @@ and fits every recipe on every training question for the no-choice rows.
 
     python bench/bench_quality.py [--shared ../shared] [--seeds 0,1,2,3,4] [--shapes 1,2,5,full] [--jobs 2]
                                   [--json bench/results/quality.json] [--from-json FILE] [--set epochs=20 ...]
+                                  [--speed]
 
 Prints Markdown on stdout (BENCHMARKS.md quotes it): test ndcg@10 as a ratio to base, mean ± sd over the seeds.
 """
@@ -182,8 +183,8 @@ def report(cells: list[dict], overrides: dict) -> None:
           "(mean over seeds), known only in hindsight; *share*: the default's gain as a share of its gain.\n")
     print("### At dim 384\n")
     print("| dataset | questions per chunk | split | test | default | `--objective seen` | best fixed (hindsight) | "
-          "share | default's lowest cell (any seed, any dim) | identity shipped |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "share | default's lowest cell (any seed, any dim) | best fixed's lowest cell | identity shipped |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (dname, shape, kind), group in groups(cells).items():
         for test in group[0]["default"]:
             default = [c["default"][test][384] for c in group]
@@ -192,10 +193,11 @@ def report(cells: list[dict], overrides: dict) -> None:
             best = max(fixed, key=fixed.get)
             share = (statistics.mean(default) - 1) / (fixed[best] - 1) if fixed[best] > 1 else float("nan")
             low = min((c["default"][test][d], d, c["seed"]) for c in group for d in DIMS)
+            low_fixed = min(c["fixed"][best][test][d] for c in group for d in DIMS)
             ids = sum(c["recipe"] == "identity" for c in group)
             print(f"| {dname} | {shape} | {label[kind]} | {test} | {fmt(default)} | {fmt(seen)} | {best} "
                   f"{fixed[best]:.3f}x | {share:.0%} | {low[0]:.3f}x (dim {low[1]}, seed {low[2]}) | "
-                  f"{ids} of {len(group)} |")
+                  f"{low_fixed:.3f}x | {ids} of {len(group)} |")
     print("\n### The default at every dim (mean ±sd over seeds)\n")
     print("| dataset | questions per chunk | split | test | " + " | ".join(map(str, DIMS)) + " |")
     print("|---|---|---|---|" + "---|" * len(DIMS))
@@ -225,6 +227,27 @@ def report(cells: list[dict], overrides: dict) -> None:
     print()
 
 
+def speed(data: dict, rounds: int = 3) -> None:
+    """`adapter train`'s training (folds, choice, refit; embedding excluded) on AppleQA by query, seed 0: wall and CPU
+    seconds of each round (CPU seconds / 2 is the wall time on 2 idle cores)."""
+    from adapter.config import Config
+    from adapter.train import train_on_vectors
+
+    d = data["appleqa"]
+    train, _ = scenario(d, "full", "query", 0)
+    rows = []
+    for _ in range(rounds):
+        w, c = time.perf_counter(), time.process_time()
+        r = train_on_vectors(train, d[4], d[3], "bench", Config(), progress=False)
+        rows.append((time.perf_counter() - w, time.process_time() - c))
+    folds = r.estimates["seen"]["folds"]
+    print(f"### Training time, AppleQA by query ({len(train.ids)} questions; {folds} folds; embedding excluded)\n")
+    print("| wall s (each round) | CPU s (each round) | CPU s / 2 cores |")
+    print("|---|---|---|")
+    print(f"| {', '.join(f'{w:.1f}' for w, _ in rows)} | {', '.join(f'{c:.1f}' for _, c in rows)} | "
+          f"{min(c for _, c in rows) / 2:.1f} |\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
@@ -237,6 +260,7 @@ def main() -> None:
                    help="Every cell's numbers (default bench/results/quality.json).")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="Config override (JSON value).")
     p.add_argument("--from-json", type=Path, default=None, help="Render the tables from a --json file, run nothing.")
+    p.add_argument("--speed", action="store_true", help="Only time `adapter train`'s training on AppleQA.")
     a = p.parse_args()
     overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in a.set)}
     if a.from_json:
@@ -248,6 +272,9 @@ def main() -> None:
         report(cells, overrides)
         return
     data = load(a.shared, Path(tempfile.mkdtemp(prefix="bench-quality-")))
+    if a.speed:
+        speed(data)
+        return
     jobs = [(data[dn], dn, shape, kind, int(seed), overrides) for dn in a.datasets.split(",")
             for shape in a.shapes.split(",") for kind in a.scenarios.split(",") for seed in a.seeds.split(",")]
     jobs.sort(key=lambda j: j[2] != "full")  # the largest cells first, so the processes finish together
