@@ -521,7 +521,20 @@ def search(query: str, source, id_field: str | None, adapter_path: str, model: s
         click.echo(json.dumps({"ids": hits.ids, "scores": hits.scores}))
         return
     for rank, (i, s, text) in enumerate(zip(hits.ids, hits.scores, texts, strict=True), 1):
-        click.echo(f"{rank:>3}. id {i}  score {s:.4f}" + (f"  {' '.join(text.split())[:100]}" if text else ""))
+        snippet = _printable(" ".join(text.split())[:100])
+        click.echo(f"{rank:>3}. id {_printable(str(i))}  score {s:.4f}" + (f"  {snippet}" if text else ""))
+
+
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _printable(text: str) -> str:
+    """``text`` as a terminal may show it: control characters (ESC and every terminal sequence it starts, carriage
+    returns, C1 controls) and bidirectional overrides are written as escapes (``\\x1b``), never sent as they are."""
+    import unicodedata
+
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc"
+                   or ch in BIDI_CONTROLS else ch for ch in text)
 
 
 @main.group()

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapter.errors import hold_secret_env, hold_url_secrets, strip_credentials
+
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -257,6 +259,14 @@ class _Sections:
     """What a Config does; ``Config`` below adds the fields: one per entry of SECTIONS (``cfg.train`` ...), each
     defaulting to its section's defaults, then ``seed``."""
 
+    def __post_init__(self) -> None:
+        """Declare this config's secrets to ``errors.redact``: the value of every variable a key is read from,
+        whatever it is called, and the passwords of its URLs are masked wherever the process prints, logs or writes."""
+        for section in (self.llm, self.embedding):
+            hold_secret_env(section.api_key_env)
+            hold_url_secrets(section.base_url)
+        hold_secret_env(self.serve.auth_key_env)
+
     def replace(self, **overrides: Any) -> Config:
         """A copy with fields replaced, by flat name (``FLAT``: ``epochs=5``, ``finetune_lr=1e-5``) or by section
         (``train={"epochs": 5}``); ``None`` values are ignored, so CLI options pass straight in."""
@@ -290,7 +300,8 @@ class _Sections:
         out: dict[str, Any] = {}
         for name in sections or SECTIONS:
             d = dataclasses.asdict(getattr(self, name))
-            out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+            out[name] = {k: list(v) if isinstance(v, tuple) else strip_credentials(v) if isinstance(v, str) else v
+                         for k, v in d.items()}  # a URL's password is never written beside an artifact
         out["seed"] = self.seed
         return out
 

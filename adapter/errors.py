@@ -1,10 +1,12 @@
-"""The project's error type, and the one way an exception from a library becomes part of a one-line message."""
+"""The project's error type, the one way an exception from a library becomes part of a one-line message, and the
+one way secrets are kept out of messages, logs and written files (``redact``)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable
 
 
@@ -34,20 +36,70 @@ SECRET_SHAPES = (
     re.compile(r"(?i)((?:api[_-]?key|token|secret|password)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]{4,}"),  # key=value
     re.compile(r"\b(sk-|hf_|ghp_|xox[abp]-)[A-Za-z0-9_-]{8,}"),  # OpenAI, Hugging Face, GitHub, Slack key shapes
 )
+# a URL's user information (``scheme://user:password@host``, any scheme): everything up to the netloc's last "@"
+URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@\"'<>\\]*(?:@[^\s/?#@\"'<>\\]*)*@")
 MASK = "***"
+MIN_SECRET = 6  # shorter values are not masked by value: masking "none" or "1" everywhere would garble every message
+
+_held: set[str] = set()  # secret values this process holds: keys it read, passwords in URLs and DSNs it was given
+_held_envs: set[str] = set()  # names of the variables a key is read from, whatever they are called
+_lock = threading.Lock()
+
+
+def hold_secret(value: str | None) -> None:
+    """Mask ``value`` in everything ``redact`` cleans from now on: a key, a password, a token this process holds."""
+    if value and len(value) >= MIN_SECRET:
+        with _lock:
+            _held.add(value)
+
+
+def hold_secret_env(name: str | None) -> None:
+    """Mask the value of ``$name`` from now on, whatever the variable is called: the process reads a key from it."""
+    if name:
+        with _lock:
+            _held_envs.add(name)
+        hold_secret(os.environ.get(name))
+
+
+def hold_url_secrets(url: str | None) -> None:
+    """Mask the password (and a user name that may be a token) of ``url``'s user information from now on."""
+    if not url or "@" not in url:
+        return
+    from urllib.parse import unquote, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        user, password = parts.username, parts.password
+    except ValueError:  # not parseable (a bracket left open): the URL pattern still masks it in text
+        return
+    for value in (password, user if password is None else None):  # "https://TOKEN@host": the user is the secret
+        if value:
+            hold_secret(value)
+            hold_secret(unquote(value))
+
+
+def strip_credentials(text: str) -> str:
+    """``text`` with the user information of every URL in it masked (``http://***@host/v1``): what a stored
+    config or a printed URL shows."""
+    return URL_CREDENTIALS.sub(lambda m: m.group(1) + MASK + "@", text)
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
-    """``text`` with every secret masked: the given ``secrets``, the values of environment variables whose names
-    end in KEY, TOKEN, SECRET or PASSWORD, and anything shaped like a bearer token or an API key.
+    """``text`` with every secret masked: the given ``secrets``; every value the process holds (``hold_secret``:
+    keys read from any variable, whatever its name, passwords of URLs and DSNs); the values of environment variables
+    whose names end in KEY, TOKEN, SECRET or PASSWORD; the user information of any URL; and anything shaped like a
+    bearer token or an API key.
 
-    Every message the CLI prints or logs goes through this: a server that echoes the key in its 401 body must not
-    put it on a terminal, in a CI log or in a bug report.
+    Every message the CLI prints or logs goes through this, and every config written beside an artifact: a server
+    that echoes the key in its 401 body must not put it on a terminal, in a CI log, a file or a bug report.
     """
-    known = {s for s in secrets if s and len(s) >= 6}
-    known |= {v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 6}
-    for secret in sorted(known, key=len, reverse=True):  # longest first: a key that contains another
+    with _lock:
+        known = set(_held) | {os.environ.get(name) or "" for name in _held_envs}
+    known |= set(secrets)
+    known |= {v for k, v in os.environ.items() if SECRET_NAME.search(k)}
+    for secret in sorted((s for s in known if s and len(s) >= MIN_SECRET), key=len, reverse=True):  # longest first
         text = text.replace(secret, MASK)
+    text = strip_credentials(text)
     for shape in SECRET_SHAPES:
         text = shape.sub(lambda m: m.group(1) + MASK, text)
     return text

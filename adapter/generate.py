@@ -35,7 +35,7 @@ import numpy as np
 
 from adapter.config import Config
 from adapter.data import SPLITS, atomic_write, qrels_bytes, read_jsonl, replace_folder
-from adapter.errors import AdapterError
+from adapter.errors import AdapterError, redact
 from adapter.resilience import ChatRun, Journal, RetriesExhausted, Stats
 
 logger = logging.getLogger(__name__)
@@ -338,7 +338,7 @@ def generate(directory: str | os.PathLike, cfg: Config | None = None, *, encoder
         tally.finish(done=1)
 
     def fail(cid: str, e: RetriesExhausted) -> None:
-        failed[cid] = str(e)
+        failed[cid] = redact(str(e))  # written to generate.json and printed
         tally.finish(failed=1)
         logger.warning("%s: failed after %d retries (%s)", cid, cfg.llm.max_retries, e)
 

@@ -6,6 +6,7 @@ Nothing here loads a model or scores anything: it is fed results (system -> dim 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -76,7 +77,7 @@ def primary_table(c: Comparison) -> str:
     """Markdown: ndcg@10 by dim for base and every system, each with its change (absolute, %) and 95% interval."""
     others = [s for s in c.results if s != "base"]
     dims = sorted({d for r in c.results.values() for d in r}, reverse=True)
-    head = ["dim", "base"] + [x for s in others for x in (s, f"Δ {s}", "95% CI")]
+    head = ["dim", "base"] + [x for s in others for x in (_cell(s), f"Δ {_cell(s)}", "95% CI")]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for d in dims:
         base = c.results["base"].get(d, {}).get(PRIMARY_METRIC)
@@ -101,7 +102,7 @@ def rerank_table(c: Comparison) -> str:
         for d, (change, low, high) in by_dim.items():
             a, b = c.results[first][d][PRIMARY_METRIC], c.results[s][d][PRIMARY_METRIC]
             pct = f" ({change / a:+.1%})" if a else ""
-            lines.append(f"| {s} | {d} | {a:.4f} | {b:.4f} | {change:+.4f}{pct} | [{low:+.4f}, {high:+.4f}] |")
+            lines.append(f"| {_cell(s)} | {d} | {a:.4f} | {b:.4f} | {change:+.4f}{pct} | [{low:+.4f}, {high:+.4f}] |")
     return "\n".join(lines) + "\n"
 
 
@@ -114,8 +115,8 @@ def rag_table(summary: dict[str, Any]) -> str:
         ci = f"[{v['accuracy_ci'][0]:.3f}, {v['accuracy_ci'][1]:.3f}]" if v["accuracy_ci"] else "n/a"
         change = v["change"]
         delta = (f"{change[0]:+.3f}", f"[{change[1]:+.3f}, {change[2]:+.3f}]") if change else ("—", "—")
-        lines.append(f"| {s} | {v[PRIMARY_METRIC]:.4f} | {v['gold_in_context']:.3f} | {v['accuracy']:.3f} | {ci} | "
-                     f"{delta[0]} | {delta[1]} | {v['ungraded']} |")
+        lines.append(f"| {_cell(s)} | {v[PRIMARY_METRIC]:.4f} | {v['gold_in_context']:.3f} | {v['accuracy']:.3f} | "
+                     f"{ci} | {delta[0]} | {delta[1]} | {v['ungraded']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -136,7 +137,7 @@ def cost_table(c: Comparison, chunks: int) -> str:
         extra = (f" {i.rerank_ms:.1f} ms |" if i.rerank_ms is not None else " — |") if reranked else ""
         kind = kinds[i.kind] + (" (the identity: no recipe cleared validation)" if i.identity else "")
         own = f" (adapter {i.adapter_ms:.3f} ms)" if i.adapter_ms is not None else ""
-        lines.append(f"| {s} | {kind} | {train} | {_size(i.artifact_bytes)} | {reembed} | "
+        lines.append(f"| {_cell(s)} | {kind} | {train} | {_size(i.artifact_bytes)} | {reembed} | "
                      f"{i.latency_ms:.1f} ms{own} |{extra}")
     return "\n".join(lines) + "\n"
 
@@ -145,10 +146,10 @@ def render_markdown(dataset: Dataset, cfg: Config, c: Comparison, plots: Sequenc
     """The report: the ndcg@10 table with intervals, the costs, the plots and every metric."""
     captions = {"ndcg_by_dim.png": f"{PRIMARY_METRIC} by dimension", "training_curves.png": "training curves"}
     return "\n".join([
-        f"# Retrieval on `{dataset.path}`, split `{cfg.evaluate.split}`",
+        f"# Retrieval on {_code(dataset.path)}, split {_code(cfg.evaluate.split)}",
         "",
-        f"{c.queries:,} queries against {len(dataset.corpus):,} chunks; base model `{cfg.encoder.model}`. Every system "
-        f"is scored by the same judge. Intervals: {cfg.report.level:.0%} paired bootstrap over the queries "
+        f"{c.queries:,} queries against {len(dataset.corpus):,} chunks; base model {_code(cfg.encoder.model)}. Every "
+        f"system is scored by the same judge. Intervals: {cfg.report.level:.0%} paired bootstrap over the queries "
         f"({cfg.report.bootstrap_samples:,} resamples, seed {cfg.seed}) of the change in {PRIMARY_METRIC} against "
         "base.",
         "",
@@ -166,25 +167,23 @@ def render_markdown(dataset: Dataset, cfg: Config, c: Comparison, plots: Sequenc
         cost_table(c, len(dataset.corpus)),
         *([f"## Reranking: {PRIMARY_METRIC} over each first stage", "",
            f"Each `<system>+rerank` is its first stage with the top {cfg.rerank.k} reordered by the cross-encoder "
-           f"`{next(i.source for i in c.systems.values() if i.kind == 'rerank')}`; the change is against that first "
-           f"stage, with its {cfg.report.level:.0%} paired bootstrap interval. Its query latency above includes the "
-           "reranking (one question scored against k chunks on its own, median).", "", rerank_table(c)]
+           f"{_code(next(i.source for i in c.systems.values() if i.kind == 'rerank'))}; the change is against that "
+           f"first stage, with its {cfg.report.level:.0%} paired bootstrap interval. Its query latency above includes "
+           "the reranking (one question scored against k chunks on its own, median).", "", rerank_table(c)]
           if c.rerank_gain else []),
         *([f"## Answers (`adapter rag`, top {c.rag['k']} chunks, {c.rag['compared']:,} of {c.rag['questions']:,} "
            "questions graded for every system)", "",
-           f"Answers by `{c.rag['llm_model']}`, graded against the gold chunk by `{c.rag['judge_model']}`: correct 1, "
-           "partly 0.5, wrong 0, averaged over the questions every system had graded; intervals are 95% bootstrap "
-           "(the accuracy) and 95% paired bootstrap (its change against base). Retrieval columns are the judge's, on "
-           "the same questions.", "", rag_table(c.rag)] if c.rag else []),
+           f"Answers by {_code(c.rag['llm_model'])}, graded against the gold chunk by {_code(c.rag['judge_model'])}: "
+           "correct 1, partly 0.5, wrong 0, averaged over the questions every system had graded; intervals are 95% "
+           "bootstrap (the accuracy) and 95% paired bootstrap (its change against base). Retrieval columns are the "
+           "judge's, on the same questions.", "", rag_table(c.rag)] if c.rag else []),
         *insights_markdown(c.insights),
         "## Plots",
         "",
         *[f"![{captions[p]}]({p})\n" for p in plots],
         "## Every metric",
         "",
-        "```text",
-        format_table(c.results).rstrip(),
-        "```",
+        *_fenced(format_table({_line(s): r for s, r in c.results.items()}).rstrip(), "text"),
         "",
     ])
 
@@ -233,9 +232,30 @@ def _rank(r: int | None, k: int) -> str:
     return str(r) if r is not None else f">{k}"
 
 
+def _line(text: str) -> str:
+    """``text`` on one line: every run of whitespace (line breaks included) one space."""
+    return " ".join(str(text).split())
+
+
 def _cell(text: str) -> str:
-    """Text safe inside a Markdown table cell: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """Text safe inside a Markdown table cell or a heading: one line, pipes escaped."""
+    return _line(text).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """``text`` as one inline code span, delimited by a run of backticks longer than any inside it (CommonMark)."""
+    text = _line(text)
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    tick = "`" * (longest + 1)
+    return f"{tick} {text} {tick}" if longest else f"`{text}`"
+
+
+def _fenced(text: str, info: str = "") -> list[str]:
+    """``text`` as a fenced code block whose fence is longer than any run of backticks in it, so nothing inside can
+    close it (CommonMark)."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return [fence + info, text, fence]
 
 
 def insights_markdown(ins: dict[str, Any]) -> list[str]:
@@ -249,7 +269,8 @@ def insights_markdown(ins: dict[str, Any]) -> list[str]:
              f"test questions base ranks no relevant chunk in its top {h['k']}: a reranker over that list cannot "
              "help them, only a better query (or document) vector can. The others have their chunk within reach "
              "and gain from any better ordering.", ""]
-    for name, e in ins["systems"].items():
+    for system, e in ins["systems"].items():
+        name = _cell(system)
         lines += [f"### {name}", ""]
         su = e.get("seen_unseen")
         if su:
@@ -296,9 +317,15 @@ img { max-width: 100%; border: 1px solid #dde3ea; }
 """
 
 
+CSP = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'")  # the
+# browser itself refuses any fetch but inline data, whatever markup a later change lets through
+
+
 def render_html(markdown: str, images: dict[str, bytes]) -> str:
     """The report as one self-contained HTML page: the Markdown rendered (raw HTML in it escaped, since question
-    and chunk text is user data), the PNG plots inlined as data URIs, the style inline; nothing is fetched."""
+    and chunk text is user data), the PNG plots inlined as data URIs, the style inline; nothing is fetched: an image
+    in the text that is not one of ``images`` (``![x](http://host/pixel.png)`` in a chunk) is shown as its Markdown,
+    and a Content-Security-Policy allows inline data only."""
     import base64
     import html
 
@@ -306,10 +333,21 @@ def render_html(markdown: str, images: dict[str, bytes]) -> str:
         from markdown_it import MarkdownIt
     except ImportError:
         raise AdapterError("compare writes report.html with markdown-it-py: pip install 'adapter[report]'") from None
-    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown)
-    for name, data in images.items():
-        uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
-        body = body.replace(f'src="{html.escape(name)}"', f'src="{uri}"')
+    uris = {name: "data:image/png;base64," + base64.b64encode(data).decode("ascii") for name, data in images.items()}
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
+
+    def image(self, tokens, idx, options, env) -> str:  # markdown-it's render-rule signature
+        token = tokens[idx]
+        src = str(token.attrGet("src") or "")
+        if src in uris:
+            token.attrSet("src", uris[src])
+            return self.image(tokens, idx, options, env)
+        alt = self.renderInlineAsText(token.children or [], options, env)
+        return html.escape(f"![{alt}]({src})")  # as written, never fetched
+
+    md.add_render_rule("image", image)
+    body = md.render(markdown)
     title = html.escape(markdown.splitlines()[0].lstrip("# ").replace("`", "")) if markdown else "report"
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{title}</title>\n'
-            f"<style>{HTML_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<meta '
+            f'http-equiv="Content-Security-Policy" content="{CSP}">\n<meta name="referrer" content="no-referrer">\n'
+            f"<title>{title}</title>\n<style>{HTML_STYLE}</style>\n</head>\n<body>\n{body}</body>\n</html>\n")

@@ -63,7 +63,16 @@ HEADS = ("cosine", "classifier")
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)  # of the first
 # stage's score, tried on validation (0: none); one scoring pass serves them all, so the grid is fine and wide
 HEAD_TYPE = "adapter.rerank.CosineHead"  # modules.json's name for it: the one class outside sentence-transformers
-# that a reranker folder may name (loading it needs trust_remote_code, given only after checking every module type)
+# that a reranker folder may name, resolved to this module's class by import (never by trust_remote_code)
+CODE_KEYS = ("auto_map", "custom_pipelines")  # where transformers configs name a folder's own Python
+ACTIVATION_KEYS = ("activation_fn", "activation_function", "sbert_ce_default_activation_function")  # a dotted path
+# there is imported and called by sentence-transformers; these are the ones it saves for torch's plain activations
+SAFE_ACTIVATIONS = frozenset({"torch.nn.modules.linear.Identity", "torch.nn.modules.activation.Sigmoid",
+                              "torch.nn.modules.activation.Tanh", "torch.nn.modules.activation.Softmax",
+                              "torch.nn.modules.activation.ReLU", "torch.nn.modules.activation.GELU"})
+DATA_JSON = ("tokenizer.json", "vocab.json")  # token data, read by the tokenizers library: no code is named there
+MAX_CONFIG_BYTES = 16 * 2 ** 20  # a config file larger than this is not one
+MAX_FOLDER_FILES = 10_000  # files and folders walked in a model folder before it is refused
 
 
 # ---------------------------------------------------------------------------------------------------------- loading
@@ -118,39 +127,83 @@ class CosineHead(Module):
         self.save_config(output_path)
 
 
-def _module_types(path: str) -> list[str]:
-    modules = Path(path, "modules.json")
-    if not modules.is_file():
-        return []
-    try:
-        entries = json.loads(modules.read_text(encoding="utf-8"))
-        return [str(e["type"]) for e in entries]
-    except (OSError, ValueError, TypeError, KeyError):
-        raise AdapterError(f"{modules}: unreadable module list") from None
+def _json_files(folder: Path) -> list[Path]:
+    """Every JSON file a loader may read under ``folder``, symbolic links followed (each real folder once), at most
+    ``MAX_FOLDER_FILES`` files in all."""
+    found: list[Path] = []
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        found += [Path(root, f) for f in files if f.endswith(".json")]
+        if len(found) + len(dirs) > MAX_FOLDER_FILES:
+            raise AdapterError(f"{folder}: more than {MAX_FOLDER_FILES} files and folders; not a model folder")
+    return sorted(found)
 
 
-def _trusted(path: str) -> bool:
-    """Whether loading ``path`` needs ``CosineHead`` imported: then every other module must be sentence-transformers'
-    own and the transformers config must name no remote code, so trust_remote_code imports our class and nothing
-    else."""
-    types = _module_types(path)
-    if HEAD_TYPE not in types:
-        return False
-    other = [t for t in types if t != HEAD_TYPE and not t.startswith("sentence_transformers.")]
-    config = Path(path, "config.json")
-    if other or (config.is_file() and "auto_map" in _json(config)):
-        raise AdapterError(f"{path}: names code outside sentence-transformers ({', '.join(other) or 'auto_map'}); "
-                           "refusing to load it")
-    return True
+def _code_named(value: Any, name: str) -> str | None:
+    """What in one parsed JSON file would make a loader import code: an ``auto_map`` or ``custom_pipelines`` entry
+    (transformers' remote code), or an activation's dotted path that is not one of torch's plain ones
+    (sentence-transformers imports what it names and calls it; a bare name such as GPT-2's "gelu_new" imports
+    nothing); None when nothing does."""
+    stack = [value]
+    while stack:  # iterative: a file nested deeply cannot overflow the stack
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            for key, v in item.items():
+                if key in CODE_KEYS:
+                    return f"{key!r} in {name}"
+                if key in ACTIVATION_KEYS and isinstance(v, str) and "." in v and v not in SAFE_ACTIVATIONS:
+                    return f"{key} {v[:80]!r} in {name}"
+                stack.append(v)
+    return None
+
+
+def check_code_free(folder: str | os.PathLike) -> None:
+    """Refuse a local model folder that names any code of its own, before anything in it is loaded: every JSON file
+    in it, subfolders included, is read (``tokenizer.json`` and ``vocab.json`` hold token data only), and
+    ``modules.json`` may name sentence-transformers' modules and the project's ``CosineHead`` only. Loading never
+    turns on ``trust_remote_code``: ``CosineHead`` is this module's own class, handed to the loader by import."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    for file in _json_files(folder):
+        if file.name in DATA_JSON:
+            continue
+        try:
+            if file.stat().st_size > MAX_CONFIG_BYTES:
+                raise AdapterError(f"{file}: {file.stat().st_size:,} bytes is not a model config; refusing to load "
+                                   f"{folder}")
+            value = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise AdapterError(f"{file}: unreadable ({type(e).__name__}); refusing to load {folder}") from None
+        if file.name == "modules.json" and file.parent == folder:
+            entries = value if isinstance(value, list) else []
+            if not entries or not all(isinstance(e, dict) and isinstance(e.get("type"), str) for e in entries):
+                raise AdapterError(f"{file}: not a list of modules; refusing to load {folder}")
+            other = [e["type"] for e in entries if e["type"] != HEAD_TYPE
+                     and not e["type"].startswith("sentence_transformers.")]
+            if other:
+                raise AdapterError(f"{folder}: names code outside sentence-transformers ({other[0][:80]!r} in "
+                                   "modules.json); refusing to load it")
+        named = _code_named(value, str(file.relative_to(folder)))
+        if named is not None:
+            raise AdapterError(f"{folder}: names code of its own ({named}); refusing to load it")
 
 
 def _cross_encoder(path: str, max_length: int | None, **kw: Any) -> CrossEncoder:
+    """A cross-encoder from ``path``, never with remote code: a local folder is checked first (``check_code_free``)
+    and its ``CosineHead`` resolves to this module's class."""
     from sentence_transformers import CrossEncoder
 
-    if Path(path).is_dir() and _trusted(path):
-        kw["trust_remote_code"] = True
+    check_code_free(path)
     try:
-        model = CrossEncoder(path, **kw)
+        model = CrossEncoder._load_with_module_classes(path, {HEAD_TYPE: CosineHead}, trust_remote_code=False, **kw)
     except Exception as e:  # hub and transformers raise many types; the user needs one line
         raise AdapterError(f"{path}: cannot load as a cross-encoder ({one_line(e)})") from None
     if max_length is not None:
@@ -166,6 +219,7 @@ def check_folder(folder: str | os.PathLike) -> Path:
     if not is_cross_encoder(folder):
         raise AdapterError(f"{folder}: not a cross-encoder (a sentence-transformers CrossEncoder or a "
                            "sequence-classification model); train one with `adapter rerank-train`")
+    check_code_free(folder)
     return folder
 
 
@@ -198,6 +252,7 @@ def start_model(name: str, max_length: int | None, head: str = "cosine") -> tupl
     sentence-transformers folder, a transformers model) with a new head: ``cosine`` (``CosineHead`` on the token
     states) or ``classifier`` (transformers' sequence-classification head, one logit on the pooler)."""
     path = resolve_model(name)
+    check_code_free(path)
     if Path(path).is_dir() and is_cross_encoder(path):
         model = _cross_encoder(path, max_length)
         if model.num_labels != 1:
@@ -217,7 +272,7 @@ def start_model(name: str, max_length: int | None, head: str = "cosine") -> tupl
         from sentence_transformers.base.modules import Transformer
 
         try:
-            encoder = Transformer(path, max_seq_length=max_length)
+            encoder = Transformer(path, max_seq_length=max_length)  # remote code stays off (transformers default)
         except Exception as e:  # as in _cross_encoder: one line
             raise AdapterError(f"{name}: cannot load as an encoder ({one_line(e)})") from None
         encoder.model.config.num_labels = 1  # what CrossEncoder.num_labels reads: one score
@@ -609,6 +664,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     if (out / "modules.json").is_file():  # before loading anything: a model here is never overwritten
         raise AdapterError(f"{out}: already holds a model; choose another --out folder")
     check_k(r.k, len(dataset.corpus))
+    check_code_free(resolve_model(r.model))  # before any first stage is embedded
     train_qrels, val_qrels, how = train_val_qrels(dataset, cfg)
     if r.val_queries is not None and len(val_qrels) > r.val_queries:
         val_qrels, how = _sample(val_qrels, r.val_queries, cfg.seed), how + f", {r.val_queries} of them sampled"
@@ -778,8 +834,10 @@ def model_card(meta: dict[str, Any], name: str) -> str:
     losses = {"bce": "BinaryCrossEntropyLoss, positives weighted by the negatives per positive",
               "mnrl": "MultipleNegativesRankingLoss", "lambda": "LambdaLoss over each question's list of chunks"}
     cosine = "cosine head" in meta["start_kind"]
-    load = ('reranker = CrossEncoder("path/to/{name}", trust_remote_code=True)  # imports adapter.rerank.CosineHead'
-            if cosine else 'reranker = CrossEncoder("path/to/{name}")').format(name=name)
+    load = (["from adapter.rerank import load_reranker", "",  # CosineHead by import: no remote code is ever enabled
+             f'reranker = load_reranker("path/to/{name}").model  # a sentence-transformers CrossEncoder']
+            if cosine else ["from sentence_transformers import CrossEncoder", "",
+                            f'reranker = CrossEncoder("path/to/{name}")'])
     k = meta["rerank_k"]
     best, alone_first = (next(iter(meta[key].values()))[PRIMARY_METRIC] for key in ("val_best", "val_base"))
     worse = best <= alone_first
@@ -827,9 +885,7 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         "## Use",
         "",
         "```python",
-        "from sentence_transformers import CrossEncoder",
-        "",
-        load,
+        *load,
         'ranked = reranker.rank("my question", candidate_chunks)',
         "```",
         "",

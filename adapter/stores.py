@@ -10,6 +10,7 @@ into 1 - d²/2, a cosine or inner-product distance d into 1 - d. Qdrant and Chro
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import logging
@@ -26,7 +27,7 @@ import numpy as np
 
 from adapter.config import Config, StoreConfig
 from adapter.data import Dataset, atomic_write
-from adapter.errors import AdapterError, one_line, refuse_existing
+from adapter.errors import AdapterError, hold_secret, hold_url_secrets, one_line, redact, refuse_existing
 
 logger = logging.getLogger(__name__)
 
@@ -438,13 +439,16 @@ _PG_OPS = {"vector_cosine_ops": "<=>", "vector_ip_ops": "<#>", "vector_l2_ops": 
 
 
 def _dsn_name(dsn: str) -> str:
-    """A DSN as messages show it: user, host, port and database, never a password."""
+    """A DSN as messages show it: user, host, port and database, never a password (which ``redact`` masks from now
+    on, wherever a library quotes it)."""
+    hold_url_secrets(dsn)
     try:
         from psycopg.conninfo import conninfo_to_dict
 
         parts = conninfo_to_dict(dsn)
     except Exception:  # not parseable: show nothing of it that could be secret
         return "postgresql (DSN not parseable)"
+    hold_secret(parts.get("password"))
     host = parts.get("host") or "localhost"
     host = "local socket" if str(host).startswith("/") else host
     user = f"{parts['user']}@" if parts.get("user") else ""
@@ -470,7 +474,7 @@ class PgvectorStore(Store):
         try:
             self.conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True)
         except Exception as e:
-            raise AdapterError(f"{where}: cannot connect to PostgreSQL ({one_line(e)})") from None
+            raise AdapterError(f"{where}: cannot connect to PostgreSQL ({redact(one_line(e))})") from None
         try:
             self._open(pgvector_psycopg, table, id_column, vector_column, ef_search, probes)
         except BaseException:
@@ -483,9 +487,8 @@ class PgvectorStore(Store):
         if not run("SELECT 1 FROM pg_extension WHERE extname = 'vector'").fetchone():
             raise AdapterError(f"{self.name}: the pgvector extension is not installed in this database")
         pgvector_psycopg.register_vector(self.conn)
-        oid = run("SELECT to_regclass(%s)::oid", (table,)).fetchone()[0]
-        if oid is None:
-            raise AdapterError(f"{self.name}: no table {table!r}")
+        oid, schema, relname = self._relation(table)
+        self.table = self.sql.Identifier(schema, relname)  # every query names the relation the check found
         columns = run("SELECT attname, format_type(atttypid, atttypmod), atttypid::regtype::text FROM pg_attribute "
                       "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (oid,)).fetchall()
         vectors = [(n, t) for n, t, base in columns if base == "vector"]
@@ -504,7 +507,6 @@ class PgvectorStore(Store):
         if self.id_column not in names:
             raise AdapterError(f"{self.name}: no id column {self.id_column!r} (columns: {', '.join(names)}); name "
                                "it with --id-field")
-        self.table = self.sql.SQL(".").join(self.sql.Identifier(p) for p in table.split("."))
         self.dim = int(kind[len("vector("):-1]) if kind.startswith("vector(") else self._first_dim()
         indexes = run("SELECT am.amname, opc.opcname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                       "JOIN pg_am am ON am.oid = c.relam JOIN pg_opclass opc ON opc.oid = i.indclass[0] "
@@ -519,6 +521,24 @@ class PgvectorStore(Store):
         run(f"SET ivfflat.probes = {int(max(probes, 1))}")
         logger.info("%s: %d-dimensional %s, ids in %s, index %s (%s)", self.name, self.dim, self.vector_column,
                     self.id_column, self.index, self.operator)
+
+    def _relation(self, table: str) -> tuple[int, str, str]:
+        """(oid, schema, name) of ``table``: read as PostgreSQL reads a table name (``docs``, ``public.docs``,
+        ``"MyDocs"``, ``"my.docs"``), else as the exact name of a table on the search path (``MyDocs``, ``my.docs``).
+        The queries then name it by the catalog's schema and name, quoted by ``sql.Identifier``: found and used
+        alike."""
+        oid = None
+        with contextlib.suppress(importlib.import_module("psycopg").Error):  # not PostgreSQL's syntax (a lone quote)
+            oid = self.conn.execute("SELECT to_regclass(%s)::oid", (table,)).fetchone()[0]
+        if oid is None:
+            oid = _request(self.name, "query", self.conn.execute, "SELECT to_regclass(quote_ident(%s))::oid",
+                           (table,)).fetchone()[0]
+        if oid is None:
+            raise AdapterError(f"{self.name}: no table {table!r} (names follow PostgreSQL's rules: quote a mixed-case "
+                               'name, e.g. --table \'"MyDocs"\', or give it exactly as created)')
+        schema, relname = _request(self.name, "query", self.conn.execute, "SELECT n.nspname, c.relname FROM pg_class c "
+                                   "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)).fetchone()
+        return int(oid), schema, relname
 
     def _first_dim(self) -> int:
         q = self.sql.SQL("SELECT vector_dims({}) FROM {} LIMIT 1").format(self.sql.Identifier(self.vector_column),

@@ -60,20 +60,31 @@ def fuzz(work: Path, model: str) -> None:
         c["changed"] += bool(o.changed)
         c["exit 0"] += o.code == 0
         c["long"] += o.lines > 3
+        c["secret"] += secret_shown(o)
         if not o.clean:
             bad.append((case, o))
     total = sum(rows.values(), Counter())
     print(f"\n### Fuzz table ({total['cases']} cases, {time.perf_counter() - start:.0f} s, model {Path(model).name})\n")
     print("| command | cases | clean one-line errors | tracebacks | exit 0 | > 3 lines on stderr | partial or new "
-          "files left | existing files changed |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+          "files left | existing files changed | secret on stderr |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, c in [*rows.items(), ("**all**", total)]:
         print(f"| {name} | {c['cases']} | {c['clean']} | {c['traceback']} | {c['exit 0']} | {c['long']} | {c['left']} "
-              f"| {c['changed']} |")
+              f"| {c['changed']} | {c['secret']} |")
     for case, o in bad:
         last = next((line for line in reversed(o.stderr.splitlines()) if line.strip()), "")
         print(f"\nnot clean: {case.command}: {case.what}: exit {o.code}, traceback {o.traceback}, {o.lines} lines, "
               f"left {o.left[:3]}, changed {o.changed[:3]}: {last[:200]}")
+
+
+# security audit: trust and secrets (#24). Its cases (tests/fault_cases.py, the block of that name) are in cases()
+# above: a crafted reranker folder whose code ran leaves its marker file (counted as a new file left), and a password
+# that reached stderr is counted here.
+
+
+def secret_shown(o) -> bool:
+    """Whether a case's secret (a password in a URL or a DSN it was given) is on its stderr."""
+    return bool(o.case.hidden) and o.case.hidden in o.stderr
 
 
 def subsets(work: Path, rounds: int) -> list[tuple[Path, Path]]:

@@ -33,6 +33,7 @@ class Case:
     what: str  # the fault, in a few words
     argv: tuple[str, ...]  # after `python -m cli`, with {placeholders} from the workspace
     env: tuple[tuple[str, str], ...] = ()  # extra environment
+    hidden: str = ""  # a secret the case holds: it must not appear on stderr
 
 
 @dataclass
@@ -49,7 +50,7 @@ class Outcome:
     def clean(self) -> bool:
         """The promise: a non-zero exit, one short error, no traceback, nothing changed or left behind."""
         return (self.code != 0 and not self.traceback and 0 < self.lines <= MAX_STDERR_LINES and not self.changed
-                and not self.left)
+                and not self.left and not (self.case.hidden and self.case.hidden in self.stderr))
 
 
 def _w(path: Path, text: str | bytes) -> Path:
@@ -180,6 +181,7 @@ def build_workspace(root: Path, model: str, cache: Path, *, light: bool = False)
     _w(bad / "blank.txt", "   \n\n")
     _w(bad / "docs" / "a.md", "A short handbook page about pumps and valves. " * 20)
     _w(bad / "prompt_no_chunk.txt", "write {n} questions")
+    w.update(write_trust_files(root, model))
     pristine = root.with_name(root.name + ".pristine")
     shutil.rmtree(pristine, ignore_errors=True)
     shutil.copytree(root, pristine, symlinks=True)
@@ -292,7 +294,7 @@ def cases() -> list[Case]:
         add("compare", f"--bootstrap {val}", "compare", "{ds}", "--out", "{root}/cmp", "--base-model", "{model}",
             "--bootstrap", val)
     add("compare", "--out holds a report", "compare", "{ds}", "--out", "{report}", "--base-model", "{model}")
-    return c
+    return c + trust_and_secret_cases()
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -439,3 +441,100 @@ def embedding_store_services(w: dict[str, str], model: Any) -> Iterator[dict[str
     finally:
         server.cleanup()
         shutil.rmtree(stores, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# security audit: trust and secrets (#24). A reranker or start-model folder that names code of its own, in each of
+# the three ways the audit found, must be refused in one line with nothing of it run: its code writes a marker file
+# into the workspace, so a run that imported it leaves a new file (not clean). A password in a URL or a DSN must not
+# reach stderr (``Case.hidden``).
+
+SECRET = "pw-fault-never-shown-7781"
+TRUST_WAYS = {"tokenizer": "auto_map in tokenizer_config.json",
+              "subfolder": "a Transformer module in a subfolder whose config.json has auto_map",
+              "activation": "activation_fn importing a module of its own choosing"}
+MARKER_MODULE = "adapter_marker_mod"  # the module activation_fn names, importable from the working folder
+
+
+def _marker_code(marker: Path) -> str:
+    """Python that leaves ``marker`` the moment it is imported, with the classes each crafted config names."""
+    return (f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+            "from transformers import BertConfig, BertModel, BertTokenizerFast\n\n\n"
+            "class EvilTokenizer(BertTokenizerFast):\n    pass\n\n\n"
+            "class EvilConfig(BertConfig):\n    pass\n\n\n"
+            "class EvilModel(BertModel):\n    config_class = EvilConfig\n\n\n"
+            "class Boom:\n    def __call__(self, x):\n        return x\n")
+
+
+def crafted_reranker(src: Path, dest: Path, way: str, marker: Path, module_dir: Path) -> Path:
+    """A copy of the cross-encoder folder ``src`` (from ``adapter rerank-train``'s start: Transformer + CosineHead)
+    at ``dest`` whose files make a loader run code that writes ``marker``, by ``way`` (a key of TRUST_WAYS); for
+    "activation" the module is written to ``module_dir`` (a folder on the loading process's import path)."""
+    shutil.copytree(src, dest)
+
+    def edit(path: Path, **change: Any) -> None:
+        path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+
+    if way == "tokenizer":
+        _w(dest / "evil_code.py", _marker_code(marker))
+        edit(dest / "tokenizer_config.json", auto_map={"AutoTokenizer": ["evil_code.EvilTokenizer",
+                                                                          "evil_code.EvilTokenizer"]})
+    elif way == "subfolder":
+        sub = dest / "0_Transformer"
+        sub.mkdir()
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                     "sentence_bert_config.json"):
+            shutil.copy(dest / name, sub / name)
+        _w(dest / "evil_code.py", _marker_code(marker))
+        edit(sub / "config.json", auto_map={"AutoConfig": "evil_code.EvilConfig", "AutoModel": "evil_code.EvilModel"})
+        modules = json.loads((dest / "modules.json").read_text())
+        modules[0]["path"] = "0_Transformer"
+        (dest / "modules.json").write_text(json.dumps(modules))
+    elif way == "activation":
+        _w(module_dir / f"{MARKER_MODULE}.py", _marker_code(marker))
+        edit(dest / "config_sentence_transformers.json", activation_fn=f"{MARKER_MODULE}.Boom")
+    else:
+        raise ValueError(way)
+    return dest
+
+
+def write_trust_files(root: Path, model: str) -> dict[str, str]:
+    """A real cross-encoder on the tests' tiny BERT (outside ``root``: read-only inputs) and its three crafted
+    copies; their markers and the activation's module inside ``root`` (the cases' working folder is on their
+    import path, as ``python -m`` puts it). Returns the placeholders ``{reranker_<way>}``."""
+    from adapter.rerank import start_model
+    from tests.conftest import build_tiny_model
+
+    trust = root.with_name(root.name + ".trust")
+    shutil.rmtree(trust, ignore_errors=True)
+    tiny = build_tiny_model(trust / "tiny")
+    start_model(str(tiny), 48)[0].save(str(trust / "ce"))
+    cwd = root / "cwd" / "here"
+    cwd.mkdir(parents=True, exist_ok=True)
+    return {f"reranker_{way}": str(crafted_reranker(trust / "ce", trust / way, way, root / f"RAN-{way}", cwd))
+            for way in TRUST_WAYS}
+
+
+def trust_and_secret_cases() -> list[Case]:
+    """The crafted folders through every command that loads one, and passwords in URLs and DSNs."""
+    m = ("--model", "{model}")
+    c: list[Case] = []
+
+    def add(command: str, what: str, *argv: str, env: dict[str, str] | None = None, hidden: str = "") -> None:
+        c.append(Case(command, what, tuple(argv), tuple((env or {}).items()), hidden))
+
+    for way, how in TRUST_WAYS.items():
+        add("evaluate", f"--reranker naming code: {how}", "evaluate", "{ds}", *m, "--reranker",
+            f"{{reranker_{way}}}", "--rerank-k", "3")
+        add("rerank-train", f"--model naming code: {how}", "rerank-train", "{ds}", "--out", "{root}/rr", "--model",
+            f"{{reranker_{way}}}", "--encoder", "{model}", "--rerank-k", "3")
+    add("compare", f"--reranker naming code: {TRUST_WAYS['activation']}", "compare", "{ds}", "--out", "{root}/cmp",
+        "--base-model", "{model}", "--reranker", "{reranker_activation}", "--rerank-k", "3")
+    dead = {"OPENAI_API_KEY": "sk-test-0123456789abcdef"}
+    add("generate", "--base-url ftp:// with a password", "generate", "{dataset}", "--base-url",
+        f"ftp://bob:{SECRET}@127.0.0.1:9/v1", env=dead, hidden=SECRET)
+    add("generate", "--base-url with a password, dead endpoint", "generate", "{dataset}", "--base-url",
+        f"http://bob:{SECRET}@127.0.0.1:9/v1", env=dead, hidden=SECRET)
+    add("evaluate", "--pgvector DSN with a password that libpq cannot parse", "evaluate", "{ds}", *m, "--pgvector",
+        f"postgresql://bob:{SECRET}@[::1/db", "--table", "chunks", hidden=SECRET)
+    return c

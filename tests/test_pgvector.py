@@ -149,3 +149,26 @@ def test_exact_search_turns_the_index_off(postgres, data):
         plan = "\n".join(r[0] for r in store.conn.execute("EXPLAIN SELECT 1 FROM docs ORDER BY embedding <=> %s "
                                                           "LIMIT 10", (queries[0],)))
         assert "Index Scan" in plan  # back on for the session's other searches
+
+
+def test_mixed_case_dotted_and_schema_qualified_tables_are_found_and_searched_alike(postgres, data):
+    """Issue #24: the existence check read the name as PostgreSQL does while the query split it on dots and quoted
+    each part: a table created as "MyDocs" or "my.docs" could not be used either way it was written."""
+    import psycopg
+
+    docs, queries = data
+    with psycopg.connect(postgres, autocommit=True) as conn:
+        conn.execute('CREATE SCHEMA IF NOT EXISTS "Odd Schema"')
+    names = {'"MyDocs"': ['"MyDocs"', "MyDocs"], '"my.docs"': ['"my.docs"', "my.docs"],
+             '"Odd Schema"."Mixed.Case"': ['"Odd Schema"."Mixed.Case"']}
+    for created, spellings in names.items():
+        make_table(postgres, created, docs[:40])
+        for table in spellings:
+            with PgvectorStore(postgres, table) as store:
+                assert store.search(docs[:1], 3)[0].ids[0] == "d0", table
+                assert len(store.vectors()[0]) == 40 and store.dim == D
+    make_table(postgres, "mydocs", docs[40:50])  # PostgreSQL's reading comes first: unquoted MyDocs is mydocs
+    with PgvectorStore(postgres, "MyDocs") as store:
+        assert len(store.vectors()[0]) == 10
+    with pytest.raises(AdapterError, match="no table '\"Odd'"):
+        PgvectorStore(postgres, '"Odd')

@@ -4,8 +4,10 @@ with base, an adapter, a fine-tuned folder and another model."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -16,6 +18,9 @@ from adapter.evaluate import METRICS, evaluate
 from adapter.model import LinearAdapter
 from adapter.pipeline import paired_bootstrap
 from adapter.report import format_table
+
+if TYPE_CHECKING:
+    from adapter.pipeline import Comparison
 from cli import main
 
 
@@ -143,3 +148,52 @@ def test_a_version_1_finetune_json_is_still_read(tmp_path, tiny_model_dir):
                                                   "val_best": {"32": {"ndcg@10": 0.4}}}))
     meta = read_meta(ft)
     assert meta["val_best"] == {32: {"ndcg@10": 0.4}} and meta["train_seconds"] == 3.0
+
+
+def hand_made_comparison(names: list[str], text: str = "a question") -> Comparison:
+    """A Comparison as `compare` makes one, by hand: base and ``names``, each with every table of the report filled
+    (dims, costs, reranking, answers, where it helps and hurts) and ``text`` as a question and as both top chunks."""
+    from adapter.pipeline import Comparison, SystemInfo
+
+    metrics = {m: 0.5 for m in METRICS}
+    systems = ["base", *names, *(f"{s}+rerank" for s in names)]
+    info = {s: SystemInfo("base" if s == "base" else "rerank" if s.endswith("+rerank") else "adapter", s, 1.0, 100,
+                          False, 2.0, rerank_ms=1.0) for s in systems}
+    mover = {"query_id": "q", "text": text, "base": 0.5, "system": 0.9, "top_base": "c0", "top_system": "c1",
+             "top_base_text": text, "top_system_text": text, "chunks": [{"id": "c0", "base_rank": 2, "system_rank": 1}]}
+    rag = {"k": 1, "compared": 2, "questions": 2, "llm_model": "m", "judge_model": "j",
+           "systems": {s: {"accuracy": 0.5, "accuracy_ci": [0.4, 0.6], "change": [0.1, 0.0, 0.2], "ungraded": 0,
+                           "ndcg@10": 0.5, "gold_in_context": 0.5} for s in systems}}
+    return Comparison(results={s: {384: metrics} for s in systems}, systems=info,
+                      intervals={s: {384: (0.1, 0.0, 0.2)} for s in systems[1:]}, queries=2, files=[],
+                      rerank_gain={f"{s}+rerank": {384: (0.1, 0.0, 0.2)} for s in names}, rag=rag,
+                      insights={"headroom": {"k": 6, "recall": 0.5, "never": 0.5, "queries": 2},
+                                "systems": {s: {"movers": {"up": [mover], "down": []}, "trained_chunks": 1,
+                                                "seen_unseen": {"seen": {"queries": 1, "base": 0.5, "system": 0.6,
+                                                                         "change": 0.2}}} for s in names}})
+
+
+def test_system_names_with_a_pipe_or_a_line_break_keep_every_table_whole(tmp_path):
+    """Issue #24: a system name holding `|` or a newline split its table's rows (or ended them)."""
+    from markdown_it import MarkdownIt
+
+    from adapter.config import Config
+    from adapter.data import load_dataset
+    from adapter.report import render_markdown
+    from tests.conftest import write_dataset
+
+    ds = load_dataset(write_dataset(tmp_path / "ds"))
+    names = ["a|b", "two\nlines", "tick```s"]
+    c = hand_made_comparison(names)
+    md = render_markdown(ds, Config(), c, ["ndcg_by_dim.png"])
+    html = MarkdownIt("commonmark").enable("table").render(md)
+    tables = html.split("<table>")[1:]
+    assert len(tables) >= 6  # dims, costs, reranking, answers, seen/unseen, movers
+    for table in tables:
+        head = len(re.findall(r"<th[ >]", table.split("</thead>")[0]))
+        rows = table.split("<tbody>")[1].split("</tbody>")[0].split("<tr>")[1:]
+        assert rows and all(len(re.findall(r"<td[ >]", row)) == head for row in rows), table
+    for name in ("a|b", "two lines", "tick```s"):
+        assert f"<h3>{name}</h3>" in html  # one heading each, the whole name on it
+    assert "a|b" in html.split("<pre><code class=\"language-text\">")[1].split("</code></pre>")[0]  # fence held
+    assert "| a\\|b | query adapter |" in md and "| two lines | query adapter |" in md

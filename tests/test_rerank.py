@@ -3,7 +3,9 @@ trained end to end (installed, resumable, a card), evaluate/compare with --reran
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -201,15 +203,16 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     assert meta["best_epoch"] == max(meta["history"]["val"][1:], key=lambda v: v["ndcg@10"]["32"])["epoch"]
     card = (out / "README.md").read_text()
     assert "pipeline_tag: text-ranking" in card and "first stage alone" in card and "kept epoch" in card
-    assert "trust_remote_code=True" in card
+    assert "load_reranker(" in card and "trust_remote_code" not in card
 
     # the installed weights are the kept epoch's: reranking validation again gives what that epoch scored
     reranker = rr.load_reranker(out)
     assert reranker.model.num_labels == 1
     from sentence_transformers import CrossEncoder
 
-    plain = CrossEncoder(str(out), trust_remote_code=True)  # as its card says; raw scores, no saturating sigmoid
-    assert type(plain[1]).__name__ == "CosineHead" and isinstance(plain.activation_fn, torch.nn.Identity)
+    plain = reranker.model  # as its card says; raw scores, no saturating sigmoid; the folder's code never trusted
+    assert type(plain[1]) is rr.CosineHead and isinstance(plain.activation_fn, torch.nn.Identity)
+    assert plain.trust_remote_code is False and isinstance(plain, CrossEncoder)
     reranker.model.max_seq_length = 48
     base = build_systems(Config().replace(model=str(tiny_model_dir)), progress=False)["base"]
     queries = base.encode_queries([ds.queries[q] for q in val])
@@ -361,3 +364,72 @@ def test_the_other_losses_train_the_classifier_head_too(rerank_dir, tmp_path, ti
     assert meta["start_kind"] == "encoder with a new one-logit head" and meta["val_start"] is None
     assert r.best_epoch == 1.0 and rr.is_cross_encoder(tmp_path / "rr")
     assert rr.load_reranker(tmp_path / "rr").model.num_labels == 1
+
+
+# ---------------------------------------------------------------------------------------------------------- trust
+
+
+@pytest.fixture(scope="module")
+def cross_encoder_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """A cross-encoder folder as `rerank-train` starts one (the tiny BERT with a CosineHead), saved."""
+    out = tmp_path_factory.mktemp("ce") / "ce"
+    rr.start_model(str(tiny_model_dir), 48)[0].save(str(out))
+    return out
+
+
+def test_the_project_s_own_folder_loads_its_head_by_import_never_by_remote_code(cross_encoder_dir):
+    reranker = rr.load_reranker(cross_encoder_dir)
+    assert type(reranker.model[1]) is rr.CosineHead and reranker.model.trust_remote_code is False
+    assert rr.start_model(str(cross_encoder_dir), 48)[1] == "cross-encoder checkpoint"
+
+
+@pytest.mark.parametrize("way", ["tokenizer", "subfolder", "activation"])
+def test_a_folder_naming_code_of_its_own_is_refused_in_one_line_and_none_of_it_runs(way, cross_encoder_dir,
+                                                                                       rerank_dir, tmp_path,
+                                                                                       tiny_model_dir, monkeypatch):
+    """Issue #24: `modules.json` naming CosineHead turned trust_remote_code on for the whole folder after checking
+    its top config.json only; each of these ran the folder's own Python (here: it writes ``marker``)."""
+    from tests.fault_cases import crafted_reranker
+
+    modules = tmp_path / "modules"
+    modules.mkdir()
+    monkeypatch.syspath_prepend(str(modules))  # activation_fn's module is importable, as an installed one would be
+    marker = tmp_path / "ran"
+    folder = crafted_reranker(cross_encoder_dir, tmp_path / way, way, marker, modules)
+    for argv in (["evaluate", str(rerank_dir), "--model", str(tiny_model_dir), "--reranker", str(folder),
+                  "--rerank-k", "3"],
+                 ["rerank-train", str(rerank_dir), "--out", str(tmp_path / "out"), "--model", str(folder),
+                  "--encoder", str(tiny_model_dir), "--rerank-k", "3"]):
+        r = CliRunner().invoke(main, ["-q", *argv])
+        assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+        assert r.output.startswith(f"Error: {folder}: names code of its own (") and "refusing to load it" in r.output
+    for load in (rr.load_reranker, lambda f: rr.start_model(str(f), 48)):
+        with pytest.raises(AdapterError, match="names code of its own"):
+            load(folder)
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    # and were the check ever to miss one, the loader itself runs nothing: remote code is never turned on
+    monkeypatch.setattr(rr, "check_code_free", lambda folder: None)
+    with contextlib.suppress(AdapterError):  # transformers may refuse the folder instead: nothing of it ran either way
+        rr.load_reranker(folder)
+    assert not marker.exists()
+
+
+def test_only_torch_s_plain_activations_and_sentence_transformers_modules_pass(cross_encoder_dir, tmp_path):
+    import shutil
+
+    rr.check_code_free(cross_encoder_dir)
+    for path, change, words in (
+            ("config_sentence_transformers.json", {"activation_fn": "torch.distributed.run.main"},
+             "activation_fn 'torch.distributed.run.main'"),  # torch.* is imported even without remote code
+            ("1_CosineHead/config.json", {"activation_function": "os.system"}, "in 1_CosineHead/config.json"),
+            ("config.json", {"custom_pipelines": {"x": {"impl": "p.P"}}}, "'custom_pipelines' in config.json")):
+        folder = tmp_path / path.replace("/", "_")
+        shutil.copytree(cross_encoder_dir, folder)
+        (folder / path).write_text(json.dumps({**json.loads((folder / path).read_text()), **change}))
+        with pytest.raises(AdapterError, match=re.escape(words)):
+            rr.check_code_free(folder)
+    gpt2 = tmp_path / "gpt2-like"  # a bare activation name imports nothing: not code
+    shutil.copytree(cross_encoder_dir, gpt2)
+    (gpt2 / "config.json").write_text(json.dumps({**json.loads((gpt2 / "config.json").read_text()),
+                                                  "activation_function": "gelu_new"}))
+    rr.check_code_free(gpt2)
