@@ -36,8 +36,8 @@ SECRET_SHAPES = (
     re.compile(r"(?i)((?:api[_-]?key|token|secret|password)[\"']?\s*[:=]\s*[\"']?)[^\s\"',;&}]{4,}"),  # key=value
     re.compile(r"\b(sk-|hf_|ghp_|xox[abp]-)[A-Za-z0-9_-]{8,}"),  # OpenAI, Hugging Face, GitHub, Slack key shapes
 )
-# a URL's user information (``scheme://user:password@host``, any scheme): everything up to the netloc's last "@"
-URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@\"'<>\\]*(?:@[^\s/?#@\"'<>\\]*)*@")
+# a URL's password (``scheme://user:password@host``, any scheme): from the user's colon to the netloc's last "@"
+URL_CREDENTIALS = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/?#@:\"'<>\\]*:)[^\s/?#\"'<>\\]*@")
 MASK = "***"
 MIN_SECRET = 6  # shorter values are not masked by value: masking "none" or "1" everywhere would garble every message
 
@@ -62,33 +62,31 @@ def hold_secret_env(name: str | None) -> None:
 
 
 def hold_url_secrets(url: str | None) -> None:
-    """Mask the password (and a user name that may be a token) of ``url``'s user information from now on."""
+    """Mask the password of ``url`` (``scheme://user:password@host``) from now on, however a message quotes it."""
     if not url or "@" not in url:
         return
     from urllib.parse import unquote, urlsplit
 
     try:
-        parts = urlsplit(url)
-        user, password = parts.username, parts.password
+        password = urlsplit(url).password
     except ValueError:  # not parseable (a bracket left open): the URL pattern still masks it in text
         return
-    for value in (password, user if password is None else None):  # "https://TOKEN@host": the user is the secret
-        if value:
-            hold_secret(value)
-            hold_secret(unquote(value))
+    if password:
+        hold_secret(password)
+        hold_secret(unquote(password))
 
 
 def strip_credentials(text: str) -> str:
-    """``text`` with the user information of every URL in it masked (``http://***@host/v1``): what a stored
-    config or a printed URL shows."""
+    """``text`` with the password of every URL in it masked (``http://bob:***@host/v1``; the user name stays, as
+    a DSN is shown): what a stored config or a printed URL shows."""
     return URL_CREDENTIALS.sub(lambda m: m.group(1) + MASK + "@", text)
 
 
 def redact(text: str, secrets: Iterable[str] = ()) -> str:
     """``text`` with every secret masked: the given ``secrets``; every value the process holds (``hold_secret``:
     keys read from any variable, whatever its name, passwords of URLs and DSNs); the values of environment variables
-    whose names end in KEY, TOKEN, SECRET or PASSWORD; the user information of any URL; and anything shaped like a
-    bearer token or an API key.
+    whose names end in KEY, TOKEN, SECRET or PASSWORD; the password of any URL; and anything shaped like a bearer
+    token or an API key.
 
     Every message the CLI prints or logs goes through this, and every config written beside an artifact: a server
     that echoes the key in its 401 body must not put it on a terminal, in a CI log, a file or a bug report.

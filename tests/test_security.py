@@ -103,14 +103,17 @@ def test_redact_masks_held_values_whatever_the_variable_is_called(monkeypatch):
 
 
 @pytest.mark.parametrize("url", [f"http://bob:{PASSWORD}@host:8000/v1", f"ftp://bob:{PASSWORD}@host/x",
-                                 f"postgresql://bob:{PASSWORD}@[::1/db", f"https://{PASSWORD}@host/v1",
-                                 f"redis://bob:{PASSWORD}@with@at@host:6379"])
-def test_url_credentials_are_masked_in_any_scheme_and_the_rest_kept(url):
+                                 f"postgresql://bob:{PASSWORD}@[::1/db", f"redis://bob:{PASSWORD}@with@at@host:6379",
+                                 f"https://:{PASSWORD}@host/v1"])
+def test_url_passwords_are_masked_in_any_scheme_and_the_rest_kept(url):
     from adapter.errors import strip_credentials
 
     shown = strip_credentials(f"cannot reach {url}: refused")
-    assert PASSWORD not in shown and "bob" not in shown and "://***@" in shown and shown.endswith(": refused")
-    assert strip_credentials('"http://host/a@b", "a@b.org"') == '"http://host/a@b", "a@b.org"'  # no userinfo
+    assert PASSWORD not in shown and ":***@" in shown and shown.endswith(": refused")
+    user_colon, at = url.index(":", url.index("//")) + 1, url.rindex("@")  # the password: up to the last "@"
+    assert strip_credentials(url) == url[:user_colon] + "***" + url[at:]  # the rest as it was
+    for kept in ('"http://host/a@b", "a@b.org"', "postgresql://bob@host/db", "ssh://git@host:22"):  # no password
+        assert strip_credentials(kept) == kept
 
 
 def test_a_key_echoed_by_the_upstream_is_in_no_log_line_no_file_and_no_error(tmp_path, tiny_model_dir):
@@ -143,7 +146,7 @@ def test_a_password_in_the_base_url_is_not_written_to_generate_json_or_rag_json(
                                       str(tiny_model_dir), "--out", str(tmp_path / "rag")], env={"OPENAI_API_KEY": ""})
         assert r.exit_code == 0, r.output
     stored = json.loads((ds / "generate.json").read_text())["config"]["llm"]["base_url"]
-    assert stored == fake.url.replace("http://", "http://***@")  # where it went, without who and how
+    assert stored == fake.url.replace("http://", "http://bob:***@")  # where it went and as whom, not the password
     assert json.loads((tmp_path / "rag" / "rag.json").read_text())["config"]["llm"]["base_url"] == stored
     assert PASSWORD not in r.output and not files_holding(tmp_path, PASSWORD)
 
