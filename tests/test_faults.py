@@ -172,19 +172,19 @@ def test_a_local_model_stores_each_part_as_it_finishes(tiny_model_dir, tmp_path,
     encoder = Encoder(str(tiny_model_dir), cache_dir=tmp_path / "cache", batch_size=4, show_progress=False)
     real, calls = encoder.model.encode_document, []
 
-    def dies_on_the_third_part(chunk, **kw):
+    def dies_in_the_second_part(chunk, **kw):
         calls.append(len(chunk))
-        if len(calls) == 3:
+        if len(calls) == 4:  # a batch at a time (the progress bar moves after each): the second part's second batch
             raise KeyboardInterrupt  # as a kill would
         return real(chunk, **kw)
 
-    monkeypatch.setattr(encoder.model, "encode_document", dies_on_the_third_part)
+    monkeypatch.setattr(encoder.model, "encode_document", dies_in_the_second_part)
     with pytest.raises(KeyboardInterrupt):
         encoder.encode_documents(texts)
-    assert calls == [8, 8, 4] and encoder.texts_encoded == 16
+    assert calls == [4, 4, 4, 4] and encoder.texts_encoded == 8  # the first part kept, half of the second lost
     again = Encoder(str(tiny_model_dir), cache_dir=tmp_path / "cache", batch_size=4, show_progress=False)
     vectors = again.encode_documents(texts)
-    assert again.texts_encoded == 4  # only the part that never finished
+    assert again.texts_encoded == 12  # only the parts that never finished
     fresh = Encoder(str(tiny_model_dir), cache_dir=tmp_path / "fresh", batch_size=4, show_progress=False)
     np.testing.assert_allclose(vectors, fresh.encode_documents(texts), atol=1e-6)
 
