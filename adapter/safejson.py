@@ -58,7 +58,8 @@ def loads(text: str | bytes, max_depth: int = MAX_DEPTH) -> Any:
 
 
 def values(text: str, max_depth: int = MAX_DEPTH) -> Iterator[Any]:
-    """JSON objects and arrays found inside ``text`` (an answer that wraps its JSON in prose), in order.
+    """JSON objects and arrays found inside ``text`` (an answer that wraps its JSON in prose), in order, each
+    followed by the objects and arrays nested in it (what a decode starting at their own bracket would give).
 
     A decode starts at each ``{`` or ``[`` that is not inside a value already found; one that fails counts the
     characters it scanned, and the search ends once those pass ``SEARCH_BUDGET`` times the text's length or
@@ -83,8 +84,18 @@ def values(text: str, max_depth: int = MAX_DEPTH) -> Iterator[Any]:
         else:
             resume = end
             if end - start <= 2 * max_depth or depth(text[start:end]) <= max_depth:  # shorter is shallow enough
-                yield value
+                yield from _containers(value)
             continue
         failed += 1
         if spent > budget or failed > MAX_FAILED:
             return
+
+
+def _containers(value: Any) -> Iterator[Any]:
+    """``value`` and every object and array inside it, in document order (depth already bounded)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        yield item
+        children = item.values() if isinstance(item, dict) else item
+        todo.extend(reversed([c for c in children if isinstance(c, dict | list)]))
