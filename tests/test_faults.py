@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -484,3 +485,69 @@ def test_fault_table_every_command_fails_cleanly(tmp_path_factory, tiny_model_di
     assert not bad, "\n".join(f"{o.case.command}: {o.case.what}: exit {o.code}, traceback {o.traceback}, "
                               f"{o.lines} lines, left {o.left[:2]}, changed {o.changed[:2]}: {o.stderr[-300:]}"
                               for o in bad)
+
+
+# ---------------------------------------------------------------------------------------------------------- audit #24
+
+BOMB = 2_500_000_000  # bytes each crafted FAISS file claims, in a file of a few kilobytes
+
+
+def _faiss_bomb(kind: str, path: Path) -> Path:
+    """A small valid FAISS file of ``kind`` with one array's declared length raised to claim ``BOMB`` bytes, the
+    file cut short after it: what faiss allocates before it reads."""
+    import struct
+
+    import faiss
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    if kind == "flat":  # the audit's 61-byte file
+        index = faiss.IndexFlatIP(384)
+        index.add(np.eye(384, dtype=np.float32)[:1])
+        raw = bytearray(faiss.serialize_index(index).tobytes())
+        raw[8:16] = struct.pack("<q", BOMB // 4 // 384)
+        raw[37:45] = struct.pack("<Q", BOMB // 4)
+        path.write_bytes(bytes(raw[:61]))
+        return path
+    if kind == "ids":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+        index.add_with_ids(x, np.arange(400))
+        raw = bytearray(faiss.serialize_index(index).tobytes())
+        at = len(raw) - 8 * 400 - 8
+        raw[at:at + 8] = struct.pack("<Q", BOMB // 8)
+    elif kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, 4, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.add(x)
+        raw = bytearray(faiss.serialize_index(index).tobytes())
+        at = raw.index(b"ilar") + 4 + 16 + 4 + 8  # nlist, code_size, "full", count: the first list's size
+        raw[at:at + 8] = struct.pack("<Q", BOMB // (64 + 8))
+    else:  # hnsw: its neighbour table
+        index = faiss.IndexHNSWFlat(16, 8, faiss.METRIC_INNER_PRODUCT)
+        index.add(x)
+        raw = bytearray(faiss.serialize_index(index).tobytes())
+        at = 37
+        for item in (8, 4, 4, 8):  # level probabilities, neighbours per level, levels, offsets
+            at += 8 + item * struct.unpack_from("<Q", raw, at)[0]
+        raw[at:at + 8] = struct.pack("<Q", BOMB // 4)
+    path.write_bytes(bytes(raw[:at + 64]))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["flat", "ids", "ivf", "hnsw"])
+def test_a_faiss_file_claiming_gigabytes_is_refused_before_they_are_allocated(kind, tmp_path):
+    """Audit #24.4: a 61-byte FAISS file claiming 2.5 GB of vectors took `search` to 2.6 GiB before it failed:
+    FAISS allocates each array's declared length before reading it. The file's layout is now checked against its
+    size first (in a fresh process, so its peak memory is the read's own)."""
+    import subprocess
+    import sys
+
+    path = _faiss_bomb(kind, tmp_path / f"{kind}.faiss")
+    probe = ("import resource, sys\nfrom adapter.errors import AdapterError\nfrom adapter.stores import read_index\n"
+             "try:\n    read_index(sys.argv[1])\n    print('read it')\nexcept AdapterError as e:\n    print(e)\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    message, peak = r.stdout.strip().splitlines()[-2:]
+    assert "not a readable FAISS index" in message and f"holds {path.stat().st_size:,} bytes" in message, r.stdout
+    assert int(peak) < 600 << 20, f"peak {int(peak) >> 20} MiB to refuse a {path.stat().st_size}-byte file"
