@@ -551,3 +551,30 @@ def test_a_faiss_file_claiming_gigabytes_is_refused_before_they_are_allocated(ki
     message, peak = r.stdout.strip().splitlines()[-2:]
     assert "not a readable FAISS index" in message and f"holds {path.stat().st_size:,} bytes" in message, r.stdout
     assert int(peak) < 600 << 20, f"peak {int(peak) >> 20} MiB to refuse a {path.stat().st_size}-byte file"
+
+
+def test_evaluate_names_a_damaged_cache_shard_instead_of_scoring_its_vectors(tmp_path, tiny_model_dir):
+    """Audit #24.6: with damaged vectors in a cache shard `evaluate` exited 0 and scored them (base ndcg@10 0.60 ->
+    0.11). Now it stops in one line naming the shard to delete; deleting it, the run embeds again and scores as
+    before."""
+    from adapter.cache import HEADER_BYTES
+
+    ds = write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
+    argv = ["-q", "evaluate", str(ds), "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache")]
+    first = CliRunner().invoke(main, argv)
+    assert first.exit_code == 0, first.output
+    shards = sorted((tmp_path / "cache").rglob("*.shard"), key=lambda p: p.stat().st_size)
+    shard = shards[-1]  # the corpus's (or the queries'): either is read by evaluate
+    raw = bytearray(shard.read_bytes())
+    rows = json.loads(raw[:HEADER_BYTES])["rows"]
+    at = HEADER_BYTES + 16 * rows
+    raw[at:at + 64] = bytes(64)  # the first row's first 16 numbers zeroed
+    shard.write_bytes(bytes(raw))
+    scores = lambda out: [line for line in out.splitlines() if "it/s" not in line and line.strip()]  # noqa: E731
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 1 and scores(r.output)[-1].startswith("Error: "), r.output
+    assert f"{shard.name}: damaged embedding cache shard" in r.output and "delete it" in r.output
+    shard.unlink()
+    again = CliRunner().invoke(main, argv)
+    metrics = lambda out: [line for line in scores(out) if "@" in line]  # noqa: E731
+    assert again.exit_code == 0 and metrics(again.output) == metrics(first.output) != []
