@@ -62,7 +62,7 @@ PREFETCH_ROWS = 64  # a read of more rows than this asks the kernel for all thei
 LOCK_FILE = ".lock"  # flock'd exclusively while merging or migrating
 STALE_TMP_SECONDS = 3600  # a hidden temporary shard older than this was left by a killed writer
 RELIST_TRIES = 20  # a reader lists the folder at most this often for one open (each time a merge won the race)
-SUM_ROWS = 4096  # rows whose checksums are computed at a time: temporaries stay a few MB whatever the read's size
+SUM_ROWS = 1024  # rows whose checksums are computed at a time: temporaries stay a few MB whatever the read's size
 
 
 def _damaged(path: Path, why: str) -> AdapterError:
@@ -186,8 +186,8 @@ class _Shard:
         new = np.flatnonzero(~self._checked[rows])
         if not len(new):
             return
-        at = rows[new]
-        bad = np.flatnonzero(row_sums(self.hi[at], self.lo[at], vectors[new]) != self.sums[at])
+        at, unseen = (rows, vectors) if len(new) == len(rows) else (rows[new], vectors[new])  # no copy when all new
+        bad = np.flatnonzero(row_sums(self.hi[at], self.lo[at], unseen) != self.sums[at])
         if len(bad):
             raise _damaged(self.path, f"{len(bad)} of the {len(new)} rows read do not match their checksums, "
                                       f"first row {int(at[bad[0]])}")

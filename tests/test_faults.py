@@ -578,3 +578,120 @@ def test_evaluate_names_a_damaged_cache_shard_instead_of_scoring_its_vectors(tmp
     again = CliRunner().invoke(main, argv)
     metrics = lambda out: [line for line in scores(out) if "@" in line]  # noqa: E731
     assert again.exit_code == 0 and metrics(again.output) == metrics(first.output) != []
+
+
+def _no_model(monkeypatch) -> None:
+    import adapter.encoder
+
+    monkeypatch.setattr(adapter.encoder, "load_model", lambda *a, **k: pytest.fail("a model was loaded first"))
+
+
+def test_train_json_is_checked_before_any_work(tmp_path, monkeypatch):
+    """Audit #24.7: `train --json FILE` replaced an existing file without --force, and into a missing folder it
+    failed after the adapter was written. Both are refused before a model loads; nothing is written."""
+    _no_model(monkeypatch)
+    ds = write_dataset(tmp_path / "ds", {"train": list(QUESTIONS)})
+    taken = tmp_path / "taken.json"
+    taken.write_text("mine")
+    out = tmp_path / "a.safetensors"
+    for json_out, words in ((taken, "pass --force"), (tmp_path / "nowhere" / "t.json", "folder does not exist"),
+                            (out, "same file")):
+        r = CliRunner().invoke(main, ["train", str(ds), "--out", str(out), "--json", str(json_out)])
+        assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output
+    assert taken.read_text() == "mine" and not out.exists()
+
+
+def test_compare_refuses_any_file_it_would_replace_before_any_work(tmp_path, monkeypatch):
+    """Audit #24.7: `compare --out DIR` on a folder holding results.json, summary.json and report.html but no
+    report.md replaced them silently."""
+    _no_model(monkeypatch)
+    ds = write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
+    out = tmp_path / "cmp"
+    out.mkdir()
+    for name in ("results.json", "summary.json", "report.html"):
+        (out / name).write_text("mine")
+    r = CliRunner().invoke(main, ["compare", str(ds), "--out", str(out)])
+    assert r.exit_code == 1 and "report.html: already exists; pass --force" in r.output, r.output
+    assert all((out / n).read_text() == "mine" for n in ("results.json", "summary.json", "report.html"))
+
+
+@pytest.mark.parametrize("rag", [{"k": 3, "systems": {"base": {"accuracy": 0.5}}},
+                                 {"k": 3, "compared": 2, "questions": 2, "llm_model": "m", "judge_model": "m",
+                                  "systems": {"base": {"accuracy": 0.5, "ndcg@10": 0.5, "gold_in_context": 1,
+                                                       "ungraded": 0, "accuracy_ci": [0.1], "change": None}}},
+                                 "[" * 100_000], ids=["keys", "interval", "nested"])
+def test_compare_rag_json_missing_keys_is_one_line_before_any_work(rag, tmp_path, monkeypatch):
+    """Audit #24.8: `compare --rag` with a rag.json missing keys ended in a KeyError after all the scoring."""
+    _no_model(monkeypatch)
+    ds = write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
+    path = tmp_path / "rag.json"
+    path.write_text(rag if isinstance(rag, str) else json.dumps(rag))
+    r = CliRunner().invoke(main, ["compare", str(ds), "--out", str(tmp_path / "cmp"), "--rag", str(path)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "rag" in r.output, r.output
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tiny_model_dir, tmp_path_factory):
+    """A dataset, and an adapter trained on it for the tiny model (2 epochs), with their own cache."""
+    root = tmp_path_factory.mktemp("trained")
+    ds = write_dataset(root / "ds", {"train": list(QUESTIONS), "test": list(QUESTIONS)})
+    r = CliRunner().invoke(main, ["-q", "train", str(ds), "--out", str(root / "a.safetensors"), "--model",
+                                  str(tiny_model_dir), "--epochs", "2", "--cache-dir", str(root / "cache")])
+    assert r.exit_code == 0, r.output
+    return ds, root / "a.safetensors", root / "cache"
+
+
+def test_compare_at_dims_without_the_full_one_writes_its_report(trained_tiny, tiny_model_dir, tmp_path):
+    """Audit #24.8: `compare --dims 128,64` (no full dimension: ordinary use) ended in KeyError: 384 after all the
+    scoring and left an empty folder."""
+    ds, adapter, cache = trained_tiny
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["-q", "compare", str(ds), "--out", str(out), "--base-model", str(tiny_model_dir),
+                                  "--adapter", str(adapter), "--dims", "16,8", "--cache-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["base"]) == ["16", "8"] and (out / "report.md").is_file()
+
+
+def _full_disk(monkeypatch, where: str) -> None:
+    """os.replace in adapter.data (the write-beside-then-rename path) fails as a full disk does, for targets
+    under ``where``."""
+    import errno
+
+    import adapter.data
+
+    real = adapter.data.os.replace
+
+    def replace(src, dst, *a, **k):
+        if str(dst).startswith(where):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(adapter.data.os, "replace", replace)
+
+
+def test_a_full_disk_on_train_and_compare_out_is_one_line_and_writes_nothing(trained_tiny, tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
+    """Audit #24.8: ENOSPC on `train --out` and `compare --out` was a traceback. Now one line, nothing half
+    written: the old report stays whole, a new folder is not left behind."""
+    ds, _, cache = trained_tiny
+    common = ["--cache-dir", str(cache)]
+    out = tmp_path / "cmp"
+    first = CliRunner().invoke(main, ["-q", "compare", str(ds), "--out", str(out), "--base-model",
+                                      str(tiny_model_dir), *common])
+    assert first.exit_code == 0, first.output
+    before = tree(out)
+    _full_disk(monkeypatch, str(tmp_path))
+    for argv, target in ((["compare", str(ds), "--out", str(out), "--base-model", str(tiny_model_dir), "--force"],
+                          out),
+                         (["compare", str(ds), "--out", str(tmp_path / "new"), "--base-model", str(tiny_model_dir)],
+                          tmp_path / "new"),
+                         (["train", str(ds), "--out", str(tmp_path / "a.safetensors"), "--model",
+                           str(tiny_model_dir), "--epochs", "1"], tmp_path / "a.safetensors")):
+        r = CliRunner().invoke(main, ["-q", *argv, *common])
+        assert r.exit_code == 1 and "No space left on device" in r.output, r.output
+        assert r.output.strip().splitlines()[-1].startswith("Error: ") and "Traceback" not in r.output
+        assert target == out or not target.exists()
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp"]  # no temporary left beside
