@@ -15,8 +15,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -338,6 +340,80 @@ def audit_files(root: Path, existing: Path) -> dict[str, str]:
     _w(audit / "rag_missing.json", json.dumps({"k": 3, "systems": {"base": {"accuracy": 0.5}}}))
     _w(existing / "partial" / "results.json", "{}\n")  # a compare folder without report.md
     return {"audit": str(audit), "partial": str(existing / "partial")}
+
+
+COMPLETION = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "ok " * 40}}]}).encode()
+
+
+class Drip:
+    """A server on 127.0.0.1 that answers each request with a whole chat completion sent one byte every ``gap``
+    seconds, its status line and headers included (``part="headers"``) or only its body (``part="body"``); it stops
+    when the client hangs up, and serves at most ``connections``. ``sent`` holds the bytes each connection got out:
+    with a timeout per read (the old client) the client waits for all of them, with a deadline it hangs up long
+    before."""
+
+    def __init__(self, part: str, gap: float = 0.05, connections: int = 20):
+        self.part, self.gap, self.connections, self.sent = part, gap, connections, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    @property
+    def response(self) -> bytes:
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(COMPLETION)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        return head + COMPLETION
+
+    def __enter__(self) -> Drip:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        for _ in range(self.connections):  # bounded
+            while not self.stop.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                out = self.response
+                at = 0 if self.part == "headers" else out.index(b"\r\n\r\n") + 4
+                if at:
+                    conn.sendall(out[:at])
+                sent = at
+                for i in range(at, len(out)):
+                    if self.stop.wait(self.gap):
+                        break
+                    try:
+                        conn.sendall(out[i:i + 1])
+                    except OSError:  # the client hung up
+                        break
+                    sent += 1
+                self.sent.append(sent)
 
 
 def audit_cases() -> list[Case]:
