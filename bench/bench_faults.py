@@ -280,7 +280,7 @@ def audit(work: Path, model: str, w: dict[str, str] | None) -> None:
                                           {**env, "OPENAI_API_KEY": "none"})
     rows.append(("`generate --timeout 5`, a server sending a byte a second", f"{len(server.response):,} bytes in "
                  f"{len(server.response)} s", code, f"{seconds:.1f}", f"{peak / 2**20:.0f} MiB", "61 s",
-                 f"server sent {server.sent} bytes"))
+                 f"the server got out {sum(server.sent)} of {len(server.response)} bytes"))
     deep = "[" * 40 + "1, " * 1_600_000 + "1" + "]" * 40  # 4.8 MB, a bracket at every level restarting the decode
     for what, parse, text, before in (("judge reply of 60,000 `{`", parse_grade, "{" * 60_000, "2.4 GiB"),
                                       ("judge reply of 200,000 `{`", parse_grade, "{" * 200_000, "~20 GB"),
