@@ -91,8 +91,8 @@ def movers(base_vectors: np.ndarray, base_corpus: np.ndarray, system_vectors: np
 def insights(dataset: Dataset, systems: Mapping[str, System], per_query: dict, split: str) -> dict[str, Any]:
     """Headroom of the base, and for each system scored at the base's full dim (none when the base was not): seen
     against unseen test questions (when it records the training split it learned from, and that split is this
-    dataset's), its validation estimates, and the questions that moved most with their text. ``systems`` and ``per_query`` are compare's
-    (``adapter.systems.build_systems`` and ``score(..., per_query=True)``)."""
+    dataset's), its validation estimates, and the questions that moved most with their text. ``systems`` and
+    ``per_query`` are compare's (``adapter.systems.build_systems`` and ``score(..., per_query=True)``)."""
     qrels = relevant(dataset.split(split))
     qids = list(qrels)
     texts = [dataset.queries[q] for q in qids]
