@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import sys
 
 import click
@@ -465,6 +466,10 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
     cfg = resolve_recipe(cfg)
     check_options(cfg)
     _check_output(out, force)
+    if json_out:  # every output checked before any work: none is written after the adapter and then refused
+        _check_output(json_out, force)
+        if os.path.abspath(json_out) == os.path.abspath(out):
+            raise AdapterError(f"{json_out}: --json and --out name the same file")
     ds = load_dataset(directory)
     ds.split(cfg.split.train_split)
     result = train_adapter(ds, cfg, encoder=_encoder(cfg), corpus=source.with_settings(cfg) if source else None)
@@ -477,9 +482,12 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
 
         from adapter.data import atomic_write
 
-        with atomic_write(json_out) as f:
-            json.dump({k: result.adapter.metadata[k] for k in ("recipe", "objective", "coverage", "estimates",
-                                                               "trials", "train_seconds")}, f, indent=2)
+        try:
+            with atomic_write(json_out) as f:
+                json.dump({k: result.adapter.metadata[k] for k in ("recipe", "objective", "coverage", "estimates",
+                                                                   "trials", "train_seconds")}, f, indent=2)
+        except OSError as e:
+            raise AdapterError(f"{json_out}: cannot write ({e.strerror or e}); the adapter is in {path}") from None
         click.echo(f"wrote {json_out}")
 
 
@@ -837,9 +845,11 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
     bootstrap intervals; write report.md, results.json, summary.json and PNG plots to --out."""
 
     from adapter.data import load_dataset
+    from adapter.pipeline import check_compare_out
     from adapter.pipeline import compare as run
     from adapter.report import cost_table, primary_table
 
+    check_compare_out(out, force)  # before any model (a reranker's included) is loaded
     _quiet_hf()
     cfg = Config().replace(model=base_model, split=split_name, dims=dims, bootstrap_samples=bootstrap_samples,
                            cache_dir=cache_dir, rerank_k=rerank_k, id_field=id_field, **embedding)

@@ -2,9 +2,11 @@
 
 It lives under ``<cache root>/embeddings/<model fingerprint>/`` as immutable shards (``*.shard``). A shard is one
 file: a 4096-byte JSON header (rows, dimension, CRC-32 of the rest), then the sorted 16-byte text keys as two
-uint64 columns (``hi``, ``lo``), then the float32 unit vectors in key order. Opening a cache reads each shard's
-header and memory-maps the file: O(shards), no Python object per key, nothing else read. A lookup is a numpy
-``searchsorted`` in each shard's ``hi`` column; a read copies only the rows asked for (the pages they lie on).
+uint64 columns (``hi``, ``lo``), then the float32 unit vectors in key order, then one uint64 checksum per row (of
+its key and vector). Opening a cache reads each shard's header and memory-maps the file: O(shards), no Python
+object per key, nothing else read. A lookup is a numpy ``searchsorted`` in each shard's ``hi`` column; a read
+copies only the rows asked for (the pages they lie on) and checks each row against its checksum the first time
+this process reads it, so a damaged vector is named, never returned, at a cost in proportion to what is read.
 
 Any number of processes may read and write one cache at once, and any of them may be killed at any point:
 
@@ -19,9 +21,10 @@ Any number of processes may read and write one cache at once, and any of them ma
 - a cache of the old layout (``*.npz`` shards) is migrated when it is opened: under ``.lock`` held exclusively
   (which the old code also honoured), each old shard is rewritten as a new one, then deleted.
 
-A damaged shard (unreadable header, wrong size, wrong dimension, or a CRC mismatch, which is checked whenever a
-shard is read whole: merging, migrating, ``verify``) is named in a one-line error that says to delete it; the texts
-it held are embedded again on the next run.
+A damaged shard (unreadable header, wrong size, wrong dimension, a row that does not match its checksum, or a CRC
+mismatch, which is checked whenever a shard is read whole: merging, migrating, ``verify``) is named in a one-line
+error that says to delete it; the texts it held are embedded again on the next run. A shard of the first version
+(no row checksums) is checked whole, by its CRC, the first time this process reads from it.
 """
 
 from __future__ import annotations
@@ -49,7 +52,8 @@ logger = logging.getLogger(__name__)
 KEY_BYTES = 16  # 128-bit text keys: collisions are out of reach for any corpus
 SUFFIX = ".shard"
 FORMAT = "adapter-embedding-cache-shard"
-VERSION = 1
+VERSION = 2  # 2: a checksum per row, checked as rows are read; 1 (none) is still read, checked whole by its CRC
+READABLE = (1, 2)
 HEADER_BYTES = 4096  # JSON padded with spaces: one page, so the sections behind it start page-aligned
 MAX_SHARDS = 32  # past this many shards a write merges some, so opening stays a few dozen header reads
 MERGE_WIDTH = 8  # how many of the smallest shards one merge takes (the fan-out of the size tiers)
@@ -58,10 +62,36 @@ PREFETCH_ROWS = 64  # a read of more rows than this asks the kernel for all thei
 LOCK_FILE = ".lock"  # flock'd exclusively while merging or migrating
 STALE_TMP_SECONDS = 3600  # a hidden temporary shard older than this was left by a killed writer
 RELIST_TRIES = 20  # a reader lists the folder at most this often for one open (each time a merge won the race)
+SUM_ROWS = 1024  # rows whose checksums are computed at a time: temporaries stay a few MB whatever the read's size
 
 
 def _damaged(path: Path, why: str) -> AdapterError:
     return AdapterError(f"{path}: damaged embedding cache shard ({why}); delete it and its texts are embedded again")
+
+
+def _weights(n: int) -> np.ndarray:
+    """``n`` fixed odd 64-bit multipliers (splitmix64 of 1..n): a row's checksum is the sum of its words times these,
+    modulo 2^64, so any change to one word always changes it (an odd multiplier is invertible)."""
+    x = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x | np.uint64(1)
+
+
+def row_sums(hi: np.ndarray, lo: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """One uint64 checksum per row of its key (``hi``, ``lo``) and its float32 vector's bits, vectorised."""
+    n, dim = vectors.shape
+    w = _weights(dim + 2)
+    out = np.empty(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for a in range(0, n, SUM_ROWS):
+            words = np.ascontiguousarray(vectors[a:a + SUM_ROWS], dtype="<f4").view("<u4").astype(np.uint64)
+            out[a:a + SUM_ROWS] = ((words * w[2:]).sum(axis=1, dtype=np.uint64) + hi[a:a + SUM_ROWS] * w[0]
+                                   + lo[a:a + SUM_ROWS] * w[1])
+    return out
 
 
 def _split_keys(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
@@ -74,7 +104,8 @@ def _split_keys(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 
 class _Shard:
-    """One shard file, memory-mapped read-only: ``hi``, ``lo`` (rows,) uint64 and ``vectors`` (rows, dim) float32."""
+    """One shard file, memory-mapped read-only: ``hi``, ``lo`` (rows,) uint64, ``vectors`` (rows, dim) float32 and
+    ``sums`` (rows,) uint64 (version 2; None for version 1)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -83,13 +114,15 @@ class _Shard:
             size = os.fstat(f.fileno()).st_size
             try:
                 meta = json.loads(head.decode("utf-8"))
-                ok = meta.get("format") == FORMAT and meta.get("version") == VERSION
+                ok = meta.get("format") == FORMAT and meta.get("version") in READABLE
                 self.rows, self.dim, self.crc = int(meta["rows"]), int(meta["dim"]), int(meta["crc32"])
+                self.version = int(meta["version"])
             except (ValueError, KeyError, TypeError, AttributeError):
                 ok = False
             if not ok or len(head) < HEADER_BYTES:
                 raise _damaged(path, "not an embedding cache shard header")
-            expected = HEADER_BYTES + self.rows * (2 * 8 + 4 * self.dim)
+            sums = 8 if self.version >= 2 else 0
+            expected = HEADER_BYTES + self.rows * (2 * 8 + sums + 4 * self.dim)
             if self.rows <= 0 or self.dim <= 0 or size != expected:
                 raise _damaged(path, f"{size} bytes, its header promises {expected}")
             self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
@@ -99,6 +132,10 @@ class _Shard:
         self._vectors_at = HEADER_BYTES + 16 * n
         self.vectors = np.frombuffer(self._map, dtype="<f4", count=n * self.dim,
                                      offset=self._vectors_at).reshape(n, self.dim)
+        self.sums = (np.frombuffer(self._map, dtype="<u8", count=n, offset=self._vectors_at + 4 * n * self.dim)
+                     if sums else None)
+        self._checked: np.ndarray | None = None  # rows whose checksum this process has checked (made on first read)
+        self._whole = False  # version 1: its CRC checked
         self.advise(mmap.MADV_RANDOM)  # no readahead: rows are read a few at a time
 
     def advise(self, advice: int) -> None:
@@ -121,15 +158,40 @@ class _Shard:
         return rows
 
     def read(self, rows: np.ndarray) -> np.ndarray:
-        """Vectors of ``rows`` (sorted ascending), touching only the pages they lie on."""
+        """Vectors of ``rows`` (sorted ascending), touching only the pages they lie on, each checked against its
+        checksum the first time this process reads it (a version-1 shard: its CRC, whole, once)."""
         if len(rows) > PREFETCH_ROWS:  # queue every page's read at once instead of one fault after another
             row_bytes, page = 4 * self.dim, mmap.PAGESIZE
             starts = (self._vectors_at + rows * row_bytes) // page * page
             ends = self._vectors_at + (rows + 1) * row_bytes
+            if self.sums is not None:  # and the pages of their checksums
+                sums_at = self._vectors_at + row_bytes * self.rows
+                at = np.unique((sums_at + 8 * rows) // page * page)
+                starts, ends = np.concatenate([starts, at]), np.concatenate([ends, at + page])
             with contextlib.suppress(OSError, AttributeError, ValueError):
                 for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
-                    self._map.madvise(mmap.MADV_WILLNEED, s, e - s)
-        return self.vectors[rows]
+                    self._map.madvise(mmap.MADV_WILLNEED, s, min(e, len(self._map)) - s)
+        out = self.vectors[rows]
+        self._check(rows, out)
+        return out
+
+    def _check(self, rows: np.ndarray, vectors: np.ndarray) -> None:
+        if self.sums is None:
+            if not self._whole:
+                self.verify()
+                self._whole = True
+            return
+        if self._checked is None:
+            self._checked = np.zeros(self.rows, dtype=bool)
+        new = np.flatnonzero(~self._checked[rows])
+        if not len(new):
+            return
+        at, unseen = (rows, vectors) if len(new) == len(rows) else (rows[new], vectors[new])  # no copy when all new
+        bad = np.flatnonzero(row_sums(self.hi[at], self.lo[at], unseen) != self.sums[at])
+        if len(bad):
+            raise _damaged(self.path, f"{len(bad)} of the {len(new)} rows read do not match their checksums, "
+                                      f"first row {int(at[bad[0]])}")
+        self._checked[at] = True
 
     def verify(self) -> None:
         """Check the CRC-32 of everything behind the header (reads the whole file)."""
@@ -165,18 +227,25 @@ def write_shard(folder: Path, hi: np.ndarray, lo: np.ndarray, rows_of: Callable[
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(b"\0" * HEADER_BYTES)  # the real header, with the CRC, goes in last
+            hi, lo = np.ascontiguousarray(hi, dtype="<u8"), np.ascontiguousarray(lo, dtype="<u8")
+            sums = np.empty(n, dtype="<u8")
             crc = 0
             for part in (hi, lo):
-                data = np.ascontiguousarray(part, dtype="<u8").tobytes()
+                data = part.tobytes()
                 crc = zlib.crc32(data, crc)
                 f.write(data)
             for start in range(0, n, CHUNK_ROWS):
-                block = np.ascontiguousarray(rows_of(start, min(start + CHUNK_ROWS, n)), dtype="<f4")
-                if block.shape != (min(CHUNK_ROWS, n - start), dim):
+                stop = min(start + CHUNK_ROWS, n)
+                block = np.ascontiguousarray(rows_of(start, stop), dtype="<f4")
+                if block.shape != (stop - start, dim):
                     raise ValueError(f"vectors must be ({n}, {dim}), got a block of {block.shape}")
+                sums[start:stop] = row_sums(hi[start:stop], lo[start:stop], block)
                 data = block.tobytes()
                 crc = zlib.crc32(data, crc)
                 f.write(data)
+            data = sums.tobytes()
+            crc = zlib.crc32(data, crc)
+            f.write(data)
             header = json.dumps({"format": FORMAT, "version": VERSION, "rows": n, "dim": dim, "crc32": crc})
             f.seek(0)
             f.write(header.encode().ljust(HEADER_BYTES - 1) + b"\n")

@@ -89,10 +89,10 @@ def movers(base_vectors: np.ndarray, base_corpus: np.ndarray, system_vectors: np
 
 
 def insights(dataset: Dataset, systems: Mapping[str, System], per_query: dict, split: str) -> dict[str, Any]:
-    """Headroom of the base, and for each system scored at the base's full dim: seen against unseen test questions
-    (when it records the training split it learned from, and that split is this dataset's), its validation
-    estimates, and the questions that moved most with their text. ``systems`` and ``per_query`` are compare's
-    (``adapter.systems.build_systems`` and ``score(..., per_query=True)``)."""
+    """Headroom of the base, and for each system scored at the base's full dim (none when the base was not): seen
+    against unseen test questions (when it records the training split it learned from, and that split is this
+    dataset's), its validation estimates, and the questions that moved most with their text. ``systems`` and
+    ``per_query`` are compare's (``adapter.systems.build_systems`` and ``score(..., per_query=True)``)."""
     qrels = relevant(dataset.split(split))
     qids = list(qrels)
     texts = [dataset.queries[q] for q in qids]
@@ -101,6 +101,8 @@ def insights(dataset: Dataset, systems: Mapping[str, System], per_query: dict, s
     base_q = base_system.encode_queries(texts)
     cids, corpus = base_system.corpus.read(dataset, base_system.encoder)
     out: dict[str, Any] = {"headroom": headroom(base_q, corpus, qrels, qids, cids), "systems": {}}
+    if full not in per_query["base"]:  # scored at smaller dims only (--dims 128,64): nothing to compare at full
+        return out
     base = per_query["base"][full][PRIMARY_METRIC]
     snippet = lambda c: " ".join(dataset.doc_text(c).split())[:160]  # noqa: E731
     for name, system in systems.items():

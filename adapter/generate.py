@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from adapter import safejson
 from adapter.config import Config
 from adapter.data import SPLITS, atomic_write, qrels_bytes, read_jsonl, replace_folder
 from adapter.errors import AdapterError, redact
@@ -100,15 +101,13 @@ _NUMBERING = re.compile(r"^\s*(?:\d+[.):]|[-*\u2022])\s+")
 
 
 def _json_values(content: str) -> Iterator[Any]:
-    """JSON values found in an answer: the whole of it, then each code fence, then each value embedded in prose."""
-    decoder = json.JSONDecoder()
+    """JSON values found in an answer: the whole of it, then each code fence, then each value embedded in prose;
+    bounded in depth and linear in time (``adapter.safejson``: an answer nested too deep is a DepthError)."""
     texts = [content.strip(), *(m.group(1).strip() for m in _FENCE.finditer(content))]
     for text in texts:
         with contextlib.suppress(ValueError):
-            yield json.loads(text)
-    for m in re.finditer(r"[{\[]", content):
-        with contextlib.suppress(ValueError):
-            yield decoder.raw_decode(content, m.start())[0]
+            yield safejson.loads(text)
+    yield from safejson.values(content)
 
 
 def _question_list(value: Any) -> list[str] | None:
@@ -140,7 +139,10 @@ def parse_questions(content: str | None, n: int) -> list[str]:
     """The first ``n`` distinct questions in an LLM answer; ParseError when it is empty, unreadable or short."""
     if content is None or not content.strip():
         raise ParseError("empty answer")
-    questions = next((q for q in map(_question_list, _json_values(content)) if q), None)
+    try:
+        questions = next((q for q in map(_question_list, _json_values(content)) if q), None)
+    except safejson.DepthError as e:
+        raise ParseError("answer nested too deep", str(e)) from None
     if questions is None:
         raise ParseError("no questions found", f"answer starts {content.strip()[:60]!r}")
     seen: set[str] = set()

@@ -17,6 +17,7 @@ slices: questions, chunks, ndcg@10 of base and adapter, mean change over dims an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_tensors
 
+from adapter import safejson
 from adapter.config import ADAPTER_DTYPES, PRIMARY_METRIC, TrainConfig
 from adapter.data import atomic_write
 from adapter.errors import AdapterError, one_line, refuse_existing
@@ -38,6 +40,9 @@ FORMAT_VERSION = 2  # 2: training metadata in the shared schema (dims as keys); 
 READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "adapter"
 DTYPES = {name: np.dtype(name) for name in ADAPTER_DTYPES}
+FILE_DTYPES = {"F32": np.float32, "F16": np.float16}  # safetensors' names of the dtypes a file may hold
+CHECKSUM_KEY = "tensors_sha256"  # what the tensors are: a file caught half-rewritten does not match it
+FORMAT_KEYS = ("format_version", "base_model", "dim", "form", "rank", "bias", "normalize", "dtype", CHECKSUM_KEY)
 
 
 @dataclass
@@ -110,68 +115,192 @@ class LinearAdapter:
         path = Path(path)
         if not path.parent.is_dir():
             raise AdapterError(f"{path.parent}: folder does not exist")
+        tensors = {k: np.ascontiguousarray(v, dtype=DTYPES[dtype]) for k, v in self.tensors().items()}
         header = {"format_version": FORMAT_VERSION, "base_model": self.base_model, "dim": self.dim,
                   "form": self.form, "rank": self.rank, "bias": self.bias is not None, "normalize": True,
-                  "dtype": dtype, **self.metadata}
-        tensors = {k: np.ascontiguousarray(v, dtype=DTYPES[dtype]) for k, v in self.tensors().items()}
+                  "dtype": dtype, CHECKSUM_KEY: tensors_sha256(tensors), **self.metadata}
         data = save_tensors(tensors, metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})  # compact
-        with atomic_write(path, "wb") as f:
-            f.write(data)
+        try:
+            with atomic_write(path, "wb") as f:
+                f.write(data)
+        except OSError as e:  # a full disk: the temporary file is gone, an older file at ``path`` untouched
+            raise AdapterError(f"{path}: cannot write the adapter ({e.strerror or one_line(e)})") from None
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LinearAdapter:
-        """Read and check an adapter file: format version, expected keys, shapes, dtype and finite values."""
+        """Read and check an adapter file: format version, expected keys, then each tensor's shape and dtype from
+        the file's header (before any tensor is read), finite values, the training metadata's types, and that the
+        file is complete and unchanged across the read (its stat before and after, and the checksum of its tensors
+        that every file written since it was added carries)."""
         path = Path(path)
         if not path.is_file():
             raise AdapterError(f"{path}: file not found")
         try:
-            with safe_open(str(path), framework="np") as f:
+            before = _stat(path)
+            with safe_open(str(path), framework="np") as f:  # reads and checks the header only, maps the rest
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+                header, shapes = _check_header(path, meta)
+                for name in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    _check_slice(path, name, f.get_slice(name), shapes)
+                if set(f.keys()) != set(shapes):
+                    extra, missing = sorted(set(f.keys()) - set(shapes)), sorted(set(shapes) - set(f.keys()))
+                    raise AdapterError(f"{path}: unexpected tensors {extra} / missing {missing} for a "
+                                       f"{header['form']} adapter")
+                tensors = {k: f.get_tensor(k) for k in shapes}  # sizes checked: at most the file's own bytes
+            after = _stat(path)
         except (SafetensorError, OSError, ValueError) as e:
             raise AdapterError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
-        if METADATA_KEY not in meta:
-            raise AdapterError(f"{path}: not an adapter file (no {METADATA_KEY!r} metadata)")
-        try:
-            header = json.loads(meta[METADATA_KEY])
-            version, dim, form = header["format_version"], int(header["dim"]), header["form"]
-            base_model, rank, has_bias = header["base_model"], header["rank"], bool(header["bias"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise AdapterError(f"{path}: adapter metadata is damaged ({type(e).__name__}: {e})") from None
-        if version not in READABLE_VERSIONS:
-            raise AdapterError(f"{path}: adapter format version {version} is not supported (this version of adapter "
-                               f"reads {', '.join(map(str, READABLE_VERSIONS))}); upgrade adapter to read it")
-        if form == "full":
-            shapes = {"weight": (dim, dim)}
-        elif form == "lowrank" and isinstance(rank, int) and rank > 0:
-            shapes = {"U": (dim, rank), "V": (rank, dim)}
-        else:
-            raise AdapterError(f"{path}: unknown adapter form {form!r} (rank {rank!r})")
-        if has_bias:
-            shapes["bias"] = (dim,)
-        if set(tensors) != set(shapes):
-            extra, missing = sorted(set(tensors) - set(shapes)), sorted(set(shapes) - set(tensors))
-            raise AdapterError(f"{path}: unexpected tensors {extra} / missing {missing} for a {form} adapter")
-        for name, want in shapes.items():
-            t = tensors[name]
-            if t.shape != want:
-                raise AdapterError(f"{path}: tensor {name!r} has shape {t.shape}, metadata says {want}")
-            if t.dtype not in (np.float32, np.float16):
-                raise AdapterError(f"{path}: tensor {name!r} has dtype {t.dtype}, expected float32 or float16")
+        if before != after:
+            raise AdapterError(f"{path}: changed while it was read (being written?); load it again once written")
+        want = header.get(CHECKSUM_KEY)
+        if want is not None and want != tensors_sha256(tensors):
+            raise AdapterError(f"{path}: its tensors do not match the checksum in its header (a file written only in "
+                               "part, or damaged); write it again whole")
+        for name, t in tensors.items():
             if not np.isfinite(t).all():
                 raise AdapterError(f"{path}: tensor {name!r} holds NaN or Inf values")
+        form, dim, version = header["form"], header["dim"], header["format_version"]
         if form == "full" and not np.any(tensors["weight"]):  # every query would become the zero vector
             raise AdapterError(f"{path}: the adapter's matrix is all zeros; it would map every query to nothing")
         if form == "lowrank" and not np.any(tensors["U"]) and not np.any(tensors["V"]):
             # training starts U at small random values, so no trained file has both factors zero: a damaged one
             raise AdapterError(f"{path}: the adapter's factors U and V are all zeros (a damaged file: training never "
                                "writes one)")
-        extra_meta = {k: v for k, v in header.items() if k not in ("format_version", "base_model", "dim", "form",
-                                                                   "rank", "bias", "normalize", "dtype")}
-        extra_meta = training_meta(_upgrade_v1(extra_meta, dim) if version == 1 else extra_meta)
-        return cls(dim, base_model, weight=tensors.get("weight"), U=tensors.get("U"), V=tensors.get("V"),
-                   bias=tensors.get("bias"), metadata=extra_meta)
+        extra_meta = {k: v for k, v in header.items() if k not in FORMAT_KEYS}
+        if version == 1:
+            try:
+                extra_meta = _upgrade_v1(extra_meta, dim)
+            except (AttributeError, KeyError, TypeError) as e:
+                raise AdapterError(f"{path}: adapter metadata (format version 1) is damaged ({one_line(e)})") from None
+        check_training_meta(extra_meta, str(path))
+        return cls(dim, header["base_model"], weight=tensors.get("weight"), U=tensors.get("U"), V=tensors.get("V"),
+                   bias=tensors.get("bias"), metadata=training_meta(extra_meta))
+
+
+def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
+    """SHA-256 of the tensors in name order (name, dtype, shape, bytes): what the file's header says it holds."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = np.ascontiguousarray(tensors[name])
+        h.update(f"{name}:{t.dtype.str}:{list(t.shape)}\0".encode())
+        h.update(t.data)  # no copy
+    return h.hexdigest()
+
+
+def _stat(path: Path) -> tuple[int, ...]:
+    """What changes when a file is written: its identity, size and times."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _check_header(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """The adapter header (bounded parse) and the tensor shapes it implies; a one-line error for anything else."""
+    if METADATA_KEY not in meta:
+        raise AdapterError(f"{path}: not an adapter file (no {METADATA_KEY!r} metadata)")
+    try:
+        header = safejson.loads(meta[METADATA_KEY])
+    except ValueError as e:
+        raise AdapterError(f"{path}: adapter metadata is damaged ({one_line(e)})") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{path}: adapter metadata is damaged (not a JSON object)")
+    version, dim, form, rank = (header.get(k) for k in ("format_version", "dim", "form", "rank"))
+    if version not in READABLE_VERSIONS:
+        raise AdapterError(f"{path}: adapter format version {version} is not supported (this version of adapter "
+                           f"reads {', '.join(map(str, READABLE_VERSIONS))}); upgrade adapter to read it")
+    if not _is_int(dim) or dim < 1 or not isinstance(header.get("base_model"), str) or \
+            not isinstance(header.get("bias"), bool):
+        raise AdapterError(f"{path}: adapter metadata is damaged (dim, base_model or bias missing or of the wrong "
+                           "type)")
+    if form == "full":
+        shapes = {"weight": (dim, dim)}
+    elif form == "lowrank" and _is_int(rank) and rank > 0:
+        shapes = {"U": (dim, rank), "V": (rank, dim)}
+    else:
+        raise AdapterError(f"{path}: unknown adapter form {form!r} (rank {rank!r})")
+    if header["bias"]:
+        shapes["bias"] = (dim,)
+    if not isinstance(header.get(CHECKSUM_KEY), str | None):
+        raise AdapterError(f"{path}: adapter metadata is damaged ({CHECKSUM_KEY} is not a string)")
+    return header, shapes
+
+
+def _check_slice(path: Path, name: str, tensor: Any, shapes: dict[str, tuple[int, ...]]) -> None:
+    """One tensor's dtype and shape as the file's header declares them, against the adapter metadata's."""
+    if name not in shapes:
+        return
+    dtype, shape = tensor.get_dtype(), tuple(tensor.get_shape())
+    if dtype not in FILE_DTYPES:
+        kind = {"F": "float", "I": "int", "U": "uint", "BF": "bfloat"}.get(dtype.rstrip("0123456789"))
+        named = f"{kind}{dtype.lstrip('BFIU')}" if kind else dtype.lower()  # I32 -> int32, BF16 -> bfloat16
+        raise AdapterError(f"{path}: tensor {name!r} has dtype {named}, expected float32 or float16")
+    if shape != shapes[name]:
+        raise AdapterError(f"{path}: tensor {name!r} has shape {shape}, metadata says {shapes[name]}")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def _dim_key(k: Any) -> bool:
+    return isinstance(k, str) and k.isdigit() or _is_int(k)
+
+
+def _metrics_by_dim(x: Any) -> bool:
+    return isinstance(x, dict) and all(_dim_key(d) and isinstance(m, dict) and
+                                       all(isinstance(k, str) and (_is_number(v) or v is None) for k, v in m.items())
+                                       for d, m in x.items())
+
+
+def _estimate(e: Any) -> bool:
+    return e is None or isinstance(e, dict) and all(_is_number(e.get(k)) for k in ("base_mean", "delta")) and \
+        (e.get("se") is None or _is_number(e["se"])) and all(_is_int(e.get(k, 0)) for k in ("queries", "chunks"))
+
+
+def _history(x: Any) -> bool:
+    if not isinstance(x, dict) or not isinstance(x.get("loss", []), list) or not isinstance(x.get("val", []), list):
+        return False
+    losses_ok = all(isinstance(r, dict) and _is_int(r.get("epoch")) and (r.get("loss") is None or
+                                                                          _is_number(r["loss"]))
+                    for r in x.get("loss", []))
+    return losses_ok and all(isinstance(r, dict) and _is_int(r.get("epoch")) and isinstance(r.get(PRIMARY_METRIC), dict)
+                             and r[PRIMARY_METRIC] and all(_dim_key(d) and (v is None or _is_number(v))
+                                                           for d, v in r[PRIMARY_METRIC].items())
+                             for r in x.get("val", []))
+
+
+_META_TYPES = {  # key -> (what it must be, as the readers of the metadata use it)
+    "trained_on": ("a string", lambda x: isinstance(x, str)),
+    "data_fingerprint": ("a string", lambda x: isinstance(x, str)),
+    "validation": ("a string", lambda x: isinstance(x, str)),
+    "recipe": ("a string", lambda x: isinstance(x, str)),
+    "objective": ("a string", lambda x: isinstance(x, str)),
+    "base_model_name": ("a string", lambda x: isinstance(x, str)),
+    "best_epoch": ("an integer", _is_int),
+    "train_seconds": ("a number", _is_number),
+    "config": ("an object", lambda x: isinstance(x, dict)),
+    "trials": ("a list of objects", lambda x: isinstance(x, list) and all(isinstance(t, dict) for t in x)),
+    "val_base": ("dim -> metric -> number", _metrics_by_dim),
+    "val_best": ("dim -> metric -> number", _metrics_by_dim),
+    "coverage": ("{chunks, covered, share}", lambda x: isinstance(x, dict) and _is_int(x.get("chunks")) and
+                 _is_int(x.get("covered")) and _is_number(x.get("share"))),
+    "estimates": ("slice -> {base_mean, delta, se, ...}", lambda x: isinstance(x, dict) and
+                  all(isinstance(k, str) and _estimate(e) for k, e in x.items())),
+    "history": ('{"loss": [{epoch, loss}], "val": [{epoch, ndcg@10: {dim: value}}]}', _history),
+}
+
+
+def check_training_meta(meta: dict[str, Any], source: str) -> None:
+    """Refuse training metadata whose known keys are not what every reader of them expects (one line, naming the
+    key): a damaged or hand-edited header must not fail later inside a report."""
+    for key, (what, ok) in _META_TYPES.items():
+        if meta.get(key) is not None and not ok(meta[key]):
+            raise AdapterError(f"{source}: adapter metadata {key!r} is not {what}; the file is damaged (train it "
+                               "again, or drop the key)")
 
 
 def _by_dim(d: dict | None) -> dict | None:

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from adapter import safejson
 from adapter.config import Config, ReportConfig
-from adapter.data import Dataset, atomic_write, ensure_dir, fingerprint, relevant
+from adapter.data import Dataset, atomic_write, fingerprint, relevant, replace_folder
 from adapter.diagnose import insights
 from adapter.errors import AdapterError, refuse_existing
 from adapter.evaluate import PRIMARY_METRIC, Results
@@ -43,6 +44,8 @@ if TYPE_CHECKING:
     from adapter.stores import Hits, Store
 
 logger = logging.getLogger(__name__)
+
+COMPARE_FILES = ("report.md", "report.html", "results.json", "summary.json", "ndcg_by_dim.png", "training_curves.png")
 
 
 def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] | None = None
@@ -168,8 +171,11 @@ def write_results(results: SystemResults, path: str | os.PathLike, *, force: boo
     path = Path(path)
     if path.parent and not path.parent.is_dir():
         raise AdapterError(f"{path.parent}: folder does not exist")
-    with atomic_write(path) as f:
-        json.dump(results_to_json(results), f, indent=2)
+    try:
+        with atomic_write(path) as f:
+            json.dump(results_to_json(results), f, indent=2)
+    except OSError as e:  # a full disk: the temporary file is gone, an older file at ``path`` untouched
+        raise AdapterError(f"{path}: cannot write ({e.strerror or e})") from None
     return path
 
 
@@ -344,7 +350,9 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
     `adapter evaluate --json`), ``summary.json`` (costs and intervals) and PNG plots into ``out``.
 
     Systems are named ``base``, then after the adapter file's stem, the model folder's name or the model's name.
-    An ``out`` that already holds a report is replaced only with ``force`` (checked before any model is loaded).
+    An ``out`` that already holds any of these files is refused without ``force`` (checked before any model is
+    loaded); the files are written as one unit (beside ``out``, then swapped in: a failure leaves it as it was, and
+    other files in it are kept).
     With a ``reranker`` (loaded, or its folder) each system is scored
     again as ``<system>+rerank`` (top ``cfg.rerank.k`` reordered), with its change over its own first stage and the
     reranking's latency; ``rag``: a ``rag.json`` from `adapter rag`, whose answer accuracy joins the report.
@@ -358,10 +366,7 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
     plt = report.require_matplotlib()
     qrels = relevant(dataset.split(cfg.evaluate.split))
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise AdapterError(f"{out}: exists and is not a folder")
-    if (out / "report.md").exists() and not force:
-        raise AdapterError(f"{out}: already holds a report; pass --force to replace it")
+    check_compare_out(out, force)
     systems = build_systems(cfg, adapters=adapters, finetuned=finetuned, models=models, corpus=corpus,
                             allow_other_model=allow_other_model, reranker=reranker, progress=progress)
     for s in systems.values():
@@ -382,7 +387,6 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
                    [dataset.doc_text(c) for c in list(dataset.corpus)[:cfg.rerank.k]],
                    repeats=cfg.report.latency_repeats)
 
-    ensure_dir(out)
     comparison = Comparison(results, infos, intervals, len(qrels), [], rerank_gain, rag_summary,
                             insights(dataset, systems, per_query, cfg.evaluate.split))
     files = {"results.json": json.dumps(results_to_json(results), indent=2),
@@ -392,11 +396,19 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
         plots["training_curves.png"] = report.plot_curves(plt, infos)
     files["report.md"] = report.render_markdown(dataset, cfg, comparison, list(plots))
     files["report.html"] = report.render_html(files["report.md"], plots)  # the same report, self-contained
-    for name, data in {**files, **plots}.items():
-        with atomic_write(out / name, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        comparison.files.append(out / name)
+    written = {name: data.encode() if isinstance(data, str) else data for name, data in {**files, **plots}.items()}
+    replace_folder(out, written, replaced=COMPARE_FILES)  # an older run's plot that is not made again goes too
+    comparison.files = [out / name for name in written]
     return comparison
+
+
+def check_compare_out(out: str | os.PathLike, force: bool) -> None:
+    """Refuse an ``out`` that is a file, or holds any file ``compare`` writes, unless ``force``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AdapterError(f"{out}: exists and is not a folder")
+    for name in COMPARE_FILES:
+        refuse_existing(out / name, force)
 
 
 def _summary(dataset: Dataset, cfg: Config, c: Comparison) -> dict[str, Any]:
@@ -412,11 +424,25 @@ def _summary(dataset: Dataset, cfg: Config, c: Comparison) -> dict[str, Any]:
 
 
 def read_rag(path: str | os.PathLike) -> dict[str, Any]:
-    """A rag.json written by `adapter rag`; a one-line error for anything else."""
+    """A rag.json written by `adapter rag`, with every field the report shows; a one-line error for anything else."""
     try:
-        summary = json.loads(Path(path).read_text(encoding="utf-8"))
+        summary = safejson.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise AdapterError(f"{path}: cannot read rag results ({type(e).__name__})") from None
-    if not isinstance(summary, dict) or not isinstance(summary.get("systems"), dict) or "k" not in summary:
-        raise AdapterError(f"{path}: not a rag.json written by `adapter rag`")
+    number = lambda x: isinstance(x, int | float) and not isinstance(x, bool)  # noqa: E731
+    numbers = lambda x, n: isinstance(x, list) and len(x) == n and all(map(number, x))  # noqa: E731
+    top = {"k": number, "compared": number, "questions": number, "llm_model": lambda x: isinstance(x, str),
+           "judge_model": lambda x: isinstance(x, str)}
+    each = {"accuracy": number, PRIMARY_METRIC: number, "gold_in_context": number, "ungraded": number,
+            "accuracy_ci": lambda x: x is None or numbers(x, 2), "change": lambda x: x is None or numbers(x, 3)}
+    if not isinstance(summary, dict) or not isinstance(summary.get("systems"), dict) or not summary["systems"]:
+        raise AdapterError(f"{path}: not a rag.json written by `adapter rag` (no systems)")
+    for key, ok in top.items():
+        if not ok(summary.get(key)):
+            raise AdapterError(f"{path}: not a rag.json written by `adapter rag` ({key!r} missing or wrong)")
+    for system, values in summary["systems"].items():
+        bad = next((k for k, ok in each.items() if not isinstance(values, dict) or not ok(values.get(k))), None)
+        if bad is not None:
+            raise AdapterError(f"{path}: not a rag.json written by `adapter rag` (system {system!r}: {bad!r} missing "
+                               "or wrong)")
     return summary

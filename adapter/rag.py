@@ -15,6 +15,7 @@ intervals of each system's change against base, beside the judge's retrieval met
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,13 +23,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from adapter import safejson
 from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, relevant
 from adapter.errors import AdapterError
@@ -116,17 +118,19 @@ def parse_grade(content: str | None) -> tuple[str, str]:
     text = (content or "").strip()
     if not text:
         raise GradeError("empty reply")
-    candidates = [text, *(m.group(1).strip() for m in _FENCE.finditer(text))]
-    decoder = json.JSONDecoder()
-    candidates += [text[m.start():] for m in re.finditer(r"\{", text)]
-    for c in candidates:
-        try:
-            value = decoder.raw_decode(c)[0]
-        except ValueError:
-            continue
-        if isinstance(value, dict) and str(value.get("grade", "")).strip().lower() in GRADES:
-            reason = " ".join(str(value.get("reason", "")).split())[:300]
-            return str(value["grade"]).strip().lower(), reason
+    def found() -> Iterator[Any]:  # the whole reply, each code fence, each value inside prose: bounded, linear
+        for candidate in (text, *(m.group(1).strip() for m in _FENCE.finditer(text))):
+            with contextlib.suppress(ValueError):
+                yield safejson.loads(candidate)
+        yield from safejson.values(text)
+
+    try:
+        for value in found():
+            if isinstance(value, dict) and str(value.get("grade", "")).strip().lower() in GRADES:
+                reason = " ".join(str(value.get("reason", "")).split())[:300]
+                return str(value["grade"]).strip().lower(), reason
+    except safejson.DepthError as e:
+        raise GradeError(f"reply nested too deep ({e})") from None
     raise GradeError(f"no grade in reply starting {text[:60]!r}")
 
 

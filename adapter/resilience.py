@@ -9,7 +9,8 @@ embeddings backend, and whatever else talks to a server (rag, serve's upstream m
   (401, 403, 404, any other 4xx, a refused connection, a host that does not resolve).
 - ``Journal``: an append-only JSON-lines file, fsynced per entry, so a killed run loses only what was in flight.
 - ``make_client``: an ``openai.OpenAI`` client without retries of its own (ours are counted), its key read from an
-  environment variable only and never logged or written.
+  environment variable only and never logged or written, and a deadline for each request: its timeout bounds the
+  whole request, not each read (a server sending a byte a second is cut off at the timeout).
 - ``ChatRun``: one run's chat requests (generate's questions, rag's answers and grades): the client, pacing and
   retry policy of ``cfg.llm``, the counts and the stop event its threads share, and ``run_each``, the one thread-pool
   loop that stops every worker on a fatal error or Ctrl-C.
@@ -22,6 +23,7 @@ import json
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections import Counter
@@ -166,6 +168,8 @@ def classify(exc: BaseException) -> Failure | None:
         return Failure(True, "connection error")
     if isinstance(exc, AdapterError):
         return None
+    if isinstance(exc, RecursionError):  # a body nested past what the client's JSON decoder recurses into
+        return Failure(True, "unreadable response", detail="the response is nested too deep to read")
     if isinstance(exc, ValueError):  # a 200 whose body is not JSON, or an answer the caller cannot parse
         return Failure(True, getattr(exc, "kind", None) or "unreadable response", detail=str(exc))
     return None
@@ -267,8 +271,9 @@ def call(fn: Callable[[], T], *, endpoint: str, policy: RetryPolicy, limiter: Ra
 
 def make_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0, *,
                 key_hint: str = "--api-key-env") -> Any:
-    """An ``openai.OpenAI`` client with no retries of its own, ``timeout`` seconds per request, the key read from
-    ``$api_key_env`` only. A local server (``base_url`` or ``$OPENAI_BASE_URL`` set) may go without a key."""
+    """An ``openai.OpenAI`` client with no retries of its own, ``timeout`` seconds per request (a deadline for the
+    whole request, reads and writes included), the key read from ``$api_key_env`` only. A local server (``base_url``
+    or ``$OPENAI_BASE_URL`` set) may go without a key."""
     import openai
 
     url = base_url or os.environ.get("OPENAI_BASE_URL")
@@ -284,7 +289,96 @@ def make_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeo
             raise AdapterError(f"${api_key_env} is not set: export the API key there, or name another variable "
                                f"with {key_hint}")
         key = "none"  # local servers (vLLM, Ollama, TEI) accept any key
-    return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0)
+
+    def start(request: Any) -> None:  # an httpx request hook: runs in the calling thread as each request starts
+        _deadline.at = time.monotonic() + timeout
+
+    http = openai.DefaultHttpxClient(timeout=timeout, event_hooks={"request": [start]})
+    with_deadlines(http)
+    return openai.OpenAI(api_key=key, base_url=base_url, timeout=timeout, max_retries=0, http_client=http)
+
+
+# ---------------------------------------------------------------------------------------------------------- deadlines
+
+# httpx's timeouts bound each read, write and connect on its own: a server that sends a byte every second never
+# trips a 5 s read timeout. The client's request hook sets the calling thread's deadline; its connections' reads,
+# writes and connects each wait at most until then, and one that starts after it fails as a timeout at once.
+_deadline = threading.local()
+
+
+def _timeouts(backend: Any) -> Any:
+    """The module of ``backend``'s HTTP library (httpcore, or the copy the openai client ships), for its timeouts."""
+    return sys.modules[type(backend).__module__.split(".")[0]]
+
+
+def _left(timeout: float | None, error: type[Exception]) -> float | None:
+    at = getattr(_deadline, "at", None)
+    if at is None:
+        return timeout
+    left = at - time.monotonic()
+    if left <= 0:
+        raise error("the request's deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream:
+    """A connection whose every read and write waits at most until the calling thread's request deadline."""
+
+    def __init__(self, inner: Any, errors: Any):
+        self._inner, self._errors = inner, errors
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, _left(timeout, self._errors.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _left(timeout, self._errors.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> _DeadlineStream:
+        inner = self._inner.start_tls(ssl_context, server_hostname, _left(timeout, self._errors.ConnectTimeout))
+        return _DeadlineStream(inner, self._errors)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend:
+    """The network backend of an httpx connection pool, its connections bounded by the request deadline."""
+
+    def __init__(self, inner: Any):
+        self._inner, self._errors = inner, _timeouts(inner)
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Any = None) -> _DeadlineStream:
+        left = _left(timeout, self._errors.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_tcp(host, port, left, local_address, socket_options), self._errors)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Any = None
+                            ) -> _DeadlineStream:
+        left = _left(timeout, self._errors.ConnectTimeout)
+        return _DeadlineStream(self._inner.connect_unix_socket(path, left, socket_options), self._errors)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+def with_deadlines(http: Any) -> Any:
+    """Bound every connection of the httpx client ``http`` (its own transport and each proxy's) by the calling
+    thread's request deadline. httpx takes no network backend of its own, so each pool's is wrapped in place."""
+    for transport in [http._transport, *http._mounts.values()]:
+        if transport is None:  # a host mounted to go without a proxy: served by the client's own transport
+            continue
+        pool = getattr(transport, "_pool", None)
+        backend = getattr(pool, "_network_backend", None)
+        if backend is None:
+            raise AdapterError(f"this version of httpx ({type(http).__module__}) keeps its connections where the "
+                               "request deadline cannot bound them; install the version setup.cfg names")
+        if not isinstance(backend, _DeadlineBackend):
+            pool._network_backend = _DeadlineBackend(backend)
+    return http
 
 
 # ---------------------------------------------------------------------------------------------------------- a run

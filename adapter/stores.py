@@ -15,6 +15,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import struct
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -133,14 +134,197 @@ def write_index(vectors: np.ndarray, path: str | os.PathLike, ids: np.ndarray | 
 
 
 def read_index(path: str | os.PathLike) -> faiss.Index:
-    """Read a FAISS index file with a one-line error when it is not one."""
+    """Read a FAISS index file with a one-line error when it is not one. Every array its header declares is first
+    checked against the bytes the file holds (``FaissLayout``): FAISS allocates what a file declares before reading
+    it, so a 61-byte file declaring 2.5 GB of vectors would cost 2.5 GB before failing."""
     path = Path(path)
     if not path.is_file():
         raise AdapterError(f"{path}: file not found")
     try:
-        return faiss.read_index(str(path))
+        with open(path, "rb") as f:
+            FaissLayout(f, path).check()
+            f.seek(0)
+            return faiss.read_index(faiss.PyCallbackIOReader(f.read))  # the file checked, not one renamed in since
+    except OSError as e:
+        raise AdapterError(f"{path}: cannot read ({e.strerror or one_line(e)})") from None
     except RuntimeError as e:
         raise AdapterError(f"{path}: not a readable FAISS index ({one_line(e)})") from None
+
+
+class FaissLayout:
+    """Walks a FAISS index file as ``faiss.read_index`` reads it, for the index types adapter reads (flat, IVF flat,
+    PQ or SQ, HNSW flat, PQ or SQ, PQ, SQ, each under an id map, a linear pre-transform such as OPQ or PCA, or
+    neither), reading the scalars and skipping every array after checking that its declared size fits in the bytes
+    left. Nothing it declares is allocated; a type it does not know is refused (it could not be checked)."""
+
+    HASHTABLE = 2  # faiss DirectMap::Hashtable
+
+    def __init__(self, f: Any, path: Path):
+        self.f, self.path = f, path
+        self.size = os.fstat(f.fileno()).st_size
+
+    def check(self) -> None:
+        self.index()
+
+    # the file's pieces
+    def _bad(self, why: str) -> AdapterError:
+        return AdapterError(f"{self.path}: not a readable FAISS index ({why})")
+
+    def take(self, fmt: str) -> tuple[Any, ...]:
+        n = struct.calcsize(fmt)
+        data = self.f.read(n)
+        if len(data) != n:
+            raise self._bad(f"the file ends at byte {self.size:,}, inside a header")
+        return struct.unpack(fmt, data)
+
+    def one(self, fmt: str) -> Any:
+        return self.take("<" + fmt)[0]
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
+
+    def array(self, item: int, count: int | None = None, what: str = "an array") -> int:
+        """Skip an array of ``count`` items of ``item`` bytes (``count`` read first, as faiss's READVECTOR does,
+        when not given); refused when the file does not hold it."""
+        if count is None:
+            count = self.one("Q")
+        if count * item > self.left():
+            raise self._bad(f"declares {what} of {count * item:,} bytes at byte {self.f.tell():,}, but the file "
+                            f"holds {self.size:,} bytes")
+        self.f.seek(count * item, os.SEEK_CUR)
+        return count
+
+    # faiss's structures
+    def header(self) -> tuple[int, int]:
+        d, ntotal, _, _, _, metric = self.take("<iqqq?i")
+        if metric > 1:
+            self.one("f")
+        if d < 0 or ntotal < 0:
+            raise self._bad(f"dimension {d}, {ntotal} vectors")
+        return d, ntotal
+
+    def pq(self) -> None:
+        self.take("<QQQ")  # d, M, nbits
+        self.array(4, what="PQ centroids")
+
+    def sq(self) -> None:
+        self.take("<iifQQ")  # qtype, rangestat, rangestat_arg, d, code_size
+        self.array(4, what="SQ training ranges")
+
+    def invlists(self) -> None:
+        kind = self.f.read(4)
+        if kind == b"il00":
+            return
+        if kind != b"ilar":
+            raise self._bad(f"inverted lists of type {kind!r}, which adapter does not read")
+        nlist, code_size = self.take("<QQ")
+        if nlist * 8 > self.left():  # faiss makes a table of nlist sizes before reading them
+            raise self._bad(f"declares {nlist:,} inverted lists in {self.size:,} bytes")
+        listing, count = self.f.read(4), self.one("Q")
+        if listing == b"full" and count == nlist:
+            sizes = self.numbers(count, "list sizes")
+        elif listing == b"sprs" and count % 2 == 0:
+            sizes = self.numbers(count, "list sizes")[1::2]  # (list, size) pairs
+        else:
+            raise self._bad(f"{count} list sizes stored as {listing!r} for {nlist} lists")
+        self.array(code_size + 8, int(sizes.astype(object).sum()), "inverted lists")  # codes and ids
+
+    def numbers(self, count: int, what: str) -> np.ndarray:
+        """Read an array of ``count`` uint64 (after checking that the file holds it)."""
+        start = self.f.tell()
+        self.array(8, count, what)
+        self.f.seek(start)
+        return np.frombuffer(self.f.read(8 * count), dtype="<u8")
+
+    def ivf(self) -> None:
+        self.header()
+        self.take("<QQ")  # nlist, nprobe
+        self.index()  # the coarse quantizer
+        if self.one("b") == self.HASHTABLE:
+            self.array(8, what="a direct map")
+            self.array(16, what="a direct map")
+        else:
+            self.array(8, what="a direct map")
+
+    def index(self) -> None:
+        kind = self.f.read(4)
+        if kind in (b"IxFI", b"IxF2", b"IxFl"):
+            d, ntotal = self.header()
+            if self.array(4, what="vectors") != d * ntotal:
+                raise self._bad(f"holds a vector array that is not {ntotal} vectors of dimension {d}")
+        elif kind in (b"IxMp", b"IxM2"):
+            self.header()
+            self.index()
+            self.array(8, what="ids")
+        elif kind == b"IwFl":
+            self.ivf()
+            self.invlists()
+        elif kind == b"IwPQ":
+            self.ivf()
+            self.take("<?Q")  # by_residual, code_size
+            self.pq()
+            self.invlists()
+        elif kind in (b"IwSQ", b"IwSq"):
+            self.ivf()
+            self.sq()
+            self.one("Q")  # code_size
+            if kind == b"IwSq":
+                self.one("?")  # by_residual
+            self.invlists()
+        elif kind in (b"IHNf", b"IHNp", b"IHNs"):
+            self.header()
+            for item, what in ((8, "HNSW level probabilities"), (4, "HNSW neighbours per level"),
+                               (4, "HNSW levels"), (8, "HNSW offsets"), (4, "HNSW neighbours")):
+                self.array(item, what=what)
+            self.take("<5i")  # entry point, max level, efConstruction, efSearch, a retired field
+            self.index()  # the vectors' storage
+        elif kind in (b"IxPQ", b"IxPo", b"IxPq"):
+            self.header()
+            self.pq()
+            self.array(1, what="PQ codes")
+            if kind != b"IxPQ":
+                self.take("<i?i")  # search type, encode signs, polysemous threshold
+        elif kind == b"IxSQ":
+            self.header()
+            self.sq()
+            self.array(1, what="SQ codes")
+        elif kind == b"IxPT":
+            self.header()
+            for _ in range(self.one("i")):
+                self.transform()
+            self.index()
+        else:
+            raise self._bad(f"a {kind.decode('latin-1')!r} index, which adapter does not read: flat, IVF (flat, PQ, "
+                            "SQ), HNSW, PQ or SQ, under an id map or a linear pre-transform (OPQ, PCA) or not")
+
+    def transform(self) -> None:
+        """A vector transform of an IndexPreTransform: the linear ones (OPQ, PCA, random rotation), normalisation,
+        centring, a dimension remap."""
+        kind = self.f.read(4)
+        if kind in (b"rrot", b"PCAm", b"LTra", b"PcAm", b"Pcam", b"Viqm"):
+            if kind in (b"PCAm", b"PcAm", b"Pcam"):
+                self.one("f")  # eigen power
+                if kind == b"Pcam":
+                    self.one("f")  # epsilon
+                self.one("?")  # random rotation
+                if kind != b"PCAm":
+                    self.one("i")  # balanced bins
+                for what in ("a PCA mean", "PCA eigenvalues", "a PCA matrix"):
+                    self.array(4, what=what)
+            elif kind == b"Viqm":
+                self.take("<ii")  # max iterations, seed
+            self.one("?")  # has bias
+            self.array(4, what="a transform matrix")
+            self.array(4, what="a transform bias")
+        elif kind == b"RmDT":
+            self.array(4, what="a dimension map")
+        elif kind == b"VNrm":
+            self.one("f")
+        elif kind == b"VCnt":
+            self.array(4, what="a centring mean")
+        else:
+            raise self._bad(f"a {kind.decode('latin-1')!r} vector transform, which adapter does not read")
+        self.take("<ii?")  # d_in, d_out, is_trained
 
 
 def search_index(index: faiss.Index, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:

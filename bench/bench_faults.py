@@ -1,7 +1,8 @@
 """Bad input and faults, measured (issue #13): the fuzz table over every command, two `adapter embed` processes sharing
-one cache past the merge threshold, and `adapter embed` killed with SIGKILL at random points.
+one cache past the merge threshold, and `adapter embed` killed with SIGKILL at random points; and the security
+audit's inputs (#24): what each crafted file or reply costs in memory and time.
 
-    python bench/bench_faults.py [--model NAME] [--rounds 20] [--kills 10] [--parts fuzz,concurrent,kills]
+    python bench/bench_faults.py [--model NAME] [--rounds 20] [--kills 10] [--parts fuzz,concurrent,kills,audit]
 
 Everything runs the real CLI in subprocesses (`python -m cli ...`), as a user would. Prints markdown tables. The
 default model is the tests' tiny BERT, built here: what is measured (exits, files, cache contents) does not depend on
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adapter.data import load_dataset, save_dataset  # noqa: E402
-from tests.fault_cases import build_workspace, cases, run_case  # noqa: E402
+from tests.fault_cases import Drip, build_workspace, cases, run_case  # noqa: E402
 
 WATEROPS = ROOT / "data" / "waterops"
 EMBEDDED = re.compile(r"(\d+) texts embedded, (\d+) already cached")
@@ -44,7 +45,7 @@ def cli(*argv: str, cache: Path, model: str, check: bool = True) -> subprocess.C
     return r
 
 
-def fuzz(work: Path, model: str) -> None:
+def fuzz(work: Path, model: str) -> dict[str, str]:
     cache = work / "fuzz-cache"
     w = build_workspace(work / "ws", model, cache)
     rows: dict[str, Counter] = {}
@@ -75,6 +76,7 @@ def fuzz(work: Path, model: str) -> None:
         last = next((line for line in reversed(o.stderr.splitlines()) if line.strip()), "")
         print(f"\nnot clean: {case.command}: {case.what}: exit {o.code}, traceback {o.traceback}, {o.lines} lines, "
               f"left {o.left[:3]}, changed {o.changed[:3]}: {last[:200]}")
+    return w
 
 
 # security audit: trust and secrets (#24). Its cases (tests/fault_cases.py, the block of that name) are in cases()
@@ -206,12 +208,102 @@ def kills(work: Path, model: str, n: int) -> None:
     print(f"\n{mid} of {n} kills landed mid-run (some texts cached, some not).")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# security audit: sizes, deadlines, integrity (#24)
+
+
+def _peak(argv: list[str], env: dict[str, str]) -> tuple[int, float, int, str]:
+    """Run the CLI; its exit code, seconds, peak resident memory (bytes, the child's own) and last stderr line."""
+    start = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "cli", *argv], env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    err = p.stderr.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    last = next((line for line in reversed(err.splitlines()) if line.strip()), "")
+    return p.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, last
+
+
+def _parse_cost(parse, text: str) -> tuple[float, int, str]:
+    """Seconds of ``parse(text)``, then its tracemalloc peak (bytes) in a second run (tracing slows it), and how it
+    ended."""
+    import tracemalloc
+
+    def run() -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            return f"{type(e).__name__}: {str(e)[:60]}"
+        return "parsed"
+
+    start = time.perf_counter()
+    how = run()
+    seconds = time.perf_counter() - start
+    tracemalloc.start()
+    run()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return seconds, peak, how
+
+
+def audit(work: Path, model: str, w: dict[str, str] | None) -> None:
+    """What each crafted input of the audit costs now: the CLI's peak memory and time on each file, the parsers'
+    on each reply, and `generate --timeout 5` against a server sending a byte a second."""
+    from adapter.generate import parse_questions
+    from adapter.rag import parse_grade
+    from tests.conftest import write_dataset
+
+    cache = work / "fuzz-cache"
+    w = w or build_workspace(work / "ws", model, cache)
+    env = {**os.environ, "ADAPTER_CACHE": str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    audit_dir = Path(w["audit"])
+    rows = []
+    for what, name, argv, before in (
+            ("adapter declaring 30000x30000 in a sparse file", "sparse.safetensors",
+             ["search", "pump", "--index", w["index"], "--adapter", "{}", "--model", model], "7.1 GiB"),
+            ("FAISS file claiming 2.5 GB", "bomb.faiss", ["search", "pump", "--index", "{}", "--adapter", w["adapter"],
+                                                          "--model", model], "2.6 GiB"),
+            ("adapter metadata nested 10^5 deep", "nested.safetensors",
+             ["search", "pump", "--index", w["index"], "--adapter", "{}", "--model", model], "RecursionError"),
+            ("(baseline: the workspace's own adapter and index)", w["adapter"],
+             ["search", "pump", "--index", w["index"], "--adapter", "{}", "--model", model], "")):
+        path = audit_dir / name
+        code, seconds, peak, last = _peak([a.format(path) for a in argv], env)
+        st = path.stat()
+        rows.append((what, f"{st.st_size:,} bytes ({st.st_blocks * 512:,} on disk)", code, f"{seconds:.1f}",
+                     f"{peak / 2**20:.0f} MiB", before, last[:90]))
+    ds = write_dataset(work / "drip-ds", {"test": ["q_burst"]})
+    (ds / "corpus.jsonl").write_text(json.dumps({"_id": "c", "text": "Valves isolate a burst main."}) + "\n")
+    with Drip("body", gap=1.0, connections=2) as server:
+        code, seconds, peak, last = _peak(["generate", str(ds), "--base-url", server.url, "--timeout", "5",
+                                           "--max-retries", "0", "--concurrency", "1"],
+                                          {**env, "OPENAI_API_KEY": "none"})
+    rows.append(("`generate --timeout 5`, a server sending a byte a second", f"{len(server.response):,} bytes in "
+                 f"{len(server.response)} s", code, f"{seconds:.1f}", f"{peak / 2**20:.0f} MiB", "61 s",
+                 f"the server got out {sum(server.sent)} of {len(server.response)} bytes"))
+    deep = "[" * 40 + "1, " * 1_600_000 + "1" + "]" * 40  # 4.8 MB, a bracket at every level restarting the decode
+    for what, parse, text, before in (("judge reply of 60,000 `{`", parse_grade, "{" * 60_000, "2.4 GiB"),
+                                      ("judge reply of 200,000 `{`", parse_grade, "{" * 200_000, "~20 GB"),
+                                      ("4.8 MB generate answer, 40 levels deep", lambda t: parse_questions(t, 3),
+                                       deep, "33-58 s"),
+                                      ("4.8 MB generate answer of prose and braces", lambda t: parse_questions(t, 3),
+                                       'a {"b": [1, "c"], ' * 270_000, "")):
+        seconds, peak, how = _parse_cost(parse, text)
+        rows.append((what, f"{len(text):,} characters", "-", f"{seconds:.2f}", f"{peak / 2**20:.1f} MiB (Python)",
+                     before, how))
+    print("\n### Security audit (#24): what each crafted input costs now\n")
+    print("| input | size | exit | seconds | peak memory | before (issue #24) | how it ended |")
+    print("|---|---:|---:|---:|---:|---|---|")
+    for row in rows:
+        print("| " + " | ".join(str(x) for x in row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="[default: the tests' tiny BERT, built here]")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--parts", default="fuzz,concurrent,kills", help="which parts to run, comma-separated")
+    parser.add_argument("--parts", default="fuzz,concurrent,kills,audit", help="which parts to run, comma-separated")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     from adapter.encoder import resolve_model
@@ -224,12 +316,13 @@ def main() -> None:
             model = str(build_tiny_model(work / "tiny"))
         else:
             model = resolve_model(args.model)
-        if "fuzz" in parts:
-            fuzz(work, model)
+        w = fuzz(work, model) if "fuzz" in parts else None
         if "concurrent" in parts:
             concurrent(work, model, args.rounds)
         if "kills" in parts:
             kills(work, model, args.kills)
+        if "audit" in parts:
+            audit(work, model, w)
     print(f"\n(machine: {os.cpu_count()} cores, shared; {json.dumps({'model': args.model or 'tiny BERT'})})")
 
 

@@ -15,8 +15,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -182,6 +184,7 @@ def build_workspace(root: Path, model: str, cache: Path, *, light: bool = False)
     _w(bad / "docs" / "a.md", "A short handbook page about pumps and valves. " * 20)
     _w(bad / "prompt_no_chunk.txt", "write {n} questions")
     w.update(write_trust_files(root, model))
+    w.update(audit_files(root, existing))
     pristine = root.with_name(root.name + ".pristine")
     shutil.rmtree(pristine, ignore_errors=True)
     shutil.copytree(root, pristine, symlinks=True)
@@ -294,7 +297,154 @@ def cases() -> list[Case]:
         add("compare", f"--bootstrap {val}", "compare", "{ds}", "--out", "{root}/cmp", "--base-model", "{model}",
             "--bootstrap", val)
     add("compare", "--out holds a report", "compare", "{ds}", "--out", "{report}", "--base-model", "{model}")
+    c += audit_cases()  # security audit: sizes, deadlines, integrity
     return c + trust_and_secret_cases()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# security audit: sizes, deadlines, integrity (#24). Files that declare far more than they hold live beside the
+# workspace (``{audit}``), outside what a case may change: hashing or copying a sparse 3.6 GB file is not the point.
+
+
+def audit_files(root: Path, existing: Path) -> dict[str, str]:
+    """Write the audit's crafted inputs; returns their placeholders."""
+    import struct
+
+    audit = root.with_name(root.name + ".audit")
+    shutil.rmtree(audit, ignore_errors=True)
+    audit.mkdir(parents=True)
+    header = {"format_version": 2, "base_model": "m@0123456789ab", "dim": 384, "form": "full", "rank": None,
+              "bias": False}
+
+    def safetensors(name: str, meta: str, tensor: str = "F32", shape: tuple[int, ...] = (384, 384),
+                    sparse: bool = False) -> None:
+        nbytes = shape[0] * shape[1] * (2 if tensor.endswith("16") else 4)
+        head = json.dumps({"__metadata__": {"adapter": meta},
+                           "weight": {"dtype": tensor, "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+        head += b" " * (-len(head) % 8)
+        with open(audit / name, "wb") as f:
+            f.write(struct.pack("<Q", len(head)) + head)
+            if sparse:
+                f.truncate(8 + len(head) + nbytes)  # holes: a few KiB on disk
+            else:
+                f.write(b"\0\0\x80?" * (nbytes // 4))  # 1.0 in every float32
+
+    safetensors("sparse.safetensors", json.dumps(header), shape=(30000, 30000), sparse=True)
+    safetensors("bf16.safetensors", json.dumps(header), tensor="BF16")
+    safetensors("nested.safetensors", "[" * 100_000 + "]" * 100_000)
+    safetensors("history.safetensors", json.dumps({**header, "history": {"loss": "x", "val": 3},
+                                                   "estimates": [1, 2]}))
+    flat = bytearray(b"IxFI" + struct.pack("<iqqq?i", 384, 625_000_000 // 384, 1 << 20, 1 << 20, True, 0))
+    flat += struct.pack("<Q", 625_000_000)  # 2.5 GB of float32 declared ...
+    _w(audit / "bomb.faiss", bytes(flat) + bytes(61 - len(flat)))  # ... in 61 bytes, as the audit found
+    _w(audit / "rag_missing.json", json.dumps({"k": 3, "systems": {"base": {"accuracy": 0.5}}}))
+    _w(existing / "partial" / "results.json", "{}\n")  # a compare folder without report.md
+    return {"audit": str(audit), "partial": str(existing / "partial")}
+
+
+COMPLETION = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                         "choices": [{"index": 0, "finish_reason": "stop",
+                                      "message": {"role": "assistant", "content": "ok " * 40}}]}).encode()
+
+
+class Drip:
+    """A server on 127.0.0.1 that answers each request with a whole chat completion sent one byte every ``gap``
+    seconds, its status line and headers included (``part="headers"``) or only its body (``part="body"``); it stops
+    when the client hangs up, and serves at most ``connections``. ``sent`` holds the bytes each connection got out:
+    with a timeout per read (the old client) the client waits for all of them, with a deadline it hangs up long
+    before."""
+
+    def __init__(self, part: str, gap: float = 0.05, connections: int = 20):
+        self.part, self.gap, self.connections, self.sent = part, gap, connections, []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    @property
+    def response(self) -> bytes:
+        head = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(COMPLETION)}\r\n"
+                "Connection: close\r\n\r\n").encode()
+        return head + COMPLETION
+
+    def __enter__(self) -> Drip:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        for _ in range(self.connections):  # bounded
+            while not self.stop.is_set():
+                try:
+                    conn, _ = self.sock.accept()
+                    break
+                except TimeoutError:
+                    continue
+            else:
+                return
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, body = data.split(b"\r\n\r\n", 1)
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                out = self.response
+                at = 0 if self.part == "headers" else out.index(b"\r\n\r\n") + 4
+                if at:
+                    conn.sendall(out[:at])
+                sent = at
+                for i in range(at, len(out)):
+                    if self.stop.wait(self.gap):
+                        break
+                    try:
+                        conn.sendall(out[i:i + 1])
+                    except OSError:  # the client hung up
+                        break
+                    sent += 1
+                self.sent.append(sent)
+
+
+def audit_cases() -> list[Case]:
+    """The security audit's cases (#24): files and replies that declare more than they hold, outputs that were
+    replaced or checked too late."""
+    m = ("--model", "{model}")
+    c: list[Case] = []
+
+    def add(command: str, what: str, *argv: str) -> None:
+        c.append(Case(command, what, tuple(argv)))
+
+    add("search", "adapter declaring 30000x30000 in a 4 KiB sparse file", "search", "pump", "--index", "{index}",
+        "--adapter", "{audit}/sparse.safetensors", *m)
+    add("search", "FAISS file claiming 2.5 GB in 61 bytes", "search", "pump", "--index", "{audit}/bomb.faiss",
+        "--adapter", "{adapter}", *m)
+    add("evaluate", "FAISS file claiming 2.5 GB in 61 bytes", "evaluate", "{ds}", *m, "--index",
+        "{audit}/bomb.faiss")
+    add("evaluate", "adapter with a bfloat16 tensor", "evaluate", "{ds}", *m, "--adapter", "{audit}/bf16.safetensors")
+    add("evaluate", "adapter metadata nested 10^5 deep", "evaluate", "{ds}", *m, "--adapter",
+        "{audit}/nested.safetensors")
+    add("evaluate", "adapter with wrong-typed history and estimates", "evaluate", "{ds}", *m, "--adapter",
+        "{audit}/history.safetensors")
+    add("train", "--json over an existing file", "train", "{ds}", "--out", "{root}/new.safetensors", *m, "--json",
+        "{results}")
+    add("train", "--json into a missing folder", "train", "{ds}", "--out", "{root}/new.safetensors", *m, "--json",
+        "{root}/nowhere/t.json")
+    add("compare", "--out holds results.json but no report.md", "compare", "{ds}", "--out", "{partial}",
+        "--base-model", "{model}")
+    add("compare", "--rag rag.json missing keys", "compare", "{ds}", "--out", "{root}/cmp", "--base-model",
+        "{model}", "--rag", "{audit}/rag_missing.json")
+    return c
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -282,6 +282,51 @@ def test_a_flipped_bit_is_named_by_verify_and_by_the_merge_that_reads_it(tmp_pat
     assert len(store) == cache.MAX_SHARDS and UNIVERSE[300] in store
 
 
+def _write_v1(folder: Path, keys, vectors) -> Path:
+    """A shard as version 1 wrote it (adapter/cache.py of #14: keys and vectors, no row checksums)."""
+    import json
+    import zlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    hi, lo = cache._split_keys(keys)
+    order = cache._sorted_unique(hi, lo)  # the cache's key order
+    body = hi[order].tobytes() + lo[order].tobytes() + np.asarray(vectors, "<f4")[order].tobytes()
+    head = json.dumps({"format": cache.FORMAT, "version": 1, "rows": len(order), "dim": DIM,
+                       "crc32": zlib.crc32(body)})
+    path = folder / f"{time.time_ns()}-{os.getpid()}.shard"
+    path.write_bytes(head.encode().ljust(cache.HEADER_BYTES - 1) + b"\n" + body)
+    return path
+
+
+@pytest.mark.parametrize("version", [2, 1])
+def test_damaged_vectors_are_named_when_read_not_returned(version, tmp_path):
+    """Audit #24.6: damaged vectors in a shard were returned as they were (evaluate exited 0, base ndcg@10 0.60 ->
+    0.11): the CRC was checked only on merge. Now each row read is checked against its checksum (a version-1 shard,
+    which has none: its CRC, the first time it is read); the rows of a damaged shard are never returned."""
+    keys = UNIVERSE[:50]
+    if version == 2:
+        EmbeddingCache(tmp_path).put(keys, _vectors(keys))
+        (shard,) = _shards(tmp_path)
+    else:
+        shard = _write_v1(tmp_path, keys, _vectors(keys))
+        assert len(EmbeddingCache(tmp_path)) == 50 and EmbeddingCache(tmp_path).get(keys, DIM).shape == (50, DIM)
+    raw = bytearray(shard.read_bytes())
+    at = cache.HEADER_BYTES + 16 * 50 + 4 * DIM * 7 + 4 * 3  # row 7's fourth number
+    raw[at:at + 4] = np.float32(0.5).tobytes()
+    shard.write_bytes(bytes(raw))
+    store = EmbeddingCache(tmp_path)  # opens: header and size are right
+    with pytest.raises(AdapterError, match=f"{shard.name}: damaged embedding cache shard .*delete it") as e:
+        store.get(keys, DIM)
+    assert "\n" not in str(e.value)
+    if version == 2:  # only the rows read are checked: the other 49 are whole
+        assert "row 7" in str(e.value)
+        hi, lo = cache._split_keys(keys)
+        whole = [k for k, h, l_ in zip(keys, hi, lo, strict=True) if (h, l_) != (store._shards[0].hi[7],
+                                                                            store._shards[0].lo[7])]
+        assert len(whole) == 49
+        np.testing.assert_array_equal(store.get(whole, DIM), _vectors(whole))
+
+
 # ---------------------------------------------------------------------------------------------------------- old layout
 
 

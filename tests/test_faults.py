@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -484,3 +485,224 @@ def test_fault_table_every_command_fails_cleanly(tmp_path_factory, tiny_model_di
     assert not bad, "\n".join(f"{o.case.command}: {o.case.what}: exit {o.code}, traceback {o.traceback}, "
                               f"{o.lines} lines, left {o.left[:2]}, changed {o.changed[:2]}: {o.stderr[-300:]}"
                               for o in bad)
+
+
+# ---------------------------------------------------------------------------------------------------------- audit #24
+
+BOMB = 2_500_000_000  # bytes each crafted FAISS file claims, in a file of a few kilobytes
+
+
+def _faiss_bomb(kind: str, path: Path) -> Path:
+    """A small valid FAISS file of ``kind`` with one array's declared length raised to claim ``BOMB`` bytes, the
+    file cut short after it: what faiss allocates before it reads."""
+    import struct
+
+    import faiss
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 16)).astype(np.float32)
+    if kind == "flat":  # the audit's 61-byte file
+        index = faiss.IndexFlatIP(384)
+        index.add(np.eye(384, dtype=np.float32)[:1])
+        raw = bytearray(faiss.serialize_index(index).tobytes())
+        raw[8:16] = struct.pack("<q", BOMB // 4 // 384)
+        raw[37:45] = struct.pack("<Q", BOMB // 4)
+        path.write_bytes(bytes(raw[:61]))
+        return path
+    if kind == "ids":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(16))
+        index.add_with_ids(x, np.arange(400))
+        raw = bytearray(faiss.serialize_index(index).tobytes())
+        at = len(raw) - 8 * 400 - 8
+        raw[at:at + 8] = struct.pack("<Q", BOMB // 8)
+    elif kind == "ivf":
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(16), 16, 4, faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+        index.add(x)
+        raw = bytearray(faiss.serialize_index(index).tobytes())
+        at = raw.index(b"ilar") + 4 + 16 + 4 + 8  # nlist, code_size, "full", count: the first list's size
+        raw[at:at + 8] = struct.pack("<Q", BOMB // (64 + 8))
+    else:  # hnsw: its neighbour table
+        index = faiss.IndexHNSWFlat(16, 8, faiss.METRIC_INNER_PRODUCT)
+        index.add(x)
+        raw = bytearray(faiss.serialize_index(index).tobytes())
+        at = 37
+        for item in (8, 4, 4, 8):  # level probabilities, neighbours per level, levels, offsets
+            at += 8 + item * struct.unpack_from("<Q", raw, at)[0]
+        raw[at:at + 8] = struct.pack("<Q", BOMB // 4)
+    path.write_bytes(bytes(raw[:at + 64]))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["flat", "ids", "ivf", "hnsw"])
+def test_a_faiss_file_claiming_gigabytes_is_refused_before_they_are_allocated(kind, tmp_path):
+    """Audit #24.4: a 61-byte FAISS file claiming 2.5 GB of vectors took `search` to 2.6 GiB before it failed:
+    FAISS allocates each array's declared length before reading it. The file's layout is now checked against its
+    size first (in a fresh process, so its peak memory is the read's own)."""
+    import subprocess
+    import sys
+
+    import faiss
+
+    path = _faiss_bomb(kind, tmp_path / f"{kind}.faiss")
+    small = tmp_path / "small.faiss"
+    faiss.write_index(faiss.IndexFlatIP(16), str(small))
+    probe = ("import resource, sys\nfrom adapter.errors import AdapterError\nfrom adapter.stores import read_index\n"
+             "try:\n    read_index(sys.argv[1])\n    print('read it')\nexcept AdapterError as e:\n    print(e)\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)\n")
+
+    def read(file: Path) -> tuple[str, int]:  # what reading it said, and the process's peak memory
+        r = subprocess.run([sys.executable, "-c", probe, str(file)], capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        message, peak = r.stdout.strip().splitlines()[-2:]
+        return message, int(peak)
+
+    (fine, baseline), (message, peak) = read(small), read(path)
+    assert fine == "read it"
+    assert "not a readable FAISS index" in message and f"holds {path.stat().st_size:,} bytes" in message, message
+    assert peak < baseline + (64 << 20), f"{peak >> 20} MiB to refuse a {path.stat().st_size}-byte file, " \
+                                         f"{baseline >> 20} MiB to read an empty index"
+
+
+def test_evaluate_names_a_damaged_cache_shard_instead_of_scoring_its_vectors(tmp_path, tiny_model_dir):
+    """Audit #24.6: with damaged vectors in a cache shard `evaluate` exited 0 and scored them (base ndcg@10 0.60 ->
+    0.11). Now it stops in one line naming the shard to delete; deleting it, the run embeds again and scores as
+    before."""
+    from adapter.cache import HEADER_BYTES
+
+    ds = write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
+    argv = ["-q", "evaluate", str(ds), "--model", str(tiny_model_dir), "--cache-dir", str(tmp_path / "cache")]
+    first = CliRunner().invoke(main, argv)
+    assert first.exit_code == 0, first.output
+    shards = sorted((tmp_path / "cache").rglob("*.shard"), key=lambda p: p.stat().st_size)
+    shard = shards[-1]  # the corpus's (or the queries'): either is read by evaluate
+    raw = bytearray(shard.read_bytes())
+    rows = json.loads(raw[:HEADER_BYTES])["rows"]
+    at = HEADER_BYTES + 16 * rows
+    raw[at:at + 64] = bytes(64)  # the first row's first 16 numbers zeroed
+    shard.write_bytes(bytes(raw))
+    scores = lambda out: [line for line in out.splitlines() if "it/s" not in line and line.strip()]  # noqa: E731
+    r = CliRunner().invoke(main, argv)
+    assert r.exit_code == 1 and scores(r.output)[-1].startswith("Error: "), r.output
+    assert f"{shard.name}: damaged embedding cache shard" in r.output and "delete it" in r.output
+    shard.unlink()
+    again = CliRunner().invoke(main, argv)
+    metrics = lambda out: [line for line in scores(out) if "@" in line]  # noqa: E731
+    assert again.exit_code == 0 and metrics(again.output) == metrics(first.output) != []
+
+
+def _no_model(monkeypatch) -> None:
+    import adapter.encoder
+
+    monkeypatch.setattr(adapter.encoder, "load_model", lambda *a, **k: pytest.fail("a model was loaded first"))
+
+
+def test_train_json_is_checked_before_any_work(tmp_path, monkeypatch):
+    """Audit #24.7: `train --json FILE` replaced an existing file without --force, and into a missing folder it
+    failed after the adapter was written. Both are refused before a model loads; nothing is written."""
+    _no_model(monkeypatch)
+    ds = write_dataset(tmp_path / "ds", {"train": list(QUESTIONS)})
+    taken = tmp_path / "taken.json"
+    taken.write_text("mine")
+    out = tmp_path / "a.safetensors"
+    for json_out, words in ((taken, "pass --force"), (tmp_path / "nowhere" / "t.json", "folder does not exist"),
+                            (out, "same file")):
+        r = CliRunner().invoke(main, ["train", str(ds), "--out", str(out), "--json", str(json_out)])
+        assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output
+    assert taken.read_text() == "mine" and not out.exists()
+
+
+def test_compare_refuses_any_file_it_would_replace_before_any_work(tmp_path, monkeypatch):
+    """Audit #24.7: `compare --out DIR` on a folder holding results.json, summary.json and report.html but no
+    report.md replaced them silently."""
+    _no_model(monkeypatch)
+    ds = write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
+    out = tmp_path / "cmp"
+    out.mkdir()
+    for name in ("results.json", "summary.json", "report.html"):
+        (out / name).write_text("mine")
+    r = CliRunner().invoke(main, ["compare", str(ds), "--out", str(out)])
+    assert r.exit_code == 1 and "report.html: already exists; pass --force" in r.output, r.output
+    assert all((out / n).read_text() == "mine" for n in ("results.json", "summary.json", "report.html"))
+
+
+@pytest.mark.parametrize("rag", [{"k": 3, "systems": {"base": {"accuracy": 0.5}}},
+                                 {"k": 3, "compared": 2, "questions": 2, "llm_model": "m", "judge_model": "m",
+                                  "systems": {"base": {"accuracy": 0.5, "ndcg@10": 0.5, "gold_in_context": 1,
+                                                       "ungraded": 0, "accuracy_ci": [0.1], "change": None}}},
+                                 "[" * 100_000], ids=["keys", "interval", "nested"])
+def test_compare_rag_json_missing_keys_is_one_line_before_any_work(rag, tmp_path, monkeypatch):
+    """Audit #24.8: `compare --rag` with a rag.json missing keys ended in a KeyError after all the scoring."""
+    _no_model(monkeypatch)
+    ds = write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
+    path = tmp_path / "rag.json"
+    path.write_text(rag if isinstance(rag, str) else json.dumps(rag))
+    r = CliRunner().invoke(main, ["compare", str(ds), "--out", str(tmp_path / "cmp"), "--rag", str(path)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "rag" in r.output, r.output
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.fixture(scope="module")
+def trained_tiny(tiny_model_dir, tmp_path_factory):
+    """A dataset, and an adapter trained on it for the tiny model (2 epochs), with their own cache."""
+    root = tmp_path_factory.mktemp("trained")
+    ds = write_dataset(root / "ds", {"train": list(QUESTIONS), "test": list(QUESTIONS)})
+    r = CliRunner().invoke(main, ["-q", "train", str(ds), "--out", str(root / "a.safetensors"), "--model",
+                                  str(tiny_model_dir), "--epochs", "2", "--cache-dir", str(root / "cache")])
+    assert r.exit_code == 0, r.output
+    return ds, root / "a.safetensors", root / "cache"
+
+
+def test_compare_at_dims_without_the_full_one_writes_its_report(trained_tiny, tiny_model_dir, tmp_path):
+    """Audit #24.8: `compare --dims 128,64` (no full dimension: ordinary use) ended in KeyError: 384 after all the
+    scoring and left an empty folder."""
+    ds, adapter, cache = trained_tiny
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(main, ["-q", "compare", str(ds), "--out", str(out), "--base-model", str(tiny_model_dir),
+                                  "--adapter", str(adapter), "--dims", "16,8", "--cache-dir", str(cache)])
+    assert r.exit_code == 0, r.output
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["base"]) == ["16", "8"] and (out / "report.md").is_file()
+
+
+def _full_disk(monkeypatch, where: str) -> None:
+    """os.replace in adapter.data (the write-beside-then-rename path) fails as a full disk does, for targets
+    under ``where``."""
+    import errno
+
+    import adapter.data
+
+    real = adapter.data.os.replace
+
+    def replace(src, dst, *a, **k):
+        if str(dst).startswith(where):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(src, dst, *a, **k)
+
+    monkeypatch.setattr(adapter.data.os, "replace", replace)
+
+
+def test_a_full_disk_on_train_and_compare_out_is_one_line_and_writes_nothing(trained_tiny, tiny_model_dir, tmp_path,
+                                                                             monkeypatch):
+    """Audit #24.8: ENOSPC on `train --out` and `compare --out` was a traceback. Now one line, nothing half
+    written: the old report stays whole, a new folder is not left behind."""
+    ds, _, cache = trained_tiny
+    common = ["--cache-dir", str(cache)]
+    out = tmp_path / "cmp"
+    first = CliRunner().invoke(main, ["-q", "compare", str(ds), "--out", str(out), "--base-model",
+                                      str(tiny_model_dir), *common])
+    assert first.exit_code == 0, first.output
+    before = tree(out)
+    _full_disk(monkeypatch, str(tmp_path))
+    for argv, target in ((["compare", str(ds), "--out", str(out), "--base-model", str(tiny_model_dir), "--force"],
+                          out),
+                         (["compare", str(ds), "--out", str(tmp_path / "new"), "--base-model", str(tiny_model_dir)],
+                          tmp_path / "new"),
+                         (["train", str(ds), "--out", str(tmp_path / "a.safetensors"), "--model",
+                           str(tiny_model_dir), "--epochs", "1"], tmp_path / "a.safetensors")):
+        r = CliRunner().invoke(main, ["-q", *argv, *common])
+        assert r.exit_code == 1 and "No space left on device" in r.output, r.output
+        assert r.output.strip().splitlines()[-1].startswith("Error: ") and "Traceback" not in r.output
+        assert target == out or not target.exists()
+    assert tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cmp"]  # no temporary left beside

@@ -90,6 +90,8 @@ QS = ["where do i report a leak?", "Who fixes burst pipes", "is the tap water sa
     json.dumps([{"question": q} for q in QS]),
     json.dumps([f"{k}. {q}" for k, q in enumerate(QS, 1)]),
     "Here you go:\n```\n" + json.dumps(QS) + "\n```\nAnything else?",
+    json.dumps({"result": {"questions": QS}, "note": [1, 2]}),  # inside other JSON
+    "Here: " + json.dumps({"result": {"questions": QS}, "note": [1, 2]})[:-1],  # inside unclosed JSON
 ])
 def test_parse_questions_reads_every_shape(content: str):
     assert parse_questions(content, 3) == QS
@@ -114,6 +116,46 @@ def test_parse_questions_rejects_what_must_be_asked_again(content: str | None, k
     with pytest.raises(ParseError) as e:
         parse_questions(content, 3)
     assert e.value.kind == kind
+
+
+class _Scanned:
+    """Counts the characters every JSON decode scans (``json.JSONDecoder.raw_decode``, which ``json.loads`` calls
+    too): how much work a parse did, whatever the machine's speed."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.chars = 0
+        real = json.JSONDecoder.raw_decode
+
+        def counted(decoder, s, idx=0):
+            try:
+                value, end = real(decoder, s, idx)
+            except json.JSONDecodeError as e:
+                self.chars += e.pos - idx + 1
+                raise
+            self.chars += end - idx
+            return value, end
+
+        monkeypatch.setattr(json.JSONDecoder, "raw_decode", counted)
+
+
+@pytest.mark.parametrize("levels", [40, 200])
+def test_parsing_an_answer_is_linear_in_its_length(levels: int, monkeypatch: pytest.MonkeyPatch):
+    """Audit #24.4: a 4.8 MB answer took 33-58 s: a decode started at every bracket, inside values already decoded
+    too (each inner start scanned to the end again). Now each character is scanned a bounded number of times."""
+    content = "Sure: " + "[" * levels + "1, " * 60_000 + "1" + "]" * levels + " done"
+    scanned = _Scanned(monkeypatch)
+    with pytest.raises(ParseError) as e:
+        parse_questions(content, 3)
+    assert e.value.kind == ("no questions found" if levels <= 64 else "answer nested too deep")
+    assert scanned.chars <= 12 * len(content), f"{scanned.chars:,} characters scanned for {len(content):,}"
+
+
+@pytest.mark.parametrize("content", ["[" * 100_000, '{"questions": ' * 50_000, 'a "' + "[" * 100_000],
+                         ids=["brackets", "objects", "after-a-quote"])
+def test_an_answer_nested_deep_is_asked_again_not_a_crash(content: str):
+    """Audit #24.8: an answer nested 10^5 deep was a RecursionError out of the worker (a traceback)."""
+    with pytest.raises(ParseError):
+        parse_questions(content, 3)
 
 
 def test_a_failure_between_queries_and_qrels_leaves_the_old_dataset_whole(tmp_path: Path,

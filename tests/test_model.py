@@ -1,4 +1,5 @@
 import json
+import os
 import struct
 
 import numpy as np
@@ -173,3 +174,153 @@ def test_a_version_1_file_still_loads_with_its_metadata_in_the_shared_schema(tmp
     assert meta["history"] == {"loss": [{"epoch": 1, "loss": 0.3}],
                                "val": [{"epoch": 0, "ndcg@10": {4: 0.4}}, {"epoch": 1, "ndcg@10": {4: 0.5}}]}
     assert meta["best_epoch"] == 1 and "val_adapter" not in meta
+
+
+# ---------------------------------------------------------------------------------------------------------- audit #24
+
+
+def sparse_file(path, header: dict, name: str, shape: tuple[int, ...], dtype: str = "F32") -> None:
+    """A safetensors file whose header declares one big tensor while the file holds none of its bytes on disk: its
+    length is set with truncate, so it is all holes (a few KiB used)."""
+    nbytes = int(np.prod(shape)) * (2 if dtype.endswith("16") else 4)
+    head = json.dumps({"__metadata__": {"adapter": json.dumps(header)},
+                       name: {"dtype": dtype, "shape": list(shape), "data_offsets": [0, nbytes]}}).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(head)) + head)
+        f.truncate(8 + len(head) + nbytes)
+
+
+def test_shapes_are_checked_from_the_header_before_any_tensor_is_read(tmp_path):
+    """Audit #24.4: a sparse file declaring 8000x8000 (256 MB, 4 KiB on disk) was read whole before its shape was
+    compared with the metadata's dim; now nothing of it is allocated."""
+    import tracemalloc
+
+    path = tmp_path / "sparse.safetensors"
+    sparse_file(path, good_header(dim=384), "weight", (8000, 8000))
+    tracemalloc.start()
+    try:
+        with pytest.raises(AdapterError, match=r"has shape \(8000, 8000\), metadata says \(384, 384\)"):
+            LinearAdapter.load(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"{peak:,} bytes allocated to refuse it"
+
+
+@pytest.mark.parametrize("case, words", [
+    ("bf16", "dtype bfloat16, expected float32 or float16"),
+    ("nested", "nested 100000 levels deep"),
+    ("history", "'history' is not"),
+    ("history-rows", "'history' is not"),
+    ("estimates", "'estimates' is not"),
+    ("coverage", "'coverage' is not"),
+    ("val-best", "'val_best' is not"),
+    ("train-seconds", "'train_seconds' is not"),
+    ("v1-history", "format version 1) is damaged"),
+    ("dim-string", "dim, base_model or bias"),
+])
+def test_damaged_headers_are_one_line_errors(tmp_path, case, words):
+    """Audit #24.8: a BF16 tensor was a TypeError, metadata nested 10^5 deep a RecursionError; wrong-typed history
+    or estimates loaded, then failed inside `compare` or `search`'s summary."""
+    path = tmp_path / "bad.safetensors"
+    eye = np.eye(4, dtype=np.float32)
+    bad = {"history": {"loss": "x", "val": 3}, "history-rows": {"loss": [], "val": [{"epoch": 1, "ndcg@10": 0.5}]},
+           "estimates": [1, 2], "coverage": {"chunks": "many"}, "val-best": {"4": 0.5}, "train-seconds": "long"}
+    if case == "bf16":
+        sparse_file(path, good_header(), "weight", (4, 4), dtype="BF16")
+    elif case == "nested":
+        path.write_bytes(save_tensors({"weight": eye}, metadata={"adapter": "[" * 100_000 + "]" * 100_000}))
+    elif case == "v1-history":
+        write_raw(path, {"weight": eye}, good_header(format_version=1, history=[1, 2]))
+    elif case == "dim-string":
+        write_raw(path, {"weight": eye}, good_header(dim="4"))
+    else:
+        key = {"history-rows": "history", "val-best": "val_best", "train-seconds": "train_seconds"}.get(case, case)
+        write_raw(path, {"weight": eye}, good_header(**{key: bad[case]}))
+    with pytest.raises(AdapterError, match=str(path.name)) as e:
+        LinearAdapter.load(path)
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def trained(dim: int, seed: int) -> LinearAdapter:
+    a = LinearAdapter.identity(dim, BASE, bias=True)
+    a.weight = a.weight + np.random.default_rng(seed).normal(scale=0.1, size=(dim, dim)).astype(np.float32)
+    a.metadata = {"best_epoch": 3, "train_seconds": 1.5}
+    return a
+
+
+def test_a_same_size_rewrite_caught_half_way_is_not_loaded(tmp_path):
+    """Audit #24.6: `rsync --inplace` of a new adapter over the old one, caught half way, loaded as neither; the
+    checksum of the tensors in the header refuses it (its first half is the new header, the rest the old data)."""
+    old = trained(64, 0).save(tmp_path / "old.safetensors")
+    new = trained(64, 1).save(tmp_path / "new.safetensors")
+    a, b = old.read_bytes(), new.read_bytes()
+    assert len(a) == len(b) and a != b
+    live = tmp_path / "live.safetensors"
+    live.write_bytes(a)
+    with open(live, "r+b") as f:  # in place, as rsync --inplace writes
+        f.write(b[:len(b) // 2])
+    with pytest.raises(AdapterError, match="do not match the checksum"):
+        LinearAdapter.load(live)
+    with open(live, "r+b") as f:
+        f.write(b)  # the rewrite finished: the new adapter loads
+    np.testing.assert_array_equal(LinearAdapter.load(live).weight, LinearAdapter.load(new).weight)
+
+
+def test_a_file_written_while_it_is_read_is_not_loaded(tmp_path, monkeypatch):
+    """Audit #24.6: a file changed between the start and the end of the read is refused, even one without the
+    checksum (written before it existed): its stat differs."""
+    import adapter.model as model
+
+    path = tmp_path / "a.safetensors"
+    a = trained(8, 0)
+    header = {"format_version": FORMAT_VERSION, "base_model": BASE, "dim": 8, "form": "full", "rank": None,
+              "bias": True, **a.metadata}
+    write_raw(path, a.tensors(), header)  # an older file: no checksum
+    real = model.safe_open
+
+    class Writer:  # a writer that touches the file while its tensors are read
+        def __init__(self, *args, **kwargs):
+            self.f = real(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def get_tensor(self, name):
+            st = path.stat()
+            os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+            return self.inner.get_tensor(name)
+
+    monkeypatch.setattr(model, "safe_open", Writer)
+    with pytest.raises(AdapterError, match="changed while it was read"):
+        LinearAdapter.load(path)
+    monkeypatch.undo()
+    assert LinearAdapter.load(path).dim == 8  # unchanged since: it loads
+
+
+def test_a_full_disk_on_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """Audit #24.8: ENOSPC on `train --out` was a traceback."""
+    import errno
+
+    import adapter.data
+
+    path = trained(8, 0).save(tmp_path / "a.safetensors")
+    before = path.read_bytes()
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(adapter.data.os, "replace", full)
+    with pytest.raises(AdapterError, match="No space left on device") as e:
+        trained(8, 1).save(path, force=True)
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors"]

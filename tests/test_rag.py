@@ -54,6 +54,25 @@ def test_grades_are_read_from_json_in_any_wrapping_and_refused_otherwise():
             parse_grade(bad)
 
 
+def test_a_judge_reply_of_braces_costs_no_more_than_its_size():
+    """Audit #24.4: 60,000 `{` took 2.4 GiB: the reply was sliced at every brace (quadratic memory)."""
+    import tracemalloc
+
+    reply = "{" * 20_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(GradeError, match="nested too deep"):
+            parse_grade(reply)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(reply) + (1 << 20), f"{peak:,} bytes for a {len(reply):,}-character reply"
+    for deep in ("[" * 100_000, 'Grade: {"grade": ' * 30_000):  # was a RecursionError
+        with pytest.raises(GradeError):
+            parse_grade(deep)
+    assert parse_grade('[{"grade": "correct", "reason": "in a list"}]') == ("correct", "in a list")
+
+
 def test_a_better_retriever_gives_better_answers(rag_dir, tmp_path):
     ds, shuffled = rag_dir
     with FakeLLM(rag_gold=gold_map(ds)) as fake:

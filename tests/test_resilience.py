@@ -227,3 +227,53 @@ def test_journal_is_fsynced_per_entry_and_repairs_a_torn_line(tmp_path: Path):
     (tmp_path / "j.jsonl").write_text('{"i": 1}\n[2]\n')
     with pytest.raises(AdapterError, match=r"j\.jsonl:2: not a journal entry"):
         list(Journal(tmp_path / "j.jsonl").entries())
+
+
+# ---------------------------------------------------------------------------------------------------------- audit #24
+
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_the_timeout_is_a_deadline_for_the_whole_request_not_each_read(part: str):
+    """Audit #24.5: `generate --timeout 5` against a server sending a byte a second ran 61 s: each read got its
+    byte within the timeout. Now the request ends at its timeout: the client hangs up long before the last byte
+    (the reply takes 300+ bytes at 0.05 s each, 15 s or more; the timeout is 0.5 s)."""
+    import openai
+
+    from tests.fault_cases import Drip
+
+    with Drip(part) as server:
+        client = make_client(server.url, timeout=0.5)
+        with pytest.raises(openai.APITimeoutError):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}])
+        total = len(server.response)
+    assert len(server.sent) == 1 and server.sent[0] < total, (server.sent, total)
+
+
+def test_a_body_nested_past_the_json_decoders_limit_is_an_unreadable_reply_asked_again():
+    """Audit #24.8: a 200 whose body is nested 10^5 deep was a RecursionError out of the client (a traceback)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Nested(BaseHTTPRequestHandler):
+        def log_message(self, *a):
+            pass
+
+        def do_POST(self):  # noqa: N802
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = b'{"choices": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Nested)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = make_client(f"http://127.0.0.1:{server.server_address[1]}/v1", timeout=10)
+        stats = Stats()
+        with pytest.raises(RetriesExhausted, match="unreadable response"):
+            call(lambda: client.chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}]),
+                 endpoint=endpoint_of(client), policy=FAST, stats=stats)
+        assert stats.requests == FAST.max_retries + 1
+    finally:
+        server.shutdown()
+        server.server_close()
