@@ -639,7 +639,8 @@ def chunk(docs: tuple[str, ...], out: str, size: int | None, overlap: int | None
 @click.option("--prompt", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Prompt template file with {chunk} and {n} in it [default: the built-in prompt].")
 @click.option("--timeout", type=POSITIVE, default=None,
-              help=f"Deadline in seconds for each whole request (connect, send, every read) [default: {DEFAULTS.llm.request_timeout}].")
+              help="Deadline in seconds for each whole request (connect, send, every read) "
+                   f"[default: {DEFAULTS.llm.request_timeout}].")
 @click.option("--max-retries", type=int, default=None, help=f"Re-asks per chunk [default: {DEFAULTS.llm.max_retries}].")
 @click.option("--dedup-threshold", type=float, default=None, help="Cosine above which a question is dropped as a "
               f"near-duplicate [default: {DEFAULTS.llm.dedup_threshold}].")
@@ -921,7 +922,8 @@ def serve(adapter_path: str, model: str | None, host: str | None, port: int | No
               help=f"Requests in flight [default: {DEFAULTS.llm.concurrency}].")
 @click.option("--requests-per-minute", type=int, default=None, help=f"[default: {DEFAULTS.llm.requests_per_minute}]")
 @click.option("--timeout", type=POSITIVE, default=None,
-              help=f"Deadline in seconds for each whole request (connect, send, every read) [default: {DEFAULTS.llm.request_timeout}].")
+              help="Deadline in seconds for each whole request (connect, send, every read) "
+                   f"[default: {DEFAULTS.llm.request_timeout}].")
 @click.option("--max-retries", type=int, default=None,
               help=f"Re-asks per request [default: {DEFAULTS.llm.max_retries}].")
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
