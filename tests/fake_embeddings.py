@@ -13,13 +13,15 @@ at ``fault_rate`` from a seeded function of (batch, attempt):
     notjson    a 200 whose body is not JSON
     shuffle    the right answer with the ``data`` list in random order (also ``shuffle=True`` for every answer)
     drop       the connection closed without a response
-    401        HTTP 401, a bad key            } never drawn at random:
-    short      one embedding fewer than asked } only ``push`` serves these
-    baddim     one embedding of another size  }
+    401        HTTP 401, a bad key                          }
+    echo401    HTTP 401 whose message repeats the key sent  } never drawn at random:
+    short      one embedding fewer than asked               } only ``push`` serves these
+    baddim     one embedding of another size                }
 
 Requests with more than ``max_inputs`` inputs or ``max_tokens`` tokens get the 400 a real server sends for a batch
-that is too large; a model name outside ``models`` gets a 404; with ``api_key`` set, a request without that bearer
-token gets the 401 OpenAI sends for a wrong key. Serve by hand:
+that is too large (``batch_error`` words it otherwise: a status and a message with ``{n}`` and ``{max}``, or None for
+an empty body, as servers differ); a model name outside ``models`` gets a 404; with ``api_key`` set, a request
+without that bearer token gets the 401 OpenAI sends for a wrong key. Serve by hand:
 ``python tests/fake_embeddings.py --port 8001 --fault-rate 0.1``; ``GET /stats`` tells what it has served.
 """
 
@@ -65,7 +67,8 @@ class FakeEmbeddings:
     def __init__(self, model: Any = None, *, models: tuple[str, ...] = (MODEL,), fault_rate: float = 0.0,
                  faults: tuple[str, ...] = FAULTS, seed: int = 0, delay: float = 0.0, slow_seconds: float = 2.0,
                  retry_after: str = "1", shuffle: bool = False, max_inputs: int = 2048, max_tokens: int = 300_000,
-                 max_faults: int | None = None, api_key: str | None = None, port: int = 0):
+                 max_faults: int | None = None, api_key: str | None = None, port: int = 0,
+                 batch_error: tuple[int, str | None] = (400, "Too many inputs: at most {max} per request, got {n}")):
         if model is None:
             from adapter.encoder import load_model
 
@@ -75,7 +78,7 @@ class FakeEmbeddings:
         self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
         self.delay, self.slow_seconds, self.retry_after, self.shuffle = delay, slow_seconds, retry_after, shuffle
         self.max_inputs, self.max_tokens, self.max_faults = max_inputs, max_tokens, max_faults
-        self.api_key = api_key
+        self.api_key, self.batch_error = api_key, batch_error
         self.requests: list[Request] = []  # appended once answered (a client may see its answer first)
         self.arrivals: list[int] = []  # inputs of each request as it arrives: what a test counts right after a call
         self.texts_embedded = 0
@@ -227,6 +230,10 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
             if fault == "500":
                 self._error(500, "internal server error", "server_error")
                 return 0
+            if fault == "echo401":
+                key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                self._error(401, f"Incorrect API key provided: {key}. You can find your API key in your account.")
+                return 0
             if fault == "401" or (fake.api_key is not None
                                   and self.headers.get("Authorization") != f"Bearer {fake.api_key}"):
                 self._error(401, "Incorrect API key provided")
@@ -241,7 +248,11 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
                 self._error(400, "'input' must be a non-empty list of non-empty strings")
                 return 0
             if len(texts) > fake.max_inputs:
-                self._error(400, f"Too many inputs: at most {fake.max_inputs} per request, got {len(texts)}")
+                status, message = fake.batch_error
+                if message is None:
+                    self._send(status, b"")
+                else:
+                    self._error(status, message.format(n=len(texts), max=fake.max_inputs))
                 return 0
             counts = [fake.tokens(t) for t in texts]
             if sum(counts) > fake.max_tokens:

@@ -82,11 +82,47 @@ def test_a_batch_too_large_is_halved_and_later_batches_sent_smaller(minilm, capl
     np.testing.assert_allclose(vectors, local(minilm, TEXTS), atol=1e-5)
     sizes = [r.inputs for r in sorted(server.requests, key=lambda r: r.start)]
     assert sizes == [20, 10, 10, 10, 10]  # one refusal, then the lowered batch size from the start
-    assert "a batch of 20 texts is too large" in caplog.text and b.batch_limit == 10
+    assert "HTTP 400 for a batch of 20 texts" in caplog.text and b.batch_limit == 10
+
+
+LIMIT_WORDINGS = [  # (status, message, the server's limit): servers say "too many" in their own words, or not at all
+    (413, "batch size {n} > maximum allowed batch size {max}", 32),  # Text Embeddings Inference
+    (400, "at most {max} inputs", 20),
+    (422, None, 12),  # an empty body
+    (400, "Request rejected", 7),
+]
+
+
+@pytest.mark.parametrize(("status", "message", "limit"), LIMIT_WORDINGS)
+def test_batch_limits_are_found_whatever_the_server_says(minilm, status, message, limit):
+    """The run completes and the limit is found within a factor 2, with at most log2(batch) refused requests on top
+    of the batches at the size found (the old code read the message, and stopped on three of these four)."""
+    import math
+
+    texts = [f"pipe {i} of the network, inspected in week {i % 52}" for i in range(100)]
+    with FakeEmbeddings(minilm, max_inputs=limit, batch_error=(status, message)) as server:
+        b = backend(server, batch_size=128, concurrency=1)
+        vectors = b.embed(texts)
+    np.testing.assert_allclose(vectors, local(minilm, texts), atol=1e-5)
+    refused = sum(r.inputs > limit for r in server.requests)
+    assert refused == b.refused <= math.ceil(math.log2(100))
+    assert limit // 2 <= b.largest_ok <= limit and b.batch_limit <= limit
+    assert len(server.requests) <= math.ceil(100 / b.largest_ok) + math.ceil(math.log2(100))
+    assert all(r.status == 200 for r in server.requests if r.inputs <= limit)
+
+
+def test_batch_limits_are_found_with_requests_in_flight(minilm):
+    texts = [f"valve {i} closed" for i in range(200)]
+    with FakeEmbeddings(minilm, max_inputs=16, batch_error=(422, None)) as server:
+        b = backend(server, batch_size=64, concurrency=4)
+        vectors = b.embed(texts)
+    np.testing.assert_allclose(vectors, local(minilm, texts), atol=1e-5)
+    assert b.largest_ok == 16 and b.refused <= 4 * 2  # each batch in flight at the first refusal: 64 -> 32 -> 16
 
 
 def test_one_text_too_long_is_one_line(minilm):
-    too_long = r"HTTP 400: one text of about \d+ tokens is too long for fake-minilm"
+    too_long = (r"HTTP 400 for one text of about \d+ tokens \(Requested \d+ tokens, max 5 tokens per request\); if it "
+                r"is too long for fake-minilm, chunk the corpus smaller")
     with FakeEmbeddings(minilm, max_tokens=5) as server, pytest.raises(AdapterError, match=too_long):
         backend(server, batch_size=4).embed(TEXTS[:4])
 
