@@ -193,7 +193,8 @@ def test_bad_requests_are_4xx_in_openai_shape_and_the_server_goes_on(url):
 
 
 def test_bearer_auth_from_an_environment_variable(backend, adapter_file):
-    with running(EmbeddingService(backend, adapter_file, SERVED), api_key="s3cret") as url, httpx.Client(base_url=url) as c:
+    service = EmbeddingService(backend, adapter_file, SERVED)
+    with running(service, api_key="s3cret") as url, httpx.Client(base_url=url) as c:
         for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "s3cret"},
                         {"authorization": "Basic s3cret"}):
             for path in ("/v1/embeddings", "/documents/v1/embeddings"):
@@ -494,3 +495,234 @@ def test_upstream_failing_past_its_retries_is_a_502_in_openai_shape(backend, tmp
         assert c.post("/v1/embeddings", json={"input": "a", "model": "fake-minilm"}).status_code == 200  # recovers
         metrics = c.get("/metrics").text
     assert 'adapter_serve_errors_total{endpoint="/v1/embeddings",type="upstream_error"} 1.0' in metrics
+
+
+# ------------------------------------------------------------------------------------- drop-in details (#23, #24)
+
+
+def tiktoken_cache() -> Path:
+    """The tiktoken files llama-index-core ships (cl100k_base, o200k_base): token ids decode offline."""
+    pytest.importorskip("tiktoken", reason="tiktoken is not installed")
+    llama = pytest.importorskip("llama_index.core", reason="llama-index-core (which ships tiktoken's files) is absent")
+    folder = Path(llama.__file__).parent / "_static" / "tiktoken_cache"
+    if not folder.is_dir():
+        pytest.skip("llama-index-core ships no tiktoken cache")
+    return folder
+
+
+def test_model_names_as_openai_compatible_servers_have_them(backend, adapter_file):
+    from openai import NotFoundError, OpenAI
+
+    cfg = ServeConfig(served_model_names=("text-embedding-3-small", "tiny"))
+    with running(EmbeddingService(backend, adapter_file, cfg)) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert client.embeddings.create(input="a", model="text-embedding-3-small").model == "text-embedding-3-small"
+        for name in ("no-such-model", "text-embedding-3-large", backend.name):
+            with pytest.raises(NotFoundError) as e:
+                client.embeddings.create(input="a", model=name)
+            err = e.value.body
+            assert err["code"] == "model_not_found" and err["type"] == "invalid_request_error" and err["param"] == \
+                "model" and "text-embedding-3-small, tiny" in err["message"]
+        assert [m.id for m in client.models.list().data] == ["text-embedding-3-small", "tiny"]
+        assert client.models.retrieve("tiny").model_dump()["owned_by"] == "adapter"
+        with pytest.raises(NotFoundError):
+            client.models.retrieve("gpt-4")
+        r = httpx.get(f"{url}/documents/v1/models/tiny")
+        assert r.status_code == 200 and r.json()["id"] == "tiny"
+
+
+def test_served_names_default_to_the_models_own():
+    from adapter.serve import served_names
+
+    class B:
+        name = "sentence-transformers/all-MiniLM-L6-v2"
+
+    assert served_names(B(), ServeConfig()) == ["sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2"]
+    B.name, B.model_name = "openai:text-embedding-3-small", "text-embedding-3-small"
+    assert served_names(B(), ServeConfig()) == ["text-embedding-3-small"]
+    assert served_names(B(), ServeConfig(served_model_names=("a", "b", "a"))) == ["a", "b"]
+
+
+def test_input_type_picks_the_side_on_either_path(backend, adapter_file, url):
+    adapter = LinearAdapter.load(adapter_file)
+    adapted = adapter.apply(backend.model.encode_query(TEXTS, normalize_embeddings=True))
+    base = backend.model.encode_document(TEXTS, normalize_embeddings=True)
+    for path in ("/v1/embeddings", "/documents/v1/embeddings"):
+        for input_type, want in (("query", adapted), ("search_query", adapted), ("document", base),
+                                 ("search_document", base)):
+            r = httpx.post(url + path, json={"input": TEXTS, "model": NAME, "input_type": input_type,
+                                             "encoding_format": "float"})
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], want, atol=1e-6)
+            assert ("x-adapter-version" in r.headers) == (want is adapted)
+
+
+def test_token_ids_are_decoded_with_tiktoken(backend, adapter_file, monkeypatch):
+    import tiktoken
+
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))
+    cfg = ServeConfig(served_model_names=(NAME, "text-embedding-3-small", "gpt-4o"))
+    with running(EmbeddingService(backend, adapter_file, cfg)) as url:
+        def post(input, model=NAME):  # noqa: A002 -- OpenAI's field name
+            return httpx.post(f"{url}/v1/embeddings", json={"input": input, "model": model,
+                                                             "encoding_format": "float"}, timeout=60)
+
+        strings = np.array([d["embedding"] for d in post(TEXTS).json()["data"]])
+        for model, encoding in ((NAME, "cl100k_base"), ("text-embedding-3-small", "cl100k_base"),
+                                ("gpt-4o", "o200k_base")):  # the encoding the client's tiktoken picks for the name
+            enc = tiktoken.get_encoding(encoding)
+            r = post([enc.encode(t) for t in TEXTS], model)
+            assert r.status_code == 200, r.text
+            np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], strings, atol=1e-6)
+            assert r.json()["usage"]["prompt_tokens"] == tokens(backend, TEXTS)
+        one = post(tiktoken.get_encoding("cl100k_base").encode(TEXTS[0]))  # one input as a flat list of ids
+        np.testing.assert_allclose(one.json()["data"][0]["embedding"], strings[0], atol=1e-6)
+        r = post([[1, 2, 10**9]])
+        assert r.status_code == 400 and "outside cl100k_base" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("missing", ["tiktoken", "encoding"])
+def test_token_ids_without_tiktoken_name_the_client_setting(backend, adapter_file, monkeypatch, missing):
+    import sys
+
+    if missing == "tiktoken":
+        monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
+    else:
+        import tiktoken
+
+        def offline(name):  # what tiktoken does without its file and without the network
+            raise ConnectionError(f"cannot fetch {name}.tiktoken")
+
+        monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with running(EmbeddingService(backend, adapter_file, SERVED)) as url:
+        for _ in range(2):  # the second time from the remembered failure
+            r = httpx.post(f"{url}/v1/embeddings", json={"input": [[9906, 1917]], "model": NAME})
+            assert r.status_code == 400, r.text
+            message = r.json()["error"]["message"]
+            assert "check_embedding_ctx_length=False" in message and "cl100k_base" in message
+        assert httpx.post(f"{url}/v1/embeddings", json={"input": "text", "model": NAME}).status_code == 200
+
+
+def test_gzip_bodies_are_inflated_within_the_limit(backend, adapter_file, url):
+    import gzip
+    import zlib
+
+    want = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS, "model": NAME}).json()["data"]
+    raw = json.dumps({"input": TEXTS, "model": NAME}).encode()
+    for encoding, data in (("gzip", gzip.compress(raw)), ("deflate", zlib.compress(raw))):
+        r = httpx.post(f"{url}/v1/embeddings", content=data, headers={"content-encoding": encoding,
+                                                                     "content-type": "application/json"})
+        assert r.status_code == 200 and r.json()["data"] == want, r.text
+    bomb = gzip.compress(b'{"input": "' + b"a" * 50_000_000 + b'"}')  # 50 MB inflated, 49 KB on the wire
+    assert len(bomb) < 64 * 1024
+    r = httpx.post(f"{url}/v1/embeddings", content=bomb, headers={"content-encoding": "gzip"})
+    assert r.status_code == 413 and "inflates past the limit" in r.json()["error"]["message"]
+    for data, encoding, status in ((raw, "gzip", 400), (gzip.compress(raw)[:-20], "gzip", 400), (raw, "br", 415)):
+        r = httpx.post(f"{url}/v1/embeddings", content=data, headers={"content-encoding": encoding})
+        assert r.status_code == status and "error" in r.json(), r.text
+
+
+def test_health_answers_head_and_shows_no_path(adapter_file, url):
+    r = httpx.head(f"{url}/health")
+    assert r.status_code == 200 and r.content == b""
+    health = httpx.get(f"{url}/health")
+    assert health.json()["adapter"]["file"] == adapter_file.name
+    assert str(adapter_file.parent) not in health.text and "/" not in health.json()["adapter"]["file"]
+
+
+def test_cors_only_when_asked(backend, adapter_file, url):
+    preflight = {"origin": "http://app.example", "access-control-request-method": "POST",
+                 "access-control-request-headers": "authorization,content-type"}
+    r = httpx.options(f"{url}/v1/embeddings", headers=preflight)
+    assert "access-control-allow-origin" not in r.headers  # off by default
+    cfg = ServeConfig(cors_origins=("http://app.example",), served_model_names=(NAME,))
+    with running(EmbeddingService(backend, adapter_file, cfg), api_key="k3y-for-cors") as cors:
+        r = httpx.options(f"{cors}/v1/embeddings", headers=preflight)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.post(f"{cors}/v1/embeddings", json={"input": "a", "model": NAME},
+                       headers={"origin": "http://app.example", "authorization": "Bearer k3y-for-cors"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://app.example"
+        assert "x-adapter-version" in r.headers["access-control-expose-headers"]
+        other = httpx.options(f"{cors}/v1/embeddings", headers={**preflight, "origin": "http://evil.example"})
+        assert other.headers.get("access-control-allow-origin") != "http://evil.example"
+
+
+def test_idle_half_open_connections_are_closed_within_the_header_timeout(backend, adapter_file):
+    """300 loopback connections that send half a request head (and one that sends nothing) are each closed by the
+    server; uvicorn alone keeps them open for ever. A complete request still gets its answer afterwards."""
+    import selectors
+
+    cfg = ServeConfig(header_timeout=0.5, served_model_names=(NAME,))
+    with running(EmbeddingService(backend, adapter_file, cfg)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        socks = []
+        try:
+            for i in range(300):
+                s = socket.create_connection(("127.0.0.1", port), timeout=10)
+                if i:
+                    s.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: appli")
+                socks.append(s)
+            sel = selectors.DefaultSelector()
+            for s in socks:
+                s.setblocking(False)
+                sel.register(s, selectors.EVENT_READ)
+            open_ = set(socks)
+            deadline = time.monotonic() + 60  # a liveness bound only: the server closes them after 0.5 s
+            while open_ and time.monotonic() < deadline:
+                for key, _ in sel.select(timeout=1):
+                    try:
+                        data = key.fileobj.recv(4096)
+                    except ConnectionResetError:
+                        data = b""
+                    if not data:
+                        sel.unregister(key.fileobj)
+                        open_.discard(key.fileobj)
+            assert not open_, f"{len(open_)} of 300 half-open connections still open"
+        finally:
+            for s in socks:
+                s.close()
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": "still serving", "model": NAME})
+        assert r.status_code == 200
+
+
+def test_an_upstream_echoing_its_key_leaks_it_nowhere(backend, tmp_path, monkeypatch, caplog):
+    """The key sits in a variable whose name says nothing of secrets; the upstream repeats it in its 401; neither the
+    502 body nor any log line holds it."""
+    from fake_embeddings import FakeEmbeddings
+
+    from adapter.backends import OpenAIBackend
+    from adapter.config import EmbeddingConfig
+
+    secret = "zq8Xy72-plain-upstream-value"
+    monkeypatch.setenv("MY_UPSTREAM_AUTH", secret)
+    caplog.set_level(logging.INFO)
+    with FakeEmbeddings(backend.model) as fake:
+        cfg = EmbeddingConfig(base_url=fake.url, api_key_env="MY_UPSTREAM_AUTH", max_retries=0)
+        remote = OpenAIBackend("openai:fake-minilm", cfg, show_progress=False)
+        path = LinearAdapter.identity(backend.dim, remote.identity).save(tmp_path / "a.safetensors")
+        with running(EmbeddingService(remote, path)) as url:
+            fake.push("echo401")
+            r = httpx.post(f"{url}/v1/embeddings", json={"input": "a", "model": "fake-minilm"})
+        assert fake.faults_seen() == {"echo401": 1} and fake.requests[0].auth == f"Bearer {secret}"
+    assert r.status_code == 502 and "Incorrect API key provided: ***" in r.text, r.text
+    assert secret not in r.text and secret not in caplog.text
+    assert any("upstream failed" in m and "***" in m for m in caplog.messages)
+
+
+def test_serve_options_reach_the_config(adapter_file, monkeypatch):
+    from click.testing import CliRunner
+
+    import adapter.serve
+    from cli import main
+
+    seen = {}
+    monkeypatch.setattr(adapter.serve, "serve", lambda path, cfg, **kw: seen.update(cfg=cfg.serve))
+    r = CliRunner().invoke(main, ["serve", "--adapter", str(adapter_file), "--served-model-name", "a",
+                                  "--served-model-name", "text-embedding-3-small", "--cors-origin", "*",
+                                  "--header-timeout", "2.5"])
+    assert r.exit_code == 0, r.output
+    assert seen["cfg"].served_model_names == ("a", "text-embedding-3-small")
+    assert seen["cfg"].cors_origins == ("*",) and seen["cfg"].header_timeout == 2.5
+    r = CliRunner().invoke(main, ["serve", "--adapter", str(adapter_file), "--header-timeout", "0"])
+    assert r.exit_code == 2 and "--header-timeout" in r.output
