@@ -111,3 +111,186 @@ def test_both_wrap_an_openai_compatible_server_too(tiny, tmp_path, monkeypatch):
         np.testing.assert_allclose(lc.embed_documents(list(CHUNKS.values())), docs, atol=1e-5)
         np.testing.assert_allclose(li.get_query_embedding(QUERY), q, atol=1e-5)
         np.testing.assert_allclose(li.get_text_embedding_batch(list(CHUNKS.values())), docs, atol=1e-5)
+
+
+def test_llamaindex_async_text_embeddings_run_off_the_event_loop(tiny_model_dir, adapter_file):
+    """Every async method of AdapterEmbedding runs the model in a worker thread (the text one used to run it on the
+    event loop's own thread, stalling everything else on the loop)."""
+    pytest.importorskip("llama_index.core", reason="adapter[llamaindex] is not installed")
+    import asyncio
+    import threading
+
+    from adapter.integrations.llamaindex import AdapterEmbedding
+
+    emb = AdapterEmbedding(adapter_file, str(tiny_model_dir))
+    backend = emb._encoder.backend
+    seen: list[int] = []
+    embed = backend.embed
+
+    def recording(texts, role="document", **kw):
+        seen.append(threading.get_ident())
+        return embed(texts, role, **kw)
+
+    backend.embed = recording
+
+    async def scenario() -> int:
+        await emb.aget_query_embedding(QUERY)
+        await emb.aget_text_embedding(QUERY)
+        await emb.aget_text_embedding_batch([QUERY, "another"])
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(scenario())
+    assert len(seen) == 3 and loop_thread not in seen
+
+
+# ------------------------------------------------------------------------------ against a live `adapter serve`
+
+SERVE_NAME = "tiny-bert"
+
+
+@pytest.fixture(scope="module")
+def tiny_serve(tiny, adapter_file):
+    """`adapter serve` on the tiny model and adapter, in a thread on 127.0.0.1."""
+    pytest.importorskip("fastapi", reason="adapter[serve] is not installed")
+    from test_serve import running
+
+    from adapter.backends import SentenceTransformerBackend
+    from adapter.config import ServeConfig
+    from adapter.serve import EmbeddingService
+
+    backend = SentenceTransformerBackend(tiny, show_progress=False)
+    service = EmbeddingService(backend, adapter_file, ServeConfig(served_model_names=(SERVE_NAME,)))
+    with running(service) as url:
+        yield url
+
+
+def test_serve_clients_talk_http_without_torch(tiny, adapter_file, tiny_serve):
+    """The HTTP classes, in a fresh interpreter: the vectors of both sides equal the in-process ones, and neither
+    torch nor sentence-transformers was imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = f"""
+import asyncio, json, sys
+from adapter.integrations.langchain import AdapterServeEmbeddings
+from adapter.integrations.llamaindex import AdapterServeEmbedding
+lc, li = AdapterServeEmbeddings({tiny_serve!r}), AdapterServeEmbedding({tiny_serve + "/v1"!r})
+out = {{"lc_q": lc.embed_query({QUERY!r}), "lc_d": lc.embed_documents({list(CHUNKS.values())!r}),
+       "lc_aq": asyncio.run(lc.aembed_query({QUERY!r})), "li_q": li.get_query_embedding({QUERY!r}),
+       "li_d": li.get_text_embedding_batch({list(CHUNKS.values())!r}),
+       "li_ad": asyncio.run(li.aget_text_embedding({CHUNKS["burst"]!r})),
+       "heavy": [m for m in ("torch", "sentence_transformers", "transformers") if m in sys.modules]}}
+print(json.dumps(out))
+"""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(root)})
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    q, docs = expected(tiny, adapter_file)
+    assert out["heavy"] == []
+    for key in ("lc_q", "lc_aq", "li_q"):
+        np.testing.assert_allclose(out[key], q, atol=1e-6)
+    for key in ("lc_d", "li_d"):
+        np.testing.assert_allclose(out[key], docs, atol=1e-6)
+    np.testing.assert_allclose(out["li_ad"], docs[0], atol=1e-6)
+
+
+def test_serve_clients_fail_in_one_line(tiny_serve):
+    from adapter.errors import AdapterError
+    from adapter.integrations.langchain import AdapterServeEmbeddings
+
+    with pytest.raises(AdapterError, match=r"HTTP 404 \(The model 'nope' does not exist"):
+        AdapterServeEmbeddings(tiny_serve, model="nope").embed_query(QUERY)
+    with socket_closed_port() as port, pytest.raises(AdapterError, match="cannot reach `adapter serve`"):
+        AdapterServeEmbeddings(f"http://127.0.0.1:{port}", timeout=5).embed_documents(["a"])
+    with pytest.raises(AdapterError, match="not an http"):
+        AdapterServeEmbeddings("127.0.0.1:8080")
+
+
+def socket_closed_port():
+    """A context holding a bound, never listening port: connections to it are refused."""
+    import contextlib
+    import socket
+
+    @contextlib.contextmanager
+    def held():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            yield s.getsockname()[1]
+
+    return held()
+
+
+# ---------------------------------------------------------------------------- LangChain's own standard suites
+
+try:
+    import inspect
+
+    from langchain_tests.integration_tests import EmbeddingsIntegrationTests
+    from langchain_tests.unit_tests import EmbeddingsUnitTests
+
+    for _name, _fn in vars(EmbeddingsIntegrationTests).items():  # their async tests, for pytest-asyncio's strict mode
+        if _name.startswith("test_") and inspect.iscoroutinefunction(_fn):
+            pytest.mark.asyncio(_fn)
+except ImportError:  # the suites are a dev extra: their tests are skipped below
+    EmbeddingsIntegrationTests = EmbeddingsUnitTests = object
+
+SUITES = EmbeddingsUnitTests is not object
+LIVE: dict[str, object] = {}  # filled by the fixture below, read by the suites' params
+
+
+@pytest.fixture(scope="module")
+def _live(tiny_model_dir, adapter_file, tiny_serve):
+    LIVE.update(model=str(tiny_model_dir), adapter=adapter_file, url=tiny_serve)
+
+
+class _InProcess:
+    @property
+    def embeddings_class(self):
+        from adapter.integrations.langchain import AdapterEmbeddings
+
+        return AdapterEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict:
+        return {"adapter": LIVE["adapter"], "model": LIVE["model"]}
+
+
+class _OverHTTP:
+    @property
+    def embeddings_class(self):
+        from adapter.integrations.langchain import AdapterServeEmbeddings
+
+        return AdapterServeEmbeddings
+
+    @property
+    def embedding_model_params(self) -> dict:
+        return {"base_url": LIVE["url"]}
+
+
+def suites(cls: type) -> type:
+    return pytest.mark.skipif(not SUITES, reason="langchain-tests is not installed")(pytest.mark.usefixtures("_live")(
+        cls))
+
+
+@suites
+class TestAdapterEmbeddingsUnit(_InProcess, EmbeddingsUnitTests):
+    pass
+
+
+@suites
+class TestAdapterEmbeddingsIntegration(_InProcess, EmbeddingsIntegrationTests):
+    pass
+
+
+@suites
+class TestAdapterServeEmbeddingsUnit(_OverHTTP, EmbeddingsUnitTests):
+    pass
+
+
+@suites
+class TestAdapterServeEmbeddingsIntegration(_OverHTTP, EmbeddingsIntegrationTests):
+    pass
