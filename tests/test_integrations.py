@@ -294,3 +294,126 @@ class TestAdapterServeEmbeddingsUnit(_OverHTTP, EmbeddingsUnitTests):
 @suites
 class TestAdapterServeEmbeddingsIntegration(_OverHTTP, EmbeddingsIntegrationTests):
     pass
+
+
+# ------------------------------------------------------------- every documented client setup, on AppleQA questions
+
+
+@pytest.fixture(scope="module")
+def appleqa_live(minilm, tmp_path_factory):
+    """AppleQA's chunks and its first 20 test questions (split by query, seed 0), the bundled MiniLM behind a live
+    `adapter serve` with a near-identity adapter, and the ranking each recommended setup must give: top 10 by
+    ``LinearAdapter.apply`` on the base query vectors against the base chunk vectors."""
+    from tests.conftest import APPLEQA
+
+    if not APPLEQA.is_file():
+        pytest.skip(f"AppleQA is not at {APPLEQA} (../shared/data)")
+    pytest.importorskip("fastapi", reason="adapter[serve] is not installed")
+    from client_setups import Live, intended
+    from test_serve import running, tiktoken_cache
+
+    from adapter.backends import SentenceTransformerBackend
+    from adapter.config import ServeConfig
+    from adapter.data import convert, load_dataset, split_dataset
+    from adapter.serve import EmbeddingService
+
+    work = tmp_path_factory.mktemp("appleqa")
+    convert(APPLEQA, work / "ds")
+    split_dataset(work / "ds", by="query", test_fraction=0.2, seed=0)
+    ds = load_dataset(work / "ds")
+    ids = list(ds.corpus)
+    texts = [ds.doc_text(c) for c in ids]
+    questions = [ds.queries[q] for q in list(ds.split("test"))[:20]]
+    backend = Memo(SentenceTransformerBackend(minilm, show_progress=False))
+    a = LinearAdapter.identity(backend.dim, backend.identity)
+    a.weight = (np.eye(a.dim) + 0.1 * np.random.default_rng(0).standard_normal((a.dim, a.dim))).astype(np.float32)
+    path = a.save(work / "adapter.safetensors")
+    base_q, base_d = backend.embed(questions, "query"), backend.embed(texts, "document")  # the server's own, memoised
+    want = intended(a, base_q, base_d, ids, 10)
+    base = intended(LinearAdapter.identity(a.dim, backend.identity), base_q, base_d, ids, 10)
+    assert want != base  # the adapter moves these rankings: a setup that skips it cannot pass
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TIKTOKEN_CACHE_DIR", str(tiktoken_cache()))  # the stock LangChain client's token ids, offline
+        service = EmbeddingService(backend, path, ServeConfig(served_model_names=("all-MiniLM-L6-v2",)))
+        with running(service) as url:
+            yield Live(url, "all-MiniLM-L6-v2", path, str(gt_model_dir())), ids, texts, questions, want
+
+
+class Memo:
+    """A backend that embeds each (text, role) once: the setups differ in how clients route texts, not in the model,
+    so the server need not embed the same 215 chunks for each of them."""
+
+    def __init__(self, backend):
+        self.backend, self.seen = backend, {}
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def embed(self, texts, role="document", **kw):
+        tag = self.backend.role_tag(role)  # MiniLM has no prompts: a text's vector is the same for both roles
+        todo = [t for t in dict.fromkeys(texts) if (tag, t) not in self.seen]
+        if todo:
+            self.seen.update(((tag, t), v) for t, v in zip(todo, self.backend.embed(todo, role), strict=True))
+        return np.stack([self.seen[tag, t] for t in texts])
+
+
+def gt_model_dir() -> Path:
+    from adapter.backends import resolve_model
+
+    return Path(resolve_model("all-MiniLM-L6-v2"))
+
+
+def _setup_names(recommended: bool) -> list[str]:
+    """The setups that talk to `adapter serve` (the in-process classes are checked on the tiny model above, and on
+    AppleQA by bench/bench_serve.py)."""
+    from client_setups import SETUPS
+
+    return [name for name, (rec, _) in SETUPS.items() if rec == recommended and "in process" not in name]
+
+
+@pytest.mark.parametrize("setup", _setup_names(True))
+def test_each_recommended_setup_ranks_as_the_adapter_does(appleqa_live, setup):
+    """Top 10 of 20 AppleQA test questions, through the framework's own store and search, equal to
+    ``LinearAdapter.apply`` on base: stock clients (both LangChain token settings) and ours."""
+    from client_setups import SETUPS
+
+    if "LangChain" in setup or "any client" in setup:
+        pytest.importorskip("langchain_openai" if "OpenAI" in setup else "langchain_core")
+    if "OpenAILike" in setup:
+        pytest.importorskip("llama_index.embeddings.openai_like")
+    live, ids, texts, questions, want = appleqa_live
+    assert SETUPS[setup][1](live, ids, texts, questions, 10) == want
+
+
+def test_the_one_object_at_v1_setups_rank_otherwise(appleqa_live):
+    """What the README warns against: one stock object at /v1 indexes adapted documents (silently, no error)."""
+    pytest.importorskip("langchain_openai")
+    from client_setups import SETUPS
+
+    live, ids, texts, questions, want = appleqa_live
+    for name in _setup_names(False):
+        if "OpenAILike" in name and not _has("llama_index.embeddings.openai_like"):
+            continue
+        assert SETUPS[name][1](live, ids, texts, questions, 10) != want, name
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def test_langchain_default_client_sends_token_ids_and_gets_the_same_vectors(appleqa_live):
+    """``OpenAIEmbeddings`` with only base_url, api_key and model: it sends tiktoken ids (cl100k, from the files
+    found locally), and the vectors equal those of the string path within 1e-6."""
+    pytest.importorskip("langchain_openai")
+    from client_setups import lc_openai
+
+    live, _, texts, questions, _ = appleqa_live
+    default = lc_openai(live, "/v1")
+    assert default.check_embedding_ctx_length  # the default: token ids on the wire
+    strings = lc_openai(live, "/v1", check_embedding_ctx_length=False)
+    np.testing.assert_allclose(default.embed_documents(questions), strings.embed_documents(questions), atol=1e-6)
+    docs = lc_openai(live, "/documents/v1")
+    np.testing.assert_allclose(docs.embed_documents(texts[:20]), lc_openai(
+        live, "/documents/v1", check_embedding_ctx_length=False).embed_documents(texts[:20]), atol=1e-6)
