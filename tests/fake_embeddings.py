@@ -31,12 +31,17 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import random
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -282,6 +287,70 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
             return sum(counts)
 
     return Handler
+
+
+INFINITY_VENV = Path(os.environ.get("INFINITY_VENV", "/work/venv-infinity"))  # where .ci/run installs infinity-emb
+
+
+class Infinity:
+    """Infinity (``infinity-emb``, a real OpenAI-compatible embeddings server) serving a sentence-transformers folder
+    on 127.0.0.1 from its own virtualenv ($INFINITY_VENV: it pins numpy<2, transformers 4 and sentence-transformers 3,
+    which this project has moved past). Use as a context manager; ``url`` is the base URL for a client, ``name`` the
+    model name it serves. ``missing()`` says why it cannot run here, or None."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, name: str = "minilm", batch_size: int = 32,
+                 startup_timeout: float = 300.0):
+        self.model_dir, self.name, self.batch_size = str(model_dir), name, batch_size
+        self.startup_timeout = startup_timeout
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc: subprocess.Popen | None = None
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the server
+
+    @staticmethod
+    def missing() -> str | None:
+        exe = INFINITY_VENV / "bin" / "infinity_emb"
+        return None if exe.is_file() else f"infinity-emb is not installed at {exe} (.ci/run installs it)"
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
+
+    def __enter__(self) -> Infinity:
+        import httpx
+
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+               "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("PYTHONPATH", None)  # its own packages, not this checkout's
+        self.proc = subprocess.Popen(
+            [str(INFINITY_VENV / "bin" / "infinity_emb"), "v2", "--model-id", self.model_dir, "--served-model-name",
+             self.name, "--host", "127.0.0.1", "--port", str(self.port), "--url-prefix", "/v1", "--engine", "torch",
+             "--device", "cpu", "--batch-size", str(self.batch_size), "--no-model-warmup"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout  # a liveness bound: its start loads torch and the model
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"infinity_emb exited with {self.proc.returncode}: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"infinity_emb did not answer within {self.startup_timeout:.0f} s: {self.output()}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
 
 
 if __name__ == "__main__":

@@ -353,3 +353,72 @@ def test_cli_evaluate_with_an_openai_model_matches_the_local_model(minilm, tiny_
     for dim in ("384", "64"):
         for metric, value in runs["local"]["base"][dim].items():
             assert runs["remote"]["base"][dim][metric] == pytest.approx(value, abs=1e-6), (dim, metric)
+
+
+# ------------------------------------------------------------------------ Infinity: a real upstream, not our fake
+
+
+@pytest.fixture(scope="module")
+def infinity():
+    """Infinity serving the bundled MiniLM from its folder (its own virtualenv; .ci/run installs it)."""
+    from fake_embeddings import Infinity
+
+    from adapter.backends import resolve_model
+
+    if (reason := Infinity.missing()) is not None:
+        pytest.skip(reason)
+    with Infinity(resolve_model("all-MiniLM-L6-v2"), name="minilm") as server:
+        yield server
+
+
+def test_infinity_gives_the_local_models_vectors(minilm, infinity):
+    b = OpenAIBackend("openai:minilm", EmbeddingConfig(base_url=infinity.url, **FAST, batch_size=16, concurrency=2),
+                      show_progress=False)
+    for fmt in ("float", "base64"):
+        b.cfg = EmbeddingConfig(base_url=infinity.url, **FAST, batch_size=16, concurrency=2, encoding_format=fmt)
+        np.testing.assert_allclose(b.embed(TEXTS), local(minilm, TEXTS), atol=1e-5)
+    assert b.stats.retries == 0 and b.refused == 0
+
+
+def test_cli_evaluate_through_infinity_matches_the_local_model(minilm, infinity, tiny_dataset, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    runs = {}
+    for name, extra in (("local", []), ("infinity", ["--model", "openai:minilm", "--embedding-base-url",
+                                                      infinity.url])):
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), "--dims", "384", "--json", str(out),
+                                      "--cache-dir", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads(out.read_text())["base"]["384"]
+    for metric, value in runs["local"].items():
+        assert runs["infinity"][metric] == pytest.approx(value, abs=1e-6), metric
+
+
+def test_serve_upstream_mode_in_front_of_infinity(minilm, infinity, tmp_path):
+    pytest.importorskip("fastapi", reason="adapter[serve] is not installed")
+    import httpx
+    from test_serve import running
+
+    from adapter.config import ServeConfig
+    from adapter.model import LinearAdapter
+    from adapter.serve import EmbeddingService
+
+    remote = OpenAIBackend("openai:minilm", EmbeddingConfig(base_url=infinity.url, **FAST), show_progress=False)
+    a = LinearAdapter.identity(384, remote.identity)
+    a.weight = (np.eye(384) + 0.1 * np.random.default_rng(0).standard_normal((384, 384))).astype(np.float32)
+    path = a.save(tmp_path / "a.safetensors")
+    with running(EmbeddingService(remote, path, ServeConfig())) as url:
+        q = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS[:5], "model": "minilm", "encoding_format": "float"},
+                       timeout=60)
+        d = httpx.post(f"{url}/documents/v1/embeddings", json={"input": TEXTS[:5], "model": "minilm",
+                                                               "encoding_format": "float"}, timeout=60)
+        other = httpx.post(f"{url}/v1/embeddings", json={"input": "a", "model": "text-embedding-3-small"})
+    base = local(minilm, TEXTS[:5])
+    np.testing.assert_allclose([e["embedding"] for e in q.json()["data"]], a.apply(base), atol=1e-5)
+    np.testing.assert_allclose([e["embedding"] for e in d.json()["data"]], base, atol=1e-5)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
