@@ -82,15 +82,16 @@ def make_adapter(path: Path, identity: str, seed: int):
 class Server:
     """`adapter serve` in a subprocess, through the real CLI."""
 
-    def __init__(self, adapter: Path, *extra: str):
+    def __init__(self, adapter: Path, *extra: str, auth: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: KEY}
+        extra = ("--api-key-env", KEY_ENV, *extra) if auth else extra
         if tiktoken_dir():
             env.setdefault("TIKTOKEN_CACHE_DIR", tiktoken_dir())
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
         self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--adapter", str(adapter), "--port",
-                                      str(self.port), "--api-key-env", KEY_ENV, *extra], cwd=ROOT, env=env,
+                                      str(self.port), *extra], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 180) -> Server:
@@ -473,7 +474,7 @@ def clients(args: argparse.Namespace, work: Path) -> None:
     ds_dir = appleqa(SHARED, work)
     env = cli_env(ADAPTER_CACHE=str(work / "cache"))
     t0 = time.perf_counter()
-    cli("train", str(ds_dir), "--out", str(work / "appleqa.safetensors"), env=env)
+    cli("train", str(ds_dir), "--out", str(work / "appleqa.safetensors"), "--force", env=env)
     train_s = time.perf_counter() - t0
     ds = load_dataset(ds_dir)
     test = ds.split("test")
@@ -492,7 +493,7 @@ def clients(args: argparse.Namespace, work: Path) -> None:
         return float(np.mean([any(c in test[q] and test[q][c] > 0 for c in top) for q, top in
                               zip(qids, ranked, strict=True)]))
 
-    server = Server(work / "appleqa.safetensors", "--served-model-name", "all-MiniLM-L6-v2").wait()
+    server = Server(work / "appleqa.safetensors", "--served-model-name", "all-MiniLM-L6-v2", auth=False).wait()
     live = Live(server.url, "all-MiniLM-L6-v2", work / "appleqa.safetensors", str(resolve_model(MODEL)))
     print(f"## Client setups against `adapter serve` (AppleQA split by query, seed 0: {len(ids)} chunks, "
           f"{len(qids)} test questions; the adapter from `adapter train` with its defaults, {train_s:.0f} s)\n")
