@@ -534,6 +534,8 @@ def main() -> None:
     p.add_argument("--upstream-workers", type=int, default=8)
     args = p.parse_args()
     parts = set(args.parts.split(","))
+    if tiktoken_dir():  # LangChain's default client tokenizes here, offline
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", tiktoken_dir())
 
     from adapter.backends import make_backend
     from adapter.encoder import load_model

@@ -10,12 +10,20 @@ Shared by tests/test_integrations.py (20 AppleQA questions) and bench/bench_serv
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 KEY = "unused"  # the server runs without --api-key-env in these setups
+CLIENTS = 8  # questions searched at once, as an app's concurrent users would (the server batches them)
+
+
+def each(fn: Callable[[str], list[str]], questions: list[str]) -> list[list[str]]:
+    """``fn`` on every question, ``CLIENTS`` at a time, results in order."""
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        return list(pool.map(fn, questions))
 
 
 @dataclass(frozen=True)
@@ -43,7 +51,7 @@ def lc_one(make: Callable[[Live], object]) -> Ranker:
 
     def rank(live, ids, texts, questions, k):
         store = langchain_store(make(live), ids, texts)
-        return [[d.id for d in store.similarity_search(q, k=k)] for q in questions]
+        return each(lambda q: [d.id for d in store.similarity_search(q, k=k)], questions)
 
     return rank
 
@@ -62,7 +70,8 @@ def lc_two(check_embedding_ctx_length: bool) -> Ranker:
         docs = lc_openai(live, "/documents/v1", check_embedding_ctx_length=check_embedding_ctx_length)
         queries = lc_openai(live, "/v1", check_embedding_ctx_length=check_embedding_ctx_length)
         store = langchain_store(docs, ids, texts)
-        return [[d.id for d in store.similarity_search_by_vector(queries.embed_query(q), k=k)] for q in questions]
+        return each(lambda q: [d.id for d in store.similarity_search_by_vector(queries.embed_query(q), k=k)],
+                    questions)
 
     return rank
 
@@ -80,7 +89,7 @@ def li_one(make: Callable[[Live], object]) -> Ranker:
 
     def rank(live, ids, texts, questions, k):
         retriever = llama_index(make(live), ids, texts).as_retriever(similarity_top_k=k)
-        return [[n.node.node_id for n in retriever.retrieve(q)] for q in questions]
+        return each(lambda q: [n.node.node_id for n in retriever.retrieve(q)], questions)
 
     return rank
 
@@ -95,7 +104,7 @@ def li_two(live, ids, texts, questions, k):
     """LlamaIndex: the index built with a /documents/v1 client, ``as_retriever(embed_model=<a /v1 client>)``."""
     index = llama_index(li_openai_like(live, "/documents/v1"), ids, texts)
     retriever = index.as_retriever(similarity_top_k=k, embed_model=li_openai_like(live, "/v1"))
-    return [[n.node.node_id for n in retriever.retrieve(q)] for q in questions]
+    return each(lambda q: [n.node.node_id for n in retriever.retrieve(q)], questions)
 
 
 def openai_two(live, ids, texts, questions, k):
