@@ -9,12 +9,14 @@
    ours; one object and two) against a live `adapter serve` with an adapter trained on AppleQA (`adapter train`,
    defaults): top-10 equal to ``LinearAdapter.apply`` on base for the first 20 test questions, and hit@10 on every
    test question.
-3. ``reload``: hot reload under the load (4 questions per request); every reply must equal, row by row, the adapter
+3. ``wire``: LangChain's default ``OpenAIEmbeddings`` (token ids) against its string path; model names.
+4. ``limits``: `--model openai:` against four servers that word their batch limit differently.
+5. ``reload``: hot reload under the load (4 questions per request); every reply must equal, row by row, the adapter
    its ``x-adapter-version`` header names.
-4. ``hostile``: H malformed or hostile requests, twice: each must be a 4xx with a JSON error; RSS before and after.
-5. ``upstream``: `adapter serve --model openai:...` against the tests' fault-injecting embeddings server.
+6. ``hostile``: H malformed or hostile requests, twice: each must be a 4xx with a JSON error; RSS before and after.
+7. ``upstream``: `adapter serve --model openai:...` against the tests' fault-injecting embeddings server.
 
-    python bench/bench_serve.py [--parts speed,clients,reload,hostile,upstream] [--seconds 30] [--workers 32]
+    python bench/bench_serve.py [--parts speed,clients,wire,limits,reload,hostile,upstream] [--seconds 30]
 
 Prints a Markdown report on stdout (BENCHMARKS.md quotes it). The speed, reload and hostile parts use random
 near-identity adapters with MiniLM's fingerprint: serving cost and correctness do not depend on what an adapter
@@ -410,7 +412,7 @@ def speed(args: argparse.Namespace, model, texts: list[str], identity: str, work
     print(f"{args.workers} concurrent openai clients (`AsyncOpenAI`, base64 replies as it asks by default), one "
           f"waterops question per request, {args.seconds:g} s per server in {args.slices} slices that "
           f"alternate between the two; torch threads: {args.threads or 'each server its default'}; {os.cpu_count()} "
-          f"cores; servers up in {startup:.0f} s; load average before {os.getloadavg()[0]:.1f}.\n")
+          f"cores; servers up in {startup:.0f} s.\n")
     try:
         pooled = interleaved({"adapter serve": ours, "peer": peer}, texts, args.seconds, args.workers, args.slices)
         base = dict(zip(texts, model.encode_query(texts, batch_size=64, normalize_embeddings=True,
@@ -520,9 +522,67 @@ def clients(args: argparse.Namespace, work: Path) -> None:
     print()
 
 
+def wire(texts: list[str], identity: str, work: Path) -> None:
+    """LangChain's default client (token ids) against its string path, and model names, on a live server."""
+    import httpx
+    from client_setups import Live, lc_openai
+
+    path = work / "wire.safetensors"
+    make_adapter(path, identity, seed=3)
+    server = Server(path, "--served-model-name", "all-MiniLM-L6-v2", "--served-model-name", "text-embedding-3-small",
+                    auth=False).wait()
+    try:
+        print("## What stock clients send\n")
+        for name in ("all-MiniLM-L6-v2", "text-embedding-3-small"):
+            live = Live(server.url, name, path, MODEL)
+            tokens = lc_openai(live, "/v1").embed_documents(texts[:100])
+            strings = lc_openai(live, "/v1", check_embedding_ctx_length=False).embed_documents(texts[:100])
+            print(f"- LangChain `OpenAIEmbeddings(model={name!r}, base_url=..., api_key=...)` (token ids on the wire, "
+                  f"cl100k_base from the files tiktoken finds, offline) against `check_embedding_ctx_length=False` "
+                  f"(strings), 100 questions: max abs diff {np.abs(np.array(tokens) - np.array(strings)).max():.1e}")
+        r = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a", "model": "text-embedding-3-large"})
+        print(f"- a name the server was not given: HTTP {r.status_code} `{r.text}`")
+        r = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a", "model": "text-embedding-3-small"})
+        print(f"- with `--served-model-name text-embedding-3-small`, that name: HTTP {r.status_code}\n")
+    finally:
+        server.stop()
+
+
+def limits(model) -> None:
+    """`--model openai:` against four servers that word their batch limit differently: requests sent, refusals,
+    the size found, against the bound (batches at the size found + log2 of the batch size)."""
+    import math
+
+    from fake_embeddings import FakeEmbeddings
+
+    from adapter.backends import OpenAIBackend
+    from adapter.config import EmbeddingConfig
+
+    wordings = [(413, "batch size {n} > maximum allowed batch size {max}", 32, "Text Embeddings Inference's 413"),
+                (400, "at most {max} inputs", 20, '400 "at most N inputs"'), (422, None, 12, "422, empty body"),
+                (400, "Request rejected", 7, '400 "Request rejected"')]
+    texts = [f"pipe {i} of the network, inspected in week {i % 52}" for i in range(1000)]
+    want = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    print("## Batch limits found without reading the message (`--model openai:`, 1,000 texts, batch size 128, "
+          "one request in flight)\n")
+    print("| server says | its limit | requests | refused | size found | bound: ceil(texts/found) + log2(128) | "
+          "max abs diff vs local |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for status, message, limit, label in wordings:
+        with FakeEmbeddings(model, max_inputs=limit, batch_error=(status, message)) as server:
+            b = OpenAIBackend("openai:fake-minilm", EmbeddingConfig(
+                base_url=server.url, batch_size=128, concurrency=1, requests_per_minute=None,
+                tokens_per_minute=None), show_progress=False)
+            got = b.embed(texts)
+        bound = math.ceil(len(texts) / b.largest_ok) + math.ceil(math.log2(128))
+        print(f"| {label} | {limit} | {len(server.requests)} | {b.refused} | {b.largest_ok} | {bound} | "
+              f"{np.abs(got - want).max():.1e} |")
+    print()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", default="speed,clients,reload,hostile,upstream")
+    p.add_argument("--parts", default="speed,clients,wire,limits,reload,hostile,upstream")
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--workers", type=int, default=32)
     p.add_argument("--reloads", type=int, default=10)
@@ -544,11 +604,15 @@ def main() -> None:
     model = load_model(MODEL)
     identity = make_backend(model, show_progress=False).identity
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    print(f"# adapter serve: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the start\n")
+    print(f"# adapter serve: {os.cpu_count()} cores\n")
     if "speed" in parts:
         speed(args, model, texts, identity, work)
     if "clients" in parts:
         clients(args, work)
+    if "wire" in parts:
+        wire(texts, identity, work)
+    if "limits" in parts:
+        limits(model)
     if parts & {"reload", "hostile"}:
         first = make_adapter(work / "on.safetensors", identity, seed=0)
         srv = Server(work / "on.safetensors").wait()
@@ -563,7 +627,6 @@ def main() -> None:
             srv.stop()
     if "upstream" in parts:
         upstream_mode(model, texts, work, args)
-    print(f"\nLoad average at the end: {os.getloadavg()[0]:.1f}.")
 
 
 def reload_part(args, srv: Server, texts, base, first, identity: str, work: Path) -> None:
