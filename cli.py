@@ -877,13 +877,22 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
 @click.option("--max-body-bytes", type=COUNT, default=None, help="Larger request bodies get a 413 [default: 8 MiB].")
 @click.option("--max-inputs", type=COUNT, default=None, help="Inputs per request [default: 2048].")
 @click.option("--threads", type=COUNT, default=None, help="Torch threads for a local model [default: one per core].")
+@click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME",
+              help="A name requests may send as 'model' (repeatable), e.g. the one the app already sends; other "
+                   "names get a 404 [default: the model's own name].")
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let browser apps from ORIGIN call the server (repeatable; '*' for any) [default: none].")
+@click.option("--header-timeout", type=Number(float, 0, low_open=True), default=None,
+              help="Seconds a connection has to send a complete request head [default: 10].")
 @click.option("--allow-other-model", is_flag=True, help="Serve an adapter trained on another base model anyway.")
 @embedding_options
 def serve(adapter_path: str, model: str | None, host: str | None, port: int | None, api_key_env: str | None,
           batch_window_ms: float | None, max_batch: int | None, max_body_bytes: int | None, max_inputs: int | None,
-          threads: int | None, allow_other_model: bool, embedding: dict) -> None:
+          threads: int | None, served_model_names: tuple[str, ...], cors_origins: tuple[str, ...],
+          header_timeout: float | None, allow_other_model: bool, embedding: dict) -> None:
     """Serve OpenAI-compatible embeddings: base_url http://HOST:PORT/v1 gets adapted query vectors,
-    http://HOST:PORT/documents/v1 the untouched base vectors the index holds.
+    http://HOST:PORT/documents/v1 the untouched base vectors the index holds (or, on either, a request's input_type:
+    query or document).
 
     With --model openai:NAME --embedding-base-url UPSTREAM each request is forwarded to that server (with retries)
     and the adapter applied to its answer."""
@@ -895,7 +904,8 @@ def serve(adapter_path: str, model: str | None, host: str | None, port: int | No
     _quiet_hf()
     cfg = Config().replace(model=model, host=host, port=port, serve_auth_key_env=api_key_env,
                            batch_window_ms=batch_window_ms, max_batch=max_batch, max_body_bytes=max_body_bytes,
-                           max_inputs=max_inputs, threads=threads, **embedding)
+                           max_inputs=max_inputs, threads=threads, served_model_names=served_model_names or None,
+                           cors_origins=cors_origins or None, header_timeout=header_timeout, **embedding)
     run(adapter_path, cfg, allow_other_model=allow_other_model)
 
 @main.command()

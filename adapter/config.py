@@ -179,8 +179,8 @@ class ServeConfig:
     host: str = "127.0.0.1"  # loopback only unless asked: the endpoint has no TLS
     port: int = 8080
     batch_window_ms: float = 5.0  # longest a batch's first request waits for company; ~1 query's encode on 2 cores
-    max_batch: int = 64  # texts per local model call (a request is never split); 1 turns micro-batching off
-    max_body_bytes: int = 8 * 1024 * 1024  # request bodies above this get a 413 before they are read whole
+    max_batch: int = 64  # texts per local model call (larger requests are split, shared fairly); 1: one text a call
+    max_body_bytes: int = 8 * 1024 * 1024  # request bodies above this (gzip: once inflated) get a 413, never read whole
     max_inputs: int = 2048  # inputs per request, OpenAI's own limit
     max_input_chars: int = 100_000  # characters per input; a local model truncates to its max_seq_length anyway
     reload_interval: float = 1.0  # seconds between looks at the adapter file's size, mtime and inode
@@ -188,6 +188,10 @@ class ServeConfig:
     auth_key_env: str | None = None  # inbound auth (--api-key-env): a bearer token equal to this variable; None: open
     threads: int | None = None  # torch intra-op threads; None: torch's own (one per core); 1 on a machine shared with
     #                             other work, where spinning threads stall each other (BENCHMARKS.md, "Serving")
+    served_model_names: tuple[str, ...] = ()  # names a request's `model` may be (--served-model-name, vLLM's flag);
+    #                                           (): the model's own name; any other name is a 404 model_not_found
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call the server (--cors-origin); (): no CORS
+    header_timeout: float = 10.0  # seconds a connection has to send a complete request head before it is closed
 
 
 @dataclass(frozen=True)

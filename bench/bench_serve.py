@@ -1,23 +1,26 @@
-"""Benchmark for `adapter serve` (issue #15): the real CLI serving the bundled MiniLM on 127.0.0.1, loaded by the
-openai client.
+"""Benchmark for `adapter serve` (issues #15, #23): the real CLI serving the bundled MiniLM on 127.0.0.1.
 
-1. Throughput and latency under a bounded load (W concurrent workers for S seconds, one waterops question per
-   request) against two servers side by side: micro-batching on (the defaults) and off (``--max-batch 1``).
-2. What the adapter adds: the same server's /v1 (adapted) against /documents/v1 (base), one request at a time,
-   alternating; and ``LinearAdapter.apply`` on one vector timed alone.
-3. Every reply of the load compared with ``LinearAdapter.apply`` on the base vectors computed here.
-4. Hot reload under the same load (4 questions per request): the adapter file replaced N times; every reply must
-   equal, row by row, the adapter its ``x-adapter-version`` header names.
-5. H malformed or hostile requests (bad JSON, huge bodies, wrong types, bad Unicode, wrong tokens): each must be a 4xx
-   with a JSON error; the server's RSS before and after, and a good request afterwards.
+1. ``speed``: `adapter serve` against a peer serving the same model on the same machine under the same load, side
+   by side in one run: Infinity (``infinity-emb``, from $INFINITY_VENV). W concurrent openai clients for S seconds, one
+   question per request, cut into slices that alternate between the servers; throughput ratio, p50/p99, errors,
+   replies against ``LinearAdapter.apply`` (ours) and the base model (the peer); then what the adapter adds, /v1
+   against /documents/v1 of the same server, one request at a time.
+2. ``clients``: every client setup of tests/client_setups.py (stock LangChain, LlamaIndex and openai clients, and
+   ours; one object and two) against a live `adapter serve` with an adapter trained on AppleQA (`adapter train`,
+   defaults): top-10 equal to ``LinearAdapter.apply`` on base for the first 20 test questions, and hit@10 on every
+   test question.
+3. ``wire``: LangChain's default ``OpenAIEmbeddings`` (token ids) against its string path; model names.
+4. ``limits``: `--model openai:` against four servers that word their batch limit differently.
+5. ``reload``: hot reload under the load (4 questions per request); every reply must equal, row by row, the adapter
+   its ``x-adapter-version`` header names.
+6. ``hostile``: H malformed or hostile requests, twice: each must be a 4xx with a JSON error; RSS before and after.
+7. ``upstream``: `adapter serve --model openai:...` against the tests' fault-injecting embeddings server.
 
-6. Upstream mode (``--model openai:...``) against the tests' fault-injecting embeddings server: a load through
-   faults, then an upstream that answers 401, then one that fails every request past the backend's retries.
+    python bench/bench_serve.py [--parts speed,clients,wire,limits,reload,hostile,upstream] [--seconds 30]
 
-    python bench/bench_serve.py [--seconds 30] [--workers 32] [--reloads 10] [--hostile 1000] [--fault-rate 0.2]
-
-Prints a Markdown report on stdout (BENCHMARKS.md quotes it). The adapters are random near-identity matrices with
-the MiniLM's fingerprint: serving cost and correctness do not depend on what an adapter learned.
+Prints a Markdown report on stdout (BENCHMARKS.md quotes it). The speed, reload and hostile parts use random
+near-identity adapters with MiniLM's fingerprint: serving cost and correctness do not depend on what an adapter
+learned; the clients part trains a real one, since it measures what a wrong setup costs in retrieval.
 """
 
 from __future__ import annotations
@@ -43,8 +46,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = Path(__file__).resolve().parents[1]
 KEY_ENV, KEY = "BENCH_SERVE_KEY", "bench-key-0123"
 UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
-sys.path.insert(0, str(ROOT / "tests"))  # fake_embeddings: the tests' own faulty OpenAI-compatible server
+sys.path.insert(0, str(ROOT / "tests"))  # fake_embeddings, client_setups: the tests' own servers and setups
+sys.path.insert(0, str(ROOT))
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+SHARED = ROOT.parent / "shared"
+
+
+def tiktoken_dir() -> str | None:
+    """The tiktoken files llama-index-core ships, so token-id requests decode offline."""
+    try:
+        import llama_index.core
+    except ImportError:
+        return None
+    folder = Path(llama_index.core.__file__).parent / "_static" / "tiktoken_cache"
+    return str(folder) if folder.is_dir() else None
 
 
 def free_port() -> int:
@@ -69,13 +84,16 @@ def make_adapter(path: Path, identity: str, seed: int):
 class Server:
     """`adapter serve` in a subprocess, through the real CLI."""
 
-    def __init__(self, adapter: Path, *extra: str):
+    def __init__(self, adapter: Path, *extra: str, auth: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT), KEY_ENV: KEY}
+        extra = ("--api-key-env", KEY_ENV, *extra) if auth else extra
+        if tiktoken_dir():
+            env.setdefault("TIKTOKEN_CACHE_DIR", tiktoken_dir())
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (lives as long as the server)
         self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--adapter", str(adapter), "--port",
-                                      str(self.port), "--api-key-env", KEY_ENV, *extra], cwd=ROOT, env=env,
+                                      str(self.port), *extra], cwd=ROOT, env=env,
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 180) -> Server:
@@ -124,7 +142,7 @@ class Server:
 
 
 async def load(url: str, texts: list[str], seconds: float, workers: int, *, per_request: int = 1,
-               during=None) -> dict:
+               during=None, model: str = MODEL) -> dict:
     """``workers`` openai clients sending requests back to back for ``seconds``; latencies, errors, replies."""
     import httpx
     from openai import AsyncOpenAI
@@ -143,7 +161,7 @@ async def load(url: str, texts: list[str], seconds: float, workers: int, *, per_
             i += workers * per_request
             t0 = time.perf_counter()
             try:
-                raw = await client.embeddings.with_raw_response.create(input=batch, model=MODEL)
+                raw = await client.embeddings.with_raw_response.create(input=batch, model=model)
                 r = raw.parse()
             except Exception as e:  # counted, never raised: the load goes on
                 errors[type(e).__name__] += 1
@@ -166,7 +184,7 @@ async def load(url: str, texts: list[str], seconds: float, workers: int, *, per_
             "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"), "replies": replies}
 
 
-def interleaved(servers: dict[str, Server], texts: list[str], seconds: float, workers: int, slices: int) -> dict:
+def interleaved(servers: dict, texts: list[str], seconds: float, workers: int, slices: int) -> dict:
     """The same load on each server in turn, ``slices`` slices each adding up to ``seconds``, so background load on
     a shared machine falls on both alike; results pooled per server."""
     pooled: dict[str, dict] = {}
@@ -262,28 +280,40 @@ def hostile_requests(n: int, seed: int) -> list[tuple[str, str, dict, bytes | No
     """``n`` requests (method, path, headers, body, kind) that must each get a 4xx."""
     rng = random.Random(seed)
     auth = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
-    huge = b'{"input": "' + b"a" * (9 * 1024 * 1024) + b'"}'
+    m = b'"model": "' + MODEL.encode() + b'", '
+    huge = b'{' + m + b'"input": "' + b"a" * (9 * 1024 * 1024) + b'"}'
+
+    def js(**fields) -> bytes:
+        return json.dumps({"model": MODEL, **fields}).encode()
+
+    import gzip
+
+    bomb = gzip.compress(b'{"input": "' + b"a" * (64 * 1024 * 1024) + b'"}')  # 64 MiB inflated, 64 KiB sent
     kinds = {
-        "truncated JSON": lambda: json.dumps({"input": ["a", "b"]}).encode()[: rng.randint(1, 15)],
+        "truncated JSON": lambda: js(input=["a", "b"])[: rng.randint(1, 15)],
         "random bytes": lambda: rng.randbytes(rng.randint(1, 400)),
         "nested 100k deep": lambda: b"[" * 100_000,
         "body over 8 MiB": lambda: huge,
+        "gzip bomb": lambda: bomb,
         "JSON not an object": lambda: json.dumps(rng.choice([[1, 2], "input", 3.5, None, True])).encode(),
-        "input missing": lambda: b'{"model": "m"}',
-        "input wrong type": lambda: json.dumps({"input": rng.choice([3, 2.5, None, True, {"a": 1}, [None], [["x"]],
-                                                                      ["ok", 5], [{"t": "x"}]])}).encode(),
-        "token arrays": lambda: json.dumps({"input": rng.choice([[1, 2, 3], [[101, 2054], [7592]]])}).encode(),
-        "empty input": lambda: json.dumps({"input": rng.choice(["", [], ["a", ""]])}).encode(),
-        "2049 inputs": lambda: json.dumps({"input": ["q"] * 2049}).encode(),
-        "input over 100k chars": lambda: json.dumps({"input": "ü" * 100_001}).encode(),
-        "lone surrogate": lambda: rng.choice([b'{"input": "\\ud800"}', b'{"input": ["ok", "a\\udfffb"]}']),
-        "invalid UTF-8": lambda: b'{"input": "' + rng.choice([b"\xc0\xaf", b"\xff\xfe", b"\xed\xa0\x80",
-                                                               b"\xf8\x88\x80\x80\x80"]) + b'"}',
-        "NaN dimensions": lambda: b'{"input": "a", "dimensions": NaN}',
-        "bad dimensions": lambda: json.dumps({"input": "a", "dimensions": rng.choice([0, -1, 385, 10**30, "64",
-                                                                                      1.5, True])}).encode(),
-        "bad encoding_format": lambda: json.dumps({"input": "a", "encoding_format": rng.choice(
-            ["int8", "", 1, "FLOAT", ["float"]])}).encode(),
+        "input missing": lambda: js(),
+        "model missing or unknown": lambda: json.dumps({"input": "a", **rng.choice([{}, {"model": ""}, {
+            "model": "text-embedding-3-small"}, {"model": "no-such-model"}])}).encode(),
+        "input wrong type": lambda: js(input=rng.choice([3, 2.5, None, True, {"a": 1}, [None], [["x"]], ["ok", 5],
+                                                         [{"t": "x"}]])),
+        "bad token ids": lambda: js(input=rng.choice([[[1, -2]], [[1, 2], []], [[10**9]], [["a", 1]], [1, [2]]])),
+        "empty input": lambda: js(input=rng.choice(["", [], ["a", ""]])),
+        "2049 inputs": lambda: js(input=["q"] * 2049),
+        "input over 100k chars": lambda: js(input="ü" * 100_001),
+        "lone surrogate": lambda: rng.choice([b'{' + m + b'"input": "\\ud800"}',
+                                              b'{' + m + b'"input": ["ok", "a\\udfffb"]}']),
+        "invalid UTF-8": lambda: b'{' + m + b'"input": "' + rng.choice([b"\xc0\xaf", b"\xff\xfe", b"\xed\xa0\x80",
+                                                                        b"\xf8\x88\x80\x80\x80"]) + b'"}',
+        "NaN dimensions": lambda: b'{' + m + b'"input": "a", "dimensions": NaN}',
+        "bad dimensions": lambda: js(input="a", dimensions=rng.choice([0, -1, 385, 10**30, "64", 1.5, True])),
+        "bad encoding_format": lambda: js(input="a", encoding_format=rng.choice(["int8", "", 1, "FLOAT",
+                                                                                 ["float"]])),
+        "bad input_type": lambda: js(input="a", input_type=rng.choice(["passage", "", 1, "QUERY"])),
         "model not a string": lambda: json.dumps({"input": "a", "model": rng.choice([1, [], {}])}).encode(),
         "wrong token": None, "no token": None, "wrong method": None, "unknown path": None,
     }
@@ -294,14 +324,16 @@ def hostile_requests(n: int, seed: int) -> list[tuple[str, str, dict, bytes | No
         path = rng.choice(["/v1/embeddings", "/documents/v1/embeddings"])
         if kind == "wrong token":
             out.append(("POST", path, {"authorization": rng.choice(["Bearer nope", f"Basic {KEY}", KEY])},
-                        b'{"input": "a"}', kind))
+                        js(input="a"), kind))
         elif kind == "no token":
-            out.append(("POST", path, {}, b'{"input": "a"}', kind))
+            out.append(("POST", path, {}, js(input="a"), kind))
+        elif kind == "gzip bomb":
+            out.append(("POST", path, {**auth, "content-encoding": "gzip"}, bomb, kind))
         elif kind == "wrong method":
             out.append((rng.choice(["GET", "PUT", "DELETE"]), path, auth, None, kind))
         elif kind == "unknown path":
             out.append(("POST", rng.choice(["/v2/embeddings", "/v1/embedding", "/../etc/passwd", "/v1/chat"]), auth,
-                        b'{"input": "a"}', kind))
+                        js(input="a"), kind))
         else:
             out.append(("POST", path, auth, kinds[kind](), kind))
     return out
@@ -336,136 +368,319 @@ def fmt_errors(errors: dict) -> str:
     return str(sum(errors.values())) + (f" ({', '.join(f'{k} {v}' for k, v in errors.items())})" if errors else "")
 
 
+class Peer:
+    """The peer `adapter serve` is measured against: Infinity serving the same MiniLM folder from its own virtualenv
+    ($INFINITY_VENV, as .ci/run installs it); without it the bench stops, saying why."""
+
+    def __init__(self, model_dir: str, threads: int | None):
+        from fake_embeddings import Infinity
+
+        self.reason = Infinity.missing()
+        self.server = None
+        if self.reason is None:
+            self.name = "Infinity 0.0.78 (infinity-emb, torch engine, --batch-size 32)"
+            self.server = Infinity(model_dir, name=MODEL)
+            self.server.__enter__()
+            self.url = self.server.url.removesuffix("/v1")
+            self.pid = self.server.proc.pid
+        else:
+            raise SystemExit(f"the peer cannot run: {self.reason}")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.__exit__()
+
+
+def speed(args: argparse.Namespace, model, texts: list[str], identity: str, work: Path) -> dict:
+    """`adapter serve` (defaults) against the peer on the same model, the same load, alternating slices."""
+    from adapter.backends import resolve_model
+    from adapter.serve import adapter_version
+
+    adapter = make_adapter(work / "speed.safetensors", identity, seed=0)
+    threads = ("--threads", str(args.threads)) if args.threads else ()
+    t0 = time.perf_counter()
+    ours = Server(work / "speed.safetensors", *threads).wait()
+    peer = Peer(resolve_model(MODEL), args.threads)
+    startup = time.perf_counter() - t0
+    print(f"## Serving speed: `adapter serve` against {peer.name}, same model, same machine, same load\n")
+    print(f"{args.workers} concurrent openai clients (`AsyncOpenAI`, base64 replies as it asks by default), one "
+          f"waterops question per request, {args.seconds:g} s per server in {args.slices} slices that "
+          f"alternate between the two; torch threads: {args.threads or 'each server its default'}; {os.cpu_count()} "
+          f"cores; servers up in {startup:.0f} s.\n")
+    try:
+        pooled = interleaved({"adapter serve": ours, "peer": peer}, texts, args.seconds, args.workers, args.slices)
+        base = dict(zip(texts, model.encode_query(texts, batch_size=64, normalize_embeddings=True,
+                                                   convert_to_numpy=True), strict=True))
+        identity_check = check_replies([(b, "base", v) for b, _, v in pooled["peer"]["replies"]], base,
+                                       {"base": _Identity()})
+        ours_check = check_replies(pooled["adapter serve"]["replies"], base, {adapter_version(adapter): adapter})
+        print("| server | requests | errors | requests/s | p50 ms | p99 ms | max abs diff vs reference |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for name, check, ref in (("adapter serve", ours_check, "LinearAdapter.apply on base"),
+                                 ("peer", identity_check, "the base model")):
+            r = pooled[name]
+            label = "`adapter serve` /v1 (adapted)" if name == "adapter serve" else peer.name
+            print(f"| {label} | {r['requests']} | {fmt_errors(r['errors'])} | {r['rps']:.1f} | {r['p50']:.1f} | "
+                  f"{r['p99']:.1f} | {check['max_abs_diff']:.1e} ({ref}) |")
+        ratio = pooled["adapter serve"]["rps"] / pooled["peer"]["rps"]
+        print(f"\nThroughput ratio, `adapter serve` / peer: **{ratio:.2f}x**; p50 {pooled['adapter serve']['p50']:.0f} "
+              f"against {pooled['peer']['p50']:.0f} ms, p99 {pooled['adapter serve']['p99']:.0f} against "
+              f"{pooled['peer']['p99']:.0f} ms.")
+        mean_batch = ours.metric("adapter_serve_batch_texts_sum") / ours.metric("adapter_serve_batch_texts_count")
+        print(f"- `adapter serve`: {mean_batch:.1f} texts per model call (mean); RSS {ours.rss_mib():.0f} MiB, peer "
+              f"{peer.rss_mib():.0f} MiB")
+        alone = model_alone(model, texts)
+        print(f"- the model alone, in the bench process, one thread: {alone[1]:.1f} ms per text one at a time, "
+              f"{alone[32]:.1f} ms per text in batches of 32 ({alone[1] / alone[32]:.1f}x from batching)")
+        cost = adapter_added_latency(ours.url, texts, args.pairs)
+        inside = ours.metric("adapter_serve_adapter_seconds_sum") / ours.metric("adapter_serve_adapter_seconds_count")
+        print(f"- what the adapter adds ({args.pairs} request pairs one at a time, same server): p50 /v1 "
+              f"{cost['p50_query']:.2f} ms, /documents/v1 {cost['p50_document']:.2f} ms, median paired difference "
+              f"**{cost['p50_paired_diff'] * 1000:+.0f} µs**; inside the server, applying it takes "
+              f"{inside * 1e6:.0f} µs per reply (mean over every /v1 request); `LinearAdapter.apply` on one "
+              f"vector alone {time_apply(adapter):.1f} µs\n")
+        return {"ratio": ratio, "added_us": cost["p50_paired_diff"] * 1000}
+    finally:
+        ours.stop()
+        peer.stop()
+
+
+class _Identity:
+    """The reference for the peer's replies: the base vectors themselves."""
+
+    @staticmethod
+    def apply(x: np.ndarray) -> np.ndarray:
+        return x
+
+
+def clients(args: argparse.Namespace, work: Path) -> None:
+    """Each client setup against a live `adapter serve` with an adapter trained on AppleQA: top-10 equal to the
+    intended ranking on the first 20 test questions, and hit@10 on every test question."""
+    from client_setups import SETUPS, Live, intended
+    from common import appleqa, cli, cli_env
+
+    from adapter.backends import resolve_model
+    from adapter.data import load_dataset
+    from adapter.encoder import load_model
+    from adapter.model import LinearAdapter
+
+    if not (SHARED / "data" / "appleqa" / "apple_QA_dataset.json").is_file():
+        print("## Client setups: skipped (AppleQA is not in ../shared/data)\n")
+        return
+    ds_dir = appleqa(SHARED, work)
+    env = cli_env(ADAPTER_CACHE=str(work / "cache"))
+    t0 = time.perf_counter()
+    cli("train", str(ds_dir), "--out", str(work / "appleqa.safetensors"), "--force", env=env)
+    train_s = time.perf_counter() - t0
+    ds = load_dataset(ds_dir)
+    test = ds.split("test")
+    qids = list(test)
+    ids = list(ds.corpus)
+    texts = [ds.doc_text(c) for c in ids]
+    questions = [ds.queries[q] for q in qids]
+    model = load_model(MODEL)
+    adapter = LinearAdapter.load(work / "appleqa.safetensors")
+    base_q = model.encode_query(questions, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    base_d = model.encode_document(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    want = intended(adapter, base_q, base_d, ids, 10)
+    base = intended(_Identity(), base_q, base_d, ids, 10)
+
+    def hit10(ranked: list[list[str]]) -> float:
+        return float(np.mean([any(c in test[q] and test[q][c] > 0 for c in top) for q, top in
+                              zip(qids, ranked, strict=True)]))
+
+    server = Server(work / "appleqa.safetensors", "--served-model-name", "all-MiniLM-L6-v2", auth=False).wait()
+    live = Live(server.url, "all-MiniLM-L6-v2", work / "appleqa.safetensors", str(resolve_model(MODEL)))
+    print(f"## Client setups against `adapter serve` (AppleQA split by query, seed 0: {len(ids)} chunks, "
+          f"{len(qids)} test questions; the adapter from `adapter train` with its defaults, {train_s:.0f} s)\n")
+    print(f"Intended (`LinearAdapter.apply` on base, numpy): hit@10 {hit10(want):.3f}; the base model alone "
+          f"{hit10(base):.3f}.\n")
+    print("| client setup | README recommends | top-10 = intended, first 20 questions | top-10 = intended, all "
+          f"{len(qids)} | hit@10, all {len(qids)} | seconds |")
+    print("| --- | :---: | :---: | ---: | ---: | ---: |")
+    try:
+        for name, (recommended, rank) in SETUPS.items():
+            t0 = time.perf_counter()
+            try:
+                got = rank(live, ids, texts, questions, 10)
+            except Exception as e:  # a setup that cannot run is a row that says so
+                print(f"| {name} | {'yes' if recommended else 'no'} | error: {type(e).__name__}: "
+                      f"{str(e).splitlines()[0][:80]} | | | |")
+                continue
+            same20 = sum(g == w for g, w in zip(got[:20], want[:20], strict=True))
+            same = sum(g == w for g, w in zip(got, want, strict=True))
+            print(f"| {name} | {'yes' if recommended else 'no'} | {'yes' if same20 == 20 else 'no'} ({same20}/20) | "
+                  f"{same}/{len(qids)} | {hit10(got):.3f} | {time.perf_counter() - t0:.0f} |", flush=True)
+    finally:
+        server.stop()
+    print()
+
+
+def wire(texts: list[str], identity: str, work: Path) -> None:
+    """LangChain's default client (token ids) against its string path, and model names, on a live server."""
+    import httpx
+    from client_setups import Live, lc_openai
+
+    path = work / "wire.safetensors"
+    make_adapter(path, identity, seed=3)
+    server = Server(path, "--served-model-name", "all-MiniLM-L6-v2", "--served-model-name", "text-embedding-3-small",
+                    auth=False).wait()
+    try:
+        print("## What stock clients send\n")
+        for name in ("all-MiniLM-L6-v2", "text-embedding-3-small"):
+            live = Live(server.url, name, path, MODEL)
+            tokens = lc_openai(live, "/v1").embed_documents(texts[:100])
+            strings = lc_openai(live, "/v1", check_embedding_ctx_length=False).embed_documents(texts[:100])
+            print(f"- LangChain `OpenAIEmbeddings(model={name!r}, base_url=..., api_key=...)` (token ids on the wire, "
+                  f"cl100k_base from the files tiktoken finds, offline) against `check_embedding_ctx_length=False` "
+                  f"(strings), 100 questions: max abs diff {np.abs(np.array(tokens) - np.array(strings)).max():.1e}")
+        r = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a", "model": "text-embedding-3-large"})
+        print(f"- a name the server was not given: HTTP {r.status_code} `{r.text}`")
+        r = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a", "model": "text-embedding-3-small"})
+        print(f"- with `--served-model-name text-embedding-3-small`, that name: HTTP {r.status_code}\n")
+    finally:
+        server.stop()
+
+
+def limits(model) -> None:
+    """`--model openai:` against four servers that word their batch limit differently: requests sent, refusals,
+    the size found, against the bound (batches at the size found + log2 of the batch size)."""
+    import math
+
+    from fake_embeddings import FakeEmbeddings
+
+    from adapter.backends import OpenAIBackend
+    from adapter.config import EmbeddingConfig
+
+    wordings = [(413, "batch size {n} > maximum allowed batch size {max}", 32, "Text Embeddings Inference's 413"),
+                (400, "at most {max} inputs", 20, '400 "at most N inputs"'), (422, None, 12, "422, empty body"),
+                (400, "Request rejected", 7, '400 "Request rejected"')]
+    texts = [f"pipe {i} of the network, inspected in week {i % 52}" for i in range(1000)]
+    want = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+    print("## Batch limits found without reading the message (`--model openai:`, 1,000 texts, batch size 128, "
+          "one request in flight)\n")
+    print("| server says | its limit | requests | refused | size found | bound: ceil(texts/found) + log2(128) | "
+          "max abs diff vs local |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for status, message, limit, label in wordings:
+        with FakeEmbeddings(model, max_inputs=limit, batch_error=(status, message)) as server:
+            b = OpenAIBackend("openai:fake-minilm", EmbeddingConfig(
+                base_url=server.url, batch_size=128, concurrency=1, requests_per_minute=None,
+                tokens_per_minute=None), show_progress=False)
+            got = b.embed(texts)
+        bound = math.ceil(len(texts) / b.largest_ok) + math.ceil(math.log2(128))
+        print(f"| {label} | {limit} | {len(server.requests)} | {b.refused} | {b.largest_ok} | {bound} | "
+              f"{np.abs(got - want).max():.1e} |")
+    print()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="speed,clients,wire,limits,reload,hostile,upstream")
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--workers", type=int, default=32)
     p.add_argument("--reloads", type=int, default=10)
     p.add_argument("--hostile", type=int, default=1000)
     p.add_argument("--slices", type=int, default=6, help="turns each server's load is cut into, alternating")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per server (1: the machine is shared)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per server [default: each its own]")
     p.add_argument("--pairs", type=int, default=300, help="one-at-a-time request pairs for the adapter's cost")
     p.add_argument("--fault-rate", type=float, default=0.2, help="upstream mode: share of upstream answers faulted")
     p.add_argument("--upstream-workers", type=int, default=8)
     args = p.parse_args()
+    parts = set(args.parts.split(","))
+    if tiktoken_dir():  # LangChain's default client tokenizes here, offline
+        os.environ.setdefault("TIKTOKEN_CACHE_DIR", tiktoken_dir())
 
-    sys.path.insert(0, str(ROOT))
     from adapter.backends import make_backend
     from adapter.encoder import load_model
-    from adapter.serve import adapter_version
 
     texts = [json.loads(line)["text"] for line in (ROOT / "data" / "waterops" / "queries.jsonl").open()]
     model = load_model(MODEL)
     identity = make_backend(model, show_progress=False).identity
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
-    first = {name: make_adapter(work / f"{name}.safetensors", identity, seed=0) for name in ("on", "off")}
-    t0 = time.perf_counter()
-    threads = ("--threads", str(args.threads))
-    servers = {"on": Server(work / "on.safetensors", *threads),
-               "off": Server(work / "off.safetensors", "--max-batch", "1", *threads)}
-    for s in servers.values():
-        s.wait()
-    startup = time.perf_counter() - t0
-    print(f"# adapter serve: {args.workers} workers x {args.seconds:g} s, MiniLM on {os.cpu_count()} cores, "
-          f"{args.threads} torch thread(s) per server (servers up in {startup:.0f} s; load average before "
-          f"{os.getloadavg()[0]:.1f})\n")
-    try:
-        results = interleaved(servers, texts, args.seconds, args.workers, args.slices)
-        for name in results:
-            results[name]["mean_batch"] = (servers[name].metric("adapter_serve_batch_texts_sum")
-                                           / servers[name].metric("adapter_serve_batch_texts_count"))
-        base = dict(zip(texts, model.encode_query(texts, batch_size=64, normalize_embeddings=True,
-                                                   convert_to_numpy=True), strict=True))
-        version = adapter_version(first["on"])
-        checks = {name: check_replies(results[name]["replies"], base, {version: first[name]}) for name in results}
+    print(f"# adapter serve: {os.cpu_count()} cores\n")
+    if "speed" in parts:
+        speed(args, model, texts, identity, work)
+    if "clients" in parts:
+        clients(args, work)
+    if "wire" in parts:
+        wire(texts, identity, work)
+    if "limits" in parts:
+        limits(model)
+    if parts & {"reload", "hostile"}:
+        first = make_adapter(work / "on.safetensors", identity, seed=0)
+        srv = Server(work / "on.safetensors").wait()
+        try:
+            base = dict(zip(texts, model.encode_query(texts, batch_size=64, normalize_embeddings=True,
+                                                       convert_to_numpy=True), strict=True))
+            if "reload" in parts:
+                reload_part(args, srv, texts, base, first, identity, work)
+            if "hostile" in parts:
+                hostile_part(args, srv)
+        finally:
+            srv.stop()
+    if "upstream" in parts:
+        upstream_mode(model, texts, work, args)
 
-        print(f"## Throughput and latency (one question per request, openai client, base64 replies; {args.slices} "
-              "alternating slices per server)\n")
-        print("| micro-batching | requests | errors | requests/s | p50 ms | p99 ms | texts per model call (mean) "
-              "| max abs diff vs LinearAdapter.apply |")
-        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for name, label in (("on", "on (5 ms window, 64 texts)"), ("off", "off (--max-batch 1)")):
-            r = results[name]
-            print(f"| {label} | {r['requests']} | {fmt_errors(r['errors'])} | {r['rps']:.1f} | {r['p50']:.1f} | "
-                  f"{r['p99']:.1f} | {r['mean_batch']:.1f} | {checks[name]['max_abs_diff']:.1e} |")
-        print(f"\nBatching gives {results['on']['rps'] / results['off']['rps']:.1f}x the throughput of one request at "
-              "a time.")
-        alone = model_alone(model, texts)
-        print(f"- The model alone, in this process, one thread: {alone[1]:.1f} ms per text one at a time, "
-              f"{alone[32]:.1f} ms per text in batches of 32: at most {alone[1] / alone[32]:.1f}x from batching now.")
-        for name in ("on", "off"):
-            r = results[name]
-            server = servers[name].metric("adapter_serve_request_seconds_sum") / servers[name].metric(
-                "adapter_serve_request_seconds_count") * 1000
-            print(f"- batching {name}: server-side mean latency {server:.0f} ms; the load generator itself used "
-                  f"{r['client_cpu'] / r['requests'] * 1000:.1f} ms of CPU per request")
-        print()
 
-        cost = adapter_added_latency(servers["on"].url, texts, args.pairs)
-        apply_us = time_apply(first["on"])
-        print(f"## What the adapter adds ({args.pairs} request pairs, one at a time, same server)\n")
-        print(f"- p50 /v1 (adapted) {cost['p50_query']:.2f} ms, /documents/v1 (base) {cost['p50_document']:.2f} ms; "
-              f"median paired difference {cost['p50_paired_diff'] * 1000:+.0f} µs")
-        inside = servers["on"].metric("adapter_serve_adapter_seconds_sum") / servers["on"].metric(
-            "adapter_serve_adapter_seconds_count") * 1e6
-        print(f"- inside the server, applying the adapter (the only step /documents/v1 skips): mean {inside:.0f} µs "
-              "per reply over every /v1 request so far (the server's own adapter_serve_adapter_seconds)")
-        print(f"- `LinearAdapter.apply` on one 384-d vector alone: median {apply_us:.1f} µs\n")
+def reload_part(args, srv: Server, texts, base, first, identity: str, work: Path) -> None:
+    from adapter.serve import adapter_version
 
-        versions = {version: first["on"]}
-        path = work / "on.safetensors"
+    versions = {adapter_version(first): first}
+    path = work / "on.safetensors"
 
-        async def replace_files() -> None:
-            gap = args.seconds / (args.reloads + 1)
-            for seed in range(1, args.reloads + 1):
-                await asyncio.sleep(gap)
-                a = await asyncio.to_thread(make_adapter, path, identity, seed)
-                versions[adapter_version(a)] = a
+    async def replace_files() -> None:
+        gap = args.seconds / (args.reloads + 1)
+        for seed in range(1, args.reloads + 1):
+            await asyncio.sleep(gap)
+            a = await asyncio.to_thread(make_adapter, path, identity, seed)
+            versions[adapter_version(a)] = a
 
-        async def reload_run() -> dict:
-            return await load(servers["on"].url, texts, args.seconds, args.workers, per_request=4,
-                              during=replace_files())
+    async def reload_run() -> dict:
+        return await load(srv.url, texts, args.seconds, args.workers, per_request=4, during=replace_files())
 
-        reload = asyncio.run(reload_run())
-        time.sleep(1.5)
-        health = servers["on"].health()["adapter"]
-        rcheck = check_replies(reload["replies"], base, versions)
-        seen = Counter(v for _, v, _ in reload["replies"])
-        print(f"## Hot reload under load ({args.reloads} replacements in {args.seconds:g} s, 4 questions per "
-              "request)\n")
-        print(f"- requests {reload['requests']}, errors {fmt_errors(reload['errors'])}, {reload['rps']:.1f} "
-              f"requests/s, p50 {reload['p50']:.1f} ms, p99 {reload['p99']:.1f} ms")
-        print(f"- server reloads: {health['reloads']}; adapter versions seen in replies: {len(seen)} of "
-              f"{len(versions)}; replies with an unknown version: {rcheck['unknown_version']}")
-        print(f"- every row against the adapter its header names: max abs diff {rcheck['max_abs_diff']:.1e}; rows "
-              f"as close to another adapter: {rcheck['rows_closer_to_another_adapter']} (the nearest other adapter "
-              f"was {rcheck['nearest_other_adapter']:.3f} away)\n")
+    reload = asyncio.run(reload_run())
+    time.sleep(1.5)
+    health = srv.health()["adapter"]
+    rcheck = check_replies(reload["replies"], base, versions)
+    seen = Counter(v for _, v, _ in reload["replies"])
+    print(f"## Hot reload under load ({args.reloads} replacements in {args.seconds:g} s, {args.workers} clients, 4 "
+          "questions per request)\n")
+    print(f"- requests {reload['requests']}, errors {fmt_errors(reload['errors'])}, {reload['rps']:.1f} "
+          f"requests/s, p50 {reload['p50']:.1f} ms, p99 {reload['p99']:.1f} ms")
+    print(f"- server reloads: {health['reloads']}; adapter versions seen in replies: {len(seen)} of "
+          f"{len(versions)}; replies with an unknown version: {rcheck['unknown_version']}")
+    print(f"- every row against the adapter its header names: max abs diff {rcheck['max_abs_diff']:.1e}; rows "
+          f"as close to another adapter: {rcheck['rows_closer_to_another_adapter']} (the nearest other adapter "
+          f"was {rcheck['nearest_other_adapter']:.3f} away)\n")
 
-        hostile = hostile_requests(args.hostile, seed=0)
-        srv = servers["on"]
-        rss0 = srv.rss_mib()
-        first_round = asyncio.run(send_hostile(srv.url, hostile))
-        rss1 = srv.rss_mib()
-        second_round = asyncio.run(send_hostile(srv.url, hostile_requests(args.hostile, seed=1)))
-        rss2 = srv.rss_mib()
-        import httpx
 
-        after = httpx.post(f"{srv.url}/v1/embeddings", json={"input": "still there?"},
-                           headers={"authorization": f"Bearer {KEY}"}, timeout=30)
-        kinds = Counter(k for *_, k in hostile)
-        print(f"## {args.hostile} malformed or hostile requests, twice ({len(kinds)} kinds, 8 at a time)\n")
-        print(f"- kinds: {', '.join(kinds)}")
-        for label, r in (("first round", first_round), ("second round", second_round)):
-            print(f"- {label}: statuses {r['statuses']}; not a 4xx with a JSON error: {len(r['bad'])}"
-                  + (f" ({'; '.join(r['bad'][:5])})" if r["bad"] else ""))
-        print(f"- server RSS: {rss0:.0f} MiB before, {rss1:.0f} MiB after the first round, {rss2:.0f} MiB after the "
-              f"second")
-        print(f"- a good request afterwards: HTTP {after.status_code}\n")
-    finally:
-        for s in servers.values():
-            s.stop()
-    upstream_mode(model, texts, work, args)
-    print(f"\nLoad average at the end: {os.getloadavg()[0]:.1f} (2 cores shared with other work).")
+def hostile_part(args, srv: Server) -> None:
+    import httpx
+
+    hostile = hostile_requests(args.hostile, seed=0)
+    rss0 = srv.rss_mib()
+    first_round = asyncio.run(send_hostile(srv.url, hostile))
+    rss1 = srv.rss_mib()
+    second_round = asyncio.run(send_hostile(srv.url, hostile_requests(args.hostile, seed=1)))
+    rss2 = srv.rss_mib()
+    after = httpx.post(f"{srv.url}/v1/embeddings", json={"input": "still there?", "model": MODEL},
+                       headers={"authorization": f"Bearer {KEY}"}, timeout=30)
+    kinds = Counter(k for *_, k in hostile)
+    print(f"## {args.hostile} malformed or hostile requests, twice ({len(kinds)} kinds, 8 at a time)\n")
+    print(f"- kinds: {', '.join(kinds)}")
+    for label, r in (("first round", first_round), ("second round", second_round)):
+        print(f"- {label}: statuses {r['statuses']}; not a 4xx with a JSON error: {len(r['bad'])}"
+              + (f" ({'; '.join(r['bad'][:5])})" if r["bad"] else ""))
+    print(f"- server RSS: {rss0:.0f} MiB before, {rss1:.0f} MiB after the first round, {rss2:.0f} MiB after the "
+          f"second")
+    print(f"- a good request afterwards: HTTP {after.status_code}\n")
 
 
 def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace) -> None:
@@ -488,7 +703,7 @@ def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace)
                         "--embedding-api-key-env", UPSTREAM_KEY_ENV, "--embedding-timeout", "1",
                         "--embedding-rpm", "100000", "--embedding-tpm", "100000000").wait()
         try:
-            r = asyncio.run(load(server.url, texts, args.seconds, args.upstream_workers))
+            r = asyncio.run(load(server.url, texts, args.seconds, args.upstream_workers, model="fake-minilm"))
             served = fake.faults_seen()
             base = dict(zip(texts, model.encode(texts, batch_size=64, normalize_embeddings=True,
                                                 convert_to_numpy=True), strict=True))
@@ -507,7 +722,7 @@ def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace)
 
             fake.push("401")
             t0 = time.perf_counter()
-            fatal = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a"},
+            fatal = httpx.post(f"{server.url}/v1/embeddings", json={"input": "a", "model": "fake-minilm"},
                                headers={"authorization": f"Bearer {KEY}"}, timeout=120)
             fatal_s = time.perf_counter() - t0
             fake.fault_rate, fake.faults, fake.max_faults = 1.0, ("500",), None
@@ -516,13 +731,14 @@ def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace)
             async def outage() -> list:
                 async with httpx.AsyncClient(base_url=server.url, timeout=300,
                                              headers={"authorization": f"Bearer {KEY}"}) as c:
-                    return await asyncio.gather(*(c.post("/v1/embeddings", json={"input": f"outage {i}"})
+                    return await asyncio.gather(*(c.post("/v1/embeddings", json={"input": f"outage {i}",
+                                                                                  "model": "fake-minilm"})
                                                   for i in range(4)))
 
             down = asyncio.run(outage())
             down_s = time.perf_counter() - t0
             fake.fault_rate = 0.0
-            after = httpx.post(f"{server.url}/v1/embeddings", json={"input": "back"},
+            after = httpx.post(f"{server.url}/v1/embeddings", json={"input": "back", "model": "fake-minilm"},
                                headers={"authorization": f"Bearer {KEY}"}, timeout=120)
             shapes = all(isinstance(d.json().get("error", {}).get("message"), str) for d in (fatal, *down))
             print(f"- upstream answers 401 (fatal, never retried): HTTP {fatal.status_code} after {fatal_s:.1f} s: "

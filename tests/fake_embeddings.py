@@ -13,13 +13,15 @@ at ``fault_rate`` from a seeded function of (batch, attempt):
     notjson    a 200 whose body is not JSON
     shuffle    the right answer with the ``data`` list in random order (also ``shuffle=True`` for every answer)
     drop       the connection closed without a response
-    401        HTTP 401, a bad key            } never drawn at random:
-    short      one embedding fewer than asked } only ``push`` serves these
-    baddim     one embedding of another size  }
+    401        HTTP 401, a bad key                          }
+    echo401    HTTP 401 whose message repeats the key sent  } never drawn at random:
+    short      one embedding fewer than asked               } only ``push`` serves these
+    baddim     one embedding of another size                }
 
 Requests with more than ``max_inputs`` inputs or ``max_tokens`` tokens get the 400 a real server sends for a batch
-that is too large; a model name outside ``models`` gets a 404; with ``api_key`` set, a request without that bearer
-token gets the 401 OpenAI sends for a wrong key. Serve by hand:
+that is too large (``batch_error`` words it otherwise: a status and a message with ``{n}`` and ``{max}``, or None for
+an empty body, as servers differ); a model name outside ``models`` gets a 404; with ``api_key`` set, a request
+without that bearer token gets the 401 OpenAI sends for a wrong key. Serve by hand:
 ``python tests/fake_embeddings.py --port 8001 --fault-rate 0.1``; ``GET /stats`` tells what it has served.
 """
 
@@ -29,12 +31,17 @@ import argparse
 import base64
 import hashlib
 import json
+import os
 import random
+import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,7 +72,8 @@ class FakeEmbeddings:
     def __init__(self, model: Any = None, *, models: tuple[str, ...] = (MODEL,), fault_rate: float = 0.0,
                  faults: tuple[str, ...] = FAULTS, seed: int = 0, delay: float = 0.0, slow_seconds: float = 2.0,
                  retry_after: str = "1", shuffle: bool = False, max_inputs: int = 2048, max_tokens: int = 300_000,
-                 max_faults: int | None = None, api_key: str | None = None, port: int = 0):
+                 max_faults: int | None = None, api_key: str | None = None, port: int = 0,
+                 batch_error: tuple[int, str | None] = (400, "Too many inputs: at most {max} per request, got {n}")):
         if model is None:
             from adapter.encoder import load_model
 
@@ -75,7 +83,7 @@ class FakeEmbeddings:
         self.fault_rate, self.faults, self.seed = fault_rate, faults, seed
         self.delay, self.slow_seconds, self.retry_after, self.shuffle = delay, slow_seconds, retry_after, shuffle
         self.max_inputs, self.max_tokens, self.max_faults = max_inputs, max_tokens, max_faults
-        self.api_key = api_key
+        self.api_key, self.batch_error = api_key, batch_error
         self.requests: list[Request] = []  # appended once answered (a client may see its answer first)
         self.arrivals: list[int] = []  # inputs of each request as it arrives: what a test counts right after a call
         self.texts_embedded = 0
@@ -227,6 +235,10 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
             if fault == "500":
                 self._error(500, "internal server error", "server_error")
                 return 0
+            if fault == "echo401":
+                key = self.headers.get("Authorization", "").removeprefix("Bearer ")
+                self._error(401, f"Incorrect API key provided: {key}. You can find your API key in your account.")
+                return 0
             if fault == "401" or (fake.api_key is not None
                                   and self.headers.get("Authorization") != f"Bearer {fake.api_key}"):
                 self._error(401, "Incorrect API key provided")
@@ -241,7 +253,11 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
                 self._error(400, "'input' must be a non-empty list of non-empty strings")
                 return 0
             if len(texts) > fake.max_inputs:
-                self._error(400, f"Too many inputs: at most {fake.max_inputs} per request, got {len(texts)}")
+                status, message = fake.batch_error
+                if message is None:
+                    self._send(status, b"")
+                else:
+                    self._error(status, message.format(n=len(texts), max=fake.max_inputs))
                 return 0
             counts = [fake.tokens(t) for t in texts]
             if sum(counts) > fake.max_tokens:
@@ -271,6 +287,70 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
             return sum(counts)
 
     return Handler
+
+
+INFINITY_VENV = Path(os.environ.get("INFINITY_VENV", "/work/venv-infinity"))  # where .ci/run installs infinity-emb
+
+
+class Infinity:
+    """Infinity (``infinity-emb``, a real OpenAI-compatible embeddings server) serving a sentence-transformers folder
+    on 127.0.0.1 from its own virtualenv ($INFINITY_VENV: it pins numpy<2, transformers 4 and sentence-transformers 3,
+    which this project has moved past). Use as a context manager; ``url`` is the base URL for a client, ``name`` the
+    model name it serves. ``missing()`` says why it cannot run here, or None."""
+
+    def __init__(self, model_dir: str | os.PathLike, *, name: str = "minilm", batch_size: int = 32,
+                 startup_timeout: float = 300.0):
+        self.model_dir, self.name, self.batch_size = str(model_dir), name, batch_size
+        self.startup_timeout = startup_timeout
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.proc: subprocess.Popen | None = None
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 -- lives as long as the server
+
+    @staticmethod
+    def missing() -> str | None:
+        exe = INFINITY_VENV / "bin" / "infinity_emb"
+        return None if exe.is_file() else f"infinity-emb is not installed at {exe} (.ci/run installs it)"
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-2000:]
+
+    def __enter__(self) -> Infinity:
+        import httpx
+
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0",
+               "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("PYTHONPATH", None)  # its own packages, not this checkout's
+        self.proc = subprocess.Popen(
+            [str(INFINITY_VENV / "bin" / "infinity_emb"), "v2", "--model-id", self.model_dir, "--served-model-name",
+             self.name, "--host", "127.0.0.1", "--port", str(self.port), "--url-prefix", "/v1", "--engine", "torch",
+             "--device", "cpu", "--batch-size", str(self.batch_size), "--no-model-warmup"],
+            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout  # a liveness bound: its start loads torch and the model
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"infinity_emb exited with {self.proc.returncode}: {self.output()}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.__exit__()
+        raise RuntimeError(f"infinity_emb did not answer within {self.startup_timeout:.0f} s: {self.output()}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
 
 
 if __name__ == "__main__":

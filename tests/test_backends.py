@@ -82,11 +82,47 @@ def test_a_batch_too_large_is_halved_and_later_batches_sent_smaller(minilm, capl
     np.testing.assert_allclose(vectors, local(minilm, TEXTS), atol=1e-5)
     sizes = [r.inputs for r in sorted(server.requests, key=lambda r: r.start)]
     assert sizes == [20, 10, 10, 10, 10]  # one refusal, then the lowered batch size from the start
-    assert "a batch of 20 texts is too large" in caplog.text and b.batch_limit == 10
+    assert "HTTP 400 for a batch of 20 texts" in caplog.text and b.batch_limit == 10
+
+
+LIMIT_WORDINGS = [  # (status, message, the server's limit): servers say "too many" in their own words, or not at all
+    (413, "batch size {n} > maximum allowed batch size {max}", 32),  # Text Embeddings Inference
+    (400, "at most {max} inputs", 20),
+    (422, None, 12),  # an empty body
+    (400, "Request rejected", 7),
+]
+
+
+@pytest.mark.parametrize(("status", "message", "limit"), LIMIT_WORDINGS)
+def test_batch_limits_are_found_whatever_the_server_says(minilm, status, message, limit):
+    """The run completes and the limit is found within a factor 2, with at most log2(batch) refused requests on top
+    of the batches at the size found (the old code read the message, and stopped on three of these four)."""
+    import math
+
+    texts = [f"pipe {i} of the network, inspected in week {i % 52}" for i in range(100)]
+    with FakeEmbeddings(minilm, max_inputs=limit, batch_error=(status, message)) as server:
+        b = backend(server, batch_size=128, concurrency=1)
+        vectors = b.embed(texts)
+    np.testing.assert_allclose(vectors, local(minilm, texts), atol=1e-5)
+    refused = sum(r.inputs > limit for r in server.requests)
+    assert refused == b.refused <= math.ceil(math.log2(100))
+    assert limit // 2 <= b.largest_ok <= limit and b.batch_limit <= limit
+    assert len(server.requests) <= math.ceil(100 / b.largest_ok) + math.ceil(math.log2(100))
+    assert all(r.status == 200 for r in server.requests if r.inputs <= limit)
+
+
+def test_batch_limits_are_found_with_requests_in_flight(minilm):
+    texts = [f"valve {i} closed" for i in range(200)]
+    with FakeEmbeddings(minilm, max_inputs=16, batch_error=(422, None)) as server:
+        b = backend(server, batch_size=64, concurrency=4)
+        vectors = b.embed(texts)
+    np.testing.assert_allclose(vectors, local(minilm, texts), atol=1e-5)
+    assert b.largest_ok == 16 and b.refused <= 4 * 2  # each batch in flight at the first refusal: 64 -> 32 -> 16
 
 
 def test_one_text_too_long_is_one_line(minilm):
-    too_long = r"HTTP 400: one text of about \d+ tokens is too long for fake-minilm"
+    too_long = (r"HTTP 400 for one text of about \d+ tokens \(Requested \d+ tokens, max 5 tokens per request\); if it "
+                r"is too long for fake-minilm, chunk the corpus smaller")
     with FakeEmbeddings(minilm, max_tokens=5) as server, pytest.raises(AdapterError, match=too_long):
         backend(server, batch_size=4).embed(TEXTS[:4])
 
@@ -317,3 +353,72 @@ def test_cli_evaluate_with_an_openai_model_matches_the_local_model(minilm, tiny_
     for dim in ("384", "64"):
         for metric, value in runs["local"]["base"][dim].items():
             assert runs["remote"]["base"][dim][metric] == pytest.approx(value, abs=1e-6), (dim, metric)
+
+
+# ------------------------------------------------------------------------ Infinity: a real upstream, not our fake
+
+
+@pytest.fixture(scope="module")
+def infinity():
+    """Infinity serving the bundled MiniLM from its folder (its own virtualenv; .ci/run installs it)."""
+    from fake_embeddings import Infinity
+
+    from adapter.backends import resolve_model
+
+    if (reason := Infinity.missing()) is not None:
+        pytest.skip(reason)
+    with Infinity(resolve_model("all-MiniLM-L6-v2"), name="minilm") as server:
+        yield server
+
+
+def test_infinity_gives_the_local_models_vectors(minilm, infinity):
+    b = OpenAIBackend("openai:minilm", EmbeddingConfig(base_url=infinity.url, **FAST, batch_size=16, concurrency=2),
+                      show_progress=False)
+    for fmt in ("float", "base64"):
+        b.cfg = EmbeddingConfig(base_url=infinity.url, **FAST, batch_size=16, concurrency=2, encoding_format=fmt)
+        np.testing.assert_allclose(b.embed(TEXTS), local(minilm, TEXTS), atol=1e-5)
+    assert b.stats.retries == 0 and b.refused == 0
+
+
+def test_cli_evaluate_through_infinity_matches_the_local_model(minilm, infinity, tiny_dataset, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from cli import main
+
+    runs = {}
+    for name, extra in (("local", []), ("infinity", ["--model", "openai:minilm", "--embedding-base-url",
+                                                      infinity.url])):
+        out = tmp_path / f"{name}.json"
+        r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), "--dims", "384", "--json", str(out),
+                                      "--cache-dir", str(tmp_path / name), *extra])
+        assert r.exit_code == 0, r.output
+        runs[name] = json.loads(out.read_text())["base"]["384"]
+    for metric, value in runs["local"].items():
+        assert runs["infinity"][metric] == pytest.approx(value, abs=1e-6), metric
+
+
+def test_serve_upstream_mode_in_front_of_infinity(minilm, infinity, tmp_path):
+    pytest.importorskip("fastapi", reason="adapter[serve] is not installed")
+    import httpx
+    from test_serve import running
+
+    from adapter.config import ServeConfig
+    from adapter.model import LinearAdapter
+    from adapter.serve import EmbeddingService
+
+    remote = OpenAIBackend("openai:minilm", EmbeddingConfig(base_url=infinity.url, **FAST), show_progress=False)
+    a = LinearAdapter.identity(384, remote.identity)
+    a.weight = (np.eye(384) + 0.1 * np.random.default_rng(0).standard_normal((384, 384))).astype(np.float32)
+    path = a.save(tmp_path / "a.safetensors")
+    with running(EmbeddingService(remote, path, ServeConfig())) as url:
+        q = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS[:5], "model": "minilm", "encoding_format": "float"},
+                       timeout=60)
+        d = httpx.post(f"{url}/documents/v1/embeddings", json={"input": TEXTS[:5], "model": "minilm",
+                                                               "encoding_format": "float"}, timeout=60)
+        other = httpx.post(f"{url}/v1/embeddings", json={"input": "a", "model": "text-embedding-3-small"})
+    base = local(minilm, TEXTS[:5])
+    np.testing.assert_allclose([e["embedding"] for e in q.json()["data"]], a.apply(base), atol=1e-5)
+    np.testing.assert_allclose([e["embedding"] for e in d.json()["data"]], base, atol=1e-5)
+    assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
