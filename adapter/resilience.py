@@ -261,8 +261,8 @@ def call(fn: Callable[[], T], *, endpoint: str, policy: RetryPolicy, limiter: Ra
                 limiter.pause(min(retry_after, policy.max_delay))
             if attempt < policy.max_retries:
                 stats.add(retry=reason)
-                logger.debug("%s %s: %s; asking again (retry %d of %d)", endpoint, what, failure.detail or reason,
-                             attempt + 1, policy.max_retries)
+                logger.debug("%s %s: %s; asking again (retry %d of %d)", endpoint, what,
+                             redact(failure.detail or reason), attempt + 1, policy.max_retries)
     raise RetriesExhausted(reason)
 
 

@@ -289,7 +289,8 @@ def _handler(fake: FakeEmbeddings) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-INFINITY_VENV = Path(os.environ.get("INFINITY_VENV", "/work/venv-infinity"))  # where .ci/run installs infinity-emb
+INFINITY_VENV = Path(os.environ.get("INFINITY_VENV") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                     / "adapter-venv-infinity")  # where .ci/run installs infinity-emb
 
 
 class Infinity:
