@@ -77,21 +77,6 @@ class Backend(Protocol):
         """Unit vectors (n, dim) float32 for ``texts``, in order; ``on_batch`` sees each finished batch first."""
         ...
 
-    def _by_batch(self, fn: Callable[..., Any], texts: list[str], kwargs: dict[str, Any], bar: Any) -> np.ndarray:
-        """One part's vectors, encoded a batch at a time in sentence-transformers' own order (longest texts first:
-        little padding), the bar moved after each batch."""
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        done = []
-        for lo in range(0, len(texts), self.batch_size):
-            batch = [texts[i] for i in order[lo:lo + self.batch_size]]
-            done.append(np.asarray(fn(batch, batch_size=self.batch_size, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False, **kwargs),
-                                   dtype=np.float32).reshape(len(batch), -1))
-            bar.update(len(batch))
-        vectors = np.empty((len(texts), done[0].shape[1]), dtype=np.float32)
-        vectors[order] = np.concatenate(done)
-        return vectors
-
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text as the model counts them (an estimate for a remote model): the usage a server reports."""
         ...
@@ -410,21 +395,6 @@ class OpenAIBackend:
 
     def role_tag(self, role: Role) -> str:
         return f"\0{self.prefixes[role]}"
-
-    def _by_batch(self, fn: Callable[..., Any], texts: list[str], kwargs: dict[str, Any], bar: Any) -> np.ndarray:
-        """One part's vectors, encoded a batch at a time in sentence-transformers' own order (longest texts first:
-        little padding), the bar moved after each batch."""
-        order = np.argsort([-len(t) for t in texts], kind="stable")
-        done = []
-        for lo in range(0, len(texts), self.batch_size):
-            batch = [texts[i] for i in order[lo:lo + self.batch_size]]
-            done.append(np.asarray(fn(batch, batch_size=self.batch_size, normalize_embeddings=True,
-                                      convert_to_numpy=True, show_progress_bar=False, **kwargs),
-                                   dtype=np.float32).reshape(len(batch), -1))
-            bar.update(len(batch))
-        vectors = np.empty((len(texts), done[0].shape[1]), dtype=np.float32)
-        vectors[order] = np.concatenate(done)
-        return vectors
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """An estimate (``estimate_tokens``): the server's tokenizer is not ours to run."""
