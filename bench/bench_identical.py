@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 def _timeless(value):
     """The metadata without wall times (the only thing two runs of the same code may differ in)."""
     if isinstance(value, dict):
-        return {k: _timeless(v) for k, v in value.items() if not (k == "seconds" or k.endswith("_seconds"))}
+        return {k: _timeless(v) for k, v in value.items() if not str(k).endswith("seconds")}
     if isinstance(value, list):
         return [_timeless(v) for v in value]
     return value
