@@ -250,7 +250,7 @@ def embed(directory: str, model: str | None, cache_dir: str | None, embedding: d
     click.echo(f"{enc.identity}: {enc.texts_encoded} texts embedded, {total - enc.texts_encoded} already cached")
 
 
-STORE_OPTIONS = [  # (name, option); collected into one ``source`` (adapter.stores.StoreSource) by store_options
+STORE_OPTIONS = [  # (name, option); collected into one ``source`` (adapter.corpus.StoreSource) by store_options
     ("index", click.option("--index", "index", type=click.Path(dir_okay=False), default=None, help="FAISS index file "
                            "(flat, IVF, PQ or HNSW; ids as stored, or row i = line i of corpus.jsonl).")),
     ("qdrant", click.option("--qdrant", default=None, metavar="PATH_OR_URL",
@@ -280,7 +280,7 @@ def store_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        from adapter.stores import StoreSource
+        from adapter.corpus import StoreSource
 
         return f(*args, source=StoreSource(**{name: kwargs.pop(name) for name, _ in STORE_OPTIONS}), **kwargs)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from adapter.config import PRIMARY_METRIC, default_dims
+from adapter.config import PRIMARY_METRIC, Config, ReportConfig, default_dims
 from adapter.data import Qrels, relevant
 from adapter.encoder import truncate
 from adapter.errors import AdapterError
@@ -178,3 +178,19 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
         logger.debug("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, np.mean(results[d][PRIMARY_METRIC]),
                      len(scored))
     return results
+
+
+def paired_bootstrap(base: np.ndarray, system: np.ndarray, *, samples: int = ReportConfig.bootstrap_samples,
+                     seed: int = Config.seed, level: float = ReportConfig.level) -> tuple[float, float, float]:
+    """Mean per-query change (system − base) and its percentile interval: the queries are resampled with replacement
+    ``samples`` times, the same resample for both systems (paired). Returns (change, low, high)."""
+    delta = np.asarray(system, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # (n,)
+    if delta.ndim != 1 or not len(delta):
+        raise AdapterError("paired bootstrap needs two equal-length, non-empty lists of per-query values")
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for s in range(0, samples, 256):  # blocks keep memory at 256 x n indices
+        idx = rng.integers(0, len(delta), size=(min(256, samples - s), len(delta)))
+        means[s:s + len(idx)] = delta[idx].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(delta.mean()), float(low), float(high)

@@ -11,7 +11,6 @@ into 1 - d²/2, a cosine or inner-product distance d into 1 - d. Qdrant and Chro
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import logging
 import os
@@ -622,7 +621,7 @@ class ChromaStore(Store):
 _PG_OPS = {"vector_cosine_ops": "<=>", "vector_ip_ops": "<#>", "vector_l2_ops": "<->"}  # index opclass -> operator
 
 
-def _dsn_name(dsn: str) -> str:
+def dsn_name(dsn: str) -> str:
     """A DSN as messages show it: user, host, port and database, never a password (which ``redact`` masks from now
     on, wherever a library quotes it)."""
     hold_url_secrets(dsn)
@@ -653,7 +652,7 @@ class PgvectorStore(Store):
         psycopg = _require("psycopg", "pgvector")
         pgvector_psycopg = _require("pgvector.psycopg", "pgvector")
         self.sql = importlib.import_module("psycopg.sql")
-        where = _dsn_name(dsn)
+        where = dsn_name(dsn)
         self.name, self.batch = f"{where}#{table}", batch
         try:
             self.conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True)
@@ -986,57 +985,3 @@ class ArrayStore(Store):
     def _no_id_field(self, id_field: str | None) -> None:
         if id_field:
             raise AdapterError(f"{self.name}: --id-field applies to Qdrant, Chroma and pgvector, not vector files")
-
-
-@dataclass(frozen=True)
-class StoreSource:
-    """Where a team's corpus vectors already are: one store, or a vector file (with its ids). A corpus source of
-    ``adapter.systems`` (``read``), so train, evaluate, compare and search take it in place of embedding corpus.jsonl;
-    ``store`` holds the settings it is opened with (``with_settings`` takes them from a Config)."""
-
-    index: str | None = None
-    qdrant: str | None = None
-    chroma: str | None = None
-    pgvector: str | None = None
-    collection: str | None = None
-    table: str | None = None
-    vectors: str | None = None  # --corpus-vectors: .npy (with ``ids``) or .parquet
-    ids: str | None = None  # --corpus-ids
-    store: StoreConfig = field(default_factory=StoreConfig)  # nprobe, ef_search, id_field, batch
-
-    def __bool__(self) -> bool:
-        """True when anything was given (a stray --collection too, so that it is refused rather than ignored)."""
-        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name != "store")
-
-    def with_settings(self, cfg: Config) -> StoreSource:
-        return dataclasses.replace(self, store=cfg.store)
-
-    @property
-    def name(self) -> str:
-        given = self.vectors or self.index or self.qdrant or self.chroma or (self.pgvector and _dsn_name(self.pgvector))
-        return str(given or "no store")
-
-    def open(self, cfg: Config | None = None) -> Store:
-        """The store named (``open_store``), or the vector file as an ``ArrayStore``."""
-        cfg = cfg or Config().replace(store=self.store)
-        if self.vectors is not None:
-            if any(v is not None for v in (self.index, self.qdrant, self.chroma, self.pgvector)):
-                raise AdapterError("pass either --corpus-vectors or a store (--index, --qdrant, --chroma, "
-                                   "--pgvector), not both")
-            return ArrayStore(str(self.vectors), *read_vector_file(self.vectors, self.ids))
-        if self.ids is not None:
-            raise AdapterError("--corpus-ids goes with --corpus-vectors VECTORS.npy")
-        return open_store(index=self.index, qdrant=self.qdrant, chroma=self.chroma, pgvector=self.pgvector,
-                          collection=self.collection, table=self.table, cfg=cfg)
-
-    def read(self, dataset: Dataset, encoder: Any) -> tuple[list[str], np.ndarray]:
-        """Every vector, named by corpus id and put in corpus.jsonl's order, each chunk any split of ``dataset``
-        judges among them, of ``encoder``'s dimension: nothing of the corpus is embedded."""
-        judged = {c for qrels in dataset.qrels.values() for rels in qrels.values() for c in rels}
-        with self.open() as store:
-            ids, vectors = corpus_from_store(store, dataset, judged, id_field=self.store.id_field)
-            name = store.name
-        if vectors.shape[1] != encoder.dim:
-            raise AdapterError(f"{name} holds {vectors.shape[1]}-dimensional vectors, {encoder.identity} makes "
-                               f"{encoder.dim}")
-        return ids, vectors

@@ -14,13 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 from adapter.errors import AdapterError
-from adapter.evaluate import METRICS, evaluate
+from adapter.evaluate import METRICS, evaluate, paired_bootstrap
 from adapter.model import LinearAdapter
-from adapter.pipeline import paired_bootstrap
 from adapter.report import format_table
 
 if TYPE_CHECKING:
-    from adapter.pipeline import Comparison
+    from adapter.report import Comparison
 from cli import main
 
 
@@ -153,7 +152,7 @@ def test_a_version_1_finetune_json_is_still_read(tmp_path, tiny_model_dir):
 def hand_made_comparison(names: list[str], text: str = "a question") -> Comparison:
     """A Comparison as `compare` makes one, by hand: base and ``names``, each with every table of the report filled
     (dims, costs, reranking, answers, where it helps and hurts) and ``text`` as a question and as both top chunks."""
-    from adapter.pipeline import Comparison, SystemInfo
+    from adapter.report import Comparison, SystemInfo
 
     metrics = {m: 0.5 for m in METRICS}
     systems = ["base", *names, *(f"{s}+rerank" for s in names)]
