@@ -705,9 +705,9 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
     `torchrun --nproc_per_node N -m cli finetune ...` or `accelerate launch --multi_gpu --num_processes N -m cli
     finetune ...` (on CPU too: gloo).
     """
+    from adapter.cards import pct_change
     from adapter.data import load_dataset
     from adapter.finetune import finetune as run
-    from adapter.report import pct_change
 
     _quiet_hf()
     cfg = Config().replace(model=model, dims=dims, select_dim=select_dim, finetune_epochs=epochs,

@@ -26,12 +26,13 @@ from typing import TYPE_CHECKING, Any
 from sentence_transformers.base.evaluation import BaseEvaluator
 
 from adapter.backends import has_router, load_model, role_prompt
+from adapter.cards import model_card as card
+from adapter.cards import pct_change
 from adapter.config import REFERENCE_DIM, Config, EncoderConfig
 from adapter.data import Dataset, Qrels, atomic_write, fingerprint, relevant, train_val_qrels
 from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate, resolve_dims
 from adapter.model import FINETUNE_FILE, FINETUNE_VERSION
-from adapter.report import pct_change
 from adapter.st_trainer import (
     CHECKPOINTS,
     CLOCK_FILE,
@@ -281,16 +282,9 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         b, f = meta["val_base"][d][PRIMARY_METRIC], meta["val_best"][d][PRIMARY_METRIC]
         change = pct_change(f, b)
         rows.append(f"| {d} | {b:.4f} | {f:.4f} | {f - b:+.4f} ({change}) |")
-    return "\n".join([
-        "---",
-        "library_name: sentence-transformers",
-        f"base_model: {meta['base_model']}",
-        "pipeline_tag: sentence-similarity",
-        "tags: [sentence-transformers, matryoshka, retrieval]",
-        "---",
-        "",
-        f"# {name}",
-        "",
+    front = ["library_name: sentence-transformers", f"base_model: {meta['base_model']}",
+             "pipeline_tag: sentence-similarity", "tags: [sentence-transformers, matryoshka, retrieval]"]
+    return card(front, name, [
         f"A Matryoshka fine-tune of `{meta['base_model']}` for retrieval, made by `adapter finetune`: "
         f"MatryoshkaLoss around MultipleNegativesRankingLoss at dims {', '.join(map(str, dims))}.",
         "",
@@ -326,5 +320,4 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         "```",
         "",
         "Its vectors differ from the base model's: the whole corpus must be embedded again with it.",
-        "",
     ])

@@ -174,6 +174,19 @@ class LinearAdapter:
                    bias=tensors.get("bias"), metadata=training_meta(extra_meta))
 
 
+def checked_adapter(adapter: LinearAdapter | str | os.PathLike, backend: Any, *,
+                    allow_other_model: bool = False) -> LinearAdapter:
+    """The adapter (loaded when a path), refused in one line unless it fits the backend's model and dimension
+    (``adapter.backends.Backend``: its ``identity``, ``name`` and ``dim``, None when not known before a call): what
+    `adapter serve` and the framework classes bolt on."""
+    source = "adapter" if isinstance(adapter, LinearAdapter) else str(adapter)
+    loaded = adapter if isinstance(adapter, LinearAdapter) else LinearAdapter.load(adapter)
+    if backend.dim is not None and loaded.dim != backend.dim:
+        raise AdapterError(f"{source}: adapter is {loaded.dim}-dimensional, {backend.name} gives {backend.dim}")
+    loaded.check_base_model(backend.identity, allow_other_model=allow_other_model, source=source)
+    return loaded
+
+
 def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
     """SHA-256 of the tensors in name order (name, dtype, shape, bytes): what the file's header says it holds."""
     h = hashlib.sha256()
@@ -202,7 +215,7 @@ def _check_header(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], dic
         raise AdapterError(f"{path}: adapter metadata is damaged (not a JSON object)")
     version, dim, form, rank = (header.get(k) for k in ("format_version", "dim", "form", "rank"))
     if version != FORMAT_VERSION:
-        raise AdapterError(f"{path}: adapter format version {version!r} is not read by this version of adapter (it "
+        raise AdapterError(f"{path}: adapter format version {version!r} is not supported (this version of adapter "
                            f"reads {FORMAT_VERSION}); re-train with this version")
     if not _is_int(dim) or dim < 1 or not isinstance(header.get("base_model"), str) or \
             not isinstance(header.get("bias"), bool):
@@ -328,7 +341,7 @@ def read_finetune_meta(folder: str | os.PathLike) -> dict[str, Any]:
         raise AdapterError(f"{path}: unreadable ({type(e).__name__}); delete it to start afresh") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FINETUNE_VERSION:
-        raise AdapterError(f"{path}: format version {version!r} is not read by this version of adapter (it reads "
+        raise AdapterError(f"{path}: format version {version!r} is not supported (this version of adapter reads "
                            f"{FINETUNE_VERSION}); re-train with this version, or delete the file to use the folder "
                            "as a plain model")
     return training_meta(meta)

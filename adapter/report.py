@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from adapter.cards import pct_change
 from adapter.config import Config
 from adapter.data import Dataset
 from adapter.errors import AdapterError
@@ -48,11 +49,6 @@ class Comparison:
     rerank_gain: dict[str, dict[int, tuple[float, float, float]]] | None = None  # "<s>+rerank" -> dim -> vs <s>
     rag: dict[str, Any] | None = None  # `adapter rag`'s rag.json, shown beside the retrieval metrics
     insights: dict[str, Any] = field(default_factory=dict)  # adapter.diagnose.insights: headroom, seen/unseen, movers
-
-
-def pct_change(new: float, old: float, *, zero: str = "n/a") -> str:
-    """The relative change from ``old`` to ``new``, as "+5.7%"; ``zero`` when ``old`` is 0."""
-    return f"{(new - old) / old:+.1%}" if old else zero
 
 
 def format_table(results: dict[str, Results], metrics: Sequence[str] = METRICS, baseline: str = "base") -> str:

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # of META_FILE; the only version read
 META_FILE = "rerank.json"  # what the reranker was trained on and how it scored: what `compare` reads
 HEAD_TYPE = "adapter.rerank.CosineHead"  # modules.json's name for it: the one class outside sentence-transformers
 # that a reranker folder may name, resolved to this module's class by import (never by trust_remote_code)
@@ -205,6 +205,9 @@ def load_reranker(folder: str | os.PathLike, cfg: Config | None = None) -> Reran
         raise AdapterError(f"{folder}: a cross-encoder with {model.num_labels} labels; a reranker gives one score")
     meta_file = folder / META_FILE
     meta = _json(meta_file) if meta_file.is_file() else {}
+    if meta and meta.get("format_version") != FORMAT_VERSION:
+        raise AdapterError(f"{meta_file}: format version {meta.get('format_version')!r} is not supported (this version "
+                           f"of adapter reads {FORMAT_VERSION}); re-train with this version")
     weights = {str(k): float(v["fusion"]) for k, v in (meta.get("stages") or {}).items()}
     return Reranker(model, batch_size=cfg.rerank.predict_batch_size, source=str(folder), meta=meta,
                     fusion=float(meta.get("fusion_weight") or 0.0), bf16=use_bf16(cfg.rerank.bf16), weights=weights)

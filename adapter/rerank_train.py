@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sentence_transformers.base.evaluation import BaseEvaluator
 
+from adapter.cards import model_card as card
 from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, fingerprint, relevant, train_val_qrels
 from adapter.encoder import resolve_model, truncate
@@ -500,16 +501,9 @@ def model_card(meta: dict[str, Any], name: str) -> str:
     k = meta["rerank_k"]
     best, alone_first = (next(iter(meta[key].values()))[PRIMARY_METRIC] for key in ("val_best", "val_base"))
     worse = best <= alone_first
-    return "\n".join([
-        "---",
-        "library_name: sentence-transformers",
-        f"base_model: {meta['start_model']}",
-        "pipeline_tag: text-ranking",
-        "tags: [sentence-transformers, cross-encoder, reranker, retrieval]",
-        "---",
-        "",
-        f"# {name}",
-        "",
+    front = ["library_name: sentence-transformers", f"base_model: {meta['start_model']}", "pipeline_tag: text-ranking",
+             "tags: [sentence-transformers, cross-encoder, reranker, retrieval]"]
+    return card(front, name, [
         f"A cross-encoder reranker made by `adapter rerank-train` from `{meta['start_model']}` "
         f"({meta['start_kind']}), trained to reorder the top {k} chunks that {first} retrieves.",
         "",
@@ -549,5 +543,4 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         "```",
         "",
         f"Or score a reranked system: `adapter evaluate DIR --reranker path/to/{name} --rerank-k {k}`.",
-        "",
     ])
