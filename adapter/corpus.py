@@ -4,7 +4,8 @@ A corpus source has ``name`` (what messages call it) and ``read(dataset, encoder
 and their (n, d) float32 unit vectors, of the encoder's dimension. ``EncodedCorpus`` is the encoder's own cached
 encoding of corpus.jsonl (the default); ``StoreSource`` reads every vector out of an existing store or a vector file
 (``--index``, ``--qdrant``, ``--chroma``, ``--pgvector``, ``--corpus-vectors``); ``VectorCorpus`` holds vectors
-already read. Training (``adapter.train``), the systems (``adapter.systems``) and every verb take a source, so none
+already read. ``SearchedStore`` is the one source that is searched instead of read: the store ranks, the judge scores
+its rankings. Training (``adapter.train``), the systems (``adapter.systems``) and every verb take a source, so none
 of them needs to know which kind it has.
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 from adapter.config import Config, StoreConfig
 from adapter.data import Dataset
 from adapter.errors import AdapterError
-from adapter.stores import ArrayStore, Store, corpus_from_store, dsn_name, open_store, read_vector_file
+from adapter.stores import ArrayStore, Store, corpus_from_store, dsn_name, hit_names, open_store, read_vector_file
 
 if TYPE_CHECKING:
     from adapter.encoder import Encoder
@@ -123,3 +124,30 @@ class StoreSource:
             raise AdapterError(f"{name} holds {vectors.shape[1]}-dimensional vectors, {encoder.identity} makes "
                                f"{encoder.dim}")
         return ids, vectors
+
+
+@dataclass
+class SearchedStore:
+    """A store scored as it serves (``evaluate --store-search``): each query's ranking is the store's own search
+    (adapted query vectors in, the top ``k`` ids out, named as corpus ids by ``adapter.stores.hit_names``), no vector
+    read out. ``adapter.systems.score`` judges those rankings (``adapter.evaluate.evaluate_ranked``) at the store's
+    dimension only."""
+
+    store: Store
+    id_field: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.store.name
+
+    @property
+    def dim(self) -> int:
+        return self.store.dim
+
+    def rank(self, dataset: Dataset, query_vectors: np.ndarray, k: int) -> list[list[str]]:
+        """Each query's top ``k`` corpus ids by the store's own search."""
+        hits = self.store.search(query_vectors, k, id_field=self.id_field)
+        return [hit_names(self.store, dataset, h) for h in hits]
+
+    def read(self, dataset: Dataset, encoder: Encoder) -> tuple[list[str], np.ndarray]:
+        raise AdapterError(f"{self.store.name}: scored through its own search; its vectors are not read out")

@@ -131,6 +131,19 @@ def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray, *, per_query: bo
     return {m: out[m] for m in METRICS}
 
 
+def evaluate_ranked(ranked: Sequence[Sequence[str]], qrels: Qrels, query_ids: Sequence[str], *,
+                    per_query: bool = False) -> dict[str, float]:
+    """The judge's metrics of rankings made elsewhere (a store's own search): each of ``query_ids`` (every one with a
+    positive judgement) with its corpus ids, best first; the first ``TOP_K`` count and an id naming no relevant chunk
+    is a miss. ``per_query`` as in ``evaluate``."""
+    qrels = relevant(qrels)
+    found = np.zeros((len(query_ids), TOP_K), dtype=bool)
+    for i, (q, names) in enumerate(zip(query_ids, ranked, strict=True)):
+        top = list(names)[:TOP_K]
+        found[i, :len(top)] = [n in qrels[q] for n in top]
+    return metrics_from_hits(found, np.array([len(qrels[q]) for q in query_ids]), per_query=per_query)
+
+
 def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels, query_ids: Sequence[str],
              corpus_ids: Sequence[str], dims: Sequence[int] | None = None, *, per_query: bool = False,
              rerank: Reorder | None = None, tie_rank: np.ndarray | None = None) -> Results:

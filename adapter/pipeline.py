@@ -23,11 +23,11 @@ import numpy as np
 
 from adapter import safejson
 from adapter.config import Config, ReportConfig
-from adapter.corpus import CorpusSource
+from adapter.corpus import CorpusSource, SearchedStore
 from adapter.data import Dataset, atomic_write, fingerprint, relevant, replace_folder
 from adapter.diagnose import insights
 from adapter.errors import AdapterError, refuse_existing
-from adapter.evaluate import PRIMARY_METRIC, paired_bootstrap
+from adapter.evaluate import PRIMARY_METRIC, TOP_K, paired_bootstrap
 from adapter.model import LinearAdapter
 from adapter.report import Comparison, SystemInfo
 from adapter.systems import (
@@ -134,35 +134,28 @@ def evaluate_store_search(dataset: Dataset, store: Store, cfg: Config | None = N
                           allow_other_model: bool = False) -> StoreSearch:
     """Score base and adapters through ``store``'s own search: adapted query vectors in, top-100 ids out, no vector
     read out of the store, so an index too large to read out is scored as it serves. Ids name chunks as
-    ``adapter.stores.hit_names`` does; hits naming no chunk count as misses."""
-    from adapter.evaluate import TOP_K, metrics_from_hits
-    from adapter.stores import hit_names
-
+    ``adapter.stores.hit_names`` does; hits naming no chunk count as misses. The systems are scored by
+    ``adapter.systems.score`` (their corpus source an ``adapter.corpus.SearchedStore``)."""
     cfg = cfg or Config()
     split = cfg.evaluate.split
     qrels = relevant(dataset.split(split))
-    qids = list(qrels)
-    texts = [dataset.queries[q] for q in qids]
-    systems = build_systems(cfg, encoder=encoder, adapters=adapters, allow_other_model=allow_other_model)
+    texts = [dataset.queries[q] for q in qrels]
+    systems = build_systems(cfg, encoder=encoder, adapters=adapters, corpus=SearchedStore(store, cfg.store.id_field),
+                            allow_other_model=allow_other_model)
     base = systems["base"].encoder
     if store.dim != base.dim:
         raise AdapterError(f"{store.name} holds {store.dim}-dimensional vectors, {base.identity} makes {base.dim}")
-    n_relevant = np.array([len(qrels[q]) for q in qids])
+    results = score(dataset, systems, split=split)
     rng = np.random.default_rng(cfg.seed)
-    sample = np.sort(rng.choice(len(qids), min(cfg.store.search_sample, len(qids)), replace=False))
-    results: SystemResults = {}
+    sample = np.sort(rng.choice(len(texts), min(cfg.store.search_sample, len(texts)), replace=False))
     recall: dict[str, float] = {}
     for name, system in systems.items():
-        queries = system.encode_queries(texts)
-        hits = store.search(queries, TOP_K, id_field=cfg.store.id_field)
-        found = np.zeros((len(qids), TOP_K), dtype=bool)
-        for i, (q, h) in enumerate(zip(qids, hits, strict=True)):
-            found[i, :len(h.ids)] = [n in qrels[q] for n in hit_names(store, dataset, h)[:TOP_K]]
-        results[name] = {store.dim: metrics_from_hits(found, n_relevant)}
         if len(sample):
-            exact = store.exact_search(queries[sample], 10, id_field=cfg.store.id_field)
-            recall[name] = float(np.mean([len(set(hits[i].ids[:10]) & set(e.ids)) / max(len(e.ids), 1)
-                                          for i, e in zip(sample, exact, strict=True)]))
+            queries = system.encode_queries(texts)[sample]
+            hits = store.search(queries, TOP_K, id_field=cfg.store.id_field)  # as scored: the same depth
+            exact = store.exact_search(queries, 10, id_field=cfg.store.id_field)
+            recall[name] = float(np.mean([len(set(h.ids[:10]) & set(e.ids)) / max(len(e.ids), 1)
+                                          for h, e in zip(hits, exact, strict=True)]))
         logger.info("%s through %s: %s %.4f", name, store.name, PRIMARY_METRIC,
                     results[name][store.dim][PRIMARY_METRIC])
     return StoreSearch(results, store.name, store.dim, TOP_K, len(sample), recall)

@@ -306,13 +306,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
         from datasets import Dataset as HFDataset
     except ImportError as e:
         raise AdapterError(f"training a reranker needs the {e.name!r} package: pip install 'adapter[train]'") from None
-    import torch
     from sentence_transformers.cross_encoder import CrossEncoderTrainer
-    from sentence_transformers.cross_encoder.losses import (
-        BinaryCrossEntropyLoss,
-        LambdaLoss,
-        MultipleNegativesRankingLoss,
-    )
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     cfg = cfg or Config()
@@ -344,34 +338,12 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     parts = _share_out(train_qrels, source["key"], list(also or ()) if r.base_share else [], r.base_share, cfg.seed)
     vectors = {key: (train_q[[i for i, q in enumerate(train_qrels) if q in part]], corpus) if key == source["key"]
                else also[key](list(part)) for key, part in parts.items() if part}
-    if (ckpt / NEGATIVES_FILE).is_file():
-        negatives = read_json(ckpt / NEGATIVES_FILE)
-    else:
-        negatives = {}
-        for key, (q, c) in vectors.items():
-            negatives.update(mine_negatives(dataset, parts[key], q, c, k=r.k, n=r.negatives, seed=cfg.seed))
-        with atomic_write(ckpt / NEGATIVES_FILE) as f:
-            json.dump(negatives, f)
     prior = r.prior if r.loss == "lambda" and r.fusion else 0.0  # the weight the loss adds the first stage at
-    priors: dict[str, dict[str, float]] | None = None
-    if prior:
-        priors = {}
-        for key, (q, c) in vectors.items():
-            priors.update(first_stage_priors(dataset, parts[key], q, c, {x: [*parts[key][x], *negatives[x]]
-                                                                          for x in parts[key]}, r.k))
+    negatives, priors = _negatives_and_priors(dataset, ckpt, cfg, parts, vectors, prior)
     train_data = HFDataset.from_dict(_train_rows(dataset, train_qrels, negatives, r.loss, priors))
 
     model, start_kind = start_model(r.model, r.max_seq_length, r.head)
-    if prior:
-        loss = prior_lambda_loss(model, prior, r.predict_batch_size)
-    elif r.loss == "lambda":
-        loss = LambdaLoss(model, mini_batch_size=r.predict_batch_size)
-    elif r.loss == "bce":
-        n_pos = sum(len(v) for v in train_qrels.values())
-        n_neg = sum(len(v) for v in negatives.values())
-        loss = BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(n_neg / max(n_pos, 1)))
-    else:
-        loss = MultipleNegativesRankingLoss(model)
+    loss = _loss(model, cfg, prior, train_qrels, negatives)
     evaluator = RerankEvaluator(dataset, val_qrels, val_q, corpus, r.k, r.predict_batch_size,
                                 weights=FUSION_WEIGHTS if r.fusion else (0.0,), bf16=use_bf16(r.bf16))
     before = read_json(resume / CLOCK_FILE)["seconds"] if resume else 0.0
@@ -411,13 +383,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
         # the kept model's scores: the last validation pass's when that was the kept one (they share candidates)
         same = evaluator.last is not None and best is evals[-1]
         reranker = evaluator.last if same else Reranker(model, batch_size=r.predict_batch_size, bf16=use_bf16(r.bf16))
-        for key, stage in also.items():
-            q, c = stage(list(val_qrels))
-            got = evaluator.score(reranker, q, c)
-            stages[key] = {"fusion": got["fusion"], "first_stage": score_first_stage(dataset, val_qrels, q, c)[
-                PRIMARY_METRIC], "reranked": got[PRIMARY_METRIC], "alone": got["alone"]}
-            logger.info("validation %s under %s: %.4f alone -> %.4f reranked (fusion weight %g)", PRIMARY_METRIC,
-                        key, stages[key]["first_stage"], got[PRIMARY_METRIC], got["fusion"])
+        stages.update(_other_stages(dataset, val_qrels, evaluator, reranker, also))
     if best_val[PRIMARY_METRIC] <= base["first_stage"][PRIMARY_METRIC]:
         logger.warning("the reranker's best validation %s %.4f does not beat the first stage alone (%.4f)",
                        PRIMARY_METRIC, best_val[PRIMARY_METRIC], base["first_stage"][PRIMARY_METRIC])
@@ -443,6 +409,67 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config, first_st
     return RerankResult(out, float(best["epoch"]), d, {d: base["first_stage"]},
                         {d: _metrics(base["start"])} if base["start"] else None, {d: best_val}, seconds,
                         str(resume) if resume else None, fusion, alone)
+
+
+def _negatives_and_priors(dataset: Dataset, ckpt: Path, cfg: Config, parts: Mapping[str, Qrels],
+                          vectors: Mapping[str, tuple[np.ndarray, np.ndarray]], prior: float
+                          ) -> tuple[dict[str, list[str]], dict[str, dict[str, float]] | None]:
+    """Each training question's hard negatives under its first stage (mined once, kept in ``ckpt`` for a resume) and,
+    with a ``prior`` weight, the first stage's standardised score of each of its chunks."""
+    r = cfg.rerank
+    if (ckpt / NEGATIVES_FILE).is_file():
+        negatives = read_json(ckpt / NEGATIVES_FILE)
+    else:
+        negatives = {}
+        for key, (q, c) in vectors.items():
+            negatives.update(mine_negatives(dataset, parts[key], q, c, k=r.k, n=r.negatives, seed=cfg.seed))
+        with atomic_write(ckpt / NEGATIVES_FILE) as f:
+            json.dump(negatives, f)
+    priors: dict[str, dict[str, float]] | None = None
+    if prior:
+        priors = {}
+        for key, (q, c) in vectors.items():
+            priors.update(first_stage_priors(dataset, parts[key], q, c, {x: [*parts[key][x], *negatives[x]]
+                                                                          for x in parts[key]}, r.k))
+    return negatives, priors
+
+
+def _loss(model: CrossEncoder, cfg: Config, prior: float, train_qrels: Qrels, negatives: Mapping[str, list[str]]):
+    """sentence-transformers' loss for ``cfg.rerank.loss``: LambdaLoss (on score + ``prior`` x the first stage's when
+    fused), BinaryCrossEntropyLoss with positives weighted by the negatives per positive, or
+    MultipleNegativesRankingLoss."""
+    import torch
+    from sentence_transformers.cross_encoder.losses import (
+        BinaryCrossEntropyLoss,
+        LambdaLoss,
+        MultipleNegativesRankingLoss,
+    )
+
+    r = cfg.rerank
+    if prior:
+        return prior_lambda_loss(model, prior, r.predict_batch_size)
+    if r.loss == "lambda":
+        return LambdaLoss(model, mini_batch_size=r.predict_batch_size)
+    if r.loss == "bce":
+        n_pos = sum(len(v) for v in train_qrels.values())
+        n_neg = sum(len(v) for v in negatives.values())
+        return BinaryCrossEntropyLoss(model, pos_weight=torch.tensor(n_neg / max(n_pos, 1)))
+    return MultipleNegativesRankingLoss(model)
+
+
+def _other_stages(dataset: Dataset, val_qrels: Qrels, evaluator: RerankEvaluator, reranker: Reranker,
+                  also: Mapping[str, FirstStage]) -> dict[str, dict[str, Any]]:
+    """For each other first stage (by ``stage_key``), the kept model's fusion weight chosen on that stage's own
+    validation lists, with the first stage alone, reranked and the reranker alone."""
+    stages = {}
+    for key, stage in also.items():
+        q, c = stage(list(val_qrels))
+        got = evaluator.score(reranker, q, c)
+        stages[key] = {"fusion": got["fusion"], "first_stage": score_first_stage(dataset, val_qrels, q, c)[
+            PRIMARY_METRIC], "reranked": got[PRIMARY_METRIC], "alone": got["alone"]}
+        logger.info("validation %s under %s: %.4f alone -> %.4f reranked (fusion weight %g)", PRIMARY_METRIC,
+                    key, stages[key]["first_stage"], got[PRIMARY_METRIC], got["fusion"])
+    return stages
 
 
 def _share_out(qrels: Qrels, main: str, others: Sequence[str], share: float, seed: int) -> dict[str, Qrels]:

@@ -92,11 +92,12 @@ class Store:
 
     def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
         """Top-``k`` by brute force over every stored vector: what ``search`` is checked against. This default reads
-        the vectors out; stores that can search exhaustively themselves do so without holding them all."""
+        the vectors out and ranks them by the judge's exact search (ties by id); stores that can search exhaustively
+        themselves do so without holding them all."""
         from adapter.evaluate import search
 
         ids, vectors = self.vectors(id_field=id_field)
-        scores, rows = search(self._check(queries, k), vectors, k)
+        scores, rows = search(self._check(queries, k), vectors, k, tie_rank=_id_rank(ids))
         return [Hits([ids[i] for i in r], [float(x) for x in sc]) for sc, r in zip(scores, rows, strict=True)]
 
     def close(self) -> None:
@@ -345,6 +346,31 @@ def _layers(index: faiss.Index) -> list[faiss.Index]:
     return out
 
 
+class _Stored:
+    """A FAISS index's stored vectors as the judge's search reads a corpus (``shape``, row slices): each block
+    reconstructed when it is searched, so memory stays flat however large the index."""
+
+    def __init__(self, name: str, index: faiss.Index):
+        self.name, self.index = name, index
+        self.shape = (index.ntotal, index.d)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        lo, hi = rows.start, min(rows.stop, self.index.ntotal)
+        try:
+            return np.asarray(self.index.reconstruct_n(lo, hi - lo), dtype=np.float32)
+        except RuntimeError as e:
+            raise AdapterError(f"{self.name}: cannot read vectors back from this {type(self.index).__name__} "
+                               f"({one_line(e)})") from None
+
+
+def _id_rank(ids: Sequence[Id]) -> np.ndarray:
+    """Each stored vector's rank by its id as text: the judge's tie-break (``adapter.evaluate.id_rank``), which a
+    store's ids meet named as corpus ids."""
+    from adapter.evaluate import id_rank
+
+    return id_rank([str(i) for i in ids])
+
+
 class FaissStore(Store):
     """A FAISS index file: flat, IVF or HNSW, plain or under an id map (whose int64 ids are kept)."""
 
@@ -385,8 +411,8 @@ class FaissStore(Store):
                 for srow, row in zip(scores, ids, strict=True)]
 
     def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
-        """Flat: the search itself. IVF (flat, PQ, SQ): every list probed, so every stored code is scored, exactly as
-        stored. Others (HNSW): vectors reconstructed a block at a time and searched by brute force."""
+        """IVF (flat, PQ, SQ): every list probed, so every stored code is scored, exactly as stored. Others (flat,
+        HNSW): every vector read back a block at a time and ranked by the judge's own exact search, ties by id."""
         if id_field:
             raise AdapterError(f"{self.name}: --id-field applies to Qdrant and Chroma collections, not FAISS files")
         if self.ivf is not None:
@@ -396,29 +422,12 @@ class FaissStore(Store):
                 return self.search(queries, k)
             finally:
                 self.nprobe = nprobe
-        if all(isinstance(x, faiss.IndexFlat | faiss.IndexIDMap | faiss.IndexIDMap2) for x in self.layers):
-            return self.search(queries, k)
-        return self._blockwise(queries, k)
+        from adapter.evaluate import search
 
-    def _blockwise(self, queries: np.ndarray, k: int, block: int = 65536) -> list[Hits]:
-        q = self._check(queries, k)
         inner = faiss.downcast_index(self.id_map.index) if self.id_map is not None else self.layers[0]
-        labels = faiss.vector_to_array(self.id_map.id_map) if self.id_map is not None else None
-        best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
-        best_r = np.empty((len(q), 0), dtype=np.int64)
-        for lo in range(0, inner.ntotal, block):
-            try:
-                part = inner.reconstruct_n(lo, min(block, inner.ntotal - lo))
-            except RuntimeError as e:
-                raise AdapterError(f"{self.name}: cannot read vectors back from this {type(inner).__name__} "
-                                   f"({one_line(e)})") from None
-            s, r = faiss.knn(q, np.ascontiguousarray(part, dtype=np.float32), min(k, len(part)),
-                             metric=faiss.METRIC_INNER_PRODUCT)
-            s, r = np.concatenate([best_s, s], 1), np.concatenate([best_r, r + lo], 1)
-            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-            best_s, best_r = np.take_along_axis(s, order, 1), np.take_along_axis(r, order, 1)
-        ids = labels[best_r] if labels is not None else best_r
-        return [Hits([int(i) for i in row], [float(x) for x in sc]) for sc, row in zip(best_s, ids, strict=True)]
+        ids = faiss.vector_to_array(self.id_map.id_map) if self.id_map is not None else np.arange(inner.ntotal)
+        scores, rows = search(self._check(queries, k), _Stored(self.name, inner), k, tie_rank=_id_rank(ids))
+        return [Hits([int(ids[r]) for r in row], [float(x) for x in sc]) for sc, row in zip(scores, rows, strict=True)]
 
     def _ivf_ids(self) -> np.ndarray:
         """The ids stored in the IVF's inverted lists, list by list."""
@@ -962,17 +971,20 @@ def read_vector_file(path: str | os.PathLike, ids_path: str | os.PathLike | None
 
 class ArrayStore(Store):
     """Vectors held in memory under their ids (a ``--corpus-vectors`` file), searched exactly by the one ranking
-    function."""
+    function, ties by id as the judge breaks them."""
 
     def __init__(self, name: str, ids: Sequence[str], vectors: np.ndarray):
         self.name, self.ids, self.array = name, list(ids), np.ascontiguousarray(vectors, dtype=np.float32)
         self.dim = int(self.array.shape[1])
+        self._tie_rank: np.ndarray | None = None  # made on the first search
 
     def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
         from adapter.evaluate import search
 
         self._no_id_field(id_field)
-        scores, rows = search(self._check(queries, k), self.array, k)
+        if self._tie_rank is None:
+            self._tie_rank = _id_rank(self.ids)
+        scores, rows = search(self._check(queries, k), self.array, k, tie_rank=self._tie_rank)
         return [Hits([self.ids[i] for i in r], [float(x) for x in sc]) for sc, r in zip(scores, rows, strict=True)]
 
     def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:

@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from adapter.config import Config, default_dims
-from adapter.corpus import CorpusSource, EncodedCorpus
+from adapter.corpus import CorpusSource, EncodedCorpus, SearchedStore
 from adapter.data import Dataset, relevant
 from adapter.errors import AdapterError
-from adapter.evaluate import Reorder, Results, evaluate, resolve_dims
+from adapter.evaluate import TOP_K, Reorder, Results, evaluate, evaluate_ranked, resolve_dims
 from adapter.model import LinearAdapter, read_finetune_meta
 
 if TYPE_CHECKING:
@@ -130,6 +130,10 @@ def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = "test
         {d for s in systems.values() for d in default_dims(s.encoder.dim)}, reverse=True)
     results: SystemResults = {}
     for name, system in systems.items():
+        if isinstance(system.corpus, SearchedStore):  # the store ranks, at its own dimension; the judge scores
+            ranked = system.corpus.rank(dataset, system.encode_queries(texts), TOP_K)
+            results[name] = {system.corpus.dim: evaluate_ranked(ranked, qrels, qids, per_query=per_query)}
+            continue
         full = system.encoder.dim
         fit = [d for d in wanted if d <= full] or [full]
         if dims and len(fit) < len(wanted):
