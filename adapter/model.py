@@ -347,8 +347,9 @@ def read_finetune_meta(folder: str | os.PathLike) -> dict[str, Any]:
     return training_meta(meta)
 
 
-def pct_change(e: dict[str, Any]) -> str:
-    """A slice's change as a share of its base, with its standard error: "+12.3% ± 1.1%"."""
+def estimate_change(e: dict[str, Any]) -> str:
+    """A validation slice's estimated change as a share of its base, with its standard error: "+12.3% ± 1.1%" (a
+    mean change with its noise; ``adapter.cards.pct_change`` is the change between two scores)."""
     base = e["base_mean"] or 1.0
     noise = f"± {e['se'] / base:.1%}" if e["se"] is not None else "(one chunk: no s.e.)"
     return f"{e['delta'] / base:+.1%} {noise}"
@@ -360,6 +361,6 @@ def estimates_line(metadata: dict[str, Any]) -> str | None:
     est, cov = metadata.get("estimates"), metadata.get("coverage")
     if not est or not cov:
         return None
-    parts = [f"{k} chunks {pct_change(e)}" for k, e in est.items() if e]
+    parts = [f"{k} chunks {estimate_change(e)}" for k, e in est.items() if e]
     return (f"recipe {metadata.get('recipe', '?')}, trained on {cov['covered']:,} of {cov['chunks']:,} chunks "
             f"({cov['share']:.0%}); validation ndcg@10 (mean over dims ± s.e.): {', '.join(parts)}")

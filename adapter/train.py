@@ -45,7 +45,8 @@ from adapter.encoder import truncate
 from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, Results, id_rank, is_relevant, search
 from adapter.evaluate import evaluate as judge
-from adapter.model import LinearAdapter, pct_change
+from adapter.model import LinearAdapter
+from adapter.model import estimate_change as pct_change  # the name the body calls it by
 
 if TYPE_CHECKING:
     from adapter.encoder import Encoder
