@@ -1,4 +1,4 @@
-"""Where a system's corpus vectors come from: one type, three kinds of source.
+"""Where a system's corpus vectors come from: one source type, in one module, whatever holds the vectors.
 
 A corpus source has ``name`` (what messages call it) and ``read(dataset, encoder) -> (ids, vectors)``: the corpus ids
 and their (n, d) float32 unit vectors, of the encoder's dimension. ``EncodedCorpus`` is the encoder's own cached
