@@ -185,7 +185,8 @@ def _cross_encoder(path: str, max_length: int | None, **kw: Any) -> CrossEncoder
 
 
 def check_folder(folder: str | os.PathLike) -> Path:
-    """A reranker folder, checked without loading it: it exists and holds a cross-encoder."""
+    """A reranker folder, checked without loading it: it exists, holds a cross-encoder naming no code of its own,
+    and its rerank.json (when it has one) is of the format version this version of adapter reads."""
     folder = Path(folder)
     if not folder.is_dir():
         raise AdapterError(f"{folder}: no such reranker folder")
@@ -193,6 +194,11 @@ def check_folder(folder: str | os.PathLike) -> Path:
         raise AdapterError(f"{folder}: not a cross-encoder (a sentence-transformers CrossEncoder or a "
                            "sequence-classification model); train one with `adapter rerank-train`")
     check_code_free(folder)
+    meta_file = folder / META_FILE
+    version = _json(meta_file).get("format_version") if meta_file.is_file() else FORMAT_VERSION
+    if version != FORMAT_VERSION:
+        raise AdapterError(f"{meta_file}: format version {version!r} is not supported (this version of adapter reads "
+                           f"{FORMAT_VERSION}); re-train with this version")
     return folder
 
 
@@ -205,9 +211,6 @@ def load_reranker(folder: str | os.PathLike, cfg: Config | None = None) -> Reran
         raise AdapterError(f"{folder}: a cross-encoder with {model.num_labels} labels; a reranker gives one score")
     meta_file = folder / META_FILE
     meta = _json(meta_file) if meta_file.is_file() else {}
-    if meta and meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterError(f"{meta_file}: format version {meta.get('format_version')!r} is not supported (this version "
-                           f"of adapter reads {FORMAT_VERSION}); re-train with this version")
     weights = {str(k): float(v["fusion"]) for k, v in (meta.get("stages") or {}).items()}
     return Reranker(model, batch_size=cfg.rerank.predict_batch_size, source=str(folder), meta=meta,
                     fusion=float(meta.get("fusion_weight") or 0.0), bf16=use_bf16(cfg.rerank.bf16), weights=weights)

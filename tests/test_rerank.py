@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -376,6 +377,18 @@ def cross_encoder_dir(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("ce") / "ce"
     rr.start_model(str(tiny_model_dir), 48)[0].save(str(out))
     return out
+
+
+def test_a_rerank_json_of_another_version_is_refused_before_the_model_loads(cross_encoder_dir, tmp_path,
+                                                                            monkeypatch):
+    folder = tmp_path / "old-rr"
+    shutil.copytree(cross_encoder_dir, folder)
+    (folder / rr.META_FILE).write_text(json.dumps({"format_version": 0, "stages": {}}))
+    monkeypatch.setattr(rr, "_cross_encoder", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(AdapterError) as e:
+        rr.load_reranker(folder)
+    assert str(e.value) == (f"{folder / 'rerank.json'}: format version 0 is not supported (this version of adapter "
+                            "reads 1); re-train with this version")
 
 
 def test_the_project_s_own_folder_loads_its_head_by_import_never_by_remote_code(cross_encoder_dir):
