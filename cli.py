@@ -250,7 +250,7 @@ def embed(directory: str, model: str | None, cache_dir: str | None, embedding: d
     click.echo(f"{enc.identity}: {enc.texts_encoded} texts embedded, {total - enc.texts_encoded} already cached")
 
 
-STORE_OPTIONS = [  # (name, option); collected into one ``source`` (adapter.stores.StoreSource) by store_options
+STORE_OPTIONS = [  # (name, option); collected into one ``source`` (adapter.corpus.StoreSource) by store_options
     ("index", click.option("--index", "index", type=click.Path(dir_okay=False), default=None, help="FAISS index file "
                            "(flat, IVF, PQ or HNSW; ids as stored, or row i = line i of corpus.jsonl).")),
     ("qdrant", click.option("--qdrant", default=None, metavar="PATH_OR_URL",
@@ -280,7 +280,7 @@ def store_options(f):
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
-        from adapter.stores import StoreSource
+        from adapter.corpus import StoreSource
 
         return f(*args, source=StoreSource(**{name: kwargs.pop(name) for name, _ in STORE_OPTIONS}), **kwargs)
 
@@ -705,9 +705,9 @@ def finetune(directory: str, out: str, model: str | None, dims: tuple[int, ...] 
     `torchrun --nproc_per_node N -m cli finetune ...` or `accelerate launch --multi_gpu --num_processes N -m cli
     finetune ...` (on CPU too: gloo).
     """
+    from adapter.cards import pct_change
     from adapter.data import load_dataset
     from adapter.finetune import finetune as run
-    from adapter.report import pct_change
 
     _quiet_hf()
     cfg = Config().replace(model=model, dims=dims, select_dim=select_dim, finetune_epochs=epochs,

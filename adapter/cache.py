@@ -18,13 +18,12 @@ Any number of processes may read and write one cache at once, and any of them ma
   at every moment. Merging holds ``.lock`` exclusively (another process that would merge skips); readers and
   writers take no lock: a reader keeps reading the files it mapped even after they are unlinked, and a reader
   that finds a listed shard gone (merged away since it listed the folder) lists the folder again;
-- a cache of the old layout (``*.npz`` shards) is migrated when it is opened: under ``.lock`` held exclusively
-  (which the old code also honoured), each old shard is rewritten as a new one, then deleted.
+- a cache of another layout (``*.npz`` shards) or a shard of another version is refused in one line naming it:
+  delete it, and its texts are embedded again.
 
 A damaged shard (unreadable header, wrong size, wrong dimension, a row that does not match its checksum, or a CRC
-mismatch, which is checked whenever a shard is read whole: merging, migrating, ``verify``) is named in a one-line
-error that says to delete it; the texts it held are embedded again on the next run. A shard of the first version
-(no row checksums) is checked whole, by its CRC, the first time this process reads from it.
+mismatch, which is checked whenever a shard is read whole: merging, ``verify``) is named in a one-line error that
+says to delete it; the texts it held are embedded again on the next run.
 """
 
 from __future__ import annotations
@@ -37,7 +36,6 @@ import mmap
 import os
 import secrets
 import time
-import zipfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -45,21 +43,20 @@ from pathlib import Path
 import numpy as np
 
 from adapter.data import ensure_dir
-from adapter.errors import AdapterError, one_line
+from adapter.errors import AdapterError
 
 logger = logging.getLogger(__name__)
 
 KEY_BYTES = 16  # 128-bit text keys: collisions are out of reach for any corpus
 SUFFIX = ".shard"
 FORMAT = "adapter-embedding-cache-shard"
-VERSION = 2  # 2: a checksum per row, checked as rows are read; 1 (none) is still read, checked whole by its CRC
-READABLE = (1, 2)
+VERSION = 2  # a checksum per row, checked as rows are read; the only version read
 HEADER_BYTES = 4096  # JSON padded with spaces: one page, so the sections behind it start page-aligned
 MAX_SHARDS = 32  # past this many shards a write merges some, so opening stays a few dozen header reads
 MERGE_WIDTH = 8  # how many of the smallest shards one merge takes (the fan-out of the size tiers)
 CHUNK_ROWS = 1 << 16  # rows written or merged at a time: memory stays bounded whatever the shard sizes
 PREFETCH_ROWS = 64  # a read of more rows than this asks the kernel for all their pages at once (cold disk: ~5x)
-LOCK_FILE = ".lock"  # flock'd exclusively while merging or migrating
+LOCK_FILE = ".lock"  # flock'd exclusively while merging
 STALE_TMP_SECONDS = 3600  # a hidden temporary shard older than this was left by a killed writer
 RELIST_TRIES = 20  # a reader lists the folder at most this often for one open (each time a merge won the race)
 SUM_ROWS = 1024  # rows whose checksums are computed at a time: temporaries stay a few MB whatever the read's size
@@ -105,7 +102,7 @@ def _split_keys(keys: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
 
 class _Shard:
     """One shard file, memory-mapped read-only: ``hi``, ``lo`` (rows,) uint64, ``vectors`` (rows, dim) float32 and
-    ``sums`` (rows,) uint64 (version 2; None for version 1)."""
+    ``sums`` (rows,) uint64."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -114,15 +111,17 @@ class _Shard:
             size = os.fstat(f.fileno()).st_size
             try:
                 meta = json.loads(head.decode("utf-8"))
-                ok = meta.get("format") == FORMAT and meta.get("version") in READABLE
+                ok = meta.get("format") == FORMAT
                 self.rows, self.dim, self.crc = int(meta["rows"]), int(meta["dim"]), int(meta["crc32"])
-                self.version = int(meta["version"])
+                version = meta.get("version")
             except (ValueError, KeyError, TypeError, AttributeError):
                 ok = False
             if not ok or len(head) < HEADER_BYTES:
                 raise _damaged(path, "not an embedding cache shard header")
-            sums = 8 if self.version >= 2 else 0
-            expected = HEADER_BYTES + self.rows * (2 * 8 + sums + 4 * self.dim)
+            if version != VERSION:
+                raise AdapterError(f"{path}: embedding cache shard version {version!r}, which this version of adapter "
+                                   f"does not read (it reads {VERSION}); delete it and its texts are embedded again")
+            expected = HEADER_BYTES + self.rows * (2 * 8 + 8 + 4 * self.dim)
             if self.rows <= 0 or self.dim <= 0 or size != expected:
                 raise _damaged(path, f"{size} bytes, its header promises {expected}")
             self._map = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
@@ -132,10 +131,8 @@ class _Shard:
         self._vectors_at = HEADER_BYTES + 16 * n
         self.vectors = np.frombuffer(self._map, dtype="<f4", count=n * self.dim,
                                      offset=self._vectors_at).reshape(n, self.dim)
-        self.sums = (np.frombuffer(self._map, dtype="<u8", count=n, offset=self._vectors_at + 4 * n * self.dim)
-                     if sums else None)
+        self.sums = np.frombuffer(self._map, dtype="<u8", count=n, offset=self._vectors_at + 4 * n * self.dim)
         self._checked: np.ndarray | None = None  # rows whose checksum this process has checked (made on first read)
-        self._whole = False  # version 1: its CRC checked
         self.advise(mmap.MADV_RANDOM)  # no readahead: rows are read a few at a time
 
     def advise(self, advice: int) -> None:
@@ -159,15 +156,14 @@ class _Shard:
 
     def read(self, rows: np.ndarray) -> np.ndarray:
         """Vectors of ``rows`` (sorted ascending), touching only the pages they lie on, each checked against its
-        checksum the first time this process reads it (a version-1 shard: its CRC, whole, once)."""
+        checksum the first time this process reads it."""
         if len(rows) > PREFETCH_ROWS:  # queue every page's read at once instead of one fault after another
             row_bytes, page = 4 * self.dim, mmap.PAGESIZE
             starts = (self._vectors_at + rows * row_bytes) // page * page
             ends = self._vectors_at + (rows + 1) * row_bytes
-            if self.sums is not None:  # and the pages of their checksums
-                sums_at = self._vectors_at + row_bytes * self.rows
-                at = np.unique((sums_at + 8 * rows) // page * page)
-                starts, ends = np.concatenate([starts, at]), np.concatenate([ends, at + page])
+            sums_at = self._vectors_at + row_bytes * self.rows  # and the pages of their checksums
+            at = np.unique((sums_at + 8 * rows) // page * page)
+            starts, ends = np.concatenate([starts, at]), np.concatenate([ends, at + page])
             with contextlib.suppress(OSError, AttributeError, ValueError):
                 for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
                     self._map.madvise(mmap.MADV_WILLNEED, s, min(e, len(self._map)) - s)
@@ -176,11 +172,6 @@ class _Shard:
         return out
 
     def _check(self, rows: np.ndarray, vectors: np.ndarray) -> None:
-        if self.sums is None:
-            if not self._whole:
-                self.verify()
-                self._whole = True
-            return
         if self._checked is None:
             self._checked = np.zeros(self.rows, dtype=bool)
         new = np.flatnonzero(~self._checked[rows])
@@ -308,9 +299,11 @@ class EmbeddingCache:
         return [self.folder / n for n in names]
 
     def _open(self) -> None:
-        """Map every shard in the folder (migrating an old-layout cache first); list again if one vanished."""
-        if self._names(".npz"):
-            self._migrate()
+        """Map every shard in the folder (a cache of the old ``*.npz`` layout refused); list again if one vanished."""
+        old = self._names(".npz")
+        if old:
+            raise AdapterError(f"{old[0]}: an embedding cache shard of the old layout (*.npz), which this version of "
+                               f"adapter does not read; delete {self.folder} and its texts are embedded again")
         held = {s.path: s for s in self._shards}
         for _ in range(RELIST_TRIES):
             try:
@@ -451,40 +444,3 @@ class EmbeddingCache:
             with contextlib.suppress(OSError):
                 if now - tmp.stat().st_mtime > STALE_TMP_SECONDS:
                     tmp.unlink()
-
-    # ------------------------------------------------------------------------------------------------ old layout
-
-    def _migrate(self) -> None:
-        """Rewrite each old ``*.npz`` shard as a new shard, then delete it, under the exclusive lock (a kill
-        between the two leaves both: the keys are then held twice, which a later merge folds into one)."""
-        if not os.access(self.folder, os.W_OK):
-            raise AdapterError(f"{self.folder}: an embedding cache of the old layout (*.npz), which is converted "
-                               "once when opened, but the folder is not writable; make it writable for one run, or "
-                               "delete it and its texts are embedded again")
-        with self._lock():
-            old = self._names(".npz")  # listed again under the lock: another process may have migrated them
-            for path in old:
-                keys, vectors = _read_npz(path)
-                hi, lo = _split_keys([k.tobytes() for k in keys])
-                order = _sorted_unique(hi, lo)
-                write_shard(self.folder, hi[order], lo[order], lambda a, b, v=vectors, o=order: v[o[a:b]],
-                            vectors.shape[1], tag="-migrated")
-                path.unlink(missing_ok=True)
-            if old:
-                logger.info("migrated %d old embedding cache shards in %s to the memory-mapped layout", len(old),
-                            self.folder)
-            self._sweep()
-
-
-def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Keys and vectors of an old-layout ``.npz`` shard, checked; a damaged one is named."""
-    try:
-        with np.load(path) as z:
-            keys, vectors = z["keys"], z["vectors"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        raise _damaged(path, one_line(e)) from None
-    if not (keys.dtype == np.uint8 and keys.ndim == 2 and keys.shape[1] == KEY_BYTES):
-        raise _damaged(path, f"keys are {keys.dtype} {keys.shape}, expected uint8 keys of {KEY_BYTES} bytes")
-    if not (vectors.dtype == np.float32 and vectors.ndim == 2 and len(vectors) == len(keys)):
-        raise _damaged(path, f"vectors are {vectors.dtype} {vectors.shape} for {len(keys)} keys")
-    return keys, vectors

@@ -32,7 +32,7 @@ class DemoResult:
     adapter: Path
     report: Path
     finetuned: Path | None
-    comparison: object  # adapter.pipeline.Comparison
+    comparison: object  # adapter.report.Comparison
     seconds: float
 
 

@@ -16,7 +16,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from adapter.config import PRIMARY_METRIC, default_dims
+from adapter.config import PRIMARY_METRIC, Config, ReportConfig, default_dims
 from adapter.data import Qrels, relevant
 from adapter.encoder import truncate
 from adapter.errors import AdapterError
@@ -131,6 +131,19 @@ def metrics_from_hits(hits: np.ndarray, n_relevant: np.ndarray, *, per_query: bo
     return {m: out[m] for m in METRICS}
 
 
+def evaluate_ranked(ranked: Sequence[Sequence[str]], qrels: Qrels, query_ids: Sequence[str], *,
+                    per_query: bool = False) -> dict[str, float]:
+    """The judge's metrics of rankings made elsewhere (a store's own search): each of ``query_ids`` (every one with a
+    positive judgement) with its corpus ids, best first; the first ``TOP_K`` count and an id naming no relevant chunk
+    is a miss. ``per_query`` as in ``evaluate``."""
+    qrels = relevant(qrels)
+    found = np.zeros((len(query_ids), TOP_K), dtype=bool)
+    for i, (q, names) in enumerate(zip(query_ids, ranked, strict=True)):
+        top = list(names)[:TOP_K]
+        found[i, :len(top)] = [n in qrels[q] for n in top]
+    return metrics_from_hits(found, np.array([len(qrels[q]) for q in query_ids]), per_query=per_query)
+
+
 def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels, query_ids: Sequence[str],
              corpus_ids: Sequence[str], dims: Sequence[int] | None = None, *, per_query: bool = False,
              rerank: Reorder | None = None, tie_rank: np.ndarray | None = None) -> Results:
@@ -178,3 +191,19 @@ def evaluate(query_vectors: np.ndarray, corpus_vectors: np.ndarray, qrels: Qrels
         logger.debug("dim %d: %s %.4f over %d queries", d, PRIMARY_METRIC, np.mean(results[d][PRIMARY_METRIC]),
                      len(scored))
     return results
+
+
+def paired_bootstrap(base: np.ndarray, system: np.ndarray, *, samples: int = ReportConfig.bootstrap_samples,
+                     seed: int = Config.seed, level: float = ReportConfig.level) -> tuple[float, float, float]:
+    """Mean per-query change (system − base) and its percentile interval: the queries are resampled with replacement
+    ``samples`` times, the same resample for both systems (paired). Returns (change, low, high)."""
+    delta = np.asarray(system, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # (n,)
+    if delta.ndim != 1 or not len(delta):
+        raise AdapterError("paired bootstrap needs two equal-length, non-empty lists of per-query values")
+    rng = np.random.default_rng(seed)
+    means = np.empty(samples)
+    for s in range(0, samples, 256):  # blocks keep memory at 256 x n indices
+        idx = rng.integers(0, len(delta), size=(min(256, samples - s), len(delta)))
+        means[s:s + len(idx)] = delta[idx].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(delta.mean()), float(low), float(high)

@@ -18,12 +18,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from adapter.backends import make_backend
+from adapter.cards import model_card as card
+from adapter.cards import pct_change
 from adapter.config import DEFAULT_MODEL
 from adapter.data import atomic_write
 from adapter.encoder import load_model
 from adapter.errors import AdapterError, refuse_existing
 from adapter.model import LinearAdapter
-from adapter.report import pct_change
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -85,10 +86,9 @@ def model_card(adapter: LinearAdapter, base_name: str) -> str:
     meta = adapter.metadata
     hub_id = base_name if not Path(base_name).exists() and "/" in base_name else None
     form = f"rank {adapter.rank} (x + xUV)" if adapter.rank else f"full {adapter.dim}×{adapter.dim}"
-    lines = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
-             "tags:", "- sentence-transformers", "- query-adapter", *([f"base_model: {hub_id}"] if hub_id else []),
-             "---", "", f"# {base_name} with a query-only linear adapter", "",
-             f"Queries pass through `{base_name}`, then a {form} linear adapter, then L2 normalisation. Documents "
+    front = ["library_name: sentence-transformers", "pipeline_tag: sentence-similarity", "tags:",
+             "- sentence-transformers", "- query-adapter", *([f"base_model: {hub_id}"] if hub_id else [])]
+    lines = [f"Queries pass through `{base_name}`, then a {form} linear adapter, then L2 normalisation. Documents "
              "pass through the untouched base model, so vectors already in an index built with the base stay valid: "
              "nothing is re-embedded.", "", "```python", "from sentence_transformers import SentenceTransformer", "",
              "model = SentenceTransformer(\"PATH_OR_REPO\")", "queries = model.encode_query([\"...\"])      "
@@ -110,7 +110,7 @@ def model_card(adapter: LinearAdapter, base_name: str) -> str:
     if config:
         lines += ["", "## Training", "", ", ".join(f"{k} {config[k]}" for k in keys if config.get(k) is not None)
                   + "."]
-    return "\n".join(lines) + "\n"
+    return card(front, f"{base_name} with a query-only linear adapter", lines)
 
 
 def export(adapter_path: str | os.PathLike, out: str | os.PathLike, *, model: str = DEFAULT_MODEL,

@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,25 +26,30 @@ from typing import TYPE_CHECKING, Any
 from sentence_transformers.base.evaluation import BaseEvaluator
 
 from adapter.backends import has_router, load_model, role_prompt
+from adapter.cards import model_card as card
+from adapter.cards import pct_change
 from adapter.config import REFERENCE_DIM, Config, EncoderConfig
-from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, fingerprint, relevant, train_val_qrels
+from adapter.data import Dataset, Qrels, atomic_write, fingerprint, relevant, train_val_qrels
 from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results, evaluate, resolve_dims
-from adapter.model import training_meta
-from adapter.report import pct_change
+from adapter.model import FINETUNE_FILE, FINETUNE_VERSION
+from adapter.st_trainer import (
+    CHECKPOINTS,
+    CLOCK_FILE,
+    clock_callback,
+    epoch_selection_args,
+    install,
+    prepare_out,
+    quiet_progress_callback,
+    read_json,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # of META_FILE; 2: config by section; 1 is still read
-READABLE_VERSIONS = (1, 2)
-META_FILE = "finetune.json"  # the training metadata (adapter.model's schema): what `compare` reads
-CHECKPOINTS = "checkpoints"  # the trainer's checkpoints, removed once the model is installed
-RUN_FILE = "run.json"  # in CHECKPOINTS: what the checkpoints were trained for; a resume must match it
 BASE_FILE = "base.json"  # in CHECKPOINTS: the base model's validation metrics, measured once
-CLOCK_FILE = "wall_seconds.json"  # in each checkpoint, written last: marks it complete and carries the wall time
 
 
 @dataclass
@@ -120,111 +124,9 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterError(f"{path}: unreadable ({type(e).__name__}); delete it to start afresh") from None
-
-
-def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
-    """A fine-tuned folder's training metadata (``{}`` for a model folder without one), its version checked."""
-    path = Path(folder) / META_FILE
-    if not path.is_file():
-        return {}
-    meta = _read_json(path)
-    version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version not in READABLE_VERSIONS:
-        raise AdapterError(f"{path}: format version {version!r} is not supported (this version of adapter reads "
-                           f"{', '.join(map(str, READABLE_VERSIONS))}); upgrade adapter, or delete the file to use "
-                           "the folder as a plain model")
-    return training_meta(meta)
-
-
-def _complete_checkpoints(folder: Path) -> list[Path]:
-    """Checkpoints whose clock file was written (the last thing saved), oldest first."""
-    found = [p for p in folder.glob("checkpoint-*") if (p / CLOCK_FILE).is_file() and p.name[11:].isdigit()]
-    return sorted(found, key=lambda p: int(p.name[11:]))
-
-
-def prepare_out(out: Path, run: dict[str, Any], *, main: bool) -> Path | None:
-    """Check ``out`` and return the checkpoint to resume from (None: start afresh).
-
-    Accepted: a missing or empty folder, or one holding checkpoints of this same run (same base model, data and
-    settings). Refused, with nothing touched: a folder holding a model, checkpoints of another run, or anything else.
-    Rank 0 (``main``) records the run; other ranks only read.
-    """
-    if out.exists() and not out.is_dir():
-        raise AdapterError(f"{out}: exists and is not a folder")
-    ckpt = out / CHECKPOINTS
-    if (out / "modules.json").is_file():
-        raise AdapterError(f"{out}: already holds a model; choose another --out folder")
-    if ckpt.is_dir() and (ckpt / RUN_FILE).is_file():
-        before = _read_json(ckpt / RUN_FILE)
-        if before != run:
-            changed = sorted(k for k in {*before, *run} if before.get(k) != run.get(k))
-            raise AdapterError(f"{out}: holds checkpoints of another fine-tune (different {', '.join(changed)}); "
-                               "choose another --out folder")
-        done = _complete_checkpoints(ckpt)
-        if done:
-            logger.info("resuming from %s", done[-1])
-        return done[-1] if done else None
-    if out.is_dir() and any(out.iterdir()):
-        raise AdapterError(f"{out}: folder is not empty and holds no checkpoints of a fine-tune; choose an empty "
-                           "or new --out folder")
-    if main:
-        ensure_dir(ckpt)
-        with atomic_write(ckpt / RUN_FILE) as f:
-            json.dump(run, f, indent=2)
-    return None
-
-
-def _clock_callback(before: float):
-    from transformers import TrainerCallback
-
-    class Clock(TrainerCallback):
-        """Training wall time across resumes, written into every checkpoint once it is complete."""
-
-        def __init__(self) -> None:
-            self.start = time.perf_counter()
-
-        def seconds(self) -> float:
-            return before + time.perf_counter() - self.start
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                with atomic_write(folder / CLOCK_FILE) as f:
-                    json.dump({"seconds": self.seconds()}, f)
-
-    return Clock()
-
-
-def _quiet_progress_callback():
-    from transformers.trainer_callback import ProgressCallback
-
-    class Bar(ProgressCallback):
-        """The trainer's bar without its dump of every logged metric; the evaluator logs one line per epoch."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
-                self.training_bar.set_postfix(loss=f"{logs['loss']:.4f}")
-
-    return Bar
-
-
 def _by_dim(metrics: dict[str, float], dims: Sequence[int], prefix: str = "eval_") -> Results:
     """``{"eval_dim_128_ndcg@10": v, ...}`` -> ``{128: {"ndcg@10": v, ...}}``."""
     return {d: {m: float(metrics[f"{prefix}dim_{d}_{m}"]) for m in METRICS} for d in dims}
-
-
-def epoch_selection_args(metric: str, progress: bool, seed: int) -> dict[str, Any]:
-    """Trainer arguments both fine-tunes share (the encoder's and the reranker's): validate and save every epoch,
-    keep the best by ``metric`` and the last, a quiet log."""
-    return {"eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 2,  # the best and the last
-            "load_best_model_at_end": True, "metric_for_best_model": metric, "greater_is_better": True,
-            "logging_steps": 0.02,  # at most ~50 points on the loss curve
-            "report_to": "none", "disable_tqdm": not progress, "seed": seed}
 
 
 def _training_args(cfg: Config, out: Path, select: int, model: SentenceTransformer, progress: bool):
@@ -309,14 +211,14 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
     mnrl = MultipleNegativesRankingLoss(model, gather_across_devices=world > 1)  # negatives from every rank
     loss = MatryoshkaLoss(model, mnrl, matryoshka_dims=dims)
     evaluator = RetrievalEvaluator(dataset, val_qrels, dims, select, batch_size=cfg.encoder.batch_size)
-    before = _read_json(resume / CLOCK_FILE)["seconds"] if resume else 0.0
-    clock = _clock_callback(before)
+    before = read_json(resume / CLOCK_FILE)["seconds"] if resume else 0.0
+    clock = clock_callback(before)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=train_data, loss=loss,
                                          evaluator=evaluator, callbacks=[clock])
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_quiet_progress_callback())
+        trainer.add_callback(quiet_progress_callback())
     logger.info("fine-tuning %s on %d pairs (%d queries), validating on %d queries (%s); dims %s, %d rank%s",
                 cfg.encoder.model, len(pairs), len(train_qrels), len(val_qrels), how, ",".join(map(str, dims)), world,
                 "s" * (world > 1))
@@ -327,7 +229,7 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
     # replicas drift apart. Rank 0 measures and writes the base scores first; the other ranks read them.
     with args.main_process_first(desc="scoring the base model"):
         if base_file.is_file():
-            base_val = {int(d): m for d, m in _read_json(base_file).items()}
+            base_val = {int(d): m for d, m in read_json(base_file).items()}
         else:
             base_val = _by_dim(evaluator(model), dims, prefix="")
             if main:
@@ -347,14 +249,15 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
     if not main:
         return result
     model.max_seq_length = base_length
-    meta = {"format_version": FORMAT_VERSION, **run, "dataset": str(dataset.path), "trained_on": cfg.split.train_split,
-            "pairs": len(pairs), "val_queries": len(val_qrels), "chunks": len(dataset.corpus),
+    meta = {"format_version": FINETUNE_VERSION, **run, "dataset": str(dataset.path),
+            "trained_on": cfg.split.train_split, "pairs": len(pairs), "val_queries": len(val_qrels),
+            "chunks": len(dataset.corpus),
             "max_seq_length_trained": cfg.finetune.max_seq_length or base_length, "world_size": world,
             "train_seconds": seconds, "resumed": resume is not None, "best_epoch": best["epoch"],
             "best_step": best["step"], "val_base": base_val, "val_best": best_val,
             "history": _history(state.log_history, base_val, dims),
             "config": cfg.to_dict("encoder", "split", "evaluate", "finetune")}
-    _install(model, out, {"README.md": model_card(meta, out.name), META_FILE: json.dumps(meta, indent=2)})
+    install(model, out, {"README.md": model_card(meta, out.name), FINETUNE_FILE: json.dumps(meta, indent=2)})
     logger.info("kept epoch %g: validation %s at dim %d %.4f (base %.4f); %.0f s", result.best_epoch,
                 PRIMARY_METRIC, select, best_val[select][PRIMARY_METRIC], base_val[select][PRIMARY_METRIC], seconds)
     return result
@@ -371,25 +274,6 @@ def _history(log: list[dict[str, Any]], base_val: Results, dims: Sequence[int]) 
                for e in log if key.format(dims[0]) in e]}
 
 
-def _install(model: SentenceTransformer, out: Path, files: dict[str, str]) -> None:
-    """Save the model beside ``out``'s checkpoints, move it in file by file (``modules.json`` last: it is what makes
-    the folder a model), then drop the checkpoints."""
-    tmp = out / ".model.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # left by an interrupted install of this same run
-    model.save(str(tmp), create_model_card=False)
-    for name, text in files.items():
-        (tmp / name).write_text(text, encoding="utf-8")
-    last = ("config.json", "modules.json")
-    for entry in sorted(tmp.iterdir(), key=lambda p: last.index(p.name) + 1 if p.name in last else 0):
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(entry, target)
-    tmp.rmdir()
-    shutil.rmtree(out / CHECKPOINTS)
-
-
 def model_card(meta: dict[str, Any], name: str) -> str:
     """A short README.md: base model, data, dims, the validation table and how it was trained."""
     dims = meta["dims"]
@@ -398,16 +282,9 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         b, f = meta["val_base"][d][PRIMARY_METRIC], meta["val_best"][d][PRIMARY_METRIC]
         change = pct_change(f, b)
         rows.append(f"| {d} | {b:.4f} | {f:.4f} | {f - b:+.4f} ({change}) |")
-    return "\n".join([
-        "---",
-        "library_name: sentence-transformers",
-        f"base_model: {meta['base_model']}",
-        "pipeline_tag: sentence-similarity",
-        "tags: [sentence-transformers, matryoshka, retrieval]",
-        "---",
-        "",
-        f"# {name}",
-        "",
+    front = ["library_name: sentence-transformers", f"base_model: {meta['base_model']}",
+             "pipeline_tag: sentence-similarity", "tags: [sentence-transformers, matryoshka, retrieval]"]
+    return card(front, name, [
         f"A Matryoshka fine-tune of `{meta['base_model']}` for retrieval, made by `adapter finetune`: "
         f"MatryoshkaLoss around MultipleNegativesRankingLoss at dims {', '.join(map(str, dims))}.",
         "",
@@ -443,5 +320,4 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         "```",
         "",
         "Its vectors differ from the base model's: the whole corpus must be embedded again with it.",
-        "",
     ])

@@ -12,7 +12,7 @@ Training metadata, one schema for every trained artifact (this file's header, a 
 ``config`` (the config sections that made it). An adapter also records how it was chosen (``adapter.train``):
 ``recipe``, ``objective``, ``coverage`` (chunks, covered, share), ``estimates`` (``seen``/``unseen`` validation
 slices: questions, chunks, ndcg@10 of base and adapter, mean change over dims and its clustered s.e.) and ``trials``
-(every recipe tried, with its estimates). Files of format version 1 are read and their metadata upgraded.
+(every recipe tried, with its estimates). A file of another format version is refused in one line: re-train it.
 """
 
 from __future__ import annotations
@@ -36,9 +36,10 @@ from adapter.errors import AdapterError, one_line, refuse_existing
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: training metadata in the shared schema (dims as keys); 1 is still read
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # training metadata in the shared schema (dims as keys); the only version read
 METADATA_KEY = "adapter"
+FINETUNE_FILE = "finetune.json"  # a fine-tuned model folder's training metadata, in this module's schema
+FINETUNE_VERSION = 2  # of FINETUNE_FILE: what adapter.finetune writes and the only version read
 DTYPES = {name: np.dtype(name) for name in ADAPTER_DTYPES}
 FILE_DTYPES = {"F32": np.float32, "F16": np.float16}  # safetensors' names of the dtypes a file may hold
 CHECKSUM_KEY = "tensors_sha256"  # what the tensors are: a file caught half-rewritten does not match it
@@ -160,7 +161,7 @@ class LinearAdapter:
         for name, t in tensors.items():
             if not np.isfinite(t).all():
                 raise AdapterError(f"{path}: tensor {name!r} holds NaN or Inf values")
-        form, dim, version = header["form"], header["dim"], header["format_version"]
+        form, dim = header["form"], header["dim"]
         if form == "full" and not np.any(tensors["weight"]):  # every query would become the zero vector
             raise AdapterError(f"{path}: the adapter's matrix is all zeros; it would map every query to nothing")
         if form == "lowrank" and not np.any(tensors["U"]) and not np.any(tensors["V"]):
@@ -168,14 +169,22 @@ class LinearAdapter:
             raise AdapterError(f"{path}: the adapter's factors U and V are all zeros (a damaged file: training never "
                                "writes one)")
         extra_meta = {k: v for k, v in header.items() if k not in FORMAT_KEYS}
-        if version == 1:
-            try:
-                extra_meta = _upgrade_v1(extra_meta, dim)
-            except (AttributeError, KeyError, TypeError) as e:
-                raise AdapterError(f"{path}: adapter metadata (format version 1) is damaged ({one_line(e)})") from None
         check_training_meta(extra_meta, str(path))
         return cls(dim, header["base_model"], weight=tensors.get("weight"), U=tensors.get("U"), V=tensors.get("V"),
                    bias=tensors.get("bias"), metadata=training_meta(extra_meta))
+
+
+def checked_adapter(adapter: LinearAdapter | str | os.PathLike, backend: Any, *,
+                    allow_other_model: bool = False) -> LinearAdapter:
+    """The adapter (loaded when a path), refused in one line unless it fits the backend's model and dimension
+    (``adapter.backends.Backend``: its ``identity``, ``name`` and ``dim``, None when not known before a call): what
+    `adapter serve` and the framework classes bolt on."""
+    source = "adapter" if isinstance(adapter, LinearAdapter) else str(adapter)
+    loaded = adapter if isinstance(adapter, LinearAdapter) else LinearAdapter.load(adapter)
+    if backend.dim is not None and loaded.dim != backend.dim:
+        raise AdapterError(f"{source}: adapter is {loaded.dim}-dimensional, {backend.name} gives {backend.dim}")
+    loaded.check_base_model(backend.identity, allow_other_model=allow_other_model, source=source)
+    return loaded
 
 
 def tensors_sha256(tensors: dict[str, np.ndarray]) -> str:
@@ -205,9 +214,9 @@ def _check_header(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], dic
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: adapter metadata is damaged (not a JSON object)")
     version, dim, form, rank = (header.get(k) for k in ("format_version", "dim", "form", "rank"))
-    if version not in READABLE_VERSIONS:
-        raise AdapterError(f"{path}: adapter format version {version} is not supported (this version of adapter "
-                           f"reads {', '.join(map(str, READABLE_VERSIONS))}); upgrade adapter to read it")
+    if version != FORMAT_VERSION:
+        raise AdapterError(f"{path}: adapter format version {version!r} is not supported (this version of adapter "
+                           f"reads {FORMAT_VERSION}); re-train with this version")
     if not _is_int(dim) or dim < 1 or not isinstance(header.get("base_model"), str) or \
             not isinstance(header.get("bias"), bool):
         raise AdapterError(f"{path}: adapter metadata is damaged (dim, base_model or bias missing or of the wrong "
@@ -319,24 +328,28 @@ def training_meta(meta: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _upgrade_v1(meta: dict[str, Any], dim: int) -> dict[str, Any]:
-    """Version-1 metadata in the shared schema: flat validation metrics become the full dim's, the list of epoch
-    rows becomes the loss and validation curves."""
-    out = {k: v for k, v in meta.items() if k not in ("val_adapter", "val_base", "history")}
-    if meta.get("val_base") is not None:
-        out["val_base"] = {dim: meta["val_base"]}
-    if meta.get("val_adapter") is not None:
-        out["val_best"] = {dim: meta["val_adapter"]}
-    rows = meta.get("history") or []
-    if rows:
-        losses = [{"epoch": r["epoch"], "loss": r["loss"]} for r in rows if r.get("loss") is not None]
-        val = [{"epoch": r["epoch"], PRIMARY_METRIC: {dim: r[PRIMARY_METRIC]}} for r in rows if PRIMARY_METRIC in r]
-        out["history"] = {"loss": losses, "val": val}
-    return out
+def read_finetune_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """A fine-tuned model folder's training metadata (``FINETUNE_FILE``, this schema; ``{}`` for a model folder
+    without one), its format version checked: the reader ``adapter.systems`` and `compare` use, beside the writer
+    ``adapter.finetune``."""
+    path = Path(folder) / FINETUNE_FILE
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{path}: unreadable ({type(e).__name__}); delete it to start afresh") from None
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version != FINETUNE_VERSION:
+        raise AdapterError(f"{path}: format version {version!r} is not supported (this version of adapter reads "
+                           f"{FINETUNE_VERSION}); re-train with this version, or delete the file to use the folder "
+                           "as a plain model")
+    return training_meta(meta)
 
 
-def pct_change(e: dict[str, Any]) -> str:
-    """A slice's change as a share of its base, with its standard error: "+12.3% ± 1.1%"."""
+def estimate_change(e: dict[str, Any]) -> str:
+    """A validation slice's estimated change as a share of its base, with its standard error: "+12.3% ± 1.1%" (a
+    mean change with its noise; ``adapter.cards.pct_change`` is the change between two scores)."""
     base = e["base_mean"] or 1.0
     noise = f"± {e['se'] / base:.1%}" if e["se"] is not None else "(one chunk: no s.e.)"
     return f"{e['delta'] / base:+.1%} {noise}"
@@ -348,6 +361,6 @@ def estimates_line(metadata: dict[str, Any]) -> str | None:
     est, cov = metadata.get("estimates"), metadata.get("coverage")
     if not est or not cov:
         return None
-    parts = [f"{k} chunks {pct_change(e)}" for k, e in est.items() if e]
+    parts = [f"{k} chunks {estimate_change(e)}" for k, e in est.items() if e]
     return (f"recipe {metadata.get('recipe', '?')}, trained on {cov['covered']:,} of {cov['chunks']:,} chunks "
             f"({cov['share']:.0%}); validation ndcg@10 (mean over dims ± s.e.): {', '.join(parts)}")

@@ -15,7 +15,7 @@ import os
 import time
 import timeit
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,13 +23,14 @@ import numpy as np
 
 from adapter import safejson
 from adapter.config import Config, ReportConfig
+from adapter.corpus import CorpusSource, SearchedStore
 from adapter.data import Dataset, atomic_write, fingerprint, relevant, replace_folder
 from adapter.diagnose import insights
 from adapter.errors import AdapterError, refuse_existing
-from adapter.evaluate import PRIMARY_METRIC, Results
+from adapter.evaluate import PRIMARY_METRIC, TOP_K, paired_bootstrap
 from adapter.model import LinearAdapter
+from adapter.report import Comparison, SystemInfo
 from adapter.systems import (
-    CorpusSource,
     System,
     SystemResults,
     build_systems,
@@ -40,7 +41,8 @@ from adapter.systems import (
 
 if TYPE_CHECKING:
     from adapter.encoder import Encoder
-    from adapter.rerank import Reranker, RerankResult
+    from adapter.rerank import Reranker
+    from adapter.rerank_train import RerankResult
     from adapter.stores import Hits, Store
 
 logger = logging.getLogger(__name__)
@@ -66,7 +68,7 @@ def evaluate_dataset(dataset: Dataset, cfg: Config | None = None, *, encoder: En
     ``cfg.evaluate.dims``: ``{"base": {dim: metrics}, "<adapter name>": {...}}``.
 
     Adapters change query vectors only, so every system searches the same corpus vectors: the cached encoding of
-    corpus.jsonl, or the ``corpus`` source given (``adapter.stores.StoreSource``: every vector read out of an existing
+    corpus.jsonl, or the ``corpus`` source given (``adapter.corpus.StoreSource``: every vector read out of an existing
     index or a vector file, scored as it stands). With a
     ``reranker`` (loaded, or its folder) each is scored again as ``<name>+rerank``, its top ``cfg.rerank.k``
     reordered.
@@ -82,8 +84,9 @@ def evaluate_dataset(dataset: Dataset, cfg: Config | None = None, *, encoder: En
 def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None, *,
                  adapter: str | os.PathLike | None = None, progress: bool = True) -> RerankResult:
     """Fine-tune a cross-encoder reranker for a first stage: base (``cfg.encoder``), or ``adapter`` on it, built the
-    one way systems are built; hard negatives are mined from its lists (see ``adapter.rerank.rerank_train``)."""
+    one way systems are built; hard negatives are mined from its lists (see ``adapter.rerank_train.rerank_train``)."""
     from adapter import rerank
+    from adapter import rerank_train as trainer
 
     cfg = cfg or Config()
     if adapter is not None and not Path(adapter).is_file():
@@ -91,7 +94,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = 
 
     systems: dict[str, System] = {}
 
-    def stage(name: str) -> rerank.FirstStage:
+    def stage(name: str) -> trainer.FirstStage:
         def vectors(qids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:  # built once the cheap checks passed
             if not systems:
                 systems.update(build_systems(cfg, adapters={"first stage": adapter} if adapter else (),
@@ -108,7 +111,7 @@ def rerank_train(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = 
               "adapter_sha": rerank.file_sha(adapter) if adapter else None,
               "key": key("adapter", str(adapter)) if adapter else key("base", cfg.encoder.model)}
     also = {key("base", cfg.encoder.model): stage("base")} if adapter else {}  # base gets its own fusion weight
-    return rerank.rerank_train(dataset, out, cfg, stage("first stage" if adapter else "base"), source, also=also,
+    return trainer.rerank_train(dataset, out, cfg, stage("first stage" if adapter else "base"), source, also=also,
                                progress=progress)
 
 
@@ -131,35 +134,28 @@ def evaluate_store_search(dataset: Dataset, store: Store, cfg: Config | None = N
                           allow_other_model: bool = False) -> StoreSearch:
     """Score base and adapters through ``store``'s own search: adapted query vectors in, top-100 ids out, no vector
     read out of the store, so an index too large to read out is scored as it serves. Ids name chunks as
-    ``adapter.stores.hit_names`` does; hits naming no chunk count as misses."""
-    from adapter.evaluate import TOP_K, metrics_from_hits
-    from adapter.stores import hit_names
-
+    ``adapter.stores.hit_names`` does; hits naming no chunk count as misses. The systems are scored by
+    ``adapter.systems.score`` (their corpus source an ``adapter.corpus.SearchedStore``)."""
     cfg = cfg or Config()
     split = cfg.evaluate.split
     qrels = relevant(dataset.split(split))
-    qids = list(qrels)
-    texts = [dataset.queries[q] for q in qids]
-    systems = build_systems(cfg, encoder=encoder, adapters=adapters, allow_other_model=allow_other_model)
+    texts = [dataset.queries[q] for q in qrels]
+    systems = build_systems(cfg, encoder=encoder, adapters=adapters, corpus=SearchedStore(store, cfg.store.id_field),
+                            allow_other_model=allow_other_model)
     base = systems["base"].encoder
     if store.dim != base.dim:
         raise AdapterError(f"{store.name} holds {store.dim}-dimensional vectors, {base.identity} makes {base.dim}")
-    n_relevant = np.array([len(qrels[q]) for q in qids])
+    results = score(dataset, systems, split=split)
     rng = np.random.default_rng(cfg.seed)
-    sample = np.sort(rng.choice(len(qids), min(cfg.store.search_sample, len(qids)), replace=False))
-    results: SystemResults = {}
+    sample = np.sort(rng.choice(len(texts), min(cfg.store.search_sample, len(texts)), replace=False))
     recall: dict[str, float] = {}
     for name, system in systems.items():
-        queries = system.encode_queries(texts)
-        hits = store.search(queries, TOP_K, id_field=cfg.store.id_field)
-        found = np.zeros((len(qids), TOP_K), dtype=bool)
-        for i, (q, h) in enumerate(zip(qids, hits, strict=True)):
-            found[i, :len(h.ids)] = [n in qrels[q] for n in hit_names(store, dataset, h)[:TOP_K]]
-        results[name] = {store.dim: metrics_from_hits(found, n_relevant)}
         if len(sample):
-            exact = store.exact_search(queries[sample], 10, id_field=cfg.store.id_field)
-            recall[name] = float(np.mean([len(set(hits[i].ids[:10]) & set(e.ids)) / max(len(e.ids), 1)
-                                          for i, e in zip(sample, exact, strict=True)]))
+            queries = system.encode_queries(texts)[sample]
+            hits = store.search(queries, TOP_K, id_field=cfg.store.id_field)  # as scored: the same depth
+            exact = store.exact_search(queries, 10, id_field=cfg.store.id_field)
+            recall[name] = float(np.mean([len(set(h.ids[:10]) & set(e.ids)) / max(len(e.ids), 1)
+                                          for h, e in zip(hits, exact, strict=True)]))
         logger.info("%s through %s: %s %.4f", name, store.name, PRIMARY_METRIC,
                     results[name][store.dim][PRIMARY_METRIC])
     return StoreSearch(results, store.name, store.dim, TOP_K, len(sample), recall)
@@ -196,53 +192,6 @@ def search(queries: str | Sequence[str], store: Store, adapter: LinearAdapter | 
 
 
 # ---------------------------------------------------------------------------------------------------------- compare
-
-
-def paired_bootstrap(base: np.ndarray, system: np.ndarray, *, samples: int = ReportConfig.bootstrap_samples,
-                     seed: int = Config.seed, level: float = ReportConfig.level) -> tuple[float, float, float]:
-    """Mean per-query change (system − base) and its percentile interval: the queries are resampled with replacement
-    ``samples`` times, the same resample for both systems (paired). Returns (change, low, high)."""
-    delta = np.asarray(system, dtype=np.float64) - np.asarray(base, dtype=np.float64)  # (n,)
-    if delta.ndim != 1 or not len(delta):
-        raise AdapterError("paired bootstrap needs two equal-length, non-empty lists of per-query values")
-    rng = np.random.default_rng(seed)
-    means = np.empty(samples)
-    for s in range(0, samples, 256):  # blocks keep memory at 256 x n indices
-        idx = rng.integers(0, len(delta), size=(min(256, samples - s), len(delta)))
-        means[s:s + len(idx)] = delta[idx].mean(1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(delta.mean()), float(low), float(high)
-
-
-@dataclass
-class SystemInfo:
-    """One compared system and what it costs."""
-
-    kind: str  # "base", "adapter", "fine-tune" or "model"
-    source: str  # the adapter file, model folder or model name
-    train_seconds: float | None  # training wall time when recorded; None for pre-trained models
-    artifact_bytes: int  # the adapter file, or the model's weights
-    reembed: bool  # whether using it means embedding the whole corpus again
-    latency_ms: float  # time to turn one query text into its search vector (embedding + adapter), uncached, warm:
-    # the median over queries of each one's best of ``report.latency_repeats`` timings
-    history: dict[str, list] | None = None  # training curves: val_epoch/val (ndcg@10 at full dim), loss_epoch/loss
-    rerank_ms: float | None = None  # reranked systems: median time to rerank one query's top-k (in latency_ms too)
-    identity: bool = False  # an adapter file whose training shipped the identity (no recipe cleared validation)
-    adapter_ms: float | None = None  # adapters: their own part of latency_ms, the matrix product on one query vector
-
-
-@dataclass
-class Comparison:
-    """What ``compare`` measured and wrote."""
-
-    results: dict[str, Results]  # system -> dim -> metric -> value, as `adapter evaluate --json`
-    systems: dict[str, SystemInfo]
-    intervals: dict[str, dict[int, tuple[float, float, float]]]  # system -> dim -> ndcg@10 (change, low, high)
-    queries: int
-    files: list[Path]
-    rerank_gain: dict[str, dict[int, tuple[float, float, float]]] | None = None  # "<s>+rerank" -> dim -> vs <s>
-    rag: dict[str, Any] | None = None  # `adapter rag`'s rag.json, shown beside the retrieval metrics
-    insights: dict[str, Any] = field(default_factory=dict)  # adapter.diagnose.insights: headroom, seen/unseen, movers
 
 
 def training_curves(meta: dict[str, Any]) -> dict[str, list] | None:
@@ -356,7 +305,7 @@ def compare(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None,
     With a ``reranker`` (loaded, or its folder) each system is scored
     again as ``<system>+rerank`` (top ``cfg.rerank.k`` reordered), with its change over its own first stage and the
     reranking's latency; ``rag``: a ``rag.json`` from `adapter rag`, whose answer accuracy joins the report.
-    ``corpus``: where base and its adapters find the corpus vectors (e.g. ``adapter.stores.StoreSource``; fine-tuned
+    ``corpus``: where base and its adapters find the corpus vectors (e.g. ``adapter.corpus.StoreSource``; fine-tuned
     and other models embed corpus.jsonl).
     """
     from adapter import report

@@ -34,7 +34,7 @@ from adapter import safejson
 from adapter.config import Config
 from adapter.data import Dataset, Qrels, atomic_write, ensure_dir, relevant
 from adapter.errors import AdapterError
-from adapter.evaluate import PRIMARY_METRIC, evaluate, id_rank, search
+from adapter.evaluate import PRIMARY_METRIC, evaluate, id_rank, paired_bootstrap, search
 from adapter.resilience import ChatRun, Journal, RetriesExhausted
 
 if TYPE_CHECKING:
@@ -263,8 +263,6 @@ def run_rag(dataset: Dataset, systems: Mapping[str, System], qids: Sequence[str]
     """Ask, grade and score: each of ``systems`` (``adapter.systems.build_systems``) retrieves for ``qids``; writes
     ``answers.jsonl`` and ``rag.json`` into ``out`` beside the journal that makes the run resumable."""
     from tqdm.auto import tqdm
-
-    from adapter.pipeline import paired_bootstrap
 
     cfg = cfg or Config()
     _check(cfg)

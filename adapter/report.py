@@ -1,28 +1,54 @@
 """Pure rendering of results: plain-text and markdown tables, the compare report, its plots.
 
 Nothing here loads a model or scores anything: it is fed results (system -> dim -> metric -> value) and the
-``adapter.pipeline.Comparison`` that ``compare`` measured, and returns text or PNG bytes.
+``Comparison`` that ``adapter.pipeline.compare`` measured, and returns text or PNG bytes.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
+from adapter.cards import pct_change
 from adapter.config import Config
 from adapter.data import Dataset
 from adapter.errors import AdapterError
 from adapter.evaluate import METRICS, PRIMARY_METRIC, Results
 from adapter.model import estimates_line
 
-if TYPE_CHECKING:
-    from adapter.pipeline import Comparison, SystemInfo
+
+@dataclass
+class SystemInfo:
+    """One compared system and what it costs."""
+
+    kind: str  # "base", "adapter", "fine-tune" or "model"
+    source: str  # the adapter file, model folder or model name
+    train_seconds: float | None  # training wall time when recorded; None for pre-trained models
+    artifact_bytes: int  # the adapter file, or the model's weights
+    reembed: bool  # whether using it means embedding the whole corpus again
+    latency_ms: float  # time to turn one query text into its search vector (embedding + adapter), uncached, warm:
+    # the median over queries of each one's best of ``report.latency_repeats`` timings
+    history: dict[str, list] | None = None  # training curves: val_epoch/val (ndcg@10 at full dim), loss_epoch/loss
+    rerank_ms: float | None = None  # reranked systems: median time to rerank one query's top-k (in latency_ms too)
+    identity: bool = False  # an adapter file whose training shipped the identity (no recipe cleared validation)
+    adapter_ms: float | None = None  # adapters: their own part of latency_ms, the matrix product on one query vector
 
 
-def pct_change(new: float, old: float, *, zero: str = "n/a") -> str:
-    """The relative change from ``old`` to ``new``, as "+5.7%"; ``zero`` when ``old`` is 0."""
-    return f"{(new - old) / old:+.1%}" if old else zero
+@dataclass
+class Comparison:
+    """What ``compare`` measured and wrote."""
+
+    results: dict[str, Results]  # system -> dim -> metric -> value, as `adapter evaluate --json`
+    systems: dict[str, SystemInfo]
+    intervals: dict[str, dict[int, tuple[float, float, float]]]  # system -> dim -> ndcg@10 (change, low, high)
+    queries: int
+    files: list[Path]
+    rerank_gain: dict[str, dict[int, tuple[float, float, float]]] | None = None  # "<s>+rerank" -> dim -> vs <s>
+    rag: dict[str, Any] | None = None  # `adapter rag`'s rag.json, shown beside the retrieval metrics
+    insights: dict[str, Any] = field(default_factory=dict)  # adapter.diagnose.insights: headroom, seen/unseen, movers
 
 
 def format_table(results: dict[str, Results], metrics: Sequence[str] = METRICS, baseline: str = "base") -> str:

@@ -50,8 +50,7 @@ from adapter.backends import BUNDLED_NAMES, Backend, estimate_tokens, make_backe
 from adapter.config import Config, ServeConfig
 from adapter.encoder import truncate
 from adapter.errors import AdapterError, one_line, redact
-from adapter.integrations import checked_adapter
-from adapter.model import LinearAdapter
+from adapter.model import LinearAdapter, checked_adapter
 
 try:
     from fastapi import FastAPI, Request

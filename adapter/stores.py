@@ -11,7 +11,6 @@ into 1 - d²/2, a cosine or inner-product distance d into 1 - d. Qdrant and Chro
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import logging
 import os
@@ -93,11 +92,12 @@ class Store:
 
     def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
         """Top-``k`` by brute force over every stored vector: what ``search`` is checked against. This default reads
-        the vectors out; stores that can search exhaustively themselves do so without holding them all."""
+        the vectors out and ranks them by the judge's exact search (ties by id); stores that can search exhaustively
+        themselves do so without holding them all."""
         from adapter.evaluate import search
 
         ids, vectors = self.vectors(id_field=id_field)
-        scores, rows = search(self._check(queries, k), vectors, k)
+        scores, rows = search(self._check(queries, k), vectors, k, tie_rank=_id_rank(ids))
         return [Hits([ids[i] for i in r], [float(x) for x in sc]) for sc, r in zip(scores, rows, strict=True)]
 
     def close(self) -> None:
@@ -346,6 +346,31 @@ def _layers(index: faiss.Index) -> list[faiss.Index]:
     return out
 
 
+class _Stored:
+    """A FAISS index's stored vectors as the judge's search reads a corpus (``shape``, row slices): each block
+    reconstructed when it is searched, so memory stays flat however large the index."""
+
+    def __init__(self, name: str, index: faiss.Index):
+        self.name, self.index = name, index
+        self.shape = (index.ntotal, index.d)
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        lo, hi = rows.start, min(rows.stop, self.index.ntotal)
+        try:
+            return np.asarray(self.index.reconstruct_n(lo, hi - lo), dtype=np.float32)
+        except RuntimeError as e:
+            raise AdapterError(f"{self.name}: cannot read vectors back from this {type(self.index).__name__} "
+                               f"({one_line(e)})") from None
+
+
+def _id_rank(ids: Sequence[Id]) -> np.ndarray:
+    """Each stored vector's rank by its id as text: the judge's tie-break (``adapter.evaluate.id_rank``), which a
+    store's ids meet named as corpus ids."""
+    from adapter.evaluate import id_rank
+
+    return id_rank([str(i) for i in ids])
+
+
 class FaissStore(Store):
     """A FAISS index file: flat, IVF or HNSW, plain or under an id map (whose int64 ids are kept)."""
 
@@ -386,8 +411,8 @@ class FaissStore(Store):
                 for srow, row in zip(scores, ids, strict=True)]
 
     def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
-        """Flat: the search itself. IVF (flat, PQ, SQ): every list probed, so every stored code is scored, exactly as
-        stored. Others (HNSW): vectors reconstructed a block at a time and searched by brute force."""
+        """IVF (flat, PQ, SQ): every list probed, so every stored code is scored, exactly as stored. Others (flat,
+        HNSW): every vector read back a block at a time and ranked by the judge's own exact search, ties by id."""
         if id_field:
             raise AdapterError(f"{self.name}: --id-field applies to Qdrant and Chroma collections, not FAISS files")
         if self.ivf is not None:
@@ -397,29 +422,12 @@ class FaissStore(Store):
                 return self.search(queries, k)
             finally:
                 self.nprobe = nprobe
-        if all(isinstance(x, faiss.IndexFlat | faiss.IndexIDMap | faiss.IndexIDMap2) for x in self.layers):
-            return self.search(queries, k)
-        return self._blockwise(queries, k)
+        from adapter.evaluate import search
 
-    def _blockwise(self, queries: np.ndarray, k: int, block: int = 65536) -> list[Hits]:
-        q = self._check(queries, k)
         inner = faiss.downcast_index(self.id_map.index) if self.id_map is not None else self.layers[0]
-        labels = faiss.vector_to_array(self.id_map.id_map) if self.id_map is not None else None
-        best_s = np.full((len(q), 0), -np.inf, dtype=np.float32)
-        best_r = np.empty((len(q), 0), dtype=np.int64)
-        for lo in range(0, inner.ntotal, block):
-            try:
-                part = inner.reconstruct_n(lo, min(block, inner.ntotal - lo))
-            except RuntimeError as e:
-                raise AdapterError(f"{self.name}: cannot read vectors back from this {type(inner).__name__} "
-                                   f"({one_line(e)})") from None
-            s, r = faiss.knn(q, np.ascontiguousarray(part, dtype=np.float32), min(k, len(part)),
-                             metric=faiss.METRIC_INNER_PRODUCT)
-            s, r = np.concatenate([best_s, s], 1), np.concatenate([best_r, r + lo], 1)
-            order = np.argsort(-s, axis=1, kind="stable")[:, :k]
-            best_s, best_r = np.take_along_axis(s, order, 1), np.take_along_axis(r, order, 1)
-        ids = labels[best_r] if labels is not None else best_r
-        return [Hits([int(i) for i in row], [float(x) for x in sc]) for sc, row in zip(best_s, ids, strict=True)]
+        ids = faiss.vector_to_array(self.id_map.id_map) if self.id_map is not None else np.arange(inner.ntotal)
+        scores, rows = search(self._check(queries, k), _Stored(self.name, inner), k, tie_rank=_id_rank(ids))
+        return [Hits([int(ids[r]) for r in row], [float(x) for x in sc]) for sc, row in zip(scores, rows, strict=True)]
 
     def _ivf_ids(self) -> np.ndarray:
         """The ids stored in the IVF's inverted lists, list by list."""
@@ -622,7 +630,7 @@ class ChromaStore(Store):
 _PG_OPS = {"vector_cosine_ops": "<=>", "vector_ip_ops": "<#>", "vector_l2_ops": "<->"}  # index opclass -> operator
 
 
-def _dsn_name(dsn: str) -> str:
+def dsn_name(dsn: str) -> str:
     """A DSN as messages show it: user, host, port and database, never a password (which ``redact`` masks from now
     on, wherever a library quotes it)."""
     hold_url_secrets(dsn)
@@ -653,7 +661,7 @@ class PgvectorStore(Store):
         psycopg = _require("psycopg", "pgvector")
         pgvector_psycopg = _require("pgvector.psycopg", "pgvector")
         self.sql = importlib.import_module("psycopg.sql")
-        where = _dsn_name(dsn)
+        where = dsn_name(dsn)
         self.name, self.batch = f"{where}#{table}", batch
         try:
             self.conn = psycopg.connect(dsn, connect_timeout=10, autocommit=True)
@@ -963,17 +971,20 @@ def read_vector_file(path: str | os.PathLike, ids_path: str | os.PathLike | None
 
 class ArrayStore(Store):
     """Vectors held in memory under their ids (a ``--corpus-vectors`` file), searched exactly by the one ranking
-    function."""
+    function, ties by id as the judge breaks them."""
 
     def __init__(self, name: str, ids: Sequence[str], vectors: np.ndarray):
         self.name, self.ids, self.array = name, list(ids), np.ascontiguousarray(vectors, dtype=np.float32)
         self.dim = int(self.array.shape[1])
+        self._tie_rank: np.ndarray | None = None  # made on the first search
 
     def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
         from adapter.evaluate import search
 
         self._no_id_field(id_field)
-        scores, rows = search(self._check(queries, k), self.array, k)
+        if self._tie_rank is None:
+            self._tie_rank = _id_rank(self.ids)
+        scores, rows = search(self._check(queries, k), self.array, k, tie_rank=self._tie_rank)
         return [Hits([self.ids[i] for i in r], [float(x) for x in sc]) for sc, r in zip(scores, rows, strict=True)]
 
     def exact_search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
@@ -986,57 +997,3 @@ class ArrayStore(Store):
     def _no_id_field(self, id_field: str | None) -> None:
         if id_field:
             raise AdapterError(f"{self.name}: --id-field applies to Qdrant, Chroma and pgvector, not vector files")
-
-
-@dataclass(frozen=True)
-class StoreSource:
-    """Where a team's corpus vectors already are: one store, or a vector file (with its ids). A corpus source of
-    ``adapter.systems`` (``read``), so train, evaluate, compare and search take it in place of embedding corpus.jsonl;
-    ``store`` holds the settings it is opened with (``with_settings`` takes them from a Config)."""
-
-    index: str | None = None
-    qdrant: str | None = None
-    chroma: str | None = None
-    pgvector: str | None = None
-    collection: str | None = None
-    table: str | None = None
-    vectors: str | None = None  # --corpus-vectors: .npy (with ``ids``) or .parquet
-    ids: str | None = None  # --corpus-ids
-    store: StoreConfig = field(default_factory=StoreConfig)  # nprobe, ef_search, id_field, batch
-
-    def __bool__(self) -> bool:
-        """True when anything was given (a stray --collection too, so that it is refused rather than ignored)."""
-        return any(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name != "store")
-
-    def with_settings(self, cfg: Config) -> StoreSource:
-        return dataclasses.replace(self, store=cfg.store)
-
-    @property
-    def name(self) -> str:
-        given = self.vectors or self.index or self.qdrant or self.chroma or (self.pgvector and _dsn_name(self.pgvector))
-        return str(given or "no store")
-
-    def open(self, cfg: Config | None = None) -> Store:
-        """The store named (``open_store``), or the vector file as an ``ArrayStore``."""
-        cfg = cfg or Config().replace(store=self.store)
-        if self.vectors is not None:
-            if any(v is not None for v in (self.index, self.qdrant, self.chroma, self.pgvector)):
-                raise AdapterError("pass either --corpus-vectors or a store (--index, --qdrant, --chroma, "
-                                   "--pgvector), not both")
-            return ArrayStore(str(self.vectors), *read_vector_file(self.vectors, self.ids))
-        if self.ids is not None:
-            raise AdapterError("--corpus-ids goes with --corpus-vectors VECTORS.npy")
-        return open_store(index=self.index, qdrant=self.qdrant, chroma=self.chroma, pgvector=self.pgvector,
-                          collection=self.collection, table=self.table, cfg=cfg)
-
-    def read(self, dataset: Dataset, encoder: Any) -> tuple[list[str], np.ndarray]:
-        """Every vector, named by corpus id and put in corpus.jsonl's order, each chunk any split of ``dataset``
-        judges among them, of ``encoder``'s dimension: nothing of the corpus is embedded."""
-        judged = {c for qrels in dataset.qrels.values() for rels in qrels.values() for c in rels}
-        with self.open() as store:
-            ids, vectors = corpus_from_store(store, dataset, judged, id_field=self.store.id_field)
-            name = store.name
-        if vectors.shape[1] != encoder.dim:
-            raise AdapterError(f"{name} holds {vectors.shape[1]}-dimensional vectors, {encoder.identity} makes "
-                               f"{encoder.dim}")
-        return ids, vectors

@@ -12,74 +12,27 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from adapter.config import Config, default_dims
+from adapter.corpus import CorpusSource, EncodedCorpus, SearchedStore
 from adapter.data import Dataset, relevant
 from adapter.errors import AdapterError
-from adapter.evaluate import Reorder, Results, evaluate, resolve_dims
-from adapter.model import LinearAdapter
+from adapter.evaluate import TOP_K, Reorder, Results, evaluate, evaluate_ranked, resolve_dims
+from adapter.model import LinearAdapter, read_finetune_meta
 
 if TYPE_CHECKING:
     from adapter.encoder import Encoder
     from adapter.rerank import Reranker
-    from adapter.stores import Store
 
 logger = logging.getLogger(__name__)
 
 SystemResults = dict[str, Results]  # system name -> dim -> metric -> value
-
-
-class CorpusSource(Protocol):
-    """Where a system's corpus vectors come from."""
-
-    name: str  # what messages call it
-
-    def read(self, dataset: Dataset, encoder: Encoder) -> tuple[list[str], np.ndarray]:
-        """(corpus ids, (n, d) float32 unit vectors) for ``dataset``, ``encoder`` being the system's own."""
-        ...
-
-
-@dataclass
-class EncodedCorpus:
-    """The system encoder's own (cached) encoding of corpus.jsonl: the default source."""
-
-    name: str = "corpus.jsonl"
-
-    def read(self, dataset: Dataset, encoder: Encoder) -> tuple[list[str], np.ndarray]:
-        ids = list(dataset.corpus)
-        return ids, encoder.encode_documents([dataset.doc_text(c) for c in ids])
-
-
-@dataclass
-class VectorCorpus:
-    """Vectors already made, named by corpus id: read out of an existing index or a file. The index is then scored
-    as it stands, nothing re-embedded."""
-
-    ids: list[str]
-    vectors: np.ndarray  # (n, d) float32
-    name: str = "the index"
-
-    def read(self, dataset: Dataset, encoder: Encoder) -> tuple[list[str], np.ndarray]:
-        if self.vectors.shape[1] != encoder.dim:
-            raise AdapterError(f"{self.name} holds {self.vectors.shape[1]}-dimensional vectors, {encoder.identity} "
-                               f"makes {encoder.dim}")
-        return self.ids, self.vectors
-
-    @classmethod
-    def from_store(cls, store: Store, dataset: Dataset, split: str | Collection[str], *,
-                   id_field: str | None = None) -> VectorCorpus:
-        """Every vector of ``store``, named by corpus id and checked to hold each chunk ``split`` judges (a split's
-        name, or the chunk ids themselves)."""
-        from adapter.stores import corpus_from_store
-
-        ids, vectors = corpus_from_store(store, dataset, split, id_field=id_field)
-        return cls(ids, vectors, store.name)
 
 
 @dataclass
@@ -125,7 +78,6 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
     ``rerank_k`` (default ``cfg.rerank.k``) reordered by the cross-encoder.
     """
     from adapter.encoder import Encoder
-    from adapter.finetune import read_meta
 
     cfg = cfg or Config()
     for folder in finetuned:
@@ -143,7 +95,7 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
             raise AdapterError(f"{source}: adapter is {adapter.dim}-dimensional, the model {base.dim}")
         _add(systems, System(name, base, adapter, corpus, "adapter", source, adapter.metadata))
     for folder in finetuned:
-        meta = read_meta(folder)
+        meta = read_finetune_meta(folder)
         enc = Encoder.from_config(cfg.replace(model=str(folder)), show_progress=progress)
         _add(systems, System(Path(folder).resolve().name, enc, kind="fine-tune", source=str(folder), meta=meta))
     for m in models:
@@ -178,6 +130,10 @@ def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = "test
         {d for s in systems.values() for d in default_dims(s.encoder.dim)}, reverse=True)
     results: SystemResults = {}
     for name, system in systems.items():
+        if isinstance(system.corpus, SearchedStore):  # the store ranks, at its own dimension; the judge scores
+            ranked = system.corpus.rank(dataset, system.encode_queries(texts), TOP_K)
+            results[name] = {system.corpus.dim: evaluate_ranked(ranked, qrels, qids, per_query=per_query)}
+            continue
         full = system.encoder.dim
         fit = [d for d in wanted if d <= full] or [full]
         if dims and len(fit) < len(wanted):

@@ -39,13 +39,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapter.config import Config, TrainConfig, default_dims
+from adapter.corpus import CorpusSource, EncodedCorpus
 from adapter.data import Dataset, Qrels, fingerprint, partition_qrels, relevant
 from adapter.encoder import truncate
 from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, Results, id_rank, is_relevant, search
 from adapter.evaluate import evaluate as judge
-from adapter.model import LinearAdapter, pct_change
-from adapter.systems import CorpusSource, EncodedCorpus
+from adapter.model import LinearAdapter
+from adapter.model import estimate_change as pct_change  # the name the body calls it by
 
 if TYPE_CHECKING:
     from adapter.encoder import Encoder

@@ -92,8 +92,8 @@ def head_to_head(data: Path, adapter: Path, ft: Path, cache: Path, dims: list[in
     from adapter.config import Config
     from adapter.data import load_dataset
     from adapter.encoder import Encoder
+    from adapter.evaluate import paired_bootstrap
     from adapter.model import LinearAdapter
-    from adapter.pipeline import paired_bootstrap
     from adapter.systems import build_systems, score
 
     ds = load_dataset(data)

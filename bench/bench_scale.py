@@ -163,8 +163,8 @@ def _peak_gib() -> float:
 def train_child(folder: Path, epochs: int) -> None:
     """One `adapter train` run (train_adapter with --corpus-vectors) in this process: print its numbers as JSON."""
     from adapter.config import Config
+    from adapter.corpus import StoreSource
     from adapter.data import load_dataset
-    from adapter.stores import StoreSource
     from adapter.train import train_adapter
 
     t = time.perf_counter()

@@ -60,11 +60,11 @@ def main() -> None:
     from qdrant_client import models
 
     from adapter.config import Config
+    from adapter.corpus import VectorCorpus
     from adapter.data import load_dataset, relevant
     from adapter.encoder import Encoder
     from adapter.pipeline import evaluate_dataset
     from adapter.stores import ChromaStore, FaissStore, QdrantStore
-    from adapter.systems import VectorCorpus
     from adapter.train import train_adapter
 
     work = Path(tempfile.mkdtemp(prefix="bench-stores-"))

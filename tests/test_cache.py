@@ -1,6 +1,6 @@
 """The embedding cache (adapter/cache.py): memory-mapped sorted shards that open in O(shards), a size-tiered merge
 that never blocks readers, any number of concurrent processes, kill -9 at any point (a merge included), damaged
-shards named, old ``.npz`` caches migrated; and where the cache lives (``cache_root``)."""
+shards named, old ``.npz`` caches and version-1 shards refused; and where the cache lives (``cache_root``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -298,18 +297,22 @@ def _write_v1(folder: Path, keys, vectors) -> Path:
     return path
 
 
-@pytest.mark.parametrize("version", [2, 1])
-def test_damaged_vectors_are_named_when_read_not_returned(version, tmp_path):
+def test_a_version_1_shard_is_refused_in_one_line_naming_it(tmp_path):
+    """Version-1 shards (no row checksums) are no longer read: the shard and its version are named, and the way on."""
+    shard = _write_v1(tmp_path, UNIVERSE[:50], _vectors(UNIVERSE[:50]))
+    with pytest.raises(AdapterError) as e:
+        EmbeddingCache(tmp_path)
+    assert str(e.value) == (f"{shard}: embedding cache shard version 1, which this version of adapter does not read "
+                            "(it reads 2); delete it and its texts are embedded again")
+
+
+def test_damaged_vectors_are_named_when_read_not_returned(tmp_path):
     """Audit #24.6: damaged vectors in a shard were returned as they were (evaluate exited 0, base ndcg@10 0.60 ->
-    0.11): the CRC was checked only on merge. Now each row read is checked against its checksum (a version-1 shard,
-    which has none: its CRC, the first time it is read); the rows of a damaged shard are never returned."""
+    0.11): the CRC was checked only on merge. Now each row read is checked against its checksum; the rows of a
+    damaged shard are never returned."""
     keys = UNIVERSE[:50]
-    if version == 2:
-        EmbeddingCache(tmp_path).put(keys, _vectors(keys))
-        (shard,) = _shards(tmp_path)
-    else:
-        shard = _write_v1(tmp_path, keys, _vectors(keys))
-        assert len(EmbeddingCache(tmp_path)) == 50 and EmbeddingCache(tmp_path).get(keys, DIM).shape == (50, DIM)
+    EmbeddingCache(tmp_path).put(keys, _vectors(keys))
+    (shard,) = _shards(tmp_path)
     raw = bytearray(shard.read_bytes())
     at = cache.HEADER_BYTES + 16 * 50 + 4 * DIM * 7 + 4 * 3  # row 7's fourth number
     raw[at:at + 4] = np.float32(0.5).tobytes()
@@ -318,13 +321,12 @@ def test_damaged_vectors_are_named_when_read_not_returned(version, tmp_path):
     with pytest.raises(AdapterError, match=f"{shard.name}: damaged embedding cache shard .*delete it") as e:
         store.get(keys, DIM)
     assert "\n" not in str(e.value)
-    if version == 2:  # only the rows read are checked: the other 49 are whole
-        assert "row 7" in str(e.value)
-        hi, lo = cache._split_keys(keys)
-        whole = [k for k, h, l_ in zip(keys, hi, lo, strict=True) if (h, l_) != (store._shards[0].hi[7],
-                                                                            store._shards[0].lo[7])]
-        assert len(whole) == 49
-        np.testing.assert_array_equal(store.get(whole, DIM), _vectors(whole))
+    assert "row 7" in str(e.value)  # only the rows read are checked: the other 49 are whole
+    hi, lo = cache._split_keys(keys)
+    whole = [k for k, h, l_ in zip(keys, hi, lo, strict=True) if (h, l_) != (store._shards[0].hi[7],
+                                                                        store._shards[0].lo[7])]
+    assert len(whole) == 49
+    np.testing.assert_array_equal(store.get(whole, DIM), _vectors(whole))
 
 
 # ---------------------------------------------------------------------------------------------------------- old layout
@@ -340,47 +342,15 @@ def _write_npz(folder: Path, keys, vectors) -> Path:
     return path
 
 
-def test_an_old_cache_is_migrated_when_opened(tmp_path):
-    old = [_write_npz(tmp_path, UNIVERSE[i:i + 10], _vectors(UNIVERSE[i:i + 10])) for i in range(0, 400, 10)]
-    _write_npz(tmp_path, UNIVERSE[:5], _vectors(UNIVERSE[:5]))  # two processes once stored the same texts
-    (tmp_path / ".123.npz.abc.tmp").write_bytes(b"left by a killed writer")
-    os.utime(tmp_path / ".123.npz.abc.tmp", (0, 0))
-    store = EmbeddingCache(tmp_path)
-    assert not list(tmp_path.glob("*.npz")) and not any(p.exists() for p in old)
-    assert not list(tmp_path.glob(".*.tmp"))  # swept
-    assert len(_shards(tmp_path)) == 41 and len(store) == 400
-    np.testing.assert_array_equal(store.get(UNIVERSE, DIM), _vectors(UNIVERSE))
-    store.put([b"\x07" * 16], np.ones((1, DIM), np.float32))  # past MAX_SHARDS: the next write merges
-    assert len(_shards(tmp_path)) == 42 - cache.MERGE_WIDTH + 1
-    np.testing.assert_array_equal(EmbeddingCache(tmp_path).get(UNIVERSE, DIM), _vectors(UNIVERSE))
-
-
-@pytest.mark.parametrize("damage", ["crc", "truncated", "rows", "not a zip"])
-def test_a_damaged_old_shard_is_named_and_kept(damage, tmp_path):
-    """Migrating reads each old shard whole: a damaged one is named (to delete) and left as it was."""
-    good = _write_npz(tmp_path, UNIVERSE[:4], _vectors(UNIVERSE[:4]))
-    bad = _write_npz(tmp_path, UNIVERSE[4:8], _vectors(UNIVERSE[4:8]))
-    raw = bytearray(bad.read_bytes())
-    if damage == "crc":  # flip a byte inside the stored vectors: the zip's CRC no longer matches
-        with zipfile.ZipFile(bad) as z:
-            info = z.getinfo("vectors.npy")
-        raw[info.header_offset + 30 + len(info.filename) + len(info.extra) + 130] ^= 0xFF
-    elif damage == "truncated":
-        del raw[len(raw) // 2:]
-    elif damage == "rows":
-        raw = bytearray()
-        bad.unlink()
-        bad = _write_npz(tmp_path, UNIVERSE[4:8], np.zeros((3, DIM), np.float32))
-    else:
-        raw = bytearray(b"hello")
-    if raw:
-        bad.write_bytes(bytes(raw))
-    before = bad.read_bytes()
-    with pytest.raises(AdapterError, match=f"{bad.name}: damaged embedding cache shard .*delete it"):
+def test_an_old_layout_cache_is_refused_in_one_line_and_left_as_it_is(tmp_path):
+    """The ``.npz`` layout (before #14) is no longer migrated: the first old shard is named, nothing is touched."""
+    old = [_write_npz(tmp_path, UNIVERSE[i:i + 10], _vectors(UNIVERSE[i:i + 10])) for i in range(0, 30, 10)]
+    before = {p: p.read_bytes() for p in old}
+    with pytest.raises(AdapterError) as e:
         EmbeddingCache(tmp_path)
-    assert bad.read_bytes() == before and not good.exists()  # the good one was migrated before it
-    bad.unlink()
-    assert len(EmbeddingCache(tmp_path)) == 4
+    assert str(e.value) == (f"{sorted(old)[0]}: an embedding cache shard of the old layout (*.npz), which this version "
+                            f"of adapter does not read; delete {tmp_path} and its texts are embedded again")
+    assert {p: p.read_bytes() for p in old} == before and not _shards(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------- the root

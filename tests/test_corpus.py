@@ -12,8 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from adapter.config import Config
+from adapter.corpus import StoreSource
 from adapter.errors import AdapterError
-from adapter.stores import StoreSource, read_vector_file, write_index
+from adapter.stores import read_vector_file, write_index
 from cli import main
 from tests.conftest import CHUNKS, write_dataset
 

@@ -321,7 +321,7 @@ def test_writers_refuse_an_existing_output_before_loading_a_model(tmp_path, monk
 
 def test_train_reports_a_base_that_scores_zero_instead_of_dividing_by_it():
     """Reproduction 3: ZeroDivisionError after the adapter file was written, exit 1."""
-    from adapter.report import pct_change
+    from adapter.cards import pct_change
     from cli import NO_CHANGE
 
     assert pct_change(0.25, 0.0, zero=NO_CHANGE) == "base scored 0: no relative change"

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 import adapter.finetune as ft
+import adapter.st_trainer as st
 from adapter.config import Config
 from adapter.data import load_dataset, train_val_qrels
 from adapter.encoder import load_model
@@ -93,7 +94,7 @@ def test_finetune_installs_a_model_that_scores_its_kept_epoch(train_dir, tmp_pat
 
 def test_a_killed_run_resumes_from_its_last_complete_epoch(train_dir, tmp_path, tiny_model_dir, monkeypatch):
     ds, out, cfg = load_dataset(train_dir), tmp_path / "ft", tiny_cfg(tiny_model_dir)
-    real_clock = ft._clock_callback
+    real_clock = ft.clock_callback
 
     def dies_after_first_save(before):
         clock = real_clock(before)
@@ -106,11 +107,11 @@ def test_a_killed_run_resumes_from_its_last_complete_epoch(train_dir, tmp_path, 
         clock.on_save = on_save
         return clock
 
-    monkeypatch.setattr(ft, "_clock_callback", dies_after_first_save)
+    monkeypatch.setattr(ft, "clock_callback", dies_after_first_save)
     with pytest.raises(RuntimeError, match="killed"):
         ft.finetune(ds, out, cfg, progress=False)
     monkeypatch.undo()
-    done = ft._complete_checkpoints(out / ft.CHECKPOINTS)
+    done = st.complete_checkpoints(out / st.CHECKPOINTS)
     assert len(done) == 1 and not (out / "modules.json").exists()
 
     calls = []
@@ -124,7 +125,7 @@ def test_a_killed_run_resumes_from_its_last_complete_epoch(train_dir, tmp_path, 
     assert meta["resumed"] and [v["epoch"] for v in meta["history"]["val"]] == [0.0, 1.0, 2.0]
     steps = [x["step"] for x in meta["history"]["loss"]]
     assert steps == sorted(set(steps)) and steps[-1] == 2 * int(done[0].name.split("-")[1])
-    assert (out / "modules.json").is_file() and not (out / ft.CHECKPOINTS).exists()
+    assert (out / "modules.json").is_file() and not (out / st.CHECKPOINTS).exists()
 
 
 def test_bad_input_is_refused_and_nothing_is_written(train_dir, tmp_path, tiny_model_dir):
@@ -151,8 +152,8 @@ def test_bad_input_is_refused_and_nothing_is_written(train_dir, tmp_path, tiny_m
     assert len(r.output.strip().splitlines()) == 1 and tree(holds_model) == before
 
     other_run = tmp_path / "other-run"
-    (other_run / ft.CHECKPOINTS).mkdir(parents=True)
-    (other_run / ft.CHECKPOINTS / ft.RUN_FILE).write_text(json.dumps({"base_model": "another-model"}))
+    (other_run / st.CHECKPOINTS).mkdir(parents=True)
+    (other_run / st.CHECKPOINTS / st.RUN_FILE).write_text(json.dumps({"base_model": "another-model"}))
     before = tree(other_run)
     with pytest.raises(AdapterError, match="holds checkpoints of another fine-tune"):
         ft.finetune(ds, other_run, tiny_cfg(tiny_model_dir), progress=False)

@@ -164,16 +164,16 @@ def test_cli_refuses_bad_adapter_in_one_line(tiny_dataset, tmp_path, case):
         assert "256-dimensional, the model 384" in r.output
 
 
-def test_a_version_1_file_still_loads_with_its_metadata_in_the_shared_schema(tmp_path):
+def test_a_version_1_file_is_refused_in_one_line_naming_file_and_version(tmp_path):
+    """Version-1 files (flat validation metrics) are no longer upgraded in memory: re-train them."""
     rows = [{"epoch": 0, "loss": None, "ndcg@10": 0.4}, {"epoch": 1, "loss": 0.3, "ndcg@10": 0.5}]
     header = good_header(format_version=1, val_base={"ndcg@10": 0.4}, val_adapter={"ndcg@10": 0.5}, history=rows,
                          config={"loss": "triplet"}, best_epoch=1)
     write_raw(tmp_path / "v1.safetensors", {"weight": np.eye(4, dtype=np.float32)}, header)
-    meta = LinearAdapter.load(tmp_path / "v1.safetensors").metadata
-    assert meta["val_base"] == {4: {"ndcg@10": 0.4}} and meta["val_best"] == {4: {"ndcg@10": 0.5}}
-    assert meta["history"] == {"loss": [{"epoch": 1, "loss": 0.3}],
-                               "val": [{"epoch": 0, "ndcg@10": {4: 0.4}}, {"epoch": 1, "ndcg@10": {4: 0.5}}]}
-    assert meta["best_epoch"] == 1 and "val_adapter" not in meta
+    with pytest.raises(AdapterError) as e:
+        LinearAdapter.load(tmp_path / "v1.safetensors")
+    assert str(e.value) == (f"{tmp_path / 'v1.safetensors'}: adapter format version 1 is not supported (this version "
+                            "of adapter reads 2); re-train with this version")
 
 
 # ---------------------------------------------------------------------------------------------------------- audit #24
@@ -217,7 +217,7 @@ def test_shapes_are_checked_from_the_header_before_any_tensor_is_read(tmp_path):
     ("coverage", "'coverage' is not"),
     ("val-best", "'val_best' is not"),
     ("train-seconds", "'train_seconds' is not"),
-    ("v1-history", "format version 1) is damaged"),
+    ("v1-history", "format version 1 is not supported (this version of adapter reads 2); re-train with this version"),
     ("dim-string", "dim, base_model or bias"),
 ])
 def test_damaged_headers_are_one_line_errors(tmp_path, case, words):

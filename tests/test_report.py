@@ -14,13 +14,12 @@ import pytest
 from click.testing import CliRunner
 
 from adapter.errors import AdapterError
-from adapter.evaluate import METRICS, evaluate
+from adapter.evaluate import METRICS, evaluate, paired_bootstrap
 from adapter.model import LinearAdapter
-from adapter.pipeline import paired_bootstrap
 from adapter.report import format_table
 
 if TYPE_CHECKING:
-    from adapter.pipeline import Comparison
+    from adapter.report import Comparison
 from cli import main
 
 
@@ -139,21 +138,24 @@ def test_finetuned_folders_of_an_unknown_format_are_refused_in_one_line(tiny_dat
     assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
-def test_a_version_1_finetune_json_is_still_read(tmp_path, tiny_model_dir):
-    from adapter.finetune import read_meta
+def test_a_version_1_finetune_json_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    from adapter.model import read_finetune_meta
 
     ft = tmp_path / "old-ft"
     shutil.copytree(tiny_model_dir, ft)
     (ft / "finetune.json").write_text(json.dumps({"format_version": 1, "train_seconds": 3.0, "config": {"lr": 1},
                                                   "val_best": {"32": {"ndcg@10": 0.4}}}))
-    meta = read_meta(ft)
-    assert meta["val_best"] == {32: {"ndcg@10": 0.4}} and meta["train_seconds"] == 3.0
+    with pytest.raises(AdapterError) as e:
+        read_finetune_meta(ft)
+    assert str(e.value) == (f"{ft / 'finetune.json'}: format version 1 is not supported (this version of adapter "
+                            "reads 2); re-train with this version, or delete the file to use the folder as a plain "
+                            "model")
 
 
 def hand_made_comparison(names: list[str], text: str = "a question") -> Comparison:
     """A Comparison as `compare` makes one, by hand: base and ``names``, each with every table of the report filled
     (dims, costs, reranking, answers, where it helps and hurts) and ``text`` as a question and as both top chunks."""
-    from adapter.pipeline import Comparison, SystemInfo
+    from adapter.report import Comparison, SystemInfo
 
     metrics = {m: 0.5 for m in METRICS}
     systems = ["base", *names, *(f"{s}+rerank" for s in names)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import adapter.rerank as rr
+import adapter.rerank_train as rt
 from adapter.config import Config, RerankConfig
 from adapter.data import load_dataset
 from adapter.errors import AdapterError
@@ -115,9 +117,9 @@ def test_the_prior_loss_is_lambda_loss_on_the_score_plus_the_weighted_first_stag
     labels, priors = [torch.tensor([1, 0, 0]), torch.tensor([1, 0])], [[0.5, 2.0, -1.0], [-1.5, 1.0]]
     flat = torch.tensor([p for row in priors for p in row])
     with torch.no_grad():
-        got = rr.prior_lambda_loss(model, 3.0, 32)([queries, docs, priors], labels)
+        got = rt.prior_lambda_loss(model, 3.0, 32)([queries, docs, priors], labels)
         plain = LambdaLoss(model, mini_batch_size=32, activation_fn=Shifted(3.0 * flat))([queries, docs], labels)
-        zero = rr.prior_lambda_loss(model, 0.0, 32)([queries, docs, priors], labels)
+        zero = rt.prior_lambda_loss(model, 0.0, 32)([queries, docs, priors], labels)
         assert float(got) == pytest.approx(float(plain), rel=1e-5)
         assert float(zero) == pytest.approx(float(LambdaLoss(model, mini_batch_size=32)([queries, docs], labels)),
                                             rel=1e-5)
@@ -138,7 +140,7 @@ def test_priors_are_first_stage_scores_standardised_over_the_top_k(tmp_path):
     corpus = np.eye(len(cids), dtype=np.float32)
     query = np.zeros((1, len(cids)), np.float32)
     query[0, :3] = [0.9, 0.6, 0.3]  # top 3 scores 0.9, 0.6, 0.3: mean 0.6, spread sqrt(0.06)
-    got = rr.first_stage_priors(ds, {"q": {cids[0]: 1}}, query, corpus, {"q": [cids[0], cids[2], cids[5]]}, k=3)
+    got = rt.first_stage_priors(ds, {"q": {cids[0]: 1}}, query, corpus, {"q": [cids[0], cids[2], cids[5]]}, k=3)
     sd = 0.06 ** 0.5
     assert got["q"] == pytest.approx({cids[0]: 0.3 / sd, cids[2]: -0.3 / sd, cids[5]: -0.6 / sd}, rel=1e-5)
 
@@ -149,7 +151,7 @@ def test_hard_negatives_come_from_the_first_stage_top_k_and_are_never_relevant(t
     corpus = np.eye(len(cids), dtype=np.float32)
     qrels = {"q_burst": {"burst": 1}}
     query = corpus[[cids.index("burst")]] + 0.5 * corpus[[cids.index("meter")]] + 0.3 * corpus[[cids.index("lead")]]
-    got = rr.mine_negatives(ds, qrels, query, corpus, k=2, n=2, seed=0)
+    got = rt.mine_negatives(ds, qrels, query, corpus, k=2, n=2, seed=0)
     assert sorted(got["q_burst"]) == ["lead", "meter"]  # the top 2 non-relevant under the first stage
 
 
@@ -191,7 +193,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     assert rr.is_cross_encoder(out) and not (out / "checkpoints").exists()
     meta = json.loads((out / "rerank.json").read_text())
     assert meta["start_kind"].startswith("encoder with a new cosine head") and meta["val_start"]
-    assert meta["fusion_weight"] in rr.FUSION_WEIGHTS and meta["rerank_loss"] == "lambda"
+    assert meta["fusion_weight"] in rt.FUSION_WEIGHTS and meta["rerank_loss"] == "lambda"
     assert meta["prior_weight"] == 2.0 and "first stage's score" in (out / "README.md").read_text()
     ds = load_dataset(rerank_dir)
     from adapter.data import train_val_qrels
@@ -217,7 +219,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     base = build_systems(Config().replace(model=str(tiny_model_dir)), progress=False)["base"]
     queries = base.encode_queries([ds.queries[q] for q in val])
     _, corpus = base.corpus.read(ds, base.encoder)
-    again = rr.score_first_stage(ds, val, queries, corpus, rr.list_reranker(reranker, ds, 4))
+    again = rt.score_first_stage(ds, val, queries, corpus, rr.list_reranker(reranker, ds, 4))
     assert again["ndcg@10"] == pytest.approx(meta["val_best"]["32"]["ndcg@10"], abs=1e-6)
 
     # evaluate and compare score each system again with its top k reranked, by the same judge
@@ -240,7 +242,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
 
 def test_a_killed_run_resumes_and_mines_its_negatives_once(rerank_dir, tmp_path, tiny_model_dir, monkeypatch):
     ds, out, cfg = load_dataset(rerank_dir), tmp_path / "rr", tiny_cfg(tiny_model_dir)
-    real_clock = rr._clock_callback
+    real_clock = rt.clock_callback
 
     def dies_after_first_save(before):
         clock = real_clock(before)
@@ -253,13 +255,13 @@ def test_a_killed_run_resumes_and_mines_its_negatives_once(rerank_dir, tmp_path,
         clock.on_save = on_save
         return clock
 
-    monkeypatch.setattr(rr, "_clock_callback", dies_after_first_save)
+    monkeypatch.setattr(rt, "clock_callback", dies_after_first_save)
     with pytest.raises(RuntimeError, match="killed"):
         rerank_train(ds, out, cfg, progress=False)
     monkeypatch.undo()
-    negatives = (out / "checkpoints" / rr.NEGATIVES_FILE).read_text()
+    negatives = (out / "checkpoints" / rt.NEGATIVES_FILE).read_text()
     mined = []
-    monkeypatch.setattr(rr, "mine_negatives", lambda *a, **k: mined.append(1))
+    monkeypatch.setattr(rt, "mine_negatives", lambda *a, **k: mined.append(1))
     r = rerank_train(ds, out, cfg, progress=False)
     assert r.resumed_from is not None and not mined  # the negatives of the first run were read back, not mined
     meta = json.loads((out / "rerank.json").read_text())
@@ -287,13 +289,13 @@ def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(
     a.weight = (np.eye(a.dim) + 0.5 * np.random.default_rng(0).standard_normal((a.dim, a.dim))).astype(np.float32)
     file = a.save(tmp_path / "a.safetensors")
     ds = load_dataset(rerank_dir)
-    mined, real = [], rr.mine_negatives
+    mined, real = [], rt.mine_negatives
 
     def mine(dataset, qrels, queries, corpus, **kw):
         mined.append((set(qrels), queries.copy()))
         return real(dataset, qrels, queries, corpus, **kw)
 
-    monkeypatch.setattr(rr, "mine_negatives", mine)
+    monkeypatch.setattr(rt, "mine_negatives", mine)
     rerank_train(ds, tmp_path / "rr", cfg, adapter=file, progress=False)
     meta = json.loads((tmp_path / "rr" / "rerank.json").read_text())
     # half the training questions (seeded) bring base's lists, half the adapter's: base's query vectors differ
@@ -306,7 +308,7 @@ def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(
     keys = {f"adapter:{rr.file_sha(file)}", f"base:{tiny_model_dir}"}
     assert set(meta["stages"]) == keys and meta["stages"][f"adapter:{rr.file_sha(file)}"]["fusion"] == meta[
         "fusion_weight"]
-    assert all(v["fusion"] in rr.FUSION_WEIGHTS for v in meta["stages"].values())
+    assert all(v["fusion"] in rt.FUSION_WEIGHTS for v in meta["stages"].values())
     systems = build_systems(cfg, adapters=[file], reranker=tmp_path / "rr", rerank_k=4, progress=False)
     val = train_val_qrels(ds, cfg)[1]
     for name, key in (("base", f"base:{tiny_model_dir}"), ("a", f"adapter:{rr.file_sha(file)}")):
@@ -315,9 +317,9 @@ def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(
         s.reranker.model.max_seq_length = 48
         _, corpus = s.corpus.read(ds, s.encoder)
         queries = s.encode_queries([ds.queries[q] for q in val])
-        got = rr.score_first_stage(ds, val, queries, corpus, rr.list_reranker(s.reranker, ds, 4))
+        got = rt.score_first_stage(ds, val, queries, corpus, rr.list_reranker(s.reranker, ds, 4))
         assert got["ndcg@10"] == pytest.approx(meta["stages"][key]["reranked"], abs=1e-6)  # what it was chosen on
-        assert rr.score_first_stage(ds, val, queries, corpus)["ndcg@10"] == pytest.approx(
+        assert rt.score_first_stage(ds, val, queries, corpus)["ndcg@10"] == pytest.approx(
             meta["stages"][key]["first_stage"], abs=1e-6)
 
 
@@ -375,6 +377,18 @@ def cross_encoder_dir(tmp_path_factory, tiny_model_dir) -> Path:
     out = tmp_path_factory.mktemp("ce") / "ce"
     rr.start_model(str(tiny_model_dir), 48)[0].save(str(out))
     return out
+
+
+def test_a_rerank_json_of_another_version_is_refused_before_the_model_loads(cross_encoder_dir, tmp_path,
+                                                                            monkeypatch):
+    folder = tmp_path / "old-rr"
+    shutil.copytree(cross_encoder_dir, folder)
+    (folder / rr.META_FILE).write_text(json.dumps({"format_version": 0, "stages": {}}))
+    monkeypatch.setattr(rr, "_cross_encoder", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(AdapterError) as e:
+        rr.load_reranker(folder)
+    assert str(e.value) == (f"{folder / 'rerank.json'}: format version 0 is not supported (this version of adapter "
+                            "reads 1); re-train with this version")
 
 
 def test_the_project_s_own_folder_loads_its_head_by_import_never_by_remote_code(cross_encoder_dir):

@@ -460,8 +460,8 @@ def test_training_reads_a_memory_mapped_corpus_as_it_is(tmp_path):
 def test_corpus_vectors_in_corpus_order_are_used_as_they_are(tmp_path):
     """--corpus-vectors whose rows already follow corpus.jsonl (distractors after) stay the memory-mapped file: no
     copy of a million-row array; any other order is put in corpus order, as before."""
+    from adapter.corpus import StoreSource
     from adapter.data import load_dataset
-    from adapter.stores import StoreSource
 
     ds = load_dataset(write_dataset(tmp_path / "ds"))
     cids = list(ds.corpus) + ["extra1", "extra2"]
@@ -633,8 +633,8 @@ def test_clip_grads_is_clip_grad_norm(scale):
 
 
 def test_the_report_names_an_identity_adapter_and_draws_no_curve_for_it():
-    from adapter.pipeline import Comparison, SystemInfo, training_curves
-    from adapter.report import cost_table
+    from adapter.pipeline import training_curves
+    from adapter.report import Comparison, SystemInfo, cost_table
 
     history = {"loss": [{"epoch": 1, "loss": 0.5}], "val": [{"epoch": 0, "ndcg@10": {384: 0.5}},
                                                              {"epoch": 1, "ndcg@10": {384: 0.6}}]}

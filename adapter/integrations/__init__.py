@@ -22,18 +22,7 @@ import numpy as np
 from adapter.backends import Backend, make_backend
 from adapter.config import DEFAULT_MODEL, EmbeddingConfig
 from adapter.errors import AdapterError
-from adapter.model import LinearAdapter
-
-
-def checked_adapter(adapter: LinearAdapter | str | os.PathLike, backend: Backend, *,
-                    allow_other_model: bool = False) -> LinearAdapter:
-    """The adapter (loaded when a path), refused in one line unless it fits the backend's model and dimension."""
-    source = "adapter" if isinstance(adapter, LinearAdapter) else str(adapter)
-    loaded = adapter if isinstance(adapter, LinearAdapter) else LinearAdapter.load(adapter)
-    if backend.dim is not None and loaded.dim != backend.dim:
-        raise AdapterError(f"{source}: adapter is {loaded.dim}-dimensional, {backend.name} gives {backend.dim}")
-    loaded.check_base_model(backend.identity, allow_other_model=allow_other_model, source=source)
-    return loaded
+from adapter.model import LinearAdapter, checked_adapter
 
 
 class AdaptedBackend:
