@@ -394,15 +394,15 @@ def _check_output(path: str, force: bool) -> None:
         raise AdapterError(f"{Path(path).parent}: folder does not exist")
 
 
-def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> float | str | None:
-    if value is None or value == "auto":
+def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
         return value
     try:
         number = float(value)
     except ValueError:
-        raise click.BadParameter(f"expected a number or 'auto', got {value!r}") from None
+        raise click.BadParameter(f"expected a number, got {value!r}") from None
     if not math.isfinite(number) or number < 0:
-        raise click.BadParameter(f"must be a finite number >= 0 or 'auto', got {value}")
+        raise click.BadParameter(f"must be a finite number >= 0, got {value}")
     return number
 
 
@@ -433,8 +433,7 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
               "validation estimate printed, whatever it says "
               "[default: auto; manual when --loss, --negatives, --rank or --identity-penalty is given].")
 @click.option("--identity-penalty", callback=_penalty, default=None,
-              help=f"Pull toward the identity, or 'auto' to choose it on held-out chunks "
-                   f"[default: {DEFAULTS.train.identity_penalty}].")
+              help=f"Pull toward the identity [default: {DEFAULTS.train.identity_penalty}].")
 @click.option("--dtype", type=click.Choice(ADAPTER_DTYPES), default=None,
               help=f"Tensor dtype in the file [default: {DEFAULTS.train.dtype}]")
 @click.option("--seed", type=SEED, default=None, help=f"[default: {DEFAULTS.seed}]")
@@ -446,7 +445,7 @@ def _penalty(ctx: click.Context, param: click.Parameter, value: str | None) -> f
 @embedding_options
 def train(directory: str, out: str, model: str | None, train_split: str | None, loss: str | None,
           negatives: str | None, epochs: int | None, lr: float | None, batch_size: int | None, margin: float | None,
-          temperature: float | None, rank: int | None, identity_penalty: float | str | None, dtype: str | None,
+          temperature: float | None, rank: int | None, identity_penalty: float | None, dtype: str | None,
           seed: int | None, force: bool, cache_dir: str | None, source, id_field: str | None, embedding: dict,
           objective: str | None, recipe: str | None, json_out: str | None) -> None:
     """Train a query-only adapter on DIRECTORY's cached embeddings and write it to --out.
@@ -456,15 +455,14 @@ def train(directory: str, out: str, model: str | None, train_split: str | None, 
     printed and stored in the file, and when the base ships a line says why. With a store (--index, --qdrant, --chroma,
     --pgvector) or --corpus-vectors the corpus vectors are the ones the index already holds: only the queries are
     embedded."""
+    from adapter.choice import resolve_train, train_adapter, train_summary
     from adapter.data import load_dataset
-    from adapter.train import check_options, resolve_recipe, train_adapter, train_summary
 
     cfg = Config().replace(model=model, train_split=train_split, loss=loss, negatives=negatives, epochs=epochs, lr=lr,
                            batch_size=batch_size, margin=margin, temperature=temperature, rank=rank,
                            identity_penalty=identity_penalty, dtype=dtype, seed=seed, cache_dir=cache_dir,
                            id_field=id_field, objective=objective, recipe=recipe, **embedding)
-    cfg = resolve_recipe(cfg)
-    check_options(cfg)
+    cfg = resolve_train(cfg)
     _check_output(out, force)
     if json_out:  # every output checked before any work: none is written after the adapter and then refused
         _check_output(json_out, force)

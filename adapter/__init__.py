@@ -22,7 +22,7 @@ from adapter.config import Config
 from adapter.errors import AdapterError
 
 _LAZY = {"load_dataset": "adapter.data", "split_dataset": "adapter.data", "Encoder": "adapter.encoder",
-         "train_adapter": "adapter.train", "LinearAdapter": "adapter.model", "evaluate_dataset": "adapter.pipeline",
+         "train_adapter": "adapter.choice", "LinearAdapter": "adapter.model", "evaluate_dataset": "adapter.pipeline",
          "compare": "adapter.pipeline", "AdaptedEncoder": "adapter.export", "open_store": "adapter.stores",
          "search": "adapter.pipeline"}
 
@@ -31,13 +31,13 @@ __all__ = ["Config", "AdapterError", "load_dataset", "split_dataset", "Encoder",
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from adapter.choice import train_adapter
     from adapter.data import load_dataset, split_dataset
     from adapter.encoder import Encoder
     from adapter.export import AdaptedEncoder
     from adapter.model import LinearAdapter
     from adapter.pipeline import compare, evaluate_dataset, search
     from adapter.stores import open_store
-    from adapter.train import train_adapter
 
 
 def __getattr__(name: str) -> Any:

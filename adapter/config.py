@@ -77,7 +77,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW decay pulls toward zero, not identity; identity_penalty is the right prior
     warmup_fraction: float = 0.1  # linear warmup over the first 10% of steps, then linear decay to zero
     grad_clip: float = 1.0  # max gradient norm
-    identity_penalty: float | str = 0.0  # λ·‖W − I‖²_F (low rank: λ·‖UV‖²_F); "auto" picks it on held-out chunks
+    identity_penalty: float = 0.0  # λ·‖W − I‖²_F (low rank: λ·‖UV‖²_F): the manual recipe's pull toward the identity
     # λ_u·d·mean over the chunks without training questions of ‖c(W − I)‖²: the identity pull measured on those
     # chunks' own vectors (as pseudo-queries), so the map moves little where questions about them would land and is
     # free elsewhere; 0 when every chunk has questions
@@ -85,15 +85,15 @@ class TrainConfig:
     rank: int | None = None  # None: full d×d matrix; r: residual x + (xU)V of rank r
     bias: bool = False  # a bias shifts every query alike; rarely helps cosine retrieval
     dtype: str = "float32"  # tensors' dtype in the saved file; float16 halves it
-    # recipe choice (adapter.train.train_on_vectors; every number measured by bench/bench_quality.py)
+    # recipe choice (adapter.choice.train_on_vectors; every number measured by bench/bench_quality.py)
     objective: str = "both"  # "both": best seen-chunk gain whose unseen-chunk estimate holds base; "seen": seen only
-    recipe: str = "auto"  # "auto": chosen by validation from train.AUTO_RECIPES; a name in train.RECIPES; "manual"
+    recipe: str = "auto"  # "auto": chosen by validation from choice.AUTO_RECIPES; a name in choice.RECIPES; "manual"
     # "both": the unseen-chunk change may sit this many clustered s.e. below base, and the most constrained safe
     # recipe within this many s.e. of the best seen gain ships; both sit mid-way in the range where every #12 goal
     # held on bench_quality's grid (z 0.5-2, within 2.5-4), not at its edge
     safety_z: float = 1.0
     simpler_within: float = 3.0
-    # cross-fitting (train.cross_folds): every training question is scored once by a fit that never saw it, as a
+    # cross-fitting (choice.cross_folds): every training question is scored once by a fit that never saw it, as a
     # seen-chunk question and as an unseen-chunk one; each fit trains on ~1 - 2/folds of the questions
     folds: int = 5
     # folds run until this many questions are held out: small data (a few questions per chunk) use every fold, where

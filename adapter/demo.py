@@ -52,9 +52,9 @@ def run_demo(out: str | os.PathLike = DEMO_OUT, cfg: Config | None = None, *, wi
              data: str | os.PathLike = BUNDLED_DATA, progress: bool = True) -> DemoResult:
     """Split the bundled dataset by query, train an adapter on the cached embeddings, fine-tune the encoder when
     asked, and write the side-by-side report; returns where everything is."""
+    from adapter.choice import train_adapter
     from adapter.encoder import Encoder
     from adapter.pipeline import compare
-    from adapter.train import train_adapter
 
     cfg = cfg or Config()
     data, out = Path(data), Path(out)

@@ -37,10 +37,8 @@ def _timeless(value):
 
 
 def _recipes() -> list[str]:
-    try:
-        from adapter.choice import AUTO_RECIPES
-    except ImportError:
-        from adapter.train import AUTO_RECIPES
+    from adapter.choice import AUTO_RECIPES
+
     return list(AUTO_RECIPES)
 
 
@@ -59,11 +57,11 @@ def _dataset(name: str, shared: Path, work: Path, by: str, seed: int) -> Path:
 
 
 def run(args: argparse.Namespace) -> dict:
+    from adapter.choice import train_adapter
     from adapter.config import Config
     from adapter.data import load_dataset
     from adapter.encoder import Encoder
     from adapter.model import LinearAdapter
-    from adapter.train import train_adapter
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

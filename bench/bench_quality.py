@@ -121,8 +121,9 @@ def run_cell(args: tuple) -> dict:
     """`adapter train`'s default on one (dataset, shape, split, seed), and every recipe fitted on all of it."""
     import torch
 
+    from adapter.choice import AUTO_RECIPES, recipe_config, train_on_vectors
     from adapter.config import Config
-    from adapter.train import AUTO_RECIPES, fit, recipe_config, train_on_vectors
+    from adapter.train import fit
 
     torch.set_num_threads(1)
     data, dname, shape, kind, seed, overrides = args
@@ -143,8 +144,8 @@ def run_cell(args: tuple) -> dict:
 
 def replay(cell: dict, objective: str, gain_z: float) -> str:
     """The recipe `adapter train` ships on this cell under ``objective`` and ``gain_z``: ``select`` over its rows."""
+    from adapter.choice import select
     from adapter.config import Config
-    from adapter.train import select
 
     tc = Config().train
     rows = [dict(t) for t in cell["trials"]]
@@ -174,7 +175,7 @@ def groups(cells: list[dict]) -> dict[tuple, list[dict]]:
 
 
 def report(cells: list[dict], overrides: dict) -> None:
-    from adapter.train import AUTO_RECIPES, GAIN_Z
+    from adapter.choice import AUTO_RECIPES, GAIN_Z
 
     seeds = sorted({c["seed"] for c in cells})
     label = {"query": "by query", "chunk": "by chunk", "cov50": "50% coverage"}
@@ -230,8 +231,8 @@ def report(cells: list[dict], overrides: dict) -> None:
 def speed(data: dict, rounds: int = 3) -> None:
     """`adapter train`'s training (folds, choice, refit; embedding excluded) on AppleQA by query, seed 0: wall and CPU
     seconds of each round (CPU seconds / 2 is the wall time on 2 idle cores)."""
+    from adapter.choice import train_on_vectors
     from adapter.config import Config
-    from adapter.train import train_on_vectors
 
     d = data["appleqa"]
     train, _ = scenario(d, "full", "query", 0)

@@ -52,8 +52,9 @@ BLOCK = 100_000  # rows generated at a time
 def choice(shared: Path, seeds: list[int]) -> None:
     from bench_quality import load, scenario
 
+    from adapter.choice import cross_folds, recipe_config, train_on_vectors
     from adapter.config import Config
-    from adapter.train import bounded, cross_folds, fit, train_on_vectors
+    from adapter.train import bounded, fit, torch_threads
 
     data = load(shared, Path(tempfile.mkdtemp(prefix="bench-scale-")))
     print("### Validating on a sample of questions: the same choice?\n")
@@ -75,13 +76,15 @@ def choice(shared: Path, seeds: list[int]) -> None:
             cfg = Config().replace(seed=seed)
             fold = cross_folds(train, cfg)[0][0]  # the first fold's fit and held-out questions
             inner, seen, unseen = fold.fit, fold.seen, fold.unseen
-            best = cfg.replace(recipe="triplet", epochs=30)
-            full = fit(inner, seen, corpus, cids, "bench", best, progress=False)
+            best = recipe_config(cfg, "triplet").replace(epochs=30)
+            with torch_threads(1):
+                full = fit(inner, seen, corpus, cids, "bench", best, progress=False)
             curve = {h["epoch"]: h["ndcg@10"] for h in full.history}
             picks = []
             for n in SAMPLES:
                 small = best.replace(val_budget=n * len(cids))
-                r = fit(inner, bounded(seen, len(cids), small), corpus, cids, "bench", small, progress=False)
+                with torch_threads(1):
+                    r = fit(inner, bounded(seen, len(cids), small), corpus, cids, "bench", small, progress=False)
                 picks.append(r.best_epoch)
             recipe_full = train_on_vectors(train, corpus, cids, "bench", cfg, progress=False).recipe
             recipes = [train_on_vectors(train, corpus, cids, "bench", cfg.replace(val_budget=n * len(cids)),
@@ -162,10 +165,10 @@ def _peak_gib() -> float:
 
 def train_child(folder: Path, epochs: int) -> None:
     """One `adapter train` run (train_adapter with --corpus-vectors) in this process: print its numbers as JSON."""
+    from adapter.choice import train_adapter
     from adapter.config import Config
     from adapter.corpus import StoreSource
     from adapter.data import load_dataset
-    from adapter.train import train_adapter
 
     t = time.perf_counter()
     lines: list[str] = []  # the trainer's log lines, timed from the start: when trials ended, the refit ahead
@@ -174,9 +177,9 @@ def train_child(folder: Path, epochs: int) -> None:
         def emit(self, record: logging.LogRecord) -> None:
             lines.append(f"{time.perf_counter() - t:.0f} s: {record.getMessage()}")
 
-    log = logging.getLogger("adapter.train")
-    log.setLevel(logging.DEBUG)
-    log.addHandler(Keep())
+    for name in ("adapter.train", "adapter.choice"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+        logging.getLogger(name).addHandler(Keep())
     ds = load_dataset(folder)
     source = StoreSource(vectors=str(folder / "corpus.npy"), ids=str(folder / "ids.txt"))
     enc = VectorEncoder(np.load(folder / "questions.npy"))
@@ -201,7 +204,7 @@ def _gain(e: dict | None) -> str:
 
 
 def grid(work: Path, cells: list[tuple[int, int]], epochs: int) -> None:
-    from adapter.train import AUTO_RECIPES
+    from adapter.choice import AUTO_RECIPES
 
     print(f"### Training cost against the corpus (synthetic, d = {D}, {epochs} epochs)\n")
     print("`train_adapter` (what `adapter train --corpus-vectors corpus.npy --corpus-ids ids.txt --epochs "

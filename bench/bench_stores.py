@@ -59,13 +59,13 @@ def main() -> None:
     from common import appleqa
     from qdrant_client import models
 
+    from adapter.choice import train_adapter
     from adapter.config import Config
     from adapter.corpus import VectorCorpus
     from adapter.data import load_dataset, relevant
     from adapter.encoder import Encoder
     from adapter.pipeline import evaluate_dataset
     from adapter.stores import ChromaStore, FaissStore, QdrantStore
-    from adapter.train import train_adapter
 
     work = Path(tempfile.mkdtemp(prefix="bench-stores-"))
     ds = load_dataset(appleqa(a.shared, work))

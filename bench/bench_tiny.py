@@ -31,12 +31,12 @@ def main() -> None:
 
     from common import appleqa
 
+    from adapter.choice import train_adapter
     from adapter.config import Config
     from adapter.data import load_dataset
     from adapter.encoder import Encoder
     from adapter.model import LinearAdapter
     from adapter.pipeline import evaluate_dataset
-    from adapter.train import train_adapter
 
     work = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
     ds = load_dataset(appleqa(a.shared, work))

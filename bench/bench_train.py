@@ -33,9 +33,9 @@ def test_scores(ds, encoder, adapter) -> tuple[dict, dict]:
 
 
 def quality(folders: dict[str, Path], encoder, tradeoff: bool) -> None:
+    from adapter.choice import train_adapter
     from adapter.config import Config
     from adapter.data import load_dataset
-    from adapter.train import train_adapter
 
     print("### Defaults on both splits (test set, dim 384)\n")
     print("| split | base ndcg@10 | adapter ndcg@10 | ratio | base accuracy@10 | adapter accuracy@10 | epoch won |"
@@ -59,7 +59,7 @@ def quality(folders: dict[str, Path], encoder, tradeoff: bool) -> None:
     print("|---|---|---|---|")
     rows = [("identity penalty 0 (default)", {}), ("identity penalty 0.001", {"identity_penalty": 0.001}),
             ("identity penalty 0.01", {"identity_penalty": 0.01}), ("identity penalty 0.1", {"identity_penalty": 0.1}),
-            ("identity penalty auto", {"identity_penalty": "auto"}), ("rank 16", {"rank": 16}),
+            ("rank 16", {"rank": 16}),
             ("rank 64", {"rank": 64}), ("seed settings: margin 1.0, 1 negative", {"margin": 1.0,
                                                                                  "negatives_per_query": 1})]
     for name, over in rows:
@@ -110,9 +110,9 @@ def seed_recipe_seconds(model, ds, n_batches: int = 3, batch: int = 32) -> tuple
 
 
 def speed(folders: dict[str, Path], model, encoder) -> None:
+    from adapter.choice import train_adapter
     from adapter.config import Config
     from adapter.data import load_dataset
-    from adapter.train import train_adapter
 
     ds = load_dataset(folders["query"])
     # the loop first: right after multi-threaded encoding, idle OpenMP workers still spin and slow a 1-thread loop
@@ -140,10 +140,10 @@ def speed(folders: dict[str, Path], model, encoder) -> None:
 def size_and_latency(folders: dict[str, Path], model, encoder) -> None:
     import numpy as np
 
+    from adapter.choice import train_adapter
     from adapter.config import Config
     from adapter.data import load_dataset
     from adapter.model import LinearAdapter
-    from adapter.train import train_adapter
 
     ds = load_dataset(folders["query"])
     work = Path(tempfile.mkdtemp(prefix="bench-size-"))

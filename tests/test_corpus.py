@@ -73,8 +73,8 @@ def encoder(minilm, cache: Path):
 
 @pytest.mark.parametrize("source", ["rows.faiss", "npy", "parquet"])
 def test_training_on_the_index_vectors_gives_the_same_adapter_and_embeds_no_chunk(setup, minilm, tmp_path, source):
+    from adapter.choice import train_adapter
     from adapter.data import load_dataset
-    from adapter.train import train_adapter
 
     folder, blind, root = setup
     reference = train_adapter(load_dataset(folder), QUICK, encoder=encoder(minilm, tmp_path / "a"), progress=False)
@@ -122,8 +122,8 @@ def test_train_cli_from_a_faiss_file_with_ids(setup, tmp_path):
 
 
 def test_bad_vector_files_are_one_line(setup, tmp_path, minilm):
+    from adapter.choice import train_adapter
     from adapter.data import load_dataset
-    from adapter.train import train_adapter
 
     _, blind, root = setup
     ds = load_dataset(blind)

@@ -151,10 +151,10 @@ def test_push_to_hub_refuses_without_a_token_or_offline(tmp_path, tiny, tiny_mod
 
 
 def test_default_loss_is_triplet_for_full_and_infonce_for_low_rank(tmp_path, minilm):
+    from adapter.choice import resolve_loss, train_adapter
     from adapter.config import Config
     from adapter.data import load_dataset, split_dataset
     from adapter.encoder import Encoder
-    from adapter.train import resolve_loss, train_adapter
     from tests.conftest import write_dataset
 
     assert Config().train.loss == "auto"
@@ -172,10 +172,10 @@ def test_default_loss_is_triplet_for_full_and_infonce_for_low_rank(tmp_path, min
 
 def test_rank_16_float16_file_is_at_most_30_kb(tmp_path, minilm):
     """With every piece of metadata a default run writes (30 epochs of history, the whole resolved config)."""
+    from adapter.choice import train_adapter
     from adapter.config import Config
     from adapter.data import load_dataset, split_dataset
     from adapter.encoder import Encoder
-    from adapter.train import train_adapter
     from tests.conftest import write_dataset
 
     folder = write_dataset(tmp_path / "ds")

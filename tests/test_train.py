@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from adapter.choice import resolve_train
 from adapter.config import Config
 from adapter.errors import AdapterError
 from adapter.evaluate import evaluate
 from adapter.model import LinearAdapter
-from adapter.train import Split, _random_negatives, fit, mine_hard_negatives
+from adapter.train import Split, Stopped, _random_negatives, fit, mine_hard_negatives
 from cli import main
 from tests.conftest import write_dataset
 
@@ -41,11 +42,16 @@ def quick(**over) -> Config:
     return Config().replace(epochs=8, batch_size=16, **over)
 
 
+def manual(**over) -> Config:
+    """``quick`` as the manual recipe, resolved as ``fit`` takes it (the "auto" loss made concrete)."""
+    return resolve_train(quick(recipe="manual", **over))
+
+
 @pytest.mark.parametrize("over", [{}, {"loss": "infonce"}, {"loss": "infonce", "infonce_candidates": "corpus"},
                                   {"negatives": "hard"}, {"rank": 12}, {"identity_penalty": 0.01}])
 def test_training_learns_a_learnable_map(over):
     train, val, corpus, cids = synthetic()
-    r = fit(train, val, corpus, cids, BASE, quick(**over), progress=False)
+    r = fit(train, val, corpus, cids, BASE, manual(**over), progress=False)
     assert r.best_epoch > 0
     base, best = r.base_val[16]["ndcg@10"], r.best_val[16]["ndcg@10"]  # keyed by dim, as every result
     assert best > base + 0.05, (base, best)
@@ -56,7 +62,7 @@ def test_training_learns_a_learnable_map(over):
 
 def test_identity_wins_when_training_only_hurts():
     train, val, corpus, cids = synthetic(shuffled_train=True, rotate=False)  # noise labels, a good base
-    r = fit(train, val, corpus, cids, BASE, quick(lr=0.05, warmup_fraction=0.0), progress=False)
+    r = fit(train, val, corpus, cids, BASE, manual(lr=0.05, warmup_fraction=0.0), progress=False)
     assert r.best_epoch == 0
     np.testing.assert_array_equal(r.adapter.weight, np.eye(16))
     assert r.best_val == r.base_val
@@ -65,7 +71,7 @@ def test_identity_wins_when_training_only_hurts():
 @pytest.mark.parametrize("seed", range(4))
 def test_shipped_adapter_never_loses_to_base_on_validation(seed):
     train, val, corpus, cids = synthetic(seed=seed, shuffled_train=seed % 2 == 1)
-    r = fit(train, val, corpus, cids, BASE, quick(seed=seed), progress=False)
+    r = fit(train, val, corpus, cids, BASE, manual(seed=seed), progress=False)
     shipped = evaluate(r.adapter.apply(val.vectors), corpus, val.qrels, val.ids, cids)[16]["ndcg@10"]
     base = evaluate(val.vectors, corpus, val.qrels, val.ids, cids)[16]["ndcg@10"]
     assert shipped >= base
@@ -73,9 +79,9 @@ def test_shipped_adapter_never_loses_to_base_on_validation(seed):
 
 def test_same_seed_is_bit_identical():
     train, val, corpus, cids = synthetic()
-    a = fit(train, val, corpus, cids, BASE, quick(seed=5), progress=False).adapter
-    b = fit(train, val, corpus, cids, BASE, quick(seed=5), progress=False).adapter
-    c = fit(train, val, corpus, cids, BASE, quick(seed=6), progress=False).adapter
+    a = fit(train, val, corpus, cids, BASE, manual(seed=5), progress=False).adapter
+    b = fit(train, val, corpus, cids, BASE, manual(seed=5), progress=False).adapter
+    c = fit(train, val, corpus, cids, BASE, manual(seed=6), progress=False).adapter
     assert a.weight.tobytes() == b.weight.tobytes()
     assert a.weight.tobytes() != c.weight.tobytes()
 
@@ -97,9 +103,27 @@ def test_negatives_are_never_relevant():
 def test_bad_training_options():
     train, val, corpus, cids = synthetic()
     with pytest.raises(AdapterError, match="--loss"):
-        fit(train, val, corpus, cids, BASE, quick(loss="mse"), progress=False)
+        resolve_train(quick(loss="mse"))
     with pytest.raises(AdapterError, match="--rank"):
-        fit(train, val, corpus, cids, BASE, quick(rank=16), progress=False)
+        fit(train, val, corpus, cids, BASE, manual(rank=16), progress=False)
+    with pytest.raises(AdapterError, match=r"^train.identity_penalty must be a number >= 0, not 'auto'$"):
+        resolve_train(quick(identity_penalty="auto"))  # one way to choose: the recipes, by validation
+    with pytest.raises(AdapterError, match=r"^train.epoch_choice must be one of average, last, best, not 'x'$"):
+        resolve_train(quick(epoch_choice="x"))
+    with pytest.raises(AdapterError, match="takes a concrete loss, not 'auto'"):  # fit trusts a resolved config
+        fit(train, val, corpus, cids, BASE, quick(), progress=False)
+
+
+def test_options_are_resolved_once_and_resolving_again_changes_nothing():
+    """resolve_train is the one place options are made concrete: a recipe axis set means "manual", whose "auto"
+    loss becomes the form's; what it returns passes through it again unchanged (the CLI resolves, then
+    train_adapter does)."""
+    for given, recipe, loss in (({}, "auto", "auto"), ({"rank": 16}, "manual", "infonce"),
+                                ({"identity_penalty": 0.1}, "manual", "triplet"),
+                                ({"loss": "triplet"}, "manual", "triplet"), ({"recipe": "lowrank"}, "lowrank", "auto")):
+        once = resolve_train(Config().replace(**given))
+        assert (once.train.recipe, once.train.loss) == (recipe, loss), given
+        assert resolve_train(once) == once, given
 
 
 # ---------------------------------------------------------------------------------------------------------- CLI
@@ -165,9 +189,9 @@ def test_train_refuses_bad_input(trained, tmp_path):
 
 
 def test_both_validation_slices_are_carved_whatever_the_split(tmp_path, minilm):
+    from adapter.choice import train_adapter
     from adapter.data import load_dataset, split_dataset
     from adapter.encoder import Encoder
-    from adapter.train import train_adapter
 
     folder = write_dataset(tmp_path / "ds")
     enc = Encoder(minilm, show_progress=False)
@@ -180,38 +204,11 @@ def test_both_validation_slices_are_carved_whatever_the_split(tmp_path, minilm):
         assert "seen: " in r.adapter.metadata["validation"] and "unseen: " in r.adapter.metadata["validation"]
 
 
-def test_auto_identity_penalty_is_chosen_and_recorded(monkeypatch):
-    """The rule: the best seen-chunk score among strengths that do not lower the held-out chunks' score. Trials are
-    faked so the answer is known: 0.3 scores best on seen chunks but reverses every ranking on unseen ones (its
-    adapter is -I), 0.1 is the best safe one, 0.0 the worst."""
-    import adapter.train as train_mod
-    from adapter.train import TrainResult
-
-    train, _, corpus, cids = synthetic(n_chunks=30, rotate=False)  # a good base, so -I loses on unseen chunks
-    d = corpus.shape[1]
-    seen = {0.0: 0.5, 0.1: 0.7, 0.3: 0.9}
-
-    def fake_fit(inner, val, corpus_, cids_, base, cfg, *, progress=True, tie_rank=None):
-        lam = cfg.train.identity_penalty
-        adapter = LinearAdapter.identity(d, base)
-        if lam == 0.3:
-            adapter.weight = -np.eye(d, dtype=np.float32)
-        return TrainResult(adapter, 1, [], {d: {"ndcg@10": 0.5}}, {d: {"ndcg@10": seen[lam]}})
-
-    monkeypatch.setattr(train_mod, "fit", fake_fit)
-    lam, trials = train_mod.choose_identity_penalty(train, corpus, cids, BASE, quick(), grid=(0.0, 0.1, 0.3))
-    assert lam == 0.1
-    assert [t["identity_penalty"] for t in trials] == [0.0, 0.1, 0.3]
-    assert [t["seen_ndcg@10"] for t in trials] == [0.5, 0.7, 0.9]
-    unseen = [t["unseen_ndcg@10"] for t in trials]
-    assert unseen[0] == unseen[1] > unseen[2]  # the identity twice, then the reversed rankings
-
-
 # ------------------------------------------------------------------------------- coverage, slices and the choice
 
 
 def test_cross_folds_score_every_question_once_as_seen_and_once_as_unseen():
-    from adapter.train import cross_folds
+    from adapter.choice import cross_folds
 
     train, _, _, _ = synthetic(n_chunks=40, train_per=5)
     folds, warnings = cross_folds(train, Config())
@@ -232,7 +229,8 @@ def test_cross_folds_score_every_question_once_as_seen_and_once_as_unseen():
 
 
 def test_cross_folds_fall_back_to_one_kind_and_say_how_much_is_needed():
-    from adapter.train import Split, cross_folds
+    from adapter.choice import cross_folds
+    from adapter.train import Split
 
     train, _, _, _ = synthetic(n_chunks=3, train_per=3)  # 9 questions on 3 chunks: no unseen slice
     folds, warnings = cross_folds(train, Config())
@@ -246,7 +244,7 @@ def test_cross_folds_fall_back_to_one_kind_and_say_how_much_is_needed():
 
 
 def test_clustered_standard_error_counts_a_chunk_once():
-    from adapter.train import clustered_se
+    from adapter.choice import clustered_se
 
     # two chunks, each with two questions that move together: the s.e. is that of two draws, not four
     delta = np.array([0.1, 0.1, -0.1, -0.1])
@@ -258,7 +256,7 @@ def test_clustered_standard_error_counts_a_chunk_once():
 
 
 def test_select_keeps_unseen_chunks_at_base_within_their_noise():
-    from adapter.train import select
+    from adapter.choice import select
 
     def row(seen, unseen, se):
         return {"seen": {"delta": seen, "se": 0.01}, "unseen": {"delta": unseen, "se": se}}
@@ -273,7 +271,7 @@ def test_select_keeps_unseen_chunks_at_base_within_their_noise():
 
 
 def test_select_can_judge_unseen_chunks_at_every_dim():
-    from adapter.train import select
+    from adapter.choice import select
 
     def est(delta, by_dim=None):
         return {"delta": delta, "se": 0.01, "by_dim": by_dim or {}}
@@ -286,7 +284,8 @@ def test_select_can_judge_unseen_chunks_at_every_dim():
 
 
 def test_uncovered_pull_holds_chunks_without_questions_and_learns_the_rest():
-    from adapter.train import recipe_config, uncovered_moment
+    from adapter.choice import recipe_config
+    from adapter.train import uncovered_moment
 
     train, val, corpus, cids = synthetic(d=16, n_chunks=40)
     rng = np.random.default_rng(1)
@@ -317,7 +316,7 @@ def test_uncovered_pull_holds_chunks_without_questions_and_learns_the_rest():
 
 
 def test_auto_recipe_learns_a_learnable_map_and_records_every_trial():
-    from adapter.train import AUTO_RECIPES, train_on_vectors
+    from adapter.choice import AUTO_RECIPES, train_on_vectors
 
     train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=6)
     r = train_on_vectors(train, corpus, cids, BASE, quick(), progress=False)
@@ -331,7 +330,7 @@ def test_auto_recipe_learns_a_learnable_map_and_records_every_trial():
 
 
 def test_identity_ships_when_no_recipe_gains_and_partial_coverage_is_one_line():
-    from adapter.train import train_on_vectors
+    from adapter.choice import train_on_vectors
 
     train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=10, shuffled_train=True, rotate=False)
     corpus = np.concatenate([corpus, corpus[:10] * -1.0])  # ten more chunks that no question is about
@@ -353,7 +352,7 @@ def test_identity_ships_when_no_recipe_gains_and_partial_coverage_is_one_line():
 
 def test_a_recipe_asked_for_by_name_ships_with_its_estimate_even_within_noise():
     """The user overrules the choice: a named recipe ships though it does not clear the bar, and a line says so."""
-    from adapter.train import train_on_vectors
+    from adapter.choice import train_on_vectors
 
     train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=10, shuffled_train=True, rotate=False)
     r = train_on_vectors(train, corpus, cids, BASE, quick(lr=0.05, recipe="pull-0.1"), progress=False)
@@ -367,7 +366,7 @@ def test_a_recipe_asked_for_by_name_ships_with_its_estimate_even_within_noise():
 def test_two_questions_per_chunk_are_enough_to_find_a_real_map():
     """Every training question counts toward the choice: at two questions per chunk a real map ships, where one held-out
     slice of a tenth of the questions left every recipe within noise."""
-    from adapter.train import train_on_vectors
+    from adapter.choice import train_on_vectors
 
     train, val, corpus, cids = synthetic(d=32, n_chunks=150, train_per=2, val_per=2, seed=3)
     r = train_on_vectors(train, corpus, cids, BASE, quick(), progress=False)
@@ -377,7 +376,7 @@ def test_two_questions_per_chunk_are_enough_to_find_a_real_map():
 
 
 def test_matryoshka_and_late_averaging_recipes_train():
-    from adapter.train import RECIPES, recipe_config
+    from adapter.choice import RECIPES, recipe_config
 
     train, val, corpus, cids = synthetic()
     for name in ("matryoshka", "lowrank", "infonce-corpus", "pull-0.1"):
@@ -387,7 +386,8 @@ def test_matryoshka_and_late_averaging_recipes_train():
 
 
 def test_bad_objective_and_unlearnable_data_are_one_line_errors():
-    from adapter.train import Split, train_on_vectors
+    from adapter.choice import train_on_vectors
+    from adapter.train import Split
 
     train, _, corpus, cids = synthetic(n_chunks=6)
     with pytest.raises(AdapterError, match="--objective must be 'both' or 'seen', not 'all'"):
@@ -398,7 +398,7 @@ def test_bad_objective_and_unlearnable_data_are_one_line_errors():
 
 
 def test_train_cli_json_and_evaluate_show_the_estimates(trained, tmp_path):
-    from adapter.train import AUTO_RECIPES
+    from adapter.choice import AUTO_RECIPES
 
     folder, out, _ = trained
     js, new = tmp_path / "t.json", tmp_path / "auto.safetensors"
@@ -435,7 +435,8 @@ def test_validation_is_a_seeded_sample_only_above_the_budget():
 
 def test_sampled_validation_still_ranks_against_every_chunk_and_says_how_many():
     """With a tiny budget the slices are sampled, the estimates say of how many, and the choice still finds the map."""
-    from adapter.train import MIN_VAL_QUESTIONS, train_on_vectors
+    from adapter.choice import train_on_vectors
+    from adapter.train import MIN_VAL_QUESTIONS
 
     train, _, corpus, cids = synthetic(d=32, n_chunks=200, train_per=4)  # each fold's unseen slice: 40 x 4 = 160
     r = train_on_vectors(train, corpus, cids, BASE, quick(val_budget=1), progress=False)
@@ -452,8 +453,8 @@ def test_training_reads_a_memory_mapped_corpus_as_it_is(tmp_path):
     np.save(tmp_path / "c.npy", corpus)
     mapped = np.load(tmp_path / "c.npy", mmap_mode="r")
     for over in ({}, {"loss": "infonce", "matryoshka": True}):
-        a = fit(train, val, corpus, cids, BASE, quick(**over), progress=False)
-        b = fit(train, val, mapped, cids, BASE, quick(**over), progress=False)
+        a = fit(train, val, corpus, cids, BASE, manual(**over), progress=False)
+        b = fit(train, val, mapped, cids, BASE, manual(**over), progress=False)
         assert a.adapter.weight.tobytes() == b.adapter.weight.tobytes() and a.best_epoch == b.best_epoch
 
 
@@ -482,39 +483,39 @@ def test_corpus_vectors_in_corpus_order_are_used_as_they_are(tmp_path):
 def test_uncovered_pulls_with_nothing_to_act_on_are_fitted_once(monkeypatch):
     """With every chunk covered the uncovered pulls train exactly as pull-0.01: one fit serves the three rows; with
     chunks left uncovered each recipe is fitted (the rows then differ)."""
-    import adapter.train as train_mod
+    import adapter.choice as choice_mod
 
     fits: list[float] = []
-    real = train_mod._fit
+    real = choice_mod.fit
 
     def counted(*args, **kwargs):
         out = real(*args, **kwargs)  # a refit started ahead of the choice and stopped raises: not counted
         fits.append(args[5].train.uncovered_pull)
         return out
 
-    monkeypatch.setattr(train_mod, "_fit", counted)
+    monkeypatch.setattr(choice_mod, "fit", counted)
     train, _, corpus, cids = synthetic(d=32, n_chunks=40, train_per=6)
-    r = train_mod.train_on_vectors(train, corpus, cids, BASE, quick(), progress=False)
+    r = choice_mod.train_on_vectors(train, corpus, cids, BASE, quick(), progress=False)
     trials = {t["recipe"]: t for t in r.trials}
-    assert list(trials) == list(train_mod.AUTO_RECIPES)
+    assert list(trials) == list(choice_mod.AUTO_RECIPES)
     refits = 1 if r.recipe != "identity" else 0
     folds = r.estimates["seen"]["folds"]
     # uncovered-1 stands for uncovered-0.3 and pull-0.01: five recipes, each fitted once per fold
-    assert len(fits) == (len(train_mod.AUTO_RECIPES) - 2) * folds + refits
+    assert len(fits) == (len(choice_mod.AUTO_RECIPES) - 2) * folds + refits
     assert trials["uncovered-0.3"]["same_as"] == trials["pull-0.01"]["same_as"] == "uncovered-1"
     assert trials["pull-0.01"]["seen"] == trials["uncovered-1"]["seen"]
     assert trials["pull-0.01"]["identity_penalty"] == 0.01
     assert trials["pull-0.01"]["uncovered_pull"] == 0.0 and trials["uncovered-1"]["uncovered_pull"] == 1.0
-    alone = train_mod.fit(train, None, corpus, cids, BASE, train_mod.recipe_config(quick(), "pull-0.01"),
+    alone = choice_mod.fit(train, None, corpus, cids, BASE, choice_mod.recipe_config(quick(), "pull-0.01"),
                           progress=False)
-    shared = train_mod.fit(train, None, corpus, cids, BASE, train_mod.recipe_config(quick(), "uncovered-1"),
+    shared = choice_mod.fit(train, None, corpus, cids, BASE, choice_mod.recipe_config(quick(), "uncovered-1"),
                            progress=False)
     np.testing.assert_array_equal(alone.adapter.weight, shared.adapter.weight)  # why one fit may stand for both
 
     fits.clear()
     more = np.concatenate([corpus, -corpus[:10]])  # ten chunks no question is about: the uncovered pulls act
-    r = train_mod.train_on_vectors(train, more, cids + [f"x{i}" for i in range(10)], BASE, quick(), progress=False)
-    assert len(fits) == len(train_mod.AUTO_RECIPES) * folds + (1 if r.recipe != "identity" else 0)
+    r = choice_mod.train_on_vectors(train, more, cids + [f"x{i}" for i in range(10)], BASE, quick(), progress=False)
+    assert len(fits) == len(choice_mod.AUTO_RECIPES) * folds + (1 if r.recipe != "identity" else 0)
     assert not any("same_as" in t for t in r.trials)
 
 
@@ -536,10 +537,10 @@ def _hold_last_trial(monkeypatch, train, last: str, hold_refit: bool = False) ->
     each fit ended."""
     import threading
 
-    import adapter.train as train_mod
+    import adapter.choice as choice_mod
 
-    real, refit_started, ends, started = train_mod._fit, threading.Event(), [], []
-    n_folds = len(train_mod.cross_folds(train, quick())[0])
+    real, refit_started, ends, started = choice_mod.fit, threading.Event(), [], []
+    n_folds = len(choice_mod.cross_folds(train, quick())[0])
 
     def held(*args, **kwargs):
         refit = args[0] is train  # fold fits train on the questions a fold leaves in
@@ -547,32 +548,32 @@ def _hold_last_trial(monkeypatch, train, last: str, hold_refit: bool = False) ->
             refit_started.set()
             if hold_refit and kwargs.get("stop") is not None:
                 kwargs["stop"].wait(30)
-        elif args[5].train == train_mod.recipe_config(args[5], last).train:
+        elif args[5].train == choice_mod.recipe_config(args[5], last).train:
             started.append(1)
             if len(started) == n_folds:  # the very last fit to start
                 refit_started.wait(30)
         try:
             out = real(*args, **kwargs)
-        except train_mod._Stopped:
+        except Stopped:
             ends.append("stopped")
             raise
         ends.append("finished" if refit else "trial")
         return out
 
-    monkeypatch.setattr(train_mod, "_fit", held)
+    monkeypatch.setattr(choice_mod, "fit", held)
     return ends
 
 
 def test_refit_started_beside_the_last_trial_ships_what_waiting_would(monkeypatch, caplog):
     """With a worker idle the refit of the recipe the finished trials choose starts beside the last trial; the choice
     is still made on every trial, so the file is the one a single worker (no refit ahead) ships."""
-    from adapter.train import train_on_vectors
+    from adapter.choice import train_on_vectors
 
     train, corpus, cids = _with_uncovered()
     alone = train_on_vectors(train, corpus, cids, BASE, quick(workers=1), progress=False)
     assert alone.recipe not in ("identity", "lowrank")  # lowrank starts last: the bet is on the others
     ends = _hold_last_trial(monkeypatch, train, "lowrank")
-    with caplog.at_level("INFO", logger="adapter.train"):
+    with caplog.at_level("INFO", logger="adapter.choice"):
         ahead = train_on_vectors(train, corpus, cids, BASE, quick(workers=2), progress=False)
     assert f"refitting {alone.recipe} on every training question while 1 fit(s) run" in caplog.text
     assert ends.count("finished") == 1 and "stopped" not in ends  # the refit ahead is the one that ships
@@ -582,16 +583,16 @@ def test_refit_started_beside_the_last_trial_ships_what_waiting_would(monkeypatc
 def test_refit_ahead_that_the_last_trial_overturns_is_stopped(monkeypatch, caplog):
     """Start the chosen recipe's trial last: the trials before it choose another, whose refit is stopped when the
     last trial moves the choice; what ships is still the single worker's file."""
-    import adapter.train as train_mod
+    import adapter.choice as choice_mod
 
     train, corpus, cids = _with_uncovered()
-    alone = train_mod.train_on_vectors(train, corpus, cids, BASE, quick(workers=1), progress=False)
-    real_order = train_mod.run_order
-    monkeypatch.setattr(train_mod, "run_order", lambda names, effective: [
+    alone = choice_mod.train_on_vectors(train, corpus, cids, BASE, quick(workers=1), progress=False)
+    real_order = choice_mod.run_order
+    monkeypatch.setattr(choice_mod, "run_order", lambda names, effective: [
         *(n for n in real_order(names, effective) if n != alone.recipe), alone.recipe])
     ends = _hold_last_trial(monkeypatch, train, alone.recipe, hold_refit=True)
-    with caplog.at_level("INFO", logger="adapter.train"):
-        ahead = train_mod.train_on_vectors(train, corpus, cids, BASE, quick(workers=2), progress=False)
+    with caplog.at_level("INFO", logger="adapter.choice"):
+        ahead = choice_mod.train_on_vectors(train, corpus, cids, BASE, quick(workers=2), progress=False)
     assert "the last trials moved the choice from " in caplog.text and f" to {alone.recipe}: " in caplog.text
     assert ends.count("stopped") == 1 and ends.count("finished") == 1  # the bet stopped, the chosen one refit
     _same_result(alone, ahead)
