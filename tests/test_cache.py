@@ -23,6 +23,7 @@ from adapter.cache import EmbeddingCache
 from adapter.config import cache_root
 from adapter.errors import AdapterError
 from tests.cache_worker import DIM, UNIVERSE, vector
+from tests.processes import kill_and_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("cache_worker.py")
@@ -189,30 +190,38 @@ def _assert_whole(folder: Path) -> EmbeddingCache:
     return store
 
 
+def _kill_once_and_rerun(folder: Path, seed: int, n: int, log: Path) -> None:
+    """A writer of 60 keys (one a shard) killed once ``n`` shard files have appeared; what the kill left opens whole,
+    and the rerun stores exactly the keys the kill left out and the cache then holds every key asked for."""
+    worker = [sys.executable, str(WORKER), str(folder), str(seed), "1", "1"]  # one round of 60 keys, one a shard
+    seen, kept = set(), set()
+    asked = {UNIVERSE[i] for i in np.random.default_rng(seed).choice(len(UNIVERSE), 60, replace=False)}
+
+    def n_shards_written() -> bool:
+        if folder.is_dir():
+            seen.update(s.name for s in _shards(folder))
+        return len(seen) >= n
+
+    def the_kill_left_a_whole_cache() -> None:
+        if folder.is_dir():
+            store = _assert_whole(folder)
+            kept.update(k for k in UNIVERSE if k in store)
+        assert kept <= asked
+
+    r = kill_and_resume(worker, n_shards_written, env=ENV, log=log, between=the_kill_left_a_whole_cache,
+                        must_land=False, poll_s=0.001, polls=60_000, timeout=120)
+    assert json.loads(r.stdout)["stored"] == len(asked - kept)  # exactly what was missing, nothing twice
+    store = _assert_whole(folder)
+    assert {k for k in UNIVERSE if k in store} == asked
+
+
 def test_kill_9_at_random_points_leaves_a_cache_that_opens(tmp_path):
     """#13: a writer killed with SIGKILL once N shard files have appeared, N random over the run (a kill on a timer
     mostly landed before the first write): the cache opens with every stored vector right, and the same work run
     again stores exactly the keys the kill left out."""
     rng = random.Random(0)
     for seed in range(5):
-        folder = tmp_path / f"cache-{seed}"
-        worker = [sys.executable, str(WORKER), str(folder), str(seed), "1", "1"]  # one round of 60 keys, one a shard
-        p = subprocess.Popen(worker, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        n, seen, deadline = rng.randint(1, 59), set(), time.monotonic() + 60
-        while len(seen) < n and p.poll() is None and time.monotonic() < deadline:
-            seen |= {s.name for s in _shards(folder)} if folder.is_dir() else set()
-            time.sleep(0.001)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        store = _assert_whole(folder) if folder.is_dir() else None
-        kept = {k for k in UNIVERSE if k in store} if store is not None else set()
-        asked = {UNIVERSE[i] for i in np.random.default_rng(seed).choice(len(UNIVERSE), 60, replace=False)}
-        assert kept <= asked
-        r = subprocess.run(worker, env=ENV, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads(r.stdout)["stored"] == len(asked - kept)  # exactly what was missing, nothing twice
-        store = _assert_whole(folder)
-        assert {k for k in UNIVERSE if k in store} == asked
+        _kill_once_and_rerun(tmp_path / f"cache-{seed}", seed, rng.randint(1, 59), tmp_path / f"killed-{seed}.log")
 
 
 @pytest.mark.parametrize("point", ["writing", "renamed", "unlinking"])

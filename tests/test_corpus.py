@@ -15,7 +15,7 @@ from adapter.config import Config
 from adapter.errors import AdapterError
 from adapter.stores import StoreSource, read_vector_file, write_index
 from cli import main
-from tests.conftest import CHUNKS, write_dataset
+from tests.conftest import CHUNKS, split_tiny
 
 QUICK = Config().replace(epochs=3, val_fraction=0.3)
 
@@ -24,12 +24,10 @@ QUICK = Config().replace(epochs=3, val_fraction=0.3)
 def setup(tmp_path_factory, minilm):
     """The tiny dataset split by query, a copy whose chunk texts are placeholders, and its MiniLM document vectors
     written the ways a team might hold them (ids in a shuffled order, plus two vectors naming no chunk)."""
-    from adapter.data import split_dataset
     from adapter.encoder import Encoder
 
     root = tmp_path_factory.mktemp("corpus")
-    folder = write_dataset(root / "ds")
-    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    folder = split_tiny(root / "ds")
     blind = root / "blind"
     blind.mkdir()
     (blind / "qrels").mkdir()

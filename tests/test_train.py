@@ -10,7 +10,7 @@ from adapter.evaluate import evaluate
 from adapter.model import LinearAdapter
 from adapter.train import Split, _random_negatives, fit, mine_hard_negatives
 from cli import main
-from tests.conftest import write_dataset
+from tests.conftest import split_tiny, write_dataset
 
 BASE = "synthetic@000000000000"
 
@@ -108,10 +108,7 @@ def test_bad_training_options():
 @pytest.fixture
 def trained(tmp_path_factory):
     """The tiny dataset split by query, and an adapter trained on it through the CLI."""
-    folder = write_dataset(tmp_path_factory.mktemp("t") / "ds")
-    from adapter.data import split_dataset
-
-    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    folder = split_tiny(tmp_path_factory.mktemp("t") / "ds")
     out = folder.parent / "tiny-adapter.safetensors"
     r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--epochs", "3", "--batch-size", "2",
                                   "--recipe", "infonce"])
