@@ -94,6 +94,23 @@ def train_test_dir(tmp_path: Path) -> Path:
     return write_dataset(tmp_path / "ds", {"train": list(QUESTIONS), "test": list(QUESTIONS)})
 
 
+@pytest.fixture
+def backoff_delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every wait the retry loop asks for before a retry, in seconds, in order: what a test checks instead of timing
+    the gap between two requests on a clock the machine's load moves."""
+    import adapter.resilience
+
+    delays: list[float] = []
+    real = adapter.resilience.backoff_delay
+
+    def recorded(*args: float) -> float:
+        delays.append(real(*args))
+        return delays[-1]
+
+    monkeypatch.setattr(adapter.resilience, "backoff_delay", recorded)
+    return delays
+
+
 @pytest.fixture(scope="session")
 def minilm():
     """The bundled all-MiniLM-L6-v2, loaded once per session."""
