@@ -214,4 +214,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from common import run_and_save  # writes the report to bench/results/ too
+
+    run_and_save(main, "embeddings")

@@ -112,4 +112,6 @@ def head_to_head(data: Path, adapter: Path, ft: Path, cache: Path, dims: list[in
 
 
 if __name__ == "__main__":
-    main()
+    from common import run_and_save  # writes the report to bench/results/ too
+
+    run_and_save(main, "finetune")

@@ -752,4 +752,6 @@ def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace)
 
 
 if __name__ == "__main__":
-    main()
+    from common import run_and_save  # writes the report to bench/results/ too
+
+    run_and_save(main, "serve")

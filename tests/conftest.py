@@ -1,8 +1,9 @@
-"""Shared fixtures: offline settings, a private embedding cache, a tiny dataset folder, the bundled MiniLM and a tiny
-BERT built locally."""
+"""Shared fixtures: offline settings, a private embedding cache, the tiny dataset folders (whole, split by query, with
+train and test splits), the bundled MiniLM and a tiny BERT built locally; and ``tree``, to prove files untouched."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -54,6 +55,21 @@ def write_dataset(folder: Path, splits: dict[str, list[str]] | None = None) -> P
     return folder
 
 
+def split_tiny(folder: Path) -> Path:
+    """The tiny dataset written to ``folder`` and split by query (30% test, seed 0): what most trained fixtures use."""
+    from adapter.data import split_dataset
+
+    write_dataset(folder)
+    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    return folder
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` with a hash of its bytes: to prove nothing was touched."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Every test run gets its own embedding cache, so no test sees vectors from outside."""
@@ -64,6 +80,35 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def tiny_dataset(tmp_path: Path) -> Path:
     """The tiny dataset with a test split holding every query."""
     return write_dataset(tmp_path / "ds", {"test": list(QUESTIONS)})
+
+
+@pytest.fixture
+def train_dir(tmp_path: Path) -> Path:
+    """The tiny dataset with a train split holding every query (what the trainers of the wings read)."""
+    return write_dataset(tmp_path / "ds", {"train": list(QUESTIONS)})
+
+
+@pytest.fixture
+def train_test_dir(tmp_path: Path) -> Path:
+    """The tiny dataset with train and test splits both holding every query."""
+    return write_dataset(tmp_path / "ds", {"train": list(QUESTIONS), "test": list(QUESTIONS)})
+
+
+@pytest.fixture
+def backoff_delays(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """Every wait the retry loop asks for before a retry, in seconds, in order: what a test checks instead of timing
+    the gap between two requests on a clock the machine's load moves."""
+    import adapter.resilience
+
+    delays: list[float] = []
+    real = adapter.resilience.backoff_delay
+
+    def recorded(*args: float) -> float:
+        delays.append(real(*args))
+        return delays[-1]
+
+    monkeypatch.setattr(adapter.resilience, "backoff_delay", recorded)
+    return delays
 
 
 @pytest.fixture(scope="session")

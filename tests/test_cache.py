@@ -22,6 +22,7 @@ from adapter.cache import EmbeddingCache
 from adapter.config import cache_root
 from adapter.errors import AdapterError
 from tests.cache_worker import DIM, UNIVERSE, vector
+from tests.processes import kill_and_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("cache_worker.py")
@@ -124,21 +125,31 @@ def test_a_reader_survives_another_process_merging_its_shards(tmp_path):
     np.testing.assert_array_equal(reader.get(more, DIM), _vectors(more))
 
 
-def test_readers_and_writers_never_wait_for_a_merge(tmp_path):
+def test_readers_and_writers_never_wait_for_a_merge(tmp_path, monkeypatch):
     """While another process holds the merge lock (a long merge), opening, reading and writing all go on; the
-    write that passes MAX_SHARDS leaves the merge to the holder instead of waiting."""
+    write that passes MAX_SHARDS leaves the merge to the holder instead of waiting. Counted, not timed: every lock
+    request the cache makes meanwhile must be non-blocking (a blocking one fails here instead of hanging)."""
     folder = tmp_path / "cache"
     _put_one_by_one(EmbeddingCache(folder), UNIVERSE[:cache.MAX_SHARDS])
     fd = os.open(folder / cache.LOCK_FILE, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)  # a separate open file description: conflicts as another process would
+    requests, flock = [], fcntl.flock
+
+    def nonblocking_only(fd: int, operation: int) -> None:
+        requests.append(operation)
+        assert operation & fcntl.LOCK_NB, "the cache waited for the lock another process holds"
+        flock(fd, operation)
+
+    monkeypatch.setattr(cache.fcntl, "flock", nonblocking_only)
     try:
-        start = time.monotonic()
         store = EmbeddingCache(folder)
         _put_one_by_one(store, UNIVERSE[cache.MAX_SHARDS:cache.MAX_SHARDS + 5])
         keys = UNIVERSE[:cache.MAX_SHARDS + 5]
         np.testing.assert_array_equal(store.get(keys, DIM), _vectors(keys))
-        assert len(_shards(folder)) == cache.MAX_SHARDS + 5 and time.monotonic() - start < 10
+        assert len(_shards(folder)) == cache.MAX_SHARDS + 5
+        assert len(requests) == 5  # each write past MAX_SHARDS asked for the merge lock once, and went on without it
     finally:
+        monkeypatch.undo()
         os.close(fd)
     store.put([UNIVERSE[200]], _vectors([UNIVERSE[200]]))  # the lock is free: this write merges
     assert len(_shards(folder)) == cache.MAX_SHARDS + 6 - cache.MERGE_WIDTH + 1
@@ -178,30 +189,38 @@ def _assert_whole(folder: Path) -> EmbeddingCache:
     return store
 
 
+def _kill_once_and_rerun(folder: Path, seed: int, n: int, log: Path) -> None:
+    """A writer of 60 keys (one a shard) killed once ``n`` shard files have appeared; what the kill left opens whole,
+    and the rerun stores exactly the keys the kill left out and the cache then holds every key asked for."""
+    worker = [sys.executable, str(WORKER), str(folder), str(seed), "1", "1"]  # one round of 60 keys, one a shard
+    seen, kept = set(), set()
+    asked = {UNIVERSE[i] for i in np.random.default_rng(seed).choice(len(UNIVERSE), 60, replace=False)}
+
+    def n_shards_written() -> bool:
+        if folder.is_dir():
+            seen.update(s.name for s in _shards(folder))
+        return len(seen) >= n
+
+    def the_kill_left_a_whole_cache() -> None:
+        if folder.is_dir():
+            store = _assert_whole(folder)
+            kept.update(k for k in UNIVERSE if k in store)
+        assert kept <= asked
+
+    r = kill_and_resume(worker, n_shards_written, env=ENV, log=log, between=the_kill_left_a_whole_cache,
+                        must_land=False, poll_s=0.001, polls=60_000, timeout=120)
+    assert json.loads(r.stdout)["stored"] == len(asked - kept)  # exactly what was missing, nothing twice
+    store = _assert_whole(folder)
+    assert {k for k in UNIVERSE if k in store} == asked
+
+
 def test_kill_9_at_random_points_leaves_a_cache_that_opens(tmp_path):
     """#13: a writer killed with SIGKILL once N shard files have appeared, N random over the run (a kill on a timer
     mostly landed before the first write): the cache opens with every stored vector right, and the same work run
     again stores exactly the keys the kill left out."""
     rng = random.Random(0)
     for seed in range(5):
-        folder = tmp_path / f"cache-{seed}"
-        worker = [sys.executable, str(WORKER), str(folder), str(seed), "1", "1"]  # one round of 60 keys, one a shard
-        p = subprocess.Popen(worker, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        n, seen, deadline = rng.randint(1, 59), set(), time.monotonic() + 60
-        while len(seen) < n and p.poll() is None and time.monotonic() < deadline:
-            seen |= {s.name for s in _shards(folder)} if folder.is_dir() else set()
-            time.sleep(0.001)
-        p.send_signal(signal.SIGKILL)
-        p.wait()
-        store = _assert_whole(folder) if folder.is_dir() else None
-        kept = {k for k in UNIVERSE if k in store} if store is not None else set()
-        asked = {UNIVERSE[i] for i in np.random.default_rng(seed).choice(len(UNIVERSE), 60, replace=False)}
-        assert kept <= asked
-        r = subprocess.run(worker, env=ENV, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0, r.stderr[-2000:]
-        assert json.loads(r.stdout)["stored"] == len(asked - kept)  # exactly what was missing, nothing twice
-        store = _assert_whole(folder)
-        assert {k for k in UNIVERSE if k in store} == asked
+        _kill_once_and_rerun(tmp_path / f"cache-{seed}", seed, rng.randint(1, 59), tmp_path / f"killed-{seed}.log")
 
 
 @pytest.mark.parametrize("point", ["writing", "renamed", "unlinking"])

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from adapter.errors import AdapterError
 from adapter.model import LinearAdapter
 from cli import main
-from tests.conftest import CHUNKS, QUESTIONS
+from tests.conftest import CHUNKS, QUESTIONS, split_tiny
 from tests.test_index import random_adapter
 
 TEXTS = [q for q, _ in QUESTIONS.values()]
@@ -153,17 +153,15 @@ def test_push_to_hub_refuses_without_a_token_or_offline(tmp_path, tiny, tiny_mod
 def test_default_loss_is_triplet_for_full_and_infonce_for_low_rank(tmp_path, minilm):
     from adapter.choice import resolve_loss, train_adapter
     from adapter.config import Config
-    from adapter.data import load_dataset, split_dataset
+    from adapter.data import load_dataset
     from adapter.encoder import Encoder
-    from tests.conftest import write_dataset
 
     assert Config().train.loss == "auto"
     assert resolve_loss(Config()).train.loss == "triplet"
     assert resolve_loss(Config().replace(rank=16)).train.loss == "infonce"
     # a loss given by name is kept
     assert resolve_loss(Config().replace(rank=16, loss="triplet")).train.loss == "triplet"
-    folder = write_dataset(tmp_path / "ds")
-    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    folder = split_tiny(tmp_path / "ds")
     enc = Encoder(minilm, show_progress=False)
     for rank, loss in ((None, "triplet"), (16, "infonce")):
         r = train_adapter(load_dataset(folder), Config().replace(rank=rank, epochs=1), encoder=enc, progress=False)
@@ -174,12 +172,10 @@ def test_rank_16_float16_file_is_at_most_30_kb(tmp_path, minilm):
     """With every piece of metadata a default run writes (30 epochs of history, the whole resolved config)."""
     from adapter.choice import train_adapter
     from adapter.config import Config
-    from adapter.data import load_dataset, split_dataset
+    from adapter.data import load_dataset
     from adapter.encoder import Encoder
-    from tests.conftest import write_dataset
 
-    folder = write_dataset(tmp_path / "ds")
-    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    folder = split_tiny(tmp_path / "ds")
     cfg = Config().replace(rank=16, dtype="float16")
     r = train_adapter(load_dataset(folder), cfg, encoder=Encoder(minilm, show_progress=False), progress=False)
     assert len(r.adapter.metadata["history"]["val"]) == cfg.train.epochs + 1

@@ -6,7 +6,6 @@ bench/bench_faults.py.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -20,12 +19,7 @@ from hypothesis import strategies as st
 from adapter.data import convert, load_dataset, save_dataset
 from adapter.errors import AdapterError
 from cli import main
-from tests.conftest import QUESTIONS, write_dataset
-
-
-def tree(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+from tests.conftest import QUESTIONS, split_tiny, tree, write_dataset
 
 
 def chunks_source(path: Path, **change) -> Path:
@@ -196,8 +190,7 @@ def test_split_writes_its_files_as_one_unit(tmp_path, monkeypatch):
     import adapter.data
     from adapter.data import split_dataset
 
-    ds = write_dataset(tmp_path / "ds")
-    split_dataset(ds, by="query", test_fraction=0.3, seed=0)
+    ds = split_tiny(tmp_path / "ds")
     before = tree(ds)
     real = adapter.data.atomic_write
 

@@ -22,7 +22,8 @@ from adapter.data import load_dataset, train_val_qrels
 from adapter.encoder import load_model
 from adapter.errors import AdapterError
 from cli import main
-from tests.conftest import QUESTIONS, write_dataset
+from tests.conftest import tree
+from tests.processes import die_after_first_save
 
 ROOT = Path(__file__).resolve().parents[1]
 DIMS = (32, 16, 8)
@@ -33,17 +34,6 @@ def tiny_cfg(model_dir: Path, **over) -> Config:
     return Config().replace(**{"model": str(model_dir), "dims": DIMS, "select_dim": 16, "finetune_epochs": 2,
                                "finetune_batch_size": 4, "grad_accum": 1, "finetune_lr": 1e-3, "val_fraction": 0.3,
                                **over})
-
-
-@pytest.fixture
-def train_dir(tmp_path: Path) -> Path:
-    return write_dataset(tmp_path / "ds", {"train": list(QUESTIONS)})
-
-
-def tree(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` with a hash of its bytes: to prove nothing was touched."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_matryoshka_dims_are_checked_and_completed():
@@ -94,20 +84,7 @@ def test_finetune_installs_a_model_that_scores_its_kept_epoch(train_dir, tmp_pat
 
 def test_a_killed_run_resumes_from_its_last_complete_epoch(train_dir, tmp_path, tiny_model_dir, monkeypatch):
     ds, out, cfg = load_dataset(train_dir), tmp_path / "ft", tiny_cfg(tiny_model_dir)
-    real_clock = ft.clock_callback
-
-    def dies_after_first_save(before):
-        clock = real_clock(before)
-        save = clock.on_save
-
-        def on_save(*args, **kwargs):
-            save(*args, **kwargs)
-            raise RuntimeError("killed")
-
-        clock.on_save = on_save
-        return clock
-
-    monkeypatch.setattr(ft, "clock_callback", dies_after_first_save)
+    die_after_first_save(ft, monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         ft.finetune(ds, out, cfg, progress=False)
     monkeypatch.undo()

@@ -7,10 +7,7 @@ import json
 import logging
 import os
 import random
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ from adapter.config import Config
 from adapter.data import load_dataset
 from adapter.errors import AdapterError
 from adapter.generate import JOURNAL, ParseError, drop_near_duplicates, generate, parse_questions
+from tests.processes import kill_and_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 N = 4  # questions per chunk in these tests
@@ -236,14 +234,14 @@ def test_each_fault_is_asked_again_until_it_succeeds(tmp_path: Path, fault: str)
     assert s.retry_reasons == {REASONS[fault]: 2}
 
 
-def test_retry_after_is_honoured(tmp_path: Path):
+def test_retry_after_is_honoured(tmp_path: Path, backoff_delays: list[float]):
     write_corpus(tmp_path, 1)
     with FakeLLM(questions=N, retry_after="1") as llm:
         llm.push("429")
         s = run(tmp_path, llm)
     first, second = llm.requests
     assert first.fault == "429" and second.fault is None
-    assert second.start - first.end >= 0.95  # backoff alone would have waited about 0.01 s
+    assert backoff_delays == [1.0]  # the server's Retry-After; backoff alone would have waited about 0.01 s
     assert s.retry_reasons == {"HTTP 429": 1}
 
 
@@ -410,19 +408,14 @@ def test_sigkill_mid_run_then_resume_matches_a_run_in_one_go(tmp_path: Path, min
         cmd = [sys.executable, str(ROOT / "cli.py"), "-q", "generate", str(two), "--base-url", llm.url,
                "--questions-per-chunk", str(N), "--concurrency", "4", "--requests-per-minute", "60000",
                "--timeout", "0.5", "--max-retries", "10"]
-        with open(tmp_path / "killed.log", "w") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=ROOT)
-            deadline = time.monotonic() + 120
-            while not (llm.held and journal.exists() and journal.read_bytes().count(b"\n") >= 1):
-                assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
-                time.sleep(0.01)
-            os.kill(proc.pid, signal.SIGKILL)
-            assert proc.wait() == -signal.SIGKILL
-        killed_at = len(journal.read_bytes().splitlines())
-        assert 0 < killed_at <= 16 and not (two / "queries.jsonl").exists()
-        llm.release()
-        r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
-        assert r.returncode == 0, r.stdout + r.stderr
+
+        def killed_mid_run() -> None:
+            killed_at = len(journal.read_bytes().splitlines())
+            assert 0 < killed_at <= 16 and not (two / "queries.jsonl").exists()
+            llm.release()
+
+        r = kill_and_resume(cmd, lambda: llm.held and journal.exists() and journal.read_bytes().count(b"\n") >= 1,
+                            env=env, log=tmp_path / "killed.log", between=killed_mid_run, timeout=120)
         faults = llm.faults_seen()
     assert f"done {n_chunks} (" in r.stdout and "failed 0" in r.stdout
     ids = [json.loads(line)["_id"] for line in journal.read_text().splitlines()]

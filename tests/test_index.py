@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from adapter.model import LinearAdapter
 from cli import main
-from tests.conftest import write_dataset
+from tests.conftest import split_tiny
 
 
 def random_adapter(dim: int, base_model: str, *, rank: int | None = None, seed: int = 0,
@@ -28,11 +28,9 @@ def random_adapter(dim: int, base_model: str, *, rank: int | None = None, seed: 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, minilm):
     """The tiny dataset split by query, and an adapter file for MiniLM that reorders its results."""
-    from adapter.data import split_dataset
     from adapter.encoder import Encoder
 
-    folder = write_dataset(tmp_path_factory.mktemp("t") / "ds")
-    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    folder = split_tiny(tmp_path_factory.mktemp("t") / "ds")
     out = folder.parent / "tiny-adapter.safetensors"
     random_adapter(384, Encoder(minilm, show_progress=False).identity).save(out)
     return folder, out, ""

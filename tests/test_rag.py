@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +20,7 @@ from adapter.rag import GradeError, parse_grade
 from cli import main
 from tests.conftest import QUESTIONS, write_dataset
 from tests.fake_llm import FakeLLM
+from tests.processes import kill_and_resume
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-rag-4242-secret"
@@ -111,22 +109,16 @@ def test_faults_and_a_sigkill_mid_run_lose_nothing_and_ask_nothing_twice(rag_dir
     with FakeLLM(rag_gold=gold_map(ds), fault_rate=0.2, faults=("500", "429", "malformed", "empty", "few", "drop"),
                  retry_after="0", delay=0.3, seed=1, hold_after=8) as fake:  # then held: the kill lands mid-run
         cmd = [a.replace("{url}", fake.url) for a in args]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        journal = out / "rag-journal.jsonl"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            if fake.held and journal.is_file() and journal.read_text().endswith("}\n"):
-                break
-            time.sleep(0.05)
-        assert proc.poll() is None, "the run finished before it could be killed"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        fake.release()
-        first = [json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}")]
-        assert first and not (out / "rag.json").exists()
-        seen_before = len(fake.requests)
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-2000:]
+        journal, first, seen_before = out / "rag-journal.jsonl", [], []
+
+        def killed_mid_run() -> None:
+            fake.release()
+            first.extend(json.loads(line) for line in journal.read_text().splitlines() if line.endswith("}"))
+            assert first and not (out / "rag.json").exists()
+            seen_before.append(len(fake.requests))
+
+        kill_and_resume(cmd, lambda: fake.held and journal.is_file() and journal.read_text().endswith("}\n"), env=env,
+                        log=tmp_path / "killed.log", between=killed_mid_run, poll_s=0.05)
         assert fake.faults_seen(), "no fault was injected"
     entries = [json.loads(line) for line in journal.read_text().splitlines()]
     keys = [e["key"] for e in entries]
@@ -137,7 +129,7 @@ def test_faults_and_a_sigkill_mid_run_lose_nothing_and_ask_nothing_twice(rag_dir
     assert summary["reused"] == len(first) and summary["compared"] == len(QUESTIONS)
     # nothing was asked twice: each good reply became one journal entry, bar at most the 2 in flight at the kill
     good = sum(q.fault is None for q in fake.requests)
-    assert len(entries) <= good <= len(entries) + 2 and len(fake.requests) > seen_before
+    assert len(entries) <= good <= len(entries) + 2 and len(fake.requests) > seen_before[0]
     for path in out.rglob("*"):
         if path.is_file():
             assert KEY not in path.read_text(errors="replace"), path

@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from cli import main
-from tests.conftest import QUESTIONS
+from tests.conftest import QUESTIONS, split_tiny
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 
@@ -48,12 +48,9 @@ def test_headroom_seen_unseen_and_movers_by_hand():
 @pytest.fixture(scope="module")
 def report_dir(tmp_path_factory) -> Path:
     """A real adapter trained on the tiny dataset's train split and compared on its test split."""
-    from adapter.data import split_dataset
-    from tests.conftest import write_dataset
 
     root = tmp_path_factory.mktemp("html")
-    folder = write_dataset(root / "ds")
-    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    folder = split_tiny(root / "ds")
     adapter = root / "adapter.safetensors"
     r = CliRunner().invoke(main, ["-q", "train", str(folder), "--out", str(adapter), "--epochs", "3",
                                   "--batch-size", "2", "--recipe", "infonce", "--lr", "0.05"])

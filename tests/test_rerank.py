@@ -22,7 +22,7 @@ from adapter.evaluate import evaluate
 from adapter.pipeline import rerank_train
 from adapter.systems import build_systems
 from cli import main
-from tests.conftest import QUESTIONS, write_dataset
+from tests.processes import die_after_first_save
 
 
 class ByTable:
@@ -108,7 +108,7 @@ def test_the_cosine_head_scores_question_tokens_against_chunk_tokens():
     assert got.tolist() == pytest.approx([2.0 * 2 ** -0.5, 0.0], abs=1e-6)  # (1,0).(1,1)/sqrt2; (0,1).(1,0)
 
 
-def test_the_prior_loss_is_lambda_loss_on_the_score_plus_the_weighted_first_stage_prior(rerank_dir, tiny_model_dir):
+def test_the_prior_loss_is_lambda_loss_on_the_score_plus_the_weighted_first_stage_prior(train_test_dir, tiny_model_dir):
     import torch
     from sentence_transformers.cross_encoder.losses import LambdaLoss
 
@@ -134,8 +134,8 @@ class Shifted:  # a hand-made activation: the scores in pair order, shifted
         return x + self.add
 
 
-def test_priors_are_first_stage_scores_standardised_over_the_top_k(tmp_path):
-    ds = load_dataset(write_dataset(tmp_path / "ds", {"train": list(QUESTIONS)}))
+def test_priors_are_first_stage_scores_standardised_over_the_top_k(train_dir):
+    ds = load_dataset(train_dir)
     cids = list(ds.corpus)
     corpus = np.eye(len(cids), dtype=np.float32)
     query = np.zeros((1, len(cids)), np.float32)
@@ -145,19 +145,14 @@ def test_priors_are_first_stage_scores_standardised_over_the_top_k(tmp_path):
     assert got["q"] == pytest.approx({cids[0]: 0.3 / sd, cids[2]: -0.3 / sd, cids[5]: -0.6 / sd}, rel=1e-5)
 
 
-def test_hard_negatives_come_from_the_first_stage_top_k_and_are_never_relevant(tmp_path):
-    ds = load_dataset(write_dataset(tmp_path / "ds", {"train": list(QUESTIONS)}))
+def test_hard_negatives_come_from_the_first_stage_top_k_and_are_never_relevant(train_dir):
+    ds = load_dataset(train_dir)
     cids = list(ds.corpus)
     corpus = np.eye(len(cids), dtype=np.float32)
     qrels = {"q_burst": {"burst": 1}}
     query = corpus[[cids.index("burst")]] + 0.5 * corpus[[cids.index("meter")]] + 0.3 * corpus[[cids.index("lead")]]
     got = rt.mine_negatives(ds, qrels, query, corpus, k=2, n=2, seed=0)
     assert sorted(got["q_burst"]) == ["lead", "meter"]  # the top 2 non-relevant under the first stage
-
-
-@pytest.fixture
-def rerank_dir(tmp_path: Path) -> Path:
-    return write_dataset(tmp_path / "ds", {"train": list(QUESTIONS), "test": list(QUESTIONS)})
 
 
 def tiny_cfg(model_dir: Path, **over) -> Config:
@@ -167,7 +162,7 @@ def tiny_cfg(model_dir: Path, **over) -> Config:
     return Config().replace(model=str(model_dir), val_fraction=0.3, rerank=r)
 
 
-def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_epoch(rerank_dir, tmp_path,
+def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_epoch(train_test_dir, tmp_path,
                                                                                       tiny_model_dir, monkeypatch):
     import huggingface_hub
     import torch
@@ -180,7 +175,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
                         f"https://huggingface.co/{repo_id}")
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
     out = tmp_path / "rr"
-    r = CliRunner().invoke(main, ["-q", "rerank-train", str(rerank_dir), "--out", str(out), "--model",
+    r = CliRunner().invoke(main, ["-q", "rerank-train", str(train_test_dir), "--out", str(out), "--model",
                                   str(tiny_model_dir), "--encoder", str(tiny_model_dir), "--rerank-k", "4",
                                   "--negatives", "2", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
                                   "--max-seq-length", "48", "--prior-weight", "2", "--push-to-hub", "me/rr"],
@@ -195,7 +190,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     assert meta["start_kind"].startswith("encoder with a new cosine head") and meta["val_start"]
     assert meta["fusion_weight"] in rt.FUSION_WEIGHTS and meta["rerank_loss"] == "lambda"
     assert meta["prior_weight"] == 2.0 and "first stage's score" in (out / "README.md").read_text()
-    ds = load_dataset(rerank_dir)
+    ds = load_dataset(train_test_dir)
     from adapter.data import train_val_qrels
 
     train, val, _ = train_val_qrels(ds, Config())
@@ -223,13 +218,13 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     assert again["ndcg@10"] == pytest.approx(meta["val_best"]["32"]["ndcg@10"], abs=1e-6)
 
     # evaluate and compare score each system again with its top k reranked, by the same judge
-    r = CliRunner().invoke(main, ["-q", "evaluate", str(rerank_dir), "--model", str(tiny_model_dir), "--reranker",
+    r = CliRunner().invoke(main, ["-q", "evaluate", str(train_test_dir), "--model", str(tiny_model_dir), "--reranker",
                                   str(out), "--rerank-k", "4", "--dims", "32", "--json", str(tmp_path / "r.json")],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results) == {"base", "base+rerank"}
-    r = CliRunner().invoke(main, ["-q", "compare", str(rerank_dir), "--base-model", str(tiny_model_dir), "--out",
+    r = CliRunner().invoke(main, ["-q", "compare", str(train_test_dir), "--base-model", str(tiny_model_dir), "--out",
                                   str(tmp_path / "rep"), "--reranker", str(out), "--rerank-k", "4", "--dims", "32",
                                   "--bootstrap", "50"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
@@ -240,22 +235,9 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     assert "rerank latency" in report and "Reranking: ndcg@10 over each first stage" in report
 
 
-def test_a_killed_run_resumes_and_mines_its_negatives_once(rerank_dir, tmp_path, tiny_model_dir, monkeypatch):
-    ds, out, cfg = load_dataset(rerank_dir), tmp_path / "rr", tiny_cfg(tiny_model_dir)
-    real_clock = rt.clock_callback
-
-    def dies_after_first_save(before):
-        clock = real_clock(before)
-        save = clock.on_save
-
-        def on_save(*args, **kwargs):
-            save(*args, **kwargs)
-            raise RuntimeError("killed")
-
-        clock.on_save = on_save
-        return clock
-
-    monkeypatch.setattr(rt, "clock_callback", dies_after_first_save)
+def test_a_killed_run_resumes_and_mines_its_negatives_once(train_test_dir, tmp_path, tiny_model_dir, monkeypatch):
+    ds, out, cfg = load_dataset(train_test_dir), tmp_path / "rr", tiny_cfg(tiny_model_dir)
+    die_after_first_save(rt, monkeypatch)
     with pytest.raises(RuntimeError, match="killed"):
         rerank_train(ds, out, cfg, progress=False)
     monkeypatch.undo()
@@ -269,15 +251,15 @@ def test_a_killed_run_resumes_and_mines_its_negatives_once(rerank_dir, tmp_path,
     assert json.loads(negatives)  # (the file existed and held the negatives)
 
 
-def test_a_time_budget_stops_training_and_that_point_is_a_candidate(rerank_dir, tmp_path, tiny_model_dir):
-    ds = load_dataset(rerank_dir)
+def test_a_time_budget_stops_training_and_that_point_is_a_candidate(train_test_dir, tmp_path, tiny_model_dir):
+    ds = load_dataset(train_test_dir)
     cfg = tiny_cfg(tiny_model_dir, max_train_seconds=1e-6)
     r = rerank_train(ds, tmp_path / "rr", cfg, progress=False)
     meta = json.loads((tmp_path / "rr" / "rerank.json").read_text())
     assert r.best_epoch < 1 and [v["epoch"] for v in meta["history"]["val"]][1:] == [r.best_epoch]
 
 
-def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(rerank_dir, tmp_path,
+def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(train_test_dir, tmp_path,
                                                                                    tiny_model_dir, monkeypatch):
     from adapter.data import train_val_qrels
     from adapter.encoder import Encoder
@@ -288,7 +270,7 @@ def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(
     a = LinearAdapter.identity(enc.dim, enc.identity)
     a.weight = (np.eye(a.dim) + 0.5 * np.random.default_rng(0).standard_normal((a.dim, a.dim))).astype(np.float32)
     file = a.save(tmp_path / "a.safetensors")
-    ds = load_dataset(rerank_dir)
+    ds = load_dataset(train_test_dir)
     mined, real = [], rt.mine_negatives
 
     def mine(dataset, qrels, queries, corpus, **kw):
@@ -323,42 +305,43 @@ def test_under_an_adapter_base_gets_its_own_weight_and_systems_use_each_stage_s(
             meta["stages"][key]["first_stage"], abs=1e-6)
 
 
-def test_bad_input_is_one_line_and_writes_nothing(rerank_dir, tmp_path, tiny_model_dir):
+def test_bad_input_is_one_line_and_writes_nothing(train_test_dir, tmp_path, tiny_model_dir):
     def fails(*args: str) -> str:
         r = CliRunner().invoke(main, ["-q", *args])
         assert r.exit_code == 1 and r.output.startswith("Error: ") and "Traceback" not in r.output, r.output
         return r.output.strip()
 
     # a folder that is not a cross-encoder: a bi-encoder (sentence-transformers) folder, and an empty one
-    assert "not a cross-encoder" in fails("evaluate", str(rerank_dir), "--reranker", str(tiny_model_dir))
+    assert "not a cross-encoder" in fails("evaluate", str(train_test_dir), "--reranker", str(tiny_model_dir))
     (tmp_path / "empty").mkdir()
-    assert "not a cross-encoder" in fails("compare", str(rerank_dir), "--out", str(tmp_path / "rep"), "--reranker",
+    assert "not a cross-encoder" in fails("compare", str(train_test_dir), "--out", str(tmp_path / "rep"), "--reranker",
                                           str(tmp_path / "empty"))
     assert not (tmp_path / "rep").exists()
     # --rerank-k below 1, above the corpus, or without a reranker
     ce, _ = rr.start_model(str(tiny_model_dir), 48)
     ce.save(str(tmp_path / "ce"))
-    assert "outside 1..6" in fails("evaluate", str(rerank_dir), "--reranker", str(tmp_path / "ce"), "--rerank-k", "0")
-    assert "outside 1..6" in fails("evaluate", str(rerank_dir), "--reranker", str(tmp_path / "ce"))  # default 20
-    assert "outside 1..6" in fails("rerank-train", str(rerank_dir), "--out", str(tmp_path / "o"), "--rerank-k", "7")
+    ds = str(train_test_dir)
+    assert "outside 1..6" in fails("evaluate", ds, "--reranker", str(tmp_path / "ce"), "--rerank-k", "0")
+    assert "outside 1..6" in fails("evaluate", str(train_test_dir), "--reranker", str(tmp_path / "ce"))  # default 20
+    assert "outside 1..6" in fails("rerank-train", str(train_test_dir), "--out", str(tmp_path / "o"), "--rerank-k", "7")
     # a folder naming code from outside sentence-transformers beside the cosine head is not imported
     modules = json.loads((tmp_path / "ce" / "modules.json").read_text())
     (tmp_path / "ce" / "modules.json").write_text(json.dumps([*modules, {"idx": 9, "name": "x", "path": "x",
                                                                          "type": "evil.Module"}]))
-    assert "refusing to load it" in fails("evaluate", str(rerank_dir), "--reranker", str(tmp_path / "ce"),
+    assert "refusing to load it" in fails("evaluate", str(train_test_dir), "--reranker", str(tmp_path / "ce"),
                                           "--rerank-k", "3")
-    assert "--rerank-k needs --reranker" in fails("evaluate", str(rerank_dir), "--rerank-k", "3")
+    assert "--rerank-k needs --reranker" in fails("evaluate", str(train_test_dir), "--rerank-k", "3")
     assert not (tmp_path / "o").exists()
     with pytest.raises(AdapterError, match="--negatives must be at least 1"):
-        rerank_train(load_dataset(rerank_dir), tmp_path / "o", tiny_cfg(tiny_model_dir, negatives=0))
+        rerank_train(load_dataset(train_test_dir), tmp_path / "o", tiny_cfg(tiny_model_dir, negatives=0))
     assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("loss", ["mnrl", "bce"])
-def test_the_other_losses_train_the_classifier_head_too(rerank_dir, tmp_path, tiny_model_dir, loss):
+def test_the_other_losses_train_the_classifier_head_too(train_test_dir, tmp_path, tiny_model_dir, loss):
     # MultipleNegativesRankingLoss (the cross-encoder one): anchor, positive and its hard negatives as columns;
     # BinaryCrossEntropyLoss: (question, chunk, label) rows; both on a new one-logit classifier
-    r = rerank_train(load_dataset(rerank_dir), tmp_path / "rr",
+    r = rerank_train(load_dataset(train_test_dir), tmp_path / "rr",
                      tiny_cfg(tiny_model_dir, loss=loss, epochs=1, head="classifier", fusion=False), progress=False)
     meta = json.loads((tmp_path / "rr" / "rerank.json").read_text())
     assert meta["rerank_loss"] == loss and meta["history"]["loss"] and meta["fusion_weight"] == 0.0
@@ -399,7 +382,7 @@ def test_the_project_s_own_folder_loads_its_head_by_import_never_by_remote_code(
 
 @pytest.mark.parametrize("way", ["tokenizer", "subfolder", "activation"])
 def test_a_folder_naming_code_of_its_own_is_refused_in_one_line_and_none_of_it_runs(way, cross_encoder_dir,
-                                                                                       rerank_dir, tmp_path,
+                                                                                       train_test_dir, tmp_path,
                                                                                        tiny_model_dir, monkeypatch):
     """Issue #24: `modules.json` naming CosineHead turned trust_remote_code on for the whole folder after checking
     its top config.json only; each of these ran the folder's own Python (here: it writes ``marker``)."""
@@ -410,9 +393,9 @@ def test_a_folder_naming_code_of_its_own_is_refused_in_one_line_and_none_of_it_r
     monkeypatch.syspath_prepend(str(modules))  # activation_fn's module is importable, as an installed one would be
     marker = tmp_path / "ran"
     folder = crafted_reranker(cross_encoder_dir, tmp_path / way, way, marker, modules)
-    for argv in (["evaluate", str(rerank_dir), "--model", str(tiny_model_dir), "--reranker", str(folder),
+    for argv in (["evaluate", str(train_test_dir), "--model", str(tiny_model_dir), "--reranker", str(folder),
                   "--rerank-k", "3"],
-                 ["rerank-train", str(rerank_dir), "--out", str(tmp_path / "out"), "--model", str(folder),
+                 ["rerank-train", str(train_test_dir), "--out", str(tmp_path / "out"), "--model", str(folder),
                   "--encoder", str(tiny_model_dir), "--rerank-k", "3"]):
         r = CliRunner().invoke(main, ["-q", *argv])
         assert r.exit_code == 1 and r.output.count("\n") == 1, r.output

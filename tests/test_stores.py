@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from adapter.errors import AdapterError
 from adapter.stores import ChromaStore, FaissStore, QdrantStore, corpus_from_store, open_store
 from cli import main
-from tests.conftest import CHUNKS, write_dataset
+from tests.conftest import CHUNKS, split_tiny
 from tests.test_index import random_adapter
 
 D, N, K = 32, 6000, 10
@@ -229,12 +229,10 @@ def test_chroma_bad_input(tmp_path, vectors):
 def tiny_stores(tmp_path_factory, minilm):
     """The tiny dataset split by query; its MiniLM document vectors in a local Qdrant collection (int point ids with
     the corpus id in the payload) and an embedded Chroma collection (ids = corpus ids); an adapter that reorders."""
-    from adapter.data import split_dataset
     from adapter.encoder import Encoder
 
     root = tmp_path_factory.mktemp("stores")
-    folder = write_dataset(root / "ds")
-    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    folder = split_tiny(root / "ds")
     enc = Encoder(minilm, show_progress=False)
     docs = enc.encode_documents(list(CHUNKS.values()))
     adapter = root / "a.safetensors"

@@ -11,7 +11,7 @@ from adapter.evaluate import evaluate
 from adapter.model import LinearAdapter
 from adapter.train import Split, Stopped, _random_negatives, fit, mine_hard_negatives
 from cli import main
-from tests.conftest import write_dataset
+from tests.conftest import split_tiny, write_dataset
 
 BASE = "synthetic@000000000000"
 
@@ -132,10 +132,7 @@ def test_options_are_resolved_once_and_resolving_again_changes_nothing():
 @pytest.fixture
 def trained(tmp_path_factory):
     """The tiny dataset split by query, and an adapter trained on it through the CLI."""
-    folder = write_dataset(tmp_path_factory.mktemp("t") / "ds")
-    from adapter.data import split_dataset
-
-    split_dataset(folder, by="query", test_fraction=0.3, seed=0)
+    folder = split_tiny(tmp_path_factory.mktemp("t") / "ds")
     out = folder.parent / "tiny-adapter.safetensors"
     r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--epochs", "3", "--batch-size", "2",
                                   "--recipe", "infonce"])
