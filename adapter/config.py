@@ -329,6 +329,7 @@ class _Sections:
             if name not in hints:
                 raise SettingError(_unknown_key(key))
             value = _parse_value(key, text, hints[name])
+            _check_bound(key, value)
             cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
         return cfg
 
@@ -365,6 +366,36 @@ Config = dataclasses.make_dataclass(
     bases=(_Sections,), frozen=True,
     namespace={"__module__": __name__, "__doc__": "Defaults for every stage; one instance is resolved per command "
                "and its sections saved beside what it makes."})
+
+
+# The ranges ``with_settings`` holds a setting to (the CLI's ``--set``), where the library itself checks no range
+BOUNDS: dict[str, str] = {
+    **{f"train.{f}": ">= 0" for f in ("epochs", "identity_penalty", "uncovered_pull", "weight_decay",
+                                      "warmup_fraction")},
+    **{f"train.{f}": "> 0" for f in ("lr", "margin", "temperature", "grad_clip")},
+    **{f"train.{f}": ">= 1" for f in ("batch_size", "negatives_per_query", "hard_pool", "rank", "workers",
+                                      "val_budget")},
+    **{f"embedding.{f}": ">= 1" for f in ("dimensions", "batch_size", "concurrency", "estimate_above")},
+    **{f"embedding.{f}": "> 0" for f in ("requests_per_minute", "tokens_per_minute", "request_timeout")},
+    **{f"embedding.{f}": ">= 0" for f in ("max_retries", "retry_base_delay", "retry_max_delay")},
+    **{f"encoder.{f}": ">= 1" for f in ("batch_size", "processes")}, "encoder.pool_min_texts": ">= 0",
+    **{f"store.{f}": ">= 1" for f in ("k", "nprobe", "ef_search", "batch")}, "store.search_sample": ">= 0",
+    **{f"report.{f}": ">= 1" for f in ("bootstrap_samples", "latency_queries", "latency_repeats")},
+    **{f"serve.{f}": ">= 1" for f in ("max_batch", "max_body_bytes", "max_inputs", "max_input_chars", "threads",
+                                      "upstream_concurrency")},
+    **{f"serve.{f}": "> 0" for f in ("header_timeout", "reload_interval")}, "serve.batch_window_ms": ">= 0",
+    "finetune.select_dim": ">= 1", "rerank.val_queries": ">= 1", "rerank.train_queries": ">= 1",
+}
+
+
+def _check_bound(key: str, value: Any) -> None:
+    """Refuse a number outside its ``BOUNDS`` range, in one line naming the key."""
+    bound = BOUNDS.get(key)
+    if bound is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    op, low = bound.split()
+    if not (value > float(low) if op == ">" else value >= float(low)):
+        raise SettingError(f"{key} must be {bound}, got {value}")
 
 
 class SettingError(AdapterError, ValueError):
