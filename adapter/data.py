@@ -859,7 +859,7 @@ def split_dataset(path: str | os.PathLike, cfg: Config | None = None, *, by: str
     relevant chunk appears in train; a query whose relevant chunks fall on both sides is dropped and counted. The
     corpus stays whole: evaluation always searches every chunk. Returns the summary also written to ``split.json``.
     """
-    cfg = (cfg or Config()).replace(split_by=by, test_fraction=test_fraction, dev_fraction=dev_fraction, seed=seed)
+    cfg = (cfg or Config()).replace(by=by, test_fraction=test_fraction, dev_fraction=dev_fraction, seed=seed)
     by, test_fraction, dev_fraction, seed = cfg.split.by, cfg.split.test_fraction, cfg.split.dev_fraction, cfg.seed
     if by not in SPLIT_BY:
         raise AdapterError(f"--by must be 'query' or 'chunk', not {by!r}")

@@ -144,10 +144,10 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
         _add(systems, System(name, base, adapter, corpus, "adapter", source, adapter.metadata))
     for folder in finetuned:
         meta = read_meta(folder)
-        enc = Encoder.from_config(cfg.replace(model=str(folder)), show_progress=progress)
+        enc = Encoder.from_config(cfg.replace(encoder={"model": str(folder)}), show_progress=progress)
         _add(systems, System(Path(folder).resolve().name, enc, kind="fine-tune", source=str(folder), meta=meta))
     for m in models:
-        enc = Encoder.from_config(cfg.replace(model=m), show_progress=progress)
+        enc = Encoder.from_config(cfg.replace(encoder={"model": m}), show_progress=progress)
         _add(systems, System(m.rstrip("/").split("/")[-1], enc, kind="model", source=m))
     if isinstance(reranker, str | os.PathLike):
         from adapter.rerank import load_reranker

@@ -268,7 +268,9 @@ def resolve_loss(cfg: Config) -> Config:
     """The "auto" loss made concrete: triplet for the full matrix (unchanged), InfoNCE for the low-rank form, which
     learns far less from triplets (rank 16 on AppleQA kept 65% of the full adapter's gain with triplet, 98% with
     InfoNCE: bench/bench_tiny.py)."""
-    return cfg.replace(loss=("triplet" if cfg.train.rank is None else "infonce")) if cfg.train.loss == "auto" else cfg
+    if cfg.train.loss != "auto":
+        return cfg
+    return cfg.replace(train={"loss": "triplet" if cfg.train.rank is None else "infonce"})
 
 
 def check_options(cfg: Config) -> None:
@@ -646,7 +648,7 @@ def _r(x: float) -> float | None:
 
 def recipe_config(cfg: Config, name: str) -> Config:
     """The config a named recipe trains with: its axes over the shared settings ("manual": the config as given)."""
-    return cfg if name == "manual" else cfg.replace(**RECIPES[name])
+    return cfg if name == "manual" else cfg.replace(train=RECIPES[name])
 
 
 MANUAL_FIELDS = ("loss", "negatives", "rank", "identity_penalty")  # setting one of these means "manual"
@@ -799,7 +801,7 @@ def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], b
             keep = fitted[first[name]][0]["epoch"]
             if keep == 0:
                 return TrainResult(LinearAdapter.identity(dim, base_model, rank=rc.train.rank, seed=cfg.seed), 0)
-            rc = rc.replace(epochs=keep, epoch_choice="last")
+            rc = rc.replace(train={"epochs": keep, "epoch_choice": "last"})
         return _fit(train, None, corpus, corpus_ids, base_model, rc, progress=show, stop=stop)
 
     fitted: dict[str, tuple[dict[str, Any], list[TrainResult]]] = {}

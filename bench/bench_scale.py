@@ -75,7 +75,7 @@ def choice(shared: Path, seeds: list[int]) -> None:
             cfg = Config().replace(seed=seed)
             fold = cross_folds(train, cfg)[0][0]  # the first fold's fit and held-out questions
             inner, seen, unseen = fold.fit, fold.seen, fold.unseen
-            best = cfg.replace(recipe="triplet", epochs=30)
+            best = cfg.replace(train={"recipe": "triplet", "epochs": 30})
             full = fit(inner, seen, corpus, cids, "bench", best, progress=False)
             curve = {h["epoch"]: h["ndcg@10"] for h in full.history}
             picks = []
@@ -180,7 +180,7 @@ def train_child(folder: Path, epochs: int) -> None:
     ds = load_dataset(folder)
     source = StoreSource(vectors=str(folder / "corpus.npy"), ids=str(folder / "ids.txt"))
     enc = VectorEncoder(np.load(folder / "questions.npy"))
-    r = train_adapter(ds, Config().replace(epochs=epochs), encoder=enc, corpus=source, progress=False)
+    r = train_adapter(ds, Config().replace(train={"epochs": epochs}), encoder=enc, corpus=source, progress=False)
     wall = time.perf_counter() - t
     use = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": wall, "peak_gib": _peak_gib(), "train_seconds": r.seconds, "recipe": r.recipe,

@@ -157,7 +157,7 @@ def test_pdf_text_is_read_page_by_page(docs: list[Path]):
 
 
 def test_chunk_writes_stable_ids_sources_and_offsets(tmp_path: Path, docs: list[Path]):
-    cfg = Config().replace(chunk_size=150, chunk_overlap=50, chunk_unit="chars")
+    cfg = Config().replace(chunk={"size": 150, "overlap": 50, "unit": "chars"})
     out = tmp_path / "ds"
     chunks = chunk(docs, out, cfg)
     first = (out / "corpus.jsonl").read_bytes()

@@ -17,7 +17,7 @@ from adapter.stores import StoreSource, read_vector_file, write_index
 from cli import main
 from tests.conftest import CHUNKS, write_dataset
 
-QUICK = Config().replace(epochs=3, val_fraction=0.3)
+QUICK = Config().replace(train={"epochs": 3}, val_fraction=0.3)
 
 
 @pytest.fixture(scope="module")

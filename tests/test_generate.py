@@ -60,7 +60,7 @@ def config(llm: FakeLLM, **overrides) -> Config:
     """Settings for fast tests: tiny backoff, no pacing to speak of, a short timeout."""
     base = {"base_url": llm.url, "questions_per_chunk": N, "concurrency": 2, "requests_per_minute": 60_000,
             "request_timeout": 0.5, "retry_base_delay": 0.01, "retry_max_delay": 2.0}
-    return Config().replace(**{**base, **overrides})
+    return Config().replace(llm={**base, **overrides})
 
 
 def run(folder: Path, llm: FakeLLM, **overrides):
@@ -370,7 +370,7 @@ def test_a_prompt_file_replaces_the_built_in_prompt(tmp_path: Path):
 def test_bad_settings_are_one_line(tmp_path: Path, overrides: dict, message: str):
     write_corpus(tmp_path, 1)
     with pytest.raises(AdapterError, match=message):
-        generate(tmp_path, Config().replace(**overrides), encoder=FakeEncoder(), show_progress=False)
+        generate(tmp_path, Config().replace(llm=overrides), encoder=FakeEncoder(), show_progress=False)
 
 
 def test_near_duplicates_are_dropped_under_the_frozen_encoder(tmp_path: Path, minilm):

@@ -162,7 +162,7 @@ def tiny_cfg(model_dir: Path, **over) -> Config:
     """Two epochs of batches of 4 over the tiny train questions, from the tiny BERT, first stage the tiny BERT too."""
     r = RerankConfig(**{"model": str(model_dir), "k": 4, "negatives": 2, "epochs": 2, "batch_size": 4, "lr": 1e-3,
                         "max_seq_length": 48, "val_queries": None, **over})
-    return Config().replace(model=str(model_dir), val_fraction=0.3, rerank=r)
+    return Config().replace(encoder={"model": str(model_dir)}, val_fraction=0.3, rerank=r)
 
 
 def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_epoch(rerank_dir, tmp_path,
@@ -214,7 +214,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     assert type(plain[1]) is rr.CosineHead and isinstance(plain.activation_fn, torch.nn.Identity)
     assert plain.trust_remote_code is False and isinstance(plain, CrossEncoder)
     reranker.model.max_seq_length = 48
-    base = build_systems(Config().replace(model=str(tiny_model_dir)), progress=False)["base"]
+    base = build_systems(Config().replace(encoder={"model": str(tiny_model_dir)}), progress=False)["base"]
     queries = base.encode_queries([ds.queries[q] for q in val])
     _, corpus = base.corpus.read(ds, base.encoder)
     again = rr.score_first_stage(ds, val, queries, corpus, rr.list_reranker(reranker, ds, 4))

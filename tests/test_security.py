@@ -97,7 +97,7 @@ def test_redact_masks_held_values_whatever_the_variable_is_called(monkeypatch):
     key, password = f"{KEY}-unit", f"{PASSWORD}-unit"  # held by no other test of this process
     monkeypatch.setenv("LLM_CREDENTIAL_VALUE", key)  # a name no pattern recognises
     assert key in redact(f"echo: {key}")  # a variable nothing reads a key from is not a secret
-    Config().replace(api_key_env="LLM_CREDENTIAL_VALUE", base_url=f"http://bob:{password}@10.0.0.1/v1")
+    Config().replace(llm={"api_key_env": "LLM_CREDENTIAL_VALUE", "base_url": f"http://bob:{password}@10.0.0.1/v1"})
     text = redact(f"echo: {key}; again {key[:-1]}x; password {password}")
     assert key not in text and password not in text and f"{key[:-1]}x" in text  # the value, not its neighbours
 

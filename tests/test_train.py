@@ -37,8 +37,9 @@ def synthetic(d: int = 16, n_chunks: int = 40, train_per: int = 5, val_per: int 
     return make(train_per, "t", shuffled_train), make(val_per, "v", False), corpus, cids
 
 
-def quick(**over) -> Config:
-    return Config().replace(epochs=8, batch_size=16, **over)
+def quick(seed: int = 0, **train) -> Config:
+    """Short training: 8 epochs of batches of 16, with ``train`` fields (``lr=0.05``, ``rank=16``) on top."""
+    return Config().replace(seed=seed, train={"epochs": 8, "batch_size": 16, **train})
 
 
 @pytest.mark.parametrize("over", [{}, {"loss": "infonce"}, {"loss": "infonce", "infonce_candidates": "corpus"},
@@ -173,7 +174,7 @@ def test_both_validation_slices_are_carved_whatever_the_split(tmp_path, minilm):
     enc = Encoder(minilm, show_progress=False)
     for by in ("chunk", "query"):
         split_dataset(folder, by=by, test_fraction=0.2, seed=0, force=True)
-        r = train_adapter(load_dataset(folder), Config().replace(epochs=1, recipe="infonce"), encoder=enc,
+        r = train_adapter(load_dataset(folder), Config().replace(train={"epochs": 1, "recipe": "infonce"}), encoder=enc,
                           progress=False)
         est = r.adapter.metadata["estimates"]
         assert est["seen"]["queries"] >= 1 and est["unseen"]["chunks"] >= 1, (by, est)
@@ -309,7 +310,7 @@ def test_uncovered_pull_holds_chunks_without_questions_and_learns_the_rest():
         change = corpus @ (w - np.eye(16))
         return float((change[:20] ** 2).sum(1).mean()), float((change[20:] ** 2).sum(1).mean())
 
-    long = Config().replace(epochs=20, batch_size=16)  # long enough for the free map to wander (0.16 on covered)
+    long = quick(epochs=20)  # long enough for the free map to wander (0.16 on covered)
     free_cov, free_unc = moved(recipe_config(long, "pull-0.01"))
     held_cov, held_unc = moved(recipe_config(long, "uncovered-1"))
     assert held_unc < 0.5 * free_unc  # chunks without questions stay put (measured 0.22x) ...
