@@ -208,7 +208,7 @@ def _id_prefix(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "doc"
 
 
-def chunk_documents(paths: Sequence[str | os.PathLike], *, size: int, overlap: int, unit: str = "tokens",
+def chunk_documents(paths: Sequence[str | os.PathLike], *, size: int, overlap: int, unit: str,
                     model: str | None = None) -> list[Chunk]:
     """Read and split every document; ids are ``<file stem>-<n>`` in document order. Empty documents are skipped."""
     _check_sizes(size, overlap)

@@ -822,7 +822,7 @@ def convert(src: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.
 
 
 def partition_qrels(qrels: Qrels, *, by: str, test_fraction: float, dev_fraction: float = 0.0,
-                    seed: int = 0) -> tuple[dict[str, Qrels], int]:
+                    seed: int) -> tuple[dict[str, Qrels], int]:
     """Deal queries into train/dev/test, by random query or by whole chunk; returns the parts and the number of
     queries dropped because their relevant chunks fell on both sides (``by="chunk"`` only)."""
     if by not in SPLIT_BY:

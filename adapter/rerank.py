@@ -58,6 +58,7 @@ FORMAT_VERSION = 1
 META_FILE = "rerank.json"  # what the reranker was trained on and how it scored: what `compare` reads
 NEGATIVES_FILE = "negatives.json"  # in CHECKPOINTS: the hard negatives, mined once and reused on resume
 BASE_FILE = "base.json"  # in CHECKPOINTS: validation of the first stage alone and of the start model, measured once
+COSINE_SCALE = 20.0  # CosineHead multiplies cosines by this (MultipleNegativesRankingLoss's scale)
 LOSSES = ("lambda", "bce", "mnrl")
 HEADS = ("cosine", "classifier")
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)  # of the first
@@ -107,7 +108,7 @@ class CosineHead(Module):
 
     config_keys = ["scale"]
 
-    def __init__(self, scale: float = 20.0):
+    def __init__(self, scale: float = COSINE_SCALE):
         super().__init__()
         self.scale = scale
 
@@ -247,10 +248,11 @@ def stage_key(kind: str, source: str) -> str | None:
     return None
 
 
-def start_model(name: str, max_length: int | None, head: str = "cosine") -> tuple[CrossEncoder, str]:
+def start_model(name: str, max_length: int | None, head: str | None = None) -> tuple[CrossEncoder, str]:
     """The model training starts from, and how: a cross-encoder checkpoint as it is, or any other encoder (a
     sentence-transformers folder, a transformers model) with a new head: ``cosine`` (``CosineHead`` on the token
     states) or ``classifier`` (transformers' sequence-classification head, one logit on the pooler)."""
+    head = Config().rerank.head if head is None else head
     path = resolve_model(name)
     check_code_free(path)
     if Path(path).is_dir() and is_cross_encoder(path):
@@ -308,9 +310,10 @@ class Reranker:
     """A one-score cross-encoder that scores (question, chunk) pairs, remembering pairs it has scored (a reranked
     system is scored at every dim, and base and adapter share most of their candidates)."""
 
-    def __init__(self, model: CrossEncoder, *, batch_size: int = 32, source: str = "", memo: bool = True,
+    def __init__(self, model: CrossEncoder, *, batch_size: int | None = None, source: str = "", memo: bool = True,
                  meta: dict[str, Any] | None = None, fusion: float = 0.0, bf16: bool = False,
                  weights: Mapping[str, float] | None = None):
+        batch_size = Config().rerank.predict_batch_size if batch_size is None else batch_size
         self.model, self.batch_size, self.source = model, batch_size, source
         self.meta = meta or {}
         self.fusion = fusion  # weight of the first-stage score in the final order (ListReranker)

@@ -31,6 +31,7 @@ from adapter.data import Dataset, atomic_write
 from adapter.errors import AdapterError, hold_secret, hold_url_secrets, one_line, redact, refuse_existing
 
 logger = logging.getLogger(__name__)
+SEARCH_BLOCK = 65536  # queries searched at once by a FAISS index without its own blocking
 
 Id = int | str  # a store's own id: FAISS int64, Qdrant int or UUID string, Chroma string
 
@@ -327,7 +328,7 @@ class FaissLayout:
         self.take("<ii?")  # d_in, d_out, is_trained
 
 
-def search_index(index: faiss.Index, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, ids) per query from the index, with the index's own int64 ids; -1 ids are dropped by the
     caller. The query vectors must have the index's dimension."""
     return index.search(_check_queries(queries, k, index.d, "index"), k)
@@ -401,7 +402,7 @@ class FaissStore(Store):
             return self.search(queries, k)
         return self._blockwise(queries, k)
 
-    def _blockwise(self, queries: np.ndarray, k: int, block: int = 65536) -> list[Hits]:
+    def _blockwise(self, queries: np.ndarray, k: int, block: int = SEARCH_BLOCK) -> list[Hits]:
         q = self._check(queries, k)
         inner = faiss.downcast_index(self.id_map.index) if self.id_map is not None else self.layers[0]
         labels = faiss.vector_to_array(self.id_map.id_map) if self.id_map is not None else None

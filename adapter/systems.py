@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from adapter.config import Config, default_dims
+from adapter.config import Config, EvaluateConfig, RerankConfig, default_dims
 from adapter.data import Dataset, relevant
 from adapter.errors import AdapterError
 from adapter.evaluate import Reorder, Results, evaluate, resolve_dims
@@ -94,7 +94,7 @@ class System:
     source: str = ""  # the adapter file, model folder or model name
     meta: dict[str, Any] = field(default_factory=dict)  # the artifact's training metadata (see adapter.model)
     reranker: Reranker | None = None  # a second stage: a cross-encoder reordering the top rerank_k (kind "rerank")
-    rerank_k: int = 20  # first-stage candidates the reranker reorders
+    rerank_k: int = RerankConfig.k  # first-stage candidates the reranker reorders
     first_stage: str | None = None  # reranked systems: the name of the system whose list is reordered
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
@@ -161,8 +161,8 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
     return systems
 
 
-def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = "test", dims: Sequence[int] | None = None,
-          per_query: bool = False) -> SystemResults:
+def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = EvaluateConfig.split,
+          dims: Sequence[int] | None = None, per_query: bool = False) -> SystemResults:
     """Score every system on one split with the one judge: ``{name: {dim: {metric: value}}}``.
 
     ``dims`` (checked against the largest model) are scored up to each system's dimension (none fit: its full

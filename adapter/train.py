@@ -60,7 +60,8 @@ RECIPE_FIELDS = ("loss", "infonce_candidates", "rank", "identity_penalty", "matr
                  "uncovered_pull")
 
 
-def _recipe(loss: str = "infonce", candidates: str = "batch", rank: int | None = None, pull: float = 0.0,
+def _recipe(loss: str = "infonce", candidates: str = TrainConfig.infonce_candidates,
+            rank: int | None = None, pull: float = 0.0,
             matryoshka: bool = True, epochs: str = "average", uncovered: float = 0.0) -> dict[str, Any]:
     return {"loss": loss, "infonce_candidates": candidates, "rank": rank, "identity_penalty": pull,
             "matryoshka": matryoshka, "epoch_choice": epochs, "uncovered_pull": uncovered}
@@ -96,6 +97,7 @@ MIN_SEEN_QUERIES = 4  # questions needed to hold out a seen-chunk slice (one hel
 MIN_UNSEEN_CHUNKS = 5  # chunks with questions needed to hold out whole chunks and still train on four
 GAIN_Z = 2.0  # a recipe must beat the identity by this many standard errors of its gain (see select)
 MIN_VAL_QUESTIONS = 100  # a sampled validation slice keeps at least this many questions (train.val_budget)
+MOMENT_BLOCK = 65536  # chunks whose outer products are summed at once for the uncovered pull
 GATHER_STEPS = 64  # training steps whose query and chunk rows are gathered at once (~13 MB each at d 384, batch 128)
 
 
@@ -202,7 +204,7 @@ def uncovered_rows(n_corpus: int, covered_rows: np.ndarray, outside: np.ndarray 
 
 
 def uncovered_moment(corpus: np.ndarray, covered_rows: np.ndarray, weight: float,
-                     outside: np.ndarray | None = None, block: int = 65536) -> torch.Tensor | None:
+                     outside: np.ndarray | None = None, block: int = MOMENT_BLOCK) -> torch.Tensor | None:
     """``weight * d * mean(c^T c)`` over the chunks outside ``covered_rows`` (the training pairs' positives) and
     ``outside``, as a (d, d) tensor M, so that ``sum(D * (M @ D))`` is the uncovered-chunk pull on the adapter's
     change D = W − I (its mean over those chunks of ‖cD‖², scaled by d to match ‖D‖²_F on isotropic vectors); None
