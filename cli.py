@@ -193,6 +193,8 @@ class StoreSpec(click.ParamType):
         if not location or not name or location.endswith(":/"):
             self.fail(f"expected {STORE_KINDS[kind]}, got {shown!r}", param, ctx)
         if kind == "pgvector":
+            if "://" in location and "/" not in location.partition("://")[2]:  # a URL DSN names its database
+                self.fail(f"expected {STORE_KINDS[kind]} (the table after the database), got {shown!r}", param, ctx)
             return StoreSource(pgvector=location, table=name)
         return StoreSource(**{kind: location, "collection": name})
 

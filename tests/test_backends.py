@@ -336,7 +336,7 @@ def test_cli_evaluate_with_an_openai_model_matches_the_local_model(minilm, tiny_
     with FakeEmbeddings(minilm, shuffle=True) as server:
         server.push("500", "429")
         for name, extra in (("local", []), ("remote", ["--model", f"openai:{MODEL}", "--embedding-base-url",
-                                                        server.url, "--embedding-batch-size", "4"])):
+                                                        server.url, "--set", "embedding.batch_size=4"])):
             out = tmp_path / f"{name}.json"
             r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), "--dims", "384,64", "--json", str(out),
                                           "--cache-dir", str(tmp_path / name), *extra])

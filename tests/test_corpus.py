@@ -93,9 +93,9 @@ def test_evaluate_cli_scores_a_vector_file_as_the_embedded_corpus(setup, tmp_pat
     folder, blind, root = setup
     runs = {}
     for name, data, extra in (("embedded", folder, []),
-                              ("npy", blind, ["--corpus-vectors", str(root / "vectors.npy"), "--corpus-ids",
-                                              str(root / "ids.txt")]),
-                              ("parquet", blind, ["--corpus-vectors", str(root / "vectors.parquet")])):
+                              ("npy", blind, ["--store",
+                                              "vectors:" + str(root / "vectors.npy") + "," + str(root / "ids.txt")]),
+                              ("parquet", blind, ["--store", "vectors:" + str(root / "vectors.parquet")])):
         out = tmp_path / f"{name}.json"
         r = CliRunner().invoke(main, ["evaluate", str(data), "--dims", "384", "--json", str(out), *extra])
         assert r.exit_code == 0, r.output
@@ -111,12 +111,12 @@ def test_train_cli_from_a_faiss_file_with_ids(setup, tmp_path):
     """Ids under an id map are not corpus ids: refused in one line, nothing written."""
     _, blind, root = setup
     out = tmp_path / "a.safetensors"
-    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--epochs", "1",
-                                  "--index", str(root / "ids.faiss")])
+    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--set", "train.epochs=1",
+                                  "--store", "faiss:" + str(root / "ids.faiss")])
     assert r.exit_code == 1 and "holds no vector for" in r.output and r.output.count("\n") == 1, r.output
     assert not out.exists()
-    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--epochs", "1",
-                                  "--index", str(root / "rows.faiss")])
+    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--set", "train.epochs=1",
+                                  "--store", "faiss:" + str(root / "rows.faiss")])
     assert r.exit_code == 0 and out.is_file(), r.output
 
 
@@ -194,8 +194,9 @@ def test_exact_search_is_brute_force_over_what_the_index_stores(tmp_path, kind):
 def test_evaluate_store_search_scores_through_the_stores_own_search(setup, tmp_path):
     folder, blind, root = setup
     runs = {}
-    for name, data, extra in (("read out", folder, ["--index", str(root / "rows.faiss")]),
-                              ("store search", blind, ["--index", str(root / "rows.faiss"), "--store-search"])):
+    for name, data, extra in (("read out", folder, ["--store", "faiss:" + str(root / "rows.faiss")]),
+                              ("store search", blind, ["--store", "faiss:" + str(root / "rows.faiss"),
+                                                       "--store-search"])):
         out = tmp_path / f"{len(runs)}.json"
         r = CliRunner().invoke(main, ["evaluate", str(data), "--dims", "384", "--json", str(out), *extra])
         assert r.exit_code == 0, r.output

@@ -60,8 +60,10 @@ def test_finetune_installs_a_model_that_scores_its_kept_epoch(train_dir, tmp_pat
     cfg = tiny_cfg(tiny_model_dir, val_fraction=Config().split.val_fraction,  # what the command runs
                    **{"finetune.max_seq_length": 32})
     r = CliRunner().invoke(main, ["-q", "finetune", str(train_dir), "--out", str(out), "--model", str(tiny_model_dir),
-                                  "--dims", "32,16,8", "--select-dim", "16", "--epochs", "2", "--batch-size", "4",
-                                  "--grad-accum", "1", "--lr", "1e-3", "--max-seq-length", "32"],
+                                  "--dims", "32,16,8", "--set", "finetune.select_dim=16", "--epochs", "2", "--set",
+                                  "finetune.batch_size=4",
+                                  "--set", "finetune.grad_accum=1", "--set", "finetune.lr=1e-3", "--set",
+                                  "finetune.max_seq_length=32"],
                            catch_exceptions=False, env={"HF_HUB_OFFLINE": "1"})
     assert r.exit_code == 0, r.output
     assert "validation ndcg@10 at dim 16: base" in r.output and f"wrote {out}" in r.output

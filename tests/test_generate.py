@@ -278,7 +278,7 @@ def test_cli_lists_failed_chunks_and_exits_non_zero(tmp_path: Path):
     with FakeLLM(questions=N) as llm:
         llm.push("500", "500")
         args = ["generate", str(tmp_path), "--base-url", llm.url, "--questions-per-chunk", str(N), "--concurrency",
-                "1", "--max-retries", "1", "--llm-model", "qwen2.5:7b", "--temperature", "0.3"]
+                "1", "--set", "llm.max_retries=1", "--llm-model", "qwen2.5:7b", "--set", "llm.temperature=0.3"]
         r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     assert {(q.model, q.temperature) for q in llm.requests} == {("qwen2.5:7b", 0.3)}
@@ -408,8 +408,8 @@ def test_sigkill_mid_run_then_resume_matches_a_run_in_one_go(tmp_path: Path, min
     journal = two / JOURNAL
     with FakeLLM(**server, hold_after=16) as llm:  # then the server holds every request: the kill lands mid-run
         cmd = [sys.executable, str(ROOT / "cli.py"), "-q", "generate", str(two), "--base-url", llm.url,
-               "--questions-per-chunk", str(N), "--concurrency", "4", "--requests-per-minute", "60000",
-               "--timeout", "0.5", "--max-retries", "10"]
+               "--questions-per-chunk", str(N), "--set", "llm.concurrency=4", "--set", "llm.requests_per_minute=60000",
+               "--set", "llm.request_timeout=0.5", "--set", "llm.max_retries=10"]
         with open(tmp_path / "killed.log", "w") as log:
             proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, cwd=ROOT)
             deadline = time.monotonic() + 120

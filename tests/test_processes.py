@@ -97,11 +97,11 @@ def test_the_cli_refuses_bad_pool_settings_in_one_line(tiny_dataset, tmp_path):
         return subprocess.run([sys.executable, str(ROOT / "cli.py"), "embed", str(tiny_dataset), "--cache-dir",
                                str(tmp_path), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
-    bad = run("--devices", "cpu,bogus")
+    bad = run("--set", "encoder.devices=cpu,bogus")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "'bogus' is not a torch device" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    zero = run("--processes", "0")
-    assert zero.returncode != 0 and "Traceback" not in zero.stderr and "--processes" in zero.stderr
+    zero = run("--set", "encoder.processes=0")
+    assert zero.returncode != 0 and "Traceback" not in zero.stderr and "encoder.processes" in zero.stderr
 
 
 KILLED_MID_POOL = """

@@ -114,7 +114,8 @@ def trained(tmp_path_factory):
 
     split_dataset(folder, by="query", test_fraction=0.3, seed=0)
     out = folder.parent / "tiny-adapter.safetensors"
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--epochs", "3", "--batch-size", "2",
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--set", "train.epochs=3", "--set",
+                                  "train.batch_size=2",
                                   "--recipe", "infonce"])
     assert r.exit_code == 0, r.output
     return folder, out, r.output
@@ -158,9 +159,11 @@ def test_train_refuses_bad_input(trained, tmp_path):
     r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out)])
     assert r.exit_code == 1 and "already exists" in r.output and out.read_bytes() == before
     (folder / "qrels" / "empty.tsv").write_text("query-id\tcorpus-id\tscore\n")
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--split", "empty"])
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--set",
+                                  "split.train_split=empty"])
     assert r.exit_code == 1 and "split has no queries" in r.output and r.output.count("\n") == 1
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--split", "nope"])
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--set",
+                                  "split.train_split=nope"])
     assert r.exit_code == 1 and "no qrels/nope.tsv" in r.output
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -403,7 +406,8 @@ def test_train_cli_json_and_evaluate_show_the_estimates(trained, tmp_path):
 
     folder, out, _ = trained
     js, new = tmp_path / "t.json", tmp_path / "auto.safetensors"
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(new), "--epochs", "2", "--batch-size", "2",
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(new), "--set", "train.epochs=2", "--set",
+                                  "train.batch_size=2",
                                   "--json", str(js)])
     assert r.exit_code == 0, r.output
     got = json.loads(js.read_text())
