@@ -330,7 +330,7 @@ def _reranker(folder: str | None, cfg: Config, ds) -> str | None:
     return folder
 
 
-split_name_option = keyed("evaluate.split", "--split", default=None,
+split_name_option = keyed("evaluate.split", "--split", "split_name", default=None,
                           help=f"Qrels split to score [default: {DEFAULTS.evaluate.split}].")
 
 

@@ -289,11 +289,10 @@ def appleqa_hidden(shared: Path, work: Path, seeds: list[int], n_random: int, ep
     gains: dict[str, list[float]] = {"215": [], "big": []}
     for seed in seeds:
         for where, extra in (("215 chunks", []),
-                             (f"{len(big_ids):,} vectors", ["--corpus-vectors", str(vectors), "--corpus-ids",
-                                                            str(id_file)])):
+                             (f"{len(big_ids):,} vectors", ["--store", f"vectors:{vectors},{id_file}"])):
             out = work / f"appleqa-{seed}-{len(extra)}.safetensors"
             wall, peak = measured([sys.executable, str(ROOT / "cli.py"), "train", str(folder), "--out", str(out),
-                                   "--epochs", str(epochs), "--seed", str(seed), "--force", *extra], env)
+                                   "--set", f"train.epochs={epochs}", "--seed", str(seed), "--force", *extra], env)
             adapter = LinearAdapter.load(out)
             small = evaluate(adapter.apply(test), chunks, qrels, qids, ids, DIMS)
             large = evaluate(adapter.apply(test), big, qrels, qids, big_ids, DIMS)
