@@ -429,11 +429,11 @@ _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 def _parse_value(key: str, text: str, hint: Any) -> Any:
     """``text`` as a value of type ``hint``: int, float (finite), bool (true/false, yes/no, on/off, 1/0), str, a
-    tuple of them (comma-separated; empty: ()), or a union (``X | None`` takes "none"; the first type that parses)."""
-    text = text.strip()
+    tuple of them (comma-separated; empty: ()), or a union (``X | None`` takes "none"; the first type that parses).
+    A string is taken as given, spaces included (e5's "query: " prefix); everything else is read stripped."""
     if typing.get_origin(hint) in (types.UnionType, typing.Union):
         args = typing.get_args(hint)
-        if type(None) in args and text.lower() == "none":
+        if type(None) in args and text.strip().lower() == "none":
             return None
         options = [a for a in args if a is not type(None)]
         for option in options[:-1]:
@@ -444,7 +444,10 @@ def _parse_value(key: str, text: str, hint: Any) -> Any:
         return _parse_value(key, text, options[-1])
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
-        return tuple(_parse_value(key, part, item) for part in text.split(",") if part.strip())
+        return tuple(_parse_value(key, part.strip(), item) for part in text.split(",") if part.strip())
+    if hint is str:
+        return text
+    text = text.strip()
     if hint is bool:
         if text.lower() not in _TRUE + _FALSE:
             raise SettingError(f"{key} takes true or false, got {text!r}")
@@ -457,8 +460,6 @@ def _parse_value(key: str, text: str, hint: Any) -> Any:
         if not math.isfinite(value):
             raise SettingError(f"{key} takes a finite number, got {text!r}")
         return value
-    if hint is str:
-        return text
     raise SettingError(f"{key}: its type {hint} cannot be set from text")
 
 

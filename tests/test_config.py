@@ -66,6 +66,8 @@ def test_every_field_can_be_set_from_text_and_reads_back_its_default():
     ("train.identity_penalty=auto", ("train", "identity_penalty"), "auto"),
     ("train.identity_penalty=0.3", ("train", "identity_penalty"), 0.3),
     ("llm.prompt=p=q.txt", ("llm", "prompt"), "p=q.txt"),  # only the first "=" separates
+    ("embedding.query_prefix=query: ", ("embedding", "query_prefix"), "query: "),  # a string keeps its spaces
+    ("embedding.query_prefix= None", ("embedding", "query_prefix"), None),
 ])
 def test_settings_are_parsed_by_the_field_type(setting, field, value):
     cfg = Config().with_settings([setting])

@@ -209,7 +209,7 @@ def test_evaluate_store_search_scores_through_the_stores_own_search(setup, tmp_p
     assert "recall@10 of the store's search against exact search over its vectors" in output
     assert "base 1.0000" in output
     r = CliRunner().invoke(main, ["evaluate", str(blind), "--store-search"])
-    assert r.exit_code == 1 and "--store-search needs the store" in r.output
+    assert r.exit_code == 1 and "--store-search needs --store" in r.output
 
 
 def test_bad_embedding_and_store_input_fails_cleanly(tmp_path_factory, tiny_model_dir, minilm):
