@@ -505,7 +505,7 @@ def train(directory: str, out: str, model: str | None, embedding_base_url: str |
     result = train_adapter(ds, cfg, encoder=_encoder(cfg), corpus=source.with_settings(cfg) if source else None)
     path = result.adapter.save(out, dtype=cfg.train.dtype, force=force)
     for line in train_summary(result, cfg.train.objective):
-        click.echo(line)
+        click.echo(_speak_flags(line, _flags(click.get_current_context().command)))
     click.echo(f"trained in {result.seconds:.1f} s; wrote {path} ({path.stat().st_size:,} bytes)")
     if json_out:
         import json

@@ -48,9 +48,9 @@ def resolve_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
         return list(default_dims(full_dim))
     for d in dims:
         if d <= 0:
-            raise AdapterError(f"--dims: {d} is not a positive dimension")
+            raise AdapterError(f"evaluate.dims: {d} is not a positive dimension")
         if d > full_dim:
-            raise AdapterError(f"--dims: {d} is above the model's dimension {full_dim}")
+            raise AdapterError(f"evaluate.dims: {d} is above the model's dimension {full_dim}")
     return list(dict.fromkeys(dims))
 
 

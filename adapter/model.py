@@ -66,7 +66,7 @@ class LinearAdapter:
         if rank is None:
             return cls(dim, base_model, weight=np.eye(dim, dtype=np.float32), bias=b)
         if not 0 < rank < dim:
-            raise AdapterError(f"--rank must be between 1 and {dim - 1}, got {rank}")
+            raise AdapterError(f"train.rank must be between 1 and {dim - 1}, got {rank}")
         seed = Config().seed if seed is None else seed
         u = np.random.default_rng(seed).normal(0.0, dim ** -0.5, size=(dim, rank)).astype(np.float32)
         return cls(dim, base_model, U=u, V=np.zeros((rank, dim), np.float32), bias=b)

@@ -270,7 +270,7 @@ def call(fn: Callable[[], T], *, endpoint: str, policy: RetryPolicy, limiter: Ra
 
 
 def make_client(base_url: str | None, api_key_env: str | None = None, timeout: float | None = None, *,
-                key_hint: str = "--api-key-env") -> Any:
+                key_hint: str = "llm.api_key_env") -> Any:
     """An ``openai.OpenAI`` client with no retries of its own, ``timeout`` seconds per request (a deadline for the
     whole request, reads and writes included), the key read from ``$api_key_env`` only. A local server (``base_url``
     or ``$OPENAI_BASE_URL`` set) may go without a key."""

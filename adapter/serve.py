@@ -807,7 +807,7 @@ def serve(adapter_path: str | os.PathLike, cfg: Config | None = None, *, allow_o
     if scfg.auth_key_env:
         api_key = os.environ.get(scfg.auth_key_env)
         if not api_key:
-            raise AdapterError(f"--api-key-env {scfg.auth_key_env}: that environment variable is not set or empty")
+            raise AdapterError(f"serve.auth_key_env {scfg.auth_key_env}: that environment variable is not set or empty")
     if scfg.max_batch < 1 or not (math.isfinite(scfg.batch_window_ms) and scfg.batch_window_ms >= 0):
         raise AdapterError("serve: max_batch must be at least 1 and batch_window_ms a number at least 0")
     if not (math.isfinite(scfg.header_timeout) and scfg.header_timeout > 0):

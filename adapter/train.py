@@ -279,23 +279,24 @@ def check_options(cfg: Config) -> None:
     """One-line errors for training options no recipe can run with."""
     tc = cfg.train
     if tc.loss not in ("triplet", "infonce", "auto"):
-        raise AdapterError(f"--loss must be 'triplet' or 'infonce', not {tc.loss!r}")
+        raise AdapterError(f"train.loss must be 'triplet' or 'infonce', not {tc.loss!r}")
     if tc.negatives not in ("random", "hard"):
-        raise AdapterError(f"--negatives must be 'random' or 'hard', not {tc.negatives!r}")
+        raise AdapterError(f"train.negatives must be 'random' or 'hard', not {tc.negatives!r}")
     if tc.epoch_choice not in EPOCH_CHOICES:
-        raise AdapterError(f"--epoch-choice must be one of {', '.join(EPOCH_CHOICES)}, not "
+        raise AdapterError(f"train.epoch_choice must be one of {', '.join(EPOCH_CHOICES)}, not "
                            f"{tc.epoch_choice!r}")
     if tc.objective not in OBJECTIVES:
-        raise AdapterError(f"--objective must be 'both' or 'seen', not {tc.objective!r}")
+        raise AdapterError(f"train.objective must be 'both' or 'seen', not {tc.objective!r}")
     if tc.recipe not in ("auto", "manual", *RECIPES):
-        raise AdapterError(f"--recipe must be 'auto', 'manual' or one of {', '.join(RECIPES)}, not {tc.recipe!r}")
+        raise AdapterError(f"train.recipe must be 'auto', 'manual' or one of {', '.join(RECIPES)}, not {tc.recipe!r}")
     if tc.uncovered_pull < 0:
         raise AdapterError(f"train.uncovered_pull must be >= 0, not {tc.uncovered_pull}")
     if tc.folds < 2 or tc.crossfit_questions < 1:
         raise AdapterError(f"train.folds must be >= 2 and train.crossfit_questions >= 1, not {tc.folds} and "
                            f"{tc.crossfit_questions}")
     if tc.epochs < 0 or tc.batch_size < 1 or tc.lr <= 0:
-        raise AdapterError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+        raise AdapterError(f"train.epochs must be >= 0, train.batch_size >= 1 and train.lr > 0, got {tc.epochs}, "
+                           f"{tc.batch_size} and {tc.lr}")
 
 
 def _fit(train: Split, val: Split | None, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
@@ -913,9 +914,9 @@ def identity_line(best: dict[str, Any], objective: str) -> str:
         why = f"short of the {GAIN_Z:g} standard errors a gain must clear"
     else:
         why = "but it moves unseen chunks below base beyond noise"
-    other = "; `--objective seen` if every chunk of the index has questions" if objective == "both" else ""
+    other = "; train.objective 'seen' if every chunk of the index has questions" if objective == "both" else ""
     return (f"shipped the identity: the best recipe, {best['recipe']}, changed ndcg@10 by {_gain_words(best)}, "
-            f"{why}. More questions per chunk would settle it{other}; `--recipe {best['recipe']}` ships it anyway")
+            f"{why}. More questions per chunk would settle it{other}; train.recipe '{best['recipe']}' ships it anyway")
 
 
 def run_order(names: Sequence[str], effective: dict[str, TrainConfig]) -> list[str]:

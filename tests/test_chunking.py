@@ -193,9 +193,9 @@ def test_scanned_pdf_without_text_is_skipped_with_a_warning(tmp_path: Path, docs
     (lambda d: d / "notes.docx", {}, r"notes\.docx: unsupported document type"),
     (lambda d: d / "missing.txt", {}, r"missing\.txt: no such file"),
     (lambda d: d / "latin1.txt", {}, r"latin1\.txt: not UTF-8 text"),
-    (lambda d: d / "a.txt", {"overlap": 100}, r"--overlap must be .* below --size"),
-    (lambda d: d / "a.txt", {"size": 0}, r"--size must be at least 1"),
-    (lambda d: d / "a.txt", {"unit": "words"}, r"--unit must be one of"),
+    (lambda d: d / "a.txt", {"overlap": 100}, r"chunk.overlap must be .* below chunk.size"),
+    (lambda d: d / "a.txt", {"size": 0}, r"chunk.size must be at least 1"),
+    (lambda d: d / "a.txt", {"unit": "words"}, r"chunk.unit must be one of"),
     (lambda d: d / "broken.pdf", {}, r"broken\.pdf: cannot read PDF"),
 ])
 def test_bad_input_is_one_line_naming_the_file(tmp_path: Path, setup, kwargs, message):

@@ -138,7 +138,7 @@ def test_bad_vector_files_are_one_line(setup, tmp_path, minilm):
     pq.write_table(pa.table({"id": ["a"], "embedding": [[1.0, 0.0]]}), tmp_path / "novec.parquet")
     cases = [
         ({"vectors": str(tmp_path / "none.npy"), "ids": str(root / "ids.txt")}, r"none\.npy: no such file"),
-        ({"vectors": str(root / "vectors.npy")}, r"--corpus-ids IDS\.txt is needed"),
+        ({"vectors": str(root / "vectors.npy")}, r"needs an ids file \(IDS\.txt\)"),
         ({"vectors": str(tmp_path / "flat.npy"), "ids": str(root / "ids.txt")}, r"expected a 2-D float array"),
         ({"vectors": str(root / "vectors.npy"), "ids": str(tmp_path / "three.txt")},
          r"three\.txt: 3 ids for the 8 rows of"),
@@ -150,8 +150,8 @@ def test_bad_vector_files_are_one_line(setup, tmp_path, minilm):
         ({"vectors": str(tmp_path / "small.npy"), "ids": str(root / "ids.txt")},
          r"small\.npy holds 16-dimensional vectors, .* makes 384"),
         ({"vectors": str(root / "vectors.npy"), "ids": str(root / "ids.txt"), "index": "x.faiss"},
-         "pass either --corpus-vectors or a store"),
-        ({"ids": str(root / "ids.txt")}, r"--corpus-ids goes with --corpus-vectors"),
+         "pass either a vector file or a store"),
+        ({"ids": str(root / "ids.txt")}, r"an ids file goes with a vector file"),
     ]
     enc = encoder(minilm, tmp_path / "cache")
     for given, message in cases:

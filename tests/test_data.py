@@ -225,9 +225,9 @@ def test_split_without_dev_removes_stale_dev(tmp_path):
     assert not (ds / "qrels" / "dev.tsv").exists()
 
 
-@pytest.mark.parametrize("args, words", [(["--set", "split.test_fraction=1.5"], "--test-fraction"),
+@pytest.mark.parametrize("args, words", [(["--set", "split.test_fraction=1.5"], "split.test_fraction"),
                                          (["--set", "split.test_fraction=0.5", "--set", "split.dev_fraction=0.6"],
-                                          "--dev-fraction")])
+                                          "split.dev_fraction")])
 def test_split_bad_fractions(args, words, tmp_path):
     ds = write_dataset(tmp_path / "ds")
     r = CliRunner().invoke(main, ["split", str(ds), *args])

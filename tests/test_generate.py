@@ -362,10 +362,10 @@ def test_a_prompt_file_replaces_the_built_in_prompt(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"questions_per_chunk": 0}, "--questions-per-chunk must be at least 1, got 0"),
-    ({"concurrency": 0}, "--concurrency must be at least 1, got 0"),
-    ({"requests_per_minute": 0}, "--requests-per-minute must be positive, got 0"),
-    ({"dedup_threshold": 1.5}, "--dedup-threshold must be above 0 and at most 1, got 1.5"),
+    ({"questions_per_chunk": 0}, "llm.questions_per_chunk must be at least 1, got 0"),
+    ({"concurrency": 0}, "llm.concurrency must be at least 1, got 0"),
+    ({"requests_per_minute": 0}, "llm.requests_per_minute must be positive, got 0"),
+    ({"dedup_threshold": 1.5}, "llm.dedup_threshold must be above 0 and at most 1, got 1.5"),
 ])
 def test_bad_settings_are_one_line(tmp_path: Path, overrides: dict, message: str):
     write_corpus(tmp_path, 1)

@@ -78,7 +78,7 @@ def test_pool_settings_are_checked():
     assert pool_devices(processes=3) == ["cpu"] * 3
     assert pool_devices(devices="cpu,cpu") == ["cpu", "cpu"]
     assert pool_devices(devices=("cpu",)) is None  # one device: the model runs there, no pool
-    for kwargs, message in [({"processes": 0}, "--processes must be at least 1, got 0"),
+    for kwargs, message in [({"processes": 0}, "encoder.processes must be at least 1, got 0"),
                             ({"processes": 2, "devices": "cpu,cpu"}, "not both"),
                             ({"devices": "cpu,gpu:x"}, "'gpu:x' is not a torch device"),
                             ({"devices": "cpu,"}, "'' is not a torch device"),

@@ -179,7 +179,7 @@ def test_bad_input_is_one_line_and_writes_nothing(rag_dir, tmp_path, tiny_model_
 
     ce, _ = start_model(str(tiny_model_dir), 48)
     ce.save(str(tmp_path / "ce"))
-    assert "--rerank-k 9 is outside 1..6" in fails("--reranker", str(tmp_path / "ce"), "--set", "rerank.k=9",
+    assert "rerank.k 9 is outside 1..6" in fails("--reranker", str(tmp_path / "ce"), "--set", "rerank.k=9",
                                                    "--base-url", "http://127.0.0.1:9/v1")
     assert "not a cross-encoder" in fails("--reranker", str(tiny_model_dir), "--set", "rerank.k=3", "--base-url",
                                           "http://127.0.0.1:9/v1")

@@ -349,7 +349,7 @@ def test_bad_input_is_one_line_and_writes_nothing(rerank_dir, tmp_path, tiny_mod
     assert "refusing to load it" in fails("evaluate", str(rerank_dir), "--reranker", str(tmp_path / "ce"),
                                           "--set", "rerank.k=3")
     assert not (tmp_path / "o").exists()
-    with pytest.raises(AdapterError, match="--negatives must be at least 1"):
+    with pytest.raises(AdapterError, match="rerank.negatives must be at least 1"):
         rerank_train(load_dataset(rerank_dir), tmp_path / "o", tiny_cfg(tiny_model_dir, negatives=0))
     assert not (tmp_path / "o").exists()
 

@@ -131,7 +131,7 @@ def test_a_key_echoed_by_the_upstream_is_in_no_log_line_no_file_and_no_error(tmp
     assert (ds / "queries.jsonl").is_file() and (ds / "generate.json").is_file()
     other = write_dataset(tmp_path / "other")
     with EchoingLLM(refuse=True) as url:
-        r = cli("-v", "generate", str(other), "--base-url", url, "--api-key-env", "LLM_CRED", env=env)
+        r = cli("-v", "generate", str(other), "--base-url", url, "--set", "llm.api_key_env=LLM_CRED", env=env)
     assert r.returncode == 1 and "HTTP 401" in r.stderr and "Incorrect API key provided: ***" in r.stderr, r.stderr
     assert KEY not in r.stderr + r.stdout and not files_holding(tmp_path, KEY)
 

@@ -291,7 +291,7 @@ def test_evaluate_cli_reads_the_store(tiny_stores, tmp_path, store):
 def test_evaluate_names_missing_chunks(tiny_stores):
     folder, _, root, _ = tiny_stores
     r = CliRunner().invoke(main, ["evaluate", str(folder), "--store", "qdrant:" + str(root / "qdrant") + "/docs"])
-    assert r.exit_code == 1 and "holds no vector for" in r.output and "(or pass --id-field)" in r.output, r.output
+    assert r.exit_code == 1 and "holds no vector for" in r.output and "(or set store.id_field)" in r.output, r.output
     assert r.output.count("\n") == 1
 
 
