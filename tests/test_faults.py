@@ -414,7 +414,8 @@ def test_a_key_echoed_by_the_server_never_reaches_the_terminal(tmp_path, capfd):
     ds = write_dataset(tmp_path / "ds")
     key = "sk-live-0123456789abcdefXYZ"
     with _EchoKey401() as url:
-        r = CliRunner().invoke(main, ["generate", str(ds), "--base-url", url, "--set", "llm.api_key_env=ADAPTER_TEST_KEY"],
+        r = CliRunner().invoke(main, ["generate", str(ds), "--base-url", url, "--set",
+                                      "llm.api_key_env=ADAPTER_TEST_KEY"],
                                env={"ADAPTER_TEST_KEY": key})
     captured = capfd.readouterr()
     assert r.exit_code == 1 and "HTTP 401" in r.output, r.output
