@@ -417,7 +417,15 @@ def test_train_cli_json_and_evaluate_show_the_estimates(trained, tmp_path):
     r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(new), "--dims", "384"])
     assert r.exit_code == 0 and "auto: recipe " in r.output and "seen chunks +" in r.output, r.output
     r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--objective", "x"])
+    assert r.exit_code == 2 and "Invalid value for '--objective': 'x' is not one of 'both', 'seen'" in r.output
+    # the library's check speaks of train.objective; the command names it by its flag
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--set",
+                                  "train.objective=x"])
     assert r.exit_code == 1 and r.output == "Error: --objective must be 'both' or 'seen', not 'x'\n"
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--set",
+                                  "train.epoch_choice=first"])
+    assert r.exit_code == 1 and r.output == ("Error: train.epoch_choice must be one of average, last, best, not "
+                                             "'first'\n")  # no flag: the key, as --set takes it
 
 
 # ------------------------------------------------------------------------------------------ scale (issue #14)
