@@ -161,10 +161,10 @@ def pool_devices(processes: int | None = None, devices: str | Sequence[str] | No
     or a sequence); None when one in-process model is asked for (no setting, ``--processes 1``, or one device, which
     the caller loads the model on). A bad list is refused in one line."""
     if processes is not None and devices:
-        raise AdapterError("give --processes N (CPU workers) or --devices LIST, not both")
+        raise AdapterError("give encoder.processes (CPU workers) or encoder.devices, not both")
     if processes is not None:
         if processes < 1:
-            raise AdapterError(f"--processes must be at least 1, got {processes}")
+            raise AdapterError(f"encoder.processes must be at least 1, got {processes}")
         return ["cpu"] * processes if processes > 1 else None
     if not devices:
         return None
@@ -175,17 +175,18 @@ def pool_devices(processes: int | None = None, devices: str | Sequence[str] | No
         try:
             device = torch.device(name)
         except (RuntimeError, ValueError):
-            raise AdapterError(f"--devices: {name!r} is not a torch device (e.g. cuda:0, cuda:1 or cpu)") from None
+            raise AdapterError(f"encoder.devices: {name!r} is not a torch device (e.g. cuda:0, cuda:1 or "
+                               "cpu)") from None
         if device.type == "cpu":
             continue
         module = getattr(torch, device.type, None)
         available = getattr(module, "is_available", lambda: False)()
         count = getattr(module, "device_count", lambda: 1)() if available else 0
         if not available:
-            raise AdapterError(f"--devices: {name}: this machine has no {device.type} device (torch "
+            raise AdapterError(f"encoder.devices: {name}: this machine has no {device.type} device (torch "
                                f"{torch.__version__})")
         if device.index is not None and device.index >= count:
-            raise AdapterError(f"--devices: {name}: this machine has {count} {device.type} device(s), "
+            raise AdapterError(f"encoder.devices: {name}: this machine has {count} {device.type} device(s), "
                                f"{device.type}:0 to {device.type}:{count - 1}")
     return names if len(names) > 1 else None
 
@@ -374,10 +375,10 @@ class OpenAIBackend:
         _check(cfg)
         self.model_name = model[len(OPENAI_PREFIX):] if model.startswith(OPENAI_PREFIX) else model
         if not self.model_name:
-            raise AdapterError("--model openai:NAME needs the model's name after 'openai:'")
+            raise AdapterError("encoder.model openai:NAME needs the model's name after 'openai:'")
         self.name, self.cfg, self.show_progress = OPENAI_PREFIX + self.model_name, cfg, show_progress
         self.client = make_client(cfg.base_url, cfg.api_key_env, cfg.request_timeout,
-                                  key_hint="--embedding-api-key-env")
+                                  key_hint="embedding.api_key_env")
         self.endpoint = endpoint_of(self.client)
         parts = urlsplit(self.endpoint)
         self.prefixes = {"query": cfg.query_prefix or "", "document": cfg.document_prefix or ""}
@@ -555,12 +556,12 @@ def _progress(total: int, name: str, show: bool) -> Any:
 
 def _check(cfg: EmbeddingConfig) -> None:
     checks = [
-        (cfg.batch_size >= 1, "--embedding-batch-size must be at least 1", cfg.batch_size),
-        (cfg.concurrency >= 1, "--embedding-concurrency must be at least 1", cfg.concurrency),
-        (cfg.request_timeout > 0, "--embedding-timeout must be positive", cfg.request_timeout),
-        (cfg.max_retries >= 0, "embedding max_retries must be at least 0", cfg.max_retries),
-        (cfg.dimensions is None or cfg.dimensions >= 1, "--embedding-dimensions must be at least 1", cfg.dimensions),
-        (cfg.encoding_format in ("float", "base64"), "embedding encoding_format must be float or base64",
+        (cfg.batch_size >= 1, "embedding.batch_size must be at least 1", cfg.batch_size),
+        (cfg.concurrency >= 1, "embedding.concurrency must be at least 1", cfg.concurrency),
+        (cfg.request_timeout > 0, "embedding.request_timeout must be positive", cfg.request_timeout),
+        (cfg.max_retries >= 0, "embedding.max_retries must be at least 0", cfg.max_retries),
+        (cfg.dimensions is None or cfg.dimensions >= 1, "embedding.dimensions must be at least 1", cfg.dimensions),
+        (cfg.encoding_format in ("float", "base64"), "embedding.encoding_format must be float or base64",
          cfg.encoding_format),
     ]
     for ok, message, value in checks:
@@ -577,11 +578,11 @@ def make_backend(model: str | SentenceTransformer = DEFAULT_MODEL, cfg: Embeddin
     cfg = cfg or EmbeddingConfig()
     if isinstance(model, str) and model.startswith(OPENAI_PREFIX):
         if processes is not None or devices:
-            raise AdapterError("--processes and --devices apply to local models; an openai: model's requests in "
-                               "flight are --embedding-concurrency")
+            raise AdapterError("encoder.processes and encoder.devices apply to local models; an openai: model's "
+                               "requests in flight are embedding.concurrency")
         return OpenAIBackend(model, cfg, show_progress=show_progress)
     if cfg.dimensions is not None:
-        raise AdapterError("--embedding-dimensions applies to openai: models (use --dims to score truncated "
+        raise AdapterError("embedding.dimensions applies to openai: models (use evaluate.dims to score truncated "
                            "dimensions of a local model)")
     pool = pool_devices(processes, devices)
     if pool is None and devices and device is None:  # one device: no pool, the model is loaded there

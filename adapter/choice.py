@@ -62,7 +62,8 @@ RECIPE_FIELDS = ("loss", "infonce_candidates", "rank", "identity_penalty", "matr
                  "uncovered_pull")
 
 
-def _recipe(loss: str = "infonce", candidates: str = "batch", rank: int | None = None, pull: float = 0.0,
+def _recipe(loss: str = "infonce", candidates: str = TrainConfig.infonce_candidates, rank: int | None = None,
+            pull: float = 0.0,
             matryoshka: bool = True, epochs: str = "average", uncovered: float = 0.0) -> dict[str, Any]:
     return {"loss": loss, "infonce_candidates": candidates, "rank": rank, "identity_penalty": pull,
             "matryoshka": matryoshka, "epoch_choice": epochs, "uncovered_pull": uncovered}
@@ -117,8 +118,8 @@ def resolve_train(cfg: Config) -> Config:
 
 
 def resolve_recipe(cfg: Config) -> Config:
-    """"auto" with a recipe axis set away from its default (``--loss``, ``--negatives``, ``--rank``,
-    ``--identity-penalty``) means the user chose the recipe: "manual"."""
+    """"auto" with a recipe axis set away from its default (``train.loss``, ``train.negatives``,
+    ``train.rank``, ``train.identity_penalty``) means the user chose the recipe: "manual"."""
     default = TrainConfig()
     if cfg.train.recipe == "auto" and any(getattr(cfg.train, f) != getattr(default, f) for f in MANUAL_FIELDS):
         return cfg.replace(recipe="manual")
@@ -129,22 +130,24 @@ def resolve_loss(cfg: Config) -> Config:
     """The "auto" loss made concrete: triplet for the full matrix (unchanged), InfoNCE for the low-rank form, which
     learns far less from triplets (rank 16 on AppleQA kept 65% of the full adapter's gain with triplet, 98% with
     InfoNCE: bench/bench_tiny.py)."""
-    return cfg.replace(loss=("triplet" if cfg.train.rank is None else "infonce")) if cfg.train.loss == "auto" else cfg
+    if cfg.train.loss != "auto":
+        return cfg
+    return cfg.replace(train={"loss": "triplet" if cfg.train.rank is None else "infonce"})
 
 
 def check_options(cfg: Config) -> None:
     """One-line errors for training options no recipe can run with."""
     tc = cfg.train
     if tc.loss not in ("triplet", "infonce", "auto"):
-        raise AdapterError(f"--loss must be 'triplet' or 'infonce', not {tc.loss!r}")
+        raise AdapterError(f"train.loss must be 'triplet' or 'infonce', not {tc.loss!r}")
     if tc.negatives not in ("random", "hard"):
-        raise AdapterError(f"--negatives must be 'random' or 'hard', not {tc.negatives!r}")
+        raise AdapterError(f"train.negatives must be 'random' or 'hard', not {tc.negatives!r}")
     if tc.epoch_choice not in EPOCH_CHOICES:
         raise AdapterError(f"train.epoch_choice must be one of {', '.join(EPOCH_CHOICES)}, not {tc.epoch_choice!r}")
     if tc.objective not in OBJECTIVES:
-        raise AdapterError(f"--objective must be 'both' or 'seen', not {tc.objective!r}")
+        raise AdapterError(f"train.objective must be 'both' or 'seen', not {tc.objective!r}")
     if tc.recipe not in ("auto", "manual", *RECIPES):
-        raise AdapterError(f"--recipe must be 'auto', 'manual' or one of {', '.join(RECIPES)}, not {tc.recipe!r}")
+        raise AdapterError(f"train.recipe must be 'auto', 'manual' or one of {', '.join(RECIPES)}, not {tc.recipe!r}")
     if isinstance(tc.identity_penalty, bool) or not isinstance(tc.identity_penalty, (int, float)) or \
             not tc.identity_penalty >= 0:
         raise AdapterError(f"train.identity_penalty must be a number >= 0, not {tc.identity_penalty!r}")
@@ -154,12 +157,13 @@ def check_options(cfg: Config) -> None:
         raise AdapterError(f"train.folds must be >= 2 and train.crossfit_questions >= 1, not {tc.folds} and "
                            f"{tc.crossfit_questions}")
     if tc.epochs < 0 or tc.batch_size < 1 or tc.lr <= 0:
-        raise AdapterError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+        raise AdapterError(f"train.epochs must be >= 0, train.batch_size >= 1 and train.lr > 0, got {tc.epochs}, "
+                           f"{tc.batch_size} and {tc.lr}")
 
 
 def recipe_config(cfg: Config, name: str) -> Config:
     """The config a named recipe trains with: its axes over the shared settings ("manual": the config as given)."""
-    return cfg if name == "manual" else cfg.replace(**RECIPES[name])
+    return cfg if name == "manual" else cfg.replace(train=RECIPES[name])
 
 
 def recipe_names(cfg: Config) -> list[str]:
@@ -320,7 +324,7 @@ class Trials:
             if keep == 0:
                 return TrainResult(LinearAdapter.identity(self.dim, self.base_model, rank=rc.train.rank,
                                                           seed=self.cfg.seed), 0)
-            rc = rc.replace(epochs=keep, epoch_choice="last")
+            rc = rc.replace(train={"epochs": keep, "epoch_choice": "last"})
         return fit(self.train, None, self.corpus, self.corpus_ids, self.base_model, rc, progress=show, stop=stop)
 
     def run(self, progress: bool) -> tuple[str | None, TrainResult | None]:
@@ -671,9 +675,9 @@ def identity_line(best: dict[str, Any], objective: str) -> str:
         why = f"short of the {GAIN_Z:g} standard errors a gain must clear"
     else:
         why = "but it moves unseen chunks below base beyond noise"
-    other = "; `--objective seen` if every chunk of the index has questions" if objective == "both" else ""
+    other = "; train.objective 'seen' if every chunk of the index has questions" if objective == "both" else ""
     return (f"shipped the identity: the best recipe, {best['recipe']}, changed ndcg@10 by {_gain_words(best)}, "
-            f"{why}. More questions per chunk would settle it{other}; `--recipe {best['recipe']}` ships it anyway")
+            f"{why}. More questions per chunk would settle it{other}; train.recipe '{best['recipe']}' ships it anyway")
 
 
 def partial_coverage_line(coverage: dict[str, Any], unseen: dict[str, Any] | None) -> str:

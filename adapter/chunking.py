@@ -100,9 +100,9 @@ def _read_pdf(path: Path) -> str:
 
 def _check_sizes(size: int, overlap: int) -> None:
     if size < 1:
-        raise AdapterError(f"--size must be at least 1, got {size}")
+        raise AdapterError(f"chunk.size must be at least 1, got {size}")
     if not 0 <= overlap < size:
-        raise AdapterError(f"--overlap must be at least 0 and below --size ({size}), got {overlap}")
+        raise AdapterError(f"chunk.overlap must be at least 0 and below chunk.size ({size}), got {overlap}")
 
 
 def split_text(text: str, size: int, overlap: int, starts: Sequence[int] | None = None) -> list[tuple[int, int]]:
@@ -180,9 +180,10 @@ def load_tokenizer(model: str) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     except Exception as e:  # hub and transformers raise many types; the user needs one line
-        raise AdapterError(f"{model}: cannot load tokenizer ({one_line(e)}); or pass --unit chars") from None
+        raise AdapterError(f"{model}: cannot load tokenizer ({one_line(e)}); or use chunk.unit 'chars'") from None
     if not tokenizer.is_fast:
-        raise AdapterError(f"{model}: tokenizer gives no character offsets (not a fast tokenizer); pass --unit chars")
+        raise AdapterError(f"{model}: tokenizer gives no character offsets (not a fast tokenizer); use chunk.unit "
+                           "'chars'")
     return tokenizer
 
 
@@ -208,12 +209,12 @@ def _id_prefix(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem) or "doc"
 
 
-def chunk_documents(paths: Sequence[str | os.PathLike], *, size: int, overlap: int, unit: str = "tokens",
+def chunk_documents(paths: Sequence[str | os.PathLike], *, size: int, overlap: int, unit: str,
                     model: str | None = None) -> list[Chunk]:
     """Read and split every document; ids are ``<file stem>-<n>`` in document order. Empty documents are skipped."""
     _check_sizes(size, overlap)
     if unit not in CHUNK_UNITS:
-        raise AdapterError(f"--unit must be one of {', '.join(CHUNK_UNITS)}, not {unit!r}")
+        raise AdapterError(f"chunk.unit must be one of {', '.join(CHUNK_UNITS)}, not {unit!r}")
     docs = find_documents(paths)
     owners: dict[str, Path] = {}
     for doc in docs:

@@ -2,9 +2,11 @@
 
 Every default lives here once. ``Config`` holds one section per stage (``cfg.encoder``, ``cfg.split``, ``cfg.evaluate``,
 ``cfg.train``, ``cfg.finetune``, ``cfg.report``, ``cfg.store``, ``cfg.chunk``, ``cfg.llm``, ``cfg.serve``,
-``cfg.embedding``) and the one ``seed``. The CLI's options default to ``None`` and override only what the user
-gave, through ``Config.replace`` and the flat names of ``FLAT`` (``model``, ``epochs``, ``finetune_epochs``,
-``chunk_size`` ...). Each artifact records the sections that made it (``Config.to_dict("encoder", "train")``).
+``cfg.embedding``, ``cfg.rerank``, ``cfg.rag``) and the one ``seed``. The CLI's options default to ``None`` and
+override only what the user gave, through ``Config.replace`` (by key, ``train.rank``; by section; or by a field's
+bare name where only one section has it, ``FLAT``) and ``Config.with_settings`` (the CLI's ``--set
+section.field=value``, parsed by the field's type). Each artifact records the sections that made it
+(``Config.to_dict("encoder", "train")``).
 
 "The reference notebook" in the comments below is the notebook this project started from; ``seed`` is only ever the
 random seed.
@@ -13,12 +15,18 @@ random seed.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import math
 import os
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter.errors import hold_secret_env, hold_url_secrets, strip_credentials
+from adapter.errors import AdapterError, hold_secret_env, hold_url_secrets, strip_credentials
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -272,8 +280,9 @@ class _Sections:
         hold_secret_env(self.serve.auth_key_env)
 
     def replace(self, **overrides: Any) -> Config:
-        """A copy with fields replaced, by flat name (``FLAT``: ``epochs=5``, ``finetune_lr=1e-5``) or by section
-        (``train={"epochs": 5}``); ``None`` values are ignored, so CLI options pass straight in."""
+        """A copy with fields replaced, by flat name (``FLAT``: ``rank=16``, ``cache_dir="c"``), by section
+        (``train={"epochs": 5}``) or by key (``**{"train.epochs": 5}``); ``None`` values are ignored, so CLI options
+        pass straight in."""
         changes: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         for name, value in overrides.items():
@@ -284,10 +293,16 @@ class _Sections:
             elif name in SECTIONS and isinstance(value, dict | SECTIONS[name]):
                 fields = value if isinstance(value, dict) else dataclasses.asdict(value)
                 changes.setdefault(name, {}).update(fields)
-            elif name in FLAT:
-                section, key = FLAT[name]
+            elif name in FLAT or "." in name:
+                section, key = FLAT[name] if name in FLAT else name.split(".", 1)
+                if section not in SECTIONS:
+                    raise TypeError(f"unknown config section {section!r} in {name!r}")
                 changes.setdefault(section, {})[key] = value
             else:
+                owners = [s for s, cls in SECTIONS.items() if name in {f.name for f in dataclasses.fields(cls)}]
+                if owners:
+                    raise TypeError(f"{name!r} is a field of {', '.join(owners)}: pass it by section, e.g. "
+                                    f"{owners[0]}={{{name!r}: ...}}")
                 raise TypeError(f"unknown config field {name!r}")
         for section, fields in changes.items():
             try:
@@ -295,6 +310,28 @@ class _Sections:
             except TypeError:
                 raise TypeError(f"unknown config fields for {section}: {sorted(fields)}") from None
         return dataclasses.replace(self, **top)
+
+    def with_settings(self, settings: Iterable[str]) -> Config:
+        """A copy with each ``section.field=value`` setting applied in order (``train.epochs=5``, ``seed=3``,
+        ``evaluate.dims=256,128``, ``train.rank=none``), each value parsed by its field's type; an unknown key or a
+        value of the wrong type raises SettingError naming the key, with the valid keys closest to it."""
+        cfg = self
+        for setting in settings:
+            key, sep, text = setting.partition("=")
+            key = key.strip()
+            if not sep:
+                raise SettingError(f"{setting!r}: expected section.field=value, e.g. train.epochs=5")
+            if key == "seed":
+                cfg = dataclasses.replace(cfg, seed=_parse_value(key, text, int))
+                continue
+            section, _, name = key.partition(".")
+            hints = _field_types(section) if section in SECTIONS else {}
+            if name not in hints:
+                raise SettingError(_unknown_key(key))
+            value = _parse_value(key, text, hints[name])
+            _check_bound(key, value)
+            cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+        return cfg
 
     def to_dict(self, *sections: str) -> dict[str, Any]:
         """Plain JSON-ready dict of the named sections (default: all) and the seed."""
@@ -331,26 +368,110 @@ Config = dataclasses.make_dataclass(
                "and its sections saved beside what it makes."})
 
 
+# The ranges ``with_settings`` holds a setting to (the CLI's ``--set``), where the library itself checks no range
+BOUNDS: dict[str, str] = {
+    **{f"train.{f}": ">= 0" for f in ("epochs", "identity_penalty", "uncovered_pull", "weight_decay",
+                                      "warmup_fraction")},
+    **{f"train.{f}": "> 0" for f in ("lr", "margin", "temperature", "grad_clip")},
+    **{f"train.{f}": ">= 1" for f in ("batch_size", "negatives_per_query", "hard_pool", "rank", "workers",
+                                      "val_budget")},
+    **{f"embedding.{f}": ">= 1" for f in ("dimensions", "batch_size", "concurrency", "estimate_above")},
+    **{f"embedding.{f}": "> 0" for f in ("requests_per_minute", "tokens_per_minute", "request_timeout")},
+    **{f"embedding.{f}": ">= 0" for f in ("max_retries", "retry_base_delay", "retry_max_delay")},
+    **{f"encoder.{f}": ">= 1" for f in ("batch_size", "processes")}, "encoder.pool_min_texts": ">= 0",
+    **{f"store.{f}": ">= 1" for f in ("k", "nprobe", "ef_search", "batch")}, "store.search_sample": ">= 0",
+    **{f"report.{f}": ">= 1" for f in ("bootstrap_samples", "latency_queries", "latency_repeats")},
+    **{f"serve.{f}": ">= 1" for f in ("max_batch", "max_body_bytes", "max_inputs", "max_input_chars", "threads",
+                                      "upstream_concurrency")},
+    **{f"serve.{f}": "> 0" for f in ("header_timeout", "reload_interval")}, "serve.batch_window_ms": ">= 0",
+    "finetune.select_dim": ">= 1", "rerank.val_queries": ">= 1", "rerank.train_queries": ">= 1",
+}
+
+
+def _check_bound(key: str, value: Any) -> None:
+    """Refuse a number outside its ``BOUNDS`` range, in one line naming the key."""
+    bound = BOUNDS.get(key)
+    if bound is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    op, low = bound.split()
+    if not (value > float(low) if op == ">" else value >= float(low)):
+        raise SettingError(f"{key} must be {bound}, got {value}")
+
+
+class SettingError(AdapterError, ValueError):
+    """A ``section.field=value`` setting that names no field, or whose value its field's type cannot hold."""
+
+
+def setting_keys() -> list[str]:
+    """Every key ``Config.with_settings`` takes: ``section.field`` for each field of each section, and ``seed``."""
+    return [*(f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)), "seed"]
+
+
+@functools.cache
+def _field_types(section: str) -> dict[str, Any]:
+    """A section's fields and their types (annotations are strings under ``from __future__ import annotations``)."""
+    return typing.get_type_hints(SECTIONS[section])
+
+
+def _unknown_key(key: str) -> str:
+    """The one-line error for a setting key naming no field, with the valid keys closest to it."""
+    keys = setting_keys()
+    field_name = key.rpartition(".")[2]
+    close = [k for k in keys if k.endswith(f".{field_name}")] or difflib.get_close_matches(key, keys, n=4, cutoff=0.6)
+    if not close and key.partition(".")[0] in SECTIONS:
+        close = [k for k in keys if k.startswith(key.partition(".")[0] + ".")]
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; sections are {', '.join(SECTIONS)}"
+    return f"unknown setting {key!r}{hint}"
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _parse_value(key: str, text: str, hint: Any) -> Any:
+    """``text`` as a value of type ``hint``: int, float (finite), bool (true/false, yes/no, on/off, 1/0), str, a
+    tuple of them (comma-separated; empty: ()), or a union (``X | None`` takes "none"; the first type that parses).
+    A string is taken as given, spaces included (e5's "query: " prefix); everything else is read stripped."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if type(None) in args and text.strip().lower() == "none":
+            return None
+        options = [a for a in args if a is not type(None)]
+        for option in options[:-1]:
+            try:
+                return _parse_value(key, text, option)
+            except SettingError:
+                pass
+        return _parse_value(key, text, options[-1])
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return tuple(_parse_value(key, part.strip(), item) for part in text.split(",") if part.strip())
+    if hint is str:
+        return text
+    text = text.strip()
+    if hint is bool:
+        if text.lower() not in _TRUE + _FALSE:
+            raise SettingError(f"{key} takes true or false, got {text!r}")
+        return text.lower() in _TRUE
+    if hint in (int, float):
+        try:
+            value = hint(text)
+        except ValueError:
+            raise SettingError(f"{key} takes {'an integer' if hint is int else 'a number'}, got {text!r}") from None
+        if not math.isfinite(value):
+            raise SettingError(f"{key} takes a finite number, got {text!r}")
+        return value
+    raise SettingError(f"{key}: its type {hint} cannot be set from text")
+
+
 def _flat_names() -> dict[str, tuple[str, str]]:
-    """Flat name -> (section, field): ``<section>_<field>`` always; the bare field name where only one section has
-    it; and, for names several sections share, the stage the old flat Config meant (``model`` the encoder's,
-    ``epochs``/``lr``/``batch_size``/``temperature``/``loss``/``negatives`` the adapter's, ``warmup``/``max_seq_length``
-    the fine-tune's, ``base_url``/``concurrency``/... generate's). ``encode_batch_size``, ``split_by`` and
-    ``search_k`` are the old names of three fields."""
+    """Flat name -> (section, field): the bare field name, for each field only one section has (``rank``,
+    ``cache_dir``, ``chunk``'s ``size``). A name several sections share (``model``, ``epochs``, ``k`` ...) has no flat
+    name: it is set by section (``replace(train={"epochs": 5})``) or by key (``with_settings(["train.epochs=5"])``)."""
     owners: dict[str, list[str]] = {}
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             owners.setdefault(f.name, []).append(section)
-    flat = {f"{s}_{name}": (s, name) for name, sections in owners.items() for s in sections}
-    flat.update({name: (sections[0], name) for name, sections in owners.items() if len(sections) == 1})
-    shared = {"model": "encoder", "epochs": "train", "lr": "train", "batch_size": "train", "temperature": "train",
-              "loss": "train", "negatives": "train", "warmup": "finetune", "max_seq_length": "finetune"}
-    shared.update({name: "llm" for name in ("base_url", "api_key_env", "concurrency", "requests_per_minute",
-                                            "request_timeout", "max_retries", "retry_base_delay", "retry_max_delay")})
-    flat.update({name: (section, name) for name, section in shared.items()})
-    flat.update({"encode_batch_size": ("encoder", "batch_size"), "search_k": ("store", "k"),
-                 "store_batch": ("store", "batch")})
-    return flat
+    return {name: (sections[0], name) for name, sections in owners.items() if len(sections) == 1}
 
 
 FLAT = _flat_names()

@@ -105,11 +105,11 @@ class StoreSource:
         cfg = cfg or Config().replace(store=self.store)
         if self.vectors is not None:
             if any(v is not None for v in (self.index, self.qdrant, self.chroma, self.pgvector)):
-                raise AdapterError("pass either --corpus-vectors or a store (--index, --qdrant, --chroma, "
-                                   "--pgvector), not both")
+                raise AdapterError("pass either a vector file or a store (index, qdrant, chroma, "
+                                   "pgvector), not both")
             return ArrayStore(str(self.vectors), *read_vector_file(self.vectors, self.ids))
         if self.ids is not None:
-            raise AdapterError("--corpus-ids goes with --corpus-vectors VECTORS.npy")
+            raise AdapterError("an ids file goes with a vector file VECTORS.npy")
         return open_store(index=self.index, qdrant=self.qdrant, chroma=self.chroma, pgvector=self.pgvector,
                           collection=self.collection, table=self.table, cfg=cfg)
 

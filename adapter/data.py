@@ -822,11 +822,11 @@ def convert(src: str | os.PathLike | Sequence[str | os.PathLike], out: str | os.
 
 
 def partition_qrels(qrels: Qrels, *, by: str, test_fraction: float, dev_fraction: float = 0.0,
-                    seed: int = 0) -> tuple[dict[str, Qrels], int]:
+                    seed: int) -> tuple[dict[str, Qrels], int]:
     """Deal queries into train/dev/test, by random query or by whole chunk; returns the parts and the number of
     queries dropped because their relevant chunks fell on both sides (``by="chunk"`` only)."""
     if by not in SPLIT_BY:
-        raise AdapterError(f"--by must be 'query' or 'chunk', not {by!r}")
+        raise AdapterError(f"split.by must be 'query' or 'chunk', not {by!r}")
     rng = np.random.default_rng(seed)
     units = sorted(qrels) if by == "query" else sorted({c for r in qrels.values() for c in r})
     order = [units[i] for i in rng.permutation(len(units))]
@@ -859,14 +859,14 @@ def split_dataset(path: str | os.PathLike, cfg: Config | None = None, *, by: str
     relevant chunk appears in train; a query whose relevant chunks fall on both sides is dropped and counted. The
     corpus stays whole: evaluation always searches every chunk. Returns the summary also written to ``split.json``.
     """
-    cfg = (cfg or Config()).replace(split_by=by, test_fraction=test_fraction, dev_fraction=dev_fraction, seed=seed)
+    cfg = (cfg or Config()).replace(by=by, test_fraction=test_fraction, dev_fraction=dev_fraction, seed=seed)
     by, test_fraction, dev_fraction, seed = cfg.split.by, cfg.split.test_fraction, cfg.split.dev_fraction, cfg.seed
     if by not in SPLIT_BY:
-        raise AdapterError(f"--by must be 'query' or 'chunk', not {by!r}")
+        raise AdapterError(f"split.by must be 'query' or 'chunk', not {by!r}")
     if not 0 < test_fraction < 1:
-        raise AdapterError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+        raise AdapterError(f"split.test_fraction must be between 0 and 1, got {test_fraction}")
     if not 0 <= dev_fraction < 1 or test_fraction + dev_fraction >= 1:
-        raise AdapterError(f"--dev-fraction must be >= 0 with test + dev below 1, got {dev_fraction}")
+        raise AdapterError(f"split.dev_fraction must be >= 0 with test + dev below 1, got {dev_fraction}")
     path = Path(path)
     ds = load_dataset(path)
     for name in SPLITS:

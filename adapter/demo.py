@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data" / "waterops"
 MARKER = "demo.json"  # written into every demo folder, so a rerun may replace it and nothing else
-DEMO_FINETUNE = {"finetune_epochs": 1, "max_seq_length": 128, "grad_accum": 1}  # a few CPU minutes, not an hour
+DEMO_FINETUNE = {"finetune": {"epochs": 1, "max_seq_length": 128, "grad_accum": 1}}  # a few CPU minutes, not an hour
 
 
 @dataclass

@@ -20,7 +20,10 @@ def refuse_existing(path: str | os.PathLike, force: bool) -> None:
         raise AdapterError(f"{path}: already exists; pass --force (force=True in Python) to replace it")
 
 
-def one_line(exc: BaseException | str, limit: int = 200) -> str:
+ONE_LINE_CHARS = 200  # the longest line an error quotes from a library message
+
+
+def one_line(exc: BaseException | str, limit: int = ONE_LINE_CHARS) -> str:
     """The first non-blank line of ``exc``'s message, at most ``limit`` characters; its type name when it has none.
 
     Libraries (hub, transformers, FAISS, store clients, HTTP) raise many types with multi-line messages; a user needs

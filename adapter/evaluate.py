@@ -23,6 +23,7 @@ from adapter.errors import AdapterError
 
 logger = logging.getLogger(__name__)
 
+CORPUS_BLOCK, QUERY_BLOCK = 16384, 1024  # exact search scores this many chunks x queries at once
 AT_K = (1, 3, 5, 10)  # cut-offs for accuracy, precision and recall
 MRR_K, NDCG_K, MAP_K = 10, 10, 100
 METRICS = (*(f"{m}@{k}" for m in ("accuracy", "precision", "recall") for k in AT_K),
@@ -47,15 +48,15 @@ def resolve_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
         return list(default_dims(full_dim))
     for d in dims:
         if d <= 0:
-            raise AdapterError(f"--dims: {d} is not a positive dimension")
+            raise AdapterError(f"evaluate.dims: {d} is not a positive dimension")
         if d > full_dim:
-            raise AdapterError(f"--dims: {d} is above the model's dimension {full_dim}")
+            raise AdapterError(f"evaluate.dims: {d} is above the model's dimension {full_dim}")
     return list(dict.fromkeys(dims))
 
 
 def search(queries: np.ndarray, corpus: np.ndarray, k: int, *, dim: int | None = None,
-           tie_rank: np.ndarray | None = None, corpus_block: int = 16384,
-           query_block: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+           tie_rank: np.ndarray | None = None, corpus_block: int = CORPUS_BLOCK,
+           query_block: int = QUERY_BLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` by inner product; the project's one ranking function.
 
     Both sides are truncated to ``dim`` and renormalised block by block, so memory stays flat however large the

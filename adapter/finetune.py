@@ -102,7 +102,7 @@ def matryoshka_dims(dims: Sequence[int] | None, full_dim: int) -> list[int]:
     """The dims to train: strictly descending, none above the model's dimension, the full dimension first (added
     when missing); default the full dimension and each standard one below it."""
     if any(a <= b for a, b in zip(dims or [], (dims or [])[1:], strict=False)):
-        raise AdapterError(f"--dims {','.join(map(str, dims))}: dimensions must be strictly descending, like "
+        raise AdapterError(f"evaluate.dims {','.join(map(str, dims))}: dimensions must be strictly descending, like "
                            "384,256,128,64")
     dims = resolve_dims(dims, full_dim)  # positive and within the model, as every command checks them
     if dims[0] != full_dim:
@@ -116,7 +116,7 @@ def select_dim(requested: int | None, dims: Sequence[int]) -> int:
     if requested is None:
         return REFERENCE_DIM if REFERENCE_DIM in dims else dims[0]
     if requested not in dims:
-        raise AdapterError(f"--select-dim {requested} is not one of the trained dims {','.join(map(str, dims))}")
+        raise AdapterError(f"finetune.select_dim {requested} is not one of the trained dims {','.join(map(str, dims))}")
     return requested
 
 
@@ -178,10 +178,12 @@ def finetune(dataset: Dataset, out: str | os.PathLike, cfg: Config | None = None
     cfg = cfg or Config()
     out = Path(out)
     if cfg.finetune.epochs < 1 or cfg.finetune.batch_size < 2 or cfg.finetune.grad_accum < 1 or cfg.finetune.lr <= 0:
-        raise AdapterError("--epochs must be >= 1, --batch-size >= 2 (in-batch negatives), --grad-accum >= 1 and "
-                           "--lr > 0")
+        raise AdapterError("finetune.epochs must be >= 1, finetune.batch_size >= 2 (in-batch negatives), "
+                           "finetune.grad_accum >= 1 and finetune.lr > 0, got "
+                           f"{cfg.finetune.epochs}, {cfg.finetune.batch_size}, {cfg.finetune.grad_accum} and "
+                           f"{cfg.finetune.lr}")
     if cfg.finetune.max_seq_length is not None and cfg.finetune.max_seq_length < 8:
-        raise AdapterError(f"--max-seq-length must be at least 8, got {cfg.finetune.max_seq_length}")
+        raise AdapterError(f"finetune.max_seq_length must be at least 8, got {cfg.finetune.max_seq_length}")
     if out.exists() and not out.is_dir():
         raise AdapterError(f"{out}: exists and is not a folder")
     if (out / "modules.json").is_file():  # before loading anything: a model here is never overwritten

@@ -283,13 +283,14 @@ def load_prompt(path: str | os.PathLike | None) -> str:
 
 def _check(cfg: Config) -> None:
     checks = [
-        (cfg.llm.questions_per_chunk >= 1, "--questions-per-chunk must be at least 1", cfg.llm.questions_per_chunk),
-        (cfg.llm.concurrency >= 1, "--concurrency must be at least 1", cfg.llm.concurrency),
-        (cfg.llm.requests_per_minute > 0, "--requests-per-minute must be positive", cfg.llm.requests_per_minute),
-        (cfg.llm.request_timeout > 0, "--timeout must be positive", cfg.llm.request_timeout),
-        (cfg.llm.max_retries >= 0, "--max-retries must be at least 0", cfg.llm.max_retries),
-        (cfg.llm.temperature >= 0, "--temperature must be at least 0", cfg.llm.temperature),
-        (0 < cfg.llm.dedup_threshold <= 1, "--dedup-threshold must be above 0 and at most 1", cfg.llm.dedup_threshold),
+        (cfg.llm.questions_per_chunk >= 1, "llm.questions_per_chunk must be at least 1", cfg.llm.questions_per_chunk),
+        (cfg.llm.concurrency >= 1, "llm.concurrency must be at least 1", cfg.llm.concurrency),
+        (cfg.llm.requests_per_minute > 0, "llm.requests_per_minute must be positive", cfg.llm.requests_per_minute),
+        (cfg.llm.request_timeout > 0, "llm.request_timeout must be positive", cfg.llm.request_timeout),
+        (cfg.llm.max_retries >= 0, "llm.max_retries must be at least 0", cfg.llm.max_retries),
+        (cfg.llm.temperature >= 0, "llm.temperature must be at least 0", cfg.llm.temperature),
+        (0 < cfg.llm.dedup_threshold <= 1, "llm.dedup_threshold must be above 0 and at most 1",
+         cfg.llm.dedup_threshold),
         (cfg.llm.retry_base_delay >= 0 and cfg.llm.retry_max_delay >= 0, "retry delays must be at least 0",
          cfg.llm.retry_base_delay),
     ]

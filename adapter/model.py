@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save as save_tensors
 
 from adapter import safejson
-from adapter.config import ADAPTER_DTYPES, PRIMARY_METRIC, TrainConfig
+from adapter.config import ADAPTER_DTYPES, PRIMARY_METRIC, Config, TrainConfig
 from adapter.data import atomic_write
 from adapter.errors import AdapterError, one_line, refuse_existing
 
@@ -60,14 +60,15 @@ class LinearAdapter:
 
     @classmethod
     def identity(cls, dim: int, base_model: str, *, rank: int | None = None, bias: bool = False,
-                 seed: int = 0) -> LinearAdapter:
+                 seed: int | None = None) -> LinearAdapter:
         """The untrained adapter, exactly the identity map. Low-rank: U small random (seeded), V zero, so
         ``x + (x U) V = x`` while both factors still receive gradients."""
         b = np.zeros(dim, np.float32) if bias else None
         if rank is None:
             return cls(dim, base_model, weight=np.eye(dim, dtype=np.float32), bias=b)
         if not 0 < rank < dim:
-            raise AdapterError(f"--rank must be between 1 and {dim - 1}, got {rank}")
+            raise AdapterError(f"train.rank must be between 1 and {dim - 1}, got {rank}")
+        seed = Config().seed if seed is None else seed
         u = np.random.default_rng(seed).normal(0.0, dim ** -0.5, size=(dim, rank)).astype(np.float32)
         return cls(dim, base_model, U=u, V=np.zeros((rank, dim), np.float32), bias=b)
 

@@ -165,7 +165,7 @@ def sample_questions(qrels: Mapping[str, Any], limit: int | None, seed: int) -> 
     if limit is None or limit >= len(qids):
         return qids
     if limit < 1:
-        raise AdapterError(f"--limit must be at least 1, got {limit}")
+        raise AdapterError(f"rag.limit must be at least 1, got {limit}")
     keep = set(np.random.default_rng(seed).choice(len(qids), size=limit, replace=False).tolist())
     return [q for i, q in enumerate(qids) if i in keep]
 
@@ -250,9 +250,9 @@ def _work(asker: _Asker, dataset: Dataset, qid: str, ids: Sequence[str], gold: S
 
 def _check(cfg: Config) -> None:
     r = cfg.rag
-    checks = [(r.k >= 1, "-k must be at least 1", r.k), (r.reasks >= 0, "--reasks must be at least 0", r.reasks),
-              (cfg.llm.concurrency >= 1, "--concurrency must be at least 1", cfg.llm.concurrency),
-              (cfg.llm.max_retries >= 0, "--max-retries must be at least 0", cfg.llm.max_retries)]
+    checks = [(r.k >= 1, "rag.k must be at least 1", r.k), (r.reasks >= 0, "rag.reasks must be at least 0", r.reasks),
+              (cfg.llm.concurrency >= 1, "llm.concurrency must be at least 1", cfg.llm.concurrency),
+              (cfg.llm.max_retries >= 0, "llm.max_retries must be at least 0", cfg.llm.max_retries)]
     for ok, message, value in checks:
         if not ok:
             raise AdapterError(f"{message}, got {value}")

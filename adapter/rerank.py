@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # of META_FILE; the only version read
+COSINE_SCALE = 20.0  # CosineHead multiplies cosines by this (MultipleNegativesRankingLoss's scale)
 META_FILE = "rerank.json"  # what the reranker was trained on and how it scored: what `compare` reads
 HEAD_TYPE = "adapter.rerank.CosineHead"  # modules.json's name for it: the one class outside sentence-transformers
 # that a reranker folder may name, resolved to this module's class by import (never by trust_remote_code)
@@ -80,7 +81,7 @@ class CosineHead(Module):
 
     config_keys = ["scale"]
 
-    def __init__(self, scale: float = 20.0):
+    def __init__(self, scale: float = COSINE_SCALE):
         super().__init__()
         self.scale = scale
 
@@ -226,10 +227,11 @@ def stage_key(kind: str, source: str) -> str | None:
     return None
 
 
-def start_model(name: str, max_length: int | None, head: str = "cosine") -> tuple[CrossEncoder, str]:
+def start_model(name: str, max_length: int | None, head: str | None = None) -> tuple[CrossEncoder, str]:
     """The model training starts from, and how: a cross-encoder checkpoint as it is, or any other encoder (a
     sentence-transformers folder, a transformers model) with a new head: ``cosine`` (``CosineHead`` on the token
     states) or ``classifier`` (transformers' sequence-classification head, one logit on the pooler)."""
+    head = Config().rerank.head if head is None else head
     path = resolve_model(name)
     check_code_free(path)
     if Path(path).is_dir() and is_cross_encoder(path):
@@ -287,9 +289,10 @@ class Reranker:
     """A one-score cross-encoder that scores (question, chunk) pairs, remembering pairs it has scored (a reranked
     system is scored at every dim, and base and adapter share most of their candidates)."""
 
-    def __init__(self, model: CrossEncoder, *, batch_size: int = 32, source: str = "", memo: bool = True,
+    def __init__(self, model: CrossEncoder, *, batch_size: int | None = None, source: str = "", memo: bool = True,
                  meta: dict[str, Any] | None = None, fusion: float = 0.0, bf16: bool = False,
                  weights: Mapping[str, float] | None = None):
+        batch_size = Config().rerank.predict_batch_size if batch_size is None else batch_size
         self.model, self.batch_size, self.source = model, batch_size, source
         self.meta = meta or {}
         self.fusion = fusion  # weight of the first-stage score in the final order (ListReranker)
@@ -367,9 +370,9 @@ class ListReranker:
 
 
 def check_k(k: int, n_chunks: int) -> None:
-    """--rerank-k must name at least one candidate and no more than the corpus holds."""
+    """rerank.k must name at least one candidate and no more than the corpus holds."""
     if not 1 <= k <= n_chunks:
-        raise AdapterError(f"--rerank-k {k} is outside 1..{n_chunks} (the corpus's chunk count)")
+        raise AdapterError(f"rerank.k {k} is outside 1..{n_chunks} (the corpus's chunk count)")
 
 
 def list_reranker(reranker: Reranker, dataset: Dataset, k: int, corpus_ids: Sequence[str] | None = None,

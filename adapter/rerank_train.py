@@ -203,7 +203,8 @@ def _train_rows(dataset: Dataset, qrels: Qrels, negatives: Mapping[str, list[str
         return {"query": [r[0] for r in rows], "chunk": [r[1] for r in rows], "label": [r[2] for r in rows]}
     n = min(len(v) for v in negatives.values())
     if n == 0:
-        raise AdapterError(f"{dataset.path}: some training question has no non-relevant candidate; use --loss bce")
+        raise AdapterError(f"{dataset.path}: some training question has no non-relevant candidate; use rerank.loss "
+                           "'bce'")
     cols: dict[str, list] = {"anchor": [], "positive": [], **{f"negative_{j + 1}": [] for j in range(n)}}
     for q, rels in qrels.items():
         for c in rels:
@@ -255,20 +256,20 @@ def _training_args(cfg: Config, out: Path, progress: bool):
 
 def _check(cfg: Config) -> None:
     r = cfg.rerank
-    checks = [(r.loss in LOSSES, f"--loss must be one of {', '.join(LOSSES)}", r.loss),
-              (r.head in HEADS, f"--head must be one of {', '.join(HEADS)}", r.head),
-              (r.bf16 in ("auto", "yes", "no"), "--bf16 must be auto, yes or no", r.bf16),
-              (r.epochs >= 1, "--epochs must be at least 1", r.epochs),
-              (r.batch_size >= (2 if r.loss == "mnrl" else 1), "--batch-size must be at least 2 for mnrl (in-batch "
-               "negatives), 1 otherwise", r.batch_size),
-              (r.lr > 0, "--lr must be positive", r.lr),
-              (r.prior >= 0, "--prior-weight must be 0 or more", r.prior),
-              (0 <= r.base_share < 1, "--base-share must be in [0, 1)", r.base_share),
-              (r.negatives >= (0 if r.loss == "mnrl" else 1), f"--negatives must be at least 1 for {r.loss}",
+    checks = [(r.loss in LOSSES, f"rerank.loss must be one of {', '.join(LOSSES)}", r.loss),
+              (r.head in HEADS, f"rerank.head must be one of {', '.join(HEADS)}", r.head),
+              (r.bf16 in ("auto", "yes", "no"), "rerank.bf16 must be auto, yes or no", r.bf16),
+              (r.epochs >= 1, "rerank.epochs must be at least 1", r.epochs),
+              (r.batch_size >= (2 if r.loss == "mnrl" else 1), "rerank.batch_size must be at least 2 for mnrl "
+               "(in-batch negatives), 1 otherwise", r.batch_size),
+              (r.lr > 0, "rerank.lr must be positive", r.lr),
+              (r.prior >= 0, "rerank.prior must be 0 or more", r.prior),
+              (0 <= r.base_share < 1, "rerank.base_share must be in [0, 1)", r.base_share),
+              (r.negatives >= (0 if r.loss == "mnrl" else 1), f"rerank.negatives must be at least 1 for {r.loss}",
                r.negatives),
-              (r.max_seq_length is None or r.max_seq_length >= 8, "--max-seq-length must be at least 8",
+              (r.max_seq_length is None or r.max_seq_length >= 8, "rerank.max_seq_length must be at least 8",
                r.max_seq_length),
-              (r.max_train_seconds is None or r.max_train_seconds > 0, "--max-train-seconds must be positive",
+              (r.max_train_seconds is None or r.max_train_seconds > 0, "rerank.max_train_seconds must be positive",
                r.max_train_seconds)]
     for ok, message, value in checks:
         if not ok:
@@ -569,5 +570,5 @@ def model_card(meta: dict[str, Any], name: str) -> str:
         'ranked = reranker.rank("my question", candidate_chunks)',
         "```",
         "",
-        f"Or score a reranked system: `adapter evaluate DIR --reranker path/to/{name} --rerank-k {k}`.",
+        f"Or score a reranked system: `adapter evaluate DIR --reranker path/to/{name} --set rerank.k={k}`.",
     ])

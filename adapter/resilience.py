@@ -199,9 +199,9 @@ class RetryPolicy:
     """How hard to try: ``max_retries`` re-asks after the first, waits from ``base_delay`` doubling to ``max_delay``
     (Retry-After included)."""
 
-    max_retries: int = 6
-    base_delay: float = 1.0
-    max_delay: float = 60.0
+    max_retries: int
+    base_delay: float
+    max_delay: float
 
 
 @dataclass
@@ -269,13 +269,17 @@ def call(fn: Callable[[], T], *, endpoint: str, policy: RetryPolicy, limiter: Ra
 # ---------------------------------------------------------------------------------------------------------- client
 
 
-def make_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", timeout: float = 120.0, *,
-                key_hint: str = "--api-key-env") -> Any:
+def make_client(base_url: str | None, api_key_env: str | None = None, timeout: float | None = None, *,
+                key_hint: str = "llm.api_key_env") -> Any:
     """An ``openai.OpenAI`` client with no retries of its own, ``timeout`` seconds per request (a deadline for the
     whole request, reads and writes included), the key read from ``$api_key_env`` only. A local server (``base_url``
     or ``$OPENAI_BASE_URL`` set) may go without a key."""
     import openai
 
+    from adapter.config import LLMConfig
+
+    api_key_env = LLMConfig.api_key_env if api_key_env is None else api_key_env  # None: the LLM's settings
+    timeout = LLMConfig.request_timeout if timeout is None else timeout
     url = base_url or os.environ.get("OPENAI_BASE_URL")
     if url is not None:
         parts = urlsplit(url)

@@ -67,6 +67,7 @@ QUERY, DOCUMENT = "query", "document"
 INPUT_TYPES = {"query": QUERY, "search_query": QUERY, "document": DOCUMENT, "search_document": DOCUMENT}
 TOKEN_HELP = ("token-id input needs tiktoken and its {encoding} file ({reason}); or send strings: LangChain's "
               "OpenAIEmbeddings(check_embedding_ctx_length=False)")
+TOKENIZER_RETRY_SECONDS = 60.0  # a tiktoken encoding that failed to load is tried again after this long
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -394,7 +395,7 @@ class TokenDecoder:
     (``$TIKTOKEN_CACHE_DIR``...). A missing tiktoken or encoding file is a 400 that names the client setting that
     sends strings instead, asked again on the next request only after ``retry_after`` seconds."""
 
-    def __init__(self, retry_after: float = 60.0):
+    def __init__(self, retry_after: float = TOKENIZER_RETRY_SECONDS):
         self.retry_after = retry_after
         self._loaded: dict[str, Any] = {}
         self._failed: dict[str, tuple[float, str]] = {}
@@ -805,7 +806,7 @@ def serve(adapter_path: str | os.PathLike, cfg: Config | None = None, *, allow_o
     if scfg.auth_key_env:
         api_key = os.environ.get(scfg.auth_key_env)
         if not api_key:
-            raise AdapterError(f"--api-key-env {scfg.auth_key_env}: that environment variable is not set or empty")
+            raise AdapterError(f"serve.auth_key_env {scfg.auth_key_env}: that environment variable is not set or empty")
     if scfg.max_batch < 1 or not (math.isfinite(scfg.batch_window_ms) and scfg.batch_window_ms >= 0):
         raise AdapterError("serve: max_batch must be at least 1 and batch_window_ms a number at least 0")
     if not (math.isfinite(scfg.header_timeout) and scfg.header_timeout > 0):

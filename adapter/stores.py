@@ -327,7 +327,7 @@ class FaissLayout:
         self.take("<ii?")  # d_in, d_out, is_trained
 
 
-def search_index(index: faiss.Index, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+def search_index(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` (scores, ids) per query from the index, with the index's own int64 ids; -1 ids are dropped by the
     caller. The query vectors must have the index's dimension."""
     return index.search(_check_queries(queries, k, index.d, "index"), k)
@@ -377,7 +377,7 @@ class FaissStore(Store):
     def __init__(self, path: str | os.PathLike, *, nprobe: int = StoreConfig.nprobe,
                  ef_search: int = StoreConfig.ef_search):
         if nprobe < 1 or ef_search < 1:
-            raise AdapterError(f"--nprobe and --ef-search must be at least 1, got {nprobe} and {ef_search}")
+            raise AdapterError(f"store.nprobe and store.ef_search must be at least 1, got {nprobe} and {ef_search}")
         self.name = str(path)
         self.index = read_index(path)
         self.dim = self.index.d
@@ -402,7 +402,7 @@ class FaissStore(Store):
 
     def search(self, queries: np.ndarray, k: int, *, id_field: str | None = None) -> list[Hits]:
         if id_field:
-            raise AdapterError(f"{self.name}: --id-field applies to Qdrant and Chroma collections, not FAISS files")
+            raise AdapterError(f"{self.name}: store.id_field applies to Qdrant and Chroma collections, not FAISS files")
         self._tune(k)
         scores, ids = search_index(self.index, queries, k)
         if self.metric == faiss.METRIC_L2:  # squared L2 between unit vectors is 2 - 2 cos
@@ -414,7 +414,7 @@ class FaissStore(Store):
         """IVF (flat, PQ, SQ): every list probed, so every stored code is scored, exactly as stored. Others (flat,
         HNSW): every vector read back a block at a time and ranked by the judge's own exact search, ties by id."""
         if id_field:
-            raise AdapterError(f"{self.name}: --id-field applies to Qdrant and Chroma collections, not FAISS files")
+            raise AdapterError(f"{self.name}: store.id_field applies to Qdrant and Chroma collections, not FAISS files")
         if self.ivf is not None:
             nprobe = self.nprobe
             self.nprobe = self.ivf.nlist
@@ -438,7 +438,7 @@ class FaissStore(Store):
 
     def vectors(self, *, id_field: str | None = None) -> tuple[list[Id], np.ndarray]:
         if id_field:
-            raise AdapterError(f"{self.name}: --id-field applies to Qdrant and Chroma collections, not FAISS files")
+            raise AdapterError(f"{self.name}: store.id_field applies to Qdrant and Chroma collections, not FAISS files")
         inner = faiss.downcast_index(self.id_map.index) if self.id_map is not None else self.layers[0]
         try:
             if self.ivf is not None:  # rows come back list by list; a hash table finds each id's vector
@@ -690,7 +690,7 @@ class PgvectorStore(Store):
         if len(vectors) != 1:
             found = ", ".join(f"{n} {t}" for n, t, _ in columns) or "none"
             what = f"no vector column {vector_column!r}" if vector_column else (
-                "no vector column" if not vectors else "several vector columns; name one with --vector-column")
+                "no vector column" if not vectors else "several vector columns; name one (vector_column=)")
             raise AdapterError(f"{self.name}: {what} (columns: {found})")
         self.vector_column, kind = vectors[0]
         key = run("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = "
@@ -698,7 +698,7 @@ class PgvectorStore(Store):
         self.id_column = id_column or (key[0][0] if len(key) == 1 else "id")
         if self.id_column not in names:
             raise AdapterError(f"{self.name}: no id column {self.id_column!r} (columns: {', '.join(names)}); name "
-                               "it with --id-field")
+                               "it with store.id_field")
         self.dim = int(kind[len("vector("):-1]) if kind.startswith("vector(") else self._first_dim()
         indexes = run("SELECT am.amname, opc.opcname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                       "JOIN pg_am am ON am.oid = c.relam JOIN pg_opclass opc ON opc.oid = i.indclass[0] "
@@ -727,7 +727,7 @@ class PgvectorStore(Store):
                            (table,)).fetchone()[0]
         if oid is None:
             raise AdapterError(f"{self.name}: no table {table!r} (names follow PostgreSQL's rules: quote a mixed-case "
-                               'name, e.g. --table \'"MyDocs"\', or give it exactly as created)')
+                               'name, e.g. \'"MyDocs"\', or give it exactly as created)')
         schema, relname = _request(self.name, "query", self.conn.execute, "SELECT n.nspname, c.relname FROM pg_class c "
                                    "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s", (oid,)).fetchone()
         return int(oid), schema, relname
@@ -805,24 +805,24 @@ def open_store(*, index: str | os.PathLike | None = None, qdrant: str | None = N
     """Open the one store given: a FAISS file (``index``), a Qdrant or Chroma ``collection`` at a path or URL, or a
     pgvector ``table`` in the PostgreSQL database at DSN ``pgvector``."""
     cfg = cfg or Config()
-    given = [name for name, v in (("--index", index), ("--qdrant", qdrant), ("--chroma", chroma),
-                                  ("--pgvector", pgvector)) if v]
+    given = [name for name, v in (("index", index), ("qdrant", qdrant), ("chroma", chroma),
+                                  ("pgvector", pgvector)) if v]
     if len(given) != 1:
-        raise AdapterError("pass exactly one of --index FILE, --qdrant PATH_OR_URL, --chroma PATH_OR_URL or "
-                           "--pgvector DSN" + (f" (got {' and '.join(given)})" if given else ""))
+        raise AdapterError("pass exactly one store: index (a FAISS file), qdrant or chroma (a path or URL) or "
+                           "pgvector (a DSN)" + (f" (got {' and '.join(given)})" if given else ""))
     if collection and (index is not None or pgvector is not None):
-        raise AdapterError(f"--collection applies to --qdrant and --chroma, not {given[0]}")
+        raise AdapterError(f"a collection applies to qdrant and chroma, not {given[0]}")
     if table and pgvector is None:
-        raise AdapterError(f"--table applies to --pgvector, not {given[0]}")
+        raise AdapterError(f"a table applies to pgvector, not {given[0]}")
     if index is not None:
         return FaissStore(index, nprobe=cfg.store.nprobe, ef_search=cfg.store.ef_search)
     if pgvector is not None:
         if not table:
-            raise AdapterError("--pgvector needs --table NAME")
+            raise AdapterError("pgvector needs a table")
         return PgvectorStore(pgvector, table, id_column=cfg.store.id_field, ef_search=cfg.store.ef_search,
                              probes=cfg.store.nprobe, batch=cfg.store.batch)
     if not collection:
-        raise AdapterError(f"{given[0]} needs --collection NAME")
+        raise AdapterError(f"{given[0]} needs a collection")
     if qdrant is not None:
         return QdrantStore(qdrant, collection, ef_search=cfg.store.ef_search, batch=cfg.store.batch)
     return ChromaStore(chroma, collection, ef_search=cfg.store.ef_search, batch=cfg.store.batch)
@@ -914,7 +914,7 @@ def corpus_from_store(store: Store, dataset: Dataset, split: str | Collection[st
     judged = {c for rels in dataset.split(split).values() for c in rels} if isinstance(split, str) else set(split)
     return align_corpus(dataset, names, vectors, source=store.name, judged=judged,
                         where=f" in {split}" if isinstance(split, str) else "",
-                        hint="" if id_field or store.rows_are_ids else " (or pass --id-field)")
+                        hint="" if id_field or store.rows_are_ids else " (or set store.id_field)")
 
 
 # ---------------------------------------------------------------------------------------------------------- files
@@ -929,7 +929,7 @@ def read_vector_file(path: str | os.PathLike, ids_path: str | os.PathLike | None
         raise AdapterError(f"{path}: no such file")
     if path.suffix == ".parquet":
         if ids_path is not None:
-            raise AdapterError(f"{path}: a parquet file holds its own ids; drop --corpus-ids")
+            raise AdapterError(f"{path}: a parquet file holds its own ids; give no ids file")
         try:
             import pyarrow.parquet as pq
 
@@ -949,9 +949,9 @@ def read_vector_file(path: str | os.PathLike, ids_path: str | os.PathLike | None
             raise AdapterError(f"{path}: vectors of different lengths ({', '.join(map(str, sorted(lengths))[:5])})")
         return ids, flat.reshape(len(ids), lengths.pop())
     if path.suffix != ".npy":
-        raise AdapterError(f"{path}: expected a .npy array (with --corpus-ids) or a .parquet file")
+        raise AdapterError(f"{path}: expected a .npy array (with an ids file) or a .parquet file")
     if ids_path is None:
-        raise AdapterError(f"{path}: --corpus-ids IDS.txt is needed, one corpus id per line for each row")
+        raise AdapterError(f"{path}: needs an ids file (IDS.txt), one corpus id per line for each row")
     try:
         vectors = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
@@ -996,4 +996,4 @@ class ArrayStore(Store):
 
     def _no_id_field(self, id_field: str | None) -> None:
         if id_field:
-            raise AdapterError(f"{self.name}: --id-field applies to Qdrant, Chroma and pgvector, not vector files")
+            raise AdapterError(f"{self.name}: store.id_field applies to Qdrant, Chroma and pgvector, not vector files")

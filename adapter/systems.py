@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from adapter.config import Config, default_dims
+from adapter.config import Config, EvaluateConfig, RerankConfig, default_dims
 from adapter.corpus import CorpusSource, EncodedCorpus, SearchedStore
 from adapter.data import Dataset, relevant
 from adapter.errors import AdapterError
@@ -47,7 +47,7 @@ class System:
     source: str = ""  # the adapter file, model folder or model name
     meta: dict[str, Any] = field(default_factory=dict)  # the artifact's training metadata (see adapter.model)
     reranker: Reranker | None = None  # a second stage: a cross-encoder reordering the top rerank_k (kind "rerank")
-    rerank_k: int = 20  # first-stage candidates the reranker reorders
+    rerank_k: int = RerankConfig.k  # first-stage candidates the reranker reorders
     first_stage: str | None = None  # reranked systems: the name of the system whose list is reordered
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
@@ -96,10 +96,10 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
         _add(systems, System(name, base, adapter, corpus, "adapter", source, adapter.metadata))
     for folder in finetuned:
         meta = read_finetune_meta(folder)
-        enc = Encoder.from_config(cfg.replace(model=str(folder)), show_progress=progress)
+        enc = Encoder.from_config(cfg.replace(encoder={"model": str(folder)}), show_progress=progress)
         _add(systems, System(Path(folder).resolve().name, enc, kind="fine-tune", source=str(folder), meta=meta))
     for m in models:
-        enc = Encoder.from_config(cfg.replace(model=m), show_progress=progress)
+        enc = Encoder.from_config(cfg.replace(encoder={"model": m}), show_progress=progress)
         _add(systems, System(m.rstrip("/").split("/")[-1], enc, kind="model", source=m))
     if isinstance(reranker, str | os.PathLike):
         from adapter.rerank import load_reranker
@@ -113,8 +113,8 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
     return systems
 
 
-def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = "test", dims: Sequence[int] | None = None,
-          per_query: bool = False) -> SystemResults:
+def score(dataset: Dataset, systems: Mapping[str, System], *, split: str = EvaluateConfig.split,
+          dims: Sequence[int] | None = None, per_query: bool = False) -> SystemResults:
     """Score every system on one split with the one judge: ``{name: {dim: {metric: value}}}``.
 
     ``dims`` (checked against the largest model) are scored up to each system's dimension (none fit: its full

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 EPOCH_CHOICES = ("average", "last", "best")
 MIN_VAL_QUESTIONS = 100  # a sampled validation slice keeps at least this many questions (train.val_budget)
+MOMENT_BLOCK = 65536  # chunks whose outer products are summed at once for the uncovered pull
 GATHER_STEPS = 64  # training steps whose query and chunk rows are gathered at once (~13 MB each at d 384, batch 128)
 
 
@@ -452,7 +453,7 @@ def uncovered_rows(n_corpus: int, covered_rows: np.ndarray, outside: np.ndarray 
 
 
 def uncovered_moment(corpus: np.ndarray, covered_rows: np.ndarray, weight: float,
-                     outside: np.ndarray | None = None, block: int = 65536) -> torch.Tensor | None:
+                     outside: np.ndarray | None = None, block: int = MOMENT_BLOCK) -> torch.Tensor | None:
     """``weight * d * mean(c^T c)`` over the chunks outside ``covered_rows`` (the training pairs' positives) and
     ``outside``, as a (d, d) tensor M, so that ``sum(D * (M @ D))`` is the uncovered-chunk pull on the adapter's
     change D = W − I (its mean over those chunks of ‖cD‖², scaled by d to match ‖D‖²_F on isotropic vectors); None

@@ -47,21 +47,21 @@ def build_stores(work: Path, ids: list[str], vectors) -> dict[str, list[str]]:
     index = faiss.IndexIDMap2(faiss.IndexFlatIP(vectors.shape[1]))
     index.add_with_ids(vectors, np.array([int(i) for i in ids], dtype=np.int64))
     faiss.write_index(index, str(work / "chunks.faiss"))
-    out["FAISS (IndexIDMap2, ids = corpus ids)"] = ["--index", str(work / "chunks.faiss")]
+    out["FAISS (IndexIDMap2, ids = corpus ids)"] = ["--store", "faiss:" + str(work / "chunks.faiss")]
 
     qc = qdrant_client.QdrantClient(path=str(work / "qdrant"))
     qc.create_collection("chunks", vectors_config=models.VectorParams(size=vectors.shape[1],
                                                                       distance=models.Distance.COSINE))
     qc.upload_collection("chunks", vectors=vectors, ids=list(range(len(ids))), payload=[{"chunk": i} for i in ids])
     qc.close()
-    out["Qdrant (local folder, payload field)"] = ["--qdrant", str(work / "qdrant"), "--collection", "chunks",
-                                                   "--id-field", "chunk"]
+    out["Qdrant (local folder, payload field)"] = ["--store", "qdrant:" + str(work / "qdrant") + "/chunks",
+                                                   "--set", "store.id_field=chunk"]
 
     client = chromadb.PersistentClient(path=str(work / "chroma"),
                                        settings=chromadb.config.Settings(anonymized_telemetry=False))
     client.create_collection("chunks", configuration={"hnsw": {"space": "cosine"}}, embedding_function=None).add(
         ids=ids, embeddings=vectors)
-    out["Chroma (embedded, ids = corpus ids)"] = ["--chroma", str(work / "chroma"), "--collection", "chunks"]
+    out["Chroma (embedded, ids = corpus ids)"] = ["--store", "chroma:" + str(work / "chroma") + "/chunks"]
 
     server = pgserver.get_server(tempfile.mkdtemp(prefix="bench-pg-"), cleanup_mode="delete")
     server.psql("CREATE EXTENSION IF NOT EXISTS vector;")
@@ -73,7 +73,7 @@ def build_stores(work: Path, ids: list[str], vectors) -> dict[str, list[str]]:
             for i, v in zip(ids, vectors, strict=True):
                 copy.write_row([i, v])
         conn.execute("CREATE INDEX ON chunks USING hnsw (embedding vector_cosine_ops)")
-    out["pgvector (HNSW, primary key = corpus id)"] = ["--pgvector", server.get_uri(), "--table", "chunks"]
+    out["pgvector (HNSW, primary key = corpus id)"] = ["--store", f"pgvector:{server.get_uri()}/chunks"]
     out["_server"] = server  # type: ignore[assignment]
     return out
 

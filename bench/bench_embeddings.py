@@ -80,7 +80,8 @@ def part_same_metrics(ds: Path, work: Path, env: dict[str, str], fault_rate: flo
                     "--retry-after", "1", "--shuffle", "--max-faults", "2")
     try:
         remote = [f"--cache-dir={work / 'cache-remote'}", "--model", MODEL, "--embedding-base-url", server.url,
-                  "--embedding-timeout", "20", "--embedding-batch-size", "16", "--embedding-concurrency", "4"]
+                  "--set", "embedding.request_timeout=20", "--set", "embedding.batch_size=16",
+                  "--set", "embedding.concurrency=4"]
         t = time.monotonic()
         cli("train", str(ds), "--out", str(work / "remote.safetensors"), *remote, env=env)
         cli("evaluate", str(ds), "--adapter", str(work / "remote.safetensors"), "--json", str(work / "remote.json"),
@@ -130,7 +131,7 @@ def part_kill(ds: Path, work: Path, env: dict[str, str]) -> list[str]:
     server = Server("--retry-after", "0")
     cache = work / "cache-kill"
     args = ["embed", str(ds), "--model", MODEL, "--embedding-base-url", server.url, f"--cache-dir={cache}",
-            "--embedding-batch-size", str(batch), "--embedding-concurrency", str(concurrency)]
+            "--set", f"embedding.batch_size={batch}", "--set", f"embedding.concurrency={concurrency}"]
     try:
         proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), "-q", *args], stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL, env=env, cwd=ROOT)

@@ -260,13 +260,14 @@ def audit(work: Path, model: str, w: dict[str, str] | None) -> None:
     rows = []
     for what, name, argv, before in (
             ("adapter declaring 30000x30000 in a sparse file", "sparse.safetensors",
-             ["search", "pump", "--index", w["index"], "--adapter", "{}", "--model", model], "7.1 GiB"),
-            ("FAISS file claiming 2.5 GB", "bomb.faiss", ["search", "pump", "--index", "{}", "--adapter", w["adapter"],
-                                                          "--model", model], "2.6 GiB"),
+             ["search", "pump", "--store", f"faiss:{w['index']}", "--adapter", "{}", "--model", model], "7.1 GiB"),
+            ("FAISS file claiming 2.5 GB", "bomb.faiss", ["search", "pump", "--store", "faiss:{}", "--adapter",
+                                                          w["adapter"], "--model", model], "2.6 GiB"),
             ("adapter metadata nested 10^5 deep", "nested.safetensors",
-             ["search", "pump", "--index", w["index"], "--adapter", "{}", "--model", model], "RecursionError"),
+             ["search", "pump", "--store", f"faiss:{w['index']}", "--adapter", "{}", "--model", model],
+             "RecursionError"),
             ("(baseline: the workspace's own adapter and index)", w["adapter"],
-             ["search", "pump", "--index", w["index"], "--adapter", "{}", "--model", model], "")):
+             ["search", "pump", "--store", f"faiss:{w['index']}", "--adapter", "{}", "--model", model], "")):
         path = audit_dir / name
         code, seconds, peak, last = _peak([a.format(path) for a in argv], env)
         st = path.stat()
@@ -275,8 +276,9 @@ def audit(work: Path, model: str, w: dict[str, str] | None) -> None:
     ds = write_dataset(work / "drip-ds", {"test": ["q_burst"]})
     (ds / "corpus.jsonl").write_text(json.dumps({"_id": "c", "text": "Valves isolate a burst main."}) + "\n")
     with Drip("body", gap=1.0, connections=2) as server:
-        code, seconds, peak, last = _peak(["generate", str(ds), "--base-url", server.url, "--timeout", "5",
-                                           "--max-retries", "0", "--concurrency", "1"],
+        code, seconds, peak, last = _peak(["generate", str(ds), "--base-url", server.url,
+                                           "--set", "llm.request_timeout=5", "--set", "llm.max_retries=0",
+                                           "--set", "llm.concurrency=1"],
                                           {**env, "OPENAI_API_KEY": "none"})
     rows.append(("`generate --timeout 5`, a server sending a byte a second", f"{len(server.response):,} bytes in "
                  f"{len(server.response)} s", code, f"{seconds:.1f}", f"{peak / 2**20:.0f} MiB", "61 s",

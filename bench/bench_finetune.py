@@ -55,9 +55,9 @@ def main() -> None:
          "--force"], log)
     run(["-q", "split", str(data), "--by", "query", "--seed", "0"], log)
     run(["-q", "train", str(data), "--out", str(adapter), "--force", "--cache-dir", str(cache)], log)
-    extra = ["--grad-accum", str(a.grad_accum)] if a.grad_accum else []
-    run(["-q", "finetune", str(data), "--out", str(ft), "--epochs", str(a.epochs), "--max-seq-length",
-         str(a.max_seq_length), *extra], log)
+    extra = ["--set", f"finetune.grad_accum={a.grad_accum}"] if a.grad_accum else []
+    run(["-q", "finetune", str(data), "--out", str(ft), "--epochs", str(a.epochs), "--set",
+         f"finetune.max_seq_length={a.max_seq_length}", *extra], log)
     run(["-q", "compare", str(data), "--adapter", str(adapter), "--finetuned", str(ft), "--out", str(report),
          "--cache-dir", str(cache)], log)
 

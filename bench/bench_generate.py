@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from fake_llm import FakeLLM  # noqa: E402
 
-CLI_OPTIONS = ["--concurrency", "8", "--requests-per-minute", "1200", "--timeout", "2"]
+CLI_OPTIONS = ["--set", "llm.concurrency=8", "--set", "llm.requests_per_minute=1200", "--set", "llm.request_timeout=2"]
 
 
 def write_corpus(folder: Path, n: int, seed: int) -> None:

@@ -62,8 +62,8 @@ def main() -> None:
                  seed=0) as fake:
         cmd = [sys.executable, str(ROOT / "cli.py"), "-q", "rag", str(data), "--llm-model", "fake-reader",
                "--judge-model", "fake-judge", "--base-url", fake.url, "--adapter", str(adapter), "-k", str(a.k),
-               "--limit", str(a.limit), "--out", str(out), "--concurrency", str(a.concurrency), "--timeout", "2",
-               "--max-retries", "8", "--cache-dir", str(cache)]
+               "--limit", str(a.limit), "--out", str(out), "--set", f"llm.concurrency={a.concurrency}",
+               "--set", "llm.request_timeout=2", "--set", "llm.max_retries=8", "--cache-dir", str(cache)]
         t0 = time.perf_counter()
         first = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         journal = out / "rag-journal.jsonl"

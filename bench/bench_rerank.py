@@ -117,23 +117,26 @@ def main() -> None:
     if not adapter.is_file():
         run(["-q", "train", str(data), "--out", str(adapter), "--cache-dir", str(cache)], log)
     if not (reranker / "modules.json").is_file():
-        extra = ((["--lr", str(a.lr)] if a.lr else []) + (["--negatives", str(a.negatives)] if a.negatives else [])
-                 + (["--prior-weight", str(a.prior_weight)] if a.prior_weight is not None else [])
-                 + (["--base-share", str(a.base_share)] if a.base_share is not None else [])
-                 + (["--train-queries", str(a.train_queries)] if a.train_queries else [])
+        extra = ((["--set", f"rerank.lr={a.lr}"] if a.lr else [])
+                 + (["--set", f"rerank.negatives={a.negatives}"] if a.negatives else [])
+                 + (["--set", f"rerank.prior={a.prior_weight}"] if a.prior_weight is not None else [])
+                 + (["--set", f"rerank.base_share={a.base_share}"] if a.base_share is not None else [])
+                 + (["--set", f"rerank.train_queries={a.train_queries}"] if a.train_queries else [])
                  + (["--adapter", str(adapter)] if a.negatives_under == "adapter" else []))
         with held(a.lock):
             run(["-q", "rerank-train", str(data), "--out", str(reranker), "--cache-dir", str(cache),
-                 "--max-seq-length", str(a.max_seq_length), "--max-train-seconds", str(a.train_seconds),
-                 "--val-queries", str(a.val_queries), "--epochs", "1", *extra], log)
+                 "--set", f"rerank.max_seq_length={a.max_seq_length}",
+                 "--set", f"rerank.max_train_seconds={a.train_seconds}", "--set", f"rerank.val_queries={a.val_queries}",
+                 "--epochs", "1", *extra], log)
     if a.finetuned:
         ft = reused_finetune(a.finetuned, data)
     elif not a.skip_finetune and not (ft / "modules.json").is_file():
-        run(["-q", "finetune", str(data), "--out", str(ft), "--epochs", "1", "--max-seq-length", "128"], log)
+        run(["-q", "finetune", str(data), "--out", str(ft), "--epochs", "1", "--set", "finetune.max_seq_length=128"],
+            log)
     split = test_sample(data, a.test_sample)
     finetuned = [] if a.skip_finetune else ["--finetuned", str(ft)]
     run(["-q", "compare", str(data), "--out", str(report), "--force", "--adapter", str(adapter), *finetuned,
-         "--reranker", str(reranker), "--rerank-k", "20", "--split", split, "--dims", a.dims, "--cache-dir",
+         "--reranker", str(reranker), "--set", "rerank.k=20", "--split", split, "--dims", a.dims, "--cache-dir",
          str(cache)], log)
 
     meta = json.loads((reranker / "rerank.json").read_text())

@@ -76,7 +76,7 @@ def choice(shared: Path, seeds: list[int]) -> None:
             cfg = Config().replace(seed=seed)
             fold = cross_folds(train, cfg)[0][0]  # the first fold's fit and held-out questions
             inner, seen, unseen = fold.fit, fold.seen, fold.unseen
-            best = recipe_config(cfg, "triplet").replace(epochs=30)
+            best = recipe_config(cfg, "triplet").replace(train={"epochs": 30})
             with torch_threads(1):
                 full = fit(inner, seen, corpus, cids, "bench", best, progress=False)
             curve = {h["epoch"]: h["ndcg@10"] for h in full.history}
@@ -183,7 +183,7 @@ def train_child(folder: Path, epochs: int) -> None:
     ds = load_dataset(folder)
     source = StoreSource(vectors=str(folder / "corpus.npy"), ids=str(folder / "ids.txt"))
     enc = VectorEncoder(np.load(folder / "questions.npy"))
-    r = train_adapter(ds, Config().replace(epochs=epochs), encoder=enc, corpus=source, progress=False)
+    r = train_adapter(ds, Config().replace(train={"epochs": epochs}), encoder=enc, corpus=source, progress=False)
     wall = time.perf_counter() - t
     use = resource.getrusage(resource.RUSAGE_SELF)
     print(json.dumps({"wall": wall, "peak_gib": _peak_gib(), "train_seconds": r.seconds, "recipe": r.recipe,
@@ -292,11 +292,10 @@ def appleqa_hidden(shared: Path, work: Path, seeds: list[int], n_random: int, ep
     gains: dict[str, list[float]] = {"215": [], "big": []}
     for seed in seeds:
         for where, extra in (("215 chunks", []),
-                             (f"{len(big_ids):,} vectors", ["--corpus-vectors", str(vectors), "--corpus-ids",
-                                                            str(id_file)])):
+                             (f"{len(big_ids):,} vectors", ["--store", f"vectors:{vectors},{id_file}"])):
             out = work / f"appleqa-{seed}-{len(extra)}.safetensors"
             wall, peak = measured([sys.executable, str(ROOT / "cli.py"), "train", str(folder), "--out", str(out),
-                                   "--epochs", str(epochs), "--seed", str(seed), "--force", *extra], env)
+                                   "--set", f"train.epochs={epochs}", "--seed", str(seed), "--force", *extra], env)
             adapter = LinearAdapter.load(out)
             small = evaluate(adapter.apply(test), chunks, qrels, qids, ids, DIMS)
             large = evaluate(adapter.apply(test), big, qrels, qids, big_ids, DIMS)

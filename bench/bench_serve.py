@@ -700,8 +700,9 @@ def upstream_mode(model, texts: list[str], work: Path, args: argparse.Namespace)
         path = work / "upstream.safetensors"
         adapter = make_adapter(path, remote.identity, seed=0)
         server = Server(path, "--model", "openai:fake-minilm", "--embedding-base-url", fake.url,
-                        "--embedding-api-key-env", UPSTREAM_KEY_ENV, "--embedding-timeout", "1",
-                        "--embedding-rpm", "100000", "--embedding-tpm", "100000000").wait()
+                        "--set", f"embedding.api_key_env={UPSTREAM_KEY_ENV}", "--set", "embedding.request_timeout=1",
+                        "--set", "embedding.requests_per_minute=100000",
+                        "--set", "embedding.tokens_per_minute=100000000").wait()
         try:
             r = asyncio.run(load(server.url, texts, args.seconds, args.upstream_workers, model="fake-minilm"))
             served = fake.faults_seen()

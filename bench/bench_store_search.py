@@ -125,11 +125,11 @@ def main() -> None:
         load_only, _ = peak_rss_mb([sys.executable, "-c", f"import faiss; faiss.read_index({str(index)!r})"], env)
         bare, _ = peak_rss_mb([sys.executable, "-c", "import faiss"], env)
         t = time.monotonic()
-        searched, out = peak_rss_mb(cli + ["--index", str(index), "--store-search"], env)
+        searched, out = peak_rss_mb(cli + ["--store", "faiss:" + str(index), "--store-search"], env)
         search_s = time.monotonic() - t
         read_out = None
         if not a.skip_read_out:
-            read_out, _ = peak_rss_mb(cli + ["--index", str(index), "--dims", "384"], env)
+            read_out, _ = peak_rss_mb(cli + ["--store", "faiss:" + str(index), "--dims", "384"], env)
     index_mb = load_only - bare
     lines = [f"# bench_store_search: {a.n:,} vectors, IVF{a.nlist},PQ{a.pq} (file {size_mb:.0f} MB, built in "
              f"{build_s:.0f} s)", "",

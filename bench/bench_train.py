@@ -123,7 +123,7 @@ def speed(folders: dict[str, Path], model, encoder) -> None:
     out = cache / "a.safetensors"
     t = time.perf_counter()
     subprocess.run([sys.executable, str(ROOT / "cli.py"), "-q", "train", str(folders["query"]), "--out", str(out),
-                    "--epochs", "30", "--cache-dir", str(cache)], check=True, cwd=ROOT, capture_output=True)
+                    "--set", "train.epochs=30", "--cache-dir", str(cache)], check=True, cwd=ROOT, capture_output=True)
     cold = time.perf_counter() - t
     shutil.rmtree(cache)
     print("### Speed (30 epochs, AppleQA query split)\n")

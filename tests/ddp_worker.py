@@ -56,8 +56,8 @@ def main() -> None:
 
     mnrl.all_gather_with_grad = spy_gather
     SentenceTransformerTrainer.train = spy_train
-    cfg = Config().replace(model=model, dims=(32, 16), select_dim=16, finetune_epochs=2, finetune_batch_size=2,
-                           grad_accum=1, finetune_lr=1e-3, val_fraction=0.3)
+    cfg = Config().replace(encoder={"model": model}, dims=(32, 16), select_dim=16, grad_accum=1, val_fraction=0.3,
+                           finetune={"epochs": 2, "batch_size": 2, "lr": 1e-3})
     result = finetune(load_dataset(data), out, cfg, progress=False)
     rank = int(os.environ["RANK"])
     Path(report, f"rank{rank}.json").write_text(json.dumps({

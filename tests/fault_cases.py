@@ -83,7 +83,8 @@ def build_workspace(root: Path, model: str, cache: Path, *, light: bool = False)
     env = {**os.environ, "ADAPTER_CACHE": str(cache), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     existing = root / "existing"
     existing.mkdir(exist_ok=True)
-    for argv in (["train", str(ds), "--out", str(existing / "adapter.safetensors"), "--model", model, "--epochs", "2"],
+    for argv in (["train", str(ds), "--out", str(existing / "adapter.safetensors"), "--model", model, "--set",
+                  "train.epochs=2"],
                  ["index", "build", str(ds), "--out", str(existing / "index.faiss"), "--model", model],
                  ["evaluate", str(ds), "--model", model, "--json", str(existing / "results.json")],
                  ["export", str(existing / "adapter.safetensors"), "--out", str(existing / "exported"), "--model",
@@ -221,8 +222,10 @@ def cases() -> list[Case]:
     add("convert", "onto its own source folder", "convert", "{dataset}", "--out", "{dataset}", "--force")
     add("convert", "--out is a file", "convert", "{ds}", "--out", "{taken}")
     # split
-    for opt, val in (("--test-fraction", "0"), ("--test-fraction", "1.5"), ("--test-fraction", "nan"),
-                     ("--dev-fraction", "-0.1"), ("--dev-fraction", "inf"), ("--seed", "-1"), ("--by", "x")):
+    for opt, val in (("--set", "split.test_fraction=0"), ("--set", "split.test_fraction=1.5"), ("--set",
+                                                                                                "split.test_fraction=nan"),
+                     ("--set", "split.dev_fraction=-0.1"), ("--set", "split.dev_fraction=inf"), ("--seed", "-1"),
+                     ("--by", "x")):
         add("split", f"{opt} {val}", "split", "{ds}", opt, val)
     for name in ("ds_latin1", "ds_utf16", "ds_qrels_latin1", "ds_qrels_huge", "ds_text_number", "ds_text_nan",
                  "ds_text_list", "ds_id_float", "ds_empty_corpus", "ds_no_qrels_header"):
@@ -234,29 +237,32 @@ def cases() -> list[Case]:
     # evaluate
     add("evaluate", "--json over an existing file", "evaluate", "{ds}", *m, "--json", "{results}")
     add("evaluate", "--json into a missing folder", "evaluate", "{ds}", *m, "--json", "{root}/nowhere/r.json")
-    add("evaluate", "index of another dimension", "evaluate", "{ds}", *m, "--index", "{bad}/dim3.faiss")
+    add("evaluate", "index of another dimension", "evaluate", "{ds}", *m, "--store", "faiss:{bad}/dim3.faiss")
     add("evaluate", "qrels score 0.5", "evaluate", "{bad}/ds_qrels_half", *m)
     add("evaluate", "qrels score nan", "evaluate", "{bad}/ds_qrels_nan", *m)
     add("evaluate", "--dims 0", "evaluate", "{ds}", *m, "--dims", "0")
     add("evaluate", "all-zeros adapter", "evaluate", "{ds}", *m, "--adapter", "{bad}/zeros.safetensors")
     # train
-    for opt, val in (("--lr", "nan"), ("--lr", "inf"), ("--lr", "-1"), ("--temperature", "0"),
-                     ("--temperature", "nan"), ("--margin", "nan"), ("--margin", "-1"), ("--identity-penalty", "-1"),
-                     ("--identity-penalty", "nan"), ("--seed", "-1"), ("--epochs", "-1"), ("--batch-size", "0"),
+    for opt, val in (("--set", "train.lr=nan"), ("--set", "train.lr=inf"), ("--set", "train.lr=-1"), ("--set",
+                                                                                                      "train.temperature=0"),
+                     ("--set", "train.temperature=nan"), ("--set", "train.margin=nan"), ("--set", "train.margin=-1"),
+                     ("--set", "train.identity_penalty=-1"),
+                     ("--set", "train.identity_penalty=nan"), ("--seed", "-1"), ("--set", "train.epochs=-1"),
+                     ("--set", "train.batch_size=0"),
                      ("--rank", "0")):
         add("train", f"{opt} {val}", "train", "{ds}", "--out", "{root}/new.safetensors", *m, opt, val)
     add("train", "--out exists", "train", "{ds}", "--out", "{adapter}", *m)
     add("train", "--out in a missing folder", "train", "{ds}", "--out", "{root}/nowhere/a.safetensors", *m)
     add("train", "--out under a file", "train", "{ds}", "--out", "{taken}/a.safetensors", *m)
     # search
-    add("search", "empty query", "search", "", "--index", "{index}", "--adapter", "{adapter}", *m)
-    add("search", "blank query", "search", "   ", "--index", "{index}", "--adapter", "{adapter}", *m)
-    add("search", "-k 0", "search", "pump", "--index", "{index}", "--adapter", "{adapter}", *m, "-k", "0")
-    add("search", "--data not the index's dataset", "search", "pump", "--index", "{index}", "--adapter",
+    add("search", "empty query", "search", "", "--store", "faiss:{index}", "--adapter", "{adapter}", *m)
+    add("search", "blank query", "search", "   ", "--store", "faiss:{index}", "--adapter", "{adapter}", *m)
+    add("search", "-k 0", "search", "pump", "--store", "faiss:{index}", "--adapter", "{adapter}", *m, "-k", "0")
+    add("search", "--data not the index's dataset", "search", "pump", "--store", "faiss:{index}", "--adapter",
         "{adapter}", *m, "--data", "{bad}/other_ds")
-    add("search", "all-zeros adapter", "search", "pump", "--index", "{index}", "--adapter",
+    add("search", "all-zeros adapter", "search", "pump", "--store", "faiss:{index}", "--adapter",
         "{bad}/zeros.safetensors", *m)
-    add("search", "index of another dimension", "search", "pump", "--index", "{bad}/dim3.faiss", "--adapter",
+    add("search", "index of another dimension", "search", "pump", "--store", "faiss:{bad}/dim3.faiss", "--adapter",
         "{adapter}", *m)
     # index build
     add("index build", "--out exists", "index", "build", "{ds}", "--out", "{index}", *m)
@@ -283,19 +289,24 @@ def cases() -> list[Case]:
         env={"OPENAI_API_KEY": ""})
     add("generate", "prompt without {chunk}", "generate", "{dataset}", "--prompt", "{bad}/prompt_no_chunk.txt",
         env=dead)
-    for opt, val in (("--temperature", "nan"), ("--temperature", "-1"), ("--timeout", "0"), ("--timeout", "inf"),
-                     ("--concurrency", "0"), ("--dedup-threshold", "nan"), ("--questions-per-chunk", "0"),
-                     ("--max-retries", "-1")):
+    for opt, val in (("--set", "llm.temperature=nan"), ("--set", "llm.temperature=-1"), ("--set",
+                                                                                         "llm.request_timeout=0"),
+                                                                                         ("--set",
+                                                                                          "llm.request_timeout=inf"),
+                     ("--set", "llm.concurrency=0"), ("--set", "llm.dedup_threshold=nan"), ("--questions-per-chunk",
+                                                                                            "0"),
+                     ("--set", "llm.max_retries=-1")):
         add("generate", f"{opt} {val}", "generate", "{dataset}", opt, val, env=dead)
     # finetune
-    for opt, val in (("--lr", "nan"), ("--lr", "inf"), ("--epochs", "0"), ("--batch-size", "1"), ("--seed", "-1"),
-                     ("--max-seq-length", "0"), ("--select-dim", "7")):
+    for opt, val in (("--set", "finetune.lr=nan"), ("--set", "finetune.lr=inf"), ("--epochs", "0"),
+                     ("--set", "finetune.batch_size=1"), ("--seed", "-1"),
+                     ("--set", "finetune.max_seq_length=0"), ("--set", "finetune.select_dim=7")):
         add("finetune", f"{opt} {val}", "finetune", "{ds}", "--out", "{root}/ft", *m, opt, val)
     add("finetune", "--out holds a model", "finetune", "{ds}", "--out", "{exported}", *m)
     # compare
     for val in ("0", "-1"):
-        add("compare", f"--bootstrap {val}", "compare", "{ds}", "--out", "{root}/cmp", "--base-model", "{model}",
-            "--bootstrap", val)
+        add("compare", f"--set report.bootstrap_samples={val}", "compare", "{ds}", "--out", "{root}/cmp",
+            "--base-model", "{model}", "--set", f"report.bootstrap_samples={val}")
     add("compare", "--out holds a report", "compare", "{ds}", "--out", "{report}", "--base-model", "{model}")
     c += audit_cases()  # security audit: sizes, deadlines, integrity
     return c + trust_and_secret_cases()
@@ -425,12 +436,12 @@ def audit_cases() -> list[Case]:
     def add(command: str, what: str, *argv: str) -> None:
         c.append(Case(command, what, tuple(argv)))
 
-    add("search", "adapter declaring 30000x30000 in a 4 KiB sparse file", "search", "pump", "--index", "{index}",
+    add("search", "adapter declaring 30000x30000 in a 4 KiB sparse file", "search", "pump", "--store", "faiss:{index}",
         "--adapter", "{audit}/sparse.safetensors", *m)
-    add("search", "FAISS file claiming 2.5 GB in 61 bytes", "search", "pump", "--index", "{audit}/bomb.faiss",
+    add("search", "FAISS file claiming 2.5 GB in 61 bytes", "search", "pump", "--store", "faiss:{audit}/bomb.faiss",
         "--adapter", "{adapter}", *m)
-    add("evaluate", "FAISS file claiming 2.5 GB in 61 bytes", "evaluate", "{ds}", *m, "--index",
-        "{audit}/bomb.faiss")
+    add("evaluate", "FAISS file claiming 2.5 GB in 61 bytes", "evaluate", "{ds}", *m, "--store",
+        "faiss:{audit}/bomb.faiss")
     add("evaluate", "adapter with a bfloat16 tensor", "evaluate", "{ds}", *m, "--adapter", "{audit}/bf16.safetensors")
     add("evaluate", "adapter metadata nested 10^5 deep", "evaluate", "{ds}", *m, "--adapter",
         "{audit}/nested.safetensors")
@@ -522,16 +533,17 @@ def embedding_store_cases() -> list[Case]:
     add("evaluate", "unknown embedding model (404)", "evaluate", "{ds}", "--model", "openai:no-such-model",
         "--embedding-base-url", "{embeddings_url}", env=key)
     add("embed", "closed port", "embed", "{ds}", "--model", "openai:fake-minilm", "--embedding-base-url",
-        "http://127.0.0.1:9/v1", "--embedding-timeout", "60", env=key)
-    add("train", "FAISS ids that are not corpus ids", "train", "{ds}", *out, *m, "--index", "{stores}/int_ids.faiss")
-    add("train", "vector file of another dimension", "train", "{ds}", *out, *m, "--corpus-vectors",
-        "{stores}/dim3.npy", "--corpus-ids", "{stores}/corpus_ids.txt")
-    add("train", "pgvector table without a vector column", "train", "{ds}", *out, *m, "--pgvector", "{pg}",
-        "--table", "plain")
-    add("evaluate", "pgvector ids that are not corpus ids", "evaluate", "{ds}", *m, "--pgvector", "{pg}",
-        "--table", "strangers")
-    add("evaluate", "DSN that does not connect", "evaluate", "{ds}", *m, "--pgvector",
-        f"postgresql://bob:{PG_PASSWORD}@127.0.0.1:9/db?connect_timeout=5", "--table", "chunks")
+        "http://127.0.0.1:9/v1", "--set", "embedding.request_timeout=60", env=key)
+    add("train", "FAISS ids that are not corpus ids", "train", "{ds}", *out, *m, "--store",
+        "faiss:{stores}/int_ids.faiss")
+    add("train", "vector file of another dimension", "train", "{ds}", *out, *m, "--store",
+        "vectors:{stores}/dim3.npy,{stores}/corpus_ids.txt")
+    add("train", "pgvector table without a vector column", "train", "{ds}", *out, *m, "--store",
+        "pgvector:{pg}/plain")
+    add("evaluate", "pgvector ids that are not corpus ids", "evaluate", "{ds}", *m, "--store",
+        "pgvector:{pg}/strangers")
+    add("evaluate", "DSN that does not connect", "evaluate", "{ds}", *m, "--store",
+        f"pgvector:postgresql://bob:{PG_PASSWORD}@127.0.0.1:9/db?connect_timeout=5/chunks")
     return c
 
 
@@ -675,16 +687,17 @@ def trust_and_secret_cases() -> list[Case]:
 
     for way, how in TRUST_WAYS.items():
         add("evaluate", f"--reranker naming code: {how}", "evaluate", "{ds}", *m, "--reranker",
-            f"{{reranker_{way}}}", "--rerank-k", "3")
+            f"{{reranker_{way}}}", "--set", "rerank.k=3")
         add("rerank-train", f"--model naming code: {how}", "rerank-train", "{ds}", "--out", "{root}/rr", "--model",
-            f"{{reranker_{way}}}", "--encoder", "{model}", "--rerank-k", "3")
+            f"{{reranker_{way}}}", "--encoder", "{model}", "--set", "rerank.k=3")
     add("compare", f"--reranker naming code: {TRUST_WAYS['activation']}", "compare", "{ds}", "--out", "{root}/cmp",
-        "--base-model", "{model}", "--reranker", "{reranker_activation}", "--rerank-k", "3")
+        "--base-model", "{model}", "--reranker", "{reranker_activation}", "--set",
+        "rerank.k=3")
     dead = {"OPENAI_API_KEY": "sk-test-0123456789abcdef"}
     add("generate", "--base-url ftp:// with a password", "generate", "{dataset}", "--base-url",
         f"ftp://bob:{SECRET}@127.0.0.1:9/v1", env=dead, hidden=SECRET)
     add("generate", "--base-url with a password, dead endpoint", "generate", "{dataset}", "--base-url",
         f"http://bob:{SECRET}@127.0.0.1:9/v1", env=dead, hidden=SECRET)
-    add("evaluate", "--pgvector DSN with a password that libpq cannot parse", "evaluate", "{ds}", *m, "--pgvector",
-        f"postgresql://bob:{SECRET}@[::1/db", "--table", "chunks", hidden=SECRET)
+    add("evaluate", "--pgvector DSN with a password that libpq cannot parse", "evaluate", "{ds}", *m, "--store",
+        f"pgvector:postgresql://bob:{SECRET}@[::1/db/chunks", hidden=SECRET)
     return c

@@ -208,9 +208,9 @@ def test_the_key_comes_from_the_named_variable_and_is_never_logged(minilm, monke
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"batch_size": 0}, "--embedding-batch-size must be at least 1, got 0"),
-    ({"concurrency": 0}, "--embedding-concurrency must be at least 1, got 0"),
-    ({"dimensions": 0}, "--embedding-dimensions must be at least 1, got 0"),
+    ({"batch_size": 0}, "embedding.batch_size must be at least 1, got 0"),
+    ({"concurrency": 0}, "embedding.concurrency must be at least 1, got 0"),
+    ({"dimensions": 0}, "embedding.dimensions must be at least 1, got 0"),
     ({"base_url": "127.0.0.1:8000"}, r"127.0.0.1:8000: not an http\(s\) URL"),
 ])
 def test_bad_settings_are_one_line(overrides: dict, message: str):
@@ -223,7 +223,7 @@ def test_make_backend_picks_by_name(minilm):
     assert isinstance(make_backend("openai:x", EmbeddingConfig(base_url="http://127.0.0.1:9/v1")), OpenAIBackend)
     with pytest.raises(AdapterError, match="needs the model's name after 'openai:'"):
         make_backend("openai:", EmbeddingConfig(base_url="http://127.0.0.1:9/v1"))
-    with pytest.raises(AdapterError, match="--embedding-dimensions applies to openai: models"):
+    with pytest.raises(AdapterError, match="embedding.dimensions applies to openai: models"):
         make_backend(minilm, EmbeddingConfig(dimensions=64))
 
 
@@ -337,7 +337,7 @@ def test_cli_evaluate_with_an_openai_model_matches_the_local_model(minilm, tiny_
     with FakeEmbeddings(minilm, shuffle=True) as server:
         server.push("500", "429")
         for name, extra in (("local", []), ("remote", ["--model", f"openai:{MODEL}", "--embedding-base-url",
-                                                        server.url, "--embedding-batch-size", "4"])):
+                                                        server.url, "--set", "embedding.batch_size=4"])):
             out = tmp_path / f"{name}.json"
             r = CliRunner().invoke(main, ["evaluate", str(tiny_dataset), "--dims", "384,64", "--json", str(out),
                                           "--cache-dir", str(tmp_path / name), *extra])

@@ -157,7 +157,7 @@ def test_pdf_text_is_read_page_by_page(docs: list[Path]):
 
 
 def test_chunk_writes_stable_ids_sources_and_offsets(tmp_path: Path, docs: list[Path]):
-    cfg = Config().replace(chunk_size=150, chunk_overlap=50, chunk_unit="chars")
+    cfg = Config().replace(chunk={"size": 150, "overlap": 50, "unit": "chars"})
     out = tmp_path / "ds"
     chunks = chunk(docs, out, cfg)
     first = (out / "corpus.jsonl").read_bytes()
@@ -193,9 +193,9 @@ def test_scanned_pdf_without_text_is_skipped_with_a_warning(tmp_path: Path, docs
     (lambda d: d / "notes.docx", {}, r"notes\.docx: unsupported document type"),
     (lambda d: d / "missing.txt", {}, r"missing\.txt: no such file"),
     (lambda d: d / "latin1.txt", {}, r"latin1\.txt: not UTF-8 text"),
-    (lambda d: d / "a.txt", {"overlap": 100}, r"--overlap must be .* below --size"),
-    (lambda d: d / "a.txt", {"size": 0}, r"--size must be at least 1"),
-    (lambda d: d / "a.txt", {"unit": "words"}, r"--unit must be one of"),
+    (lambda d: d / "a.txt", {"overlap": 100}, r"chunk.overlap must be .* below chunk.size"),
+    (lambda d: d / "a.txt", {"size": 0}, r"chunk.size must be at least 1"),
+    (lambda d: d / "a.txt", {"unit": "words"}, r"chunk.unit must be one of"),
     (lambda d: d / "broken.pdf", {}, r"broken\.pdf: cannot read PDF"),
 ])
 def test_bad_input_is_one_line_naming_the_file(tmp_path: Path, setup, kwargs, message):

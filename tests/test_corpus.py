@@ -18,7 +18,7 @@ from adapter.stores import read_vector_file, write_index
 from cli import main
 from tests.conftest import CHUNKS, split_tiny
 
-QUICK = Config().replace(epochs=3, val_fraction=0.3)
+QUICK = Config().replace(train={"epochs": 3}, val_fraction=0.3)
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,9 @@ def test_evaluate_cli_scores_a_vector_file_as_the_embedded_corpus(setup, tmp_pat
     folder, blind, root = setup
     runs = {}
     for name, data, extra in (("embedded", folder, []),
-                              ("npy", blind, ["--corpus-vectors", str(root / "vectors.npy"), "--corpus-ids",
-                                              str(root / "ids.txt")]),
-                              ("parquet", blind, ["--corpus-vectors", str(root / "vectors.parquet")])):
+                              ("npy", blind, ["--store",
+                                              "vectors:" + str(root / "vectors.npy") + "," + str(root / "ids.txt")]),
+                              ("parquet", blind, ["--store", "vectors:" + str(root / "vectors.parquet")])):
         out = tmp_path / f"{name}.json"
         r = CliRunner().invoke(main, ["evaluate", str(data), "--dims", "384", "--json", str(out), *extra])
         assert r.exit_code == 0, r.output
@@ -110,12 +110,12 @@ def test_train_cli_from_a_faiss_file_with_ids(setup, tmp_path):
     """Ids under an id map are not corpus ids: refused in one line, nothing written."""
     _, blind, root = setup
     out = tmp_path / "a.safetensors"
-    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--epochs", "1",
-                                  "--index", str(root / "ids.faiss")])
+    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--set", "train.epochs=1",
+                                  "--store", "faiss:" + str(root / "ids.faiss")])
     assert r.exit_code == 1 and "holds no vector for" in r.output and r.output.count("\n") == 1, r.output
     assert not out.exists()
-    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--epochs", "1",
-                                  "--index", str(root / "rows.faiss")])
+    r = CliRunner().invoke(main, ["train", str(blind), "--out", str(out), "--set", "train.epochs=1",
+                                  "--store", "faiss:" + str(root / "rows.faiss")])
     assert r.exit_code == 0 and out.is_file(), r.output
 
 
@@ -137,7 +137,7 @@ def test_bad_vector_files_are_one_line(setup, tmp_path, minilm):
     pq.write_table(pa.table({"id": ["a"], "embedding": [[1.0, 0.0]]}), tmp_path / "novec.parquet")
     cases = [
         ({"vectors": str(tmp_path / "none.npy"), "ids": str(root / "ids.txt")}, r"none\.npy: no such file"),
-        ({"vectors": str(root / "vectors.npy")}, r"--corpus-ids IDS\.txt is needed"),
+        ({"vectors": str(root / "vectors.npy")}, r"needs an ids file \(IDS\.txt\)"),
         ({"vectors": str(tmp_path / "flat.npy"), "ids": str(root / "ids.txt")}, r"expected a 2-D float array"),
         ({"vectors": str(root / "vectors.npy"), "ids": str(tmp_path / "three.txt")},
          r"three\.txt: 3 ids for the 8 rows of"),
@@ -149,8 +149,8 @@ def test_bad_vector_files_are_one_line(setup, tmp_path, minilm):
         ({"vectors": str(tmp_path / "small.npy"), "ids": str(root / "ids.txt")},
          r"small\.npy holds 16-dimensional vectors, .* makes 384"),
         ({"vectors": str(root / "vectors.npy"), "ids": str(root / "ids.txt"), "index": "x.faiss"},
-         "pass either --corpus-vectors or a store"),
-        ({"ids": str(root / "ids.txt")}, r"--corpus-ids goes with --corpus-vectors"),
+         "pass either a vector file or a store"),
+        ({"ids": str(root / "ids.txt")}, r"an ids file goes with a vector file"),
     ]
     enc = encoder(minilm, tmp_path / "cache")
     for given, message in cases:
@@ -193,8 +193,9 @@ def test_exact_search_is_brute_force_over_what_the_index_stores(tmp_path, kind):
 def test_evaluate_store_search_scores_through_the_stores_own_search(setup, tmp_path):
     folder, blind, root = setup
     runs = {}
-    for name, data, extra in (("read out", folder, ["--index", str(root / "rows.faiss")]),
-                              ("store search", blind, ["--index", str(root / "rows.faiss"), "--store-search"])):
+    for name, data, extra in (("read out", folder, ["--store", "faiss:" + str(root / "rows.faiss")]),
+                              ("store search", blind, ["--store", "faiss:" + str(root / "rows.faiss"),
+                                                       "--store-search"])):
         out = tmp_path / f"{len(runs)}.json"
         r = CliRunner().invoke(main, ["evaluate", str(data), "--dims", "384", "--json", str(out), *extra])
         assert r.exit_code == 0, r.output
@@ -207,7 +208,7 @@ def test_evaluate_store_search_scores_through_the_stores_own_search(setup, tmp_p
     assert "recall@10 of the store's search against exact search over its vectors" in output
     assert "base 1.0000" in output
     r = CliRunner().invoke(main, ["evaluate", str(blind), "--store-search"])
-    assert r.exit_code == 1 and "--store-search needs the store" in r.output
+    assert r.exit_code == 1 and "--store-search needs --store" in r.output
 
 
 def test_bad_embedding_and_store_input_fails_cleanly(tmp_path_factory, tiny_model_dir, minilm):

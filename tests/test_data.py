@@ -225,8 +225,9 @@ def test_split_without_dev_removes_stale_dev(tmp_path):
     assert not (ds / "qrels" / "dev.tsv").exists()
 
 
-@pytest.mark.parametrize("args, words", [(["--test-fraction", "1.5"], "--test-fraction"),
-                                         (["--test-fraction", "0.5", "--dev-fraction", "0.6"], "--dev-fraction")])
+@pytest.mark.parametrize("args, words", [(["--set", "split.test_fraction=1.5"], "split.test_fraction"),
+                                         (["--set", "split.test_fraction=0.5", "--set", "split.dev_fraction=0.6"],
+                                          "split.dev_fraction")])
 def test_split_bad_fractions(args, words, tmp_path):
     ds = write_dataset(tmp_path / "ds")
     r = CliRunner().invoke(main, ["split", str(ds), *args])
@@ -425,7 +426,8 @@ def test_split_says_dropped_queries_once(tmp_path):
     ds = write_dataset(tmp_path / "ds")
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-c", "from cli import main; main()", "split", str(ds), "--by", "chunk",
-                          "--test-fraction", "0.34", "--seed", "1"], capture_output=True, text=True, cwd=tmp_path,
+                          "--set", "split.test_fraction=0.34", "--seed", "1"], capture_output=True, text=True,
+                          cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=120)
     assert run.returncode == 0, run.stderr
     said = [line for line in (run.stdout + run.stderr).splitlines() if "dropped" in line]

@@ -160,11 +160,12 @@ def test_default_loss_is_triplet_for_full_and_infonce_for_low_rank(tmp_path, min
     assert resolve_loss(Config()).train.loss == "triplet"
     assert resolve_loss(Config().replace(rank=16)).train.loss == "infonce"
     # a loss given by name is kept
-    assert resolve_loss(Config().replace(rank=16, loss="triplet")).train.loss == "triplet"
+    assert resolve_loss(Config().replace(rank=16, train={"loss": "triplet"})).train.loss == "triplet"
     folder = split_tiny(tmp_path / "ds")
     enc = Encoder(minilm, show_progress=False)
     for rank, loss in ((None, "triplet"), (16, "infonce")):
-        r = train_adapter(load_dataset(folder), Config().replace(rank=rank, epochs=1), encoder=enc, progress=False)
+        cfg = Config().replace(train={"rank": rank, "epochs": 1})
+        r = train_adapter(load_dataset(folder), cfg, encoder=enc, progress=False)
         assert r.adapter.metadata["config"]["train"]["loss"] == loss  # the file records the loss that ran
 
 

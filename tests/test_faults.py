@@ -257,20 +257,20 @@ def test_any_damaged_dataset_file_is_a_one_line_error(tmp_path_factory, target, 
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["train", "{ds}", "--out", "{out}", "--lr", "nan"], "--lr"), (["train", "{ds}", "--out", "{out}", "--lr", "inf"],
-                                                                   "finite"),
-    (["train", "{ds}", "--out", "{out}", "--temperature", "0"], "> 0"),
-    (["train", "{ds}", "--out", "{out}", "--margin", "nan"], "finite"),
-    (["train", "{ds}", "--out", "{out}", "--identity-penalty", "-1"], ">= 0"),
-    (["train", "{ds}", "--out", "{out}", "--identity-penalty", "nan"], "finite"),
+    (["train", "{ds}", "--out", "{out}", "--set", "train.lr=nan"], "train.lr takes a finite number"),
+    (["train", "{ds}", "--out", "{out}", "--set", "train.lr=inf"], "finite"),
+    (["train", "{ds}", "--out", "{out}", "--set", "train.temperature=0"], "> 0"),
+    (["train", "{ds}", "--out", "{out}", "--set", "train.margin=nan"], "finite"),
+    (["train", "{ds}", "--out", "{out}", "--set", "train.identity_penalty=-1"], ">= 0"),
+    (["train", "{ds}", "--out", "{out}", "--set", "train.identity_penalty=nan"], "finite"),
     (["train", "{ds}", "--out", "{out}", "--seed", "-1"], ">= 0"),
     (["split", "{ds}", "--seed", "-1"], ">= 0"),
-    (["finetune", "{ds}", "--out", "{out}", "--lr", "nan"], "finite"),
+    (["finetune", "{ds}", "--out", "{out}", "--set", "finetune.lr=nan"], "finite"),
     (["finetune", "{ds}", "--out", "{out}", "--seed", "-3"], ">= 0"),
-    (["compare", "{ds}", "--out", "{out}", "--bootstrap", "0"], ">= 1"),
-    (["compare", "{ds}", "--out", "{out}", "--bootstrap", "-1"], ">= 1"),
-    (["generate", "{ds}", "--timeout", "inf"], "finite"),
-    (["search", "pump", "--index", "{ds}/x.faiss", "--adapter", "a.safetensors", "-k", "0"], ">= 1"),
+    (["compare", "{ds}", "--out", "{out}", "--set", "report.bootstrap_samples=0"], ">= 1"),
+    (["compare", "{ds}", "--out", "{out}", "--set", "report.bootstrap_samples=-1"], ">= 1"),
+    (["generate", "{ds}", "--set", "llm.request_timeout=inf"], "finite"),
+    (["search", "pump", "--store", "faiss:{ds}/x.faiss", "--adapter", "a.safetensors", "-k", "0"], ">= 1"),
 ])
 def test_numeric_options_are_checked_before_anything_loads(argv, words, tmp_path, monkeypatch):
     """Reproductions 12 and 13: NaN, infinities, zeros and negatives ran (or crashed) after the model was loaded."""
@@ -303,7 +303,7 @@ def test_writers_refuse_an_existing_output_before_loading_a_model(tmp_path, monk
     reranker = tmp_path / "reranker"  # passes the folder check; loading it is what must not happen
     reranker.mkdir()
     (reranker / "config.json").write_text(json.dumps({"architectures": ["BertForSequenceClassification"]}))
-    rerank = ["--reranker", str(reranker), "--rerank-k", "2"]
+    rerank = ["--reranker", str(reranker), "--set", "rerank.k=2"]
     for argv in (["index", "build", str(ds), "--out", str(taken)], ["evaluate", str(ds), "--json", str(taken)],
                  ["compare", str(ds), "--out", str(report)], ["evaluate", str(ds), "--json", str(taken), *rerank],
                  ["compare", str(ds), "--out", str(report), *rerank]):
@@ -322,7 +322,7 @@ def test_train_reports_a_base_that_scores_zero_instead_of_dividing_by_it():
 
 
 def test_an_empty_query_is_refused(tmp_path):
-    r = CliRunner().invoke(main, ["search", "  ", "--index", str(tmp_path / "i.faiss"), "--adapter",
+    r = CliRunner().invoke(main, ["search", "  ", "--store", "faiss:" + str(tmp_path / "i.faiss"), "--adapter",
                                   str(tmp_path / "a.safetensors")])
     assert r.exit_code == 1 and "the query is empty" in r.output
 
@@ -407,7 +407,8 @@ def test_a_key_echoed_by_the_server_never_reaches_the_terminal(tmp_path, capfd):
     ds = write_dataset(tmp_path / "ds")
     key = "sk-live-0123456789abcdefXYZ"
     with _EchoKey401() as url:
-        r = CliRunner().invoke(main, ["generate", str(ds), "--base-url", url, "--api-key-env", "ADAPTER_TEST_KEY"],
+        r = CliRunner().invoke(main, ["generate", str(ds), "--base-url", url, "--set",
+                                      "llm.api_key_env=ADAPTER_TEST_KEY"],
                                env={"ADAPTER_TEST_KEY": key})
     captured = capfd.readouterr()
     assert r.exit_code == 1 and "HTTP 401" in r.output, r.output
@@ -641,7 +642,7 @@ def trained_tiny(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     ds = write_dataset(root / "ds", {"train": list(QUESTIONS), "test": list(QUESTIONS)})
     r = CliRunner().invoke(main, ["-q", "train", str(ds), "--out", str(root / "a.safetensors"), "--model",
-                                  str(tiny_model_dir), "--epochs", "2", "--cache-dir", str(root / "cache")])
+                                  str(tiny_model_dir), "--set", "train.epochs=2", "--cache-dir", str(root / "cache")])
     assert r.exit_code == 0, r.output
     return ds, root / "a.safetensors", root / "cache"
 
@@ -692,7 +693,7 @@ def test_a_full_disk_on_train_and_compare_out_is_one_line_and_writes_nothing(tra
                          (["compare", str(ds), "--out", str(tmp_path / "new"), "--base-model", str(tiny_model_dir)],
                           tmp_path / "new"),
                          (["train", str(ds), "--out", str(tmp_path / "a.safetensors"), "--model",
-                           str(tiny_model_dir), "--epochs", "1"], tmp_path / "a.safetensors")):
+                           str(tiny_model_dir), "--set", "train.epochs=1"], tmp_path / "a.safetensors")):
         r = CliRunner().invoke(main, ["-q", *argv, *common])
         assert r.exit_code == 1 and "No space left on device" in r.output, r.output
         assert r.output.strip().splitlines()[-1].startswith("Error: ") and "Traceback" not in r.output

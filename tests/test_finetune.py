@@ -31,8 +31,8 @@ DIMS = (32, 16, 8)
 
 def tiny_cfg(model_dir: Path, **over) -> Config:
     """Two epochs of batches of 4 on the 7 tiny questions (2 held out for validation): 2 steps an epoch."""
-    return Config().replace(**{"model": str(model_dir), "dims": DIMS, "select_dim": 16, "finetune_epochs": 2,
-                               "finetune_batch_size": 4, "grad_accum": 1, "finetune_lr": 1e-3, "val_fraction": 0.3,
+    return Config().replace(**{"encoder.model": str(model_dir), "dims": DIMS, "select_dim": 16, "finetune.epochs": 2,
+                               "finetune.batch_size": 4, "grad_accum": 1, "finetune.lr": 1e-3, "val_fraction": 0.3,
                                **over})
 
 
@@ -48,10 +48,13 @@ def test_matryoshka_dims_are_checked_and_completed():
 
 def test_finetune_installs_a_model_that_scores_its_kept_epoch(train_dir, tmp_path, tiny_model_dir):
     out = tmp_path / "ft"
-    cfg = tiny_cfg(tiny_model_dir, val_fraction=Config().split.val_fraction, max_seq_length=32)  # what the command runs
+    cfg = tiny_cfg(tiny_model_dir, val_fraction=Config().split.val_fraction,  # what the command runs
+                   **{"finetune.max_seq_length": 32})
     r = CliRunner().invoke(main, ["-q", "finetune", str(train_dir), "--out", str(out), "--model", str(tiny_model_dir),
-                                  "--dims", "32,16,8", "--select-dim", "16", "--epochs", "2", "--batch-size", "4",
-                                  "--grad-accum", "1", "--lr", "1e-3", "--max-seq-length", "32"],
+                                  "--dims", "32,16,8", "--set", "finetune.select_dim=16", "--epochs", "2", "--set",
+                                  "finetune.batch_size=4",
+                                  "--set", "finetune.grad_accum=1", "--set", "finetune.lr=1e-3", "--set",
+                                  "finetune.max_seq_length=32"],
                            catch_exceptions=False, env={"HF_HUB_OFFLINE": "1"})
     assert r.exit_code == 0, r.output
     assert "validation ndcg@10 at dim 16: base" in r.output and f"wrote {out}" in r.output

@@ -58,7 +58,7 @@ def config(llm: FakeLLM, **overrides) -> Config:
     """Settings for fast tests: tiny backoff, no pacing to speak of, a short timeout."""
     base = {"base_url": llm.url, "questions_per_chunk": N, "concurrency": 2, "requests_per_minute": 60_000,
             "request_timeout": 0.5, "retry_base_delay": 0.01, "retry_max_delay": 2.0}
-    return Config().replace(**{**base, **overrides})
+    return Config().replace(llm={**base, **overrides})
 
 
 def run(folder: Path, llm: FakeLLM, **overrides):
@@ -276,7 +276,7 @@ def test_cli_lists_failed_chunks_and_exits_non_zero(tmp_path: Path):
     with FakeLLM(questions=N) as llm:
         llm.push("500", "500")
         args = ["generate", str(tmp_path), "--base-url", llm.url, "--questions-per-chunk", str(N), "--concurrency",
-                "1", "--max-retries", "1", "--llm-model", "qwen2.5:7b", "--temperature", "0.3"]
+                "1", "--set", "llm.max_retries=1", "--llm-model", "qwen2.5:7b", "--set", "llm.temperature=0.3"]
         r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     assert {(q.model, q.temperature) for q in llm.requests} == {("qwen2.5:7b", 0.3)}
@@ -360,15 +360,15 @@ def test_a_prompt_file_replaces_the_built_in_prompt(tmp_path: Path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"questions_per_chunk": 0}, "--questions-per-chunk must be at least 1, got 0"),
-    ({"concurrency": 0}, "--concurrency must be at least 1, got 0"),
-    ({"requests_per_minute": 0}, "--requests-per-minute must be positive, got 0"),
-    ({"dedup_threshold": 1.5}, "--dedup-threshold must be above 0 and at most 1, got 1.5"),
+    ({"questions_per_chunk": 0}, "llm.questions_per_chunk must be at least 1, got 0"),
+    ({"concurrency": 0}, "llm.concurrency must be at least 1, got 0"),
+    ({"requests_per_minute": 0}, "llm.requests_per_minute must be positive, got 0"),
+    ({"dedup_threshold": 1.5}, "llm.dedup_threshold must be above 0 and at most 1, got 1.5"),
 ])
 def test_bad_settings_are_one_line(tmp_path: Path, overrides: dict, message: str):
     write_corpus(tmp_path, 1)
     with pytest.raises(AdapterError, match=message):
-        generate(tmp_path, Config().replace(**overrides), encoder=FakeEncoder(), show_progress=False)
+        generate(tmp_path, Config().replace(llm=overrides), encoder=FakeEncoder(), show_progress=False)
 
 
 def test_near_duplicates_are_dropped_under_the_frozen_encoder(tmp_path: Path, minilm):
@@ -406,8 +406,8 @@ def test_sigkill_mid_run_then_resume_matches_a_run_in_one_go(tmp_path: Path, min
     journal = two / JOURNAL
     with FakeLLM(**server, hold_after=16) as llm:  # then the server holds every request: the kill lands mid-run
         cmd = [sys.executable, str(ROOT / "cli.py"), "-q", "generate", str(two), "--base-url", llm.url,
-               "--questions-per-chunk", str(N), "--concurrency", "4", "--requests-per-minute", "60000",
-               "--timeout", "0.5", "--max-retries", "10"]
+               "--questions-per-chunk", str(N), "--set", "llm.concurrency=4", "--set", "llm.requests_per_minute=60000",
+               "--set", "llm.request_timeout=0.5", "--set", "llm.max_retries=10"]
 
         def killed_mid_run() -> None:
             killed_at = len(journal.read_bytes().splitlines())

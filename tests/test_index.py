@@ -45,7 +45,8 @@ def test_search_matches_brute_force(trained, tmp_path, minilm):
     r = CliRunner().invoke(main, ["index", "build", str(folder), "--out", str(idx)])
     assert r.exit_code == 0, r.output
     query = "who fixes a broken pipe in the street"
-    r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "-k", "4", "--json", query])
+    r = CliRunner().invoke(main, ["search", "--store", "faiss:" + str(idx), "--adapter", str(out), "-k", "4",
+                                  "--json", query])
     assert r.exit_code == 0, r.output
     got = json.loads(r.output.strip().splitlines()[-1])
     adapted = AdaptedEncoder(out, minilm)
@@ -57,7 +58,8 @@ def test_search_matches_brute_force(trained, tmp_path, minilm):
     np.testing.assert_allclose(got["scores"], np.sort(scores)[::-1][:4], rtol=1e-5)
     base_scores = corpus @ minilm.encode_query([query], normalize_embeddings=True)[0]
     assert not np.allclose(scores, base_scores, atol=1e-3)  # the adapter really was applied
-    r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "--data", str(folder), query])
+    r = CliRunner().invoke(main, ["search", "--store", "faiss:" + str(idx), "--adapter", str(out), "--data",
+                                  str(folder), query])
     assert r.exit_code == 0 and "  1. id " in r.output and "sluice valves" in r.output
 
 
@@ -71,7 +73,8 @@ def test_search_keeps_the_index_own_ids(tmp_path, trained, minilm):
     scores, ids = search_index(read_index(tmp_path / "ids.faiss"), AdaptedEncoder(out, minilm).encode_query(
         ["the main burst"]), k=3)
     assert set(ids[0]) == {1001, 2002, 3003} and ids[0][0] == 1001
-    r = CliRunner().invoke(main, ["search", "--index", str(tmp_path / "ids.faiss"), "--adapter", str(out), "--json",
+    r = CliRunner().invoke(main, ["search", "--store", "faiss:" + str(tmp_path / "ids.faiss"), "--adapter", str(out),
+                                  "--json",
                                   "the main burst"])
     assert r.exit_code == 0 and json.loads(r.output)["ids"] == [int(i) for i in ids[0]]
 
@@ -84,20 +87,41 @@ def test_search_bad_input(tmp_path, trained):
     (tmp_path / "junk.faiss").write_text("junk")
     for idx, words in ((tmp_path / "small.faiss", "index holds 8-dimensional vectors, queries have 384"),
                        (tmp_path / "junk.faiss", "not a readable FAISS index")):
-        r = CliRunner().invoke(main, ["search", "--index", str(idx), "--adapter", str(out), "hello"])
+        r = CliRunner().invoke(main, ["search", "--store", "faiss:" + str(idx), "--adapter", str(out), "hello"])
         assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output
 
 
-@pytest.mark.parametrize("args, words", [
-    ([], "pass exactly one of --index FILE, --qdrant PATH_OR_URL, --chroma PATH_OR_URL or --pgvector DSN"),
-    (["--index", "a.faiss", "--chroma", "db"], "(got --index and --chroma)"),
-    (["--qdrant", "db"], "--qdrant needs --collection NAME"),
-    (["--index", "a.faiss", "--collection", "c"], "--collection applies to --qdrant and --chroma"),
+@pytest.mark.parametrize("value, fields", [
+    ("faiss:runs/i.faiss", {"index": "runs/i.faiss"}),
+    ("qdrant:http://localhost:6333/docs", {"qdrant": "http://localhost:6333", "collection": "docs"}),
+    ("qdrant:./qdrant_data/docs", {"qdrant": "./qdrant_data", "collection": "docs"}),
+    ("chroma:/srv/chroma/docs", {"chroma": "/srv/chroma", "collection": "docs"}),
+    ("pgvector:postgresql://me@db:5432/app?sslmode=require/chunks",  # the DSN keeps its own slashes
+     {"pgvector": "postgresql://me@db:5432/app?sslmode=require", "table": "chunks"}),
+    ("pgvector:host=db dbname=app/chunks", {"pgvector": "host=db dbname=app", "table": "chunks"}),
+    ("vectors:v.parquet", {"vectors": "v.parquet"}),
+    ("vectors:dir,1/v.npy,ids.txt", {"vectors": "dir,1/v.npy", "ids": "ids.txt"}),
 ])
-def test_search_needs_exactly_one_store(trained, args, words):
-    _, out, _ = trained
-    r = CliRunner().invoke(main, ["search", *args, "--adapter", str(out), "hello"])
-    assert r.exit_code == 1 and words in r.output and r.output.count("\n") == 1, r.output
+def test_store_option_grammar(value, fields):
+    from adapter.stores import StoreSource
+    from cli import StoreSpec
+
+    assert StoreSpec().convert(value, None, None) == StoreSource(**fields)
+
+
+@pytest.mark.parametrize("value, words", [
+    ("a.faiss", "expected KIND:WHERE, KIND one of faiss, qdrant, chroma, pgvector, vectors, got 'a.faiss'"),
+    ("faiss:", "expected faiss:FILE, got 'faiss:'"),
+    ("qdrant:db", "expected qdrant:PATH_OR_URL/COLLECTION, got 'qdrant:db'"),
+    ("chroma:http://localhost:8000/", "expected chroma:PATH_OR_URL/COLLECTION"),
+    ("pgvector:postgresql://bob:hunter2@db/app",
+     "expected pgvector:DSN/TABLE (the table after the database), got 'pgvector:postgresql://bob:***@db/app'"),
+    ("vectors:v.npy", "expected vectors:FILE.parquet or vectors:VECTORS.npy,IDS.txt, got 'vectors:v.npy'"),
+])
+def test_a_bad_store_is_one_line_naming_the_form(tmp_path, value, words):
+    r = CliRunner().invoke(main, ["search", "--store", value, "--adapter", str(tmp_path / "a.safetensors"), "hello"])
+    assert r.exit_code == 2 and "Invalid value for '--store'" in r.output and words in r.output, r.output
+    assert "hunter2" not in r.output
 
 
 def test_evaluate_reads_the_corpus_from_an_index(trained, tmp_path):
@@ -106,7 +130,7 @@ def test_evaluate_reads_the_corpus_from_an_index(trained, tmp_path):
     idx = tmp_path / "base.faiss"
     assert CliRunner().invoke(main, ["index", "build", str(folder), "--out", str(idx)]).exit_code == 0
     runs = {}
-    for name, extra in (("embedded", []), ("index", ["--index", str(idx)])):
+    for name, extra in (("embedded", []), ("index", ["--store", "faiss:" + str(idx)])):
         js = tmp_path / f"{name}.json"
         r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(out), "--dims", "384,64",
                                       "--json", str(js), *extra])
@@ -118,5 +142,5 @@ def test_evaluate_reads_the_corpus_from_an_index(trained, tmp_path):
     from adapter.stores import write_index
 
     write_index(np.eye(384, dtype=np.float32)[:5], tmp_path / "other.faiss")
-    r = CliRunner().invoke(main, ["evaluate", str(folder), "--index", str(tmp_path / "other.faiss")])
+    r = CliRunner().invoke(main, ["evaluate", str(folder), "--store", "faiss:" + str(tmp_path / "other.faiss")])
     assert r.exit_code == 1 and "holds 5 vectors without ids" in r.output and r.output.count("\n") == 1, r.output

@@ -133,9 +133,9 @@ def test_bad_input_is_one_line_and_never_shows_the_password(postgres, data):
         PgvectorStore("postgresql://bob:s3cret-pw@127.0.0.1:1/db?connect_timeout=2", "docs")
     assert str(e.value).startswith("postgresql://bob@127.0.0.1:1/db: cannot connect to PostgreSQL (")
     assert "s3cret" not in str(e.value)
-    with pytest.raises(AdapterError, match="--pgvector needs --table NAME"):
+    with pytest.raises(AdapterError, match="pgvector needs a table"):
         open_store(pgvector=postgres)
-    with pytest.raises(AdapterError, match="--table applies to --pgvector, not --index"):
+    with pytest.raises(AdapterError, match="a table applies to pgvector, not index"):
         open_store(index="x.faiss", table="docs")
 
 

@@ -78,7 +78,7 @@ def test_pool_settings_are_checked():
     assert pool_devices(processes=3) == ["cpu"] * 3
     assert pool_devices(devices="cpu,cpu") == ["cpu", "cpu"]
     assert pool_devices(devices=("cpu",)) is None  # one device: the model runs there, no pool
-    for kwargs, message in [({"processes": 0}, "--processes must be at least 1, got 0"),
+    for kwargs, message in [({"processes": 0}, "encoder.processes must be at least 1, got 0"),
                             ({"processes": 2, "devices": "cpu,cpu"}, "not both"),
                             ({"devices": "cpu,gpu:x"}, "'gpu:x' is not a torch device"),
                             ({"devices": "cpu,"}, "'' is not a torch device"),
@@ -97,11 +97,11 @@ def test_the_cli_refuses_bad_pool_settings_in_one_line(tiny_dataset, tmp_path):
         return subprocess.run([sys.executable, str(ROOT / "cli.py"), "embed", str(tiny_dataset), "--cache-dir",
                                str(tmp_path), *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
 
-    bad = run("--devices", "cpu,bogus")
+    bad = run("--set", "encoder.devices=cpu,bogus")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert "'bogus' is not a torch device" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
-    zero = run("--processes", "0")
-    assert zero.returncode != 0 and "Traceback" not in zero.stderr and "--processes" in zero.stderr
+    zero = run("--set", "encoder.processes=0")
+    assert zero.returncode != 0 and "Traceback" not in zero.stderr and "encoder.processes" in zero.stderr
 
 
 KILLED_MID_POOL = """

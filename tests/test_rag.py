@@ -75,7 +75,8 @@ def test_a_better_retriever_gives_better_answers(rag_dir, tmp_path):
     ds, shuffled = rag_dir
     with FakeLLM(rag_gold=gold_map(ds)) as fake:
         r = CliRunner().invoke(main, ["-q", "rag", str(ds), "--llm-model", "fake-reader", "--judge-model",
-                                      "fake-judge", "--base-url", fake.url, "--adapter", str(shuffled), "-k", "1",
+                                      "fake-judge", "--base-url", fake.url, "--adapter", str(shuffled), "--set",
+                                      "rag.k=1",
                                       "--out", str(tmp_path / "rag")], catch_exceptions=False,
                                env={"OPENAI_API_KEY": KEY})
     assert r.exit_code == 0, r.output
@@ -93,7 +94,7 @@ def test_a_better_retriever_gives_better_answers(rag_dir, tmp_path):
     assert models == {"fake-reader", "fake-judge"}
     # the compare report shows the answers beside the retrieval metrics
     r = CliRunner().invoke(main, ["-q", "compare", str(ds), "--adapter", str(shuffled), "--dims", "384", "--out",
-                                  str(tmp_path / "rep"), "--bootstrap", "50", "--rag",
+                                  str(tmp_path / "rep"), "--set", "report.bootstrap_samples=50", "--rag",
                                   str(tmp_path / "rag" / "rag.json")], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     report = (tmp_path / "rep" / "report.md").read_text()
@@ -104,7 +105,8 @@ def test_faults_and_a_sigkill_mid_run_lose_nothing_and_ask_nothing_twice(rag_dir
     ds, shuffled = rag_dir
     out = tmp_path / "rag"
     args = [sys.executable, str(ROOT / "cli.py"), "-q", "rag", str(ds), "--llm-model", "m", "--base-url", "{url}",
-            "--adapter", str(shuffled), "-k", "2", "--out", str(out), "--concurrency", "2", "--max-retries", "8"]
+            "--adapter", str(shuffled), "--set", "rag.k=2", "--out", str(out), "--set", "llm.concurrency=2", "--set",
+            "llm.max_retries=8"]
     env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     with FakeLLM(rag_gold=gold_map(ds), fault_rate=0.2, faults=("500", "429", "malformed", "empty", "few", "drop"),
                  retry_after="0", delay=0.3, seed=1, hold_after=8) as fake:  # then held: the kill lands mid-run
@@ -139,8 +141,10 @@ def test_a_grade_that_never_comes_back_as_json_is_recorded_ungraded_and_counted(
     ds, _ = rag_dir
     with FakeLLM(rag_gold=gold_map(ds)) as fake:
         fake.push(None, "few", "few", "few")  # the first answer is fine; its grade comes back in prose three times
-        r = CliRunner().invoke(main, ["-q", "rag", str(ds), "--llm-model", "m", "--base-url", fake.url, "-k", "1",
-                                      "--concurrency", "1", "--out", str(tmp_path / "rag")], catch_exceptions=False,
+        r = CliRunner().invoke(main, ["-q", "rag", str(ds), "--llm-model", "m", "--base-url", fake.url, "--set",
+                                      "rag.k=1",
+                                      "--set", "llm.concurrency=1", "--out", str(tmp_path / "rag")],
+                                      catch_exceptions=False,
                                env={"OPENAI_API_KEY": KEY})
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "rag" / "rag.json").read_text())
@@ -162,14 +166,14 @@ def test_bad_input_is_one_line_and_writes_nothing(rag_dir, tmp_path, tiny_model_
         return last
 
     assert "OPENAI_API_KEY is not set" in fails(env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None})
-    assert "-k 0 is outside 1..6" in fails("-k", "0", "--base-url", "http://127.0.0.1:9/v1")
+    assert "rag.k 0 is outside 1..6" in fails("--set", "rag.k=0", "--base-url", "http://127.0.0.1:9/v1")
     from adapter.rerank import start_model
 
     ce, _ = start_model(str(tiny_model_dir), 48)
     ce.save(str(tmp_path / "ce"))
-    assert "--rerank-k 9 is outside 1..6" in fails("--reranker", str(tmp_path / "ce"), "--rerank-k", "9",
+    assert "rerank.k 9 is outside 1..6" in fails("--reranker", str(tmp_path / "ce"), "--set", "rerank.k=9",
                                                    "--base-url", "http://127.0.0.1:9/v1")
-    assert "not a cross-encoder" in fails("--reranker", str(tiny_model_dir), "--rerank-k", "3", "--base-url",
+    assert "not a cross-encoder" in fails("--reranker", str(tiny_model_dir), "--set", "rerank.k=3", "--base-url",
                                           "http://127.0.0.1:9/v1")
     assert "--limit must be at least 1" in fails("--limit", "0", "--base-url", "http://127.0.0.1:9/v1")
     with FakeLLM() as fake:

@@ -83,7 +83,8 @@ def test_compare_writes_the_side_by_side_report(tiny_dataset, tmp_path, tiny_mod
     adapter, ft = make_systems(tmp_path, tiny_model_dir, minilm)
     out = tmp_path / "report"
     r = CliRunner().invoke(main, ["-q", "compare", str(tiny_dataset), "--adapter", str(adapter), "--finetuned", str(ft),
-                                  "--model", str(tiny_model_dir), "--out", str(out), "--bootstrap", "200"],
+                                  "--model", str(tiny_model_dir), "--out", str(out), "--set",
+                                  "report.bootstrap_samples=200"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "| dim | base | identity | Δ identity | 95% CI |" in r.output

@@ -52,8 +52,8 @@ def report_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("html")
     folder = split_tiny(root / "ds")
     adapter = root / "adapter.safetensors"
-    r = CliRunner().invoke(main, ["-q", "train", str(folder), "--out", str(adapter), "--epochs", "3",
-                                  "--batch-size", "2", "--recipe", "infonce", "--lr", "0.05"])
+    r = CliRunner().invoke(main, ["-q", "train", str(folder), "--out", str(adapter), "--set", "train.epochs=3",
+                                  "--set", "train.batch_size=2", "--recipe", "infonce", "--set", "train.lr=0.05"])
     assert r.exit_code == 0, r.output
     from adapter.model import LinearAdapter
 
@@ -62,7 +62,7 @@ def report_dir(tmp_path_factory) -> Path:
     trained.save(adapter, force=True)
     out = root / "report"
     r = CliRunner().invoke(main, ["-q", "compare", str(folder), "--adapter", str(adapter), "--out", str(out),
-                                  "--bootstrap", "50", "--dims", "384"], catch_exceptions=False)
+                                  "--set", "report.bootstrap_samples=50", "--dims", "384"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return out
 

@@ -159,7 +159,7 @@ def tiny_cfg(model_dir: Path, **over) -> Config:
     """Two epochs of batches of 4 over the tiny train questions, from the tiny BERT, first stage the tiny BERT too."""
     r = RerankConfig(**{"model": str(model_dir), "k": 4, "negatives": 2, "epochs": 2, "batch_size": 4, "lr": 1e-3,
                         "max_seq_length": 48, "val_queries": None, **over})
-    return Config().replace(model=str(model_dir), val_fraction=0.3, rerank=r)
+    return Config().replace(encoder={"model": str(model_dir)}, val_fraction=0.3, rerank=r)
 
 
 def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_epoch(train_test_dir, tmp_path,
@@ -176,9 +176,11 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, **kw: calls.setdefault("upload", kw))
     out = tmp_path / "rr"
     r = CliRunner().invoke(main, ["-q", "rerank-train", str(train_test_dir), "--out", str(out), "--model",
-                                  str(tiny_model_dir), "--encoder", str(tiny_model_dir), "--rerank-k", "4",
-                                  "--negatives", "2", "--epochs", "2", "--batch-size", "4", "--lr", "1e-3",
-                                  "--max-seq-length", "48", "--prior-weight", "2", "--push-to-hub", "me/rr"],
+                                  str(tiny_model_dir), "--encoder", str(tiny_model_dir), "--set", "rerank.k=4",
+                                  "--set", "rerank.negatives=2", "--epochs", "2", "--set", "rerank.batch_size=4",
+                                  "--set", "rerank.lr=1e-3",
+                                  "--set", "rerank.max_seq_length=48", "--set", "rerank.prior=2", "--push-to-hub",
+                                  "me/rr"],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "validation ndcg@10: first stage" in r.output and f"wrote {out}" in r.output
@@ -211,7 +213,7 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
     assert type(plain[1]) is rr.CosineHead and isinstance(plain.activation_fn, torch.nn.Identity)
     assert plain.trust_remote_code is False and isinstance(plain, CrossEncoder)
     reranker.model.max_seq_length = 48
-    base = build_systems(Config().replace(model=str(tiny_model_dir)), progress=False)["base"]
+    base = build_systems(Config().replace(encoder={"model": str(tiny_model_dir)}), progress=False)["base"]
     queries = base.encode_queries([ds.queries[q] for q in val])
     _, corpus = base.corpus.read(ds, base.encoder)
     again = rt.score_first_stage(ds, val, queries, corpus, rr.list_reranker(reranker, ds, 4))
@@ -219,14 +221,14 @@ def test_rerank_train_installs_a_cross_encoder_with_a_card_that_scores_its_kept_
 
     # evaluate and compare score each system again with its top k reranked, by the same judge
     r = CliRunner().invoke(main, ["-q", "evaluate", str(train_test_dir), "--model", str(tiny_model_dir), "--reranker",
-                                  str(out), "--rerank-k", "4", "--dims", "32", "--json", str(tmp_path / "r.json")],
+                                  str(out), "--set", "rerank.k=4", "--dims", "32", "--json", str(tmp_path / "r.json")],
                            catch_exceptions=False)
     assert r.exit_code == 0, r.output
     results = json.loads((tmp_path / "r.json").read_text())
     assert set(results) == {"base", "base+rerank"}
     r = CliRunner().invoke(main, ["-q", "compare", str(train_test_dir), "--base-model", str(tiny_model_dir), "--out",
-                                  str(tmp_path / "rep"), "--reranker", str(out), "--rerank-k", "4", "--dims", "32",
-                                  "--bootstrap", "50"], catch_exceptions=False)
+                                  str(tmp_path / "rep"), "--reranker", str(out), "--set", "rerank.k=4", "--dims", "32",
+                                  "--set", "report.bootstrap_samples=50"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["rerank_k"] == 4 and set(summary["rerank_gain"]) == {"base+rerank"}
@@ -317,22 +319,22 @@ def test_bad_input_is_one_line_and_writes_nothing(train_test_dir, tmp_path, tiny
     assert "not a cross-encoder" in fails("compare", str(train_test_dir), "--out", str(tmp_path / "rep"), "--reranker",
                                           str(tmp_path / "empty"))
     assert not (tmp_path / "rep").exists()
-    # --rerank-k below 1, above the corpus, or without a reranker
+    # rerank.k below 1 or above the corpus
     ce, _ = rr.start_model(str(tiny_model_dir), 48)
     ce.save(str(tmp_path / "ce"))
-    ds = str(train_test_dir)
-    assert "outside 1..6" in fails("evaluate", ds, "--reranker", str(tmp_path / "ce"), "--rerank-k", "0")
+    assert "outside 1..6" in fails("evaluate", str(train_test_dir), "--reranker", str(tmp_path / "ce"), "--set",
+                                   "rerank.k=0")
     assert "outside 1..6" in fails("evaluate", str(train_test_dir), "--reranker", str(tmp_path / "ce"))  # default 20
-    assert "outside 1..6" in fails("rerank-train", str(train_test_dir), "--out", str(tmp_path / "o"), "--rerank-k", "7")
+    assert "outside 1..6" in fails("rerank-train", str(train_test_dir), "--out", str(tmp_path / "o"), "--set",
+                                   "rerank.k=7")
     # a folder naming code from outside sentence-transformers beside the cosine head is not imported
     modules = json.loads((tmp_path / "ce" / "modules.json").read_text())
     (tmp_path / "ce" / "modules.json").write_text(json.dumps([*modules, {"idx": 9, "name": "x", "path": "x",
                                                                          "type": "evil.Module"}]))
     assert "refusing to load it" in fails("evaluate", str(train_test_dir), "--reranker", str(tmp_path / "ce"),
-                                          "--rerank-k", "3")
-    assert "--rerank-k needs --reranker" in fails("evaluate", str(train_test_dir), "--rerank-k", "3")
+                                          "--set", "rerank.k=3")
     assert not (tmp_path / "o").exists()
-    with pytest.raises(AdapterError, match="--negatives must be at least 1"):
+    with pytest.raises(AdapterError, match="rerank.negatives must be at least 1"):
         rerank_train(load_dataset(train_test_dir), tmp_path / "o", tiny_cfg(tiny_model_dir, negatives=0))
     assert not (tmp_path / "o").exists()
 
@@ -394,9 +396,9 @@ def test_a_folder_naming_code_of_its_own_is_refused_in_one_line_and_none_of_it_r
     marker = tmp_path / "ran"
     folder = crafted_reranker(cross_encoder_dir, tmp_path / way, way, marker, modules)
     for argv in (["evaluate", str(train_test_dir), "--model", str(tiny_model_dir), "--reranker", str(folder),
-                  "--rerank-k", "3"],
+                  "--set", "rerank.k=3"],
                  ["rerank-train", str(train_test_dir), "--out", str(tmp_path / "out"), "--model", str(folder),
-                  "--encoder", str(tiny_model_dir), "--rerank-k", "3"]):
+                  "--encoder", str(tiny_model_dir), "--set", "rerank.k=3"]):
         r = CliRunner().invoke(main, ["-q", *argv])
         assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
         assert r.output.startswith(f"Error: {folder}: names code of its own (") and "refusing to load it" in r.output

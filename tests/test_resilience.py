@@ -190,8 +190,8 @@ def test_a_bad_url_is_refused_before_any_request(url: str, message: str):
 def test_a_missing_key_is_one_line_unless_a_local_server_is_named(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.delenv("MY_KEY", raising=False)
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    with pytest.raises(AdapterError, match=r"^\$MY_KEY is not set: .* with --embedding-api-key-env$"):
-        make_client(None, "MY_KEY", key_hint="--embedding-api-key-env")
+    with pytest.raises(AdapterError, match=r"^\$MY_KEY is not set: .* with embedding.api_key_env$"):
+        make_client(None, "MY_KEY", key_hint="embedding.api_key_env")
     assert make_client("http://127.0.0.1:1/v1", "MY_KEY").api_key == "none"
     assert endpoint_of(make_client("http://user:pw@127.0.0.1:9/v1/", "MY_KEY")) == "http://127.0.0.1:9/v1"
 

@@ -97,7 +97,7 @@ def test_redact_masks_held_values_whatever_the_variable_is_called(monkeypatch):
     key, password = f"{KEY}-unit", f"{PASSWORD}-unit"  # held by no other test of this process
     monkeypatch.setenv("LLM_CREDENTIAL_VALUE", key)  # a name no pattern recognises
     assert key in redact(f"echo: {key}")  # a variable nothing reads a key from is not a secret
-    Config().replace(api_key_env="LLM_CREDENTIAL_VALUE", base_url=f"http://bob:{password}@10.0.0.1/v1")
+    Config().replace(llm={"api_key_env": "LLM_CREDENTIAL_VALUE", "base_url": f"http://bob:{password}@10.0.0.1/v1"})
     text = redact(f"echo: {key}; again {key[:-1]}x; password {password}")
     assert key not in text and password not in text and f"{key[:-1]}x" in text  # the value, not its neighbours
 
@@ -122,15 +122,16 @@ def test_a_key_echoed_by_the_upstream_is_in_no_log_line_no_file_and_no_error(tmp
     ds = write_dataset(tmp_path / "ds")
     env = {"LLM_CRED": KEY, "ADAPTER_CACHE": str(tmp_path / "cache")}
     with EchoingLLM() as url:
-        r = cli("-v", "generate", str(ds), "--base-url", url, "--api-key-env", "LLM_CRED", "--questions-per-chunk",
-                "3", "--max-retries", "2", "--model", str(tiny_model_dir), env=env)
+        r = cli("-v", "generate", str(ds), "--base-url", url, "--set", "llm.api_key_env=LLM_CRED",
+                "--questions-per-chunk",
+                "3", "--set", "llm.max_retries=2", "--model", str(tiny_model_dir), env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "asking again" in r.stderr and "***" in r.stderr  # the echo was logged, masked
     assert KEY not in r.stderr + r.stdout and not files_holding(tmp_path, KEY)
     assert (ds / "queries.jsonl").is_file() and (ds / "generate.json").is_file()
     other = write_dataset(tmp_path / "other")
     with EchoingLLM(refuse=True) as url:
-        r = cli("-v", "generate", str(other), "--base-url", url, "--api-key-env", "LLM_CRED", env=env)
+        r = cli("-v", "generate", str(other), "--base-url", url, "--set", "llm.api_key_env=LLM_CRED", env=env)
     assert r.returncode == 1 and "HTTP 401" in r.stderr and "Incorrect API key provided: ***" in r.stderr, r.stderr
     assert KEY not in r.stderr + r.stdout and not files_holding(tmp_path, KEY)
 
@@ -180,7 +181,8 @@ def test_search_shows_control_characters_in_chunk_text_as_escapes(tmp_path, tiny
     r = CliRunner().invoke(main, ["-q", "index", "build", str(ds), "--out", str(tmp_path / "i.faiss"), "--model",
                                   str(tiny_model_dir)])
     assert r.exit_code == 0, r.output
-    r = CliRunner().invoke(main, ["-q", "search", "burst water main", "--index", str(tmp_path / "i.faiss"), "--adapter",
+    r = CliRunner().invoke(main, ["-q", "search", "burst water main", "--store", "faiss:" + str(tmp_path / "i.faiss"),
+                                  "--adapter",
                                   str(tmp_path / "a.safetensors"), "--model", str(tiny_model_dir), "--data", str(ds),
                                   "-k", "6"])
     assert r.exit_code == 0, r.output

@@ -254,7 +254,7 @@ def test_search_cli_returns_the_store_ids(tiny_stores, minilm, store):
 
     folder, adapter, root, docs = tiny_stores
     query = "who fixes a broken pipe in the street"
-    args = ["search", f"--{store}", str(root / store), "--collection", "docs", "--adapter", str(adapter), "-k", "4"]
+    args = ["search", "--store", f"{store}:{root / store}/docs", "--adapter", str(adapter), "-k", "4"]
     r = CliRunner().invoke(main, [*args, "--json", query])
     assert r.exit_code == 0, r.output
     got = json.loads(r.output)
@@ -263,7 +263,7 @@ def test_search_cli_returns_the_store_ids(tiny_stores, minilm, store):
     names = list(CHUNKS)
     assert got["ids"] == ([int(i) * 3 + 1 for i in top] if store == "qdrant" else [names[i] for i in top])
     np.testing.assert_allclose(got["scores"], scores[top], atol=1e-4)
-    extra = ["--id-field", "doc_id"] if store == "qdrant" else []
+    extra = ["--set", "store.id_field=doc_id"] if store == "qdrant" else []
     r = CliRunner().invoke(main, [*args, "--data", str(folder), *extra, query])
     assert r.exit_code == 0, r.output
     assert "  1. id " in r.output and CHUNKS[names[top[0]]][:40] in r.output
@@ -274,9 +274,9 @@ def test_evaluate_cli_reads_the_store(tiny_stores, tmp_path, store):
     """An existing collection scored with and without the adapter gives what scoring embedded vectors gives."""
     folder, adapter, root, _ = tiny_stores
     runs = {}
-    for name, extra in (("embedded", []), ("store", [f"--{store}", str(root / store), "--collection", "docs"])):
+    for name, extra in (("embedded", []), ("store", ["--store", f"{store}:{root / store}/docs"])):
         if name == "store" and store == "qdrant":
-            extra += ["--id-field", "doc_id"]
+            extra += ["--set", "store.id_field=doc_id"]
         js = tmp_path / f"{name}.json"
         r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(adapter), "--dims", "384,64",
                                       "--json", str(js), *extra])
@@ -288,8 +288,8 @@ def test_evaluate_cli_reads_the_store(tiny_stores, tmp_path, store):
 
 def test_evaluate_names_missing_chunks(tiny_stores):
     folder, _, root, _ = tiny_stores
-    r = CliRunner().invoke(main, ["evaluate", str(folder), "--qdrant", str(root / "qdrant"), "--collection", "docs"])
-    assert r.exit_code == 1 and "holds no vector for" in r.output and "(or pass --id-field)" in r.output, r.output
+    r = CliRunner().invoke(main, ["evaluate", str(folder), "--store", "qdrant:" + str(root / "qdrant") + "/docs"])
+    assert r.exit_code == 1 and "holds no vector for" in r.output and "(or set store.id_field)" in r.output, r.output
     assert r.output.count("\n") == 1
 
 
@@ -397,7 +397,7 @@ def test_chroma_server_through_the_cli(chroma_server, tiny_stores, tmp_path, min
     _chroma_http(chroma_server).create_collection("docs", configuration={"hnsw": {"space": "cosine"}},
                                                   embedding_function=None).add(ids=list(CHUNKS), embeddings=docs)
     runs = {}
-    for name, extra in (("embedded", []), ("server", ["--chroma", chroma_server, "--collection", "docs"])):
+    for name, extra in (("embedded", []), ("server", ["--store", "chroma:" + str(chroma_server) + "/docs"])):
         js = tmp_path / f"{name}.json"
         r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(adapter), "--dims", "384,64",
                                       "--json", str(js), *extra])
@@ -407,7 +407,7 @@ def test_chroma_server_through_the_cli(chroma_server, tiny_stores, tmp_path, min
     from adapter.export import AdaptedEncoder
 
     query = "who fixes a broken pipe in the street"
-    r = CliRunner().invoke(main, ["search", "--chroma", chroma_server, "--collection", "docs", "--adapter",
+    r = CliRunner().invoke(main, ["search", "--store", "chroma:" + str(chroma_server) + "/docs", "--adapter",
                                   str(adapter), "-k", "3", "--json", query])
     assert r.exit_code == 0, r.output
     scores = docs @ AdaptedEncoder(adapter, minilm).encode_query([query])[0]

@@ -38,8 +38,9 @@ def synthetic(d: int = 16, n_chunks: int = 40, train_per: int = 5, val_per: int 
     return make(train_per, "t", shuffled_train), make(val_per, "v", False), corpus, cids
 
 
-def quick(**over) -> Config:
-    return Config().replace(epochs=8, batch_size=16, **over)
+def quick(seed: int = 0, **train) -> Config:
+    """Short training: 8 epochs of batches of 16, with ``train`` fields (``lr=0.05``, ``rank=16``) on top."""
+    return Config().replace(seed=seed, train={"epochs": 8, "batch_size": 16, **train})
 
 
 def manual(**over) -> Config:
@@ -102,9 +103,9 @@ def test_negatives_are_never_relevant():
 
 def test_bad_training_options():
     train, val, corpus, cids = synthetic()
-    with pytest.raises(AdapterError, match="--loss"):
+    with pytest.raises(AdapterError, match="train.loss"):
         resolve_train(quick(loss="mse"))
-    with pytest.raises(AdapterError, match="--rank"):
+    with pytest.raises(AdapterError, match="train.rank"):
         fit(train, val, corpus, cids, BASE, manual(rank=16), progress=False)
     with pytest.raises(AdapterError, match=r"^train.identity_penalty must be a number >= 0, not 'auto'$"):
         resolve_train(quick(identity_penalty="auto"))  # one way to choose: the recipes, by validation
@@ -121,7 +122,7 @@ def test_options_are_resolved_once_and_resolving_again_changes_nothing():
     for given, recipe, loss in (({}, "auto", "auto"), ({"rank": 16}, "manual", "infonce"),
                                 ({"identity_penalty": 0.1}, "manual", "triplet"),
                                 ({"loss": "triplet"}, "manual", "triplet"), ({"recipe": "lowrank"}, "lowrank", "auto")):
-        once = resolve_train(Config().replace(**given))
+        once = resolve_train(Config().replace(train=given))
         assert (once.train.recipe, once.train.loss) == (recipe, loss), given
         assert resolve_train(once) == once, given
 
@@ -134,7 +135,8 @@ def trained(tmp_path_factory):
     """The tiny dataset split by query, and an adapter trained on it through the CLI."""
     folder = split_tiny(tmp_path_factory.mktemp("t") / "ds")
     out = folder.parent / "tiny-adapter.safetensors"
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--epochs", "3", "--batch-size", "2",
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out), "--set", "train.epochs=3", "--set",
+                                  "train.batch_size=2",
                                   "--recipe", "infonce"])
     assert r.exit_code == 0, r.output
     return folder, out, r.output
@@ -178,9 +180,11 @@ def test_train_refuses_bad_input(trained, tmp_path):
     r = CliRunner().invoke(main, ["train", str(folder), "--out", str(out)])
     assert r.exit_code == 1 and "already exists" in r.output and out.read_bytes() == before
     (folder / "qrels" / "empty.tsv").write_text("query-id\tcorpus-id\tscore\n")
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--split", "empty"])
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--set",
+                                  "split.train_split=empty"])
     assert r.exit_code == 1 and "split has no queries" in r.output and r.output.count("\n") == 1
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--split", "nope"])
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--set",
+                                  "split.train_split=nope"])
     assert r.exit_code == 1 and "no qrels/nope.tsv" in r.output
     assert not (tmp_path / "x.safetensors").exists()
 
@@ -194,7 +198,7 @@ def test_both_validation_slices_are_carved_whatever_the_split(tmp_path, minilm):
     enc = Encoder(minilm, show_progress=False)
     for by in ("chunk", "query"):
         split_dataset(folder, by=by, test_fraction=0.2, seed=0, force=True)
-        r = train_adapter(load_dataset(folder), Config().replace(epochs=1, recipe="infonce"), encoder=enc,
+        r = train_adapter(load_dataset(folder), Config().replace(train={"epochs": 1, "recipe": "infonce"}), encoder=enc,
                           progress=False)
         est = r.adapter.metadata["estimates"]
         assert est["seen"]["queries"] >= 1 and est["unseen"]["chunks"] >= 1, (by, est)
@@ -305,7 +309,7 @@ def test_uncovered_pull_holds_chunks_without_questions_and_learns_the_rest():
         change = corpus @ (w - np.eye(16))
         return float((change[:20] ** 2).sum(1).mean()), float((change[20:] ** 2).sum(1).mean())
 
-    long = Config().replace(epochs=20, batch_size=16)  # long enough for the free map to wander (0.16 on covered)
+    long = quick(epochs=20)  # long enough for the free map to wander (0.16 on covered)
     free_cov, free_unc = moved(recipe_config(long, "pull-0.01"))
     held_cov, held_unc = moved(recipe_config(long, "uncovered-1"))
     assert held_unc < 0.5 * free_unc  # chunks without questions stay put (measured 0.22x) ...
@@ -344,7 +348,8 @@ def test_identity_ships_when_no_recipe_gains_and_partial_coverage_is_one_line():
     best = max(r.trials, key=lambda t: t["seen"]["delta"])
     assert why.startswith(f"shipped the identity: the best recipe, {best['recipe']}, changed ndcg@10 by ")
     assert f" on {len(train.ids)} seen-chunk questions about 40 chunks, short of the 2 standard errors" in why
-    assert "More questions per chunk" in why and "--objective seen" in why and f"--recipe {best['recipe']}" in why
+    assert "More questions per chunk" in why and "train.objective 'seen'" in why
+    assert f"train.recipe '{best['recipe']}' ships it anyway" in why
 
 
 def test_a_recipe_asked_for_by_name_ships_with_its_estimate_even_within_noise():
@@ -399,7 +404,8 @@ def test_train_cli_json_and_evaluate_show_the_estimates(trained, tmp_path):
 
     folder, out, _ = trained
     js, new = tmp_path / "t.json", tmp_path / "auto.safetensors"
-    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(new), "--epochs", "2", "--batch-size", "2",
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(new), "--set", "train.epochs=2", "--set",
+                                  "train.batch_size=2",
                                   "--json", str(js)])
     assert r.exit_code == 0, r.output
     got = json.loads(js.read_text())
@@ -408,7 +414,15 @@ def test_train_cli_json_and_evaluate_show_the_estimates(trained, tmp_path):
     r = CliRunner().invoke(main, ["evaluate", str(folder), "--adapter", str(new), "--dims", "384"])
     assert r.exit_code == 0 and "auto: recipe " in r.output and "seen chunks +" in r.output, r.output
     r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--objective", "x"])
+    assert r.exit_code == 2 and "Invalid value for '--objective': 'x' is not one of 'both', 'seen'" in r.output
+    # the library's check speaks of train.objective; the command names it by its flag
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--set",
+                                  "train.objective=x"])
     assert r.exit_code == 1 and r.output == "Error: --objective must be 'both' or 'seen', not 'x'\n"
+    r = CliRunner().invoke(main, ["train", str(folder), "--out", str(tmp_path / "x.safetensors"), "--set",
+                                  "train.epoch_choice=first"])
+    assert r.exit_code == 1 and r.output == ("Error: train.epoch_choice must be one of average, last, best, not "
+                                             "'first'\n")  # no flag: the key, as --set takes it
 
 
 # ------------------------------------------------------------------------------------------ scale (issue #14)
