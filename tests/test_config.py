@@ -63,7 +63,6 @@ def test_every_field_can_be_set_from_text_and_reads_back_its_default():
     ("train.bias=yes", ("train", "bias"), True), ("rerank.fusion=false", ("rerank", "fusion"), False),
     ("train.rank=none", ("train", "rank"), None), ("train.rank= 8 ", ("train", "rank"), 8),
     ("evaluate.dims=256,128", ("evaluate", "dims"), (256, 128)), ("serve.cors_origins=", ("serve", "cors_origins"), ()),
-    ("train.identity_penalty=auto", ("train", "identity_penalty"), "auto"),
     ("train.identity_penalty=0.3", ("train", "identity_penalty"), 0.3),
     ("llm.prompt=p=q.txt", ("llm", "prompt"), "p=q.txt"),  # only the first "=" separates
     ("embedding.query_prefix=query: ", ("embedding", "query_prefix"), "query: "),  # a string keeps its spaces
@@ -89,6 +88,7 @@ def test_settings_are_parsed_by_the_field_type(setting, field, value):
     ("train.lr=0", "train.lr must be > 0, got 0"),
     ("report.bootstrap_samples=0", "report.bootstrap_samples must be >= 1, got 0"),
     ("train.rank=none,", "train.rank takes an integer"),
+    ("train.identity_penalty=auto", "train.identity_penalty takes a number, got 'auto'"),  # one way to choose
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(setting, words):
     from adapter.config import SettingError
