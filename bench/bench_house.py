@@ -92,16 +92,20 @@ def cycles() -> list[list[str]]:
 
 
 def long_sentences(text: str, limit: int = 40) -> list[str]:
-    """Sentences over ``limit`` words in prose (code blocks and table rows skipped)."""
-    prose, fenced = [], False
+    """Sentences over ``limit`` words in prose (code blocks, table rows and headings skipped; a blank line ends a
+    paragraph)."""
+    paragraphs, current, fenced = [], [], False
     for line in text.splitlines():
         if line.startswith("```"):
             fenced = not fenced
             continue
-        if not fenced and not line.lstrip().startswith("|"):
-            prose.append(line)
-    joined = re.sub(r"\s+", " ", " ".join(prose))
-    return [s for s in re.split(r"(?<=[.!?])\s+(?=[A-Z`(\[])", joined) if len(s.split()) > limit]
+        if fenced or line.lstrip().startswith(("|", "#")) or not line.strip():
+            paragraphs.append(" ".join(current))
+            current = []
+        else:
+            current.append(line.strip())
+    paragraphs.append(" ".join(current))
+    return [s for p in paragraphs for s in re.split(r"(?<=[.!?:])\s+(?=[A-Z`(\[])", p) if len(s.split()) > limit]
 
 
 def main() -> None:
