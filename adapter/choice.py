@@ -37,8 +37,7 @@ from adapter.data import Dataset, Qrels, fingerprint, relevant
 from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, id_rank
 from adapter.evaluate import evaluate as judge
-from adapter.model import LinearAdapter
-from adapter.model import estimate_change as pct_change  # the estimates' line
+from adapter.model import LinearAdapter, estimate_change
 from adapter.train import (
     EPOCH_CHOICES,
     Split,
@@ -666,7 +665,7 @@ def _clears(t: dict[str, Any]) -> bool:
 def _gain_words(t: dict[str, Any]) -> str:
     e = _gain(t)
     kind = "seen" if t.get("seen") else "unseen"
-    return f"{pct_change(e)} on {e['queries']:,} {kind}-chunk questions about {e['chunks']:,} chunks"
+    return f"{estimate_change(e)} on {e['queries']:,} {kind}-chunk questions about {e['chunks']:,} chunks"
 
 
 def identity_line(best: dict[str, Any], objective: str) -> str:
@@ -683,7 +682,7 @@ def identity_line(best: dict[str, Any], objective: str) -> str:
 def partial_coverage_line(coverage: dict[str, Any], unseen: dict[str, Any] | None) -> str:
     """One line for a partly covered corpus: how much has no training questions and what to expect there."""
     missing = coverage["chunks"] - coverage["covered"]
-    expect = (f"on such chunks expect ndcg@10 {pct_change(unseen)} (the unseen-chunk estimate)" if unseen else
+    expect = (f"on such chunks expect ndcg@10 {estimate_change(unseen)} (the unseen-chunk estimate)" if unseen else
               "nothing estimates how the adapter does on them")
     return (f"partial coverage: {missing:,} of {coverage['chunks']:,} chunks ({missing / coverage['chunks']:.0%}) "
             f"have no training questions; {expect}")
@@ -702,7 +701,7 @@ def train_summary(result: TrainResult, objective: str) -> list[str]:
     for k, e in result.estimates.items():
         if e:
             lines.append(f"{k} chunks ({e['queries']:,} questions on {e['chunks']:,} chunks): ndcg@10 at full dim "
-                         f"{e['base']:.4f} -> {e['adapter']:.4f}; {pct_change(e)} over dims")
+                         f"{e['base']:.4f} -> {e['adapter']:.4f}; {estimate_change(e)} over dims")
     return lines
 
 
@@ -719,7 +718,7 @@ def trials_table(trials: Sequence[dict[str, Any]]) -> list[str]:
         mark = "chosen" if t.get("chosen") else ("" if t.get("safe", True) else "unsafe on unseen")
         if t.get("same_as"):  # trained exactly as that recipe here (nothing uncovered to pull on): fitted once
             mark = f"{mark}{', ' if mark else ''}= {t['same_as']}"
-        rows.append((t["recipe"], pct_change(t["seen"]) if t.get("seen") else "n/a",
-                     pct_change(t["unseen"]) if t.get("unseen") else "n/a", mark))
+        rows.append((t["recipe"], estimate_change(t["seen"]) if t.get("seen") else "n/a",
+                     estimate_change(t["unseen"]) if t.get("unseen") else "n/a", mark))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
