@@ -6,13 +6,14 @@ rows with `--loss triplet` to show why.
 
     python bench/bench_tiny.py [--shared ../shared] [--cache-dir DIR] [--seeds 0,1,2,3,4]
 
-Prints Markdown on stdout (BENCHMARKS.md quotes it). --seeds repeats the full and the rank-16 float16 rows with other
-training seeds (the split stays seed 0).
+Prints Markdown on stdout (BENCHMARKS.md quotes it) and writes every row to bench/results/tiny.json. --seeds repeats
+the full and the rank-16 float16 rows with other training seeds (the split stays seed 0).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -48,11 +49,17 @@ def main() -> None:
                              adapters={"a": LinearAdapter.load(path)})
         return r["base"][384]["ndcg@10"], r["a"][384]["ndcg@10"]
 
+    out: dict = {"dataset": "AppleQA, split by query, seed 0", "test_queries": len(ds.split("test")), "runs": []}
+
     def run(rank: int | None, dtype: str, seed: int = 0, **over) -> tuple[int, float, float, int]:
         cfg = Config().replace(rank=rank, dtype=dtype, seed=seed, **over)
         result = train_adapter(ds, cfg, encoder=encoder, progress=False)
-        path = result.adapter.save(work / f"r{rank}-{dtype}-{seed}.safetensors", dtype=cfg.train.dtype)
+        name = "-".join(map(str, (f"r{rank}", dtype, seed, *over.values())))  # a --loss triplet row beside its twin
+        path = result.adapter.save(work / f"{name}.safetensors", dtype=cfg.train.dtype, force=True)  # seed 0 twice
         base, adapted = score(path)
+        out["runs"].append({"rank": rank, "dtype": dtype, "seed": seed, **over, "bytes": path.stat().st_size,
+                            "recipe": result.recipe, "base_ndcg@10": base, "ndcg@10": adapted,
+                            "best_epoch": result.best_epoch})
         return path.stat().st_size, base, adapted, result.best_epoch
 
     print(f"AppleQA (query split, seed 0, {len(ds.split('test'))} test queries), all-MiniLM-L6-v2, defaults except "
@@ -83,6 +90,10 @@ def main() -> None:
             _, base, full, _ = run(None, "float32", seed)
             size, _, tiny, _ = run(16, "float16", seed)
             print(f"| {seed} | {full:.4f} | {tiny:.4f} | {size:,} bytes | {(tiny - base) / (full - base):.0%} |")
+            out.setdefault("rank16_float16_share_by_seed", {})[seed] = (tiny - base) / (full - base)
+    results = ROOT / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "tiny.json").write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
