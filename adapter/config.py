@@ -427,6 +427,14 @@ def _unknown_key(key: str) -> str:
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _parse_value(key: str, text: str, hint: Any) -> Any:
     """``text`` as a value of type ``hint``: int, float (finite), bool (true/false, yes/no, on/off, 1/0), str, a
     tuple of them (comma-separated; empty: ()), or a union (``X | None`` takes "none"; the first type that parses).
@@ -440,7 +448,8 @@ def _parse_value(key: str, text: str, hint: Any) -> Any:
             try:
                 return _parse_value(key, text, option)
             except SettingError:
-                pass
+                if option in (int, float) and _is_number(text):  # "nan" is a bad number, not a word
+                    raise
         return _parse_value(key, text, options[-1])
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]

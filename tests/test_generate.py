@@ -275,8 +275,9 @@ def test_cli_lists_failed_chunks_and_exits_non_zero(tmp_path: Path):
     write_corpus(tmp_path, 3)
     with FakeLLM(questions=N) as llm:
         llm.push("500", "500")
-        args = ["generate", str(tmp_path), "--base-url", llm.url, "--questions-per-chunk", str(N), "--concurrency",
-                "1", "--set", "llm.max_retries=1", "--llm-model", "qwen2.5:7b", "--set", "llm.temperature=0.3"]
+        args = ["generate", str(tmp_path), "--base-url", llm.url, "--questions-per-chunk", str(N), "--set",
+                "llm.concurrency=1", "--set", "llm.max_retries=1", "--llm-model", "qwen2.5:7b", "--set",
+                "llm.temperature=0.3"]
         r = CliRunner().invoke(main, args)
     assert r.exit_code == 1, r.output
     assert {(q.model, q.temperature) for q in llm.requests} == {("qwen2.5:7b", 0.3)}

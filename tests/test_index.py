@@ -103,7 +103,7 @@ def test_search_bad_input(tmp_path, trained):
     ("vectors:dir,1/v.npy,ids.txt", {"vectors": "dir,1/v.npy", "ids": "ids.txt"}),
 ])
 def test_store_option_grammar(value, fields):
-    from adapter.stores import StoreSource
+    from adapter.corpus import StoreSource
     from cli import StoreSpec
 
     assert StoreSpec().convert(value, None, None) == StoreSource(**fields)

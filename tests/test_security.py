@@ -143,7 +143,7 @@ def test_a_password_in_the_base_url_is_not_written_to_generate_json_or_rag_json(
         r = CliRunner().invoke(main, ["-q", "generate", str(ds), "--base-url", url, "--questions-per-chunk", "3",
                                       "--model", str(tiny_model_dir)], env={"OPENAI_API_KEY": ""})
         assert r.exit_code == 0, r.output
-        r = CliRunner().invoke(main, ["-q", "rag", str(answered), "--base-url", url, "-k", "1", "--model",
+        r = CliRunner().invoke(main, ["-q", "rag", str(answered), "--base-url", url, "--set", "rag.k=1", "--model",
                                       str(tiny_model_dir), "--out", str(tmp_path / "rag")], env={"OPENAI_API_KEY": ""})
         assert r.exit_code == 0, r.output
     stored = json.loads((ds / "generate.json").read_text())["config"]["llm"]["base_url"]

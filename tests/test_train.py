@@ -392,7 +392,7 @@ def test_bad_objective_and_unlearnable_data_are_one_line_errors():
     from adapter.train import Split
 
     train, _, corpus, cids = synthetic(n_chunks=6)
-    with pytest.raises(AdapterError, match="--objective must be 'both' or 'seen', not 'all'"):
+    with pytest.raises(AdapterError, match="train.objective must be 'both' or 'seen', not 'all'"):
         train_on_vectors(train, corpus, cids, BASE, quick(objective="all"), progress=False)
     everything = Split(train.vectors, train.ids, {q: {c: 1 for c in cids} for q in train.ids})
     with pytest.raises(AdapterError, match=r"every chunk \(6\) is relevant to every training question"):
