@@ -88,11 +88,8 @@ def test_settings_are_parsed_by_the_field_type(setting, field, value):
     ("train.lr=0", "train.lr must be > 0, got 0"),
     ("report.bootstrap_samples=0", "report.bootstrap_samples must be >= 1, got 0"),
     ("train.rank=none,", "train.rank takes an integer"),
-<<<<<<< ours
     ("train.identity_penalty=auto", "train.identity_penalty takes a number, got 'auto'"),  # one way to choose
-=======
     ("train.identity_penalty=nan", "train.identity_penalty takes a finite number"),  # not the word "nan"
->>>>>>> theirs
 ])
 def test_bad_settings_are_one_line_errors_naming_the_key(setting, words):
     from adapter.config import SettingError
