@@ -77,6 +77,7 @@ class LoraResult:
     base_val: dict[int, dict[str, float]] = field(default_factory=dict)  # {dim: metrics} of the base on validation
     best_val: dict[int, dict[str, float]] = field(default_factory=dict)  # ... of the kept epoch
     seconds: float = 0.0  # wall time of training and validation
+    cpu_seconds: float = 0.0  # process CPU time of the same (all threads): / cores = wall time on idle cores
 
 
 def _peft_config(cfg: LoraTrainConfig) -> Any:
@@ -176,7 +177,7 @@ def fit_query_lora(model: SentenceTransformer, queries: Mapping[str, str], train
         v = encode_queries(lora, [queries[q] for q in val_ids], cfg.encode_batch_size)
         return evaluate(v, corpus, val, val_ids, corpus_ids, tie_rank=tie_rank)[dim]
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     base_val = best_val = validate()
     best_epoch, best_state = 0, _lora_tensors(lora)
     history: list[dict[str, float]] = [{"epoch": 0, "loss": float("nan"), **_primary(base_val)}]
@@ -208,10 +209,10 @@ def fit_query_lora(model: SentenceTransformer, queries: Mapping[str, str], train
         if not val_ids or metrics[PRIMARY_METRIC] > best_val[PRIMARY_METRIC]:
             best_epoch, best_val, best_state = epoch, metrics, _lora_tensors(lora)
     _set_lora_tensors(lora, best_state)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     by_dim = (lambda m: {dim: m} if m else {})  # noqa: E731
     return LoraResult(lora, base_model or _model_name(model), cfg, best_epoch, history, by_dim(base_val),
-                      by_dim(best_val), seconds)
+                      by_dim(best_val), seconds, cpu_seconds)
 
 
 def _primary(metrics: dict[str, float]) -> dict[str, float]:
@@ -247,6 +248,7 @@ def save_query_lora(result: LoraResult, path: str | os.PathLike, *, metadata: Ma
               "dim": int(result.model.get_embedding_dimension()), "form": FORM, "rank": cfg.rank,
               "alpha": cfg.alpha, "target_modules": list(cfg.target_modules), "dtype": "float32",
               "best_epoch": result.best_epoch, "train_seconds": round(result.seconds, 3),
+              "train_cpu_seconds": round(result.cpu_seconds, 3),
               "val_base": result.base_val, "val_best": result.best_val,
               "history": {"loss": result.history}, "config": {"lora": asdict(cfg)}, **(metadata or {})}
     data = save(_lora_tensors(result.model), metadata={METADATA_KEY: json.dumps(header, separators=(",", ":"))})
