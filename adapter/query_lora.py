@@ -55,6 +55,7 @@ class LoraTrainConfig:
     # every attention projection and dense layer of a BERT-like encoder (the pooler, unused by sentence-transformers,
     # is left out)
     target_modules: tuple[str, ...] = ("query", "key", "value", "dense")
+    layers: tuple[int, ...] | None = None  # the encoder layers given LoRA (None: all); the top ones cut backward cost
     epochs: int = 3  # the best epoch on validation is kept, so extra epochs cost time, not quality
     lr: float = 3e-4  # AdamW on the LoRA factors only
     batch_size: int = 32  # queries per step; each sees every chunk of the corpus as a candidate
@@ -83,8 +84,9 @@ class LoraResult:
 def _peft_config(cfg: LoraTrainConfig) -> Any:
     from peft import LoraConfig
 
+    layers = {"layers_to_transform": list(cfg.layers), "layers_pattern": "layer"} if cfg.layers else {}
     return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), exclude_modules=["pooler.dense"], bias="none")
+                      target_modules=list(cfg.target_modules), exclude_modules=["pooler.dense"], bias="none", **layers)
 
 
 def with_lora(model: SentenceTransformer, cfg: LoraTrainConfig, seed: int = 0) -> SentenceTransformer:
@@ -246,7 +248,8 @@ def save_query_lora(result: LoraResult, path: str | os.PathLike, *, metadata: Ma
     cfg = result.config
     header = {"format_version": FORMAT_VERSION, "base_model": result.base_model,
               "dim": int(result.model.get_embedding_dimension()), "form": FORM, "rank": cfg.rank,
-              "alpha": cfg.alpha, "target_modules": list(cfg.target_modules), "dtype": "float32",
+              "alpha": cfg.alpha, "target_modules": list(cfg.target_modules),
+              "layers": list(cfg.layers) if cfg.layers else None, "dtype": "float32",
               "best_epoch": result.best_epoch, "train_seconds": round(result.seconds, 3),
               "train_cpu_seconds": round(result.cpu_seconds, 3),
               "val_base": result.base_val, "val_best": result.best_val,
@@ -295,7 +298,9 @@ def load_query_lora(path: str | os.PathLike, model: SentenceTransformer | None =
     if base.get_embedding_dimension() != header["dim"]:
         raise AdapterError(f"{path}: a LoRA for dimension {header['dim']}, the model's is "
                            f"{base.get_embedding_dimension()}; pass the model it was trained on")
-    cfg = LoraTrainConfig(rank=header["rank"], alpha=header["alpha"], target_modules=tuple(header["target_modules"]))
+    layers = header.get("layers")
+    cfg = LoraTrainConfig(rank=header["rank"], alpha=header["alpha"], target_modules=tuple(header["target_modules"]),
+                          layers=tuple(layers) if layers else None)
     lora = with_lora(base, cfg)
     _set_lora_tensors(lora, tensors)
     lora.eval()

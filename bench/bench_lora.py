@@ -128,15 +128,18 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=LoraTrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=LoraTrainConfig.batch_size)
     p.add_argument("--targets", default=",".join(LoraTrainConfig.target_modules))
+    p.add_argument("--layers", default="", help="Encoder layers given LoRA, comma-separated (default: all).")
     p.add_argument("--cost", action="store_true", help="Also time the merged encoder against the base per query.")
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "lora.json")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("adapter.query_lora").setLevel(logging.INFO)
     cfg = LoraTrainConfig(rank=a.rank, alpha=2.0 * a.rank, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size,
-                          target_modules=tuple(a.targets.split(",")))
+                          target_modules=tuple(a.targets.split(",")),
+                          layers=tuple(int(x) for x in a.layers.split(",")) if a.layers else None)
     settings = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "epochs": cfg.epochs,
-                "batch_size": cfg.batch_size, "targets": list(cfg.target_modules)}
+                "batch_size": cfg.batch_size, "targets": list(cfg.target_modules),
+                "layers": list(cfg.layers) if cfg.layers else None}
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     encoder, data = load(a.shared, work)
     store = json.loads(a.json.read_text()) if a.json.exists() else {"cells": [], "cost": None}
@@ -151,6 +154,8 @@ def main() -> None:
                     cell = run_cell(encoder, data[dname], dname, shape, kind, seed, cfg, work)
                     cell["settings"] = settings
                     key = lambda c: (c["dataset"], c["shape"], c["scenario"], c["seed"], json.dumps(c["settings"]))  # noqa: E731
+                    if a.json.exists():  # another run may have added cells meanwhile
+                        store["cells"] = json.loads(a.json.read_text())["cells"]
                     store["cells"] = [c for c in store["cells"] if key(c) != key(cell)] + [cell]
                     a.json.parent.mkdir(parents=True, exist_ok=True)
                     a.json.write_text(json.dumps(store, indent=1))
