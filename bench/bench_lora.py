@@ -1,7 +1,8 @@
-"""Benchmark for the query-side LoRA fine-tune (issue #26, adapter.query_lora): on AppleQA and waterops, split by
-query and by chunk, at full data and at a few questions per chunk, test ndcg@10 as a ratio to base at every dim, the
-training seconds, the file's bytes, and the corpus texts embedded during training (asserted 0). The epoch is chosen
-on a validation split carved from the training questions (the same kind of split, 20%), never on test.
+"""Benchmark for the query-side LoRA fine-tune (issue #26, the experiment in bench/query_lora.py): on AppleQA and
+waterops, split by query and by chunk, at full data and at a few questions per chunk, test ndcg@10 as a ratio to base
+at every dim, the training seconds, the file's bytes, and the corpus texts embedded during training (asserted 0). The
+epoch is chosen on a validation split carved from the training questions (the same kind of split, 20%), never on
+test.
 
     python bench/bench_lora.py [--shared ../shared] [--datasets appleqa,waterops] [--scenarios query,chunk]
         [--shapes full,2] [--seeds 0] [--rank 8] [--lr 3e-4] [--epochs 3] [--batch-size 32] [--cost]
@@ -53,11 +54,11 @@ def load(shared: Path, work: Path):
 def run_cell(encoder, data, dname: str, shape: str, kind: str, seed: int, cfg, work: Path) -> dict:
     """One (dataset, shape, split, seed): fit on train minus a validation carve, score test against base."""
     from bench_quality import subsample
+    from query_lora import encode_queries, fit_query_lora, merged, save_query_lora
     from sentence_transformers import SentenceTransformer
 
     from adapter.data import partition_qrels
     from adapter.evaluate import evaluate
-    from adapter.query_lora import encode_queries, fit_query_lora, merged, save_query_lora
 
     queries, qrels, cids, corpus = data
     qrels = subsample(qrels, shape, seed)
@@ -101,7 +102,7 @@ def run_cell(encoder, data, dname: str, shape: str, kind: str, seed: int, cfg, w
 
 def query_cost(encoder, queries: list[str], cfg, rounds: int = 3) -> dict:
     """Seconds per query of the merged LoRA encoder and of the base, interleaved rounds, the fastest of each."""
-    from adapter.query_lora import encode_queries, merged, with_lora
+    from query_lora import encode_queries, merged, with_lora
 
     lora = merged(with_lora(encoder.model, cfg))
     times: dict[str, list[float]] = {"base": [], "lora": []}
@@ -115,7 +116,7 @@ def query_cost(encoder, queries: list[str], cfg, rounds: int = 3) -> dict:
 
 
 def main() -> None:
-    from adapter.query_lora import LoraTrainConfig
+    from query_lora import LoraTrainConfig
 
     p = argparse.ArgumentParser()
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")

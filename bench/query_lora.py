@@ -1,5 +1,6 @@
-"""A query-side LoRA fine-tune: low-rank adapters on the encoder's attention and dense layers, trained on the query
-route only against the corpus vectors the index already holds.
+"""An experiment for issue #26, not yet part of the package: a query-side LoRA fine-tune: low-rank adapters on the
+encoder's attention and dense layers, trained on the query route only against the corpus vectors the index already
+holds.
 
 Documents are never encoded here: every chunk is a candidate through its fixed, cached vector, and only queries run
 through the (PEFT-wrapped) encoder, with gradients. The loss is the linear adapter's InfoNCE (``adapter.train``):

@@ -1,16 +1,18 @@
-"""The query-side LoRA (adapter.query_lora) on the tiny BERT and the tiny dataset: B = 0 is the base exactly, training
-lowers the loss, the file round-trips, and the fit never encodes a document."""
+"""The query-side LoRA experiment (bench/query_lora.py, issue #26) on the tiny BERT and the tiny dataset: B = 0 is the
+base exactly, training lowers the loss, the file round-trips, and the fit never encodes a document."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("peft")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # the experiment lives beside its benchmark
 
-from adapter.query_lora import (  # noqa: E402
+from query_lora import (  # noqa: E402
     LoraTrainConfig,
     encode_queries,
     fit_query_lora,
@@ -20,6 +22,7 @@ from adapter.query_lora import (  # noqa: E402
     save_query_lora,
     with_lora,
 )
+
 from tests.conftest import CHUNKS, QUESTIONS  # noqa: E402
 
 CFG = LoraTrainConfig(rank=4, epochs=3, lr=5e-3, batch_size=4)
