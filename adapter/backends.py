@@ -1,7 +1,8 @@
 """Where vectors come from: a small protocol and its two implementations, behind the one ``Encoder`` and its cache.
 
 - ``SentenceTransformerBackend``: any sentence-transformers model, run here: in this process, or for a large job in
-  sentence-transformers' own multi-process pool (``--processes N`` CPU workers, ``--devices cuda:0,cuda:1``).
+  sentence-transformers' own multi-process pool (``encoder.processes`` CPU workers, or ``encoder.devices`` such as
+  cuda:0,cuda:1).
 - ``OpenAIBackend``: any server speaking OpenAI's ``POST /v1/embeddings`` (OpenAI, Azure, Mistral, Voyage or Cohere
   through a gateway, Text Embeddings Inference, vLLM, Ollama, Infinity, LiteLLM), named ``openai:MODEL``. Texts go
   out in batches from a bounded thread pool under requests- and tokens-per-minute limits, with the retries of
@@ -158,8 +159,8 @@ def has_router(model: SentenceTransformer) -> bool:
 
 def pool_devices(processes: int | None = None, devices: str | Sequence[str] | None = None) -> list[str] | None:
     """The torch devices of a multi-process pool: ``processes`` CPU workers, or the given device list ("cuda:0,cuda:1"
-    or a sequence); None when one in-process model is asked for (no setting, ``--processes 1``, or one device, which
-    the caller loads the model on). A bad list is refused in one line."""
+    or a sequence); None when one in-process model is asked for (no setting, one process, or one device, which the
+    caller loads the model on). A bad list is refused in one line."""
     if processes is not None and devices:
         raise AdapterError("give encoder.processes (CPU workers) or encoder.devices, not both")
     if processes is not None:

@@ -3,7 +3,7 @@
 A corpus source has ``name`` (what messages call it) and ``read(dataset, encoder) -> (ids, vectors)``: the corpus ids
 and their (n, d) float32 unit vectors, of the encoder's dimension. ``EncodedCorpus`` is the encoder's own cached
 encoding of corpus.jsonl (the default); ``StoreSource`` reads every vector out of an existing store or a vector file
-(``--index``, ``--qdrant``, ``--chroma``, ``--pgvector``, ``--corpus-vectors``); ``VectorCorpus`` holds vectors
+(``--store faiss:``, ``qdrant:``, ``chroma:``, ``pgvector:``, ``vectors:``); ``VectorCorpus`` holds vectors
 already read. ``SearchedStore`` is the one source that is searched instead of read: the store ranks, the judge scores
 its rankings. Training (``adapter.train``), the systems (``adapter.systems``) and every verb take a source, so none
 of them needs to know which kind it has.
@@ -84,12 +84,12 @@ class StoreSource:
     pgvector: str | None = None
     collection: str | None = None
     table: str | None = None
-    vectors: str | None = None  # --corpus-vectors: .npy (with ``ids``) or .parquet
-    ids: str | None = None  # --corpus-ids
+    vectors: str | None = None  # --store vectors:FILE: .npy (with ``ids``) or .parquet
+    ids: str | None = None  # --store vectors:VECTORS.npy,IDS.txt
     store: StoreConfig = field(default_factory=StoreConfig)  # nprobe, ef_search, id_field, batch
 
     def __bool__(self) -> bool:
-        """True when anything was given (a stray --collection too, so that it is refused rather than ignored)."""
+        """True when anything was given (a stray collection too, so that it is refused rather than ignored)."""
         return any(getattr(self, f.name) is not None for f in dataclasses.fields(self) if f.name != "store")
 
     def with_settings(self, cfg: Config) -> StoreSource:

@@ -9,7 +9,7 @@ Training metadata, one schema for every trained artifact (this file's header, a 
 ``trained_on`` (split), ``data_fingerprint``, ``validation`` (how it was chosen), ``best_epoch``, ``train_seconds``,
 ``val_base`` and ``val_best`` (dim -> metric -> value: the base and the kept epoch on validation), ``history``
 (``{"loss": [{"epoch", "loss", ...}], "val": [{"epoch", "ndcg@10": {dim: value}}]}``, epoch 0 the base) and
-``config`` (the config sections that made it). An adapter also records how it was chosen (``adapter.train``):
+``config`` (the config sections that made it). An adapter also records how it was chosen (``adapter.choice``):
 ``recipe``, ``objective``, ``coverage`` (chunks, covered, share), ``estimates`` (``seen``/``unseen`` validation
 slices: questions, chunks, ndcg@10 of base and adapter, mean change over dims and its clustered s.e.) and ``trials``
 (every recipe tried, with its estimates). A file of another format version is refused in one line: re-train it.

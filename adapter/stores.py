@@ -970,7 +970,7 @@ def read_vector_file(path: str | os.PathLike, ids_path: str | os.PathLike | None
 
 
 class ArrayStore(Store):
-    """Vectors held in memory under their ids (a ``--corpus-vectors`` file), searched exactly by the one ranking
+    """Vectors held in memory under their ids (a ``--store vectors:`` file), searched exactly by the one ranking
     function, ties by id as the judge breaks them."""
 
     def __init__(self, name: str, ids: Sequence[str], vectors: np.ndarray):

@@ -52,7 +52,7 @@ def main() -> None:
     out: dict = {"dataset": "AppleQA, split by query, seed 0", "test_queries": len(ds.split("test")), "runs": []}
 
     def run(rank: int | None, dtype: str, seed: int = 0, **over) -> tuple[int, float, float, int]:
-        cfg = Config().replace(rank=rank, dtype=dtype, seed=seed, **over)
+        cfg = Config().replace(rank=rank, dtype=dtype, seed=seed, train=over)
         result = train_adapter(ds, cfg, encoder=encoder, progress=False)
         name = "-".join(map(str, (f"r{rank}", dtype, seed, *over.values())))  # a --loss triplet row beside its twin
         path = result.adapter.save(work / f"{name}.safetensors", dtype=cfg.train.dtype, force=True)  # seed 0 twice
