@@ -248,7 +248,7 @@ def _parse_cost(parse, text: str) -> tuple[float, int, str]:
 
 def audit(work: Path, model: str, w: dict[str, str] | None) -> None:
     """What each crafted input of the audit costs now: the CLI's peak memory and time on each file, the parsers'
-    on each reply, and `generate --timeout 5` against a server sending a byte a second."""
+    on each reply, and `generate --set llm.request_timeout=5` against a server sending a byte a second."""
     from adapter.generate import parse_questions
     from adapter.rag import parse_grade
     from tests.conftest import write_dataset
@@ -280,7 +280,8 @@ def audit(work: Path, model: str, w: dict[str, str] | None) -> None:
                                            "--set", "llm.request_timeout=5", "--set", "llm.max_retries=0",
                                            "--set", "llm.concurrency=1"],
                                           {**env, "OPENAI_API_KEY": "none"})
-    rows.append(("`generate --timeout 5`, a server sending a byte a second", f"{len(server.response):,} bytes in "
+    rows.append(("`generate --set llm.request_timeout=5`, a server sending a byte a second",
+                 f"{len(server.response):,} bytes in "
                  f"{len(server.response)} s", code, f"{seconds:.1f}", f"{peak / 2**20:.0f} MiB", "61 s",
                  f"the server got out {sum(server.sent)} of {len(server.response)} bytes"))
     deep = "[" * 40 + "1, " * 1_600_000 + "1" + "]" * 40  # 4.8 MB, a bracket at every level restarting the decode

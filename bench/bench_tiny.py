@@ -75,7 +75,7 @@ def main() -> None:
             print(f"| {name} | {dtype} | {size / 1000:.1f} KB ({size:,} bytes) | {adapted:.4f} | "
                   f"{adapted - base:+.4f} | {(adapted - base) / full_gain:.0%} | {epoch} |")
     print(f"\nBase (no adapter): test ndcg@10 {base:.4f}.\n")
-    print("The low-rank rows again with `--loss triplet` (the full matrix's loss), float16:\n")
+    print("The low-rank rows again with `--set train.loss=triplet` (the full matrix's loss), float16:\n")
     print("| adapter | test ndcg@10 | share of the full float32 gain | epoch won |")
     print("|---|---|---|---|")
     for name, rank in ROWS[1:]:
