@@ -1,7 +1,7 @@
 """The one defaults block, in per-stage sections.
 
 Every default lives here once. ``Config`` holds one section per stage (``cfg.encoder``, ``cfg.split``, ``cfg.evaluate``,
-``cfg.train``, ``cfg.finetune``, ``cfg.report``, ``cfg.store``, ``cfg.chunk``, ``cfg.llm``, ``cfg.serve``,
+``cfg.train``, ``cfg.lora``, ``cfg.finetune``, ``cfg.report``, ``cfg.store``, ``cfg.chunk``, ``cfg.llm``, ``cfg.serve``,
 ``cfg.embedding``, ``cfg.rerank``, ``cfg.rag``) and the one ``seed``. The CLI's options default to ``None`` and
 override only what the user gave, through ``Config.replace`` (by key, ``train.rank``; by section; or by a field's
 bare name where only one section has it, ``FLAT``) and ``Config.with_settings`` (the CLI's ``--set
@@ -96,6 +96,9 @@ class TrainConfig:
     # recipe choice (adapter.choice.train_on_vectors; every number measured by bench/bench_quality.py)
     objective: str = "both"  # "both": best seen-chunk gain whose unseen-chunk estimate holds base; "seen": seen only
     recipe: str = "auto"  # "auto": chosen by validation from choice.AUTO_RECIPES; a name in choice.RECIPES; "manual"
+    # "linear": the d x d map on query vectors; "lora": LoRA on the encoder's query route (the lora section); "auto":
+    # both compete in the one choice (bench/bench_lora.py measured them side by side)
+    form: str = "linear"
     # "both": the unseen-chunk change may sit this many clustered s.e. below base, and the most constrained safe
     # recipe within this many s.e. of the best seen gain ships; both sit mid-way in the range where every #12 goal
     # held on bench_quality's grid (z 0.5-2, within 2.5-4), not at its edge
@@ -115,6 +118,24 @@ class TrainConfig:
     val_budget: int = 200_000_000
     matryoshka: bool = False  # manual recipe: the loss summed over every Matryoshka dim
     epoch_choice: str = "best"  # manual recipe: "best" validation epoch, "last", or "average" of the late half
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """`adapter train --form lora`: low-rank adapters (PEFT) on the encoder, trained on the query route only against
+    the corpus vectors the index already holds (adapter.lora); the loss, temperature, warmup and clipping are the
+    train section's InfoNCE over every chunk, summed over the Matryoshka dims."""
+
+    r: int = 8  # LoRA rank (PEFT's r): MiniLM's top three layers at r 8 make a ~0.7 MB float32 file
+    alpha: float = 16.0  # LoRA scaling alpha / r = 2, PEFT's common setting
+    dropout: float = 0.0  # on the LoRA input only; the encoder's own dropout is off: each step is deterministic
+    target_modules: tuple[str, ...] = ("query", "key", "value", "dense")  # every attention projection and dense layer
+    # the encoder layers given LoRA, counted from the input (None: all); the top three of MiniLM's six cost half the
+    # backward pass of all six (bench/bench_lora.py)
+    layers: tuple[int, ...] | None = (3, 4, 5)
+    epochs: int = 3  # the best epoch on the validation slice is kept (0: the base exactly)
+    lr: float = 2e-3  # AdamW on the LoRA factors only; 3e-4 learned a third as much in one epoch (bench_lora)
+    batch_size: int = 32  # questions per step; each sees every chunk of the corpus as a candidate
 
 
 @dataclass(frozen=True)
@@ -262,9 +283,10 @@ class RagConfig:
 
 
 SECTIONS: dict[str, type] = {"encoder": EncoderConfig, "split": SplitConfig, "evaluate": EvaluateConfig,
-                             "train": TrainConfig, "finetune": FinetuneConfig, "report": ReportConfig,
-                             "store": StoreConfig, "chunk": ChunkConfig, "llm": LLMConfig, "serve": ServeConfig,
-                             "embedding": EmbeddingConfig, "rerank": RerankConfig, "rag": RagConfig}
+                             "train": TrainConfig, "lora": LoraConfig, "finetune": FinetuneConfig,
+                             "report": ReportConfig, "store": StoreConfig, "chunk": ChunkConfig, "llm": LLMConfig,
+                             "serve": ServeConfig, "embedding": EmbeddingConfig, "rerank": RerankConfig,
+                             "rag": RagConfig}
 
 
 class _Sections:
@@ -384,6 +406,8 @@ BOUNDS: dict[str, str] = {
     **{f"serve.{f}": ">= 1" for f in ("max_batch", "max_body_bytes", "max_inputs", "max_input_chars", "threads",
                                       "upstream_concurrency")},
     **{f"serve.{f}": "> 0" for f in ("header_timeout", "reload_interval")}, "serve.batch_window_ms": ">= 0",
+    **{f"lora.{f}": ">= 1" for f in ("r", "batch_size")}, "lora.epochs": ">= 0", "lora.lr": "> 0",
+    "lora.alpha": "> 0", "lora.dropout": ">= 0",
     "finetune.select_dim": ">= 1", "rerank.val_queries": ">= 1", "rerank.train_queries": ">= 1",
 }
 
@@ -488,6 +512,7 @@ FLAT = _flat_names()
 # The choices some settings take (the CLI offers exactly these)
 SPLIT_BY = ("query", "chunk")  # split.by: hold out random queries, or whole chunks
 LOSSES = ("triplet", "infonce")  # train.loss, besides "auto"
+FORMS = ("linear", "lora", "auto")  # train.form: the query-side map, the query-side LoRA, or both competing
 NEGATIVES = ("random", "hard")  # train.negatives
 ADAPTER_DTYPES = ("float32", "float16")  # train.dtype: tensors' dtype in the adapter file
 CHUNK_UNITS = ("tokens", "chars")  # chunk.unit

@@ -86,11 +86,7 @@ class LinearAdapter:
 
     def check_base_model(self, identity: str, *, allow_other_model: bool = False, source: str = "adapter") -> None:
         """Refuse an encoder other than the one this adapter was trained on (unless explicitly allowed)."""
-        if identity.split("@")[-1] != self.base_model.split("@")[-1]:  # same weights under any name or path
-            if not allow_other_model:
-                raise AdapterError(f"{source}: trained on {self.base_model}, not {identity}; pass "
-                                   "--allow-other-model to apply it anyway")
-            logger.warning("%s: trained on %s, applied to %s", source, self.base_model, identity)
+        check_base_model(self.base_model, identity, allow_other_model=allow_other_model, source=source)
 
     def apply(self, vectors: np.ndarray) -> np.ndarray:
         """Adapted, L2-normalised query vectors (n, d) float32; refuses vectors of another dimension."""
@@ -175,6 +171,32 @@ class LinearAdapter:
                    bias=tensors.get("bias"), metadata=training_meta(extra_meta))
 
 
+def check_base_model(trained_on: str, identity: str, *, allow_other_model: bool = False,
+                     source: str = "adapter") -> None:
+    """Refuse an encoder (``identity``, "name@fingerprint") other than the one an adapter was trained on, unless
+    explicitly allowed: the same weights pass under any name or path."""
+    if identity.split("@")[-1] != trained_on.split("@")[-1]:
+        if not allow_other_model:
+            raise AdapterError(f"{source}: trained on {trained_on}, not {identity}; pass --allow-other-model to "
+                               "apply it anyway")
+        logger.warning("%s: trained on %s, applied to %s", source, trained_on, identity)
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """An adapter file's header, of either form, checked for what every form shares (format version, dim, base
+    model); the tensors are not read. ``header["form"]``: "full" or "lowrank" (``LinearAdapter``), "lora"
+    (``adapter.lora.QueryLora``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise AdapterError(f"{path}: file not found")
+    try:
+        with safe_open(str(path), framework="np") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{path}: not a readable safetensors file ({one_line(e)})") from None
+    return _common_header(path, meta)
+
+
 def checked_adapter(adapter: LinearAdapter | str | os.PathLike, backend: Any, *,
                     allow_other_model: bool = False) -> LinearAdapter:
     """The adapter (loaded when a path), refused in one line unless it fits the backend's model and dimension
@@ -206,6 +228,24 @@ def _stat(path: Path) -> tuple[int, ...]:
 
 def _check_header(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
     """The adapter header (bounded parse) and the tensor shapes it implies; a one-line error for anything else."""
+    header = _common_header(path, meta)
+    dim, form, rank = (header.get(k) for k in ("dim", "form", "rank"))
+    if form == "full":
+        shapes = {"weight": (dim, dim)}
+    elif form == "lowrank" and _is_int(rank) and rank > 0:
+        shapes = {"U": (dim, rank), "V": (rank, dim)}
+    elif form == "lora":
+        raise AdapterError(f"{path}: a query-side LoRA (form 'lora'): it adapts the encoder, not query vectors, so "
+                           "it loads with the model (adapter.lora.QueryLora.load)")
+    else:
+        raise AdapterError(f"{path}: unknown adapter form {form!r} (rank {rank!r})")
+    if header["bias"]:
+        shapes["bias"] = (dim,)
+    return header, shapes
+
+
+def _common_header(path: Path, meta: dict[str, str]) -> dict[str, Any]:
+    """The header every form shares, parsed (bounded) and checked; a one-line error for anything else."""
     if METADATA_KEY not in meta:
         raise AdapterError(f"{path}: not an adapter file (no {METADATA_KEY!r} metadata)")
     try:
@@ -214,7 +254,7 @@ def _check_header(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], dic
         raise AdapterError(f"{path}: adapter metadata is damaged ({one_line(e)})") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{path}: adapter metadata is damaged (not a JSON object)")
-    version, dim, form, rank = (header.get(k) for k in ("format_version", "dim", "form", "rank"))
+    version, dim = header.get("format_version"), header.get("dim")
     if version != FORMAT_VERSION:
         raise AdapterError(f"{path}: adapter format version {version!r} is not supported (this version of adapter "
                            f"reads {FORMAT_VERSION}); re-train with this version")
@@ -222,17 +262,9 @@ def _check_header(path: Path, meta: dict[str, str]) -> tuple[dict[str, Any], dic
             not isinstance(header.get("bias"), bool):
         raise AdapterError(f"{path}: adapter metadata is damaged (dim, base_model or bias missing or of the wrong "
                            "type)")
-    if form == "full":
-        shapes = {"weight": (dim, dim)}
-    elif form == "lowrank" and _is_int(rank) and rank > 0:
-        shapes = {"U": (dim, rank), "V": (rank, dim)}
-    else:
-        raise AdapterError(f"{path}: unknown adapter form {form!r} (rank {rank!r})")
-    if header["bias"]:
-        shapes["bias"] = (dim,)
     if not isinstance(header.get(CHECKSUM_KEY), str | None):
         raise AdapterError(f"{path}: adapter metadata is damaged ({CHECKSUM_KEY} is not a string)")
-    return header, shapes
+    return header
 
 
 def _check_slice(path: Path, name: str, tensor: Any, shapes: dict[str, tuple[int, ...]]) -> None:
