@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from adapter.config import ADAPTER_DTYPES, CHUNK_UNITS, DEMO_OUT, SPLIT_BY, Config, SettingError
+from adapter.config import ADAPTER_DTYPES, CHUNK_UNITS, DEMO_OUT, FORMS, SPLIT_BY, Config, SettingError
 from adapter.data import FORMATS
 from adapter.errors import AdapterError, RedactingFilter, redact, refuse_existing, strip_credentials
 
@@ -239,9 +239,9 @@ def demo(out: str, with_finetune: bool, model: str | None, cache_dir: str | None
     r = run_demo(out, with_flags(Config()), with_finetune=with_finetune)
     click.echo(format_table(r.comparison.results, metrics=("ndcg@10", "accuracy@1", "accuracy@10")))
     click.echo(f"adapter: {r.adapter} ({r.adapter.stat().st_size / 1024:.0f} KiB); apply it to query vectors only")
-    from adapter.model import LinearAdapter, estimates_line
+    from adapter.model import estimates_line, read_metadata
 
-    click.echo(f"adapter: {estimates_line(LinearAdapter.load(r.adapter).metadata)}")
+    click.echo(f"adapter: {estimates_line(read_metadata(r.adapter))}")
     if r.finetuned:
         click.echo(f"fine-tuned model: {r.finetuned}")
     click.echo(f"report: {r.report} (with plots and results.json beside it); took {r.seconds:.0f} s")
@@ -366,7 +366,7 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
     from pathlib import Path
 
     from adapter.data import load_dataset
-    from adapter.model import LinearAdapter, estimates_line
+    from adapter.model import estimates_line, read_metadata
     from adapter.pipeline import evaluate_dataset, write_results
     from adapter.report import format_table
 
@@ -397,7 +397,7 @@ def evaluate(directory: str, model: str | None, split_name: str | None, dims: tu
                                    allow_other_model=allow_other_model, reranker=reranker)
     click.echo(format_table(results))
     for path in adapters:  # each adapter's own validation estimates, as `adapter train` printed them
-        line = estimates_line(LinearAdapter.load(path).metadata)
+        line = estimates_line(read_metadata(path))
         if line:
             click.echo(f"{Path(path).stem}: {line}")
     if json_out:
@@ -467,6 +467,10 @@ class RecipeOption(Keyed):
 @model_option
 @embedding_option
 @store_option
+@keyed("train.form", "--form", type=click.Choice(FORMS), default=None, help="'linear': a map on query vectors "
+       "(seconds on a CPU, numpy to apply); 'lora': LoRA on the encoder's query route, trained against the corpus "
+       "vectors as they stand (minutes; documents stay the base's); 'auto': both compete in the one choice "
+       f"[default: {DEFAULTS.train.form}].")
 @keyed("train.recipe", "--recipe", cls=RecipeOption, type=LazyChoice(_recipe_choices), default=None, metavar="NAME")
 @keyed("train.objective", "--objective", type=LazyChoice(_objectives), default=None, help="What validation "
        "optimises: 'both' (seen-chunk gain, unseen chunks kept at base) or 'seen' (every chunk has questions) "
@@ -481,15 +485,17 @@ class RecipeOption(Keyed):
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
               help="Write the recipe trials, coverage and validation estimates here as JSON.")
 @cache_option
-def train(directory: str, out: str, model: str | None, embedding_base_url: str | None, source, recipe: str | None,
-          objective: str | None, rank: int | None, dtype: str | None, seed: int | None, settings: Config, force: bool,
-          json_out: str | None, cache_dir: str | None) -> None:
+def train(directory: str, out: str, model: str | None, embedding_base_url: str | None, source, form: str | None,
+          recipe: str | None, objective: str | None, rank: int | None, dtype: str | None, seed: int | None,
+          settings: Config, force: bool, json_out: str | None, cache_dir: str | None) -> None:
     """Train a query-only adapter on DIRECTORY's cached embeddings and write it to --out.
 
-    The recipe is chosen by cross-fitted validation: every training question is scored by fits that never saw it,
-    once with its chunk trained on (seen) and once with its whole chunk held out (unseen); both estimates are
-    printed and stored in the file, and when the base ships a line says why. With --store the corpus vectors are
-    the ones the index already holds: only the queries are embedded."""
+    --form lora trains LoRA layers on the encoder's query route instead of a map on query vectors: the index is
+    still untouched, since every chunk is a candidate through its cached (or stored) vector. The recipe is chosen
+    by cross-fitted validation: every training question is scored by fits that never saw it, once with its chunk
+    trained on (seen) and once with its whole chunk held out (unseen); both estimates are printed and stored in the
+    file, and when the base ships a line says why. With --store the corpus vectors are the ones the index already
+    holds: only the queries are embedded."""
     from adapter.choice import resolve_train, train_adapter, train_summary
     from adapter.data import load_dataset
 

@@ -20,6 +20,7 @@ as if the unseen slice's chunks were not indexed yet, so the unseen-chunk estima
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -31,12 +32,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from adapter.config import Config, TrainConfig, default_dims
+from adapter.config import FORMS, Config, TrainConfig, default_dims
 from adapter.corpus import CorpusSource, EncodedCorpus
 from adapter.data import Dataset, Qrels, fingerprint, relevant
 from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, id_rank
 from adapter.evaluate import evaluate as judge
+from adapter.lora import QueryLora, fit_lora, lora_settings
 from adapter.model import LinearAdapter, estimate_change
 from adapter.train import (
     EPOCH_CHOICES,
@@ -51,6 +53,8 @@ from adapter.train import (
 )
 
 if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
     from adapter.encoder import Encoder
 
 logger = logging.getLogger(__name__)
@@ -98,6 +102,9 @@ MANUAL_FIELDS = ("loss", "negatives", "rank", "identity_penalty")  # setting one
 MIN_SEEN_QUERIES = 4  # questions needed to hold out a seen-chunk slice (one held out, three left to train on)
 MIN_UNSEEN_CHUNKS = 5  # chunks with questions needed to hold out whole chunks and still train on four
 GAIN_Z = 2.0  # a recipe must beat the identity by this many standard errors of its gain (see select)
+# The query-side LoRA's trial (train.form "lora" or "auto"): one more contender, after the linear recipes, so a
+# linear map that validates as well within noise is preferred (select's order)
+LORA = "lora"
 
 
 # ------------------------------------------------------------------------------------- options, once at the edge
@@ -155,6 +162,11 @@ def check_options(cfg: Config) -> None:
     if tc.folds < 2 or tc.crossfit_questions < 1:
         raise AdapterError(f"train.folds must be >= 2 and train.crossfit_questions >= 1, not {tc.folds} and "
                            f"{tc.crossfit_questions}")
+    if tc.form not in FORMS:
+        raise AdapterError(f"train.form must be one of {', '.join(FORMS)}, not {tc.form!r}")
+    if tc.form == "lora" and tc.recipe != "auto":
+        raise AdapterError(f"train.recipe {tc.recipe!r} names a linear recipe, and train.form 'lora' trains none: "
+                           "use train.form 'auto' to let both compete, or leave the recipe out")
     if tc.epochs < 0 or tc.batch_size < 1 or tc.lr <= 0:
         raise AdapterError(f"train.epochs must be >= 0, train.batch_size >= 1 and train.lr > 0, got {tc.epochs}, "
                            f"{tc.batch_size} and {tc.lr}")
@@ -166,11 +178,21 @@ def recipe_config(cfg: Config, name: str) -> Config:
 
 
 def recipe_names(cfg: Config) -> list[str]:
-    """The recipes a run tries: the one named, "manual" (the config's own settings), or the auto set."""
-    return list(AUTO_RECIPES) if cfg.train.recipe == "auto" else [cfg.train.recipe]
+    """The recipes a run tries: the one named, "manual" (the config's own settings), or the auto set; then the
+    query-side LoRA (``LORA``) where ``train.form`` asks for it, alone under "lora"."""
+    linear = [] if cfg.train.form == LORA else list(AUTO_RECIPES) if cfg.train.recipe == "auto" else [cfg.train.recipe]
+    return linear + ([LORA] if cfg.train.form != "linear" else [])
 
 
 # ------------------------------------------------------------------------------------------------- the entries
+
+
+@dataclass
+class QueryRoute:
+    """What the query LoRA trains through: the local encoder and the training questions' texts (by id)."""
+
+    model: SentenceTransformer
+    texts: dict[str, str]
 
 
 def train_adapter(dataset: Dataset, cfg: Config | None = None, *, encoder: Encoder | None = None,
@@ -197,14 +219,22 @@ def train_adapter(dataset: Dataset, cfg: Config | None = None, *, encoder: Encod
         raise AdapterError(f"{source.name}: holds no vector for {len(missing)} chunks the training queries judge "
                            f"(first: {missing[0]!r}); its ids must be corpus ids")
     queries = encoder.encode_queries([dataset.queries[q] for q in qids])
-    result = _train_on_vectors(Split(queries, qids, train_qrels), corpus, corpus_ids, encoder.identity, cfg, progress)
+    lora = None
+    if cfg.train.form != "linear":  # the LoRA trains on the questions' texts through the encoder's own weights
+        if encoder.model is None:
+            raise AdapterError(f"{encoder.name}: train.form {cfg.train.form!r} fits LoRA layers on the encoder's "
+                               "weights, so it needs a local sentence-transformers model, not a remote one; use "
+                               "train.form 'linear'")
+        lora = QueryRoute(encoder.model, {q: dataset.queries[q] for q in qids})
+    result = _train_on_vectors(Split(queries, qids, train_qrels), corpus, corpus_ids, encoder.identity, cfg, progress,
+                               lora)
     est = result.estimates
     how = "; ".join(f"{k}: {e['queries']:,} questions on {e['chunks']:,} chunks over {e.get('folds', 1)} folds"
                     for k, e in est.items() if e)
     result.adapter.metadata = {
         "base_model_name": encoder.name,
         # the config with the loss "auto" written as the full matrix's (what a manual run of it trains)
-        "config": resolve_loss(cfg).to_dict("encoder", "split", "train"),
+        "config": resolve_loss(cfg).to_dict("encoder", "split", "train", *(["lora"] if lora else [])),
         "trained_on": cfg.split.train_split,
         "data_fingerprint": fingerprint(dataset, cfg.split.train_split), "validation": how,
         "recipe": result.recipe, "history_recipe": result.history_recipe, "objective": cfg.train.objective,
@@ -219,21 +249,27 @@ def train_adapter(dataset: Dataset, cfg: Config | None = None, *, encoder: Encod
 
 
 def train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str,
-                     cfg: Config | None = None, *, progress: bool = True) -> TrainResult:
+                     cfg: Config | None = None, *, progress: bool = True,
+                     route: QueryRoute | None = None) -> TrainResult:
     """Train an adapter on arrays the trustworthy way: coverage, two validation slices, recipe trials scored on both,
-    a noise-aware choice by ``cfg.train.objective``, and the chosen recipe refit on every training question."""
-    return _train_on_vectors(train, corpus, corpus_ids, base_model, resolve_train(cfg or Config()), progress)
+    a noise-aware choice by ``cfg.train.objective``, and the chosen recipe refit on every training question.
+    ``route``: the encoder and the questions' texts, which the query LoRA trains through (``train.form`` "lora" or
+    "auto")."""
+    return _train_on_vectors(train, corpus, corpus_ids, base_model, resolve_train(cfg or Config()), progress, route)
 
 
 def _train_on_vectors(train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
-                      progress: bool) -> TrainResult:
+                      progress: bool, lora: QueryRoute | None = None) -> TrainResult:
     if all(len(train.qrels[q]) >= len(corpus_ids) for q in train.ids):
         raise AdapterError(f"every chunk ({len(corpus_ids)}) is relevant to every training question: there is "
                            "nothing to rank, so nothing to learn")
     with torch_threads(1):  # small matmuls: one thread each; trials run side by side instead
         coverage = coverage_of(train.qrels, corpus_ids)
-        trials = Trials(train, corpus, corpus_ids, base_model, cfg)
+        trials = Trials(train, corpus, corpus_ids, base_model, cfg, lora)
         chosen, early = trials.run(progress)
+    if LORA in trials.names:  # minutes of encoder passes, on every core, once the linear trials are done
+        chosen, early = trials.run_lora(chosen, early)
+    with torch_threads(1) if chosen != LORA else contextlib.nullcontext():
         return trials.ship(chosen, early, coverage, progress)
 
 
@@ -246,8 +282,10 @@ class Trials:
     recipe's row (``trial``); ``choose`` picks among the rows done so far; ``run`` fits them side by side and
     ``ship`` refits the choice on every training question (or ships the identity)."""
 
-    def __init__(self, train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config):
+    def __init__(self, train: Split, corpus: np.ndarray, corpus_ids: list[str], base_model: str, cfg: Config,
+                 lora: QueryRoute | None = None):
         self.train, self.corpus, self.corpus_ids, self.base_model, self.cfg = train, corpus, corpus_ids, base_model, cfg
+        self.lora = lora
         self.t0 = time.perf_counter()
         self.dim = corpus.shape[1]
         self.dims = list(default_dims(self.dim))
@@ -260,13 +298,17 @@ class Trials:
         self.watch = self.kinds[0]  # its questions are the curves, and pick the epoch a "best" recipe keeps
         self.outside = [held_out_rows(f.unseen, corpus_ids) for f in self.folds]
         self.names = recipe_names(cfg)
+        if LORA in self.names and lora is None:
+            raise AdapterError(f"train.form {cfg.train.form!r} needs the encoder and the questions' texts")
+        linear = [n for n in self.names if n != LORA]
         # a recipe whose uncovered pull has no chunk to act on trains exactly as the same recipe without it (with
         # every chunk covered, the uncovered pulls are pull-0.01): each distinct recipe is fitted once, its row repeated
         bare = all(not len(uncovered_rows(len(corpus_ids), training_pairs(f.fit, corpus_ids).rows[:, 1], o))
                    for f, o in zip(self.folds, self.outside, strict=True))
         self.effective = {n: recipe_config(cfg, n).train if not bare else
-                          recipe_config(cfg, n).replace(uncovered_pull=0.0).train for n in self.names}
-        self.first = {n: next(m for m in self.names if self.effective[m] == self.effective[n]) for n in self.names}
+                          recipe_config(cfg, n).replace(uncovered_pull=0.0).train for n in linear}
+        self.first = {n: next(m for m in linear if self.effective[m] == self.effective[n]) for n in linear}
+        self.first.update({LORA: LORA} if LORA in self.names else {})
         self.fitted: dict[str, tuple[dict[str, Any], list[TrainResult]]] = {}  # recipe -> (its row, its fold fits)
         self.halt = threading.Event()  # set on an error or an interrupt: every running fit stops at its next step
 
@@ -309,7 +351,7 @@ class Trials:
     def choose(self) -> str | None:
         """The recipe the rows done so far choose, None for the identity; a recipe asked for by name ships."""
         named = self.rows()
-        if self.cfg.train.recipe != "auto":  # a recipe asked for by name (or by its settings) ships
+        if self.cfg.train.recipe != "auto" and LORA not in self.names:  # a recipe asked for by name ships
             return named[0][0] if named else None
         tc = self.cfg.train
         pick = select([dict(row) for _, row in named], tc.objective, tc.safety_z, tc.simpler_within)
@@ -317,6 +359,8 @@ class Trials:
 
     def refit(self, name: str, stop: threading.Event | None = None, show: bool = False) -> TrainResult:
         """The recipe fitted on every training question; a "best" recipe for the folds' median best epoch."""
+        if name == LORA:
+            return self.refit_lora(stop)
         rc = recipe_config(self.cfg, name)
         if rc.train.epoch_choice == "best":  # the folds' median best epoch, on every question (0: the identity)
             keep = self.fitted[self.first[name]][0]["epoch"]
@@ -330,14 +374,14 @@ class Trials:
         """Every fold fit, ``train.workers`` at a time, then the choice on every row. With nothing left to queue
         and a worker idle, the recipe the finished trials choose is refit beside the last fits: kept when the final
         choice agrees, stopped when it does not. Returns the choice and that refit (None when not kept)."""
-        distinct = run_order([n for n in self.names if self.first[n] == n], self.effective)
+        distinct = run_order([n for n in self.names if self.first[n] == n and n != LORA], self.effective)
         tasks = [(n, f) for n in distinct for f in range(len(self.folds))]
         workers = max(1, min(len(tasks), self.cfg.train.workers))
         fits: dict[str, dict[int, TrainResult]] = {n: {} for n in distinct}
         ahead: tuple[str, Future, threading.Event] | None = None  # (recipe, its refit, stop): started before the choice
         with ThreadPoolExecutor(workers) as pool:
             running = {pool.submit(self.fold_fit, n, f): (n, f) for n, f in tasks}
-            bar = tqdm(total=len(tasks), desc=f"recipes x {len(self.folds)} folds", disable=not progress)
+            bar = tqdm(total=len(tasks), desc=f"recipes x {len(self.folds)} folds", disable=not progress or not tasks)
             try:
                 while running:
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -373,6 +417,45 @@ class Trials:
             logger.info("the last trials moved the choice from %s to %s: its refit stopped", ahead[0], chosen)
             return chosen, None
 
+    def run_lora(self, chosen: str | None, early: TrainResult | None) -> tuple[str | None, TrainResult | None]:
+        """The query LoRA's trial, then the choice again with its row: the linear refit made ahead is kept when the
+        choice stays."""
+        self.fitted[LORA] = self.lora_trial()
+        now = self.choose()
+        return now, early if now == chosen else None
+
+    def lora_trial(self) -> tuple[dict[str, Any], list[TrainResult]]:
+        """The query LoRA's row: fitted on the first fold only (a fit costs minutes of encoder passes, not seconds),
+        its epoch picked on that fold's watched slice as a "best" recipe's is, both slices scored through the
+        adapted encoder and estimated as the linear trials' are, on fewer questions (its s.e. says so)."""
+        assert self.lora is not None
+        watch = self.slices[0][self.watch]
+        fitted = fit_lora(self.lora.model, self.folds[0].fit, self.lora.texts, self.corpus, self.corpus_ids,
+                          self.cfg, val=watch.split, tie_rank=self.tie_rank, outside=self.outside[0], stop=self.halt)
+        query_lora = QueryLora.from_fit(fitted, self.base_model, self.cfg)
+        scores, metrics = {}, {}
+        for k in self.kinds:
+            s = self.slices[0][k]
+            if s:
+                vectors = query_lora.encode_queries([self.lora.texts[q] for q in s.split.ids])
+                scores[k], metrics[k] = pooled([s], [s.score_vectors(vectors, self.corpus, self.corpus_ids,
+                                                                      self.dims, self.tie_rank)], self.dims)
+        r = TrainResult(query_lora, fitted.best_epoch, fitted.history, {self.dim: watch.base_metrics()},
+                        {self.dim: metrics[self.watch]}, fitted.seconds)
+        row = {**_fields(self.cfg, LORA), **{k: scores.get(k) for k in ("seen", "unseen")},
+               "epoch": fitted.best_epoch, "seconds": _r(fitted.seconds)}
+        logger.info("trial lora done at %.0f s", time.perf_counter() - self.t0)
+        return row, [r]
+
+    def refit_lora(self, stop: threading.Event | None = None) -> TrainResult:
+        """The query LoRA fitted on every training question for the epochs its trial kept."""
+        assert self.lora is not None
+        keep = self.fitted[LORA][0]["epoch"]
+        fitted = fit_lora(self.lora.model, self.train, self.lora.texts, self.corpus, self.corpus_ids, self.cfg,
+                          epochs=keep, tie_rank=self.tie_rank, stop=stop)
+        return TrainResult(QueryLora.from_fit(fitted, self.base_model, self.cfg), keep, fitted.history,
+                           seconds=fitted.seconds)
+
     def ship(self, chosen: str | None, early: TrainResult | None, coverage: dict[str, Any],
              progress: bool) -> TrainResult:
         """What ships: the chosen recipe refit on every question (``early`` when it was refit ahead) with its
@@ -386,7 +469,8 @@ class Trials:
             # the curves of the trial that came closest, so a user sees what was tried and why it did not ship
             closest = max(range(len(trials)), key=[_gain(t)["delta"] for t in trials].__getitem__)
             warnings.append(identity_line(trials[closest], cfg.train.objective))
-            form = recipe_config(cfg, names[closest]).train.rank  # the identity in that trial's form (size, dtype)
+            # the identity in that trial's form (size, dtype); the linear identity for the LoRA's (the base exactly)
+            form = recipe_config(cfg, names[closest]).train.rank if names[closest] != LORA else None
             shipped = TrainResult(LinearAdapter.identity(self.dim, self.base_model, rank=form, seed=cfg.seed), 0,
                                   done[closest].history)
             shipped.base_val = shipped.best_val = done[closest].base_val
@@ -426,6 +510,9 @@ def run_order(names: Sequence[str], effective: dict[str, TrainConfig]) -> list[s
 
 def _fields(cfg: Config, name: str) -> dict[str, Any]:
     """A trial row's name and recipe settings, as metadata stores them."""
+    if name == LORA:
+        return {"recipe": LORA, "r": cfg.lora.r, **lora_settings(cfg.lora), "lr": cfg.lora.lr,
+                "epochs": cfg.lora.epochs}
     tcfg = recipe_config(cfg, name)
     return {"recipe": name, **{f: _jsonable(getattr(tcfg.train, f)) for f in RECIPE_FIELDS}}
 
@@ -570,8 +657,13 @@ class _Slice:
         """The adapter's per-query scores, as ``base`` and ``base_full`` hold the base's (None: the base's own)."""
         if adapter is None:
             return self.base, self.base_full
+        return self.score_vectors(adapter.apply(self.split.vectors), corpus, corpus_ids, dims, tie_rank)
+
+    def score_vectors(self, vectors: np.ndarray, corpus: np.ndarray, corpus_ids: list[str], dims: Sequence[int],
+                      tie_rank: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The per-query scores of these questions' vectors from another query encoder (the query LoRA's)."""
         tie_rank = id_rank(corpus_ids) if tie_rank is None else tie_rank
-        return _per_query(adapter.apply(self.split.vectors), corpus, self.split, corpus_ids, dims, tie_rank)
+        return _per_query(vectors, corpus, self.split, corpus_ids, dims, tie_rank)
 
 
 def pooled(slices: Sequence[_Slice], scores: Sequence[tuple[np.ndarray, dict[str, np.ndarray]]],

@@ -197,6 +197,12 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return _common_header(path, meta)
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """An adapter file's training metadata (either form), from its header alone: what `adapter evaluate` prints."""
+    header = read_header(path)
+    return training_meta({k: v for k, v in header.items() if k not in (*FORMAT_KEYS, "lora")})
+
+
 def checked_adapter(adapter: LinearAdapter | str | os.PathLike, backend: Any, *,
                     allow_other_model: bool = False) -> LinearAdapter:
     """The adapter (loaded when a path), refused in one line unless it fits the backend's model and dimension

@@ -28,6 +28,7 @@ from adapter.data import Dataset, atomic_write, fingerprint, relevant, replace_f
 from adapter.diagnose import insights
 from adapter.errors import AdapterError, refuse_existing
 from adapter.evaluate import PRIMARY_METRIC, TOP_K, paired_bootstrap
+from adapter.lora import QueryLora, load_query_transform
 from adapter.model import LinearAdapter
 from adapter.report import Comparison, SystemInfo
 from adapter.systems import (
@@ -40,6 +41,8 @@ from adapter.systems import (
 )
 
 if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
     from adapter.encoder import Encoder
     from adapter.rerank import Reranker
     from adapter.rerank_train import RerankResult
@@ -60,7 +63,8 @@ def embed_dataset(dataset: Dataset, encoder: Encoder, query_ids: Sequence[str] |
 
 
 def evaluate_dataset(dataset: Dataset, cfg: Config | None = None, *, encoder: Encoder | None = None,
-                     adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
+                     adapters: Mapping[str, LinearAdapter | QueryLora | str | os.PathLike]
+                     | Sequence[str | os.PathLike] = (),
                      corpus: CorpusSource | None = None,
                      allow_other_model: bool = False, reranker: Reranker | str | os.PathLike | None = None
                      ) -> SystemResults:
@@ -130,7 +134,8 @@ class StoreSearch:
 
 def evaluate_store_search(dataset: Dataset, store: Store, cfg: Config | None = None, *,
                           encoder: Encoder | None = None,
-                          adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
+                          adapters: Mapping[str, LinearAdapter | QueryLora | str | os.PathLike]
+                     | Sequence[str | os.PathLike] = (),
                           allow_other_model: bool = False) -> StoreSearch:
     """Score base and adapters through ``store``'s own search: adapted query vectors in, top-100 ids out, no vector
     read out of the store, so an index too large to read out is scored as it serves. Ids name chunks as
@@ -175,19 +180,27 @@ def write_results(results: SystemResults, path: str | os.PathLike, *, force: boo
     return path
 
 
-def search(queries: str | Sequence[str], store: Store, adapter: LinearAdapter | str | os.PathLike,
+def search(queries: str | Sequence[str], store: Store, adapter: LinearAdapter | QueryLora | str | os.PathLike,
            cfg: Config | None = None, *, allow_other_model: bool = False) -> list[Hits]:
-    """Top ``cfg.store.k`` hits of an existing store for each query, through the adapter: only the queries are
-    embedded (base model ``cfg.encoder.model``, local or ``openai:NAME``), and the store's own ids come back."""
+    """Top ``cfg.store.k`` hits of an existing store for each query, through the adapter (either form): only the
+    queries are embedded (base model ``cfg.encoder.model``, local or ``openai:NAME``; a query LoRA needs it local),
+    and the store's own ids come back."""
     from adapter.encoder import Encoder
 
     cfg = cfg or Config()
     texts = [queries] if isinstance(queries, str) else list(queries)
-    transform = adapter if isinstance(adapter, LinearAdapter) else LinearAdapter.load(adapter)
+    loaded = isinstance(adapter, LinearAdapter | QueryLora)
+    transform = adapter if loaded else load_query_transform(adapter)
     encoder = Encoder.from_config(cfg, show_progress=False)
     transform.check_base_model(encoder.identity, allow_other_model=allow_other_model,
-                               source="adapter" if isinstance(adapter, LinearAdapter) else str(adapter))
-    vectors = transform.apply(encoder.backend.embed(texts, "query"))  # live queries: not worth caching
+                               source="adapter" if loaded else str(adapter))
+    if isinstance(transform, QueryLora):
+        if encoder.model is None:
+            raise AdapterError(f"{adapter}: a query LoRA runs the encoder's own weights; {encoder.name} is a remote "
+                               "model, so only a linear adapter applies to it")
+        vectors = transform.encode_queries(texts, encoder.model)
+    else:
+        vectors = transform.apply(encoder.backend.embed(texts, "query"))  # live queries: not worth caching
     return store.search(vectors, cfg.store.k, id_field=cfg.store.id_field)
 
 
@@ -222,13 +235,15 @@ def _best_seconds(call: Callable[[], Any], repeats: int, number: int = 1) -> flo
     return min(timeit.Timer(call, timer=LATENCY_CLOCK).repeat(repeat=repeats, number=number)) / number
 
 
-def _encode_seconds(encoder: Encoder, texts: Sequence[str], repeats: int) -> tuple[np.ndarray, np.ndarray]:
+def _encode_seconds(encoder: Encoder, texts: Sequence[str], repeats: int,
+                    model: SentenceTransformer | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Seconds to embed each query on its own, warm (every text embedded once untimed first), best of ``repeats``
     rounds over all of them (a query's timings spread out in time: a burst of other work cannot spoil them all); and
-    the vectors."""
+    the vectors. ``model``: a local model to time instead of the encoder's (a query LoRA's adapted encoder)."""
     kw = {"normalize_embeddings": True, "convert_to_numpy": True, "show_progress_bar": False}
-    if encoder.model is not None:
-        embed = lambda text: encoder.model.encode_query([text], **kw)[0]  # noqa: E731
+    model = model if model is not None else encoder.model
+    if model is not None:
+        embed = lambda text: model.encode_query([text], **kw)[0]  # noqa: E731
     else:  # a remote model: the round trip is the latency
         embed = lambda text: encoder.backend.embed([text], "query")[0]  # noqa: E731
     vectors = np.array([embed(text) for text in texts], dtype=np.float32)  # the warm-up
@@ -269,7 +284,12 @@ def _costs(systems: Mapping[str, System], texts: Sequence[str], chunks: Sequence
         seconds, vectors = timed[id(s.encoder)]
         ms = float(np.median(seconds) * 1000)
         own = None
-        if s.transform is not None:
+        if isinstance(s.transform, QueryLora):  # its own encoder, merged: timed whole, in place of the base's
+            seconds = _encode_seconds(s.encoder, texts, repeats, s.transform.query_model(s.encoder.model))[0]
+            ms = float(np.median(seconds) * 1000)
+            size = Path(s.source).stat().st_size if Path(s.source).is_file() else \
+                sum(t.numel() * t.element_size() for t in s.transform.tensors.values())
+        elif s.transform is not None:
             own = float(np.median(_apply_seconds(s.transform, vectors, repeats)) * 1000)
             size = (Path(s.source).stat().st_size if Path(s.source).is_file()
                     else sum(t.nbytes for t in s.transform.tensors().values()))

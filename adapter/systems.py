@@ -1,7 +1,8 @@
 """One notion of a system, built in one place and scored by one function.
 
 A system is what turns a question into a ranking: an encoder that embeds the queries, an optional query transform (a
-``LinearAdapter``), and where its corpus vectors come from (a ``CorpusSource``: the encoder's cached encoding of
+``LinearAdapter`` on its query vectors, or a ``QueryLora`` that encodes the queries through the adapted encoder
+itself), and where its corpus vectors come from (a ``CorpusSource``: the encoder's cached encoding of
 corpus.jsonl, or vectors read out of an existing store or file). ``build_systems`` makes the named systems every
 command scores (base, each adapter on it, each fine-tuned folder, each other model) with the checks they all need;
 ``score`` runs the one judge over them. `adapter evaluate`, `adapter compare`, the demo and the benchmarks all go
@@ -24,6 +25,7 @@ from adapter.corpus import CorpusSource, EncodedCorpus, SearchedStore
 from adapter.data import Dataset, relevant
 from adapter.errors import AdapterError
 from adapter.evaluate import TOP_K, Reorder, Results, evaluate, evaluate_ranked, resolve_dims
+from adapter.lora import QueryLora, load_query_transform
 from adapter.model import LinearAdapter, read_finetune_meta
 
 if TYPE_CHECKING:
@@ -41,7 +43,7 @@ class System:
 
     name: str
     encoder: Encoder  # embeds the queries (and, with EncodedCorpus, the corpus)
-    transform: LinearAdapter | None = None  # applied to query vectors only
+    transform: LinearAdapter | QueryLora | None = None  # on the query side only; documents stay the base's
     corpus: CorpusSource = field(default_factory=EncodedCorpus)
     kind: str = "base"  # "base", "adapter", "fine-tune" or "model"
     source: str = ""  # the adapter file, model folder or model name
@@ -51,7 +53,10 @@ class System:
     first_stage: str | None = None  # reranked systems: the name of the system whose list is reordered
 
     def encode_queries(self, texts: Sequence[str]) -> np.ndarray:
-        """The vectors this system searches with: cached query vectors, through the transform when there is one."""
+        """The vectors this system searches with: cached query vectors, through the transform when there is one; a
+        query LoRA's from its adapted encoder (not cached: the questions of one run, encoded once)."""
+        if isinstance(self.transform, QueryLora):
+            return self.transform.encode_queries(texts, self.encoder.model)
         q = self.encoder.encode_queries(texts)
         return self.transform.apply(q) if self.transform is not None else q
 
@@ -63,14 +68,15 @@ def _add(systems: dict[str, System], system: System) -> None:
 
 
 def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
-                  adapters: Mapping[str, LinearAdapter | str | os.PathLike] | Sequence[str | os.PathLike] = (),
+                  adapters: Mapping[str, LinearAdapter | QueryLora | str | os.PathLike]
+                  | Sequence[str | os.PathLike] = (),
                   finetuned: Sequence[str | os.PathLike] = (), models: Sequence[str] = (),
                   corpus: CorpusSource | None = None, allow_other_model: bool = False,
                   reranker: Reranker | str | os.PathLike | None = None, rerank_k: int | None = None,
                   progress: bool = True) -> dict[str, System]:
     """The named systems to score, in order: ``base`` (``encoder``, default ``cfg.encoder``), each adapter on it
-    (files named after their stem, or given as ``{name: adapter or file}``), each fine-tuned model folder (named after
-    the folder) and each other model (named after its last path part).
+    (files of either form named after their stem, or given as ``{name: adapter or file}``), each fine-tuned model
+    folder (named after the folder) and each other model (named after its last path part).
 
     Base and its adapters search ``corpus`` (default: the base encoder's cached corpus.jsonl); fine-tuned and other
     models always embed corpus.jsonl themselves. Adapters are checked against the base model and dimension. With a
@@ -88,8 +94,11 @@ def build_systems(cfg: Config | None = None, *, encoder: Encoder | None = None,
     systems = {"base": System("base", base, corpus=corpus, kind="base", source=base.name)}
     named = adapters.items() if isinstance(adapters, Mapping) else ((Path(p).stem, p) for p in adapters)
     for name, given in named:
-        adapter = given if isinstance(given, LinearAdapter) else LinearAdapter.load(given)
-        source = name if isinstance(given, LinearAdapter) else str(given)
+        adapter = given if isinstance(given, LinearAdapter | QueryLora) else load_query_transform(given)
+        source = name if isinstance(given, LinearAdapter | QueryLora) else str(given)
+        if isinstance(adapter, QueryLora) and base.model is None:
+            raise AdapterError(f"{source}: a query LoRA runs the encoder's own weights; {base.name} is a remote "
+                               "model, so only a linear adapter applies to it")
         adapter.check_base_model(base.identity, allow_other_model=allow_other_model, source=source)
         if adapter.dim != base.dim:
             raise AdapterError(f"{source}: adapter is {adapter.dim}-dimensional, the model {base.dim}")

@@ -59,7 +59,7 @@ class Split:
 class TrainResult:
     """The selected adapter and how it was chosen."""
 
-    adapter: LinearAdapter
+    adapter: LinearAdapter  # or, for train.form "lora", an adapter.lora.QueryLora (the same file schema)
     best_epoch: int  # 0 means the identity won: training did not beat base on validation
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss and validation ndcg@10
     base_val: Results = field(default_factory=dict)  # validation metrics of the identity (base), {dim: metrics}
