@@ -21,6 +21,7 @@ as if the unseen slice's chunks were not indexed yet, so the unseen-chunk estima
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -38,7 +39,7 @@ from adapter.data import Dataset, Qrels, fingerprint, relevant
 from adapter.errors import AdapterError
 from adapter.evaluate import PRIMARY_METRIC, id_rank
 from adapter.evaluate import evaluate as judge
-from adapter.lora import QueryLora, fit_lora, lora_settings
+from adapter.lora import QueryLora, fit_lora
 from adapter.model import LinearAdapter, estimate_change
 from adapter.train import (
     EPOCH_CHOICES,
@@ -511,8 +512,7 @@ def run_order(names: Sequence[str], effective: dict[str, TrainConfig]) -> list[s
 def _fields(cfg: Config, name: str) -> dict[str, Any]:
     """A trial row's name and recipe settings, as metadata stores them."""
     if name == LORA:
-        return {"recipe": LORA, "r": cfg.lora.r, **lora_settings(cfg.lora), "lr": cfg.lora.lr,
-                "epochs": cfg.lora.epochs}
+        return {"recipe": LORA, **{k: _jsonable(v) for k, v in dataclasses.asdict(cfg.lora).items()}}
     tcfg = recipe_config(cfg, name)
     return {"recipe": name, **{f: _jsonable(getattr(tcfg.train, f)) for f in RECIPE_FIELDS}}
 

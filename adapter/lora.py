@@ -82,10 +82,14 @@ class LoraFit:
     seconds: float = 0.0
 
 
-def lora_settings(lc: LoraConfig) -> dict[str, Any]:
-    """What the file records of the LoRA's shape, and all ``with_lora`` needs to rebuild it."""
+def lora_settings(lc: LoraConfig, model: SentenceTransformer) -> dict[str, Any]:
+    """What the file records of the LoRA's shape, and all ``with_lora`` needs to rebuild it: ``lc.top_layers`` made
+    the model's own layer numbers (None: every layer)."""
+    n = getattr(model[0].auto_model.config, "num_hidden_layers", None)
+    top = lc.top_layers
+    layers = list(range(n - top, n)) if top is not None and n is not None and top < n else None
     return {"alpha": float(lc.alpha), "dropout": float(lc.dropout), "target_modules": list(lc.target_modules),
-            "layers": list(lc.layers) if lc.layers else None}
+            "layers": layers}
 
 
 def with_lora(model: SentenceTransformer, r: int, settings: Mapping[str, Any], seed: int = 0) -> SentenceTransformer:
@@ -184,7 +188,7 @@ def fit_lora(model: SentenceTransformer, train: Split, texts: Mapping[str, str],
     val = bounded(val, n_corpus, cfg)
     dims = list(default_dims(dim))
     candidates = every_chunk(corpus, dims)  # (N, m) per dim: every chunk a candidate, truncated once
-    lora = with_lora(model, lc.r, lora_settings(lc), cfg.seed)
+    lora = with_lora(model, lc.r, lora_settings(lc, model), cfg.seed)
     lora.eval()  # the encoder's own dropout off: each step is a deterministic function of the weights and batch
     params = [p for p in lora.parameters() if p.requires_grad]
     steps = -(-len(pairs.rows) // lc.batch_size) * max(1, epochs)
@@ -248,7 +252,7 @@ class QueryLora:
     def from_fit(cls, fitted: LoraFit, base_model: str, cfg: Config) -> QueryLora:
         """The file's content for a fit (its kept epoch), its merged encoder ready."""
         dim = int(fitted.model.get_embedding_dimension())
-        out = cls(dim, base_model, cfg.lora.r, lora_settings(cfg.lora), lora_tensors(fitted.model))
+        out = cls(dim, base_model, cfg.lora.r, lora_settings(cfg.lora, fitted.model), lora_tensors(fitted.model))
         out.model = merged(fitted.model)
         return out
 

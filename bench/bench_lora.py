@@ -1,22 +1,30 @@
-"""Benchmark for the query-side LoRA fine-tune (issue #26, the experiment in bench/query_lora.py): on AppleQA and
-waterops, split by query and by chunk, at full data and at a few questions per chunk, test ndcg@10 as a ratio to base
-at every dim, the training seconds, the file's bytes, and the corpus texts embedded during training (asserted 0). The
-epoch is chosen on a validation split carved from the training questions (the same kind of split, 20%), never on
-test.
+"""Benchmark for the query-side LoRA (issue #26): `adapter train --form lora` as it ships, beside the linear default,
+`--objective seen` and a one-epoch full fine-tune, on the grid of bench_quality.py.
+
+- Datasets: AppleQA (../shared/data/appleqa) and the bundled waterops; shapes: every question ("full") or a seeded
+  2 per chunk; splits by query and by chunk, 20% held out; split seeds 0-4 (the subsample, the split and the
+  training seed), exactly bench_quality.py's cells.
+- LoRA: ``adapter.choice.train_on_vectors`` with ``train.form`` "lora" (or "auto": both forms compete), the cached
+  query and chunk vectors and the questions' texts: its one-fold trial, the choice against the identity and the
+  refit, as `adapter train` runs them. Every text embedded while it trains is counted (asserted 0).
+- Linear default and `--objective seen`: read from bench/results/quality.json (bench_quality.py, the same cells).
+- One-epoch full fine-tune (``--finetune``): ``adapter.finetune.finetune`` with finetune.epochs=1 on the same
+  training questions, its test score with the corpus re-embedded by the fine-tuned model.
+- ``--cost``: seconds per query of a merged LoRA encoder against the base, interleaved rounds, the best of each.
 
     python bench/bench_lora.py [--shared ../shared] [--datasets appleqa,waterops] [--scenarios query,chunk]
-        [--shapes full,2] [--seeds 0] [--rank 8] [--lr 3e-4] [--epochs 3] [--batch-size 32] [--cost]
+        [--shapes full,2] [--seeds 0,1,2,3,4] [--forms lora] [--finetune] [--cost] [--report]
 
-Each cell is merged into bench/results/lora.json (keyed by dataset, shape, scenario, seed and settings) as it
-finishes, so a long run can be stopped and resumed. ``--cost`` times the merged encoder against the base per query.
+Cells merge into bench/results/lora.json as they finish (a long run can stop and resume: ``--skip-done``).
+``--report`` prints the Markdown table BENCHMARKS.md quotes: test ndcg@10 as a ratio to base, mean ± sd over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -29,13 +37,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 DIMS = (384, 256, 128, 64)
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-# the linear default's test ratios at dims 384 (by query, full and 2 per chunk), for the table
-LINEAR = {("appleqa", "full", "query"): 1.372, ("waterops", "full", "query"): 1.122,
-          ("appleqa", "2", "query"): 1.118, ("waterops", "2", "query"): 1.037}
+RESULTS = ROOT / "bench" / "results" / "lora.json"
 
 
-def load(shared: Path, work: Path):
-    """The encoder and both datasets as (queries {id: text}, qrels, corpus ids, corpus vectors), embedded once."""
+def load(shared: Path, work: Path) -> tuple:
+    """The encoder and both datasets as bench_quality's tuples plus the question texts and the dataset."""
     from adapter.data import convert, load_dataset, relevant
     from adapter.encoder import Encoder
 
@@ -45,127 +51,222 @@ def load(shared: Path, work: Path):
     for name, folder in (("appleqa", work / "appleqa"), ("waterops", ROOT / "data" / "waterops")):
         ds = load_dataset(folder)
         qrels = relevant(ds.split("all"))
-        cids = list(ds.corpus)
-        out[name] = ({q: ds.queries[q] for q in qrels}, qrels, cids,
-                     encoder.encode_documents([ds.doc_text(c) for c in cids]))
+        qids, cids = list(qrels), list(ds.corpus)
+        out[name] = ((qids, encoder.encode_queries([ds.queries[q] for q in qids]), qrels, cids,
+                      encoder.encode_documents([ds.doc_text(c) for c in cids])), {q: ds.queries[q] for q in qids}, ds)
     return encoder, out
 
 
-def run_cell(encoder, data, dname: str, shape: str, kind: str, seed: int, cfg, work: Path) -> dict:
-    """One (dataset, shape, split, seed): fit on train minus a validation carve, score test against base."""
-    from bench_quality import subsample
-    from query_lora import encode_queries, fit_query_lora, merged, save_query_lora
-    from sentence_transformers import SentenceTransformer
-
-    from adapter.data import partition_qrels
+def ratios(vectors, base_vectors, corpus, split, cids) -> dict[int, float]:
     from adapter.evaluate import evaluate
 
-    queries, qrels, cids, corpus = data
-    qrels = subsample(qrels, shape, seed)
-    parts, _ = partition_qrels(qrels, by=kind, test_fraction=0.2, seed=seed)
-    inner, _ = partition_qrels(parts["train"], by=kind, test_fraction=0.2, seed=seed)  # validation from train only
-    fit_qrels, val_qrels, test = inner["train"], inner["test"], parts["test"]
+    base = evaluate(base_vectors, corpus, split.qrels, split.ids, cids, DIMS)
+    got = evaluate(vectors, corpus, split.qrels, split.ids, cids, DIMS)
+    return {str(d): got[d]["ndcg@10"] / base[d]["ndcg@10"] for d in DIMS}
 
-    # every way a corpus text could be embedded during the fit, counted
-    calls = {"encode_document": 0}
+
+def lora_cell(encoder, data, dname: str, shape: str, kind: str, seed: int, form: str, work: Path) -> dict:
+    """`adapter train --form FORM` on one cell, scored on its test questions."""
+    from bench_quality import scenario
+    from sentence_transformers import SentenceTransformer
+
+    from adapter.choice import QueryRoute, train_on_vectors
+    from adapter.config import Config
+    from adapter.lora import QueryLora
+
+    arrays, texts, _ = data
+    _, _, _, cids, corpus = arrays
+    train, tests = scenario(arrays, shape, kind, seed)
+    calls = {"documents": 0}
     original = SentenceTransformer.encode_document
 
-    def counted(self, *a, **k):
-        calls["encode_document"] += 1
-        return original(self, *a, **k)
+    def counted(self, sentences, *a, **k):  # any corpus text the fit would embed
+        calls["documents"] += len(sentences) if isinstance(sentences, list) else 1
+        return original(self, sentences, *a, **k)
 
     before = encoder.texts_encoded
     SentenceTransformer.encode_document = counted
+    t, c = time.perf_counter(), time.process_time()
     try:
-        result = fit_query_lora(encoder.model, queries, fit_qrels, corpus, cids, val=val_qrels, cfg=cfg, seed=seed,
-                                base_model=MODEL)
+        r = train_on_vectors(train, corpus, cids, encoder.identity, Config().replace(seed=seed, train={"form": form}),
+                             progress=False, route=QueryRoute(encoder.model, {q: texts[q] for q in train.ids}))
     finally:
         SentenceTransformer.encode_document = original
-    embedded = encoder.texts_encoded - before + calls["encode_document"]
-    assert embedded == 0, f"the fit embedded {embedded} corpus texts"
-
-    path = save_query_lora(result, work / f"{dname}-{shape}-{kind}-{seed}.safetensors", force=True)
-    test_ids = list(test)
-    texts = [queries[q] for q in test_ids]
-    base_vec = encoder.encode_queries(texts)  # the cache's base vectors (what the index is searched with today)
-    lora_vec = encode_queries(merged(result.model), texts)
-    base = evaluate(base_vec, corpus, test, test_ids, cids, DIMS)
-    got = evaluate(lora_vec, corpus, test, test_ids, cids, DIMS)
-    return {"dataset": dname, "shape": shape, "scenario": kind, "seed": seed,
-            "train_questions": len(fit_qrels), "val_questions": len(val_qrels), "test_questions": len(test_ids),
-            "ratio": {d: got[d]["ndcg@10"] / base[d]["ndcg@10"] for d in DIMS},
-            "test_ndcg": {d: got[d]["ndcg@10"] for d in DIMS}, "base_ndcg": {d: base[d]["ndcg@10"] for d in DIMS},
-            "best_epoch": result.best_epoch, "history": result.history, "train_seconds": result.seconds,
-            "train_cpu_seconds": result.cpu_seconds,
-            "file_bytes": path.stat().st_size, "corpus_texts_embedded": embedded}
+    seconds, cpu = time.perf_counter() - t, time.process_time() - c
+    embedded = encoder.texts_encoded - before + calls["documents"]
+    assert embedded == 0, f"training embedded {embedded} corpus texts"
+    test = tests["test"]
+    lora = isinstance(r.adapter, QueryLora)
+    vectors = r.adapter.encode_queries([texts[q] for q in test.ids]) if lora else r.adapter.apply(test.vectors)
+    path = r.adapter.save(work / f"{dname}-{shape}-{kind}-{seed}-{form}.safetensors", force=True)
+    return {"dataset": dname, "shape": shape, "scenario": kind, "seed": seed, "form": form, "recipe": r.recipe,
+            "questions": len(train.ids), "test_questions": len(test.ids),
+            "ratio": ratios(vectors, test.vectors, corpus, test, cids), "trials": r.trials,
+            "train_seconds": seconds, "train_cpu_seconds": cpu, "file_bytes": path.stat().st_size,
+            "corpus_texts_embedded": embedded}
 
 
-def query_cost(encoder, queries: list[str], cfg, rounds: int = 3) -> dict:
-    """Seconds per query of the merged LoRA encoder and of the base, interleaved rounds, the fastest of each."""
-    from query_lora import encode_queries, merged, with_lora
+def finetune_cell(encoder, data, dname: str, shape: str, kind: str, seed: int, work: Path) -> dict:
+    """A one-epoch full fine-tune on the cell's training questions, scored with the corpus re-embedded."""
+    from bench_quality import scenario
 
-    lora = merged(with_lora(encoder.model, cfg))
+    from adapter.config import Config
+    from adapter.data import Dataset
+    from adapter.encoder import Encoder
+    from adapter.finetune import finetune
+
+    arrays, texts, ds = data
+    _, _, _, cids, corpus = arrays
+    train, tests = scenario(arrays, shape, kind, seed)
+    test = tests["test"]
+    folder = work / f"ft-{dname}-{shape}-{kind}-{seed}"
+    cell_ds = Dataset(ds.corpus, ds.queries, {"train": train.qrels, "test": test.qrels}, ds.titles, work / dname)
+    cfg = Config().replace(seed=seed, finetune={"epochs": 1})
+    t, c = time.perf_counter(), time.process_time()
+    finetune(cell_ds, folder, cfg, progress=False)
+    seconds, cpu = time.perf_counter() - t, time.process_time() - c
+    tuned = Encoder(str(folder), cache_dir=work / "ft-cache", show_progress=False)
+    own = tuned.encode_documents([ds.doc_text(c) for c in cids])
+    from adapter.evaluate import evaluate
+
+    base = evaluate(test.vectors, corpus, test.qrels, test.ids, cids, DIMS)
+    got = evaluate(tuned.encode_queries([texts[q] for q in test.ids]), own, test.qrels, test.ids, cids, DIMS)
+    return {"dataset": dname, "shape": shape, "scenario": kind, "seed": seed, "form": "finetune-1",
+            "ratio": {str(d): got[d]["ndcg@10"] / base[d]["ndcg@10"] for d in DIMS}, "train_seconds": seconds,
+            "train_cpu_seconds": cpu}
+
+
+def query_cost(encoder, queries: list[str], rounds: int = 5) -> dict:
+    """Seconds per query of a merged LoRA encoder (the default shape, B random) and of the base, one query a call,
+    interleaved rounds, the best of each."""
+    import torch
+
+    from adapter.config import LoraConfig
+    from adapter.lora import encode_queries, lora_settings, merged, with_lora
+
+    lora = with_lora(encoder.model, LoraConfig.r, lora_settings(LoraConfig(), encoder.model))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    lora = merged(lora)
     times: dict[str, list[float]] = {"base": [], "lora": []}
     for _ in range(rounds):
         for name, m in (("base", encoder.model), ("lora", lora)):
             t = time.perf_counter()
-            encode_queries(m, queries)
+            for q in queries:
+                encode_queries(m, [q])
             times[name].append((time.perf_counter() - t) / len(queries))
     base, ours = min(times["base"]), min(times["lora"])
     return {"queries": len(queries), "base_s_per_query": base, "lora_s_per_query": ours, "ratio": ours / base}
 
 
-def main() -> None:
-    from query_lora import LoraTrainConfig
+def key(c: dict) -> tuple:
+    return c["dataset"], c["shape"], c["scenario"], c["seed"], c["form"]
 
+
+def save(store: dict, path: Path) -> None:
+    if path.exists():  # another run may have added cells meanwhile
+        fresh = json.loads(path.read_text())
+        mine = {key(c) for c in store["cells"]}
+        store["cells"] = store["cells"] + [c for c in fresh["cells"] if key(c) not in mine]
+        store["cost"] = store.get("cost") or fresh.get("cost")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(store, indent=1))
+    tmp.replace(path)
+
+
+def fmt(values: list[float]) -> str:
+    if not values:
+        return "—"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f}x ±{sd:.3f}"
+
+
+def report(store: dict, quality: Path) -> None:
+    """The table: per dataset, shape and split, each system's test ratio at 384 and 64 over the seeds run."""
+    from bench_quality import replay, shipped
+
+    from adapter.choice import GAIN_Z
+
+    q = {(c["dataset"], c["shape"], c["scenario"], c["seed"]): c for c in json.loads(quality.read_text())} \
+        if quality.exists() else {}
+    groups: dict[tuple, dict[str, list[dict]]] = {}
+    for c in store["cells"]:
+        groups.setdefault((c["dataset"], c["shape"], c["scenario"]), {}).setdefault(c["form"], []).append(c)
+    print("| data | shape | split | seeds | query LoRA @384 | @64 | linear default @384 | @64 | "
+          "`--objective seen` @384 | @64 | one-epoch fine-tune @384 | @64 | LoRA shipped |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for (d, shape, kind), forms in sorted(groups.items()):
+        cells = sorted(forms.get("lora", []), key=lambda c: c["seed"])
+        if not cells:
+            continue
+        seeds = [c["seed"] for c in cells]
+        lin = [q[(d, shape, kind, s)] for s in seeds if (d, shape, kind, s) in q]
+        default = [c["default"]["test"] for c in lin]
+        seen = [shipped(c, replay(c, "seen", GAIN_Z))["test"] for c in lin]
+        ft = [c["ratio"] for c in forms.get("finetune-1", [])]
+        row = [d, shape, kind, ",".join(map(str, seeds))]
+        for values in ([c["ratio"] for c in cells], default, seen, ft):
+            row += [fmt([v[k] if k in v else v[int(k)] for v in values]) for k in ("384", "64")]
+        row.append(f"{sum(c['recipe'] == 'lora' for c in cells)}/{len(cells)}")
+        print("| " + " | ".join(row) + " |")
+    lora = [c for c in store["cells"] if c["form"] == "lora"]
+    if lora:
+        print(f"\nLoRA training: at most {max(c['train_seconds'] for c in lora):.0f} s wall, "
+              f"{max(c['train_cpu_seconds'] for c in lora):.0f} s CPU; files at most "
+              f"{max(c['file_bytes'] for c in lora):,} bytes; corpus texts embedded: "
+              f"{sum(c['corpus_texts_embedded'] for c in lora)}")
+    if store.get("cost"):
+        c = store["cost"]
+        print(f"Query cost, merged LoRA / base: {c['ratio']:.3f}x ({c['lora_s_per_query'] * 1000:.1f} ms / "
+              f"{c['base_s_per_query'] * 1000:.1f} ms per query, {c['queries']} queries one at a time)")
+
+
+def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--shared", type=Path, default=ROOT.parent / "shared")
     p.add_argument("--datasets", default="appleqa,waterops")
     p.add_argument("--scenarios", default="query,chunk")
     p.add_argument("--shapes", default="full,2")
-    p.add_argument("--seeds", default="0")
-    p.add_argument("--rank", type=int, default=LoraTrainConfig.rank)
-    p.add_argument("--lr", type=float, default=LoraTrainConfig.lr)
-    p.add_argument("--epochs", type=int, default=LoraTrainConfig.epochs)
-    p.add_argument("--batch-size", type=int, default=LoraTrainConfig.batch_size)
-    p.add_argument("--targets", default=",".join(LoraTrainConfig.target_modules))
-    p.add_argument("--layers", default="", help="Encoder layers given LoRA, comma-separated (default: all).")
-    p.add_argument("--cost", action="store_true", help="Also time the merged encoder against the base per query.")
-    p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "lora.json")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--forms", default="lora", help="Training forms to run: lora, auto.")
+    p.add_argument("--finetune", action="store_true", help="Also the one-epoch full fine-tune of each cell.")
+    p.add_argument("--cost", action="store_true", help="Time a merged LoRA encoder against the base per query.")
+    p.add_argument("--skip-done", action="store_true", help="Skip cells already in the results file.")
+    p.add_argument("--report", action="store_true", help="Only print the table from the results file.")
+    p.add_argument("--json", type=Path, default=RESULTS)
+    p.add_argument("--quality", type=Path, default=ROOT / "bench" / "results" / "quality.json")
     a = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    logging.getLogger("adapter.query_lora").setLevel(logging.INFO)
-    cfg = LoraTrainConfig(rank=a.rank, alpha=2.0 * a.rank, lr=a.lr, epochs=a.epochs, batch_size=a.batch_size,
-                          target_modules=tuple(a.targets.split(",")),
-                          layers=tuple(int(x) for x in a.layers.split(",")) if a.layers else None)
-    settings = {"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "epochs": cfg.epochs,
-                "batch_size": cfg.batch_size, "targets": list(cfg.target_modules),
-                "layers": list(cfg.layers) if cfg.layers else None}
+    store = json.loads(a.json.read_text()) if a.json.exists() else {"cells": [], "cost": None}
+    store.setdefault("cells", [])
+    if a.report:
+        report(store, a.quality)
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-lora-"))
     encoder, data = load(a.shared, work)
-    store = json.loads(a.json.read_text()) if a.json.exists() else {"cells": [], "cost": None}
     if a.cost:
-        qs = list(data["appleqa"][0].values())[:512]
-        store["cost"] = {"settings": settings, **query_cost(encoder, qs, cfg)}
-        print(json.dumps(store["cost"]))
-    for dname in a.datasets.split(","):
+        store["cost"] = query_cost(encoder, list(data["appleqa"][1].values())[:100])
+        save(store, a.json)
+    done = {key(c) for c in store["cells"]}
+    forms = a.forms.split(",") + (["finetune-1"] if a.finetune else [])
+    for shape in a.shapes.split(","):
         for kind in a.scenarios.split(","):
-            for shape in a.shapes.split(","):
+            for dname in a.datasets.split(","):
                 for seed in (int(s) for s in a.seeds.split(",")):
-                    cell = run_cell(encoder, data[dname], dname, shape, kind, seed, cfg, work)
-                    cell["settings"] = settings
-                    key = lambda c: (c["dataset"], c["shape"], c["scenario"], c["seed"], json.dumps(c["settings"]))  # noqa: E731
-                    if a.json.exists():  # another run may have added cells meanwhile
-                        store["cells"] = json.loads(a.json.read_text())["cells"]
-                    store["cells"] = [c for c in store["cells"] if key(c) != key(cell)] + [cell]
-                    a.json.parent.mkdir(parents=True, exist_ok=True)
-                    a.json.write_text(json.dumps(store, indent=1))
-                    r = cell["ratio"]
-                    print(f"{dname} {shape} {kind} seed {seed}: x{r[384]:.3f} @384, x{r[64]:.3f} @64; epoch "
-                          f"{cell['best_epoch']}, val {[round(h.get('ndcg@10', 0), 4) for h in cell['history']]}, "
-                          f"{cell['train_seconds']:.0f} s ({cell['train_cpu_seconds']:.0f} CPU s), "
-                          f"{cell['file_bytes']} bytes "
-                          f"(linear default x{LINEAR.get((dname, shape, kind), float('nan')):.3f})", flush=True)
+                    for form in forms:
+                        if a.skip_done and (dname, shape, kind, seed, form) in done:
+                            continue
+                        cell = (finetune_cell(encoder, data[dname], dname, shape, kind, seed, work)
+                                if form == "finetune-1" else
+                                lora_cell(encoder, data[dname], dname, shape, kind, seed, form, work))
+                        store["cells"] = [c for c in store["cells"] if key(c) != key(cell)] + [cell]
+                        save(store, a.json)
+                        r = cell["ratio"]
+                        print(f"{dname} {shape} {kind} seed {seed} {form}: x{r['384']:.3f} @384, x{r['64']:.3f} @64, "
+                              f"{cell.get('recipe', '')} {cell['train_seconds']:.0f} s", flush=True)
+    report(store, a.quality)
 
 
 if __name__ == "__main__":
