@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from adapter.backends import load_model, role_prompt
-from adapter.config import Config, LoraConfig, default_dims
+from adapter.config import Config, LoraConfig, TrainConfig, default_dims
 from adapter.data import atomic_write
 from adapter.errors import AdapterError, one_line, refuse_existing
 from adapter.evaluate import evaluate as judge
@@ -92,11 +92,14 @@ def lora_settings(lc: LoraConfig, model: SentenceTransformer) -> dict[str, Any]:
             "layers": layers}
 
 
-def with_lora(model: SentenceTransformer, r: int, settings: Mapping[str, Any], seed: int = 0) -> SentenceTransformer:
+def with_lora(model: SentenceTransformer, r: int, settings: Mapping[str, Any],
+              seed: int | None = None) -> SentenceTransformer:
     """A copy of ``model`` whose transformer carries fresh LoRA layers (B = 0: the base exactly), the base frozen."""
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-
+    try:
+        from peft import LoraConfig as PeftLoraConfig
+        from peft import get_peft_model
+    except ImportError:
+        raise AdapterError("a query LoRA needs the 'peft' package: pip install 'adapter[lora]'") from None
     if type(model[0]).__name__ != "Transformer":
         raise AdapterError(f"{type(model[0]).__name__}: a query LoRA needs a sentence-transformers model whose first "
                            "module is a Transformer (a text encoder)")
@@ -105,7 +108,7 @@ def with_lora(model: SentenceTransformer, r: int, settings: Mapping[str, Any], s
     peft_cfg = PeftLoraConfig(r=r, lora_alpha=settings["alpha"], lora_dropout=settings.get("dropout", 0.0),
                               target_modules=list(settings["target_modules"]), exclude_modules=["pooler.dense"],
                               bias="none", **where)
-    torch.manual_seed(seed)  # LoRA's A factors are drawn here
+    torch.manual_seed(Config().seed if seed is None else seed)  # LoRA's A factors are drawn here
     out = copy.deepcopy(model)
     try:
         out[0].model = get_peft_model(out[0].model, peft_cfg)
@@ -279,7 +282,7 @@ class QueryLora:
         """(n, d) unit query vectors from the adapted encoder."""
         return encode_queries(self.query_model(base), texts)
 
-    def save(self, path: str | os.PathLike, *, dtype: str = "float32", force: bool = False) -> Path:
+    def save(self, path: str | os.PathLike, *, dtype: str = TrainConfig.dtype, force: bool = False) -> Path:
         """Write the factors and the header to one safetensors file, atomically; an existing file is replaced only
         with ``force``. The factors stay float32 (``dtype`` float16 halves them)."""
         from safetensors.torch import save

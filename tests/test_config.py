@@ -13,7 +13,7 @@ def test_flat_names_route_to_their_section_and_shared_names_go_by_section():
     assert (cfg.train.epochs, cfg.finetune.epochs, cfg.llm.temperature, cfg.store.k) == (3, 2, 0.5, 5)
     assert cfg.train.lr == Config().train.lr  # a section dict replaces only the fields it names
     assert Config().train.epochs == 10 and Config().finetune.epochs == 4  # the original is untouched
-    with pytest.raises(TypeError, match="epochs.*train, finetune, rerank"):  # a shared name says where it lives
+    with pytest.raises(TypeError, match="epochs.*train, lora, finetune, rerank"):  # a shared name says where it lives
         Config().replace(epochs=3)
 
 
@@ -78,7 +78,7 @@ def test_settings_are_parsed_by_the_field_type(setting, field, value):
 
 @pytest.mark.parametrize(("setting", "words"), [
     ("train.epoch=5", "unknown setting 'train.epoch'; did you mean train.epochs"),
-    ("epochs=5", "did you mean train.epochs, finetune.epochs, rerank.epochs"),
+    ("epochs=5", "did you mean train.epochs, lora.epochs, finetune.epochs, rerank.epochs"),
     ("trainer.lr=1", "unknown setting 'trainer.lr'; did you mean train.lr"),
     ("nosection.zzz=1", "sections are encoder, split"),
     ("train.epochs", "expected section.field=value"),
