@@ -8,8 +8,8 @@
   query and chunk vectors and the questions' texts: its one-fold trial, the choice against the identity and the
   refit, as `adapter train` runs them. Every text embedded while it trains is counted (asserted 0).
 - Linear default and `--objective seen`: read from bench/results/quality.json (bench_quality.py, the same cells).
-- One-epoch full fine-tune (``--finetune``): ``adapter.finetune.finetune`` with finetune.epochs=1 on the same
-  training questions, its test score with the corpus re-embedded by the fine-tuned model.
+- One-epoch full fine-tune (``--finetune``): ``adapter.finetune.finetune`` with finetune.epochs=1 at 128 tokens
+  (bench_finetune.py's CPU sizing) on the same training questions, scored with the corpus re-embedded by it.
 - ``--cost``: seconds per query of a merged LoRA encoder against the base, interleaved rounds, the best of each.
 
     python bench/bench_lora.py [--shared ../shared] [--datasets appleqa,waterops] [--scenarios query,chunk]
@@ -121,7 +121,7 @@ def finetune_cell(encoder, data, dname: str, shape: str, kind: str, seed: int, w
     test = tests["test"]
     folder = work / f"ft-{dname}-{shape}-{kind}-{seed}"
     cell_ds = Dataset(ds.corpus, ds.queries, {"train": train.qrels, "test": test.qrels}, ds.titles, work / dname)
-    cfg = Config().replace(seed=seed, finetune={"epochs": 1})
+    cfg = Config().replace(seed=seed, finetune={"epochs": 1, "max_seq_length": 128})  # bench_finetune.py's CPU sizing
     t, c = time.perf_counter(), time.process_time()
     finetune(cell_ds, folder, cfg, progress=False)
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
