@@ -344,7 +344,6 @@ def load_query_transform(path: str | os.PathLike) -> Any:
     return QueryLora.load(path) if read_header(path)["form"] == FORM else LinearAdapter.load(path)
 
 
-
 def checked_transform(adapter: Any, backend: Any, *, allow_other_model: bool = False) -> Any:
     """Either form of adapter (loaded when a path), refused in one line unless it fits the backend
     (``adapter.backends.Backend``): a ``LinearAdapter`` as ``adapter.model.checked_adapter`` checks it; a
@@ -367,10 +366,3 @@ def checked_transform(adapter: Any, backend: Any, *, allow_other_model: bool = F
     lora.query_model(model)
     return lora
 
-
-def embed_queries(transform: Any, backend: Any, texts: Sequence[str]) -> np.ndarray:
-    """(n, d) unit query vectors through either form: a LoRA's adapted encoder (on ``backend``'s model), or the
-    backend's query vectors with the linear map applied."""
-    if isinstance(transform, QueryLora):
-        return transform.encode_queries(texts, backend.model)
-    return transform.apply(backend.embed(list(texts), "query"))
