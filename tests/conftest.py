@@ -167,7 +167,7 @@ def random_lora(model, name: str, seed: int = 0, r: int = 4):
     from adapter.config import LoraConfig
     from adapter.lora import QueryLora, lora_settings, lora_tensors, with_lora
 
-    settings = lora_settings(LoraConfig(layers=None))
+    settings = lora_settings(LoraConfig(top_layers=None), model)
     carrying = with_lora(model, r, settings, seed)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
