@@ -365,4 +365,3 @@ def checked_transform(adapter: Any, backend: Any, *, allow_other_model: bool = F
         raise AdapterError(f"{source}: a LoRA for dimension {lora.dim}, {backend.name} gives {backend.dim}")
     lora.query_model(model)
     return lora
-
