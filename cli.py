@@ -529,7 +529,8 @@ def train(directory: str, out: str, model: str | None, embedding_base_url: str |
 @main.command()
 @click.argument("query")
 @store_option(required=True, help="The index to search.")
-@click.option("--adapter", "adapter_path", required=True, type=click.Path(dir_okay=False), help="Adapter file.")
+@click.option("--adapter", "adapter_path", required=True, type=click.Path(dir_okay=False),
+              help="Adapter file of either form, linear or query LoRA (a LoRA needs a local --model).")
 @model_option
 @keyed("store.k", "-k", type=COUNT, default=None, help=f"How many results [default: {DEFAULTS.store.k}].")
 @click.option("--json", "as_json", is_flag=True, help='Print {"ids": [...], "scores": [...]}.')
@@ -541,8 +542,8 @@ def train(directory: str, out: str, model: str | None, embedding_base_url: str |
 def search(query: str, source, adapter_path: str, model: str | None, k: int | None, as_json: bool,
            data_dir: str | None, allow_other_model: bool, embedding_base_url: str | None, settings: Config) -> None:
     """Search an existing index (FAISS file, Qdrant, Chroma or pgvector, or a vector file) with QUERY through the
-    adapter; only the query is embedded, and the store's own ids come back (IVF lists probed and HNSW candidates:
-    --set store.nprobe=N, --set store.ef_search=N)."""
+    adapter (either form); only the query is embedded, and the store's own ids come back (IVF lists probed and HNSW
+    candidates: --set store.nprobe=N, --set store.ef_search=N)."""
     import json
 
     from adapter.data import load_dataset
@@ -615,8 +616,9 @@ def index_build(directory: str, out: str, force: bool, model: str | None, cache_
               help="Then upload the folder to this Hugging Face Hub model repo (token: $HF_TOKEN or `hf auth login`).")
 def export(adapter_path: str, out: str, model: str | None, allow_other_model: bool, force: bool,
            repo_id: str | None) -> None:
-    """Write a sentence-transformers model folder whose encode_query applies the adapter in FILE.safetensors and
-    whose encode_document is the untouched base model."""
+    """Write a sentence-transformers model folder whose encode_query applies the adapter in FILE.safetensors (either
+    form: a linear adapter as a Dense layer after the base, a query LoRA as the base with the LoRA merged) and whose
+    encode_document is the untouched base model."""
     from adapter.export import export as run
     from adapter.hub import push_to_hub
 
@@ -833,7 +835,8 @@ def compare(directory: str, out: str, adapters: tuple[str, ...], finetuned: tupl
 
 @main.command()
 @click.option("--adapter", "adapter_path", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Adapter file; replacing it hot-reloads (an invalid replacement is refused, the old one serves on).")
+              help="Adapter file of either form, linear or query LoRA (a LoRA needs a local --model); replacing it "
+              "hot-reloads, to either form (an invalid replacement is refused, the old one serves on).")
 @model_option
 @keyed("serve.host", "--host", default=None, help=f"Address to listen on [default: {DEFAULTS.serve.host}].")
 @keyed("serve.port", "--port", type=Number(int, 0, 65535), default=None, help=f"[default: {DEFAULTS.serve.port}]")
@@ -857,8 +860,10 @@ def serve(adapter_path: str, model: str | None, host: str | None, port: int | No
     query or document). Batching and limits: --set serve.batch_window_ms=5, serve.max_batch, .max_body_bytes,
     .max_inputs, .header_timeout.
 
-    With --model openai:NAME --embedding-base-url UPSTREAM each request is forwarded to that server (with retries)
-    and the adapter applied to its answer."""
+    With a query LoRA (form 'lora') the queries run through the base with the LoRA merged, a second local model;
+    documents stay the base's. With --model openai:NAME --embedding-base-url UPSTREAM each request is forwarded to
+    that server (with retries) and a linear adapter applied to its answer (a LoRA is refused: it needs the model's
+    weights)."""
     from adapter.serve import serve as run
 
     cfg = with_flags(settings)

@@ -343,3 +343,25 @@ def load_query_transform(path: str | os.PathLike) -> Any:
 
     return QueryLora.load(path) if read_header(path)["form"] == FORM else LinearAdapter.load(path)
 
+
+def checked_transform(adapter: Any, backend: Any, *, allow_other_model: bool = False) -> Any:
+    """Either form of adapter (loaded when a path), refused in one line unless it fits the backend
+    (``adapter.backends.Backend``): a ``LinearAdapter`` as ``adapter.model.checked_adapter`` checks it; a
+    ``QueryLora`` also needs the model's weights here (a local sentence-transformers backend), and gets its query
+    encoder built on that model now, so the first query does not pay for it. What the wings bolt on."""
+    from adapter.model import LinearAdapter, checked_adapter
+
+    if isinstance(adapter, LinearAdapter) or (not isinstance(adapter, QueryLora) and read_header(adapter)["form"]
+                                              != FORM):
+        return checked_adapter(adapter, backend, allow_other_model=allow_other_model)
+    source = "adapter" if isinstance(adapter, QueryLora) else str(adapter)
+    model = getattr(backend, "model", None)
+    if backend.remote or model is None:
+        raise AdapterError(f"{source}: a query LoRA (form 'lora') changes the encoder's weights, so it needs a local "
+                           f"sentence-transformers model, not {backend.name}; use a linear adapter with a remote one")
+    lora = adapter if isinstance(adapter, QueryLora) else QueryLora.load(adapter)
+    lora.check_base_model(backend.identity, allow_other_model=allow_other_model, source=source)
+    if lora.dim != backend.dim:
+        raise AdapterError(f"{source}: a LoRA for dimension {lora.dim}, {backend.name} gives {backend.dim}")
+    lora.query_model(model)
+    return lora

@@ -17,9 +17,18 @@ request goes through the OpenAI-compatible embedding backend (``adapter.backends
 the adapter is applied to the answer, and a failure past the retries is a 502 whose message (and log line) has every
 key the server holds masked.
 
-The adapter file is watched: a replacement is loaded and checked off the event loop, and a valid one is swapped in as
-one reference, so each reply is computed wholly by one adapter (its version is in the ``x-adapter-version`` header); an
-invalid one is refused in one log line and the old one keeps serving. Served vectors are never written to the cache.
+The adapter file may be either form. A linear adapter is applied to the base's query vectors. A query LoRA (form
+"lora", ``adapter.lora``) needs the model's weights, so a local model only (with ``openai:NAME`` it is refused in one
+line at start, and on reload): its queries run through the adapted encoder, the base with the LoRA merged, a second
+local model on the same one model thread. Its queries are gathered into micro-batches of their own, one batcher per
+LoRA version (the same window, ``max_batch`` and fair shares), so a batch never mixes two LoRAs; as with a linear
+adapter two batchers take turns on the thread, the queries' and the documents' (for a moment after a reload, the old
+LoRA's too, until its queue is empty). Documents always come from the untouched base.
+
+The adapter file is watched: a replacement (of either form) is loaded and checked off the event loop, and a valid one
+is swapped in as one reference, so each reply is computed wholly by one adapter (its version is in the
+``x-adapter-version`` header); an invalid one is refused in one log line and the old one keeps serving. Served vectors
+are never written to the cache.
 A connection that has not sent a complete request head within ``header_timeout`` seconds is closed.
 """
 
@@ -42,7 +51,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -50,7 +59,7 @@ from adapter.backends import BUNDLED_NAMES, Backend, estimate_tokens, make_backe
 from adapter.config import Config, ServeConfig
 from adapter.encoder import truncate
 from adapter.errors import AdapterError, one_line, redact
-from adapter.model import LinearAdapter, checked_adapter
+from adapter.model import LinearAdapter, checked_adapter, read_header
 
 try:
     from fastapi import FastAPI, Request
@@ -60,6 +69,9 @@ try:
     from starlette.exceptions import HTTPException
 except ImportError:  # pragma: no cover - the extra is missing
     raise AdapterError("adapter serve needs FastAPI and uvicorn: pip install 'adapter[serve]'") from None
+
+if TYPE_CHECKING:
+    from adapter.lora import QueryLora
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +89,30 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
 @dataclass(frozen=True)
 class LoadedAdapter:
-    """One adapter as loaded, with a short hash of its tensors (the version replies carry)."""
+    """One adapter as loaded (either form), with a short hash of its tensors (the version replies carry)."""
 
-    adapter: LinearAdapter
+    adapter: LinearAdapter | QueryLora
     version: str
     loaded_at: float
 
 
-def adapter_version(adapter: LinearAdapter) -> str:
-    """A 12-hex hash of the adapter's tensors: two files with the same tensors have the same version."""
+def adapter_version(adapter: LinearAdapter | QueryLora) -> str:
+    """A 12-hex hash of the adapter's tensors (either form): two files with the same tensors have the same version."""
     h = hashlib.sha256()
-    for name, t in sorted(adapter.tensors().items()):
-        h.update(name.encode() + np.ascontiguousarray(t).tobytes())
+    tensors = adapter.tensors if adapter.form == "lora" else adapter.tensors()
+    for name, t in sorted(tensors.items()):
+        h.update(name.encode() + np.ascontiguousarray(t if isinstance(t, np.ndarray) else t.numpy()).tobytes())
     return h.hexdigest()[:12]
+
+
+def load_checked(path: Path, backend: Backend, *, allow_other_model: bool = False) -> LinearAdapter | QueryLora:
+    """An adapter file of either form, checked against the backend (``adapter.lora.checked_transform``: a LoRA needs
+    a local model, and its query encoder is built here); torch is imported for a LoRA only."""
+    if read_header(path)["form"] != "lora":
+        return checked_adapter(path, backend, allow_other_model=allow_other_model)
+    from adapter.lora import checked_transform
+
+    return checked_transform(path, backend, allow_other_model=allow_other_model)
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -101,7 +124,8 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
 
 
 class AdapterSlot:
-    """The adapter being served: one reference, replaced whole when a valid new file appears.
+    """The adapter being served (either form): one reference, replaced whole when a valid new file appears, which
+    may be of the other form.
 
     A reader takes ``slot.current`` once per request, so a reply never mixes two adapters even when a reload lands in
     the middle of it.
@@ -117,7 +141,7 @@ class AdapterSlot:
         self.reloads = {"ok": 0, "refused": 0}
 
     def _load(self) -> LoadedAdapter:
-        adapter = checked_adapter(self.path, self.backend, allow_other_model=self.allow_other_model)
+        adapter = load_checked(self.path, self.backend, allow_other_model=self.allow_other_model)
         current = getattr(self, "current", None)  # None on the first load
         if current is not None and adapter.dim != current.adapter.dim:
             raise AdapterError(f"{self.path}: adapter is {adapter.dim}-dimensional, the one serving "
@@ -200,6 +224,12 @@ class MicroBatcher:
         self._queued_texts = 0  # texts not yet handed to a model call
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._calls = 0  # model calls in flight
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued and no model call in flight: stopping now fails no request."""
+        return not self._items and not self._calls
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -262,6 +292,7 @@ class MicroBatcher:
                 continue
             texts = [t for item, lo, hi in plan for t in item.texts[lo:hi]]
             self.observe(len(texts))
+            self._calls += 1
             try:
                 vectors, tokens = await loop.run_in_executor(self.executor, self.fn, texts)
             except Exception as e:  # the model failed: every request in the call hears it, and sends no more
@@ -270,6 +301,8 @@ class MicroBatcher:
                     if not item.future.done():
                         item.future.set_exception(e)
                 continue
+            finally:
+                self._calls -= 1
             start = 0
             for item, lo, hi in plan:
                 stop = start + hi - lo
@@ -486,7 +519,8 @@ class Metrics:
 
 class EmbeddingService:
     """Base vectors from a backend (micro-batched when local, forwarded when remote), the current adapter applied on
-    the query side."""
+    the query side: a linear map on the base's query vectors, or a LoRA's adapted encoder (local only, its queries
+    micro-batched per LoRA version)."""
 
     def __init__(self, backend: Backend, adapter_path: str | os.PathLike, cfg: ServeConfig | None = None, *,
                  allow_other_model: bool = False):
@@ -503,6 +537,7 @@ class EmbeddingService:
         workers = self.cfg.upstream_concurrency if self.upstream else 1  # one thread owns a local model
         self.executor = ThreadPoolExecutor(workers, thread_name_prefix="serve")
         self.batchers: dict[str, MicroBatcher] = {}
+        self.lora_batchers: dict[str, MicroBatcher] = {}  # a LoRA's queries, by its version
         self._watcher: asyncio.Task | None = None
 
     def _tokens(self, texts: list[str]) -> list[int]:
@@ -522,20 +557,42 @@ class EmbeddingService:
             return vectors, self._tokens(texts)
         return run
 
+    def _lora_call(self, lora: QueryLora) -> Callable[[list[str]], tuple[np.ndarray, list[int]]]:
+        def run(texts: list[str]) -> tuple[np.ndarray, list[int]]:
+            return lora.encode_queries(texts, self.backend.model), self._tokens(texts)  # the base's tokenizer
+        return run
+
+    def _batcher(self, fn: Callable[[list[str]], tuple[np.ndarray, list[int]]]) -> MicroBatcher:
+        b = MicroBatcher(fn, self.executor, window=self.cfg.batch_window_ms / 1000, max_batch=self.cfg.max_batch,
+                         observe=self.metrics.batch.observe)
+        b.start()
+        return b
+
+    def _lora_batcher(self, loaded: LoadedAdapter) -> MicroBatcher:
+        """The micro-batcher of this LoRA version's queries, started on first use (on the event loop)."""
+        b = self.lora_batchers.get(loaded.version)
+        if b is None:
+            b = self.lora_batchers[loaded.version] = self._batcher(self._lora_call(loaded.adapter))
+        return b
+
+    async def _retire(self) -> None:
+        """Stop the batchers of LoRAs no longer served once nothing waits on them."""
+        current = self.slot.current.version
+        for version, b in list(self.lora_batchers.items()):
+            if version != current and b.idle:
+                del self.lora_batchers[version]
+                await b.stop()
+
     async def start(self) -> None:
         if not self.upstream:
-            observe = self.metrics.batch.observe
-            window = self.cfg.batch_window_ms / 1000
             for role in (QUERY, DOCUMENT):
-                self.batchers[role] = MicroBatcher(self._call(role), self.executor, window=window,
-                                                   max_batch=self.cfg.max_batch, observe=observe)
-                self.batchers[role].start()
+                self.batchers[role] = self._batcher(self._call(role))
         self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def stop(self) -> None:
         if self._watcher:
             self._watcher.cancel()
-        for b in self.batchers.values():
+        for b in [*self.batchers.values(), *self.lora_batchers.values()]:
             await b.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -551,9 +608,14 @@ class EmbeddingService:
             for result, n in self.slot.reloads.items():
                 if n > before[result]:
                     self.metrics.reloads.labels(result).inc(n - before[result])
+            await self._retire()
 
     async def embed(self, texts: list[str], role: str) -> tuple[np.ndarray, int, LoadedAdapter | None]:
         """Vectors for ``texts`` (adapted for queries), their total tokens, and the adapter that made them."""
+        loaded = self.slot.current if role == QUERY else None  # read once: this whole reply comes from this adapter
+        if loaded is not None and loaded.adapter.form == "lora":  # never upstream: a LoRA is refused there
+            vectors, tokens = await self._lora_batcher(loaded).submit(texts)
+            return vectors, sum(tokens), loaded
         if self.upstream:
             self.metrics.batch.observe(len(texts))
             try:
@@ -568,9 +630,8 @@ class EmbeddingService:
                                code="upstream_failed") from None
         else:
             vectors, tokens = await self.batchers[role].submit(texts)
-        if role != QUERY:
+        if loaded is None:
             return vectors, sum(tokens), None
-        loaded = self.slot.current  # read once: this whole reply comes from this adapter
         start = time.perf_counter()
         adapted = loaded.adapter.apply(vectors)
         self.metrics.adapter.observe(time.perf_counter() - start)
@@ -727,7 +788,8 @@ def create_app(service: EmbeddingService, *, api_key: str | None = None) -> Fast
         loaded = service.slot.current
         return JSONResponse({"status": "ok", "model": model_id, "served_names": service.names, "dim": service.dim,
                              "upstream": service.upstream,
-                             "adapter": {"file": service.slot.path.name, "version": loaded.version,
+                             "adapter": {"file": service.slot.path.name, "form": loaded.adapter.form,
+                                         "version": loaded.version,
                                          "loaded_at": loaded.loaded_at, "reloads": service.slot.reloads}})
 
     @app.get("/metrics")
@@ -797,7 +859,7 @@ def uvicorn_config(app: FastAPI, cfg: ServeConfig, **options: Any) -> Any:
 def serve(adapter_path: str | os.PathLike, cfg: Config | None = None, *, allow_other_model: bool = False,
           backend: Backend | None = None) -> None:
     """Serve ``cfg.encoder.model`` (a local model, or ``openai:NAME`` at ``cfg.embedding.base_url``) with the adapter
-    until interrupted (uvicorn, one process)."""
+    file (either form; a query LoRA needs a local model) until interrupted (uvicorn, one process)."""
     import uvicorn
 
     cfg = cfg or Config()
@@ -819,7 +881,8 @@ def serve(adapter_path: str | os.PathLike, cfg: Config | None = None, *, allow_o
                                       show_progress=False)
     service = EmbeddingService(backend, adapter_path, scfg, allow_other_model=allow_other_model)
     where = f" through {backend.endpoint}" if backend.remote else ""
-    logger.info("serving %s%s as %s with adapter %s (version %s) on http://%s:%d: /v1 adapted queries, /documents/v1 "
-                "base", backend.name, where, ", ".join(service.names), adapter_path, service.slot.current.version,
-                scfg.host, scfg.port)
+    current = service.slot.current
+    logger.info("serving %s%s as %s with adapter %s (%s, version %s) on http://%s:%d: /v1 adapted queries, "
+                "/documents/v1 base", backend.name, where, ", ".join(service.names), adapter_path, current.adapter.form,
+                current.version, scfg.host, scfg.port)
     uvicorn.Server(uvicorn_config(create_app(service, api_key=api_key), scfg, host=scfg.host, port=scfg.port)).run()

@@ -156,3 +156,40 @@ def build_tiny_model(root: Path) -> Path:
     out = root / "tiny-bert"
     model.save(str(out))
     return out
+
+
+def random_lora(model, name: str, seed: int = 0, r: int = 4):
+    """A ``QueryLora`` for ``model`` (a loaded sentence-transformers model named ``name``) with seeded non-zero
+    factors (B = 0 would be the base exactly), on every layer: a LoRA file's content without a training run."""
+    import torch
+
+    from adapter.backends import make_backend
+    from adapter.config import LoraConfig
+    from adapter.lora import QueryLora, lora_settings, lora_tensors, with_lora
+
+    settings = lora_settings(LoraConfig(top_layers=None), model)
+    carrying = with_lora(model, r, settings, seed)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in carrying.named_parameters():
+            if "lora_B" in n:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    identity = make_backend(model, show_progress=False).identity
+    return QueryLora(int(model.get_embedding_dimension()), identity, r, settings, lora_tensors(carrying),
+                     metadata={"base_model_name": name})
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path):
+    """The tiny BERT, loaded once per session (on the CPU)."""
+    from adapter.backends import load_model
+
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+@pytest.fixture(scope="session")
+def lora_files(tiny_model, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
+    """Two query-LoRA files (seeds 0 and 1) for the tiny BERT, written once per session: seed -> path."""
+    folder = tmp_path_factory.mktemp("lora")
+    return {seed: random_lora(tiny_model, str(tiny_model_dir), seed).save(folder / f"lora{seed}.safetensors")
+            for seed in (0, 1)}

@@ -184,3 +184,54 @@ def test_rank_16_float16_file_is_at_most_30_kb(tmp_path, minilm):
     assert path.stat().st_size <= 30_000, path.stat().st_size
     back = LinearAdapter.load(path)
     assert back.U.dtype == np.float16 and back.rank == 16 and back.metadata["config"]["train"]["dtype"] == "float16"
+
+
+# ------------------------------------------------------------------------------------------------------- query LoRA
+
+
+def test_export_lora_round_trip(tmp_path, tiny_model, tiny_model_dir, lora_files):
+    """A LoRA file exports to a Router whose query route is the merged encoder (QueryLora.encode_queries exactly)
+    and whose document route is the untouched base; every module is sentence-transformers' own."""
+    from sentence_transformers import SentenceTransformer
+
+    from adapter.export import export
+    from adapter.lora import QueryLora
+
+    out = export(lora_files[0], tmp_path / "model", model=str(tiny_model_dir))
+    loaded = SentenceTransformer(str(out), local_files_only=True)
+    by_file = QueryLora.load(lora_files[0]).encode_queries(TEXTS, tiny_model)
+    np.testing.assert_allclose(loaded.encode_query(TEXTS), by_file, atol=1e-5)
+    docs = list(CHUNKS.values())
+    np.testing.assert_allclose(loaded.encode_document(docs), tiny_model.encode_document(docs), atol=1e-6)
+    assert not np.allclose(by_file, tiny_model.encode_query(TEXTS, normalize_embeddings=True), atol=1e-3)
+    router = json.loads((out / "router_config.json").read_text())
+    assert all(t.startswith("sentence_transformers.") for t in router["types"].values())  # no code of this project
+    assert not set(router["structure"]["query"]) & set(router["structure"]["document"])  # two encoders
+    card = (out / "README.md").read_text()
+    assert "query-side LoRA" in card and "rank 4" in card and "twice" in card and "linear adapter" not in card
+    assert (out / "adapter.safetensors").read_bytes() == lora_files[0].read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_adapted_encoder_takes_either_form(tiny_model, tiny_model_dir, lora_files, tiny):
+    from adapter.export import AdaptedEncoder
+    from adapter.lora import QueryLora
+
+    enc = AdaptedEncoder(lora_files[1], str(tiny_model_dir))
+    np.testing.assert_allclose(enc.encode_query(TEXTS), QueryLora.load(lora_files[1]).encode_queries(TEXTS, tiny_model),
+                               atol=1e-5)
+    np.testing.assert_allclose(enc.encode_document(TEXTS), tiny_model.encode_document(TEXTS, normalize_embeddings=True),
+                               atol=1e-6)
+    linear = AdaptedEncoder(tiny[1][None], tiny_model)
+    np.testing.assert_allclose(linear.encode_query(TEXTS), tiny[1][None].apply(
+        tiny_model.encode_query(TEXTS, normalize_embeddings=True)), atol=1e-6)
+
+
+def test_export_cli_takes_a_lora_and_refuses_another_model(tmp_path, tiny_model_dir, lora_files):
+    out = tmp_path / "model"
+    r = CliRunner().invoke(main, ["export", str(lora_files[0]), "--out", str(out), "--model", str(tiny_model_dir)])
+    assert r.exit_code == 0 and f"wrote {out}" in r.output, r.output
+    assert (out / "router_config.json").is_file()
+    r = CliRunner().invoke(main, ["export", str(lora_files[0]), "--out", str(tmp_path / "other")])  # MiniLM
+    assert r.exit_code == 1 and "--allow-other-model" in r.output and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "other").exists()

@@ -143,6 +143,42 @@ def test_llamaindex_async_text_embeddings_run_off_the_event_loop(tiny_model_dir,
     assert len(seen) == 3 and loop_thread not in seen
 
 
+def test_both_embed_queries_through_a_lora_and_documents_through_the_base(tiny, tiny_model_dir, lora_files):
+    """A query-LoRA file: embed_query is its adapted encoder (QueryLora.encode_queries), embed_documents the base."""
+    import asyncio
+
+    from adapter.integrations import AdaptedBackend
+    from adapter.integrations.langchain import AdapterEmbeddings
+    from adapter.integrations.llamaindex import AdapterEmbedding
+    from adapter.lora import QueryLora
+
+    q = QueryLora.load(lora_files[0]).encode_queries([QUERY], tiny)[0]
+    docs = tiny.encode_document(list(CHUNKS.values()), normalize_embeddings=True)
+    assert not np.allclose(q, tiny.encode_query([QUERY], normalize_embeddings=True)[0], atol=1e-3)
+    lc = AdapterEmbeddings(lora_files[0], str(tiny_model_dir))
+    np.testing.assert_allclose(lc.embed_query(QUERY), q, atol=1e-5)
+    np.testing.assert_allclose(lc.embed_documents(list(CHUNKS.values())), docs, atol=1e-6)
+    li = AdapterEmbedding(lora_files[0], str(tiny_model_dir))
+    np.testing.assert_allclose(li.get_query_embedding(QUERY), q, atol=1e-5)
+    np.testing.assert_allclose(asyncio.run(li.aget_query_embedding(QUERY)), q, atol=1e-5)
+    np.testing.assert_allclose(li.get_text_embedding_batch(list(CHUNKS.values())), docs, atol=1e-6)
+    backend = AdaptedBackend(QueryLora.load(lora_files[1]), str(tiny_model_dir))  # a loaded LoRA too
+    np.testing.assert_allclose(backend.encode_query([QUERY])[0],
+                               QueryLora.load(lora_files[1]).encode_queries([QUERY], tiny)[0], atol=1e-5)
+
+
+def test_a_lora_with_a_remote_model_is_refused_in_one_line(lora_files, monkeypatch):
+    from adapter.config import EmbeddingConfig
+    from adapter.errors import AdapterError
+    from adapter.integrations.langchain import AdapterEmbeddings
+
+    monkeypatch.setenv("FAKE_EMBED_KEY", "k")
+    cfg = EmbeddingConfig(base_url="http://127.0.0.1:9/v1", api_key_env="FAKE_EMBED_KEY")
+    with pytest.raises(AdapterError, match="needs a local sentence-transformers model") as e:
+        AdapterEmbeddings(lora_files[0], "openai:fake-minilm", embedding=cfg)
+    assert "\n" not in str(e.value)
+
+
 # ------------------------------------------------------------------------------ against a live `adapter serve`
 
 SERVE_NAME = "tiny-bert"
@@ -243,8 +279,8 @@ LIVE: dict[str, object] = {}  # filled by the fixture below, read by the suites'
 
 
 @pytest.fixture(scope="module")
-def _live(tiny_model_dir, adapter_file, tiny_serve):
-    LIVE.update(model=str(tiny_model_dir), adapter=adapter_file, url=tiny_serve)
+def _live(tiny_model_dir, adapter_file, tiny_serve, lora_files):
+    LIVE.update(model=str(tiny_model_dir), adapter=adapter_file, url=tiny_serve, lora=lora_files[0])
 
 
 class _InProcess:
@@ -257,6 +293,12 @@ class _InProcess:
     @property
     def embedding_model_params(self) -> dict:
         return {"adapter": LIVE["adapter"], "model": LIVE["model"]}
+
+
+class _InProcessLora(_InProcess):
+    @property
+    def embedding_model_params(self) -> dict:
+        return {"adapter": LIVE["lora"], "model": LIVE["model"]}
 
 
 class _OverHTTP:
@@ -283,6 +325,16 @@ class TestAdapterEmbeddingsUnit(_InProcess, EmbeddingsUnitTests):
 
 @suites
 class TestAdapterEmbeddingsIntegration(_InProcess, EmbeddingsIntegrationTests):
+    pass
+
+
+@suites
+class TestAdapterEmbeddingsLoraUnit(_InProcessLora, EmbeddingsUnitTests):
+    pass
+
+
+@suites
+class TestAdapterEmbeddingsLoraIntegration(_InProcessLora, EmbeddingsIntegrationTests):
     pass
 
 

@@ -728,3 +728,113 @@ def test_serve_options_reach_the_config(adapter_file, monkeypatch):
     assert seen["cfg"].cors_origins == ("*",) and seen["cfg"].header_timeout == 2.5
     r = CliRunner().invoke(main, ["serve", "--adapter", str(adapter_file), "--set", "serve.header_timeout=0"])
     assert r.exit_code == 2 and "serve.header_timeout must be > 0" in r.output
+
+
+# ------------------------------------------------------------------------------------------------------- query LoRA
+
+
+def place(src: Path, path: Path) -> None:
+    """Put a copy of ``src`` at ``path`` atomically (as a deploy replaces the served file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, path)
+
+
+def lora_vectors(path: Path, backend: SentenceTransformerBackend, texts: list[str]) -> np.ndarray:
+    from adapter.lora import QueryLora
+
+    return QueryLora.load(path).encode_queries(texts, backend.model)
+
+
+def test_a_lora_file_serves_its_encoders_queries_and_base_documents(backend, lora_files, tmp_path):
+    from openai import OpenAI
+
+    path = tmp_path / "lora.safetensors"
+    place(lora_files[0], path)
+    expected = lora_vectors(path, backend, TEXTS)
+    base_d = backend.model.encode_document(TEXTS, normalize_embeddings=True)
+    assert not np.allclose(expected, backend.model.encode_query(TEXTS, normalize_embeddings=True), atol=1e-3)
+    with running(EmbeddingService(backend, path, SERVED)) as url:
+        queries = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        r = queries.embeddings.create(input=TEXTS, model=NAME, encoding_format="float")
+        np.testing.assert_allclose(np.array([d.embedding for d in r.data]), expected, atol=1e-5)
+        assert r.usage.prompt_tokens == tokens(backend, TEXTS)
+        docs = OpenAI(base_url=f"{url}/documents/v1", api_key="unused", max_retries=0)
+        r = docs.embeddings.create(input=TEXTS, model=NAME, encoding_format="float")
+        np.testing.assert_allclose(np.array([d.embedding for d in r.data]), base_d, atol=1e-6)
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS[:1], "model": NAME, "input_type": "document"})
+        np.testing.assert_allclose(r.json()["data"][0]["embedding"], base_d[0], atol=1e-6)
+        assert "x-adapter-version" not in r.headers  # a document reply involves no adapter
+        r = httpx.post(f"{url}/documents/v1/embeddings", json={"input": TEXTS[1:], "model": NAME,
+                                                               "input_type": "query", "dimensions": 8})
+        np.testing.assert_allclose([d["embedding"] for d in r.json()["data"]], truncate(expected[1:], 8), atol=1e-5)
+        health = httpx.get(f"{url}/health").json()["adapter"]
+        assert health["form"] == "lora" and r.headers["x-adapter-version"] == health["version"]
+
+
+def test_a_remote_backend_refuses_a_lora_in_one_line(backend, lora_files, tmp_path, monkeypatch, caplog):
+    """At start, and as a replacement of a linear file on reload (the linear one serves on)."""
+    from adapter.backends import OpenAIBackend
+    from adapter.config import EmbeddingConfig
+    from adapter.errors import AdapterError
+
+    monkeypatch.setenv("FAKE_EMBED_KEY", "k")
+    remote = OpenAIBackend("openai:fake-minilm", EmbeddingConfig(base_url="http://127.0.0.1:9/v1",
+                                                                 api_key_env="FAKE_EMBED_KEY"), show_progress=False)
+    with pytest.raises(AdapterError, match="needs a local sentence-transformers model") as e:
+        EmbeddingService(remote, lora_files[0], SERVED)
+    assert "\n" not in str(e.value) and str(lora_files[0]) in str(e.value)
+    path = tmp_path / "a.safetensors"
+    LinearAdapter.identity(backend.dim, remote.identity).save(path)
+    slot = AdapterSlot(path, remote)
+    first = slot.current
+    place(lora_files[0], path)
+    with caplog.at_level(logging.WARNING, "adapter.serve"):
+        assert not slot.poll() and slot.current is first
+    assert slot.reloads == {"ok": 0, "refused": 1}
+    assert any("needs a local" in m and "\n" not in m for m in caplog.messages)
+
+
+def test_reload_switches_between_forms(backend, lora_files, tmp_path):
+    """linear -> LoRA -> another LoRA -> linear under one server: each reply equals the adapter its header names, and
+    the batchers of LoRAs no longer served are stopped."""
+    path = tmp_path / "served.safetensors"
+    linear = make_adapter(backend, path, seed=1)
+    cfg = ServeConfig(reload_interval=0.02, served_model_names=(NAME,))
+    service = EmbeddingService(backend, path, cfg)
+    base = backend.model.encode_query(TEXTS, normalize_embeddings=True)
+
+    def query(url: str) -> tuple[str, np.ndarray]:
+        r = httpx.post(f"{url}/v1/embeddings", json={"input": TEXTS, "model": NAME, "encoding_format": "float"})
+        assert r.status_code == 200, r.text
+        return r.headers["x-adapter-version"], np.array([d["embedding"] for d in r.json()["data"]])
+
+    def swap(url: str, version: str) -> None:
+        deadline = time.monotonic() + 60  # a liveness bound only: a loaded machine polls late
+        while httpx.get(f"{url}/health").json()["adapter"]["version"] != version:
+            assert time.monotonic() < deadline, "reload not seen within 60 s"
+            time.sleep(0.02)
+
+    with running(service) as url:
+        version, got = query(url)
+        assert version == adapter_version(linear)
+        np.testing.assert_allclose(got, linear.apply(base), atol=1e-5)
+        for seed in (0, 1):
+            from adapter.lora import QueryLora
+
+            lora = QueryLora.load(lora_files[seed])
+            place(lora_files[seed], path)
+            swap(url, adapter_version(lora))
+            version, got = query(url)
+            assert version == adapter_version(lora)
+            np.testing.assert_allclose(got, lora_vectors(lora_files[seed], backend, TEXTS), atol=1e-5)
+        linear = make_adapter(backend, path, seed=2)
+        swap(url, adapter_version(linear))
+        version, got = query(url)
+        assert version == adapter_version(linear)
+        np.testing.assert_allclose(got, linear.apply(base), atol=1e-5)
+        deadline = time.monotonic() + 60
+        while service.lora_batchers:  # retired by the watcher once idle
+            assert time.monotonic() < deadline, "LoRA batchers not retired within 60 s"
+            time.sleep(0.02)
+    assert service.slot.reloads == {"ok": 3, "refused": 0}

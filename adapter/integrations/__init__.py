@@ -1,6 +1,8 @@
 """Bolting the adapter on where the queries are embedded: `adapter serve` (``adapter.serve``), LangChain
 (``adapter.integrations.langchain``) and LlamaIndex (``adapter.integrations.llamaindex``). Queries are adapted;
-documents get the untouched base vectors, the ones the index already holds, so nothing is re-embedded.
+documents get the untouched base vectors, the ones the index already holds, so nothing is re-embedded. The adapter
+file may be either form: a linear map on the base's query vectors, or a query LoRA (``adapter.lora``), whose queries
+run through the base with the LoRA merged (a local model only: it needs the weights).
 
 Each framework gets two classes, both right by construction when one object embeds both sides (as vector stores and
 ``VectorStoreIndex`` do): one that runs the model here (``AdaptedBackend``: an embedding backend, local or
@@ -15,28 +17,46 @@ import base64
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from adapter.backends import Backend, make_backend
 from adapter.config import DEFAULT_MODEL, EmbeddingConfig
 from adapter.errors import AdapterError
-from adapter.model import LinearAdapter, checked_adapter
+from adapter.model import LinearAdapter, checked_adapter, read_header
+
+if TYPE_CHECKING:
+    from adapter.lora import QueryLora
+
+
+def checked(adapter: LinearAdapter | QueryLora | str | os.PathLike, backend: Backend, *,
+            allow_other_model: bool = False) -> LinearAdapter | QueryLora:
+    """Either form, checked against the backend (``adapter.lora.checked_transform``: a LoRA needs a local model);
+    torch is imported for a LoRA only."""
+    if isinstance(adapter, LinearAdapter) or (isinstance(adapter, str | os.PathLike) and
+                                              read_header(adapter)["form"] != "lora"):
+        return checked_adapter(adapter, backend, allow_other_model=allow_other_model)
+    from adapter.lora import checked_transform
+
+    return checked_transform(adapter, backend, allow_other_model=allow_other_model)
 
 
 class AdaptedBackend:
-    """An adapter in front of an embedding backend: ``encode_query`` adapted, ``encode_document`` the base vectors,
-    (n, d) float32, unit length."""
+    """An adapter of either form in front of an embedding backend: ``encode_query`` adapted (the linear map on the
+    backend's query vectors, or a LoRA's adapted encoder), ``encode_document`` the base vectors, (n, d) float32, unit
+    length."""
 
-    def __init__(self, adapter: LinearAdapter | str | os.PathLike, model: str = DEFAULT_MODEL, *,
+    def __init__(self, adapter: LinearAdapter | QueryLora | str | os.PathLike, model: str = DEFAULT_MODEL, *,
                  embedding: EmbeddingConfig | None = None, allow_other_model: bool = False,
                  backend: Backend | None = None):
         self.backend = backend or make_backend(model, embedding, show_progress=False)
-        self.adapter = checked_adapter(adapter, self.backend, allow_other_model=allow_other_model)
+        self.adapter = checked(adapter, self.backend, allow_other_model=allow_other_model)
 
     def encode_query(self, texts: Sequence[str]) -> np.ndarray:
         """Adapted query vectors."""
+        if self.adapter.form == "lora":
+            return self.adapter.encode_queries(list(texts), self.backend.model)
         return self.adapter.apply(self.backend.embed(list(texts), "query"))
 
     def encode_document(self, texts: Sequence[str]) -> np.ndarray:

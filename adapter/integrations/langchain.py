@@ -12,11 +12,15 @@ construction.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from adapter.config import DEFAULT_MODEL, EmbeddingConfig
 from adapter.errors import AdapterError
 from adapter.integrations import SERVE_URL, AdaptedBackend, ServeClient
 from adapter.model import LinearAdapter
+
+if TYPE_CHECKING:
+    from adapter.lora import QueryLora
 
 try:
     from langchain_core.embeddings import Embeddings
@@ -25,9 +29,11 @@ except ImportError:  # pragma: no cover - the extra is missing
 
 
 class AdapterEmbeddings(Embeddings):
-    """LangChain embeddings: adapted queries, untouched base documents (what the index already holds)."""
+    """LangChain embeddings: adapted queries, untouched base documents (what the index already holds). The adapter
+    file may be either form: a linear adapter, or a query LoRA (its queries run through the base with the LoRA
+    merged; a local model only)."""
 
-    def __init__(self, adapter: LinearAdapter | str | os.PathLike, model: str = DEFAULT_MODEL, *,
+    def __init__(self, adapter: LinearAdapter | QueryLora | str | os.PathLike, model: str = DEFAULT_MODEL, *,
                  embedding: EmbeddingConfig | None = None, allow_other_model: bool = False):
         self.encoder = AdaptedBackend(adapter, model, embedding=embedding, allow_other_model=allow_other_model)
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapter.config import DEFAULT_MODEL, EmbeddingConfig
 from adapter.errors import AdapterError
 from adapter.integrations import SERVE_URL, AdaptedBackend, ServeClient
 from adapter.model import LinearAdapter
+
+if TYPE_CHECKING:
+    from adapter.lora import QueryLora
 
 try:
     from llama_index.core.base.embeddings.base import BaseEmbedding
@@ -28,11 +31,12 @@ except ImportError:  # pragma: no cover - the extra is missing
 
 class AdapterEmbedding(BaseEmbedding):
     """LlamaIndex embeddings: adapted query embeddings, untouched base text embeddings (what the index holds). The
-    async methods run the model in a worker thread, never on the event loop."""
+    adapter file may be either form (a query LoRA needs a local model). The async methods run the model in a worker
+    thread, never on the event loop."""
 
     _encoder: Any = PrivateAttr()
 
-    def __init__(self, adapter: LinearAdapter | str | os.PathLike, model: str = DEFAULT_MODEL, *,
+    def __init__(self, adapter: LinearAdapter | QueryLora | str | os.PathLike, model: str = DEFAULT_MODEL, *,
                  embedding: EmbeddingConfig | None = None, allow_other_model: bool = False, **kwargs: Any):
         kwargs.setdefault("model_name", model)
         super().__init__(**kwargs)
