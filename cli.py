@@ -434,9 +434,9 @@ class LazyChoice(click.Choice):
 
 
 def _recipe_choices() -> tuple[str, ...]:
-    from adapter.choice import RECIPES
+    from adapter.choice import LORA, RECIPES
 
-    return ("auto", "manual", *RECIPES)
+    return ("auto", "manual", *RECIPES, LORA)
 
 
 def _objectives() -> tuple[str, ...]:
@@ -453,8 +453,9 @@ class RecipeOption(Keyed):
 
         others = [name for name in RECIPES if name not in AUTO_RECIPES]
         self.help = (f"'auto' chooses by validation among {', '.join(AUTO_RECIPES)}, the base competing; 'manual' "
-                     f"trains the settings as given; or one recipe by name (those, or {', '.join(others)}), shipped "
-                     "with its estimate printed [default: auto; manual when --rank or --set train.loss, "
+                     f"trains the settings as given; or one recipe by name (those, or {', '.join(others)}; 'lora' "
+                     "with --form lora), shipped with its estimate printed [default: auto; manual when --rank or "
+                     "--set train.loss, "
                      "train.negatives or train.identity_penalty is given].")
         return super().get_help_record(ctx)
 

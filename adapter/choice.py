@@ -153,8 +153,9 @@ def check_options(cfg: Config) -> None:
         raise AdapterError(f"train.epoch_choice must be one of {', '.join(EPOCH_CHOICES)}, not {tc.epoch_choice!r}")
     if tc.objective not in OBJECTIVES:
         raise AdapterError(f"train.objective must be 'both' or 'seen', not {tc.objective!r}")
-    if tc.recipe not in ("auto", "manual", *RECIPES):
-        raise AdapterError(f"train.recipe must be 'auto', 'manual' or one of {', '.join(RECIPES)}, not {tc.recipe!r}")
+    if tc.recipe not in ("auto", "manual", *RECIPES, LORA):
+        raise AdapterError(f"train.recipe must be 'auto', 'manual', {LORA!r} or one of {', '.join(RECIPES)}, not "
+                           f"{tc.recipe!r}")
     if isinstance(tc.identity_penalty, bool) or not isinstance(tc.identity_penalty, (int, float)) or \
             not tc.identity_penalty >= 0:
         raise AdapterError(f"train.identity_penalty must be a number >= 0, not {tc.identity_penalty!r}")
@@ -165,9 +166,11 @@ def check_options(cfg: Config) -> None:
                            f"{tc.crossfit_questions}")
     if tc.form not in FORMS:
         raise AdapterError(f"train.form must be one of {', '.join(FORMS)}, not {tc.form!r}")
-    if tc.form == "lora" and tc.recipe != "auto":
+    if tc.form == LORA and tc.recipe not in ("auto", LORA):
         raise AdapterError(f"train.recipe {tc.recipe!r} names a linear recipe, and train.form 'lora' trains none: "
                            "use train.form 'auto' to let both compete, or leave the recipe out")
+    if tc.recipe == LORA and tc.form == "linear":
+        raise AdapterError("train.recipe 'lora' is the query LoRA: set train.form 'lora' (or 'auto') with it")
     if tc.epochs < 0 or tc.batch_size < 1 or tc.lr <= 0:
         raise AdapterError(f"train.epochs must be >= 0, train.batch_size >= 1 and train.lr > 0, got {tc.epochs}, "
                            f"{tc.batch_size} and {tc.lr}")
@@ -181,8 +184,9 @@ def recipe_config(cfg: Config, name: str) -> Config:
 def recipe_names(cfg: Config) -> list[str]:
     """The recipes a run tries: the one named, "manual" (the config's own settings), or the auto set; then the
     query-side LoRA (``LORA``) where ``train.form`` asks for it, alone under "lora"."""
-    linear = [] if cfg.train.form == LORA else list(AUTO_RECIPES) if cfg.train.recipe == "auto" else [cfg.train.recipe]
-    return linear + ([LORA] if cfg.train.form != "linear" else [])
+    tc = cfg.train
+    linear = [] if LORA in (tc.form, tc.recipe) else list(AUTO_RECIPES) if tc.recipe == "auto" else [tc.recipe]
+    return linear + ([LORA] if tc.form != "linear" else [])
 
 
 # ------------------------------------------------------------------------------------------------- the entries
@@ -352,6 +356,8 @@ class Trials:
     def choose(self) -> str | None:
         """The recipe the rows done so far choose, None for the identity; a recipe asked for by name ships."""
         named = self.rows()
+        if self.cfg.train.recipe == LORA:  # the query LoRA asked for by name ships
+            return LORA if LORA in self.fitted else None
         if self.cfg.train.recipe != "auto" and LORA not in self.names:  # a recipe asked for by name ships
             return named[0][0] if named else None
         tc = self.cfg.train
@@ -767,8 +773,9 @@ def identity_line(best: dict[str, Any], objective: str) -> str:
     else:
         why = "but it moves unseen chunks below base beyond noise"
     other = "; train.objective 'seen' if every chunk of the index has questions" if objective == "both" else ""
+    force = f"train.recipe '{best['recipe']}'" + (" with train.form 'lora'" if best["recipe"] == LORA else "")
     return (f"shipped the identity: the best recipe, {best['recipe']}, changed ndcg@10 by {_gain_words(best)}, "
-            f"{why}. More questions per chunk would settle it{other}; train.recipe '{best['recipe']}' ships it anyway")
+            f"{why}. More questions per chunk would settle it{other}; {force} ships it anyway")
 
 
 def partial_coverage_line(coverage: dict[str, Any], unseen: dict[str, Any] | None) -> str:

@@ -66,17 +66,23 @@ def ratios(vectors, base_vectors, corpus, split, cids) -> dict[int, float]:
 
 
 def lora_cell(encoder, data, dname: str, shape: str, kind: str, seed: int, form: str, work: Path) -> dict:
-    """`adapter train --form FORM` on one cell, scored on its test questions."""
+    """`adapter train --form FORM` on one cell, scored on its test questions. For "lora": the trial and the refit
+    run once (``adapter.choice.Trials``), and the choice is read for both objectives from the trial's row: what
+    `--form lora` ships (the LoRA, or the identity when it does not clear validation), what `--objective seen`
+    ships, and the LoRA refit itself (what `--recipe lora` ships)."""
     from bench_quality import scenario
     from sentence_transformers import SentenceTransformer
 
-    from adapter.choice import QueryRoute, train_on_vectors
+    from adapter.choice import LORA, QueryRoute, Trials, resolve_train, select, train_on_vectors
     from adapter.config import Config
     from adapter.lora import QueryLora
 
     arrays, texts, _ = data
     _, _, _, cids, corpus = arrays
     train, tests = scenario(arrays, shape, kind, seed)
+    test = tests["test"]
+    cfg = resolve_train(Config().replace(seed=seed, train={"form": form}))
+    route = QueryRoute(encoder.model, {q: texts[q] for q in train.ids})
     calls = {"documents": 0}
     original = SentenceTransformer.encode_document
 
@@ -88,20 +94,31 @@ def lora_cell(encoder, data, dname: str, shape: str, kind: str, seed: int, form:
     SentenceTransformer.encode_document = counted
     t, c = time.perf_counter(), time.process_time()
     try:
-        r = train_on_vectors(train, corpus, cids, encoder.identity, Config().replace(seed=seed, train={"form": form}),
-                             progress=False, route=QueryRoute(encoder.model, {q: texts[q] for q in train.ids}))
+        if form == LORA:
+            trials = Trials(train, corpus, cids, encoder.identity, cfg, route)
+            trials.run_lora(None, None)
+            rows = [dict(trials.fitted[LORA][0])]
+            tc = cfg.train
+            picks = {o: select([dict(r) for r in rows], o, tc.safety_z, tc.simpler_within) for o in ("both", "seen")}
+            adapter = trials.refit(LORA).adapter
+            recipe = LORA if picks["both"] is not None else "identity"
+        else:
+            r = train_on_vectors(train, corpus, cids, encoder.identity, cfg, progress=False, route=route)
+            adapter, rows, recipe, picks = r.adapter, r.trials, r.recipe, {}
     finally:
         SentenceTransformer.encode_document = original
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
     embedded = encoder.texts_encoded - before + calls["documents"]
     assert embedded == 0, f"training embedded {embedded} corpus texts"
-    test = tests["test"]
-    lora = isinstance(r.adapter, QueryLora)
-    vectors = r.adapter.encode_queries([texts[q] for q in test.ids]) if lora else r.adapter.apply(test.vectors)
-    path = r.adapter.save(work / f"{dname}-{shape}-{kind}-{seed}-{form}.safetensors", force=True)
-    return {"dataset": dname, "shape": shape, "scenario": kind, "seed": seed, "form": form, "recipe": r.recipe,
-            "questions": len(train.ids), "test_questions": len(test.ids),
-            "ratio": ratios(vectors, test.vectors, corpus, test, cids), "trials": r.trials,
+    lora = isinstance(adapter, QueryLora)
+    vectors = adapter.encode_queries([texts[q] for q in test.ids]) if lora else adapter.apply(test.vectors)
+    path = adapter.save(work / f"{dname}-{shape}-{kind}-{seed}-{form}.safetensors", force=True)
+    fitted = ratios(vectors, test.vectors, corpus, test, cids)
+    ones = {d: 1.0 for d in fitted}
+    shipped = {o: fitted if p is not None else ones for o, p in picks.items()} or {"both": fitted}
+    return {"dataset": dname, "shape": shape, "scenario": kind, "seed": seed, "form": form, "recipe": recipe,
+            "questions": len(train.ids), "test_questions": len(test.ids), "ratio": shipped["both"],
+            "ratio_seen": shipped.get("seen"), "ratio_fitted": fitted, "trials": rows,
             "train_seconds": seconds, "train_cpu_seconds": cpu, "file_bytes": path.stat().st_size,
             "corpus_texts_embedded": embedded}
 
@@ -195,9 +212,10 @@ def report(store: dict, quality: Path) -> None:
     groups: dict[tuple, dict[str, list[dict]]] = {}
     for c in store["cells"]:
         groups.setdefault((c["dataset"], c["shape"], c["scenario"]), {}).setdefault(c["form"], []).append(c)
-    print("| data | shape | split | seeds | query LoRA @384 | @64 | linear default @384 | @64 | "
-          "`--objective seen` @384 | @64 | one-epoch fine-tune @384 | @64 | LoRA shipped |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("| data | shape | split | seeds | `--form lora` @384 | @64 | LoRA, `--objective seen` @384 | @64 | "
+          "linear default @384 | @64 | linear, `--objective seen` @384 | @64 | one-epoch fine-tune @384 | @64 | "
+          "LoRA shipped (both / seen) |")
+    print("|---|---|---|---:|" + "---:|" * 10 + "---|")
     for (d, shape, kind), forms in sorted(groups.items()):
         cells = sorted(forms.get("lora", []), key=lambda c: c["seed"])
         if not cells:
@@ -208,9 +226,11 @@ def report(store: dict, quality: Path) -> None:
         seen = [shipped(c, replay(c, "seen", GAIN_Z))["test"] for c in lin]
         ft = [c["ratio"] for c in forms.get("finetune-1", [])]
         row = [d, shape, kind, ",".join(map(str, seeds))]
-        for values in ([c["ratio"] for c in cells], default, seen, ft):
+        lora_seen = [c["ratio_seen"] for c in cells if c.get("ratio_seen")]
+        for values in ([c["ratio"] for c in cells], lora_seen, default, seen, ft):
             row += [fmt([v[k] if k in v else v[int(k)] for v in values]) for k in ("384", "64")]
-        row.append(f"{sum(c['recipe'] == 'lora' for c in cells)}/{len(cells)}")
+        by_seen = sum(c.get("ratio_seen") is not None and c["ratio_seen"] == c["ratio_fitted"] for c in cells)
+        row.append(f"{sum(c['recipe'] == 'lora' for c in cells)} / {by_seen} of {len(cells)}")
         print("| " + " | ".join(row) + " |")
     lora = [c for c in store["cells"] if c["form"] == "lora"]
     if lora:

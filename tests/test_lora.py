@@ -228,3 +228,19 @@ def test_cli_trains_evaluates_and_searches_with_a_lora(tmp_path, tiny_model_dir)
     r = runner.invoke(main, ["evaluate", str(folder), "--adapter", str(out), *common])
     assert r.exit_code == 0, r.output
     assert "recipe" in r.output
+
+
+def test_recipe_lora_ships_the_lora_whatever_its_estimate(tmp_path, tiny_model_dir):
+    """`--form lora --recipe lora` ships the refit LoRA even where the choice would keep the base."""
+    from adapter.choice import recipe_names, resolve_train, train_adapter
+    from adapter.data import load_dataset
+    from adapter.encoder import Encoder
+
+    cfg = Config().replace(lora={"r": 4, "epochs": 1, "batch_size": 4}, train={"form": "lora", "recipe": "lora"})
+    assert recipe_names(resolve_train(cfg)) == ["lora"]
+    with pytest.raises(AdapterError, match="set train.form 'lora'"):
+        resolve_train(Config().replace(train={"recipe": "lora"}))
+    folder = split_tiny(tmp_path / "d")
+    r = train_adapter(load_dataset(folder), cfg, encoder=Encoder(str(tiny_model_dir), show_progress=False),
+                      progress=False)
+    assert r.recipe == "lora" and isinstance(r.adapter, QueryLora)
