@@ -229,10 +229,15 @@ def report(store: dict, quality: Path) -> None:
         lora_seen = [c["ratio_seen"] for c in cells if c.get("ratio_seen")]
         for values in ([c["ratio"] for c in cells], lora_seen, default, seen, ft):
             row += [fmt([v[k] if k in v else v[int(k)] for v in values]) for k in ("384", "64")]
-        by_seen = sum(c.get("ratio_seen") is not None and c["ratio_seen"] == c["ratio_fitted"] for c in cells)
+        by_seen = sum(replay(c, "seen", GAIN_Z) == "lora" for c in cells)  # the LoRA's row under --objective seen
         row.append(f"{sum(c['recipe'] == 'lora' for c in cells)} / {by_seen} of {len(cells)}")
         print("| " + " | ".join(row) + " |")
     lora = [c for c in store["cells"] if c["form"] == "lora"]
+    for kind in sorted({c["scenario"] for c in lora}):
+        low = min(((v, c) for c in lora if c["scenario"] == kind for v in c["ratio"].values()), key=lambda x: x[0])
+        print(f"\nLowest `--form lora` cell by {kind} (any data, shape, seed, dim): {low[0]:.3f}x "
+              f"({low[1]['dataset']}, {low[1]['shape']}, seed {low[1]['seed']})", end="")
+    print()
     if lora:
         print(f"\nLoRA training: at most {max(c['train_seconds'] for c in lora):.0f} s wall, "
               f"{max(c['train_cpu_seconds'] for c in lora):.0f} s CPU; files at most "

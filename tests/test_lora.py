@@ -201,13 +201,13 @@ def test_systems_encode_queries_through_the_lora_and_documents_with_the_base(tmp
     from adapter.encoder import Encoder
     from adapter.systems import build_systems
 
-    q, _ = lora_file
     enc = Encoder(str(tiny_model_dir), show_progress=False)
-    q.base_model = enc.identity  # the fixture's file names a made-up identity
+    q = lora_file[0]
+    q = QueryLora(q.dim, enc.identity, q.r, q.settings, q.tensors)  # the fixture's file names a made-up identity
     path = q.save(tmp_path / "q.safetensors")
     systems = build_systems(Config(), encoder=enc, adapters=[path], progress=False)
     texts = list(data[0].values())
-    np.testing.assert_allclose(systems["q"].encode_queries(texts), q.encode_queries(texts), atol=1e-5)
+    np.testing.assert_allclose(systems["q"].encode_queries(texts), q.encode_queries(texts, enc.model), atol=1e-5)
     assert systems["q"].corpus is systems["base"].corpus  # the index as it stands: no document re-embedded
 
 
@@ -244,3 +244,27 @@ def test_recipe_lora_ships_the_lora_whatever_its_estimate(tmp_path, tiny_model_d
     r = train_adapter(load_dataset(folder), cfg, encoder=Encoder(str(tiny_model_dir), show_progress=False),
                       progress=False)
     assert r.recipe == "lora" and isinstance(r.adapter, QueryLora)
+
+
+def test_compare_scores_a_lora_beside_a_linear_adapter_with_its_costs(tmp_path, tiny_model_dir, lora_file):
+    """`adapter compare` takes both forms side by side: the LoRA's file size, its own encoder's query latency (merged:
+    no separate product) and its scores, documents searched as the base's."""
+    from adapter.choice import train_adapter
+    from adapter.data import load_dataset
+    from adapter.encoder import Encoder
+    from adapter.pipeline import compare
+
+    folder = split_tiny(tmp_path / "d")
+    enc = Encoder(str(tiny_model_dir), show_progress=False)
+    cfg = Config().replace(encoder={"model": str(tiny_model_dir)}, train={"epochs": 2},
+                           report={"latency_queries": 2, "latency_repeats": 1, "bootstrap_samples": 20})
+    linear = train_adapter(load_dataset(folder), cfg, encoder=enc, progress=False).adapter
+    linear_path = linear.save(tmp_path / "linear.safetensors")
+    q = lora_file[0]
+    lora_path = QueryLora(q.dim, enc.identity, q.r, q.settings, q.tensors).save(tmp_path / "lora.safetensors")
+    c = compare(load_dataset(folder), tmp_path / "r", cfg, adapters=[linear_path, lora_path], progress=False)
+    info = c.systems["lora"]
+    assert info.artifact_bytes == lora_path.stat().st_size and not info.reembed
+    assert info.latency_ms > 0 and info.adapter_ms is None  # its encoder timed whole
+    assert c.systems["linear"].adapter_ms is not None
+    assert set(c.results) == {"base", "linear", "lora"}
