@@ -176,7 +176,8 @@ def fit_lora(model: SentenceTransformer, train: Split, texts: Mapping[str, str],
              stop: threading.Event | None = None) -> LoraFit:
     """Train LoRA layers on ``model``'s query route (``cfg.lora``): the questions of ``train`` (their texts in
     ``texts``) against every chunk's fixed vector in ``corpus`` (rows in ``corpus_ids`` order, unit length), the
-    InfoNCE of ``cfg.train``'s temperature summed over the Matryoshka dims. ``val``: the questions whose ndcg@10
+    InfoNCE of ``cfg.train``'s temperature summed over the Matryoshka dims; the candidates are the chunks the
+    training questions are about (the others are never negatives). ``val``: the questions whose ndcg@10
     (full dim) picks the epoch, the base competing; without it the last epoch is kept. ``epochs``: instead of
     ``cfg.lora.epochs`` (a refit to the validated count). ``outside``: corpus rows treated as not yet indexed (never
     a candidate). ``model`` itself is not changed; the same inputs and seed give the same weights."""
@@ -187,6 +188,13 @@ def fit_lora(model: SentenceTransformer, train: Split, texts: Mapping[str, str],
     if missing is not None:
         raise AdapterError(f"training question {missing!r} has no text: a query LoRA trains on the questions' texts")
     pairs = training_pairs(train, corpus_ids)
+    # only chunks some training question is about are candidates: a chunk no question names would be a negative to
+    # every question, and the encoder learns to steer every query away from it (by chunk, test fell to 0.52x base)
+    never = np.ones(n_corpus, dtype=bool)
+    never[pairs.rows[:, 1]] = False
+    if outside is not None:
+        never[outside] = True
+    never_t = torch.from_numpy(never)
     tie_rank = id_rank(corpus_ids) if tie_rank is None else tie_rank
     val = bounded(val, n_corpus, cfg)
     dims = list(default_dims(dim))
@@ -210,8 +218,7 @@ def fit_lora(model: SentenceTransformer, train: Split, texts: Mapping[str, str],
             rows = pairs.rows[order[s:s + lc.batch_size]]  # (B, 2): question row, positive chunk row
             anchor = _query_forward(lora, [texts[train.ids[i]] for i in rows[:, 0]])
             masked = corpus_masks(rows[:, 0], rows[:, 1], pairs)  # (B, N): the question's other relevant chunks
-            if outside is not None and len(outside):
-                masked[:, torch.from_numpy(outside)] = True
+            masked |= never_t  # and every chunk no training question is about
             loss = infonce_loss(anchor, candidates, masked, torch.from_numpy(rows[:, 1]), dims, tc.temperature)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -95,6 +95,17 @@ def test_chunks_held_out_are_never_candidates(tiny, data):
     assert all(h["loss"] == pytest.approx(0.0, abs=1e-6) for h in fitted.history[1:])
 
 
+def test_chunks_no_question_is_about_are_never_negatives(tiny, data):
+    """A chunk no training question names is not a candidate at all: with one question and one positive, nothing
+    else competes, so the loss is 0 and the encoder does not learn to steer queries away from the rest."""
+    texts, split, cids, corpus = data
+    one = Split(split.vectors[:1], split.ids[:1], {split.ids[0]: split.qrels[split.ids[0]]})
+    fitted = fit_lora(tiny, one, texts, corpus, cids, CFG)
+    assert all(h["loss"] == pytest.approx(0.0, abs=1e-6) for h in fitted.history[1:])
+    t = list(texts.values())
+    np.testing.assert_allclose(encode_queries(fitted.model, t), encode_queries(tiny, t), atol=1e-6)
+
+
 def test_validation_keeps_the_base_when_no_epoch_beats_it(tiny, data):
     texts, split, cids, corpus = data
     fitted = fit_lora(tiny, split, texts, corpus, cids, CFG.replace(lora={"lr": 1e-12, "epochs": 1}), val=split)
